@@ -1,0 +1,57 @@
+"""`koala compress`: build a KOALA student U-Net (or pipeline) from an SDXL-architecture teacher."""
+
+from __future__ import annotations
+
+import json
+
+from ..errors import KoalaError
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "compress", help="compress a teacher U-Net into a KOALA student initialised from the teacher",
+        description="Remove blocks and transformer layers from an SDXL-architecture U-Net (KOALA, Sec. 3.1.1) and "
+        "initialise every kept tensor from the teacher at the same location. Writes the student with "
+        "koala_layer_map.json next to its config. A pipeline teacher gives a full pipeline directory that "
+        "StableDiffusionXLPipeline.from_pretrained loads as is.",
+    )
+    p.add_argument("--teacher", required=True, help="teacher U-Net directory or SDXL pipeline directory (local)")
+    p.add_argument("--teacher-unet", default=None,
+                   help="use this U-Net directory as the teacher instead of the pipeline's (e.g. SDXL-Lightning)")
+    p.add_argument("--student", required=True,
+                   help="preset name (koala-700m, koala-1b, bk-sdxl, sdxl-base, ssd-1b, segmind-vega) or a JSON spec "
+                   'such as \'{"encoder_layers":[1,1,1],"down_depth":[0,2,4],"up_depth":[4,2,0],"mid_block":false}\'')
+    p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="student weight dtype (default: teacher's)")
+    p.add_argument("--layer-selection", default="bottom", choices=["bottom", "interleave", "up"],
+                   help="which teacher transformer layers initialise the student's (default: bottom, the paper's SA-bottom)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=run)
+
+
+def _spec(value: str):
+    if value.lstrip().startswith("{"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as err:
+            raise KoalaError(f"--student: not valid JSON ({err})") from err
+    return value
+
+
+def run(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..arch.compress import compress
+
+    res = compress(args.teacher, _spec(args.student), args.out, dtype=args.dtype, overwrite=args.overwrite,
+                   layer_selection=args.layer_selection, teacher_unet=args.teacher_unet)
+    t = Table(title=f"koala compress -> {res.out_dir}")
+    for c in ("", "teacher", "student"):
+        t.add_column(c, justify="right")
+    t.add_row("U-Net params", f"{res.teacher_params:,}", f"{res.student_params:,}")
+    t.add_row("kept", "100%", f"{100 * res.kept:.1f}%")
+    t.add_row("tensors copied", "", f"{res.tensors_copied}")
+    t.add_row("output", "", res.kind)
+    Console().print(t)
+    return 0

@@ -1,0 +1,29 @@
+"""Shared fixtures: tiny SDXL-topology models built in the test session. Never touches the network."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe_dir(tmp_path_factory):
+    """A saved tiny SDXL pipeline (random weights, U-Net depth pattern [1, 2, 10])."""
+    from koala.lab.tiny import save_tiny_pipeline
+
+    d = tmp_path_factory.mktemp("tiny_pipe") / "pipe"
+    save_tiny_pipeline(str(d), seed=0, words=["a", "red", "blue", "circle", "square", "photo", "of"])
+    return str(d)
+
+
+@pytest.fixture()
+def tiny_teacher():
+    from koala.lab.tiny import tiny_unet
+
+    return tiny_unet(seed=0).eval()
