@@ -14,7 +14,7 @@ import sys
 from .. import __version__
 from ..errors import KoalaError
 
-COMMANDS = ["presets", "compress"]
+COMMANDS = ["presets", "compress", "generate", "bench", "distill", "data"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,156 @@
+"""`koala data stats` (Table 4's columns for a data source) and `koala cache` (precompute latents + text states)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from ..errors import KoalaError
+
+SOURCE_HELP = ("data source: an image folder (sidecar .txt or metadata.jsonl/.csv with file_name), a .parquet/.csv "
+               "file (or folder/glob of them) with an image-path column, webdataset shards ('shards/{00000..00099}.tar'), "
+               "a datasets folder saved with save_to_disk, or (stats only) a koala cache folder")
+
+
+def _source_args(p) -> None:
+    p.add_argument("source", help=SOURCE_HELP)
+    g = p.add_argument_group("source options (override --config)")
+    g.add_argument("--config", help="YAML/JSON file with a data config (its 'data' section if it has one)")
+    g.add_argument("--type", choices=["folder", "parquet", "csv", "webdataset", "hf_disk", "cache"],
+                   help="source type (default: guessed from SOURCE)")
+    g.add_argument("--caption-column", nargs="+", help="caption field(s); the first non-empty one is used "
+                   "(default: text, caption, prompt, TEXT, alt, txt)")
+    g.add_argument("--syncap-column", help="field with the synthetic (LMM) caption")
+    g.add_argument("--syncap", choices=["append", "replace", "original"],
+                   help="append: original + ', ' + synthetic (KOALA, default when --syncap-column is set); "
+                   "replace: synthetic only; original: ignore it")
+    g.add_argument("--image-column", help="parquet/csv/hf_disk column with image paths (default: guessed)")
+    g.add_argument("--image-root", help="folder that relative image paths start from (default: the table's folder)")
+    g.add_argument("--split", help="hf_disk: split of a DatasetDict (default train)")
+    g.add_argument("--min-size", type=int, help="skip images whose short side is below this (e.g. 1024)")
+    g.add_argument("--max-aspect", type=float, help="skip images whose long/short side ratio exceeds this")
+
+
+def _data_cfg(args) -> dict:
+    cfg: dict = {}
+    if args.config:
+        import yaml
+
+        try:
+            with open(args.config) as f:
+                loaded = yaml.safe_load(f) or {}
+        except OSError as err:
+            raise KoalaError(f"{args.config}: cannot read ({err})") from err
+        cfg = dict(loaded.get("data", loaded))
+    cfg["path"] = args.source
+    for key in ("type", "syncap_column", "syncap", "image_column", "image_root", "split", "min_size", "max_aspect"):
+        if getattr(args, key, None) is not None:
+            cfg[key] = getattr(args, key)
+    if args.caption_column:
+        cfg["caption_column"] = args.caption_column if len(args.caption_column) > 1 else args.caption_column[0]
+    for key in ("center_crop", "buckets"):
+        if getattr(args, key, False):
+            cfg[key] = True
+    if getattr(args, "no_flip", False):
+        cfg["random_flip"] = False
+    return cfg
+
+
+def register(sub) -> None:
+    p = sub.add_parser("data", help="inspect training data", description="Inspect training data sources.")
+    dsub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    s = dsub.add_parser("stats", help="images, average resolution, caption length, skipped samples",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                        description="Decode every sample as training would (same filters and caption choice) and "
+                        "print KOALA Table 4's columns: number of usable images, average resolution (h x w), average "
+                        "caption length in words; plus how many captions exceed CLIP's 77-token window and every "
+                        "skipped sample counted by reason (truncated, corrupt, too_small, no_caption, ...).")
+    _source_args(s)
+    s.add_argument("--tokenizer", help="CLIP tokenizer folder (or pipeline folder with tokenizer/) for exact token "
+                   "counts; without it, tokens are estimated from words")
+    s.add_argument("--limit", type=int, help="read at most this many records")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(func=run_stats)
+    p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
+
+    c = sub.add_parser("cache", help="precompute VAE latents and text-encoder states into sharded safetensors",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Precompute, for each sample, the VAE latent of the crop training would use "
+                       "(latent_dist.sample() or .mean, times vae.config.scaling_factor), both text encoders' "
+                       "penultimate hidden states, the pooled embedding and the SDXL time ids, into "
+                       "OUT/shards/NNNNN.safetensors with OUT/index.json. Re-running resumes (finished shards are "
+                       "skipped). Several processes (--rank/--world-size, or accelerate launch) write disjoint shards. "
+                       "Train from it with data config {type: cache, path: OUT}.")
+    _source_args(c)
+    c.add_argument("--pipeline", required=True, help="SDXL pipeline folder (its vae/, text_encoder*/, tokenizer*/)")
+    c.add_argument("--out", required=True, help="cache folder (created; re-run to resume)")
+    c.add_argument("--resolution", type=int, default=1024, help="1024 (Lightning) or 512 (Turbo)")
+    c.add_argument("--center-crop", action="store_true", help="centre crop instead of random crop")
+    c.add_argument("--no-flip", action="store_true", help="no random horizontal flip")
+    c.add_argument("--buckets", action="store_true", help="aspect-ratio buckets around resolution^2 (step 64)")
+    c.add_argument("--batch-size", type=int, default=8, help="encoder batch size")
+    c.add_argument("--shard-size", type=int, default=256, help="source rows per shard (webdataset: one tar = one shard)")
+    c.add_argument("--latent", choices=["sample", "mean"], default="sample",
+                   help="store latent_dist.sample() (diffusers' SDXL scripts) or its mean")
+    c.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="storage dtype of latents/embeds")
+    c.add_argument("--vae-dtype", choices=["fp16", "bf16", "fp32"], default="fp32",
+                   help="VAE compute dtype (fp16 only with an fp16-safe VAE such as sdxl-vae-fp16-fix)")
+    c.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    c.add_argument("--seed", type=int, default=0, help="crop/flip/latent-sampling seed (same as the trainer's data seed)")
+    c.add_argument("--rank", type=int, default=int(os.environ.get("RANK", 0)), help="this process (env RANK)")
+    c.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)),
+                   help="number of processes (env WORLD_SIZE)")
+    c.set_defaults(func=run_cache)
+
+
+def run_stats(args) -> int:
+    from ..data import data_stats
+
+    tok = None
+    if args.tokenizer:
+        from transformers import CLIPTokenizer
+
+        sub = "tokenizer" if os.path.isdir(os.path.join(args.tokenizer, "tokenizer")) else None
+        try:
+            tok = CLIPTokenizer.from_pretrained(args.tokenizer, subfolder=sub) if sub else \
+                CLIPTokenizer.from_pretrained(args.tokenizer)
+        except (OSError, ValueError) as err:
+            raise KoalaError(f"{args.tokenizer}: cannot load a CLIP tokenizer ({err})") from err
+    st = data_stats(_data_cfg(args), tokenizer=tok, limit=args.limit, progress=not args.json)
+    if args.json:
+        print(json.dumps(st, indent=1))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{st['source']} ({st['type']})")
+    t.add_column("#Imgs", justify="right")
+    if "avg_resolution" in st:
+        for col in ("AR (h x w)", "ACL (words)", "> 77 tokens"):
+            t.add_column(col, justify="right")
+    t.add_column("skipped", justify="left")
+    skipped = ", ".join(f"{k}={v}" for k, v in sorted(st["skipped"].items())) or "0"
+    if "avg_resolution" in st:
+        h, w = st["avg_resolution"]
+        t.add_row(f"{st['images']:,}", f"{h:.0f} x {w:.0f}", f"{st['avg_caption_words']:.1f}",
+                  f"{st['captions_over_77_tokens']:,} ({st['captions_over_77_tokens_pct']}%, "
+                  f"{st['token_count_method']})", skipped)
+    else:
+        t.add_row(f"{st['images']:,}", skipped)
+    Console().print(t)
+    return 0
+
+
+def run_cache(args) -> int:
+    from ..data import build_cache
+
+    device = args.device
+    if device is None:
+        import torch
+
+        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    build_cache(_data_cfg(args), args.pipeline, args.out, resolution=args.resolution, batch_size=args.batch_size,
+                shard_size=args.shard_size, latent=args.latent, dtype=args.dtype, seed=args.seed, rank=args.rank,
+                world_size=args.world_size, device=device, vae_dtype=args.vae_dtype)
+    return 0

@@ -1,0 +1,105 @@
+"""`koala generate`: text-to-image with an SDXL-architecture pipeline (a KOALA student or a teacher)."""
+
+from __future__ import annotations
+
+import argparse
+
+EPILOG = """\
+defaults follow the paper (App. A.3): Euler discrete scheduler, 10 steps, guidance 3.5, fp16 on a GPU
+(fp32 on CPU). Use --timestep-spacing trailing for step-distilled models (KOALA-Lightning/-Turbo).
+
+memory modes (docs/inference.md): --vae DIR (fp16-fix VAE; otherwise an fp16 VAE decodes in fp32),
+--vae-slicing, --vae-tiling, --offload model|sequential (CUDA only), --attention sdpa|classic,
+--channels-last, --compile. KOALA-700M at 1024x1024 fits an 8 GB GPU with: --dtype fp16 --vae FP16_FIX_DIR
+--vae-tiling (add --offload model if the text encoders do not fit alongside).
+
+examples:
+  koala generate "a photo of a koala" --model out/koala-700m --out images/
+  koala generate --prompts-file prompts.txt --unet out/student --base sdxl-lightning --timestep-spacing trailing \\
+      --batch-size 4 --seed 42 --grid --out images/
+"""
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "generate", help="generate images with a KOALA (or any SDXL-architecture) pipeline",
+        description="Generate PNG images; each PNG carries its prompt, seed, steps, cfg, scheduler and model as "
+        "tEXt metadata. Image i gets seed --seed + i, so any image can be regenerated alone.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("prompt", nargs="*", help="one or more prompts (or use --prompts-file)")
+    p.add_argument("--prompts-file", default=None, help="text file with one prompt per line ('#' lines skipped)")
+    src = p.add_argument_group("model")
+    src.add_argument("--model", default=None, help="SDXL pipeline directory (e.g. written by koala compress/distill)")
+    src.add_argument("--unet", default=None, help="student U-Net directory to drop into --base")
+    src.add_argument("--base", default=None, help="teacher pipeline directory supplying text encoders, VAE, scheduler")
+    src.add_argument("--vae", default=None, help="fp16-safe VAE directory (e.g. sdxl-vae-fp16-fix)")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--steps", type=int, default=10, help="denoising steps (default 10)")
+    g.add_argument("--cfg", type=float, default=3.5, help="classifier-free guidance scale (default 3.5)")
+    g.add_argument("--negative-prompt", default=None, help="negative prompt (default: none, zeroed embedding)")
+    g.add_argument("--scheduler", default="euler", choices=["euler", "euler_a", "ddim", "dpmpp_2m"],
+                   help="sampler (default euler: EulerDiscreteScheduler, as in the paper)")
+    g.add_argument("--timestep-spacing", default=None, choices=["leading", "trailing", "linspace"],
+                   help="timestep spacing (default: the pipeline's; 'trailing' for step-distilled models)")
+    g.add_argument("--seed", type=int, default=0, help="base seed; image i uses seed+i (default 0)")
+    g.add_argument("--batch-size", type=int, default=1, help="images per pipeline call (default 1)")
+    g.add_argument("--images-per-prompt", type=int, default=1, help="images for each prompt (default 1)")
+    g.add_argument("--width", type=int, default=None, help="image width (default: the model's native size)")
+    g.add_argument("--height", type=int, default=None, help="image height (default: the model's native size)")
+    m = p.add_argument_group("memory and speed")
+    m.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
+    m.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on cuda, fp32 on cpu")
+    m.add_argument("--vae-slicing", action="store_true", help="decode a batch one image at a time")
+    m.add_argument("--vae-tiling", action="store_true", help="decode in overlapping tiles (lowest VAE memory)")
+    m.add_argument("--offload", default=None, choices=["model", "sequential"],
+                   help="CPU offload (CUDA + accelerate only): 'model' moves whole components to the GPU in turn; "
+                   "'sequential' moves sub-modules (least memory, much slower)")
+    m.add_argument("--attention", default="sdpa", choices=["sdpa", "classic"],
+                   help="attention kernel: PyTorch scaled_dot_product_attention (default) or the classic one")
+    m.add_argument("--channels-last", action="store_true", help="channels_last memory format for U-Net and VAE")
+    m.add_argument("--compile", action="store_true", help="torch.compile the U-Net (first image is slow)")
+    s = p.add_argument_group("safety")
+    s.add_argument("--nsfw-model", default=None,
+                   help="local image-classification model directory; flagged images are withheld")
+    s.add_argument("--nsfw-label", default="nsfw", help="class name of the classifier to filter on (default nsfw)")
+    s.add_argument("--nsfw-threshold", type=float, default=0.5, help="withhold when the label's probability exceeds this")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default="koala-images", help="output directory (default koala-images)")
+    o.add_argument("--grid", action="store_true", help="also write grid.png with all kept images")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..errors import KoalaError
+    from ..inference import NSFWFilter, generate, load_pipeline, read_prompts, save_images
+
+    prompts = list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file else [])
+    if not prompts:
+        raise KoalaError("no prompt: give one or more prompts as arguments or --prompts-file FILE")
+    loaded = load_pipeline(
+        args.model, unet=args.unet, base=args.base, vae=args.vae, device=args.device, dtype=args.dtype,
+        scheduler=args.scheduler, timestep_spacing=args.timestep_spacing, vae_slicing=args.vae_slicing,
+        vae_tiling=args.vae_tiling, offload=args.offload, attention=args.attention,
+        channels_last=args.channels_last, compile=args.compile,
+    )
+    print(f"model: {loaded.model} on {loaded.device} ({loaded.dtype}); {', '.join(loaded.modes)}")
+    safety = None
+    if args.nsfw_model:
+        safety = NSFWFilter(args.nsfw_model, args.nsfw_label, args.nsfw_threshold)
+    result = generate(
+        loaded, prompts, negative_prompt=args.negative_prompt, steps=args.steps, cfg=args.cfg, seed=args.seed,
+        batch_size=args.batch_size, images_per_prompt=args.images_per_prompt, width=args.width,
+        height=args.height, safety=safety, progress=not args.no_progress,
+    )
+    paths = save_images(result, args.out, grid=args.grid)
+    if loaded.device.startswith("cuda"):
+        import torch
+
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (torch max allocated)")
+    for path in paths:
+        print(f"wrote {path}")
+    if result.withheld:
+        print(f"{len(result.withheld)} image(s) withheld by the NSFW filter")
+    return 0

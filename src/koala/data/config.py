@@ -1,0 +1,48 @@
+"""The ``data_cfg`` schema: defaults, validation, and a readable description for ``--help`` and docs."""
+
+from __future__ import annotations
+
+from ..errors import KoalaError
+
+TYPES = ("folder", "parquet", "csv", "webdataset", "hf_disk", "cache")
+
+DEFAULTS = {
+    "type": None,             # one of TYPES; guessed from path when None
+    "path": None,             # folder / file / glob / brace pattern (list allowed for webdataset) / cache dir
+    "caption_column": None,   # str or list (first non-empty wins); None: text, caption, prompt, TEXT, alt, txt
+    "syncap_column": None,    # field with the synthetic (LMM) caption
+    "syncap": None,           # append (default when syncap_column is set; KOALA's choice) | replace | original
+    "image_column": None,     # parquet/csv/hf_disk: image path (or datasets.Image) column; guessed if None
+    "image_root": None,       # base folder for relative image paths (default: the table's folder)
+    "split": "train",         # hf_disk: split of a DatasetDict
+    "min_size": 0,            # skip images whose short side is smaller (e.g. 1024 for Lightning recipes)
+    "max_aspect": None,       # skip images with long/short side above this (e.g. 2.0)
+    "center_crop": False,     # False: random crop (SDXL default)
+    "random_flip": True,      # horizontal flip with p=0.5, applied before the crop
+    "buckets": False,         # False | True | {step: 64, max_aspect: 4.0} | [[h, w], ...]
+    "shuffle": True,
+    "repeat": True,           # True: infinite iterator (count steps); False: one pass per iter()
+    "drop_last": False,       # repeat=False: drop the last partial batch(es)
+    "shuffle_buffer": 64,     # webdataset / cache: samples mixed across the stream
+}
+
+
+def normalize_data_cfg(cfg: dict) -> dict:
+    if not isinstance(cfg, dict):
+        raise KoalaError(f"data config must be a mapping, got {type(cfg).__name__}")
+    unknown = sorted(set(cfg) - set(DEFAULTS))
+    if unknown:
+        raise KoalaError(f"data config: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(DEFAULTS)}")
+    out = {**DEFAULTS, **cfg}
+    if not out["path"]:
+        raise KoalaError("data config: 'path' is required")
+    if out["type"] is None:
+        from .sources import guess_type
+
+        out["type"] = guess_type(out["path"])
+    if out["type"] not in TYPES:
+        raise KoalaError(f"data config: type {out['type']!r} is not one of {', '.join(TYPES)}")
+    out["min_size"] = int(out["min_size"] or 0)
+    if out["max_aspect"] is not None and float(out["max_aspect"]) < 1:
+        raise KoalaError(f"data config: max_aspect must be >= 1 (long side / short side), got {out['max_aspect']}")
+    return out

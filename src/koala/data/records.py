@@ -1,0 +1,63 @@
+"""From source records to usable samples: splitting across ranks/workers, filtering, captions, decoding."""
+
+from __future__ import annotations
+
+import random
+from typing import Iterator
+
+import numpy as np
+
+from .captions import CaptionBuilder
+from .images import SkipSample, decode_image
+
+
+def iter_split(source, split: int = 0, nsplits: int = 1, epoch: int = 0, shuffle: bool = False, seed: int = 0,
+               shuffle_buffer: int = 64) -> Iterator[dict]:
+    """Records of one split (``split`` of ``nsplits`` = rank * num_workers + worker) for one epoch.
+
+    Indexed sources split by (shuffled) index; webdataset splits by shard, or by sample when there are
+    fewer shards than splits (every split then reads all shards).
+    """
+    if source.kind == "indexed":
+        n = len(source)
+        order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+        yield from source.iter_indices(order[split::nsplits])
+        return
+    shards = list(source.shards)
+    if shuffle:
+        random.Random(f"{seed}:{epoch}:shards").shuffle(shards)
+    if len(shards) >= nsplits:
+        stream = source.iter_shards(shards[split::nsplits])
+    else:
+        stream = (r for j, r in enumerate(source.iter_shards(shards)) if j % nsplits == split)
+    if not shuffle or shuffle_buffer <= 1:
+        yield from stream
+        return
+    rng, buf = random.Random(f"{seed}:{epoch}:{split}:buffer"), []
+    for rec in stream:  # bounded shuffle buffer (encoded bytes, so keep it modest)
+        buf.append(rec)
+        if len(buf) >= shuffle_buffer:
+            yield buf.pop(rng.randrange(len(buf)))
+    rng.shuffle(buf)
+    yield from buf
+
+
+class SamplePreparer:
+    """``load(record) -> (rgb_image, caption)`` applying caption choice and size/aspect filters; raises SkipSample."""
+
+    def __init__(self, cfg: dict):
+        self.captions = CaptionBuilder(cfg.get("caption_column"), cfg.get("syncap"), cfg.get("syncap_column"))
+        self.min_size = int(cfg.get("min_size") or 0)
+        self.max_aspect = float(cfg["max_aspect"]) if cfg.get("max_aspect") else None
+
+    def check(self, h: int, w: int) -> None:
+        if min(h, w) < self.min_size:
+            raise SkipSample("too_small", f"{h}x{w} < min_size {self.min_size}")
+        if self.max_aspect and max(h, w) / max(1, min(h, w)) > self.max_aspect:
+            raise SkipSample("bad_aspect", f"{h}x{w} exceeds max_aspect {self.max_aspect}")
+
+    def load(self, rec: dict):
+        caption = self.captions(rec["row"])  # cheap check first: no caption -> no decode
+        img = decode_image(rec["image"], check=self.check)
+        self.check(img.height, img.width)
+        return img, caption

@@ -1,0 +1,246 @@
+"""Data sources with one record interface: ``{"key": str, "image": path | bytes | {"bytes", "path"}, "row": dict}``.
+
+Indexed sources (random access, split across ranks/workers by index): ``folder``, ``parquet``, ``csv``,
+``hf_disk``. Sharded source (streamed, split across ranks/workers by tar shard): ``webdataset``.
+``row`` holds the caption fields; the caption itself is chosen later by :class:`~koala.data.captions.CaptionBuilder`.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Iterable, Iterator
+
+from ..errors import KoalaError
+from .captions import DEFAULT_CAPTION_COLUMNS, _as_list
+from .images import IMAGE_EXTS, SkipCounter
+
+METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
+IMAGE_COLUMN_GUESSES = ("file_name", "image", "image_path", "path", "filepath", "filename")
+WDS_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
+
+def _read_table(path: str, columns: list[str] | None = None):
+    import pandas as pd
+
+    try:
+        if path.endswith(".jsonl"):
+            df = pd.read_json(path, lines=True, dtype=False)
+        elif path.endswith(".csv"):
+            df = pd.read_csv(path, usecols=lambda c: columns is None or c in columns, keep_default_na=False,
+                             dtype=str)
+        else:
+            import pyarrow.parquet as pq
+
+            names = pq.read_schema(path).names
+            df = pq.read_table(path, columns=[c for c in names if columns is None or c in columns]).to_pandas()
+    except (OSError, ValueError) as err:
+        raise KoalaError(f"{path}: cannot read table ({err})") from err
+    return df
+
+
+class IndexedSource:
+    """Rows in memory (paths and captions only, never pixels); images are read on demand."""
+
+    kind = "indexed"
+
+    def __init__(self, rows: list[dict], image_column: str, root: str, name: str):
+        self.rows, self.image_column, self.root, self.name = rows, image_column, root, name
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def get(self, i: int) -> dict:
+        row = self.rows[i]
+        rel = str(row.get(self.image_column) or "")
+        return {"key": rel or f"{self.name}#{i}", "image": os.path.join(self.root, rel) if rel else None, "row": row}
+
+    def iter_indices(self, indices: Iterable[int]) -> Iterator[dict]:
+        for i in indices:
+            yield self.get(int(i))
+
+
+def _pick_image_column(columns, wanted: str | None, where: str) -> str:
+    if wanted:
+        if wanted not in columns:
+            raise KoalaError(f"{where}: no column {wanted!r} (columns: {', '.join(map(str, columns))}); set image_column")
+        return wanted
+    for c in IMAGE_COLUMN_GUESSES:
+        if c in columns:
+            return c
+    raise KoalaError(f"{where}: cannot tell which column holds the image path (columns: {', '.join(map(str, columns))}); "
+                     "set image_column")
+
+
+def _wanted_columns(cfg: dict, image_column: str | None) -> list[str]:
+    cols = _as_list(cfg.get("caption_column")) or list(DEFAULT_CAPTION_COLUMNS)
+    cols += _as_list(cfg.get("syncap_column")) + list(IMAGE_COLUMN_GUESSES) + _as_list(image_column)
+    return cols
+
+
+class FolderSource(IndexedSource):
+    """An image folder: captions from ``metadata.jsonl``/``.csv``/``.parquet`` (``file_name`` column, HF
+    imagefolder convention, at the folder root) or from sidecar files (``x.jpg`` + ``x.txt`` -> field ``text``,
+    ``x.json`` -> its fields)."""
+
+    def __init__(self, path: str, cfg: dict):
+        if not os.path.isdir(path):
+            raise KoalaError(f"{path}: not a directory (type: folder expects a folder of images)")
+        meta = next((os.path.join(path, m) for m in METADATA_FILES if os.path.isfile(os.path.join(path, m))), None)
+        self.sidecars = meta is None
+        if meta:
+            df = _read_table(meta, None)
+            if "file_name" not in df.columns:
+                raise KoalaError(f"{meta}: needs a 'file_name' column with image paths relative to {path}")
+            rows = df.to_dict("records")
+        else:
+            files = []
+            for dirpath, dirnames, filenames in os.walk(path):
+                dirnames.sort()
+                files += [os.path.relpath(os.path.join(dirpath, f), path) for f in sorted(filenames)
+                          if f.lower().endswith(IMAGE_EXTS)]
+            rows = [{"file_name": f} for f in files]
+        if not rows:
+            raise KoalaError(f"{path}: no images found (extensions: {', '.join(IMAGE_EXTS)})")
+        super().__init__(rows, "file_name", path, os.path.basename(path.rstrip("/")))
+
+    def get(self, i: int) -> dict:
+        rec = super().get(i)
+        if self.sidecars:
+            stem = os.path.splitext(rec["image"])[0]
+            row = dict(rec["row"])
+            if os.path.isfile(stem + ".json"):
+                try:
+                    with open(stem + ".json") as f:
+                        row.update(json.load(f))
+                except (OSError, ValueError):
+                    pass  # a broken sidecar only loses its fields; the caption check counts the sample if needed
+            if os.path.isfile(stem + ".txt"):
+                with open(stem + ".txt", encoding="utf-8", errors="replace") as f:
+                    row["text"] = f.read().strip()
+            rec["row"] = row
+        return rec
+
+
+class TableSource(IndexedSource):
+    """Parquet or CSV file(s) (a file, a folder of them or a glob) with an image-path column."""
+
+    def __init__(self, path: str, cfg: dict, ext: str):
+        files = sorted(glob.glob(os.path.join(path, f"*.{ext}"))) if os.path.isdir(path) else sorted(glob.glob(path))
+        if not files:
+            raise KoalaError(f"{path}: no .{ext} file found")
+        import pandas as pd
+
+        df = pd.concat([_read_table(f, _wanted_columns(cfg, cfg.get("image_column"))) for f in files],
+                       ignore_index=True)
+        col = _pick_image_column(list(df.columns), cfg.get("image_column"), files[0])
+        root = cfg.get("image_root") or os.path.dirname(os.path.abspath(files[0]))
+        super().__init__(df.to_dict("records"), col, root, os.path.basename(files[0]))
+
+
+class HFDiskSource(IndexedSource):
+    """A ``datasets`` dataset saved with ``save_to_disk``; the image column is an ``Image`` feature or a path."""
+
+    def __init__(self, path: str, cfg: dict):
+        import datasets
+
+        try:
+            ds = datasets.load_from_disk(path)
+        except (FileNotFoundError, ValueError) as err:
+            raise KoalaError(f"{path}: not a dataset saved with save_to_disk ({err})") from err
+        if isinstance(ds, datasets.DatasetDict):
+            split = cfg.get("split", "train")
+            if split not in ds:
+                raise KoalaError(f"{path}: no split {split!r} (splits: {', '.join(ds)}); set split")
+            ds = ds[split]
+        col = _pick_image_column(ds.column_names, cfg.get("image_column"), path)
+        if isinstance(ds.features[col], datasets.Image):
+            ds = ds.cast_column(col, datasets.Image(decode=False))  # decode ourselves, robustly
+        self.ds, self.image_column, self.name = ds, col, os.path.basename(path.rstrip("/"))
+        self.root = cfg.get("image_root") or path
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def get(self, i: int) -> dict:
+        row = self.ds[i]
+        img = row.pop(self.image_column)
+        key = f"{self.name}#{i}"
+        if isinstance(img, str):
+            img = os.path.join(self.root, img)
+        return {"key": key, "image": img, "row": row}
+
+
+class WebDatasetSource:
+    """Tar shards (brace patterns like ``shards/{00000..00099}.tar``), streamed. Image from the first of
+    jpg/jpeg/png/webp; fields from ``json``, ``txt`` (as ``text`` and ``txt``) and ``NAME.txt`` (as ``NAME``)."""
+
+    kind = "sharded"
+
+    def __init__(self, path, cfg: dict):
+        from webdataset.shardlists import expand_urls
+
+        self.shards = []
+        for p in _as_list(path):
+            self.shards += expand_urls(p)
+        missing = [s for s in self.shards if "://" not in s and not s.startswith("pipe:") and not os.path.isfile(s)]
+        if not self.shards or missing:
+            raise KoalaError(f"webdataset: shard(s) not found: {', '.join(missing[:3]) or path}"
+                             f"{' ...' if len(missing) > 3 else ''}")
+        self.skips = SkipCounter()
+
+    def _handler(self, err: Exception) -> bool:
+        self.skips["bad_shard_member"] += 1
+        return True
+
+    def iter_shards(self, shards: Iterable[str]) -> Iterator[dict]:
+        from webdataset import tarfile_samples
+
+        for s in tarfile_samples(({"url": u} for u in shards), handler=self._handler):
+            yield self.to_record(s)
+
+    @staticmethod
+    def to_record(s: dict) -> dict:
+        row = {}
+        if "json" in s:
+            try:
+                row.update(json.loads(s["json"]))
+            except ValueError:
+                pass
+        for k, v in s.items():
+            if k.endswith("txt"):
+                text = v.decode("utf-8", errors="replace").strip() if isinstance(v, bytes) else str(v)
+                name = k[:-4] if k.endswith(".txt") else k
+                row[name] = text
+                if k == "txt":
+                    row.setdefault("text", text)
+        image = next((s[k] for k in WDS_IMAGE_KEYS if k in s), None)
+        return {"key": f"{os.path.basename(str(s.get('__url__', '')))}/{s.get('__key__')}", "image": image, "row": row}
+
+
+def guess_type(path: str) -> str:
+    p = str(path)
+    if os.path.isdir(p):
+        if os.path.isfile(os.path.join(p, "index.json")) and os.path.isfile(os.path.join(p, "cache_config.json")):
+            return "cache"
+        if os.path.isfile(os.path.join(p, "dataset_dict.json")) or os.path.isfile(os.path.join(p, "state.json")):
+            return "hf_disk"
+        return "folder"
+    for ext, kind in ((".parquet", "parquet"), (".csv", "csv"), (".tar", "webdataset"), (".tar}", "webdataset")):
+        if p.endswith(ext) or (ext == ".tar" and ".tar" in p and "{" in p):
+            return kind
+    raise KoalaError(f"{path}: cannot guess the source type; set type (folder, parquet, csv, webdataset, hf_disk, cache)")
+
+
+def make_source(cfg: dict):
+    kind, path = cfg["type"], cfg["path"]
+    if kind == "folder":
+        return FolderSource(path, cfg)
+    if kind in ("parquet", "csv"):
+        return TableSource(path, cfg, kind)
+    if kind == "hf_disk":
+        return HFDiskSource(path, cfg)
+    if kind == "webdataset":
+        return WebDatasetSource(path, cfg)
+    raise KoalaError(f"type: {kind!r} is not a raw data source (folder, parquet, csv, webdataset, hf_disk)")

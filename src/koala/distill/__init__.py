@@ -1,0 +1,17 @@
+"""Self-attention knowledge distillation (KOALA Sec. 3.1.2): feature hooks, losses, trainer (`koala distill`)."""
+
+from .config import DEFAULTS, FEATURE_TYPES, STAGES, load_config
+from .hooks import FeaturePair, FeatureRecorder, feature_pairs, unwrap
+from .losses import Losses, feature_losses, kd_losses, prediction_target
+
+__all__ = [
+    "DEFAULTS", "FEATURE_TYPES", "STAGES", "load_config", "FeaturePair", "FeatureRecorder", "feature_pairs", "unwrap",
+    "Losses", "feature_losses", "kd_losses", "prediction_target", "train",
+]
+
+
+def train(cfg: dict) -> dict:
+    """Run distillation for a resolved config (see :func:`load_config`)."""
+    from .trainer import train as _train
+
+    return _train(cfg)

@@ -1,0 +1,73 @@
+"""Validation images: fixed prompts and seeds through the student (every N steps) and the teacher (once)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionXLPipeline
+
+
+def _pipeline(unet, frozen):
+    return StableDiffusionXLPipeline(
+        vae=frozen.vae, text_encoder=frozen.text_encoders[0], text_encoder_2=frozen.text_encoders[1],
+        tokenizer=frozen.tokenizers[0], tokenizer_2=frozen.tokenizers[1], unet=unet,
+        scheduler=frozen.scheduler.__class__.from_config(frozen.scheduler.config), force_zeros_for_empty_prompt=True,
+    )
+
+
+@torch.no_grad()
+def render(unet, frozen, vcfg: dict, resolution: int, device) -> list:
+    """PIL images for every (prompt, seed) pair of ``vcfg``, in order."""
+    pipe = _pipeline(unet, frozen)
+    pipe.set_progress_bar_config(disable=True)
+    was_training = unet.training
+    unet.eval()
+    dtype = frozen.weight_dtype
+    # frozen parts are in the weight dtype, the student in fp32: autocast makes them meet
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    images = []
+    try:
+        for prompt in vcfg["prompts"]:
+            for seed in vcfg["seeds"]:
+                g = torch.Generator("cpu").manual_seed(int(seed))
+                with autocast:
+                    out = pipe(prompt, height=resolution, width=resolution, num_inference_steps=vcfg["steps"],
+                               guidance_scale=vcfg["guidance_scale"], generator=g)
+                images.append(out.images[0])
+    finally:
+        unet.train(was_training)
+    return images
+
+
+def save_images(images: list, folder: str, tag: str, step: int, writer=None) -> list[str]:
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for i, im in enumerate(images):
+        p = os.path.join(folder, f"{i:02d}.png")
+        im.save(p)
+        paths.append(p)
+        if writer is not None:
+            writer.add_image(f"{tag}/{i:02d}", np.asarray(im), step, dataformats="HWC")
+    return paths
+
+
+def validate(student, teacher, frozen, cfg: dict, step: int, device, writer=None, ema=None) -> list[str]:
+    vcfg = cfg["validation"]
+    res = vcfg["resolution"] or cfg["train"]["resolution"]
+    out = os.path.join(cfg["train"]["output_dir"], "samples")
+    teacher_dir = os.path.join(out, "teacher")
+    if not os.path.isdir(teacher_dir):
+        save_images(render(teacher, frozen, vcfg, res, device), teacher_dir, "teacher", step, writer)
+    params = list(student.parameters())
+    if ema is not None and vcfg["use_ema"]:
+        ema.store(params)
+        ema.copy_to(params)
+    try:
+        images = render(student, frozen, vcfg, res, device)
+    finally:
+        if ema is not None and vcfg["use_ema"]:
+            ema.restore(params)
+    return save_images(images, os.path.join(out, f"step-{step:07d}"), "student", step, writer)

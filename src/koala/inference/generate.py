@@ -1,0 +1,185 @@
+"""Generate images with a loaded pipeline; save them as PNG with the generation parameters as tEXt chunks.
+
+Image ``i`` of a call (counting over all prompts) is drawn from its own CPU generator seeded ``seed + i``,
+so an image is reproducible from the seed in its metadata alone, whatever the batch size or device.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import KoalaError
+
+PNG_KEYS = ("prompt", "negative_prompt", "seed", "steps", "cfg", "scheduler", "timestep_spacing", "model",
+            "width", "height", "dtype")
+
+
+@dataclass
+class GeneratedImage:
+    image: "object"  # PIL.Image.Image, or None when withheld by the NSFW filter
+    params: dict
+    nsfw_score: float | None = None
+    withheld: bool = False
+
+
+@dataclass
+class GenerationResult:
+    items: list[GeneratedImage]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def images(self) -> list:
+        return [it.image for it in self.items if not it.withheld]
+
+    @property
+    def params(self) -> list[dict]:
+        return [it.params for it in self.items if not it.withheld]
+
+    @property
+    def withheld(self) -> list[GeneratedImage]:
+        return [it for it in self.items if it.withheld]
+
+
+def read_prompts(path: str) -> list[str]:
+    """One prompt per line; blank lines and lines starting with '#' are skipped."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+    except FileNotFoundError:
+        raise KoalaError(f"--prompts-file {path}: file not found") from None
+    if not prompts:
+        raise KoalaError(f"--prompts-file {path}: no prompts (one per line)")
+    return prompts
+
+
+def generate(
+    pipe,
+    prompts: str | list[str],
+    *,
+    negative_prompt: str | None = None,
+    steps: int = 10,
+    cfg: float = 3.5,
+    seed: int = 0,
+    batch_size: int = 1,
+    images_per_prompt: int = 1,
+    width: int | None = None,
+    height: int | None = None,
+    safety=None,
+    progress: bool = True,
+    log=print,
+) -> GenerationResult:
+    """Generate ``len(prompts) * images_per_prompt`` images, ``batch_size`` per pipeline call.
+
+    ``pipe``: a :class:`~koala.inference.pipeline.LoadedPipeline` or a plain ``StableDiffusionXLPipeline``.
+    ``safety``: an :class:`~koala.inference.safety.NSFWFilter` or None (then a note says no filter is active).
+    Defaults follow the paper: 10 steps, guidance 3.5 (App. A.3).
+    """
+    from .pipeline import LoadedPipeline
+
+    info = pipe if isinstance(pipe, LoadedPipeline) else None
+    sd = info.pipe if info else pipe
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts or any(not isinstance(p, str) for p in prompts):
+        raise KoalaError("give at least one prompt (text), as arguments or with --prompts-file")
+    if steps < 1 or batch_size < 1 or images_per_prompt < 1:
+        raise KoalaError("--steps, --batch-size and --images-per-prompt must be >= 1")
+    scale = sd.vae_scale_factor
+    height = height or sd.default_sample_size * scale
+    width = width or sd.default_sample_size * scale
+    for name, v in (("--width", width), ("--height", height)):
+        if v <= 0 or v % scale:
+            raise KoalaError(f"{name} {v} must be a positive multiple of {scale} (the VAE's downscaling factor)")
+    notes = list(info.notes) if info else []
+    if safety is None:
+        notes.append("no NSFW filter is active (pass --nsfw-model DIR to withhold flagged images)")
+    for n in notes:
+        log(f"note: {n}")
+
+    base = {
+        "negative_prompt": negative_prompt or "", "steps": steps, "cfg": cfg,
+        "scheduler": info.scheduler if info else type(sd.scheduler).__name__,
+        "timestep_spacing": sd.scheduler.config.get("timestep_spacing", ""),
+        "model": info.model if info else getattr(sd.config, "_name_or_path", "") or "",
+        "width": width, "height": height,
+        "dtype": info.dtype if info else str(sd.unet.dtype).replace("torch.", ""),
+    }
+    jobs = [(p, seed + i) for i, p in enumerate(p for p in prompts for _ in range(images_per_prompt))]
+    sd.set_progress_bar_config(disable=not progress, leave=False)
+    items: list[GeneratedImage] = []
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start:start + batch_size]
+        if progress:
+            log(f"images {start + 1}-{start + len(chunk)} of {len(jobs)}")
+        out = sd(
+            prompt=[p for p, _ in chunk], negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
+            num_inference_steps=steps, guidance_scale=cfg, width=width, height=height,
+            generator=[torch.Generator("cpu").manual_seed(s) for _, s in chunk],
+        )
+        flags = safety.flags(out.images) if safety is not None else [(False, None)] * len(chunk)
+        for (p, s), img, (bad, score) in zip(chunk, out.images, flags):
+            params = {"prompt": p, "seed": s, **base}
+            items.append(GeneratedImage(None if bad else img, params, score, bad))
+    res = GenerationResult(items, notes)
+    for it in res.withheld:
+        log(f"withheld: seed {it.params['seed']} ({safety.label} score {it.nsfw_score:.3f} > {safety.threshold})")
+    return res
+
+
+def png_info(params: dict):
+    """PIL ``PngInfo`` with one tEXt chunk per parameter plus ``parameters`` (all of them as JSON)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    from .. import __version__
+
+    info = PngInfo()
+    for k in PNG_KEYS:
+        if k in params:
+            info.add_text(k, str(params[k]))
+    info.add_text("parameters", json.dumps(params, sort_keys=True))
+    info.add_text("software", f"koala {__version__}")
+    return info
+
+
+def make_grid(images, cols: int | None = None):
+    from PIL import Image
+
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, img in enumerate(images):
+        grid.paste(img, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def save_images(result: GenerationResult, out_dir: str, grid: bool = False, prefix: str = "") -> list[str]:
+    """Write each kept image as ``{prefix}{index:04d}-s{seed}.png`` (index over the whole call); returns the paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for i, it in enumerate(result.items):
+        if it.withheld:
+            continue
+        path = os.path.join(out_dir, f"{prefix}{i:04d}-s{it.params['seed']}.png")
+        it.image.save(path, pnginfo=png_info(it.params))
+        paths.append(path)
+    if grid and result.images:
+        path = os.path.join(out_dir, f"{prefix}grid.png")
+        make_grid(result.images).save(path)
+        paths.append(path)
+    return paths
+
+
+def read_png_params(path: str) -> dict:
+    """The generation parameters stored in a PNG written by :func:`save_images`."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        text = dict(im.text)
+    if "parameters" not in text:
+        raise KoalaError(f"{path}: no koala generation parameters in the PNG metadata")
+    return json.loads(text["parameters"])

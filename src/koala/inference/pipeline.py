@@ -1,0 +1,199 @@
+"""Load an SDXL-architecture pipeline for inference, with the memory/speed modes applied.
+
+``load_pipeline(model=DIR)`` loads a full pipeline directory (as written by ``koala compress``/``koala distill``);
+``load_pipeline(unet=DIR, base=PIPE)`` drops a student U-Net into a teacher pipeline. The paper's inference
+settings (App. A.3) are the defaults: Euler discrete scheduler, fp16 on GPU, fp16-fix VAE when given.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from ..arch.presets import check_sdxl_topology
+from ..errors import KoalaError
+from ..utils import model_dir_kind, parse_dtype, read_json, unet_dir
+
+SCHEDULERS = {
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "ddim": "DDIMScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+}
+SPACINGS = ("leading", "trailing", "linspace")
+OFFLOAD = (None, "model", "sequential")
+ATTENTION = ("sdpa", "classic")
+
+
+@dataclass
+class LoadedPipeline:
+    """A ready pipeline plus what was applied, for the PNG metadata and the user."""
+
+    pipe: "object"  # diffusers.StableDiffusionXLPipeline
+    model: str
+    device: str
+    dtype: str
+    scheduler: str
+    timestep_spacing: str
+    modes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _check_pipeline_dir(path: str, what: str) -> None:
+    if model_dir_kind(path) != "pipeline":
+        raise KoalaError(f"{what} {path} is a U-Net directory; give a pipeline directory (with model_index.json), "
+                         "or pass the U-Net with --unet DIR --base PIPELINE_DIR")
+    for sub in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "scheduler"):
+        if not os.path.isdir(os.path.join(path, sub)):
+            raise KoalaError(f"{what} {path} has no {sub}/; an SDXL pipeline needs text_encoder(_2), tokenizer(_2), "
+                             "unet, vae and scheduler")
+
+
+def _check_unet_fits(unet_path: str, base: str) -> None:
+    cfg = read_json(os.path.join(unet_path, "config.json"))
+    check_sdxl_topology(cfg, f"{unet_path}/config.json")
+    te1 = read_json(os.path.join(base, "text_encoder", "config.json"))
+    te2 = read_json(os.path.join(base, "text_encoder_2", "config.json"))
+    ctx = te1.get("hidden_size", 0) + te2.get("hidden_size", 0)
+    if cfg.get("cross_attention_dim") != ctx:
+        raise KoalaError(f"{unet_path}/config.json: cross_attention_dim is {cfg.get('cross_attention_dim')} but the base "
+                         f"pipeline {base} has text encoders of width {te1.get('hidden_size')} + {te2.get('hidden_size')} "
+                         f"= {ctx}; use the base pipeline the U-Net was compressed/distilled from")
+
+
+def _scheduler(pipe, name: str, spacing: str | None):
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise KoalaError(f"--scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")
+    if spacing is not None and spacing not in SPACINGS:
+        raise KoalaError(f"--timestep-spacing {spacing!r}: choose one of {', '.join(SPACINGS)}")
+    cls = getattr(diffusers, SCHEDULERS[name])
+    kw = {"timestep_spacing": spacing} if spacing else {}
+    pipe.scheduler = cls.from_config(pipe.scheduler.config, **kw)
+    return pipe.scheduler.config.get("timestep_spacing", "leading")
+
+
+def load_pipeline(
+    model: str | None = None,
+    *,
+    unet: str | None = None,
+    base: str | None = None,
+    vae: str | None = None,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    scheduler: str = "euler",
+    timestep_spacing: str | None = None,
+    vae_slicing: bool = False,
+    vae_tiling: bool = False,
+    offload: str | None = None,
+    attention: str = "sdpa",
+    channels_last: bool = False,
+    compile: bool = False,
+) -> LoadedPipeline:
+    """Load a pipeline and apply the memory/speed modes; see ``docs/inference.md`` for what each mode saves.
+
+    ``model``: SDXL pipeline directory; or ``unet`` (U-Net or pipeline dir) + ``base`` (pipeline dir).
+    ``vae``: an fp16-safe VAE directory (e.g. sdxl-vae-fp16-fix); without it an fp16 VAE decodes in fp32.
+    ``offload``: None, "model" (whole components move to the GPU in turn) or "sequential" (sub-module by
+    sub-module; least memory, slowest). Both need CUDA and accelerate; on CPU they do not apply and a note says so.
+    """
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    if offload not in OFFLOAD:
+        raise KoalaError(f"--offload {offload!r}: choose model or sequential")
+    if attention not in ATTENTION:
+        raise KoalaError(f"--attention {attention!r}: choose one of {', '.join(ATTENTION)}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise KoalaError(f"--device {device}: no CUDA device is visible to PyTorch; use --device cpu")
+    on_cuda = torch.device(device).type == "cuda"
+    dt = parse_dtype(dtype) or (torch.float16 if on_cuda else torch.float32)
+    dtype_name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dt]
+    notes: list[str] = []
+    modes: list[str] = []
+    if dt == torch.float16 and not on_cuda:
+        notes.append("fp16 on CPU is slow and some ops are missing; bf16 or fp32 is the better choice on CPU")
+
+    kw = {"dtype": dt}
+    if model and (unet or base):
+        raise KoalaError("give either --model PIPELINE_DIR or --unet DIR --base PIPELINE_DIR, not both")
+    if model:
+        _check_pipeline_dir(model, "--model")
+        check_sdxl_topology(read_json(os.path.join(model, "unet", "config.json")), f"{model}/unet/config.json")
+        src, name = model, os.path.basename(os.path.normpath(model))
+    elif unet and base:
+        _check_pipeline_dir(base, "--base")
+        u = unet_dir(unet)
+        _check_unet_fits(u, base)
+        kw["unet"] = UNet2DConditionModel.from_pretrained(u, dtype=dt)
+        src = base
+        name = f"{os.path.basename(os.path.normpath(unet))} (U-Net) + {os.path.basename(os.path.normpath(base))}"
+    else:
+        raise KoalaError("no model: give --model PIPELINE_DIR, or --unet DIR together with --base PIPELINE_DIR")
+    if vae:
+        kw["vae"] = AutoencoderKL.from_pretrained(unet_dir_vae(vae), dtype=dt)
+    pipe = StableDiffusionXLPipeline.from_pretrained(src, **kw)
+    if vae:
+        pipe.vae.register_to_config(force_upcast=False)
+        modes.append("fp16-fix VAE" if dt == torch.float16 else "custom VAE")
+    elif dt == torch.float16:
+        pipe.vae.register_to_config(force_upcast=True)  # the SDXL VAE overflows in fp16: decode in fp32
+        modes.append("VAE decode upcast to fp32")
+    spacing = _scheduler(pipe, scheduler, timestep_spacing)
+
+    if attention == "sdpa":
+        from diffusers.models.attention_processor import AttnProcessor2_0 as proc
+    else:
+        from diffusers.models.attention_processor import AttnProcessor as proc
+    pipe.unet.set_attn_processor(proc())
+    pipe.vae.set_attn_processor(proc())
+    modes.append(f"attention {attention}")
+    if vae_slicing:
+        pipe.vae.enable_slicing()
+        modes.append("VAE slicing")
+    if vae_tiling:
+        pipe.vae.enable_tiling()
+        modes.append("VAE tiling")
+    if channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+        modes.append("channels_last")
+
+    if offload and not on_cuda:
+        notes.append(f"--offload {offload} does not apply on {device}: offloading moves weights between CPU and GPU "
+                     "memory, and on CPU everything already lives in CPU memory; running without offload")
+        offload = None
+    if offload:
+        try:
+            import accelerate  # noqa: F401
+        except ImportError:
+            raise KoalaError(f"--offload {offload} needs the accelerate package (pip install accelerate)") from None
+        gpu_id = torch.device(device).index or 0
+        if offload == "model":
+            pipe.enable_model_cpu_offload(gpu_id=gpu_id)
+        else:
+            pipe.enable_sequential_cpu_offload(gpu_id=gpu_id)
+        modes.append(f"{offload} CPU offload")
+    else:
+        pipe.to(device)
+    if compile:
+        pipe.unet = torch.compile(pipe.unet)
+        modes.append("torch.compile(unet)")
+        notes.append("torch.compile: the first image is slow (compilation); later ones are faster")
+    return LoadedPipeline(pipe, name, device, dtype_name, scheduler, spacing, modes, notes)
+
+
+def unet_dir_vae(path: str) -> str:
+    """A VAE directory, or a pipeline directory's vae/ (for --vae)."""
+    if os.path.isfile(os.path.join(path, "model_index.json")):
+        path = os.path.join(path, "vae")
+    cfg = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg):
+        raise KoalaError(f"--vae {path}: no config.json; give an AutoencoderKL directory (e.g. sdxl-vae-fp16-fix)")
+    cls = read_json(cfg).get("_class_name")
+    if cls != "AutoencoderKL":
+        raise KoalaError(f"--vae {cfg}: _class_name is {cls!r}, expected 'AutoencoderKL'")
+    return path

@@ -1,0 +1,48 @@
+"""Optional NSFW filter (paper App. E): a local image classifier scores each image; above a threshold it is withheld."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..errors import KoalaError
+
+
+class NSFWFilter:
+    """Scores images with a local ``AutoModelForImageClassification`` + ``AutoImageProcessor`` directory.
+
+    ``label`` names the class to watch (matched case-insensitively against the model's ``id2label``); the score
+    is that class's softmax probability, and images with ``score > threshold`` are withheld.
+    """
+
+    def __init__(self, path: str, label: str = "nsfw", threshold: float = 0.5, device: str = "cpu"):
+        from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+        if not os.path.isdir(path):
+            raise KoalaError(f"--nsfw-model {path}: no such directory (give a local image-classification model)")
+        if not 0.0 <= threshold <= 1.0:
+            raise KoalaError(f"--nsfw-threshold {threshold}: must be between 0 and 1")
+        try:
+            self.model = AutoModelForImageClassification.from_pretrained(path).to(device).eval()
+            self.processor = AutoImageProcessor.from_pretrained(path)
+        except (OSError, ValueError) as err:
+            raise KoalaError(f"--nsfw-model {path}: cannot load an image classifier and its image processor ({err})") from err
+        labels = {str(v).lower(): int(k) for k, v in self.model.config.id2label.items()}
+        if label.lower() not in labels:
+            raise KoalaError(f"--nsfw-label {label!r} is not a class of {path}/config.json (id2label has "
+                             f"{sorted(self.model.config.id2label.values())}); pass one of those with --nsfw-label")
+        self.index = labels[label.lower()]
+        self.label, self.threshold, self.path, self.device = label, threshold, path, device
+
+    @torch.no_grad()
+    def scores(self, images) -> list[float]:
+        """Probability of ``label`` for each PIL image."""
+        if not images:
+            return []
+        inputs = self.processor(images=list(images), return_tensors="pt").to(self.device)
+        probs = self.model(**inputs).logits.float().softmax(-1)
+        return probs[:, self.index].tolist()
+
+    def flags(self, images) -> list[tuple[bool, float]]:
+        return [(s > self.threshold, s) for s in self.scores(images)]

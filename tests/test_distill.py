@@ -1,0 +1,272 @@
+"""Self-attention KD engine and trainer (issue #3) on tiny CPU models."""
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from koala import KoalaError
+from koala.arch import compress_unet, teacher_spec
+from koala.distill import FeatureRecorder, feature_pairs, kd_losses, load_config, prediction_target
+from koala.distill.losses import feature_losses
+from koala.lab.tiny import tiny_unet
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is ~100x faster than two on a shared, busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+ALL = {"SA": "all", "CA": "all", "FFN": "all", "Res": "all", "LF": "all"}
+
+
+def _inputs(unet, batch=2, size=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = unet.config
+    pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+    return dict(sample=torch.randn(batch, 4, size, size, generator=g), timestep=torch.tensor([10, 700][:batch]),
+                encoder_hidden_states=torch.randn(batch, 7, c.cross_attention_dim, generator=g),
+                added_cond_kwargs={"text_embeds": torch.randn(batch, pooled, generator=g),
+                                   "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]] * batch)})
+
+
+def _run(student, teacher, pairs, inputs):
+    s_rec = FeatureRecorder(student, [p.student for p in pairs], "student")
+    t_rec = FeatureRecorder(teacher, [p.teacher for p in pairs], "teacher")
+    with torch.no_grad(), t_rec.capture():
+        t_out = teacher(**inputs).sample
+    with s_rec.capture():
+        s_out = student(**inputs).sample
+    losses = kd_losses(s_out, torch.zeros_like(s_out), t_out, pairs, s_rec.pop(), t_rec.pop(),
+                       {"task": 1.0, "out": 1.0, "feat": 1.0})
+    s_rec.remove(), t_rec.remove()
+    return losses
+
+
+def test_featkd_exactly_zero_when_student_is_teacher(tiny_teacher):
+    student, lmap = compress_unet(tiny_teacher, teacher_spec(dict(tiny_teacher.config)))
+    pairs = feature_pairs(lmap, student, tiny_teacher, ALL)
+    assert {p.type for p in pairs} == set(ALL) and len(pairs) > 40
+    losses = _run(student, tiny_teacher, pairs, _inputs(tiny_teacher))
+    assert float(losses.feat) == 0.0 and float(losses.out) == 0.0
+    assert all(float(v) == 0.0 for v in losses.per_pair.values()) and len(losses.per_pair) == len(pairs)
+    # a perturbed student is not zero (the test can fail)
+    with torch.no_grad():
+        student.up_blocks[0].attentions[0].transformer_blocks[0].attn1.to_out[0].bias.add_(0.1)
+    assert float(_run(student, tiny_teacher, pairs, _inputs(tiny_teacher)).feat) > 0
+
+
+def test_default_pairs_are_sa_bottom_plus_lf_at_dw1_up3(tiny_teacher):
+    student, lmap = compress_unet(tiny_teacher, "koala-700m")
+    cfg = load_config("tiny", ["teacher.pipeline=x"])
+    pairs = feature_pairs(lmap, student, tiny_teacher, cfg["kd"]["features"])
+    by = {}
+    for p in pairs:
+        by.setdefault((p.type, p.stage), []).append(p)
+    # KOALA-700M: no mid block, so SA at DW-2, DW-3, UP-1, UP-2; LF where SA is absent (Table 10d).
+    assert set(by) == {("SA", "DW-2"), ("SA", "DW-3"), ("SA", "UP-1"), ("SA", "UP-2"), ("LF", "DW-1"), ("LF", "UP-3")}
+    up1 = by[("SA", "UP-1")]
+    assert all(p.student.endswith(".attn1") for p in up1)
+    assert [p.teacher.split(".")[-2] for p in up1[:5]] == ["0", "1", "2", "3", "4"]  # SA-bottom
+    assert by[("LF", "DW-1")][0].student == "down_blocks.0" and by[("LF", "UP-3")][0].teacher == "up_blocks.2"
+    inter = feature_pairs(lmap, student, tiny_teacher, {"SA": ["UP-1"]}, "interleave")
+    assert [int(p.teacher.split(".")[-2]) for p in inter[:5]] == [0, 2, 4, 6, 8]
+    up = feature_pairs(lmap, student, tiny_teacher, {"SA": ["UP-1"]}, "up")
+    assert [int(p.teacher.split(".")[-2]) for p in up[:5]] == [5, 6, 7, 8, 9]
+    with pytest.raises(KoalaError, match="DW-1"):
+        feature_pairs(lmap, student, tiny_teacher, {"SA": ["DW-1"]})
+    with pytest.raises(KoalaError, match="MID"):
+        feature_pairs(lmap, student, tiny_teacher, {"SA": ["MID"]})
+    # the features have the shapes the losses need, and the loss is finite and positive
+    losses = _run(student, tiny_teacher, pairs, _inputs(tiny_teacher))
+    assert torch.isfinite(losses.total) and float(losses.feat) > 0
+    assert set(losses.per_stage(pairs)) == {"DW-1", "DW-2", "DW-3", "UP-1", "UP-2", "UP-3"}
+    # per-layer normalisation divides each pair's MSE by the teacher feature's mean square
+    s_rec, t_rec = FeatureRecorder(student, [pairs[0].student]), FeatureRecorder(tiny_teacher, [pairs[0].teacher])
+    x = _inputs(tiny_teacher)
+    with torch.no_grad(), s_rec.capture(), t_rec.capture():
+        student(**x), tiny_teacher(**x)
+    sf, tf = s_rec.pop(), t_rec.pop()
+    plain = feature_losses(pairs[:1], sf, tf)[pairs[0].name]
+    normed = feature_losses(pairs[:1], sf, tf, "teacher")[pairs[0].name]
+    torch.testing.assert_close(normed, plain / tf[pairs[0].teacher].pow(2).mean())
+
+
+def test_hooks_under_gradient_checkpointing_same_loss_and_grads(tiny_teacher):
+    results = []
+    for ckpt in (False, True):
+        student, lmap = compress_unet(tiny_teacher, "koala-700m")
+        student.train()
+        if ckpt:
+            student.enable_gradient_checkpointing()
+        pairs = feature_pairs(lmap, student, tiny_teacher, ALL)
+        s_rec = FeatureRecorder(student, [p.student for p in pairs], "student")
+        t_rec = FeatureRecorder(tiny_teacher, [p.teacher for p in pairs], "teacher")
+        inputs = _inputs(tiny_teacher)
+        with torch.no_grad(), t_rec.capture():
+            tiny_teacher(**inputs)
+        with s_rec.capture():
+            student(**inputs)
+        per_pair = feature_losses(pairs, s_rec.pop(), t_rec.pop())
+        loss = torch.stack(list(per_pair.values())).sum()
+        loss.backward()  # recomputation re-runs the hooked modules: must not record or raise
+        assert s_rec.features == {} and t_rec.features == {}
+        grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+        results.append((float(loss.detach()), grads))
+        s_rec.remove(), t_rec.remove()
+    (l0, g0), (l1, g1) = results
+    assert l0 == pytest.approx(l1, rel=1e-6) and set(g0) == set(g1) and len(g0) > 50
+    for n in g0:
+        torch.testing.assert_close(g0[n], g1[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_prediction_targets():
+    from diffusers import DDPMScheduler
+
+    lat, noise, t = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4), torch.tensor([3, 900])
+    assert prediction_target(DDPMScheduler(prediction_type="epsilon"), lat, noise, t) is noise
+    assert prediction_target(DDPMScheduler(prediction_type="sample"), lat, noise, t) is lat
+    s = DDPMScheduler(prediction_type="v_prediction")
+    a = s.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
+    b = (1 - s.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
+    torch.testing.assert_close(prediction_target(s, lat, noise, t), a * noise - b * lat)
+
+
+# --------------------------------------------------------------------------- trainer (tiny pipeline) ------
+def _cfg(pipe_dir, out, *extra):
+    return load_config("tiny", [f"teacher.pipeline={pipe_dir}", "teacher.make_tiny=false", f"train.output_dir={out}",
+                                "train.progress=false", "validation.every=0", "train.checkpoint_every=0",
+                                "data.num_samples=4", "train.log_every=1", *extra])
+
+
+def test_overfit_one_batch_loss_falls_teacher_frozen_and_dropout(tiny_pipe_dir, tmp_path):
+    from accelerate import Accelerator
+
+    from koala.distill.models import encode_batch
+    from koala.distill.simple_data import make_dataloader
+    from koala.distill.trainer import Distiller, micro_generator
+
+    cfg = _cfg(tiny_pipe_dir, tmp_path / "run", "train.lr=3e-4", "data.caption_dropout=0.0")
+    d = Distiller(cfg, Accelerator(cpu=True))
+    before = {k: v.clone() for k, v in d.teacher.state_dict().items()}
+    batch = next(iter(make_dataloader(cfg["data"], batch_size=2, resolution=32)))
+    first = None
+    for i in range(12):
+        losses = d.step_losses(batch, micro_generator(0, 0, 0, 0))  # same noise/timesteps every step
+        first = first if first is not None else losses
+        losses.total.backward()
+        d.optimizer.step()
+        d.optimizer.zero_grad()
+    assert float(losses.total) < 0.7 * float(first.total)
+    assert float(losses.feat) < float(first.feat) and float(losses.out) < float(first.out)
+    assert all(torch.equal(before[k], v) for k, v in d.teacher.state_dict().items())
+    assert not any(p.requires_grad or p.grad is not None for p in d.teacher.parameters())
+    # caption dropout gives zero prompt and pooled embeddings (SDXL's empty-prompt uncond)
+    _, pe, pooled, ids = encode_batch(batch, d.frozen, "cpu", torch.Generator().manual_seed(0), caption_dropout=1.0)
+    assert not pe.any() and not pooled.any() and ids.shape == (2, 6) and ids.any()
+    # a cached batch (latents + embeddings from koala.data's cache) is used as is
+    lat, pe, pooled, ids = encode_batch(batch, d.frozen, "cpu", torch.Generator().manual_seed(0))
+    cached = {"latents": lat, "prompt_embeds": pe, "pooled_prompt_embeds": pooled, "add_time_ids": ids,
+              "captions": batch["captions"]}
+    again = encode_batch(cached, d.frozen, "cpu", torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(again, (lat, pe, pooled, ids)))
+    assert torch.isfinite(d.step_losses(cached, micro_generator(0, 0, 1, 0)).total)
+    d.s_rec.remove(), d.t_rec.remove()
+
+
+def _weights(ckpt, sub="unet"):
+    return load_file(os.path.join(ckpt, sub, "diffusion_pytorch_model.safetensors"))
+
+
+def test_resume_equivalence(tiny_pipe_dir, tmp_path):
+    from koala.distill.trainer import train
+
+    common = ("train.grad_accum=2", "train.batch_size=1", "train.ema.decay=0.9", "data.caption_dropout=0.5")
+    full = train(_cfg(tiny_pipe_dir, tmp_path / "a", "train.max_steps=20", *common))
+    train(_cfg(tiny_pipe_dir, tmp_path / "b", "train.max_steps=10", *common))
+    resumed = train(_cfg(tiny_pipe_dir, tmp_path / "b", "train.max_steps=20", "train.resume=latest", *common))
+    assert full["step"] == resumed["step"] == 20
+    for sub in ("unet", "unet_ema"):
+        wa, wb = _weights(full["checkpoint"], sub), _weights(resumed["checkpoint"], sub)
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            assert torch.equal(wa[k], wb[k]), (sub, k)
+    # the saved student is a plain diffusers U-Net with its layer map
+    from diffusers import UNet2DConditionModel
+
+    from koala.arch import LayerMap
+
+    UNet2DConditionModel.from_pretrained(os.path.join(resumed["checkpoint"], "unet"))
+    assert LayerMap.load(os.path.join(resumed["checkpoint"], "unet")).of_kind("transformer_layer")
+    lines = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 20 and '"feat/UP-1"' in lines[-1]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_pipe_dir, tmp_path):
+    from koala.distill.trainer import train
+
+    cfg = _cfg(tiny_pipe_dir, tmp_path / "run", "train.max_steps=6", "train.checkpoint_every=1", "train.lr=1e30",
+               "train.max_grad_norm=null", "train.ema.enabled=false")
+    with pytest.raises(KoalaError, match="non-finite loss") as err:
+        train(cfg)
+    ckpts = sorted(os.listdir(tmp_path / "run" / "checkpoints"))
+    assert ckpts and all(c.startswith("step-") for c in ckpts)  # no half-written temp dirs
+    assert ckpts[-1] in str(err.value)
+    w = _weights(str(tmp_path / "run" / "checkpoints" / ckpts[-1]))
+    assert all(torch.isfinite(v).all() for v in w.values())
+
+
+def test_layer_map_that_does_not_fit_is_refused(tiny_pipe_dir, tmp_path):
+    from koala.distill.models import load_models
+
+    other = tiny_unet(seed=1, channels=(16, 32, 48))
+    student, lmap = compress_unet(other, "koala-700m")
+    student.save_pretrained(tmp_path / "student")
+    lmap.save(tmp_path / "student")
+    cfg = _cfg(tiny_pipe_dir, tmp_path / "run", f"student.path={tmp_path / 'student'}")
+    with pytest.raises(KoalaError, match="layer map does not fit"):
+        load_models(cfg)
+
+
+def test_cli_tiny_runs_and_8bit_adam_error(tiny_pipe_dir, tmp_path, capsys):
+    from koala.cli import main
+
+    args = ["distill", "--config", "tiny", f"teacher.pipeline={tiny_pipe_dir}", f"train.output_dir={tmp_path / 'r'}",
+            "train.max_steps=2", "train.progress=false", "validation.every=2", "validation.steps=1"]
+    assert main(args) == 0
+    assert "finished at step 2" in capsys.readouterr().out
+    assert len(os.listdir(tmp_path / "r" / "samples" / "step-0000002")) == 2
+    assert len(os.listdir(tmp_path / "r" / "samples" / "teacher")) == 2
+    assert any(f.startswith("events") for f in os.listdir(tmp_path / "r" / "logs"))
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        assert main([*args, "train.optimizer=adamw8bit"]) == 2
+        assert "bitsandbytes" in capsys.readouterr().err
+    assert main(["distill", "--config", "tiny", "train.lr=fast"]) == 2
+    assert "train.lr" in capsys.readouterr().err
+
+
+def test_two_process_ddp_gloo(tiny_pipe_dir, tmp_path):
+    """`accelerate launch` with 2 CPU processes (gloo): both ranks finish, each checkpoint is written once."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
+           "-m", "koala.cli", "distill", "--config", "tiny", f"teacher.pipeline={tiny_pipe_dir}",
+           f"train.output_dir={out}", "train.max_steps=2", "train.checkpoint_every=1", "train.batch_size=1",
+           "train.grad_accum=2", "data.num_samples=4", "train.progress=false", "validation.every=0"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert "[rank 0/2]: finished at step 2" in log and "[rank 1/2]: finished at step 2" in log
+    for step in (1, 2):
+        assert log.count(f"checkpoint saved: {out}/checkpoints/step-{step:07d}") == 1
+    assert sorted(os.listdir(out / "checkpoints")) == ["step-0000001", "step-0000002"]
