@@ -146,9 +146,9 @@ def _cfg(pipe_dir, out, *extra):
 def test_overfit_one_batch_loss_falls_teacher_frozen_and_dropout(tiny_pipe_dir, tmp_path):
     from accelerate import Accelerator
 
+    from koala.data import encode_batch as data_encode_batch
     from koala.distill.models import encode_batch
-    from koala.distill.simple_data import make_dataloader
-    from koala.distill.trainer import Distiller, micro_generator
+    from koala.distill.trainer import Distiller, make_dataloader, micro_generator
 
     cfg = _cfg(tiny_pipe_dir, tmp_path / "run", "train.lr=3e-4", "data.caption_dropout=0.0")
     d = Distiller(cfg, Accelerator(cpu=True))
@@ -165,6 +165,11 @@ def test_overfit_one_batch_loss_falls_teacher_frozen_and_dropout(tiny_pipe_dir, 
     assert float(losses.feat) < float(first.feat) and float(losses.out) < float(first.out)
     assert all(torch.equal(before[k], v) for k, v in d.teacher.state_dict().items())
     assert not any(p.requires_grad or p.grad is not None for p in d.teacher.parameters())
+    # the raw path is koala.data's cache encoder (latent_dist.sample with the CPU generator), nothing else
+    lat, pe, pooled, ids = encode_batch(batch, d.frozen, "cpu", torch.Generator().manual_seed(3))
+    ref = data_encode_batch(batch, d.frozen.encoders, "sample", torch.Generator().manual_seed(3))
+    for a, name in zip((lat, pe, pooled, ids), ("latents", "prompt_embeds", "pooled_prompt_embeds", "add_time_ids")):
+        assert a.dtype == torch.float32 and torch.equal(a, ref[name]), name
     # caption dropout gives zero prompt and pooled embeddings (SDXL's empty-prompt uncond)
     _, pe, pooled, ids = encode_batch(batch, d.frozen, "cpu", torch.Generator().manual_seed(0), caption_dropout=1.0)
     assert not pe.any() and not pooled.any() and ids.shape == (2, 6) and ids.any()
@@ -270,3 +275,64 @@ def test_two_process_ddp_gloo(tiny_pipe_dir, tmp_path):
     for step in (1, 2):
         assert log.count(f"checkpoint saved: {out}/checkpoints/step-{step:07d}") == 1
     assert sorted(os.listdir(out / "checkpoints")) == ["step-0000001", "step-0000002"]
+
+
+# --------------------------------------------------------------------------- real data (koala.data) ------
+def _image_folder(path, n=6):
+    """n small images of mixed sizes + metadata.jsonl (HF imagefolder convention)."""
+    import json
+
+    from koala.data.synthetic import random_caption, random_image
+
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "metadata.jsonl"), "w") as f:
+        for i in range(n):
+            h, w = ((40, 56), (64, 48), (36, 36))[i % 3]
+            random_image(h, w, i).save(os.path.join(path, f"{i:03d}.png"))
+            f.write(json.dumps({"file_name": f"{i:03d}.png", "text": random_caption(i, 4)}) + "\n")
+    return str(path)
+
+
+def test_cli_distill_on_image_folder(tiny_pipe_dir, tmp_path, capsys):
+    from koala.cli import main
+
+    folder = _image_folder(tmp_path / "images")
+    out = tmp_path / "r"
+    args = ["distill", "--config", "tiny", f"teacher.pipeline={tiny_pipe_dir}", "teacher.make_tiny=false",
+            f"train.output_dir={out}", "train.max_steps=3", "train.grad_accum=1", "train.progress=false",
+            "validation.every=0", "data.type=folder", f"data.path={folder}"]  # tiny's num_samples: ignored
+    assert main(args) == 0
+    assert "finished at step 3" in capsys.readouterr().out
+    assert os.listdir(out / "checkpoints") == ["step-0000003"]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1  # log_every 5: the last step only
+    _weights(str(out / "checkpoints" / "step-0000003"))
+    # koala.data's keys are checked when the config is read, before any model is loaded
+    assert main([*args, "data.pth=x"]) == 2
+    assert "pth" in capsys.readouterr().err
+
+
+def test_train_from_cache_and_refuse_other_pipelines_cache(tiny_pipe_dir, tmp_path):
+    from koala.data import build_cache
+    from koala.distill.models import encode_batch
+    from koala.distill.trainer import make_dataloader, train
+    from koala.lab.tiny import save_tiny_pipeline
+
+    folder = _image_folder(tmp_path / "images")
+    cache = str(tmp_path / "cache")
+    idx = build_cache({"type": "folder", "path": folder}, tiny_pipe_dir, cache, resolution=32, batch_size=3,
+                      shard_size=4, dtype="fp16", progress=False)
+    assert idx["complete"] and idx["num_samples"] == 6
+    data = ["data.type=cache", f"data.path={cache}", "data.caption_dropout=0.5"]
+    cfg = _cfg(tiny_pipe_dir, tmp_path / "run", "train.max_steps=2", *data)
+    batch = next(iter(make_dataloader(cfg["data"], batch_size=2, resolution=32, pipeline_dir=tiny_pipe_dir)))
+    assert batch["latents"].dtype == batch["prompt_embeds"].dtype == torch.float16  # stored fp16
+    out = encode_batch(batch, None, "cpu", torch.Generator().manual_seed(0), caption_dropout=0.5)
+    assert all(t.dtype == torch.float32 for t in out) and out[0].shape == (2, 4, 16, 16)
+    res = train(cfg)
+    assert res["step"] == 2 and res["checkpoint"].endswith("step-0000002")
+    # a cache made by other encoders (another tiny pipeline) is refused before any model load or step
+    other = str(tmp_path / "other_pipe")
+    save_tiny_pipeline(other, seed=5, words=["a", "red", "blue", "circle", "square", "photo", "of"])
+    with pytest.raises(KoalaError, match="built with different"):
+        train(_cfg(other, tmp_path / "run2", "train.max_steps=2", *data))
+    assert not (tmp_path / "run2").exists()

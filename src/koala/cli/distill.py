@@ -8,8 +8,10 @@ EPILOG = """\
 examples:
   koala distill --config tiny                                  # CPU smoke run (configs/tiny.yaml)
   koala distill --config koala-lightning-700m teacher.pipeline=/models/sdxl \\
-      teacher.unet_path=/models/sdxl_lightning_4step_unet.safetensors data.type=webdataset data.urls=...
+      teacher.unet_path=/models/sdxl_lightning_4step_unet.safetensors data.type=webdataset data.path='shards/{00000..00099}.tar'
   koala distill --config tiny --resume latest train.max_steps=40
+  koala distill --config tiny data.type=folder data.path=images/   # images + metadata.jsonl or sidecar .txt
+  koala distill --config koala-lightning-1b data.type=cache data.path=cache/  # from `koala cache` (same pipeline)
   koala distill --config tiny kd.features="{CA: all}"           # Table 3a: distill cross-attention instead
   koala distill --config tiny kd.features="{SA: [UP-1]}"        # Table 3b: a single stage
   koala distill --config tiny kd.layer_selection=interleave     # Table 10c: SA-interleave
@@ -19,7 +21,9 @@ examples:
 overrides are key=value with dotted keys and YAML values. Main keys (defaults in koala/distill/config.py):
   teacher.pipeline, teacher.unet_path, teacher.dtype          student.path | student.preset, student.layer_selection
   kd.features {TYPE: all|[stages]} (SA CA FFN Res LF; DW-1..3 MID UP-1..3), kd.layer_selection, kd.normalize
-  loss.task / loss.out / loss.feat (lambda weights)           data.type (synthetic|folder|koala.data types), data.caption_dropout
+  loss.task / loss.out / loss.feat (lambda weights)
+  data.type (synthetic | folder parquet csv webdataset hf_disk cache), data.path, data.caption_dropout, and the
+        other koala.data keys (caption_column, syncap_column, buckets, min_size, ...; see koala/data/config.py)
   train.output_dir, resolution, batch_size, grad_accum, max_steps, lr, optimizer, mixed_precision,
         gradient_checkpointing, max_grad_norm, ema.enabled, ema.decay, checkpoint_every, resume
   validation.every, prompts, seeds, steps, guidance_scale

@@ -35,7 +35,10 @@ DEFAULTS: dict[str, Any] = {
     },
     "loss": {"task": 1.0, "out": 1.0, "feat": 1.0},
     "data": {
-        "type": "synthetic",     # synthetic | folder (built in) | anything else -> koala.data.make_dataloader
+        # synthetic (in memory: num_samples, captions) | folder | parquet | csv | webdataset | hf_disk | cache;
+        # the real types go to koala.data.make_dataloader with every key here except the trainer's own
+        # (TRAINER_DATA_KEYS) -- see koala/data/config.py for theirs (path, caption_column, buckets, ...)
+        "type": "synthetic",
         "caption_dropout": 0.0,  # fraction of captions replaced by zero embeddings (SDXL's empty-prompt uncond)
     },
     "train": {
@@ -73,6 +76,7 @@ DEFAULTS: dict[str, Any] = {
     },
 }
 
+TRAINER_DATA_KEYS = ("caption_dropout",)  # data keys the trainer reads; never passed to the data loader
 ATOMIC = ("kd.features",)
 OPEN = ("data", "kd.features")  # data keys go to the data loader; features are checked by feature_stages
 
@@ -81,6 +85,20 @@ def load_config(recipe: str | None, overrides: Iterable[str] = ()) -> dict:
     cfg = load_recipe(recipe, overrides, DEFAULTS, atomic=ATOMIC, open_sections=OPEN)
     check_config(cfg)
     return cfg
+
+
+def loader_data_cfg(data: dict) -> tuple[dict, list[str]]:
+    """``(data_cfg for the loader, ignored keys)``: ``data`` minus the trainer's keys; for a real (koala.data)
+    type also minus the synthetic source's keys (a recipe like ``tiny`` sets them; they mean nothing there)."""
+    from .simple_data import SYNTHETIC_KEYS
+
+    out = {k: v for k, v in data.items() if k not in TRAINER_DATA_KEYS}
+    ignored = []
+    if out.get("type", "synthetic") != "synthetic":
+        ignored = [k for k in SYNTHETIC_KEYS if k in out]
+        for k in ignored:
+            del out[k]
+    return out, ignored
 
 
 def feature_stages(features: dict) -> dict[str, list[str] | str]:
@@ -131,6 +149,11 @@ def check_config(cfg: dict) -> None:
     p = cfg["data"].get("caption_dropout", 0.0)
     if not isinstance(p, (int, float)) or not 0 <= p <= 1:
         raise KoalaError(f"data.caption_dropout must be between 0 and 1, got {p!r}")
+    loader_cfg, _ = loader_data_cfg(cfg["data"])
+    if loader_cfg.get("type", "synthetic") != "synthetic":
+        from ..data.config import normalize_data_cfg
+
+        normalize_data_cfg(loader_cfg)  # unknown keys, missing path, bad type: refuse before loading any model
     if not cfg["teacher"]["pipeline"]:
         raise KoalaError("teacher.pipeline is required: a local SDXL pipeline directory (set it in the recipe or "
                          "pass teacher.pipeline=/path/to/sdxl)")

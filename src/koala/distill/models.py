@@ -12,7 +12,8 @@ from diffusers import DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionM
 from ..arch.compress import compress_unet, load_teacher_unet
 from ..arch.layer_map import LayerMap
 from ..arch.presets import check_sdxl_topology
-from ..conditioning import encode_prompts, time_ids
+from ..data.cache import Encoders
+from ..data.cache import encode_batch as encode_raw_batch
 from ..errors import KoalaError
 from ..utils import model_dir_kind, parse_dtype, read_json, unet_dir
 
@@ -32,6 +33,11 @@ class Frozen:
         for m in (*self.text_encoders, self.vae):
             m.to(device)
         return self
+
+    @property
+    def encoders(self) -> Encoders:
+        """The conditioning parts as ``koala.data``'s :class:`Encoders` (same modules, no copy)."""
+        return Encoders(vae=self.vae, tokenizers=self.tokenizers, text_encoders=self.text_encoders)
 
 
 def _freeze(m: torch.nn.Module) -> torch.nn.Module:
@@ -60,8 +66,8 @@ def load_teacher(cfg: dict, dtype: torch.dtype = torch.float32) -> UNet2DConditi
     return load_teacher_unet(path, dtype)
 
 
-def load_models(cfg: dict):
-    """Return ``(teacher, student, layer_map, frozen)``; all on CPU, teacher frozen in ``teacher.dtype``."""
+def ensure_pipeline(cfg: dict) -> str:
+    """``teacher.pipeline``, created first when ``teacher.make_tiny`` asks for it; refuse a non-pipeline dir."""
     pipe_dir = cfg["teacher"]["pipeline"]
     if cfg["teacher"].get("make_tiny") and not os.path.exists(pipe_dir):
         from ..lab.tiny import save_tiny_pipeline
@@ -69,6 +75,12 @@ def load_models(cfg: dict):
         save_tiny_pipeline(pipe_dir, seed=0, words=["a", "photo", "of", "red", "blue", "circle", "square", "left"])
     if model_dir_kind(pipe_dir) != "pipeline":
         raise KoalaError(f"teacher.pipeline {pipe_dir}: expected an SDXL pipeline directory (model_index.json)")
+    return pipe_dir
+
+
+def load_models(cfg: dict):
+    """Return ``(teacher, student, layer_map, frozen)``; all on CPU, teacher frozen in ``teacher.dtype``."""
+    pipe_dir = ensure_pipeline(cfg)
     weight_dtype = parse_dtype(cfg["teacher"]["dtype"])
     teacher = load_teacher(cfg, torch.float32)
     s = cfg["student"]
@@ -99,26 +111,21 @@ def load_models(cfg: dict):
 
 
 @torch.no_grad()
-def encode_batch(batch: dict, frozen: Frozen, device, generator: torch.Generator, caption_dropout: float = 0.0):
+def encode_batch(batch: dict, frozen: Frozen | None, device, generator: torch.Generator, caption_dropout: float = 0.0):
     """``(latents, prompt_embeds, pooled, add_time_ids)`` in fp32 on ``device``, from a raw or a cached batch.
 
+    A raw batch is encoded by :func:`koala.data.cache.encode_batch` (the function that builds the cache, so the
+    two cannot drift apart) with ``latent_dist.sample(generator)``; ``generator`` should be a CPU generator:
+    diffusers then draws the VAE noise on the CPU and moves it, so a run is the same on any device. A cached
+    batch (``latents`` present; stored fp16 or fp32) needs no ``frozen`` and is only cast to fp32.
     Dropped captions get zero prompt and pooled embeddings, as SDXL's ``force_zeros_for_empty_prompt`` uncond.
     """
-    if "latents" in batch:
-        latents = batch["latents"].to(device, torch.float32)
-        pe, pooled = batch["prompt_embeds"].to(device), batch["pooled_prompt_embeds"].to(device)
-        ids = batch["add_time_ids"]
-    else:
-        vae = frozen.vae
-        px = batch["pixel_values"].to(device, frozen.vae_dtype)
-        dist = vae.encode(px).latent_dist
-        noise = torch.randn(dist.mean.shape, generator=generator).to(device, dist.mean.dtype)
-        latents = (dist.mean + dist.std * noise).float()
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        latents = (latents - shift) * vae.config.scaling_factor
-        pe, pooled = encode_prompts(batch["captions"], frozen.tokenizers, frozen.text_encoders, device=device)
-        ids = time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"])
-    pe, pooled, ids = pe.float(), pooled.float(), ids.to(device, torch.float32)
+    if "latents" not in batch:
+        batch = encode_raw_batch(batch, frozen.encoders, latent="sample", generator=generator)
+    latents = batch["latents"].to(device, torch.float32)
+    pe = batch["prompt_embeds"].to(device, torch.float32)
+    pooled = batch["pooled_prompt_embeds"].to(device, torch.float32)
+    ids = batch["add_time_ids"].to(device, torch.float32)
     if caption_dropout > 0:
         drop = (torch.rand(pe.shape[0], generator=generator) < caption_dropout).to(device)
         pe = torch.where(drop[:, None, None], torch.zeros_like(pe), pe)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import time
 
@@ -18,10 +19,31 @@ from diffusers.training_utils import EMAModel
 
 from ..errors import KoalaError
 from .checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from .config import loader_data_cfg
 from .hooks import FeatureRecorder, feature_pairs, unwrap
 from .losses import kd_losses, prediction_target
-from .models import encode_batch, load_models
-from .simple_data import make_dataloader
+from .models import encode_batch, ensure_pipeline, load_models
+from .simple_data import make_synthetic_dataloader
+
+log = logging.getLogger("koala.distill")
+
+
+def make_dataloader(data: dict, *, batch_size: int, resolution: int, seed: int = 0, num_workers: int = 0,
+                    rank: int = 0, world_size: int = 1, pipeline_dir: str | None = None):
+    """The training batches for the ``data`` config section: ``type: synthetic`` in memory, every other type
+    through :func:`koala.data.make_dataloader` (minus the trainer's own keys). For ``type: cache``,
+    ``pipeline_dir`` must hold the VAE/text encoders that built the cache, else KoalaError here."""
+    cfg, ignored = loader_data_cfg(data)
+    if cfg.get("type", "synthetic") == "synthetic":
+        return make_synthetic_dataloader(cfg, batch_size=batch_size, resolution=resolution, seed=seed, rank=rank,
+                                         world_size=world_size)
+    if ignored:
+        log.warning("data.%s: only used by data.type synthetic; ignored for data.type %s", ", data.".join(ignored),
+                    cfg.get("type"))
+    from ..data import make_dataloader as data_loader
+
+    return data_loader(cfg, batch_size=batch_size, resolution=resolution, seed=seed, num_workers=num_workers,
+                       rank=rank, world_size=world_size, pipeline_dir=pipeline_dir)
 
 
 def micro_generator(seed: int, rank: int, step: int, micro: int) -> torch.Generator:
@@ -134,6 +156,11 @@ def train(cfg: dict) -> dict:
     if tcfg["cpu_threads"]:
         torch.set_num_threads(int(tcfg["cpu_threads"]))
     acc = Accelerator(mixed_precision=tcfg["mixed_precision"])
+    accum, bs = tcfg["grad_accum"], tcfg["batch_size"]
+    # the data first: a bad source or a cache built by other encoders is refused before any model is loaded
+    loader = make_dataloader(cfg["data"], batch_size=bs, resolution=tcfg["resolution"], seed=tcfg["seed"],
+                             num_workers=tcfg["num_workers"], rank=acc.process_index, world_size=acc.num_processes,
+                             pipeline_dir=ensure_pipeline(cfg))
     d = Distiller(cfg, acc)
     scaler = getattr(acc, "scaler", None)
     step = 0
@@ -143,10 +170,6 @@ def train(cfg: dict) -> dict:
         if d.ema is not None:
             d.ema.to(acc.device)
         acc.print(f"resumed from {resume} at step {step}")
-    accum, bs = tcfg["grad_accum"], tcfg["batch_size"]
-    loader = make_dataloader(cfg["data"], batch_size=bs, resolution=tcfg["resolution"], seed=tcfg["seed"],
-                             num_workers=tcfg["num_workers"], rank=acc.process_index, world_size=acc.num_processes,
-                             pipeline_dir=cfg["teacher"]["pipeline"])
     data = infinite(loader)
     for _ in range(step * accum):  # continue the data stream where the checkpoint left it
         next(data)
