@@ -30,19 +30,22 @@ def build_clip_tokenizer(out_dir: str, words: Iterable[str] = (), model_max_leng
     for c in _CHARS:
         add(c + "</w>")
     merges: list[tuple[str, str]] = []
-    seen = set()
+    ranks: dict[tuple[str, str], int] = {}
     for word in sorted({w.lower() for w in words if w}):
         if len(word) < 2 or any(c not in _CHARS for c in word):
             continue
-        left = word[0]
-        for i in range(1, len(word)):
-            right = word[i] + ("</w>" if i == len(word) - 1 else "")
-            pair = (left, right)
-            if pair not in seen:
-                seen.add(pair)
-                merges.append(pair)
-            left = left + right
-            add(left)
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        # Apply the merges so far exactly as BPE will (lowest rank first); while the word is not one token,
+        # append a merge of its first two parts. Appended merges rank last, so earlier words are unaffected.
+        while len(parts) > 1:
+            pairs = [(ranks.get(p, len(ranks) + 1), i) for i, p in enumerate(zip(parts, parts[1:]))]
+            rank, i = min(pairs)
+            if rank > len(ranks):
+                i = 0
+                ranks[(parts[0], parts[1])] = len(merges)
+                merges.append((parts[0], parts[1]))
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+            add(parts[i])
     add(BOS)
     add(EOS)
     os.makedirs(out_dir, exist_ok=True)

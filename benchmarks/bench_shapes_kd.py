@@ -1,0 +1,84 @@
+"""Research table in the shapes world: which distillation objective recovers a KOALA-700M student best?
+
+At an equal budget (same steps, batch, lr, data) and for several seeds, distill the compressed shapes
+teacher with:
+  task-only   L_task                                   (Table 10a "SD-loss" baseline)
+  BK          L_task + L_outKD + LF at every stage      (BK-SDM, Table 7)
+  SA-KD       L_task + L_outKD + SA-bottom + LF DW-1/UP-3  (KOALA's final recipe, Table 10d)
+  SA-bottom   L_task + L_outKD + SA matched to the teacher's bottom layers (Table 10c)
+  SA-up       L_task + L_outKD + SA matched to the teacher's top layers    (Table 10c)
+then score each student with the shapes scorer (colour / shape / binding / spatial) and report mean ± std.
+
+    python benchmarks/bench_shapes_kd.py --steps 150 --seeds 0 1 2 --out runs/shapes-kd --json benchmarks/results/shapes-kd.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+import torch
+
+from koala.lab.demo import DemoSettings, distill, eval_prompts, prepare, score_model
+
+METHODS = {
+    "task-only": dict(features="none", out_kd=False),
+    "BK (LF all)": dict(features="LF-all", out_kd=True),
+    "SA-KD (ours)": dict(features="SA+LF", out_kd=True),
+    "SA-bottom": dict(features="SA", out_kd=True, kd_selection="bottom"),
+    "SA-up": dict(features="SA", out_kd=True, kd_selection="up"),
+}
+METRICS = ("color", "shape", "binding", "spatial")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--num-eval", type=int, default=64)
+    ap.add_argument("--num-train", type=int, default=2000)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--teacher", default=None, help="shapes teacher pipeline dir (default: the packaged one)")
+    ap.add_argument("--out", default="runs/shapes-kd")
+    ap.add_argument("--json", default=None, help="write the table as JSON here")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    base = DemoSettings(out=args.out, steps=args.steps, batch_size=args.batch_size, num_eval=args.num_eval,
+                        num_train=args.num_train, overwrite=True, progress=False, teacher=args.teacher,
+                        threads=args.threads)
+    teacher_dir, student_init, train_dir = prepare(base)
+    prompts = eval_prompts(base)
+    teacher_scores, _ = score_model(base, teacher_dir, None, prompts)
+    init_scores, _ = score_model(base, teacher_dir, os.path.join(student_init, "unet"), prompts)
+    runs: dict[str, list[dict]] = {m: [] for m in args.methods}
+    for seed in args.seeds:
+        for method in args.methods:
+            spec = dict(METHODS[method])
+            s = DemoSettings(**{**base.__dict__, "features": spec.pop("features")})
+            unet_dir = distill(s, teacher_dir, student_init, train_dir, run_name=f"{method.split()[0]}-s{seed}",
+                               seed=seed, **spec)
+            scores, _ = score_model(s, teacher_dir, unet_dir, prompts)
+            runs[method].append(scores)
+            print(json.dumps({"method": method, "seed": seed, **scores}), flush=True)
+
+    table = {"settings": vars(args), "teacher": teacher_scores, "student_before_kd": init_scores, "methods": {}}
+    print(f"\n| method | {' | '.join(METRICS)} |\n|---|{'---|' * len(METRICS)}")
+    print(f"| teacher | {' | '.join(f'{100 * teacher_scores[m]:.1f}' for m in METRICS)} |")
+    print(f"| student before KD | {' | '.join(f'{100 * init_scores[m]:.1f}' for m in METRICS)} |")
+    for method, rows in runs.items():
+        stats = {m: (statistics.mean(r[m] for r in rows), statistics.pstdev(r[m] for r in rows)) for m in METRICS}
+        table["methods"][method] = {"runs": rows, **{m: {"mean": a, "std": b} for m, (a, b) in stats.items()}}
+        print(f"| {method} | {' | '.join(f'{100 * a:.1f} ± {100 * b:.1f}' for a, b in stats.values())} |")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(table, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

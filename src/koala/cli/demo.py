@@ -1,0 +1,38 @@
+"""`koala demo`: compress, distill, generate and score in the embedded shapes world (offline, CPU)."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "demo", help="run the whole KOALA method offline on CPU in the embedded shapes world (~5-10 min)",
+        description="Compress the packaged shapes teacher (SDXL topology) to KOALA-700M, distill it with "
+        "self-attention KD, generate a teacher-vs-student grid and print params, U-Net latency and the shapes "
+        "scorer's colour/shape/binding/spatial accuracy for the teacher and the student before and after KD.",
+    )
+    p.add_argument("--out", default="koala-demo", help="output directory (default: koala-demo)")
+    p.add_argument("--fast", action="store_true", help="seconds-long smoke run (tiny budgets; numbers meaningless)")
+    p.add_argument("--steps", type=int, default=None, help="distillation steps (default 600; --fast: 4)")
+    p.add_argument("--features", default="SA+LF", choices=["SA+LF", "SA", "LF-all", "none"],
+                   help="feature KD: SA+LF (paper: SA-bottom + LF at DW-1/UP-3), SA, LF-all (BK), none")
+    p.add_argument("--preset", default="koala-700m", help="student preset (default koala-700m)")
+    p.add_argument("--num-eval", type=int, default=None, help="val prompts scored per model (default 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--teacher", default=None, help="a shapes teacher pipeline directory (default: the packaged one)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1: fastest for these tiny models)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..lab.demo import DemoSettings, print_results, run_demo
+
+    kw = {k: v for k, v in (("out", args.out), ("steps", args.steps), ("features", args.features),
+                            ("preset", args.preset), ("num_eval", args.num_eval), ("seed", args.seed), ("teacher", args.teacher), ("threads", args.threads),
+                            ("overwrite", args.overwrite)) if v is not None}
+    settings = DemoSettings.fast(**kw) if args.fast else DemoSettings(**kw)
+    result = run_demo(settings)
+    print_results(result)
+    print(f"outputs in {settings.out}/: grid.png (rows: teacher, student before KD, student after KD), "
+          f"results.json, student U-Net at {result['student']} ({result['minutes']} min)")
+    return 0

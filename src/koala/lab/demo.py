@@ -1,0 +1,223 @@
+"""`koala demo`: the whole KOALA method, offline on CPU, in the shapes world.
+
+1. compress the packaged shapes teacher (SDXL topology, depth [., 2, 10]) to KOALA-700M topology,
+2. distill it with the paper's objective (task + outKD + SA-bottom featKD + LF at DW-1/UP-3),
+3. generate a teacher / student-before-KD / student-after-KD grid for fixed prompts,
+4. print params, U-Net latency and the shapes scorer's accuracies for each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import KoalaError
+
+
+@dataclass
+class DemoSettings:
+    out: str = "koala-demo"
+    steps: int = 600            # distillation steps (~4-5 min on 2 CPU cores)
+    batch_size: int = 16
+    lr: float = 1e-4
+    num_train: int = 2000       # shapes images to distill on
+    num_eval: int = 64          # val prompts scored per model
+    sample_steps: int = 20      # Euler steps (the teacher's scores were measured with 20 steps, cfg 5)
+    guidance: float = 5.0
+    seed: int = 0
+    preset: str = "koala-700m"
+    features: str = "SA+LF"     # SA+LF (paper) | SA | LF-all (BK) | none (task + outKD only)
+    overwrite: bool = False
+    progress: bool = True
+    teacher: str | None = None  # a shapes teacher pipeline dir; default: the packaged one
+    threads: int = 1            # torch CPU threads: tiny models run fastest on 1 (2 can be 100x slower on a busy box)
+
+    @classmethod
+    def fast(cls, **kw) -> "DemoSettings":
+        """Seconds-long variant for CI: same code path, tiny budgets."""
+        base = dict(steps=4, batch_size=4, num_train=16, num_eval=4, sample_steps=2)
+        base.update(kw)
+        return cls(**base)
+
+
+FEATURES = {
+    "SA+LF": {"SA": "all", "LF": ["DW-1", "UP-3"]},
+    "SA": {"SA": "all"},
+    "LF-all": {"LF": "all"},
+    "none": {},
+}
+GRID_PROMPTS = [
+    "a red circle",
+    "a blue square to the left of a yellow triangle",
+    "a green triangle above a red square",
+    "a small yellow circle and a large blue triangle",
+]
+
+
+def _images_np(images) -> list[np.ndarray]:
+    return [np.asarray(im.convert("RGB")) for im in images]
+
+
+def _sample(pipe_dir: str, prompts: list[str], s: DemoSettings, unet_dir: str | None = None):
+    from ..inference import generate, load_pipeline
+    from .models import IMAGE_SIZE
+
+    if unet_dir:
+        loaded = load_pipeline(unet=unet_dir, base=pipe_dir, device="cpu", dtype="fp32")
+    else:
+        loaded = load_pipeline(pipe_dir, device="cpu", dtype="fp32")
+    res = generate(loaded, prompts, steps=s.sample_steps, cfg=s.guidance, seed=s.seed, batch_size=16,
+                   width=IMAGE_SIZE, height=IMAGE_SIZE, progress=False, log=lambda *_: None)
+    return res.images, loaded.pipe.unet
+
+
+def _unet_latency_ms(unet, repeats: int = 5) -> float:
+    """Median ms of one U-Net forward (batch 2 = cfg pair) at the shapes latent size."""
+    c = unet.config
+    pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+    x = torch.randn(2, c.in_channels, c.sample_size, c.sample_size)
+    kw = dict(encoder_hidden_states=torch.randn(2, 8, c.cross_attention_dim),
+              added_cond_kwargs={"text_embeds": torch.randn(2, pooled), "time_ids": torch.zeros(2, 6)})
+    times = []
+    with torch.no_grad():
+        unet(x, torch.tensor([500, 500]), **kw)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            unet(x, torch.tensor([500, 500]), **kw)
+            times.append(1000 * (time.perf_counter() - t0))
+    return float(np.median(times))
+
+
+def _grid(rows: list[tuple[str, list]], path: str) -> str:
+    from PIL import Image, ImageDraw
+
+    cell, label_w = 96, 150
+    n = max(len(images) for _, images in rows)
+    canvas = Image.new("RGB", (label_w + n * cell, len(rows) * cell), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (label, images) in enumerate(rows):
+        draw.text((6, r * cell + cell // 2 - 6), label, fill="black")
+        for c, im in enumerate(images):
+            canvas.paste(im.convert("RGB").resize((cell, cell), Image.NEAREST), (label_w + c * cell, r * cell))
+    canvas.save(path)
+    return path
+
+
+def prepare(s: DemoSettings, log=print) -> tuple[str, str, str]:
+    """Fresh ``s.out`` with the compressed student and the shapes training data: (teacher, student_init, data)."""
+    import shutil
+
+    from ..arch.compress import compress
+    from .models import IMAGE_SIZE, shapes_teacher_dir
+    from .shapes import write_shapes_dataset
+
+    if s.features not in FEATURES:
+        raise KoalaError(f"--features {s.features!r}: choose one of {', '.join(FEATURES)}")
+    out = os.path.abspath(s.out)
+    if os.path.exists(out):
+        if not s.overwrite:
+            raise KoalaError(f"{out} already exists; pass --overwrite or choose another --out")
+        shutil.rmtree(out)
+    os.makedirs(out)
+    teacher_dir = s.teacher or shapes_teacher_dir()
+    log(f"[1/4] compress the shapes teacher to {s.preset} topology")
+    student_init = os.path.join(out, "student-init")
+    comp = compress(teacher_dir, s.preset, student_init)
+    log(f"      U-Net params {comp.teacher_params:,} -> {comp.student_params:,} ({100 * comp.kept:.1f}% kept)")
+    data_dir = write_shapes_dataset(os.path.join(out, "data"), num_train=s.num_train, num_val=0, seed=s.seed,
+                                    size=IMAGE_SIZE, progress=s.progress)
+    return teacher_dir, student_init, os.path.join(data_dir, "train")
+
+
+def distill(s: DemoSettings, teacher_dir: str, student_init: str, train_dir: str, run_name: str = "distill",
+            out_kd: bool = True, kd_selection: str | None = None, seed: int | None = None) -> str:
+    """Distill the compressed student with ``s.features``; returns the final student U-Net directory."""
+    from ..distill import load_config, train
+    from .models import IMAGE_SIZE
+
+    features = json.dumps(FEATURES[s.features]).replace(" ", "")
+    overrides = [
+        f"teacher.pipeline={teacher_dir}", "teacher.dtype=fp32",
+        f"student.path={student_init}",
+        f"kd.features={features}", f"loss.feat={1.0 if FEATURES[s.features] else 0.0}",
+        f"loss.out={1.0 if out_kd else 0.0}",
+        "data.type=folder", f"data.path={train_dir}", "data.random_flip=false", "data.center_crop=true",
+        "data.caption_dropout=0.1",
+        f"train.output_dir={os.path.join(os.path.abspath(s.out), run_name)}", f"train.resolution={IMAGE_SIZE}",
+        f"train.batch_size={s.batch_size}", f"train.max_steps={s.steps}", f"train.lr={s.lr}",
+        f"train.checkpoint_every={s.steps}", "train.keep_checkpoints=1", "train.ema.enabled=false",
+        f"train.seed={s.seed if seed is None else seed}", f"train.progress={str(s.progress).lower()}",
+        "train.log_every=50", "validation.every=0", f"train.cpu_threads={s.threads}",
+    ]
+    if kd_selection:
+        overrides.append(f"kd.layer_selection={kd_selection}")
+    summary = train(load_config(None, overrides))
+    return os.path.join(summary["checkpoint"], "unet")
+
+
+def eval_prompts(s: DemoSettings) -> list[str]:
+    from .models import IMAGE_SIZE
+    from .shapes import generate_scenes
+
+    return [sc.text for sc in generate_scenes(s.num_eval, "val", s.seed, IMAGE_SIZE)]
+
+
+def score_model(s: DemoSettings, teacher_dir: str, unet_dir: str | None, prompts: list[str]) -> tuple[dict, object]:
+    """Scorer accuracies (colour, shape, binding, spatial) of the teacher pipeline with ``unet_dir`` swapped in."""
+    from ..eval.shapes import score_pairs
+
+    images, unet = _sample(teacher_dir, prompts, s, unet_dir)
+    agg, _ = score_pairs(_images_np(images), prompts)
+    return {k: round(float(agg[k]), 4) for k in ("color", "shape", "binding", "spatial") if k in agg}, unet
+
+
+def run_demo(s: DemoSettings, log=print) -> dict:
+    """Run the demo into ``s.out``; returns the results table (also written to ``results.json``)."""
+    from ..utils import count_params
+
+    t_start = time.time()
+    torch.set_num_threads(s.threads)
+    teacher_dir, student_init, train_dir = prepare(s, log)
+    log(f"[2/4] distill {s.steps} steps (task + outKD + featKD {s.features}) on {s.num_train} shapes images")
+    student_dir = distill(s, teacher_dir, student_init, train_dir)
+
+    log(f"[3/4] generate and score {s.num_eval} val prompts per model ({s.sample_steps} Euler steps, cfg {s.guidance})")
+    prompts = eval_prompts(s)
+    rows, grid_rows = [], []
+    for name, unet in (("teacher", None), ("student, before KD", os.path.join(student_init, "unet")),
+                       ("student, after KD", student_dir)):
+        scores, unet_model = score_model(s, teacher_dir, unet, prompts)
+        grid_images, _ = _sample(teacher_dir, GRID_PROMPTS, s, unet)
+        grid_rows.append((name, grid_images))
+        rows.append({"model": name, "unet_params": count_params(unet_model),
+                     "unet_ms": round(_unet_latency_ms(unet_model), 2), **scores})
+    out = os.path.abspath(s.out)
+    grid = _grid(grid_rows, os.path.join(out, "grid.png"))
+    with open(os.path.join(out, "grid_prompts.txt"), "w") as f:
+        f.write("\n".join(GRID_PROMPTS) + "\n")
+
+    log("[4/4] results")
+    result = {"settings": s.__dict__, "rows": rows, "grid": grid, "student": student_dir,
+              "minutes": round((time.time() - t_start) / 60, 2)}
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+def print_results(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="koala demo: shapes world, teacher vs KOALA student")
+    cols = ["model", "U-Net params", "U-Net ms", "colour", "shape", "binding", "spatial"]
+    for c in cols:
+        t.add_column(c, justify="left" if c == "model" else "right")
+    for r in result["rows"]:
+        t.add_row(r["model"], f"{r['unet_params']:,}", f"{r['unet_ms']:.1f}",
+                  *(f"{100 * r[k]:.1f}%" if k in r else "-" for k in ("color", "shape", "binding", "spatial")))
+    Console().print(t)

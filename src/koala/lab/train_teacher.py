@@ -1,0 +1,320 @@
+"""Train a tiny SDXL-topology teacher on the shapes world, on CPU.
+
+A plain recipe, in two phases:
+
+1. **VAE**: reconstruction training of the AutoencoderKL (L1 + MSE + a small KL term); afterwards
+   ``scaling_factor`` is set to 1 / std of the latents, as SDXL's VAE config does.
+2. **U-Net + both text encoders**: the diffusion task loss (epsilon prediction, MSE with min-SNR weighting)
+   under SDXL's noise schedule (scaled-linear betas, 1000 steps), with SDXL conditioning computed exactly
+   as the pipeline does (``koala.conditioning``: penultimate hidden states of both encoders, pooled
+   embedding of the second, ``add_time_ids``). 10 % of captions are dropped to all-zero embeddings, which is
+   what ``StableDiffusionXLPipeline`` uses as the unconditional input (``force_zeros_for_empty_prompt``),
+   so classifier-free guidance works. An EMA of the weights is what gets saved.
+
+The output is a pipeline directory that ``StableDiffusionXLPipeline.from_pretrained`` loads as is; a
+checkpoint is written every ``save_every`` steps so a stopped run still leaves usable weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..conditioning import time_ids, tokenize
+from ..errors import KoalaError
+from .models import IMAGE_SIZE, build_shapes_pipeline, default_sampling
+from .shapes import DEFAULT_HELD_OUT, generate_scenes, render
+
+
+@dataclass
+class TeacherConfig:
+    out: str
+    data: str | None = None  # image folder with metadata.jsonl; None: generate shapes in memory
+    num_train: int = 20000
+    num_val: int = 64  # val prompts scored at each checkpoint
+    seed: int = 0
+    vae_steps: int = 600
+    vae_lr: float = 1e-3
+    steps: int = 4000
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup: int = 200
+    ema_decay: float = 0.999
+    cond_dropout: float = 0.1
+    snr_gamma: float = 5.0
+    save_every: int = 500
+    max_minutes: float | None = None  # stop the U-Net phase after this long (then save)
+    threads: int | None = None
+    half: bool = True  # store the U-Net in fp16 (from_pretrained loads it back as fp32)
+
+
+# ----------------------------------------------------------------------------------------------- data
+def load_folder(folder: str, size: int) -> tuple[np.ndarray, list[str]]:
+    """``(uint8 [N, size, size, 3], captions)`` from an image folder with metadata.jsonl."""
+    from PIL import Image
+
+    from ..eval.shapes import read_prompts
+
+    sub = os.path.join(folder, "train")
+    if not os.path.isfile(os.path.join(folder, "metadata.jsonl")) and os.path.isdir(sub):
+        folder = sub
+    items = read_prompts(folder)
+    imgs = []
+    for path, _ in items:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if im.size != (size, size):
+                im = im.resize((size, size), Image.NEAREST)
+            imgs.append(np.asarray(im))
+    return np.stack(imgs), [t for _, t in items]
+
+
+def training_data(cfg: TeacherConfig) -> tuple[torch.Tensor, list[str]]:
+    if cfg.data:
+        imgs, caps = load_folder(cfg.data, IMAGE_SIZE)
+    else:
+        scenes = generate_scenes(cfg.num_train, "train", cfg.seed, IMAGE_SIZE, held_out=DEFAULT_HELD_OUT)
+        imgs, caps = np.stack([render(s.objects, IMAGE_SIZE) for s in scenes]), [s.text for s in scenes]
+    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return x, caps
+
+
+# ----------------------------------------------------------------------------------------------- phases
+def train_vae(vae, images: torch.Tensor, cfg: TeacherConfig, log) -> float:
+    from tqdm.auto import tqdm
+
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(cfg.seed)
+    vae.train()
+    bar = tqdm(range(cfg.vae_steps), desc="VAE", dynamic_ncols=True)
+    for step in bar:
+        x = images[torch.randint(len(images), (cfg.batch_size,), generator=g)]
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample(generator=g)).sample
+        kl = post.kl().mean() / x[0].numel()
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval()
+    with torch.no_grad():
+        lat = torch.cat([vae.encode(images[i:i + 256]).latent_dist.mean for i in range(0, min(len(images), 2048), 256)])
+    scale = float(1.0 / lat.std())
+    vae.register_to_config(scaling_factor=scale)
+    log(f"VAE: final loss {loss.item():.4f}, scaling_factor {scale:.4f}")
+    return scale
+
+
+@torch.no_grad()
+def encode_latents(vae, images: torch.Tensor) -> torch.Tensor:
+    from tqdm.auto import tqdm
+
+    out = [vae.encode(images[i:i + 256]).latent_dist.mean for i in tqdm(range(0, len(images), 256), desc="latents")]
+    return torch.cat(out) * vae.config.scaling_factor
+
+
+def encode_text(ids: torch.Tensor, text_encoders) -> tuple[torch.Tensor, torch.Tensor]:
+    """``koala.conditioning.encode_prompts`` with gradients (same outputs; both tokenizers are identical)."""
+    embeds, pooled = [], None
+    for enc in text_encoders:
+        out = enc(ids, output_hidden_states=True)
+        if out[0].ndim == 2:
+            pooled = out[0]
+        embeds.append(out.hidden_states[-2])
+    return torch.cat(embeds, dim=-1), pooled
+
+
+class EMA:
+    def __init__(self, modules, decay: float):
+        self.decay = decay
+        self.shadow = [copy.deepcopy(m).eval().requires_grad_(False) for m in modules]
+
+    @torch.no_grad()
+    def update(self, modules, step: int):
+        d = min(self.decay, (1 + step) / (10 + step))
+        for s, m in zip(self.shadow, modules):
+            for ps, pm in zip(s.parameters(), m.parameters()):
+                ps.lerp_(pm, 1 - d)
+
+
+@torch.no_grad()
+def evaluate(pipe, prompts: list[str], seed: int = 0, batch: int = 32) -> dict:
+    """Generate one image per prompt with the default sampler and score it."""
+    from ..eval.shapes import score_pairs
+
+    pipe.set_progress_bar_config(disable=True)
+    images = []
+    for i in range(0, len(prompts), batch):
+        g = torch.Generator().manual_seed(seed + i)
+        out = pipe(prompts[i:i + batch], generator=g, output_type="np", **default_sampling()).images
+        images += [(np.clip(im, 0, 1) * 255).round().astype(np.uint8) for im in out]
+    agg, _ = score_pairs(images, prompts)
+    return agg
+
+
+def save_pipeline(pipe, out_dir: str, half: bool, extra: dict) -> None:
+    """Save atomically-enough (temp dir then rename) so a checkpoint is never half-written."""
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    p = copy.deepcopy(pipe)
+    if half:  # only the U-Net (most of the bytes); text encoders and VAE stay fp32 so a plain load is all fp32
+        p.unet.to(dtype=torch.float16)
+    p.save_pretrained(tmp, safe_serialization=True)
+    with open(os.path.join(tmp, "koala_teacher.json"), "w") as f:
+        json.dump(extra, f, indent=1)
+    if os.path.exists(out_dir):
+        shutil.rmtree(out_dir)
+    os.rename(tmp, out_dir)
+
+
+def train_teacher(cfg: TeacherConfig, log=print) -> dict:
+    from tqdm.auto import tqdm
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise KoalaError(f"{cfg.out} exists and is not a directory")
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    pipe = build_shapes_pipeline(cfg.seed)
+    images, captions = training_data(cfg)
+    log(f"data: {len(captions)} training images {IMAGE_SIZE}x{IMAGE_SIZE}; e.g. {captions[0]!r}")
+    val_prompts = [s.text for s in generate_scenes(cfg.num_val, "val", cfg.seed, IMAGE_SIZE)]
+
+    train_vae(pipe.vae, images, cfg, log)
+    pipe.vae.requires_grad_(False)
+    latents = encode_latents(pipe.vae, images)
+    ids = tokenize(pipe.tokenizer, captions)
+    if not torch.equal(ids, tokenize(pipe.tokenizer_2, captions)):
+        raise KoalaError("the two tokenizers disagree; this recipe expects identical tokenizers")
+    del images
+
+    unet, encoders = pipe.unet, [pipe.text_encoder, pipe.text_encoder_2]
+    modules = [unet, *encoders]
+    for m in modules:
+        m.train()
+    params = [p for m in modules for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * (0.5 * (1 + math.cos(math.pi * min(s / cfg.steps, 1.0))) * 0.9 + 0.1))
+    ema = EMA(modules, cfg.ema_decay)
+    alphas = pipe.scheduler.alphas_cumprod.float()
+    snr = alphas / (1 - alphas)
+    add_time = time_ids((IMAGE_SIZE, IMAGE_SIZE), (0, 0), (IMAGE_SIZE, IMAGE_SIZE)).expand(cfg.batch_size, 6)
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    history, best = [], None
+
+    def checkpoint(step: int) -> dict:
+        comps = dict(pipe.components)
+        comps["unet"], comps["text_encoder"], comps["text_encoder_2"] = ema.shadow
+        ema_pipe = type(pipe)(**comps)
+        scores = evaluate(ema_pipe, val_prompts, cfg.seed)
+        row = {"step": step, "minutes": round((time.time() - t0) / 60, 1),
+               **{k: round(v, 4) for k, v in scores.items() if k in ("color", "shape", "binding", "spatial", "all")}}
+        history.append(row)
+        log(f"step {step}: " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "step"))
+        save_pipeline(ema_pipe, cfg.out, cfg.half,
+                      {"config": asdict(cfg), "history": history, "sampling": default_sampling()})
+        return row
+
+    bar = tqdm(range(cfg.steps), desc="U-Net", dynamic_ncols=True)
+    step = 0
+    for step in bar:
+        idx = torch.randint(len(latents), (cfg.batch_size,), generator=g)
+        x0 = latents[idx]
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, len(alphas), (cfg.batch_size,), generator=g)
+        a = alphas[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        emb, pooled = encode_text(ids[idx], encoders)
+        keep = (torch.rand(cfg.batch_size, generator=g) >= cfg.cond_dropout).float()
+        emb, pooled = emb * keep.view(-1, 1, 1), pooled * keep.view(-1, 1)
+        pred = unet(xt, t, emb, added_cond_kwargs={"text_embeds": pooled, "time_ids": add_time}).sample
+        w = torch.clamp(snr[t], max=cfg.snr_gamma) / snr[t] if cfg.snr_gamma else torch.ones_like(snr[t])
+        loss = (w * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        ema.update(modules, step)
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{sched.get_last_lr()[0]:.1e}")
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            checkpoint(step + 1)
+        if cfg.max_minutes and time.time() - t0 > 60 * cfg.max_minutes:
+            log(f"time budget of {cfg.max_minutes} min reached at step {step + 1}")
+            break
+    best = checkpoint(step + 1)
+    best["wall_minutes"] = round((time.time() - t0) / 60, 1)
+    return best
+
+
+def package_teacher(src: str, dst: str, half: bool = True) -> str:
+    """Copy a trained pipeline directory to ``dst`` with the U-Net in fp16 and everything else fp32."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(src, dtype=torch.float32)
+    extra = {}
+    meta = os.path.join(src, "koala_teacher.json")
+    if os.path.isfile(meta):
+        with open(meta) as f:
+            extra = json.load(f)
+    save_pipeline(pipe, dst, half, extra)
+    return dst
+
+
+@torch.no_grad()
+def sample_folder(pipeline_dir: str, out_dir: str, num: int = 200, seed: int = 0, batch: int = 32,
+                  split: str = "val", steps: int | None = None, guidance: float | None = None) -> str:
+    """Generate one 32x32 image per shapes prompt (``split`` scenes ``0..num-1`` of ``seed``) with the default
+    sampler; write PNGs (prompt in a tEXt chunk) and ``metadata.jsonl`` for ``koala eval shapes``."""
+    from diffusers import StableDiffusionXLPipeline
+    from PIL import Image, PngImagePlugin
+    from tqdm.auto import tqdm
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(pipeline_dir, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    kw = default_sampling()
+    if steps:
+        kw["num_inference_steps"] = steps
+    if guidance is not None:
+        kw["guidance_scale"] = guidance
+    prompts = [s.text for s in generate_scenes(num, split, seed, IMAGE_SIZE)]
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "metadata.jsonl"), "w") as f:
+        for i in tqdm(range(0, num, batch), desc="sampling"):
+            g = torch.Generator().manual_seed(seed + i)
+            images = pipe(prompts[i:i + batch], generator=g, **kw).images
+            for j, (im, text) in enumerate(zip(images, prompts[i:i + batch])):
+                name = f"{i + j:06d}.png"
+                info = PngImagePlugin.PngInfo()
+                info.add_text("prompt", text)
+                im.save(os.path.join(out_dir, name), pnginfo=info)
+                f.write(json.dumps({"file_name": name, "text": text}) + "\n")
+    return out_dir
+
+
+def held_out_breakdown(per: list[dict], held_out=DEFAULT_HELD_OUT) -> dict:
+    """Binding accuracy on prompts mentioning a held-out colour-shape pair vs the rest."""
+    from ..eval.shapes import parse_prompt
+
+    held, seen = [], []
+    for row in per:
+        for o in parse_prompt(row["text"]).objects:
+            det = next((d for d in row["detected"] if d["color"] == o["color"]), None)
+            ok = det is not None and det["shape"] == o["shape"]
+            (held if (o["color"], o["shape"]) in set(map(tuple, held_out)) else seen).append(ok)
+    return {"binding_held_out_objects": float(np.mean(held)) if held else None, "n_held_out_objects": len(held),
+            "binding_seen_objects": float(np.mean(seen)) if seen else None, "n_seen_objects": len(seen)}

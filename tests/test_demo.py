@@ -1,0 +1,40 @@
+"""`koala demo --fast`: the whole method end to end in the embedded shapes world (seconds, CPU)."""
+
+import json
+import os
+
+import pytest
+from diffusers import UNet2DConditionModel
+from PIL import Image
+
+from koala.arch import LayerMap
+from koala.cli import main
+
+
+def test_demo_fast_end_to_end(tmp_path, capsys):
+    from koala.lab.models import shapes_teacher_dir
+
+    try:
+        teacher = shapes_teacher_dir()
+    except Exception as err:  # the packaged teacher is part of the repo; its absence is a real failure
+        pytest.fail(f"packaged shapes teacher missing: {err}")
+    out = tmp_path / "demo"
+    assert main(["demo", "--fast", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "binding" in printed and str(out) in printed
+    res = json.loads((out / "results.json").read_text())
+    rows = {r["model"]: r for r in res["rows"]}
+    assert set(rows) == {"teacher", "student, before KD", "student, after KD"}
+    t, s = rows["teacher"], rows["student, after KD"]
+    assert s["unet_params"] < 0.5 * t["unet_params"] and s["unet_ms"] > 0
+    for r in rows.values():
+        assert all(0.0 <= r[k] <= 1.0 for k in ("color", "shape", "binding", "spatial"))
+    grid = Image.open(out / "grid.png")
+    assert grid.size[1] == 3 * 96
+    student = UNet2DConditionModel.from_pretrained(res["student"])
+    assert student.mid_block is None  # KOALA-700M topology
+    teacher_unet = UNet2DConditionModel.from_pretrained(os.path.join(teacher, "unet"))
+    LayerMap.load(res["student"]).validate(teacher_unet, student)
+    # A second run into the same directory is refused without --overwrite, and leaves it intact.
+    assert main(["demo", "--fast", "--out", str(out)]) == 2
+    assert (out / "results.json").exists()
