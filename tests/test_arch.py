@@ -191,3 +191,23 @@ def test_pipeline_compress_loads_and_generates(tmp_path, tiny_pipe_dir):
 def test_tiny_config_has_sdxl_depth_pattern():
     cfg = tiny_unet_config()
     assert cfg["transformer_layers_per_block"] == [1, 2, 10] and cfg["addition_embed_type"] == "text_time"
+
+
+def test_teacher_unet_as_single_safetensors_file(tmp_path, tiny_pipe_dir):
+    """A Lightning-style teacher: the pipeline's config + a separate single-file U-Net checkpoint."""
+    from safetensors.torch import save_file
+
+    other = tiny_unet(seed=7)
+    save_file(other.state_dict(), str(tmp_path / "lightning_unet.safetensors"))
+    out = tmp_path / "k"
+    assert main(["compress", "--teacher", tiny_pipe_dir, "--teacher-unet", str(tmp_path / "lightning_unet.safetensors"),
+                 "--student", "koala-700m", "--out", str(out)]) == 0
+    student = UNet2DConditionModel.from_pretrained(out / "unet")
+    lmap = LayerMap.load(str(out))
+    o_state = other.state_dict()
+    assert all(torch.equal(t, o_state[lmap.teacher_name(n)]) for n, t in student.state_dict().items())
+    bad = tiny_unet(seed=0, channels=(16, 32, 48))
+    save_file(bad.state_dict(), str(tmp_path / "bad.safetensors"))
+    assert main(["compress", "--teacher", tiny_pipe_dir, "--teacher-unet", str(tmp_path / "bad.safetensors"),
+                 "--student", "koala-700m", "--out", str(tmp_path / "k2")]) == 2
+    assert not (tmp_path / "k2").exists()

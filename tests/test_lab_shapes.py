@@ -98,8 +98,8 @@ def test_packaged_teacher_loads_and_generates():
 
     try:
         shapes_teacher_dir()
-    except KoalaError as err:
-        pytest.skip(f"packaged shapes teacher not present yet: {err}")
+    except KoalaError as err:  # the teacher ships with the package: its absence is a failure, not a skip
+        pytest.fail(f"packaged shapes teacher missing: {err}")
     from diffusers import StableDiffusionXLPipeline
 
     pipe = StableDiffusionXLPipeline.from_pretrained(shapes_teacher_dir())
@@ -108,3 +108,15 @@ def test_packaged_teacher_loads_and_generates():
     kw = {**default_sampling(), "num_inference_steps": 4}
     img = pipe("a red circle", generator=torch.Generator().manual_seed(0), output_type="np", **kw).images[0]
     assert img.shape == (32, 32, 3) and np.isfinite(img).all()
+
+
+def test_train_teacher_refuses_foreign_output_dir(tmp_path):
+    from koala.errors import KoalaError
+    from koala.lab.train_teacher import TeacherConfig, train_teacher
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(KoalaError, match="--overwrite"):
+        train_teacher(TeacherConfig(out=str(out), num_train=4, steps=1, vae_steps=1))
+    assert (out / "precious.txt").read_text() == "keep me"

@@ -10,7 +10,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from ..errors import KoalaError
-from ..utils import atomic_output_dir, count_params, model_dir_kind, parse_dtype, read_json
+from ..utils import atomic_output_dir, count_params, model_dir_kind, parse_dtype, read_json, unet_dir
 from .layer_map import LayerMap, build_layer_map
 from .presets import UNetSpec, check_sdxl_topology, resolve_spec, student_config
 
@@ -21,8 +21,26 @@ def build_unet(config: dict, device: str | torch.device = "meta") -> UNet2DCondi
         return UNet2DConditionModel.from_config(config)
 
 
-def load_teacher_unet(path: str, dtype: torch.dtype | str | None = None) -> UNet2DConditionModel:
-    """Load a U-Net from a U-Net directory or an SDXL pipeline directory, after checking its topology."""
+def load_teacher_unet(path: str, dtype: torch.dtype | str | None = None, config_from: str | None = None) -> UNet2DConditionModel:
+    """Load a U-Net from a U-Net directory or an SDXL pipeline directory, after checking its topology.
+
+    ``path`` may also be a single ``.safetensors`` U-Net checkpoint (e.g. SDXL-Lightning's); its config then comes
+    from ``config_from`` (a pipeline or U-Net directory of the same architecture).
+    """
+    if os.path.isfile(path):
+        if not path.endswith(".safetensors") or not config_from:
+            raise KoalaError(f"{path}: give a U-Net directory, or a .safetensors U-Net checkpoint together with the "
+                             "pipeline whose U-Net config it fits")
+        from safetensors.torch import load_file
+
+        config = read_json(os.path.join(unet_dir(config_from), "config.json"))
+        check_sdxl_topology(config, f"{config_from} U-Net config")
+        unet = build_unet(config, "meta")
+        try:
+            unet.load_state_dict(load_file(path), strict=True, assign=True)
+        except RuntimeError as err:
+            raise KoalaError(f"{path}: weights do not fit the U-Net config of {config_from} ({str(err)[:300]})") from err
+        return unet.to(parse_dtype(dtype) or torch.float32)
     kind = model_dir_kind(path)
     unet_path = os.path.join(path, "unet") if kind == "pipeline" else path
     check_sdxl_topology(read_json(os.path.join(unet_path, "config.json")), f"{unet_path}/config.json")
@@ -87,7 +105,7 @@ def compress(
     spec = resolve_spec(preset)
     if os.path.exists(out_dir) and not overwrite:
         raise KoalaError(f"{out_dir} already exists; pass --overwrite to replace it or choose another --out")
-    teacher = load_teacher_unet(teacher_unet or teacher_path, dtype)
+    teacher = load_teacher_unet(teacher_unet or teacher_path, dtype, config_from=teacher_path)
     student, lmap = compress_unet(teacher, spec, layer_selection, dtype)
     lmap.meta.update({"teacher_path": os.path.abspath(teacher_unet or teacher_path),
                       "preset": preset if isinstance(preset, str) else None})

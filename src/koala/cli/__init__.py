@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # koala loads local directories only; never reach a hub
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

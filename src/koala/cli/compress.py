@@ -17,12 +17,13 @@ def register(sub) -> None:
     )
     p.add_argument("--teacher", required=True, help="teacher U-Net directory or SDXL pipeline directory (local)")
     p.add_argument("--teacher-unet", default=None,
-                   help="use this U-Net directory as the teacher instead of the pipeline's (e.g. SDXL-Lightning)")
+                   help="use this U-Net (directory, or a .safetensors checkpoint such as SDXL-Lightning's) as the teacher "
+                   "instead of the pipeline's")
     p.add_argument("--student", required=True,
                    help="preset name (koala-700m, koala-1b, bk-sdxl, sdxl-base, ssd-1b, segmind-vega) or a JSON spec "
                    'such as \'{"encoder_layers":[1,1,1],"down_depth":[0,2,4],"up_depth":[4,2,0],"mid_block":false}\'')
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
-    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="student weight dtype (default: teacher's)")
+    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="student weight dtype (default: fp32)")
     p.add_argument("--layer-selection", default="bottom", choices=["bottom", "interleave", "up"],
                    help="which teacher transformer layers initialise the student's (default: bottom, the paper's SA-bottom)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")

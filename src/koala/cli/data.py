@@ -35,14 +35,14 @@ def _source_args(p) -> None:
 def _data_cfg(args) -> dict:
     cfg: dict = {}
     if args.config:
-        import yaml
+        from ..distill.config import loader_data_cfg
+        from ..recipes import load_recipe
 
-        try:
-            with open(args.config) as f:
-                loaded = yaml.safe_load(f) or {}
-        except OSError as err:
-            raise KoalaError(f"{args.config}: cannot read ({err})") from err
-        cfg = dict(loaded.get("data", loaded))
+        loaded = load_recipe(args.config)  # a recipe name or YAML path; `extends` is honoured
+        data = {k: v for k, v in dict(loaded.get("data", loaded)).items() if k not in ("type", "path")}
+        # SOURCE decides the type (guessed, or --type); drop the trainer's and the synthetic source's keys
+        cfg, _ = loader_data_cfg({**data, "type": "source"})
+        cfg.pop("type")
     cfg["path"] = args.source
     for key in ("type", "syncap_column", "syncap", "image_column", "image_root", "split", "min_size", "max_aspect"):
         if getattr(args, key, None) is not None:
@@ -110,6 +110,9 @@ def run_stats(args) -> int:
     tok = None
     if args.tokenizer:
         from transformers import CLIPTokenizer
+
+        if not os.path.isdir(args.tokenizer):
+            raise KoalaError(f"--tokenizer {args.tokenizer}: not a local directory (a tokenizer folder or a pipeline dir)")
 
         sub = "tokenizer" if os.path.isdir(os.path.join(args.tokenizer, "tokenizer")) else None
         try:

@@ -39,7 +39,8 @@ def register(sub) -> None:
         "Writes a pipeline directory that StableDiffusionXLPipeline.from_pretrained loads, checkpointing every "
         "--save-every steps (EMA weights) and printing val scores from `koala eval shapes`' scorer.",
     )
-    t.add_argument("--out", required=True, help="output pipeline directory (overwritten by each checkpoint)")
+    t.add_argument("--out", required=True, help="output pipeline directory, replaced atomically at each checkpoint; an existing directory that "
+                   "is not a koala teacher is refused unless --overwrite")
     t.add_argument("--data", default=None, help="image folder (metadata.jsonl) to train on; default: generate in memory")
     t.add_argument("--num-train", type=int, default=20000, help="generated training images (default 20000)")
     t.add_argument("--num-val", type=int, default=64, help="val prompts scored at each checkpoint (default 64)")
@@ -52,6 +53,7 @@ def register(sub) -> None:
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     t.add_argument("--fp32", action="store_true", help="store fp32 weights (default: fp16, half the size)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     t.set_defaults(func=run_train_teacher)
 
     s = lab.add_parser(
@@ -90,7 +92,7 @@ def run_train_teacher(args) -> int:
     cfg = TeacherConfig(out=args.out, data=args.data, num_train=args.num_train, num_val=args.num_val, seed=args.seed,
                         vae_steps=args.vae_steps, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                         save_every=args.save_every, max_minutes=args.max_minutes, threads=args.threads,
-                        half=not args.fp32)
+                        half=not args.fp32, overwrite=args.overwrite)
     res = train_teacher(cfg)
     print(json.dumps(res))
     return 0

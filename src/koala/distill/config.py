@@ -130,6 +130,9 @@ def _num(cfg, key, lo=None):
 
 
 def check_config(cfg: dict) -> None:
+    if cfg["data"].get("repeat", True) is False:
+        raise KoalaError("data.repeat: false is not supported for training (the trainer counts steps over an "
+                         "endless, per-epoch reshuffled stream); remove it")
     feature_stages(cfg["kd"]["features"])
     if cfg["kd"]["layer_selection"] not in (None, "bottom", "interleave", "up"):
         raise KoalaError(f"kd.layer_selection must be null, bottom, interleave or up, got {cfg['kd']['layer_selection']!r}")

@@ -11,11 +11,10 @@ from diffusers import DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionM
 
 from ..arch.compress import compress_unet, load_teacher_unet
 from ..arch.layer_map import LayerMap
-from ..arch.presets import check_sdxl_topology
 from ..data.cache import Encoders
 from ..data.cache import encode_batch as encode_raw_batch
 from ..errors import KoalaError
-from ..utils import model_dir_kind, parse_dtype, read_json, unet_dir
+from ..utils import model_dir_kind, parse_dtype, unet_dir
 
 
 @dataclass
@@ -48,22 +47,7 @@ def _freeze(m: torch.nn.Module) -> torch.nn.Module:
 def load_teacher(cfg: dict, dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
     """The pipeline's U-Net, or ``teacher.unet_path`` (a U-Net dir or a single .safetensors, e.g. SDXL-Lightning)."""
     pipe_dir, path = cfg["teacher"]["pipeline"], cfg["teacher"]["unet_path"]
-    if not path:
-        return load_teacher_unet(pipe_dir, dtype)
-    if os.path.isfile(path) and path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        config = read_json(os.path.join(unet_dir(pipe_dir), "config.json"))
-        check_sdxl_topology(config, f"{pipe_dir} U-Net config")
-        unet = UNet2DConditionModel.from_config(config)
-        try:
-            unet.load_state_dict(load_file(path), strict=True)
-        except RuntimeError as err:
-            raise KoalaError(f"teacher.unet_path {path}: weights do not fit the pipeline's U-Net config ({str(err)[:300]})") from err
-        return unet.to(dtype)
-    if os.path.isfile(path):
-        raise KoalaError(f"teacher.unet_path {path}: give a U-Net directory or a .safetensors file")
-    return load_teacher_unet(path, dtype)
+    return load_teacher_unet(path or pipe_dir, dtype, config_from=pipe_dir)
 
 
 def ensure_pipeline(cfg: dict) -> str:

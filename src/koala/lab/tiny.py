@@ -7,7 +7,6 @@ so KOALA's 10 -> 6/5 layer removal and mid-block removal apply verbatim.
 
 from __future__ import annotations
 
-import os
 import tempfile
 
 import torch

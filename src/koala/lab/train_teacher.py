@@ -21,7 +21,6 @@ import copy
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 
 from ..conditioning import time_ids, tokenize
 from ..errors import KoalaError
+from ..utils import atomic_output_dir
 from .models import IMAGE_SIZE, build_shapes_pipeline, default_sampling
 from .shapes import DEFAULT_HELD_OUT, generate_scenes, render
 
@@ -55,6 +55,7 @@ class TeacherConfig:
     max_minutes: float | None = None  # stop the U-Net phase after this long (then save)
     threads: int | None = None
     half: bool = True  # store the U-Net in fp16 (from_pretrained loads it back as fp32)
+    overwrite: bool = False  # replace an existing --out that is not a koala teacher
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -164,18 +165,14 @@ def evaluate(pipe, prompts: list[str], seed: int = 0, batch: int = 32) -> dict:
 
 
 def save_pipeline(pipe, out_dir: str, half: bool, extra: dict) -> None:
-    """Save atomically-enough (temp dir then rename) so a checkpoint is never half-written."""
-    tmp = out_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    """Write the pipeline to a fresh temporary directory and swap it in, so a checkpoint is never half-written."""
     p = copy.deepcopy(pipe)
     if half:  # only the U-Net (most of the bytes); text encoders and VAE stay fp32 so a plain load is all fp32
         p.unet.to(dtype=torch.float16)
-    p.save_pretrained(tmp, safe_serialization=True)
-    with open(os.path.join(tmp, "koala_teacher.json"), "w") as f:
-        json.dump(extra, f, indent=1)
-    if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
-    os.rename(tmp, out_dir)
+    with atomic_output_dir(out_dir, overwrite=True) as tmp:
+        p.save_pretrained(tmp, safe_serialization=True)
+        with open(os.path.join(tmp, "koala_teacher.json"), "w") as f:
+            json.dump(extra, f, indent=1)
 
 
 def train_teacher(cfg: TeacherConfig, log=print) -> dict:
@@ -185,6 +182,8 @@ def train_teacher(cfg: TeacherConfig, log=print) -> dict:
         torch.set_num_threads(cfg.threads)
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise KoalaError(f"{cfg.out} exists and is not a directory")
+    if os.path.isdir(cfg.out) and not cfg.overwrite and not os.path.isfile(os.path.join(cfg.out, "koala_teacher.json")):
+        raise KoalaError(f"{cfg.out} exists and is not a koala teacher; pass --overwrite to replace it or choose another --out")
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     pipe = build_shapes_pipeline(cfg.seed)
@@ -281,7 +280,7 @@ def sample_folder(pipeline_dir: str, out_dir: str, num: int = 200, seed: int = 0
     """Generate one 32x32 image per shapes prompt (``split`` scenes ``0..num-1`` of ``seed``) with the default
     sampler; write PNGs (prompt in a tEXt chunk) and ``metadata.jsonl`` for ``koala eval shapes``."""
     from diffusers import StableDiffusionXLPipeline
-    from PIL import Image, PngImagePlugin
+    from PIL import PngImagePlugin
     from tqdm.auto import tqdm
 
     pipe = StableDiffusionXLPipeline.from_pretrained(pipeline_dir, dtype=torch.float32)
