@@ -11,14 +11,6 @@ from koala.errors import KoalaError
 from koala.utils import count_params
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is much faster than two on a CPU shared with other processes."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def test_real_size_text_encoders_and_vae_match_table1():
     from diffusers import AutoencoderKL

@@ -12,14 +12,6 @@ from koala.distill import FeatureRecorder, feature_pairs, kd_losses, load_config
 from koala.distill.losses import feature_losses
 from koala.lab.tiny import tiny_unet
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is ~100x faster than two on a shared, busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 ALL = {"SA": "all", "CA": "all", "FFN": "all", "Res": "all", "LF": "all"}
 
@@ -343,3 +335,23 @@ def test_train_from_cache_and_refuse_other_pipelines_cache(tiny_pipe_dir, tmp_pa
     with pytest.raises(KoalaError, match="built with different"):
         train(_cfg(other, tmp_path / "run2", "train.max_steps=2", *data))
     assert not (tmp_path / "run2").exists()
+
+
+def test_resume_equivalence_on_image_folder_skips_without_decoding(tiny_pipe_dir, tmp_path, monkeypatch):
+    """Real data: resuming starts the loader at the checkpoint's batch (koala.data skip_batches) instead of
+    replaying it; the weights equal an uninterrupted run and the skipped images are never decoded."""
+    import koala.data.records as records
+    from koala.distill.trainer import train
+
+    folder = _image_folder(tmp_path / "images")  # 6 images, batch 1 x accum 2: epochs end inside the run
+    common = ("train.grad_accum=2", "train.batch_size=1", "train.ema.enabled=false", "data.type=folder",
+              f"data.path={folder}", "data.caption_dropout=0.0")
+    full = train(_cfg(tiny_pipe_dir, tmp_path / "a", "train.max_steps=8", *common))
+    train(_cfg(tiny_pipe_dir, tmp_path / "b", "train.max_steps=4", *common))
+    decoded, decode = [], records.decode_image
+    monkeypatch.setattr(records, "decode_image", lambda *a, **kw: decoded.append(a[0]) or decode(*a, **kw))
+    resumed = train(_cfg(tiny_pipe_dir, tmp_path / "b", "train.max_steps=8", "train.resume=latest", *common))
+    assert full["step"] == resumed["step"] == 8
+    assert len(decoded) == 4 * 2  # only the resumed steps' samples, not the 4 x 2 skipped ones
+    wa, wb = _weights(full["checkpoint"]), _weights(resumed["checkpoint"])
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

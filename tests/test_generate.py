@@ -10,14 +10,6 @@ from koala.inference import NSFWFilter, generate, load_pipeline, read_png_params
 FAST = dict(steps=2, progress=False, log=lambda *_: None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is 10x faster than two on a CPU shared with other processes."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def loaded(tiny_pipe_dir):

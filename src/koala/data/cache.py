@@ -37,7 +37,7 @@ from ..utils import parse_dtype
 from .buckets import parse_buckets
 from .config import normalize_data_cfg
 from .images import SkipCounter, SkipSample
-from .loader import BucketBatcher, prepare_sample, split_info
+from .loader import BatchSkipper, BucketBatcher, prepare_sample, worker_plan
 from .records import SamplePreparer
 from .sources import make_source
 from .transforms import SDXLTransform
@@ -322,7 +322,7 @@ class CachedBatches(IterableDataset):
     """Batches from cache shards; one shard in memory at a time (plus partial per-size batches)."""
 
     def __init__(self, cfg: dict, batch_size: int, resolution: int, seed: int, rank: int, world_size: int,
-                 pipeline_dir: str | None = None):
+                 pipeline_dir: str | None = None, skip_batches: int = 0):
         self.dir = cfg["path"]
         self.meta = check_cache_compatible(self.dir, pipeline_dir) if pipeline_dir else read_cache_config(self.dir)
         if self.meta["resolution"] != resolution:
@@ -336,6 +336,14 @@ class CachedBatches(IterableDataset):
         if not self.shards:
             raise KoalaError(f"{self.dir}: the cache holds no samples")
         self.cfg, self.batch_size, self.seed, self.rank, self.world_size = cfg, batch_size, seed, rank, world_size
+        self.skip_batches = int(skip_batches)  # applies to the first iter() (per worker) only; reads no tensors
+
+    def _load_item(self, item):
+        path, g, i, caption, key = item
+        with safe_open(path, "pt") as f:
+            s = {n: f.get_slice(f"{g}/{n}")[i] for n in TENSORS}
+        s["caption"], s["key"] = caption, key
+        return s
 
     def _collate(self, samples):
         out = {n: torch.stack([s[n] for s in samples]) for n in TENSORS}
@@ -344,8 +352,10 @@ class CachedBatches(IterableDataset):
         return out
 
     def __iter__(self):
-        split, nsplits = split_info(self.rank, self.world_size)
+        skip_batches, self.skip_batches = self.skip_batches, 0
+        split, nsplits, skip = worker_plan(self.rank, self.world_size, skip_batches)
         batcher = BucketBatcher(self.batch_size, self._collate)
+        skipper = BatchSkipper(self.batch_size, skip)
         epoch = 0
         while True:
             shards = list(self.shards)
@@ -354,8 +364,8 @@ class CachedBatches(IterableDataset):
             by_shard = len(shards) >= nsplits
             rng = random.Random(f"{self.seed}:{epoch}:{split}")
             for j, name in enumerate(shards[split::nsplits] if by_shard else shards):
-                data = load_file(os.path.join(self.dir, name))
-                with safe_open(os.path.join(self.dir, name), "pt") as f:
+                path, data = os.path.join(self.dir, name), None
+                with safe_open(path, "pt") as f:
                     md = f.metadata()
                 caps, keys = json.loads(md["captions"]), json.loads(md["keys"])
                 items = [(g, i) for g in caps for i in range(len(caps[g]))]
@@ -364,6 +374,12 @@ class CachedBatches(IterableDataset):
                 if self.cfg["shuffle"]:
                     rng.shuffle(items)
                 for g, i in items:
+                    if skipper.active:
+                        if skipper.add((path, g, i, caps[g][i], keys[g][i]), g):
+                            skipper.materialize(batcher, self._load_item)
+                        continue
+                    if data is None:
+                        data = load_file(path)
                     s = {n: data[f"{g}/{n}"][i] for n in TENSORS}
                     s["caption"], s["key"] = caps[g][i], keys[g][i]
                     b = batcher.add(s, g)
@@ -373,5 +389,6 @@ class CachedBatches(IterableDataset):
             epoch += 1
             if not self.cfg["repeat"]:
                 if not self.cfg["drop_last"]:
+                    skipper.flush(batcher, self._load_item)
                     yield from batcher.flush()
                 return

@@ -8,6 +8,7 @@ Nothing is ever raised to the training loop except :class:`SkipSample`, which th
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from collections import Counter
@@ -70,22 +71,11 @@ def _upright_size(img: Image.Image) -> tuple[int, int]:
     return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
 
 
-def decode_image(src, check=None) -> Image.Image:
-    """Open ``src`` (path, bytes, PIL image or ``{"bytes", "path"}``) as an upright RGB image or raise SkipSample.
-
-    ``check(h, w)`` (upright size, read from the header) may raise SkipSample before the costly full decode.
-    """
-    if src is None:
-        raise SkipSample("no_image")
+@contextlib.contextmanager
+def skip_on_decode_error():
+    """Turn PIL's errors into :class:`SkipSample` with a reason (too_large, not_an_image, truncated, corrupt)."""
     try:
-        img = _open(src)
-        if check is not None:
-            check(*_upright_size(img))
-        if getattr(img, "is_animated", False):
-            img.seek(0)  # first frame of an animation
-        img.load()  # forces full decode: truncated files fail here, not in the middle of a batch
-        img = ImageOps.exif_transpose(img)
-        return _to_rgb(img)
+        yield
     except SkipSample:
         raise
     except Image.DecompressionBombError as err:
@@ -95,6 +85,24 @@ def decode_image(src, check=None) -> Image.Image:
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         reason = "truncated" if "truncated" in str(err).lower() else "corrupt"
         raise SkipSample(reason, str(err)) from None
+
+
+def decode_image(src, check=None) -> Image.Image:
+    """Open ``src`` (path, bytes, PIL image or ``{"bytes", "path"}``) as an upright RGB image or raise SkipSample.
+
+    ``check(h, w)`` (upright size, read from the header) may raise SkipSample before the costly full decode.
+    """
+    if src is None:
+        raise SkipSample("no_image")
+    with skip_on_decode_error():
+        img = _open(src)
+        if check is not None:
+            check(*_upright_size(img))
+        if getattr(img, "is_animated", False):
+            img.seek(0)  # first frame of an animation
+        img.load()  # forces full decode: truncated files fail here, not in the middle of a batch
+        img = ImageOps.exif_transpose(img)
+        return _to_rgb(img)
 
 
 class SkipCounter(Counter):

@@ -8,6 +8,14 @@ Cached batch: ``latents`` [B,4,h,w] (scaled), ``prompt_embeds`` [B,77,D], ``pool
 Batches are formed inside the dataset (``DataLoader(batch_size=None)``) so aspect buckets stay homogeneous.
 By default (``repeat: true``) the loader is **infinite**: the trainer counts steps; each pass over the data
 reshuffles with ``seed + epoch``. With ``repeat: false`` each ``iter()`` is one epoch.
+
+``skip_batches=n`` (resuming a run) starts the stream at batch ``n`` of the unskipped one without decoding
+the skipped images (raw sources: captions, file existence and, with buckets or size filters, image headers
+are checked) or reading the skipped tensors (cache): epochs, shuffle order, crops and bucket contents stay
+identical. With ``num_workers > 0`` the per-worker counts and the worker order follow the DataLoader's
+round robin (exact for the infinite ``repeat: true`` stream). With ``repeat: false`` it applies to the first
+``iter()`` only. Not exact when a skipped image has a readable header but corrupt pixel data (a truncated
+file): the full decode would have dropped it, the skip counts it, so the resumed stream shifts by one sample.
 """
 
 from __future__ import annotations
@@ -28,11 +36,58 @@ from .transforms import SDXLTransform, sample_rng, to_tensor
 log = logging.getLogger("koala.data")
 
 
-def split_info(rank: int, world_size: int) -> tuple[int, int]:
-    """(split, nsplits) for this rank and DataLoader worker."""
+def split_info(rank: int, world_size: int, skip_batches: int = 0) -> tuple[int, int]:
+    """(split, nsplits) for this rank and DataLoader worker (see :func:`worker_plan` for ``skip_batches``)."""
+    return worker_plan(rank, world_size, skip_batches)[:2]
+
+
+def worker_plan(rank: int, world_size: int, skip_batches: int = 0) -> tuple[int, int, int]:
+    """(split, nsplits, batches this worker skips) when the rank's stream starts at batch ``skip_batches``.
+
+    The DataLoader takes batch ``i`` from worker ``i % num_workers`` and always starts at worker 0, so after a
+    skip worker ``w`` takes the role (split) of worker ``(w + skip_batches) % num_workers`` of the unskipped
+    run, and skips the batches that role produced among the first ``skip_batches``.
+    """
     info = get_worker_info()
     wid, nw = (info.id, info.num_workers) if info else (0, 1)
-    return rank * nw + wid, world_size * nw
+    role = (wid + skip_batches) % nw
+    return rank * nw + role, world_size * nw, max(0, (skip_batches - role + nw - 1) // nw)
+
+
+class BatchSkipper:
+    """Mirrors :class:`BucketBatcher` on cheap stand-ins (records, not samples) until ``n`` batches are
+    complete; then :meth:`pending` gives the stand-ins of the partial buckets, to load into the batcher."""
+
+    def __init__(self, batch_size: int, n: int):
+        self.batch_size, self.left, self.buffers = batch_size, n, {}
+
+    @property
+    def active(self) -> bool:
+        return self.left > 0
+
+    def add(self, item, group) -> bool:
+        """Count ``item`` in ``group``; True when this completed the last skipped batch."""
+        buf = self.buffers.setdefault(group, [])
+        buf.append(item)
+        if len(buf) == self.batch_size:
+            self.buffers[group] = []
+            self.left -= 1
+            return self.left == 0
+        return False
+
+    def materialize(self, batcher: BucketBatcher, load) -> None:
+        """Fill ``batcher``'s buckets (same groups, order, contents) with ``load(item)`` (None: dropped)."""
+        batcher.buffers = {g: [s for s in map(load, items) if s is not None] for g, items in self.buffers.items()}
+        self.buffers = {}
+
+    def flush(self, batcher: BucketBatcher, load) -> None:
+        """End of a ``repeat: false`` pass: each partial bucket is one (flushed) batch; skip what is left."""
+        if not self.active:
+            return
+        for g, items in self.buffers.items():
+            if items and self.left > 0:
+                self.buffers[g], self.left = [], self.left - 1
+        self.materialize(batcher, load)
 
 
 def collate_raw(samples: list[dict]) -> dict:
@@ -75,7 +130,8 @@ class BucketBatcher:
 
 
 class RawBatches(IterableDataset):
-    def __init__(self, cfg: dict, batch_size: int, resolution: int, seed: int, rank: int, world_size: int):
+    def __init__(self, cfg: dict, batch_size: int, resolution: int, seed: int, rank: int, world_size: int,
+                 skip_batches: int = 0):
         self.cfg, self.batch_size, self.seed, self.rank, self.world_size = cfg, batch_size, seed, rank, world_size
         self.source = make_source(cfg)
         self.preparer = SamplePreparer(cfg)
@@ -83,16 +139,34 @@ class RawBatches(IterableDataset):
                                        parse_buckets(cfg["buckets"], resolution))
         self.skips = SkipCounter()
         self.epoch = 0
+        self.skip_batches = int(skip_batches)  # applies to the first iter() (per worker) only
+
+    def _prepare_or_none(self, item):
+        rec, epoch = item
+        try:
+            return prepare_sample(self.preparer, self.transform, rec, self.seed, epoch)
+        except SkipSample as err:  # header fine, pixels not: the skip counted it (see module doc)
+            self.skips[err.reason] += 1
+            return None
 
     def __iter__(self):
-        split, nsplits = split_info(self.rank, self.world_size)
+        skip_batches, self.skip_batches = self.skip_batches, 0
+        split, nsplits, skip = worker_plan(self.rank, self.world_size, skip_batches)
         batcher = BucketBatcher(self.batch_size, collate_raw)
+        skipper = BatchSkipper(self.batch_size, skip)
+        need_size = self.transform.buckets is not None
         epoch = 0
         while True:
             used = 0
             for rec in iter_split(self.source, split, nsplits, epoch, self.cfg["shuffle"], self.seed,
                                   self.cfg["shuffle_buffer"]):
                 try:
+                    if skipper.active:  # no decode: only what decides whether and where the sample goes
+                        hw = self.preparer.probe(rec, need_size)
+                        used += 1
+                        if skipper.add((rec, epoch), self.transform.target_for(*(hw or (1, 1)))):  # = target_size
+                            skipper.materialize(batcher, self._prepare_or_none)
+                        continue
                     s = prepare_sample(self.preparer, self.transform, rec, self.seed, epoch)
                 except SkipSample as err:
                     self.skips[err.reason] += 1
@@ -110,27 +184,32 @@ class RawBatches(IterableDataset):
             self.epoch = epoch
             if not self.cfg["repeat"]:
                 if not self.cfg["drop_last"]:
+                    skipper.flush(batcher, self._prepare_or_none)
                     yield from batcher.flush()
                 return
 
 
 def make_dataloader(data_cfg: dict, *, batch_size: int, resolution: int, seed: int = 0, num_workers: int = 0,
-                    rank: int = 0, world_size: int = 1, pipeline_dir: str | None = None) -> DataLoader:
+                    rank: int = 0, world_size: int = 1, pipeline_dir: str | None = None,
+                    skip_batches: int = 0) -> DataLoader:
     """A DataLoader of dict batches (see module doc); infinite unless ``data_cfg['repeat']`` is false.
 
     Each of the ``world_size`` ranks and each of its ``num_workers`` workers reads a disjoint part of the
     data. For ``type: cache``, ``pipeline_dir`` (if given) must match the VAE/text encoders that built it.
+    ``skip_batches``: start this rank's stream at that batch, cheaply (resume; see module doc).
     """
     if batch_size < 1:
         raise KoalaError(f"batch_size must be >= 1, got {batch_size}")
+    if skip_batches < 0:
+        raise KoalaError(f"skip_batches must be >= 0, got {skip_batches}")
     if not 0 <= rank < world_size:
         raise KoalaError(f"rank {rank} is outside world_size {world_size}")
     cfg = normalize_data_cfg(data_cfg)
     if cfg["type"] == "cache":
         from .cache import CachedBatches
 
-        ds = CachedBatches(cfg, batch_size, resolution, seed, rank, world_size, pipeline_dir)
+        ds = CachedBatches(cfg, batch_size, resolution, seed, rank, world_size, pipeline_dir, skip_batches)
     else:
-        ds = RawBatches(cfg, batch_size, resolution, seed, rank, world_size)
+        ds = RawBatches(cfg, batch_size, resolution, seed, rank, world_size, skip_batches)
     return DataLoader(ds, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
                       prefetch_factor=2 if num_workers > 0 else None)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import random
 from typing import Iterator
 
 import numpy as np
 
 from .captions import CaptionBuilder
-from .images import SkipSample, decode_image
+from .images import SkipSample, _open, _upright_size, decode_image, skip_on_decode_error
 
 
 def iter_split(source, split: int = 0, nsplits: int = 1, epoch: int = 0, shuffle: bool = False, seed: int = 0,
@@ -61,3 +62,32 @@ class SamplePreparer:
         img = decode_image(rec["image"], check=self.check)
         self.check(img.height, img.width)
         return img, caption
+
+    def probe(self, rec: dict, need_size: bool = False) -> tuple[int, int] | None:
+        """What :meth:`load` decides, without decoding pixels (used to skip batches cheaply on resume).
+
+        Checks the caption and that the image exists; reads the image *header* (upright size) only when
+        ``need_size`` (aspect buckets) or a size/aspect filter is set, and applies the filters. Returns the
+        upright (h, w) when read, else None; raises SkipSample like :meth:`load`. A file whose header is fine
+        but whose pixel data is corrupt (e.g. truncated) passes here though :meth:`load` would skip it.
+        """
+        self.captions(rec["row"])
+        src = rec["image"]
+        if src is None:
+            raise SkipSample("no_image")
+        if not (need_size or self.min_size or self.max_aspect):
+            if isinstance(src, dict) and not src.get("bytes"):
+                src = src.get("path") or ""
+            if isinstance(src, (str, os.PathLike)) and not os.path.isfile(src):  # as images._open decides
+                raise SkipSample("missing_file", os.fspath(src))
+            return None
+        img = None
+        try:
+            with skip_on_decode_error():
+                img = _open(src)
+                h, w = _upright_size(img)
+        finally:
+            if img is not None and img is not src:
+                img.close()
+        self.check(h, w)
+        return h, w

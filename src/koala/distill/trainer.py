@@ -29,11 +29,14 @@ log = logging.getLogger("koala.distill")
 
 
 def make_dataloader(data: dict, *, batch_size: int, resolution: int, seed: int = 0, num_workers: int = 0,
-                    rank: int = 0, world_size: int = 1, pipeline_dir: str | None = None):
+                    rank: int = 0, world_size: int = 1, pipeline_dir: str | None = None, skip_batches: int = 0):
     """The training batches for the ``data`` config section: ``type: synthetic`` in memory, every other type
     through :func:`koala.data.make_dataloader` (minus the trainer's own keys). For ``type: cache``,
-    ``pipeline_dir`` must hold the VAE/text encoders that built the cache, else KoalaError here."""
+    ``pipeline_dir`` must hold the VAE/text encoders that built the cache, else KoalaError here.
+    ``skip_batches`` (koala.data types only; see :func:`skips_cheaply`) starts the stream at that batch."""
     cfg, ignored = loader_data_cfg(data)
+    if skip_batches and not skips_cheaply(data):
+        raise KoalaError("skip_batches needs a koala.data type with repeat: true; replay the stream instead")
     if cfg.get("type", "synthetic") == "synthetic":
         return make_synthetic_dataloader(cfg, batch_size=batch_size, resolution=resolution, seed=seed, rank=rank,
                                          world_size=world_size)
@@ -43,7 +46,19 @@ def make_dataloader(data: dict, *, batch_size: int, resolution: int, seed: int =
     from ..data import make_dataloader as data_loader
 
     return data_loader(cfg, batch_size=batch_size, resolution=resolution, seed=seed, num_workers=num_workers,
-                       rank=rank, world_size=world_size, pipeline_dir=pipeline_dir)
+                       rank=rank, world_size=world_size, pipeline_dir=pipeline_dir, skip_batches=skip_batches)
+
+
+def skips_cheaply(data: dict) -> bool:
+    """Whether a resume can start the loader at its batch (koala.data, infinite stream) instead of replaying:
+    not for the in-memory ``synthetic`` type, nor for ``repeat: false`` (each pass restarts; the trainer
+    re-iterates it)."""
+    return data.get("type", "synthetic") != "synthetic" and data.get("repeat", True) is not False
+
+
+def checkpoint_step(path: str) -> int:
+    with open(os.path.join(path, "state.json")) as f:
+        return int(json.load(f)["step"])
 
 
 def micro_generator(seed: int, rank: int, step: int, micro: int) -> torch.Generator:
@@ -157,21 +172,25 @@ def train(cfg: dict) -> dict:
         torch.set_num_threads(int(tcfg["cpu_threads"]))
     acc = Accelerator(mixed_precision=tcfg["mixed_precision"])
     accum, bs = tcfg["grad_accum"], tcfg["batch_size"]
+    resume = resolve_resume(tcfg["resume"], out_dir)
+    start = checkpoint_step(resume) if resume else 0
+    # continue the data stream where the checkpoint left it: koala.data skips the batches without decoding
+    # them; the in-memory synthetic stream (and a repeat: false one) is replayed below
+    skip = start * accum if skips_cheaply(cfg["data"]) else 0
     # the data first: a bad source or a cache built by other encoders is refused before any model is loaded
     loader = make_dataloader(cfg["data"], batch_size=bs, resolution=tcfg["resolution"], seed=tcfg["seed"],
                              num_workers=tcfg["num_workers"], rank=acc.process_index, world_size=acc.num_processes,
-                             pipeline_dir=ensure_pipeline(cfg))
+                             pipeline_dir=ensure_pipeline(cfg), skip_batches=skip)
     d = Distiller(cfg, acc)
     scaler = getattr(acc, "scaler", None)
     step = 0
-    resume = resolve_resume(tcfg["resume"], out_dir)
     if resume:
         step = load_checkpoint(resume, d.plain_student, d.ema, d.optimizer, scaler)
         if d.ema is not None:
             d.ema.to(acc.device)
         acc.print(f"resumed from {resume} at step {step}")
     data = infinite(loader)
-    for _ in range(step * accum):  # continue the data stream where the checkpoint left it
+    for _ in range(step * accum - skip):
         next(data)
 
     writer = None
