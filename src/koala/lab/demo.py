@@ -176,12 +176,24 @@ def score_model(s: DemoSettings, teacher_dir: str, unet_dir: str | None, prompts
     return {k: round(float(agg[k]), 4) for k in ("color", "shape", "binding", "spatial") if k in agg}, unet
 
 
+def _quiet_libraries() -> None:
+    """Keep the demo's output to its own steps: no per-component loading bars or library chatter."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def run_demo(s: DemoSettings, log=print) -> dict:
     """Run the demo into ``s.out``; returns the results table (also written to ``results.json``)."""
     from ..utils import count_params
 
     t_start = time.time()
     torch.set_num_threads(s.threads)
+    _quiet_libraries()
     teacher_dir, student_init, train_dir = prepare(s, log)
     log(f"[2/4] distill {s.steps} steps (task + outKD + featKD {s.features}) on {s.num_train} shapes images")
     student_dir = distill(s, teacher_dir, student_init, train_dir)
