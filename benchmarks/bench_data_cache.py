@@ -23,8 +23,8 @@ def build_pipeline_dir(path: str, seed: int = 0) -> str:
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from koala.data.synthetic import WORDS
-    from koala.lab.tokenizer import build_clip_tokenizer
+    from koala.testing.images import WORDS
+    from koala.testing.tokenizer import build_clip_tokenizer
 
     tok = build_clip_tokenizer(os.path.join(path, "tokenizer"), WORDS)
     build_clip_tokenizer(os.path.join(path, "tokenizer_2"), WORDS)
@@ -52,8 +52,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from koala.data import build_cache, encode_batch, load_encoders, make_dataloader
-    from koala.data.synthetic import write_folder
+    from koala.data import build_cache, encode_batch, make_dataloader
+    from koala.families import family_of
+    from koala.testing.images import write_folder
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as d:
         r = args.resolution
@@ -62,7 +63,7 @@ def main() -> None:
         cfg = {"type": "folder", "path": os.path.join(d, "img")}
         n = args.images
 
-        enc = load_encoders(pipe)
+        enc = family_of(pipe).load_parts(pipe)
         t0 = time.perf_counter()
         seen = 0
         with torch.inference_mode():

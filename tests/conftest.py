@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny SDXL-topology models built in the test session. Never touches the network."""
+"""Shared fixtures: tiny SDXL- and SD-topology models built in the test session. Never touches the network."""
 
 import os
 
@@ -15,15 +15,25 @@ torch.set_num_threads(1)  # tiny models: 1 thread is far faster than 2 on a busy
 @pytest.fixture(scope="session")
 def tiny_pipe_dir(tmp_path_factory):
     """A saved tiny SDXL pipeline (random weights, U-Net depth pattern [1, 2, 10])."""
-    from koala.lab.tiny import save_tiny_pipeline
+    from koala.testing.tiny import save_tiny_pipeline
 
     d = tmp_path_factory.mktemp("tiny_pipe") / "pipe"
     save_tiny_pipeline(str(d), seed=0, words=["a", "red", "blue", "circle", "square", "photo", "of"])
     return str(d)
 
 
+@pytest.fixture(scope="session")
+def tiny_sd_pipe_dir(tmp_path_factory):
+    """A saved tiny SD-1.x pipeline (random weights, one CLIP text encoder, four-stage U-Net)."""
+    from koala.testing.tiny import save_tiny_pipeline
+
+    d = tmp_path_factory.mktemp("tiny_sd_pipe") / "pipe"
+    save_tiny_pipeline(str(d), seed=0, words=["a", "red", "blue", "circle", "square", "photo", "of"], family="sd")
+    return str(d)
+
+
 @pytest.fixture()
 def tiny_teacher():
-    from koala.lab.tiny import tiny_unet
+    from koala.testing.tiny import tiny_unet
 
     return tiny_unet(seed=0).eval()

@@ -8,12 +8,15 @@ import torch
 from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
 from koala import KoalaError
-from koala.arch import (
-    LAYER_MAP_FILE, PRESETS, SDXL_BASE_UNET_CONFIG, LayerMap, UNetSpec, build_unet, compress, compress_unet,
-    select_layers, student_config, teacher_spec,
-)
+from koala.arch import LAYER_MAP_FILE, LayerMap, UNetSpec, build_unet, select_layers
 from koala.cli import main
-from koala.lab.tiny import tiny_unet, tiny_unet_config
+from koala.compress import compress
+from koala.families import get_family
+
+SDXL = get_family("sdxl")
+PRESETS, SDXL_BASE_UNET_CONFIG = SDXL.presets, SDXL.reference_config
+compress_unet, student_config, teacher_spec = SDXL.compress, SDXL.student_config, SDXL.teacher_spec
+from koala.testing.tiny import tiny_unet, unet_config as tiny_unet_config
 
 # Table 2 of the paper, exact counts from the diffusers configs.
 TABLE2 = {"sdxl-base": 2_567_463_684, "bk-sdxl": 1_717_277_764, "koala-1b": 1_161_184_324, "koala-700m": 782_822_724}
@@ -125,7 +128,7 @@ def test_bad_specs_are_refused(tiny_teacher):
         compress_unet(tiny_teacher, UNetSpec([3, 1, 1], [0, 2, 5], [5, 2, 0], False))
 
 
-def test_sd15_teacher_is_refused(tmp_path):
+def test_sdxl_preset_for_sd15_teacher_is_refused(tmp_path):
     sd15 = UNet2DConditionModel(
         block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8, norm_num_groups=4,
@@ -134,8 +137,10 @@ def test_sd15_teacher_is_refused(tmp_path):
     out = tmp_path / "out"
     assert main(["compress", "--teacher", str(tmp_path / "sd15"), "--student", "koala-700m", "--out", str(out)]) == 2
     assert not out.exists()
-    with pytest.raises(KoalaError, match="addition_embed_type"):
+    with pytest.raises(KoalaError, match="belongs to the SDXL family.*SD-1.x/2.x teacher.*bk-sdm-small"):
         compress(str(tmp_path / "sd15"), "koala-700m", str(out))
+    with pytest.raises(KoalaError, match="addition_embed_type.*looks like a SD-1.x/2.x model"):
+        compress(str(tmp_path / "sd15"), "koala-700m", str(out), family="sdxl")
     assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".out")]
 
 
@@ -144,7 +149,7 @@ def test_existing_output_needs_overwrite(tmp_path, tiny_teacher):
     out = tmp_path / "student"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    with pytest.raises(KoalaError, match="--overwrite"):
+    with pytest.raises(KoalaError, match="overwrite"):
         compress(str(tmp_path / "teacher"), "koala-700m", str(out))
     assert (out / "keep.txt").exists()
     res = compress(str(tmp_path / "teacher"), "koala-700m", str(out), overwrite=True)

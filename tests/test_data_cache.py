@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from koala.data import build_cache, check_cache_compatible, encode_batch, load_encoders, make_dataloader
-from koala.data.synthetic import odd_images, write_folder
+from koala.data import build_cache, check_cache_compatible, encode_batch, make_dataloader
+from koala.families import family_of
+from koala.testing.images import odd_images, write_folder
 from koala.errors import KoalaError
 
 RES = 16
@@ -43,7 +44,7 @@ def test_cache_roundtrip_equals_on_the_fly(folder, tmp_path, tiny_pipe_dir):
             cached[k]["caption"] = b["captions"][i]
     assert len(cached) == 9
     # on the fly: raw loader with the same seed (epoch 0) draws the same random crop/flip per sample
-    enc = load_encoders(tiny_pipe_dir)
+    enc = family_of(tiny_pipe_dir).load_parts(tiny_pipe_dir)
     n = 0
     for raw in make_dataloader(_cfg(folder, repeat=False), batch_size=4, resolution=RES, seed=7):
         ref = encode_batch(raw, enc, latent="mean")
@@ -87,7 +88,7 @@ def test_resume_fp16_and_two_ranks(folder, tmp_path, tiny_pipe_dir):
 
 
 def test_fingerprint_mismatch_and_resolution(folder, tmp_path, tiny_pipe_dir):
-    from koala.lab.tiny import save_tiny_pipeline
+    from koala.testing.tiny import save_tiny_pipeline
 
     out = str(tmp_path / "cache")
     build_cache(_cfg(folder, buckets=[[16, 16], [16, 24]]), tiny_pipe_dir, out, resolution=RES, shard_size=100,

@@ -7,11 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from koala.conditioning import time_ids
+from koala.families.sdxl import time_ids
 from koala.data.buckets import make_buckets, nearest_bucket, parse_buckets
 from koala.data.captions import CaptionBuilder, CaptionLengths
 from koala.data.images import SkipSample, decode_image
-from koala.data.synthetic import odd_images, random_image
+from koala.testing.images import odd_images, random_image
 from koala.data.transforms import SDXLTransform, resize_to_cover, sample_rng, sdxl_crop, to_tensor
 from koala.errors import KoalaError
 

@@ -10,7 +10,7 @@ import torch
 
 import koala.data.records as records
 from koala.data import build_cache, make_dataloader
-from koala.data.synthetic import random_caption, random_image, write_folder
+from koala.testing.images import random_caption, random_image, write_folder
 
 RES = 16
 BUCKETS = [[16, 16], [16, 32], [32, 16]]

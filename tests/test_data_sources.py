@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from koala.data import data_stats, make_dataloader
-from koala.data.synthetic import odd_images, write_folder
+from koala.testing.images import odd_images, write_folder
 from koala.errors import KoalaError
 
 RES = 16

@@ -7,10 +7,12 @@ import torch
 from safetensors.torch import load_file
 
 from koala import KoalaError
-from koala.arch import compress_unet, teacher_spec
 from koala.distill import FeatureRecorder, feature_pairs, kd_losses, load_config, prediction_target
 from koala.distill.losses import feature_losses
-from koala.lab.tiny import tiny_unet
+from koala.families import get_family
+from koala.testing.tiny import tiny_unet
+
+compress_unet, teacher_spec = get_family("sdxl").compress, get_family("sdxl").teacher_spec
 
 
 ALL = {"SA": "all", "CA": "all", "FFN": "all", "Res": "all", "LF": "all"}
@@ -76,7 +78,7 @@ def test_default_pairs_are_sa_bottom_plus_lf_at_dw1_up3(tiny_teacher):
     # the features have the shapes the losses need, and the loss is finite and positive
     losses = _run(student, tiny_teacher, pairs, _inputs(tiny_teacher))
     assert torch.isfinite(losses.total) and float(losses.feat) > 0
-    assert set(losses.per_stage(pairs)) == {"DW-1", "DW-2", "DW-3", "UP-1", "UP-2", "UP-3"}
+    assert {k[5:] for k in losses.scalars(pairs) if k.startswith("feat/")} == {"DW-1", "DW-2", "DW-3", "UP-1", "UP-2", "UP-3"}
     # per-layer normalisation divides each pair's MSE by the teacher feature's mean square
     s_rec, t_rec = FeatureRecorder(student, [pairs[0].student]), FeatureRecorder(tiny_teacher, [pairs[0].teacher])
     x = _inputs(tiny_teacher)
@@ -84,8 +86,14 @@ def test_default_pairs_are_sa_bottom_plus_lf_at_dw1_up3(tiny_teacher):
         student(**x), tiny_teacher(**x)
     sf, tf = s_rec.pop(), t_rec.pop()
     plain = feature_losses(pairs[:1], sf, tf)[pairs[0].name]
-    normed = feature_losses(pairs[:1], sf, tf, "teacher")[pairs[0].name]
+    normed = feature_losses(pairs[:1], sf, tf, "mse_teacher_norm")[pairs[0].name]
     torch.testing.assert_close(normed, plain / tf[pairs[0].teacher].pow(2).mean())
+    cos = feature_losses(pairs[:1], sf, tf, "cosine")[pairs[0].name]
+    ref = 1 - torch.nn.functional.cosine_similarity(sf[pairs[0].student], tf[pairs[0].teacher], dim=-1).mean()
+    torch.testing.assert_close(cos, ref)
+    assert float(feature_losses(pairs[:1], tf, tf, "cosine")[pairs[0].name]) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(KoalaError, match="kd.feature_loss"):
+        feature_losses(pairs[:1], sf, tf, "l1")
 
 
 def test_hooks_under_gradient_checkpointing_same_loss_and_grads(tiny_teacher):
@@ -130,7 +138,7 @@ def test_prediction_targets():
 
 # --------------------------------------------------------------------------- trainer (tiny pipeline) ------
 def _cfg(pipe_dir, out, *extra):
-    return load_config("tiny", [f"teacher.pipeline={pipe_dir}", "teacher.make_tiny=false", f"train.output_dir={out}",
+    return load_config("tiny", [f"teacher.pipeline={pipe_dir}", f"train.output_dir={out}",
                                 "train.progress=false", "validation.every=0", "train.checkpoint_every=0",
                                 "data.num_samples=4", "train.log_every=1", *extra])
 
@@ -139,15 +147,15 @@ def test_overfit_one_batch_loss_falls_teacher_frozen_and_dropout(tiny_pipe_dir, 
     from accelerate import Accelerator
 
     from koala.distill.models import encode_batch
-    from koala.distill.trainer import Distiller, make_dataloader, micro_generator
+    from koala.distill.trainer import Distiller, make_dataloader, sample_generators
 
-    cfg = _cfg(tiny_pipe_dir, tmp_path / "run", "train.lr=3e-4", "data.caption_dropout=0.0")
+    cfg = _cfg(tiny_pipe_dir, tmp_path / "run", "train.lr=3e-4", "train.caption_dropout=0.0")
     d = Distiller(cfg, Accelerator(cpu=True))
     before = {k: v.clone() for k, v in d.teacher.state_dict().items()}
     batch = next(iter(make_dataloader(cfg["data"], batch_size=2, resolution=32)))
     first = None
     for i in range(12):
-        losses = d.step_losses(batch, micro_generator(0, 0, 0, 0))  # same noise/timesteps every step
+        losses = d.step_losses(batch, sample_generators(0, 0, 0, 2, 1))  # same noise/timesteps every step
         first = first if first is not None else losses
         losses.total.backward()
         d.optimizer.step()
@@ -159,26 +167,31 @@ def test_overfit_one_batch_loss_falls_teacher_frozen_and_dropout(tiny_pipe_dir, 
     # the raw path equals an independent reference: diffusers' own prompt encoding and VAE posterior sample
     from diffusers import StableDiffusionXLPipeline
 
-    lat, pe, pooled, ids = encode_batch(batch, d.frozen, "cpu", torch.Generator().manual_seed(3))
+    def gens(seed):
+        return [torch.Generator().manual_seed(seed + i) for i in range(2)]
+
+    lat, cond = encode_batch(batch, d.frozen, "cpu", gens(3))
+    pe, pooled, ids = cond["prompt_embeds"], cond["pooled_prompt_embeds"], cond["add_time_ids"]
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_pipe_dir)
     ref_pe, _, ref_pooled, _ = pipe.encode_prompt(batch["captions"], do_classifier_free_guidance=False)
     with torch.no_grad():
         post = pipe.vae.encode(batch["pixel_values"]).latent_dist
-    ref_lat = post.sample(torch.Generator().manual_seed(3)) * pipe.vae.config.scaling_factor
+    ref_lat = torch.cat([post.mean[i:i + 1] + post.std[i:i + 1] * torch.randn(post.mean.shape[1:], generator=g)
+                         for i, g in enumerate(gens(3))]) * pipe.vae.config.scaling_factor
     assert lat.dtype == pe.dtype == torch.float32
     assert torch.allclose(lat, ref_lat, atol=1e-6) and torch.equal(pe, ref_pe) and torch.equal(pooled, ref_pooled)
     ref_ids = torch.cat([batch["original_size"], batch["crop_top_left"], batch["target_size"]], 1).float()
     assert torch.equal(ids, ref_ids)
     # caption dropout gives zero prompt and pooled embeddings (SDXL's empty-prompt uncond)
-    _, pe, pooled, ids = encode_batch(batch, d.frozen, "cpu", torch.Generator().manual_seed(0), caption_dropout=1.0)
-    assert not pe.any() and not pooled.any() and ids.shape == (2, 6) and ids.any()
+    _, dropped = encode_batch(batch, d.frozen, "cpu", gens(0), caption_dropout=1.0)
+    assert not dropped["prompt_embeds"].any() and not dropped["pooled_prompt_embeds"].any()
+    assert dropped["add_time_ids"].shape == (2, 6) and dropped["add_time_ids"].any()
     # a cached batch (latents + embeddings from koala.data's cache) is used as is
-    lat, pe, pooled, ids = encode_batch(batch, d.frozen, "cpu", torch.Generator().manual_seed(0))
-    cached = {"latents": lat, "prompt_embeds": pe, "pooled_prompt_embeds": pooled, "add_time_ids": ids,
-              "captions": batch["captions"]}
-    again = encode_batch(cached, d.frozen, "cpu", torch.Generator().manual_seed(0))
-    assert all(torch.equal(a, b) for a, b in zip(again, (lat, pe, pooled, ids)))
-    assert torch.isfinite(d.step_losses(cached, micro_generator(0, 0, 1, 0)).total)
+    lat, cond = encode_batch(batch, d.frozen, "cpu", gens(0))
+    cached = {"latents": lat, **cond, "captions": batch["captions"]}
+    lat2, cond2 = encode_batch(cached, d.frozen, "cpu", gens(0))
+    assert torch.equal(lat2, lat) and all(torch.equal(cond2[k], cond[k]) for k in cond)
+    assert torch.isfinite(d.step_losses(cached, sample_generators(0, 1, 0, 2, 1)).total)
     d.s_rec.remove(), d.t_rec.remove()
 
 
@@ -189,7 +202,7 @@ def _weights(ckpt, sub="unet"):
 def test_resume_equivalence(tiny_pipe_dir, tmp_path):
     from koala.distill.trainer import train
 
-    common = ("train.grad_accum=2", "train.batch_size=1", "train.ema.decay=0.9", "data.caption_dropout=0.5")
+    common = ("train.grad_accum=2", "train.batch_size=1", "train.ema.decay=0.9", "train.caption_dropout=0.5")
     full = train(_cfg(tiny_pipe_dir, tmp_path / "a", "train.max_steps=20", *common))
     train(_cfg(tiny_pipe_dir, tmp_path / "b", "train.max_steps=10", *common))
     resumed = train(_cfg(tiny_pipe_dir, tmp_path / "b", "train.max_steps=20", "train.resume=latest", *common))
@@ -255,25 +268,47 @@ def test_cli_tiny_runs_and_8bit_adam_error(tiny_pipe_dir, tmp_path, capsys):
     assert "train.lr" in capsys.readouterr().err
 
 
-def test_two_process_ddp_gloo(tiny_pipe_dir, tmp_path):
-    """`accelerate launch` with 2 CPU processes (gloo): both ranks finish, each checkpoint is written once."""
+@pytest.mark.slow
+def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_pipe_dir, tmp_path):
+    """`accelerate launch` with 2 CPU processes (gloo) x batch 1 trains the same weights as 1 process x batch 2
+    (same samples, same per-sample noise; equal up to float summation order), each checkpoint is written once,
+    and resuming that run on another number of processes is refused unless allowed."""
     import subprocess
     import sys
 
+    from koala.distill.trainer import train
+
+    common = [f"teacher.pipeline={tiny_pipe_dir}", "train.max_steps=2", "train.checkpoint_every=1",
+              "train.grad_accum=2", "data.num_samples=8", "train.progress=false", "validation.every=0",
+              "train.caption_dropout=0.5",
+              # Adam divides by sqrt(v): for near-zero gradients float summation order can flip an update's sign
+              # (a difference of lr); with eps >> |g| the step is linear in the gradient and differences stay ~1e-7
+              "train.adam_eps=1.0", "train.lr=0.05"]
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    out = tmp_path / "run"
+    out2 = tmp_path / "two"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
-           "-m", "koala.cli", "distill", "--config", "tiny", f"teacher.pipeline={tiny_pipe_dir}",
-           f"train.output_dir={out}", "train.max_steps=2", "train.checkpoint_every=1", "train.batch_size=1",
-           "train.grad_accum=2", "data.num_samples=4", "train.progress=false", "validation.every=0"]
+           "-m", "koala.cli", "distill", "--config", "tiny", f"train.output_dir={out2}", "train.batch_size=1", *common]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     assert "[rank 0/2]: finished at step 2" in log and "[rank 1/2]: finished at step 2" in log
     for step in (1, 2):
-        assert log.count(f"checkpoint saved: {out}/checkpoints/step-{step:07d}") == 1
-    assert sorted(os.listdir(out / "checkpoints")) == ["step-0000001", "step-0000002"]
+        assert log.count(f"checkpoint saved: {out2}/checkpoints/step-{step:07d}") == 1
+    assert sorted(os.listdir(out2 / "checkpoints")) == ["step-0000001", "step-0000002"]
+    one = train(load_config("tiny", [f"train.output_dir={tmp_path / 'one'}", "train.batch_size=2", *common]))
+    for sub in ("unet", "unet_ema"):
+        wa, wb = _weights(one["checkpoint"], sub), _weights(str(out2 / "checkpoints" / "step-0000002"), sub)
+        assert wa.keys() == wb.keys()
+        diff = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+        assert diff < 1e-5, (sub, diff)
+    # the weights moved: equality is not the trivial "nothing was trained"
+    init = _weights(str(out2 / "checkpoints" / "step-0000001"))
+    assert max(float((init[k] - wb[k]).abs().max()) for k in wb) > 1e-4
+    resume = load_config("tiny", [f"train.output_dir={out2}", "train.batch_size=1", "train.resume=latest", *common])
+    resume["train"]["max_steps"] = 3
+    with pytest.raises(KoalaError, match="2 process.*this run has 1.*allow_world_size_change"):
+        train(resume)
 
 
 # --------------------------------------------------------------------------- real data (koala.data) ------
@@ -281,7 +316,7 @@ def _image_folder(path, n=6):
     """n small images of mixed sizes + metadata.jsonl (HF imagefolder convention)."""
     import json
 
-    from koala.data.synthetic import random_caption, random_image
+    from koala.testing.images import random_caption, random_image
 
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "metadata.jsonl"), "w") as f:
@@ -297,8 +332,7 @@ def test_cli_distill_on_image_folder(tiny_pipe_dir, tmp_path, capsys):
 
     folder = _image_folder(tmp_path / "images")
     out = tmp_path / "r"
-    args = ["distill", "--config", "tiny", f"teacher.pipeline={tiny_pipe_dir}", "teacher.make_tiny=false",
-            f"train.output_dir={out}", "train.max_steps=3", "train.grad_accum=1", "train.progress=false",
+    args = ["distill", "--config", "tiny", f"teacher.pipeline={tiny_pipe_dir}", f"train.output_dir={out}", "train.max_steps=3", "train.grad_accum=1", "train.progress=false",
             "validation.every=0", "data.type=folder", f"data.path={folder}"]  # tiny's num_samples: ignored
     assert main(args) == 0
     assert "finished at step 3" in capsys.readouterr().out
@@ -314,19 +348,24 @@ def test_train_from_cache_and_refuse_other_pipelines_cache(tiny_pipe_dir, tmp_pa
     from koala.data import build_cache
     from koala.distill.models import encode_batch
     from koala.distill.trainer import make_dataloader, train
-    from koala.lab.tiny import save_tiny_pipeline
+    from koala.testing.tiny import save_tiny_pipeline
 
     folder = _image_folder(tmp_path / "images")
     cache = str(tmp_path / "cache")
     idx = build_cache({"type": "folder", "path": folder}, tiny_pipe_dir, cache, resolution=32, batch_size=3,
                       shard_size=4, dtype="fp16", progress=False)
     assert idx["complete"] and idx["num_samples"] == 6
-    data = ["data.type=cache", f"data.path={cache}", "data.caption_dropout=0.5"]
+    data = ["data.type=cache", f"data.path={cache}", "train.caption_dropout=0.5"]
     cfg = _cfg(tiny_pipe_dir, tmp_path / "run", "train.max_steps=2", *data)
     batch = next(iter(make_dataloader(cfg["data"], batch_size=2, resolution=32, pipeline_dir=tiny_pipe_dir)))
     assert batch["latents"].dtype == batch["prompt_embeds"].dtype == torch.float16  # stored fp16
-    out = encode_batch(batch, None, "cpu", torch.Generator().manual_seed(0), caption_dropout=0.5)
-    assert all(t.dtype == torch.float32 for t in out) and out[0].shape == (2, 4, 16, 16)
+    from koala.distill.models import Frozen
+    from koala.families import get_family
+
+    frozen = Frozen(get_family("sdxl"), None, None, torch.float32)  # a cached batch needs no encoders
+    lat, cond = encode_batch(batch, frozen, "cpu", [torch.Generator().manual_seed(i) for i in range(2)], 0.5)
+    assert lat.dtype == torch.float32 and all(t.dtype == torch.float32 for t in cond.values())
+    assert lat.shape == (2, 4, 16, 16)
     res = train(cfg)
     assert res["step"] == 2 and res["checkpoint"].endswith("step-0000002")
     # a cache made by other encoders (another tiny pipeline) is refused before any model load or step
@@ -345,7 +384,7 @@ def test_resume_equivalence_on_image_folder_skips_without_decoding(tiny_pipe_dir
 
     folder = _image_folder(tmp_path / "images")  # 6 images, batch 1 x accum 2: epochs end inside the run
     common = ("train.grad_accum=2", "train.batch_size=1", "train.ema.enabled=false", "data.type=folder",
-              f"data.path={folder}", "data.caption_dropout=0.0")
+              f"data.path={folder}", "train.caption_dropout=0.0")
     full = train(_cfg(tiny_pipe_dir, tmp_path / "a", "train.max_steps=8", *common))
     train(_cfg(tiny_pipe_dir, tmp_path / "b", "train.max_steps=4", *common))
     decoded, decode = [], records.decode_image

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from koala.eval.shapes import detect_objects, label_components, parse_prompt, score_folder, score_pairs
+from koala.lab.score import detect_objects, label_components, parse_prompt, score_folder, score_pairs
 from koala.lab.shapes import generate_scenes, render, write_shapes_dataset
 
 

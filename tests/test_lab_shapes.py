@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from koala.eval.shapes import parse_prompt
+from koala.lab.score import parse_prompt
 from koala.lab.shapes import DEFAULT_HELD_OUT, generate_scenes, parse_pairs, render, write_shapes_dataset
 
 
@@ -79,14 +79,14 @@ def test_cli_make_data(tmp_path, capsys):
 
 
 def test_shapes_pipeline_has_sdxl_topology_and_compresses():
-    from koala.arch.compress import compress_unet
+    from koala.families import get_family
     from koala.lab.models import build_shapes_pipeline
 
     pipe = build_shapes_pipeline(0)
     cfg = pipe.unet.config
     assert list(cfg.transformer_layers_per_block)[1:] == [2, 10] and cfg.addition_embed_type == "text_time"
     assert pipe.vae_scale_factor == 2 and pipe.tokenizer.model_max_length == 32
-    student, _ = compress_unet(pipe.unet, "koala-700m")
+    student, _ = get_family("sdxl").compress(pipe.unet, "koala-700m")
     assert sum(p.numel() for p in student.parameters()) < 0.8 * sum(p.numel() for p in pipe.unet.parameters())
 
 
@@ -117,6 +117,36 @@ def test_train_teacher_refuses_foreign_output_dir(tmp_path):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    with pytest.raises(KoalaError, match="--overwrite"):
+    with pytest.raises(KoalaError, match="not a koala teacher") as err:
         train_teacher(TeacherConfig(out=str(out), num_train=4, steps=1, vae_steps=1))
+    assert err.value.option == "overwrite"
     assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_cli_train_teacher_tiny_end_to_end(tmp_path, capsys):
+    """VAE phase, U-Net phase (EMA, min-SNR, add_noise), checkpoint scoring and save, in a few seconds."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from koala.cli import main
+
+    out = tmp_path / "teacher"
+    args = ["lab", "train-teacher", "--out", str(out), "--num-train", "8", "--num-val", "2", "--vae-steps", "2",
+            "--steps", "3", "--batch-size", "4", "--save-every", "2", "--threads", "1"]
+    assert main(args) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["step"] == 3 and 0.0 <= res["color"] <= 1.0
+    meta = json.load(open(out / "koala_teacher.json"))
+    assert [row["step"] for row in meta["history"]] == [2, 3]
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(out))
+    assert pipe.unet.config.transformer_layers_per_block == [1, 2, 10]
+    assert pipe.vae.config.scaling_factor != 1.0  # set from the trained VAE's latents
+
+
+def test_teacher_reads_a_shapes_dataset_root_through_koala_data(tmp_path):
+    from koala.lab.train_teacher import read_folder
+
+    root = write_shapes_dataset(str(tmp_path / "d"), num_train=5, num_val=2, size=64, progress=False)
+    x, captions = read_folder(root, 32)  # the train split, resized to 32x32
+    rows = [json.loads(line) for line in open(os.path.join(root, "train", "metadata.jsonl"))]
+    assert x.shape == (5, 3, 32, 32) and captions == [r["text"] for r in rows]
+    assert -1.0 <= float(x.min()) and float(x.max()) <= 1.0

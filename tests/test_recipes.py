@@ -1,51 +1,143 @@
-"""YAML recipes and key=value overrides (koala.recipes) and the shipped distillation recipes."""
+"""Typed distillation config (koala.distill.config), recipe loading (koala.recipes) and the shipped recipes."""
 
-import math
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
 
 import pytest
 
 from koala import KoalaError
 from koala.distill.config import DEFAULTS, load_config
-from koala.recipes import REPO_CONFIGS, load_recipe, parse_override
+from koala.recipes import dump_recipe, read_recipe, shipped_recipes
+
+PIPE = "teacher.pipeline=x"
+REPO = Path(__file__).resolve().parents[1]
 
 
-def test_parse_override_values():
-    assert parse_override("train.lr=1e-5") == ("train.lr", 1e-5)  # no dot: still a float
-    assert parse_override("a.b=3") == ("a.b", 3)
-    assert parse_override("a=null") == ("a", None) and parse_override("a=") == ("a", None)
-    assert parse_override("a=true") == ("a", True)
-    assert parse_override("kd.features={SA: all, LF: [DW-1, UP-3]}")[1] == {"SA": "all", "LF": ["DW-1", "UP-3"]}
-    assert parse_override("x=a=b") == ("x", "a=b")
-    assert math.isnan(parse_override("x=.nan")[1])
-    for bad in ("novalue", "=3", "a..b=1", "a=[1,"):
-        with pytest.raises(KoalaError):
-            parse_override(bad)
+def test_defaults_are_the_paper_recipe():
+    cfg = load_config(None, [PIPE])
+    assert cfg == {**DEFAULTS, "teacher": {**DEFAULTS["teacher"], "pipeline": "x"}}
+    assert cfg["kd"] == {"features": {"SA": "all", "LF": ["DW-1", "UP-3"]}, "layer_selection": None,
+                         "feature_loss": "mse"}
+    assert cfg["data"] == {"type": "synthetic"} and cfg["loss"] == {"task": 1.0, "out": 1.0, "feat": 1.0}
+    t = cfg["train"]
+    assert t["lr"] == 1e-5 and t["adam_betas"] == [0.9, 0.999] and t["ema"] == {"enabled": True, "decay": 0.9999}
+    assert t["caption_dropout"] == 0.0 and t["allow_world_size_change"] is False and t["resume"] is None
+    assert cfg["teacher"]["family"] is None and cfg["student"]["preset"] == "koala-700m"
+    assert type(cfg) is dict and type(cfg["train"]["adam_betas"]) is list  # plain containers, no OmegaConf
 
 
-def test_recipe_merge_extends_and_unknown_keys(tmp_path):
-    defaults = {"a": {"x": 1, "y": 2}, "feat": {"SA": "all"}, "open": {}}
-    (tmp_path / "base.yaml").write_text("a: {x: 10}\nfeat: {SA: all, LF: [DW-1]}\n")
-    (tmp_path / "child.yaml").write_text("extends: base.yaml\na: {y: 20}\nfeat: {LF: all}\nopen: {anything: 1}\n")
-    cfg = load_recipe(str(tmp_path / "child.yaml"), ["a.x=5"], defaults, atomic=("feat",), open_sections=("open",))
-    assert cfg == {"a": {"x": 5, "y": 20}, "feat": {"LF": "all"}, "open": {"anything": 1}}
-    with pytest.raises(KoalaError, match=r"unknown key 'a.z'"):
-        load_recipe(None, ["a.z=1"], defaults)
-    with pytest.raises(KoalaError, match="did you mean a.x"):
-        load_recipe(None, ["a.xx=1"], defaults)
-    with pytest.raises(KoalaError, match="not found"):
-        load_recipe("no-such-recipe", [], defaults)
-    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
-    with pytest.raises(KoalaError, match="loops"):
-        load_recipe(str(tmp_path / "loop.yaml"), [], defaults)
+def test_overrides_are_typed(tmp_path):
+    cfg = load_config("tiny", ["train.lr=1e-5", "train.max_steps=7", "train.resume=null", "train.ema.enabled=false",
+                               "validation.prompts=[a, b]", "train.cpu_threads=2", "data.path=x.csv"])
+    t = cfg["train"]
+    assert isinstance(t["lr"], float) and t["lr"] == 1e-5 and t["max_steps"] == 7 and t["resume"] is None
+    assert t["ema"]["enabled"] is False and t["cpu_threads"] == 2 and cfg["validation"]["prompts"] == ["a", "b"]
+    assert cfg["data"]["path"] == "x.csv"  # data is an open section
+    assert load_config("tiny", ["train.resume=latest"])["train"]["resume"] == "latest"
+    assert load_config("tiny", ["train.output_dir=runs/${train.resolution}px"])["train"]["output_dir"] == "runs/32px"
+    with pytest.raises(KoalaError, match="tiny: data.path: Interpolation key 'train.nope' not found"):
+        load_config("tiny", ["data.path=${train.nope}"])
+    for override, key in (("train.lr=abc", "train.lr"), ("train.grad_accum=1.5", "train.grad_accum"),
+                          ("train.ema.enabled=maybe", "train.ema.enabled")):
+        with pytest.raises(KoalaError, match=key):
+            load_config("tiny", [override])
+    for bad in ("novalue", "=3", "a=[1,"):
+        with pytest.raises(KoalaError, match="override"):
+            load_config("tiny", [bad])
+
+
+def test_yaml_exponent_without_dot_is_a_float(tmp_path):
+    (tmp_path / "r.yaml").write_text("extends: tiny\ntrain: {lr: 1e-5, weight_decay: 2E-3}\n")
+    assert read_recipe(str(tmp_path / "r.yaml"))["train"]["lr"] == 1e-5  # plain YAML reading, no schema
+    t = load_config(str(tmp_path / "r.yaml"))["train"]
+    assert t["lr"] == 1e-5 and t["weight_decay"] == 2e-3 and isinstance(t["lr"], float)
+
+
+def test_unknown_keys_name_the_file_key_and_closest(tmp_path):
+    with pytest.raises(KoalaError, match=r"unknown key 'train.lrr' \(did you mean train.lr\?\)"):
+        load_config("tiny", ["train.lrr=1"])
+    with pytest.raises(KoalaError, match=r"'train.ema.decy' \(did you mean train.ema.decay\?\)"):
+        load_config("tiny", ["train.ema.decy=1"])
+    with pytest.raises(KoalaError, match=r"unknown key 'trian' \(did you mean train\?\)"):
+        load_config("tiny", ["trian.lr=1"])
+    (tmp_path / "typo.yaml").write_text("extends: tiny\nstudent: {presett: koala-1b}\n")
+    with pytest.raises(KoalaError, match=r"typo.yaml: unknown key 'student.presett' \(did you mean student.preset"):
+        load_config(str(tmp_path / "typo.yaml"))
+    (tmp_path / "badtype.yaml").write_text("extends: tiny\ntrain: {batch_size: two}\n")
+    with pytest.raises(KoalaError, match=r"badtype.yaml: train.batch_size"):
+        load_config(str(tmp_path / "badtype.yaml"))
+    (tmp_path / "list.yaml").write_text("- a\n")
+    with pytest.raises(KoalaError, match="list.yaml: a recipe must be a YAML mapping"):
+        load_config(str(tmp_path / "list.yaml"))
+    (tmp_path / "broken.yaml").write_text("train: {lr: [\n")
+    with pytest.raises(KoalaError, match="broken.yaml: not a valid YAML"):
+        load_config(str(tmp_path / "broken.yaml"))
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("teacher.make_tiny", "true", "teacher.make_tiny was removed: create the pipeline once with `koala lab make-tiny"),
+    ("kd.normalize", "teacher", "kd.normalize was replaced by kd.feature_loss: mse | mse_teacher_norm | cosine"),
+    ("data.caption_dropout", "0.1", "data.caption_dropout moved to train.caption_dropout"),
+])
+def test_removed_keys_name_their_replacement(tmp_path, key, value, message):
+    with pytest.raises(KoalaError, match=f"override .*{message}"):
+        load_config("tiny", [f"{key}={value}"])
+    sec, name = key.split(".")
+    (tmp_path / "old.yaml").write_text(f"extends: tiny\n{sec}:\n  {name}: {value}\n")
+    with pytest.raises(KoalaError, match=f"old.yaml: {message}"):
+        load_config(str(tmp_path / "old.yaml"))
+
+
+def test_extends_chain_merges_and_loops_are_refused(tmp_path, monkeypatch):
+    (tmp_path / "base.yaml").write_text("extends: tiny\ntrain: {lr: 2.0e-5}\nkd: {features: {SA: all, CA: all}}\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "child.yaml").write_text("extends: ../base.yaml\ntrain: {max_steps: 3}\ndata: {num_samples: 4}\n")
+    cfg = load_config(str(tmp_path / "sub" / "child.yaml"), ["train.batch_size=1"])
+    t = cfg["train"]
+    assert (t["lr"], t["max_steps"], t["batch_size"], t["resolution"]) == (2e-5, 3, 1, 32)  # child, base, override, tiny
+    assert cfg["data"] == {"type": "synthetic", "num_samples": 4} and cfg["kd"]["features"] == {"SA": "all", "CA": "all"}
+    (tmp_path / "turbo.yaml").write_text("extends: koala-turbo-700m\nstudent: {preset: koala-1b}\n")
+    assert load_config(str(tmp_path / "turbo.yaml"))["train"]["resolution"] == 512  # a shipped parent by name
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    (tmp_path / "self.yaml").write_text("extends: self.yaml\n")
+    for name in ("a.yaml", "self.yaml"):
+        with pytest.raises(KoalaError, match="'extends' loops"):
+            load_config(str(tmp_path / name))
+    (tmp_path / "badext.yaml").write_text("extends: [tiny]\n")
+    with pytest.raises(KoalaError, match="badext.yaml: 'extends' must be a recipe name or path"):
+        load_config(str(tmp_path / "badext.yaml"))
+    # ./configs/NAME.yaml in the working directory overrides a shipped recipe of the same name
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "tiny.yaml").write_text("teacher: {pipeline: mine}\n")
+    assert load_config("tiny")["teacher"]["pipeline"] == "mine"
+    assert load_config("tiny.yaml")["train"]["resolution"] == 1024
+
+
+def test_kd_features_are_replaced_as_a_whole(tmp_path):
+    (tmp_path / "lf.yaml").write_text("extends: tiny\nkd: {features: {LF: all}}\n")
+    assert load_config(str(tmp_path / "lf.yaml"))["kd"]["features"] == {"LF": "all"}
+    assert load_config("bk-baseline")["kd"]["features"] == {"LF": "all"}
+    assert load_config("tiny", ["kd.features={CA: all}"])["kd"]["features"] == {"CA": "all"}
+    assert load_config("tiny", ["kd={features: {CA: all}}"])["kd"]["features"] == {"CA": "all"}
+    # a single feature type given as a dotted key edits the mapping
+    assert load_config("tiny", ["kd.features.SA=[UP-1]"])["kd"]["features"] == {"SA": ["UP-1"], "LF": ["DW-1", "UP-3"]}
+    # stage names depend on the family (DW-4 exists for SD-1.x): not checked here
+    assert load_config("tiny", ["kd.features={LF: [DW-4]}"])["kd"]["features"] == {"LF": ["DW-4"]}
+    assert load_config("tiny", ["kd.features={LF: UP-3}"])["kd"]["features"] == {"LF": "UP-3"}
 
 
 def test_shipped_recipes_resolve_by_name_and_match_paper():
-    names = sorted(p.stem for p in REPO_CONFIGS.glob("*.yaml"))
-    assert {"tiny", "bk-baseline", "koala-lightning-700m", "koala-lightning-1b", "koala-turbo-700m",
-            "koala-turbo-1b"} <= set(names)
+    names = shipped_recipes()
+    assert set(names) == {"tiny", "bk-baseline", "koala-lightning-700m", "koala-lightning-1b", "koala-turbo-700m",
+                          "koala-turbo-1b"}
     for name in names:
         cfg = load_config(name)
-        assert set(cfg) == set(DEFAULTS)
+        assert set(cfg) == set(DEFAULTS) and load_config(f"{name}.yaml") == cfg
     for name, preset, res in (("koala-lightning-700m", "koala-700m", 1024), ("koala-lightning-1b", "koala-1b", 1024),
                               ("koala-turbo-700m", "koala-700m", 512), ("koala-turbo-1b", "koala-1b", 512)):
         cfg = load_config(name)
@@ -53,19 +145,81 @@ def test_shipped_recipes_resolve_by_name_and_match_paper():
         assert cfg["student"]["preset"] == preset and t["resolution"] == res
         assert t["lr"] == 1e-5 and t["max_steps"] == 500_000 and t["mixed_precision"] == "fp16"
         assert t["batch_size"] * t["grad_accum"] * 4 == 128  # 4 GPUs in the paper
-        assert cfg["kd"]["features"] == {"SA": "all", "LF": ["DW-1", "UP-3"]}
+        assert cfg["kd"]["features"] == {"SA": "all", "LF": ["DW-1", "UP-3"]} and cfg["kd"]["feature_loss"] == "mse"
     assert load_config("koala-lightning-700m")["teacher"]["unet_path"]
     assert load_config("koala-turbo-1b")["teacher"]["unet_path"] is None
-    assert load_config("bk-baseline")["kd"]["features"] == {"LF": "all"}
-    assert load_config(None, ["teacher.pipeline=x"])["kd"]["features"] == {"SA": "all", "LF": ["DW-1", "UP-3"]}
+    tiny = load_config("tiny")
+    assert tiny["teacher"]["pipeline"] == "runs/tiny-pipeline" and tiny["train"]["caption_dropout"] == 0.1
+    assert tiny["data"] == {"type": "synthetic", "num_samples": 16}
+    with pytest.raises(KoalaError, match="not found.*koala-lightning-700m.*tiny"):
+        load_config("no-such-recipe")
+
+
+def test_print_config_round_trips(tmp_path):
+    cfg = load_config("koala-turbo-1b")
+    (tmp_path / "dumped.yaml").write_text(dump_recipe(cfg))
+    assert load_config(str(tmp_path / "dumped.yaml")) == cfg
 
 
 def test_config_checks_name_the_field():
-    with pytest.raises(KoalaError, match="teacher.pipeline is required"):
+    with pytest.raises(KoalaError, match="teacher.pipeline is required.*teacher.pipeline="):
         load_config(None)
-    for override, field in (("kd.features={XA: all}", "XA"), ("kd.features={SA: [UP-9]}", "kd.features.SA"),
-                            ("loss.feat=-1", "loss.feat"), ("train.mixed_precision=fp8", "mixed_precision"),
-                            ("data.caption_dropout=2", "caption_dropout"), ("kd.layer_selection=top", "layer_selection"),
-                            ("train.grad_accum=1.5", "grad_accum")):
+    for override, field in (("kd.features={XA: all}", "XA"), ("kd.features={SA: [1]}", "kd.features.SA"),
+                            ("kd.features=[SA]", "kd.features must map"),
+                            ("loss.feat=-1", "loss.feat"), ("train.lr=.nan", "train.lr"),
+                            ("train.mixed_precision=fp8", "mixed_precision must be one of no, fp16, bf16"),
+                            ("train.optimizer=sgd", "optimizer must be one of adamw, adamw8bit"),
+                            ("train.caption_dropout=2", "caption_dropout"), ("kd.layer_selection=top", "layer_selection"),
+                            ("student.layer_selection=top", "student.layer_selection"),
+                            ("kd.feature_loss=l1", "kd.feature_loss must be one of mse"),
+                            ("train.grad_accum=0", "grad_accum"), ("train.grad_accum=1.5", "grad_accum"),
+                            ("data.repeat=false", "data.repeat: false is not supported"),
+                            ("data.type=folder", "path"), ("data.colour=red", "colour")):
         with pytest.raises(KoalaError, match=field):
             load_config("tiny", [override])
+
+
+def test_wheel_ships_recipes_and_assets(tmp_path):
+    """The built wheel holds the recipes and the shapes teacher, and `load_config('tiny')` works from it
+    outside the repository (no ./configs, no source tree)."""
+    import shutil
+
+    src = tmp_path / "src-copy"  # build a copy: building in place would write build/ into the shared checkout
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc")
+    shutil.copytree(REPO / "src", src / "src", ignore=ignore)
+    for f in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / f, src / f)
+    out = tmp_path / "wheel"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out),
+                    str(src)], check=True, capture_output=True)
+    (wheel,) = out.glob("koala_diffusion-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "koala/configs/tiny.yaml" in names and "koala/assets/shapes-teacher/model_index.json" in names
+    assert {f"koala/configs/{n}.yaml" for n in shipped_recipes()} <= names
+    target, empty = tmp_path / "site", tmp_path / "elsewhere"
+    empty.mkdir()
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True)
+    code = ("import koala; from koala.distill.config import load_config; "
+            "assert koala.__file__.startswith(%r), koala.__file__; "
+            "print(load_config('tiny')['train']['resolution'])" % str(target))
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    res = subprocess.run([sys.executable, "-c", code], cwd=empty, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "32"
+
+
+def test_cli_help_lists_recipes_and_print_config(capsys):
+    from koala.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["distill", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert all(name in text for name in shipped_recipes())
+    assert "extends: NAME_OR_PATH" in text and "mse_teacher_norm" in text and "adamw8bit" in text
+    assert main(["distill", "--config", "tiny", "--print-config", "train.max_steps=3", "--resume", "latest"]) == 0
+    printed = capsys.readouterr().out
+    assert "max_steps: 3" in printed and "resume: latest" in printed
+    assert main(["distill", "--config", "tiny", "--print-config", "kd.normalize=teacher"]) == 2
+    assert "kd.feature_loss" in capsys.readouterr().err

@@ -3,7 +3,7 @@
 from transformers import CLIPTokenizer
 
 from koala.lab.shapes import VOCAB_WORDS
-from koala.lab.tokenizer import build_clip_tokenizer
+from koala.testing.tokenizer import build_clip_tokenizer
 
 
 def test_every_word_is_one_token_even_when_merge_chains_collide(tmp_path):

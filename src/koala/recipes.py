@@ -1,180 +1,164 @@
-"""YAML recipe configs with ``key=value`` command-line overrides.
+"""YAML recipes on top of a typed schema (OmegaConf structured configs), with ``key=value`` overrides.
 
-A recipe is a nested mapping. ``load_recipe(path_or_name, overrides, defaults)`` returns
-``defaults`` <- recipe (``extends: other`` first) <- overrides, and refuses keys the defaults do not know,
-naming the key and the closest known one. Overrides use dotted keys and YAML values:
-``train.lr=2e-5``, ``kd.features="{SA: all}"``, ``data.caption_dropout=0.1``, ``train.resume=null``.
+``load(schema, recipe, overrides)`` returns schema defaults <- recipe (its ``extends:`` chain first) <-
+overrides, as an OmegaConf ``DictConfig``. Unknown keys and wrong types are refused with a KoalaError naming
+the file, the full dotted key and the closest known key. Overrides use OmegaConf's dotlist syntax (values
+are YAML): ``train.lr=2e-5``, ``kd.features="{SA: all}"``, ``train.resume=null``.
 
-A bare name (``tiny``) resolves to ``configs/tiny.yaml`` in the current directory or the repository.
+A recipe is a YAML file path, or a bare name: ``./configs/NAME.yaml`` in the current directory if it exists,
+else the recipe shipped in the package (``koala/configs/NAME.yaml``, see :func:`shipped_recipes`).
+``extends: NAME_OR_PATH`` is resolved relative to the extending file first, then as a name.
 """
 
 from __future__ import annotations
 
-import copy
 import difflib
 import os
-import re
+from importlib.resources import files
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from .errors import KoalaError
 
-REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+def package_configs():
+    return files("koala") / "configs"
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-5`` (no dot) as a float, as YAML 1.2 and every user expect."""
+def shipped_recipes() -> list[str]:
+    """Names of the recipes shipped inside the package (``koala/configs/*.yaml``)."""
+    return sorted(p.name[:-5] for p in package_configs().iterdir() if p.name.endswith(".yaml"))
 
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-    |\.[0-9_]+(?:[eE][-+][0-9]+)?
-    |[-+]?\.(?:inf|Inf|INF)
-    |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."),
-)
-
-
-def yaml_load(text):
-    return yaml.load(text, Loader=_Loader)
-
-
-def config_dirs() -> list[Path]:
-    return [Path.cwd() / "configs", REPO_CONFIGS]
-
-
-def resolve_recipe_path(name: str) -> str:
-    """A path to a YAML file, or a bare recipe name looked up as ``configs/NAME.yaml``."""
+def resolve_recipe(name: str):
+    """A YAML file path, or a bare recipe name: ``./configs/NAME.yaml`` first, then the shipped one."""
     if os.path.isfile(name):
-        return name
-    if os.sep not in name and "/" not in name:
+        return Path(name)
+    if "/" not in name and os.sep not in name:
         stem = name[:-5] if name.endswith(".yaml") else name
-        for d in config_dirs():
-            cand = d / f"{stem}.yaml"
+        for cand in (Path.cwd() / "configs" / f"{stem}.yaml", package_configs() / f"{stem}.yaml"):
             if cand.is_file():
-                return str(cand)
-    known = sorted({p.stem for d in config_dirs() if d.is_dir() for p in d.glob("*.yaml")})
-    raise KoalaError(f"recipe {name!r} not found: give a YAML file path or one of: {', '.join(known) or '(none found)'}")
+                return cand
+    raise KoalaError(f"recipe {name!r} not found: give a YAML file path or a shipped recipe name: "
+                     f"{', '.join(shipped_recipes())}")
 
 
-def read_yaml(path: str) -> dict[str, Any]:
+def _read(src) -> dict:
     try:
-        with open(path) as f:
-            data = yaml_load(f)
+        data = OmegaConf.create(src.read_text())
     except OSError as err:
-        raise KoalaError(f"{path}: cannot read ({err})") from err
-    except yaml.YAMLError as err:
-        raise KoalaError(f"{path}: not valid YAML ({err})") from err
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise KoalaError(f"{path}: a recipe must be a YAML mapping, got {type(data).__name__}")
-    return data
+        raise KoalaError(f"{src}: cannot read ({err})") from err
+    except (yaml.YAMLError, OmegaConfBaseException) as err:
+        raise KoalaError(f"{src}: not a valid YAML mapping ({err})") from err
+    if not isinstance(data, DictConfig):
+        raise KoalaError(f"{src}: a recipe must be a YAML mapping (key: value lines), got a list")
+    return OmegaConf.to_container(data, resolve=False)
 
 
-def parse_override(item: str) -> tuple[str, Any]:
-    """``"a.b=value"`` -> ``("a.b", yaml-parsed value)``."""
-    if "=" not in item:
-        raise KoalaError(f"override {item!r} must look like key=value (e.g. train.lr=2e-5)")
-    key, raw = item.split("=", 1)
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise KoalaError(f"override {item!r}: empty key")
+def recipe_layers(name: str) -> list[tuple[str, dict]]:
+    """``[(file, mapping), ...]`` from the root of the ``extends`` chain to ``name`` itself."""
+    layers: list[tuple[str, dict]] = []
+    src, seen = resolve_recipe(name), set()
+    while True:
+        real = os.path.realpath(src) if isinstance(src, Path) else str(src)
+        if real in seen:
+            raise KoalaError(f"{layers[0][0]}: 'extends' loops back to {src}")
+        seen.add(real)
+        data = _read(src)
+        parent = data.pop("extends", None)
+        layers.insert(0, (str(src), data))
+        if parent is None:
+            return layers
+        if not isinstance(parent, str):
+            raise KoalaError(f"{src}: 'extends' must be a recipe name or path, got {parent!r}")
+        rel = src.parent.joinpath(parent)  # relative to the extending file first, then a name
+        src = rel if rel.is_file() else resolve_recipe(parent)
+
+
+def read_recipe(name: str) -> dict:
+    """The recipe with its ``extends`` chain merged, without a schema (no defaults, no key checks)."""
+    merged = OmegaConf.create()
+    for where, data in recipe_layers(name):
+        merged = _merge(merged, data, where)
+    return OmegaConf.to_container(_resolved(merged, name), resolve=True)
+
+
+def _has(data: Mapping, dotted: str) -> bool:
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _merge(cfg: DictConfig, layer, where: str) -> DictConfig:
     try:
-        value = yaml_load(raw) if raw.strip() else None
-    except yaml.YAMLError as err:
-        raise KoalaError(f"override {item!r}: value is not valid YAML ({err})") from err
-    return key, value
+        return OmegaConf.merge(cfg, layer)
+    except ConfigKeyError as err:
+        raise KoalaError(f"{where}: unknown key {err.full_key!r}{_suggest(cfg, err.full_key)}") from err
+    except OmegaConfBaseException as err:
+        raise KoalaError(f"{where}: {_message(err)}") from err
 
 
-def merge(base: dict, update: dict, atomic: Iterable[str] = (), _prefix: str = "") -> dict:
-    """Deep-merge ``update`` into a copy of ``base``; dotted keys in ``atomic`` are replaced, not merged."""
-    out = copy.deepcopy(base)
-    for k, v in update.items():
-        path = f"{_prefix}{k}"
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and path not in atomic:
-            out[k] = merge(out[k], v, atomic, path + ".")
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
+def _message(err: OmegaConfBaseException) -> str:
+    key = f"{err.full_key}: " if getattr(err, "full_key", None) else ""
+    return key + str(getattr(err, "msg", None) or err).splitlines()[0]
 
 
-def set_dotted(cfg: dict, key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = cfg
-    for i, p in enumerate(parts[:-1]):
-        nxt = node.get(p)
-        if nxt is None:
-            nxt = node[p] = {}
-        if not isinstance(nxt, dict):
-            raise KoalaError(f"override {key}: {'.'.join(parts[:i + 1])} is a {type(nxt).__name__}, not a section")
-        node = nxt
-    node[parts[-1]] = value
-
-
-def get_dotted(cfg: dict, key: str, default: Any = None) -> Any:
-    node: Any = cfg
-    for p in key.split("."):
-        if not isinstance(node, dict) or p not in node:
-            return default
-        node = node[p]
-    return node
-
-
-def check_keys(cfg: dict, schema: dict, where: str, open_sections: Iterable[str] = (), _prefix: str = "") -> None:
-    """Refuse keys not in ``schema`` (sections listed in ``open_sections`` accept anything)."""
-    for k, v in cfg.items():
-        path = f"{_prefix}{k}"
-        if path in open_sections:
-            continue
-        if k not in schema:
-            close = difflib.get_close_matches(str(k), [str(s) for s in schema], n=1)
-            hint = f" (did you mean {_prefix}{close[0]}?)" if close else f" (known: {', '.join(map(str, schema))})"
-            raise KoalaError(f"{where}: unknown key {path!r}{hint}")
-        if isinstance(schema[k], dict) and path not in open_sections:
-            if not isinstance(v, dict):
-                raise KoalaError(f"{where}: {path!r} must be a mapping, got {v!r}")
-            check_keys(v, schema[k], where, open_sections, path + ".")
-
-
-def load_recipe(name_or_path: str | None, overrides: Iterable[str] = (), defaults: dict | None = None,
-                atomic: Iterable[str] = (), open_sections: Iterable[str] = ()) -> dict:
-    """Resolve a recipe: defaults <- recipe (following ``extends``) <- ``key=value`` overrides.
-
-    ``atomic`` sections are replaced as a whole by a recipe (not merged) and, like ``open_sections``,
-    their keys are not checked against ``defaults`` (check them yourself).
-    """
-    atomic = tuple(atomic)
-    cfg = copy.deepcopy(defaults or {})
-    if name_or_path:
-        cfg = merge(cfg, _read_with_extends(resolve_recipe_path(name_or_path), set(), atomic), atomic)
-    for item in overrides:
-        key, value = parse_override(item)
-        set_dotted(cfg, key, value)
-    if defaults:
-        check_keys(cfg, defaults, name_or_path or "config", (*open_sections, *atomic))
+def _resolved(cfg: DictConfig, where: str) -> DictConfig:
+    """``cfg`` with its ``${...}`` interpolations resolved (a bad one is a KoalaError here, not later)."""
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as err:
+        raise KoalaError(f"{where}: {_message(err)}") from err
     return cfg
 
 
-def _read_with_extends(path: str, seen: set[str], atomic: tuple = ()) -> dict:
-    real = os.path.realpath(path)
-    if real in seen:
-        raise KoalaError(f"{path}: 'extends' loops back to itself")
-    seen.add(real)
-    data = read_yaml(path)
-    parent = data.pop("extends", None)
-    if parent is None:
-        return data
-    if not isinstance(parent, str):
-        raise KoalaError(f"{path}: 'extends' must be a recipe name or path, got {parent!r}")
-    cand = os.path.join(os.path.dirname(path), parent)
-    parent_path = cand if os.path.isfile(cand) else resolve_recipe_path(parent)
-    return merge(_read_with_extends(parent_path, seen, atomic), data, atomic)
+def _suggest(cfg: DictConfig, full_key: str) -> str:
+    parent, _, last = str(full_key).rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    known = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
+    close = difflib.get_close_matches(last, known, n=1)
+    prefix = f"{parent}." if parent else ""
+    return f" (did you mean {prefix}{close[0]}?)" if close else f" (known: {', '.join(known)})" if known else ""
 
 
-def dump_recipe(cfg: dict) -> str:
+def load(schema: type, recipe: str | None, overrides: Iterable[str] = (), *, whole: Iterable[str] = (),
+         removed: Mapping[str, str] | None = None) -> DictConfig:
+    """``schema`` defaults <- ``recipe`` (``extends`` chain first) <- ``key=value`` overrides.
+
+    Keys in ``whole`` (dotted) are replaced as a whole by any layer that sets them, never merged key by key.
+    ``removed`` maps a dotted key no longer accepted to the message telling what replaced it.
+    """
+    whole, removed = tuple(whole), dict(removed or {})
+    cfg = OmegaConf.structured(schema)
+    layers = [(where, data, None) for where, data in (recipe_layers(recipe) if recipe else [])]
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if "=" not in item or not key:
+            raise KoalaError(f"override {item!r} must look like key=value (e.g. train.lr=2e-5)")
+        try:
+            layers.append((f"override {item!r}", OmegaConf.to_container(OmegaConf.from_dotlist([item])), key))
+        except (yaml.YAMLError, OmegaConfBaseException) as err:
+            raise KoalaError(f"override {item!r}: value is not valid YAML ({' '.join(str(err).split())})") from err
+    for where, data, key in layers:
+        for old, message in removed.items():
+            if _has(data, old):
+                raise KoalaError(f"{where}: {message}")
+        for w in whole:  # a recipe setting it, or an override of it (or of a section holding it) replaces it
+            if (_has(data, w) if key is None else (w == key or w.startswith(key + "."))):
+                OmegaConf.update(cfg, w, None, merge=False)
+        cfg = _merge(cfg, data, where)
+    return _resolved(cfg, recipe or "config")
+
+
+def dump_recipe(cfg: Mapping) -> str:
+    """A resolved config as YAML text (``koala distill --print-config``)."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
     return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)

@@ -1,4 +1,4 @@
-"""Small shared helpers: dtypes, atomic output directories, model-directory detection."""
+"""Small shared helpers: dtypes, JSON reading, atomic output directories, parameter counts."""
 
 from __future__ import annotations
 
@@ -39,27 +39,6 @@ def read_json(path: str) -> dict:
         raise KoalaError(f"{path}: not valid JSON ({err})") from err
 
 
-def model_dir_kind(path: str) -> str:
-    """'pipeline' (has model_index.json and unet/), 'unet' (a UNet2DConditionModel config.json), else error."""
-    if not os.path.isdir(path):
-        raise KoalaError(f"{path}: no such directory (give a U-Net directory or an SDXL pipeline directory)")
-    if os.path.isfile(os.path.join(path, "model_index.json")):
-        if not os.path.isfile(os.path.join(path, "unet", "config.json")):
-            raise KoalaError(f"{path}: pipeline directory has no unet/config.json")
-        return "pipeline"
-    cfg = os.path.join(path, "config.json")
-    if os.path.isfile(cfg):
-        cls = read_json(cfg).get("_class_name")
-        if cls != "UNet2DConditionModel":
-            raise KoalaError(f"{cfg}: _class_name is {cls!r}, expected 'UNet2DConditionModel'")
-        return "unet"
-    raise KoalaError(f"{path}: neither a pipeline directory (model_index.json) nor a U-Net directory (config.json)")
-
-
-def unet_dir(path: str) -> str:
-    return os.path.join(path, "unet") if model_dir_kind(path) == "pipeline" else path
-
-
 @contextlib.contextmanager
 def atomic_output_dir(out_dir: str, overwrite: bool = False) -> Iterator[str]:
     """Yield a temporary directory beside ``out_dir``; on success it replaces ``out_dir``, on error it is removed.
@@ -68,7 +47,7 @@ def atomic_output_dir(out_dir: str, overwrite: bool = False) -> Iterator[str]:
     """
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not overwrite:
-        raise KoalaError(f"{out_dir} already exists; pass --overwrite to replace it or choose another --out")
+        raise KoalaError(f"{out_dir} already exists; overwrite it or choose another output directory", option="overwrite")
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
@@ -88,3 +67,10 @@ def atomic_output_dir(out_dir: str, overwrite: bool = False) -> Iterator[str]:
 
 def count_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def tree_to(tree, device=None, dtype: torch.dtype | None = None):
+    """``tree`` (a tensor or nested dict of tensors) moved to ``device``; floating tensors cast to ``dtype``."""
+    if isinstance(tree, dict):
+        return {k: tree_to(v, device, dtype) for k, v in tree.items()}
+    return tree.to(device=device, dtype=dtype if dtype is not None and torch.is_floating_point(tree) else None)

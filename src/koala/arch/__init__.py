@@ -1,12 +1,11 @@
-"""Architecture: presets, compression with teacher-weight initialisation, the teacher->student layer map."""
+"""Architecture primitives shared by every family: the teacher->student layer map, generic U-Net surgery
+(specs, student configs, layer-map building) and initialisation of a student from its teacher."""
 
-from .compress import CompressResult, build_unet, compress, compress_unet, load_teacher_unet
-from .layer_map import LAYER_MAP_FILE, LayerMap, MapEntry, build_layer_map, select_layers
-from .presets import PAPER_MODELS, PRESETS, SDXL_BASE_UNET_CONFIG, UNetSpec, check_sdxl_topology, resolve_spec, student_config, teacher_spec
+from .compress import init_from_teacher
+from .layer_map import LAYER_MAP_FILE, SELECTIONS, LayerMap, MapEntry, select_layers
+from .unet import UNetSpec, build_unet, build_unet_layer_map, unet_student_config, unet_teacher_spec
 
 __all__ = [
-    "CompressResult", "build_unet", "compress", "compress_unet", "load_teacher_unet",
-    "LAYER_MAP_FILE", "LayerMap", "MapEntry", "build_layer_map", "select_layers",
-    "PAPER_MODELS", "PRESETS", "SDXL_BASE_UNET_CONFIG", "UNetSpec", "check_sdxl_topology", "resolve_spec",
-    "student_config", "teacher_spec",
+    "init_from_teacher", "LAYER_MAP_FILE", "SELECTIONS", "LayerMap", "MapEntry", "select_layers",
+    "UNetSpec", "build_unet", "build_unet_layer_map", "unet_student_config", "unet_teacher_spec",
 ]

@@ -11,7 +11,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -164,65 +164,3 @@ class LayerMap:
         except (OSError, json.JSONDecodeError) as err:
             raise KoalaError(f"{path}: cannot read layer map ({err})") from err
         return cls.from_dict(d, path)
-
-
-def _depth(attn_module) -> int:
-    return len(attn_module.transformer_blocks)
-
-
-def _attn_entries(prefix_s, prefix_t, stage, idx_s, idx_t, a_s, a_t, selection) -> Iterable[MapEntry]:
-    yield MapEntry(prefix_s, prefix_t, stage, "attention", idx_s, idx_t)
-    sel = select_layers(_depth(a_t), _depth(a_s), selection)
-    for k, tk in enumerate(sel):
-        yield MapEntry(f"{prefix_s}.transformer_blocks.{k}", f"{prefix_t}.transformer_blocks.{tk}", stage,
-                       "transformer_layer", idx_s, idx_t, k, tk)
-
-
-def build_layer_map(teacher: torch.nn.Module, student: torch.nn.Module, selection: str = "bottom") -> LayerMap:
-    """Map every student module of an SDXL-topology U-Net to its teacher module at the same location.
-
-    Encoder stages keep their first resnet/attention pairs. Decoder stages keep their first ones plus the
-    last one, whose input takes the skip connection with the stage's input channel count (so every copied
-    tensor has exactly the teacher tensor's shape). Transformer layers follow ``selection`` (SA-bottom).
-    Works on meta-device modules: only structure is read.
-    """
-    entries: list[MapEntry] = []
-    for name in ("conv_in", "time_embedding", "add_embedding", "conv_norm_out", "conv_out"):
-        if getattr(student, name, None) is not None:
-            entries.append(MapEntry(name, name, "IO", "io"))
-    n = len(student.down_blocks)
-    if n != len(teacher.down_blocks):
-        raise KoalaError(f"student has {n} encoder stages but the teacher has {len(teacher.down_blocks)}")
-    for i, (bs, bt) in enumerate(zip(student.down_blocks, teacher.down_blocks)):
-        stage = f"DW-{i + 1}"
-        if len(bs.resnets) > len(bt.resnets):
-            raise KoalaError(f"{stage}: student has more resnets ({len(bs.resnets)}) than the teacher ({len(bt.resnets)})")
-        for j in range(len(bs.resnets)):
-            entries.append(MapEntry(f"down_blocks.{i}.resnets.{j}", f"down_blocks.{i}.resnets.{j}", stage, "resnet", j, j))
-            if getattr(bs, "attentions", None) is not None:
-                entries += _attn_entries(f"down_blocks.{i}.attentions.{j}", f"down_blocks.{i}.attentions.{j}", stage,
-                                         j, j, bs.attentions[j], bt.attentions[j], selection)
-        if bs.downsamplers is not None:
-            entries.append(MapEntry(f"down_blocks.{i}.downsamplers", f"down_blocks.{i}.downsamplers", stage, "downsampler"))
-    if student.mid_block is not None:
-        if teacher.mid_block is None:
-            raise KoalaError("student has a mid block but the teacher has none")
-        for j in range(len(student.mid_block.resnets)):
-            entries.append(MapEntry(f"mid_block.resnets.{j}", f"mid_block.resnets.{j}", "MID", "resnet", j, j))
-        for j in range(len(student.mid_block.attentions)):
-            entries += _attn_entries(f"mid_block.attentions.{j}", f"mid_block.attentions.{j}", "MID", j, j,
-                                     student.mid_block.attentions[j], teacher.mid_block.attentions[j], selection)
-    for i, (bs, bt) in enumerate(zip(student.up_blocks, teacher.up_blocks)):
-        stage = f"UP-{i + 1}"
-        ns, nt = len(bs.resnets), len(bt.resnets)
-        if ns > nt:
-            raise KoalaError(f"{stage}: student has more resnets ({ns}) than the teacher ({nt})")
-        for j in range(ns):
-            tj = j if j < ns - 1 else nt - 1
-            entries.append(MapEntry(f"up_blocks.{i}.resnets.{j}", f"up_blocks.{i}.resnets.{tj}", stage, "resnet", j, tj))
-            if getattr(bs, "attentions", None) is not None:
-                entries += _attn_entries(f"up_blocks.{i}.attentions.{j}", f"up_blocks.{i}.attentions.{tj}", stage,
-                                         j, tj, bs.attentions[j], bt.attentions[tj], selection)
-        if bs.upsamplers is not None:
-            entries.append(MapEntry(f"up_blocks.{i}.upsamplers", f"up_blocks.{i}.upsamplers", stage, "upsampler"))
-    return LayerMap(entries, selection, dict(teacher.config), dict(student.config))

@@ -1,4 +1,5 @@
-"""Components to benchmark: real-size SDXL architectures with random weights, tiny ones, or a pipeline directory.
+"""Components to benchmark: real-size architectures of any family with random weights, tiny ones, or a pipeline
+directory.
 
 Real-size presets need no weights: every module is built on ``meta`` (no memory, no init time), moved with
 ``to_empty`` and filled in place with small random values. Latency and memory do not depend on the values
@@ -14,9 +15,9 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from ..arch.presets import PRESETS, SDXL_BASE_UNET_CONFIG, student_config
 from ..errors import KoalaError
-from ..utils import count_params, model_dir_kind, read_json
+from ..families import Family, all_presets, family_of, model_dir_kind
+from ..utils import count_params, read_json
 
 # CLIP ViT-L/14 text tower (SDXL text_encoder) and OpenCLIP ViT-bigG/14 text tower (SDXL text_encoder_2).
 CLIP_L_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
@@ -27,7 +28,7 @@ SDXL_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_chan
                 down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
                 layers_per_block=2, norm_num_groups=32, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
 
-TINY_PREFIX = "tiny-"  # "tiny-sdxl-base", "tiny-koala-700m", ...: preset applied to koala.lab.tiny's teacher
+TINY_PREFIX = "tiny-"  # "tiny-sdxl-base", "tiny-koala-700m", ...: preset applied to koala.testing.tiny RANDOM teacher
 
 
 @dataclass
@@ -40,6 +41,7 @@ class BenchModel:
     text_encoders: list = field(default_factory=list)
     vae: AutoencoderKL | None = None
     vae_scale: int = 8
+    family: str = "sdxl"
 
     def params(self) -> dict:
         out = {"unet": count_params(self.unet)}
@@ -90,51 +92,48 @@ def materialize(factory, device, dtype, seed: int = 0):
     return module.eval().requires_grad_(False)
 
 
-def sdxl_text_encoders(device, dtype):
-    return [materialize(lambda: CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT)), device, dtype, 1),
-            materialize(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG_TEXT)), device, dtype, 2)]
+def real_text_encoders(family: Family, device, dtype):
+    """The family's real-size text towers: SDXL CLIP-L + OpenCLIP bigG; SD-1.x CLIP-L (random weights)."""
+    out = [materialize(lambda: CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT)), device, dtype, 1)]
+    if family.name == "sdxl":
+        out.append(materialize(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG_TEXT)), device, dtype, 2))
+    return out
 
 
-def sdxl_vae(device, dtype):
+def sdxl_vae(device, dtype):  # SD-1.x's VAE has the same architecture
     return materialize(lambda: AutoencoderKL(**SDXL_VAE), device, dtype, 3)
 
 
-def _tiny_parts():
-    from ..lab import tiny
-
-    return tiny
-
-
-def preset_unet_config(name: str) -> dict:
-    """U-Net config of a preset (``koala-700m``) or tiny preset (``tiny-koala-700m``)."""
+def preset_unet_config(name: str) -> tuple[Family, dict]:
+    """``(family, U-Net config)`` of a preset (``koala-700m``) or tiny preset (``tiny-koala-700m``)."""
+    base = name[len(TINY_PREFIX):] if name.startswith(TINY_PREFIX) else name
+    fam = all_presets().get(base)
+    if fam is None:
+        raise KoalaError(f"models: {name!r} is neither a preset ({', '.join(all_presets())}; prefix 'tiny-' for "
+                         "test-size versions) nor an existing pipeline directory", option="models")
     if name.startswith(TINY_PREFIX):
-        base, teacher = name[len(TINY_PREFIX):], _tiny_parts().tiny_unet_config()
-    else:
-        base, teacher = name, SDXL_BASE_UNET_CONFIG
-    if base not in PRESETS:
-        raise KoalaError(f"--models: {name!r} is neither a preset ({', '.join(PRESETS)}; prefix 'tiny-' for "
-                         "test-size versions) nor an existing pipeline directory")
-    return student_config(teacher, base)
+        from ..testing.tiny import RANDOM, unet_config
+
+        return fam, fam.student_config(unet_config(RANDOM, family=fam.name), base)
+    return fam, fam.student_config(fam.reference_config, base)
 
 
 def build_bench_model(name: str, device="cpu", dtype=torch.float32, components=("text", "unet", "vae")) -> BenchModel:
-    """A preset (random real-size weights), a tiny preset, or an SDXL pipeline directory on disk."""
+    """A preset (random real-size weights), a tiny preset, or a pipeline directory on disk."""
     want_text, want_vae = "text" in components, "vae" in components
     if os.path.isdir(name):
         return _from_pipeline_dir(name, device, dtype, want_text, want_vae)
-    cfg = preset_unet_config(name)
-    if name.startswith(TINY_PREFIX):
-        tiny = _tiny_parts()
-        unet = materialize(lambda: UNet2DConditionModel.from_config(cfg), device, dtype)
-        tes = []
-        if want_text:
-            tes = [_to(m, device, dtype) for m in tiny.tiny_text_encoders(1000)]
-        vae = _to(tiny.tiny_vae(), device, dtype) if want_vae else None
-        return BenchModel(name, "tiny-preset", unet, tes, vae, vae_scale=2)
+    fam, cfg = preset_unet_config(name)
     unet = materialize(lambda: UNet2DConditionModel.from_config(cfg), device, dtype)
-    tes = sdxl_text_encoders(device, dtype) if want_text else []
+    if name.startswith(TINY_PREFIX):
+        from ..testing.tiny import RANDOM, tiny_text_encoders, tiny_vae
+
+        tes = [_to(m, device, dtype) for m in tiny_text_encoders(RANDOM, 1000, family=fam.name)] if want_text else []
+        vae = _to(tiny_vae(RANDOM), device, dtype) if want_vae else None
+        return BenchModel(name, "tiny-preset", unet, tes, vae, vae_scale=2, family=fam.name)
+    tes = real_text_encoders(fam, device, dtype) if want_text else []
     vae = sdxl_vae(device, dtype) if want_vae else None
-    return BenchModel(name, "preset", unet, tes, vae, vae_scale=8)
+    return BenchModel(name, "preset", unet, tes, vae, vae_scale=8, family=fam.name)
 
 
 def _to(module, device, dtype):
@@ -144,16 +143,12 @@ def _to(module, device, dtype):
 
 def _from_pipeline_dir(path, device, dtype, want_text, want_vae) -> BenchModel:
     if model_dir_kind(path) != "pipeline":
-        raise KoalaError(f"--models: {path} is a U-Net directory; give a full pipeline directory (model_index.json)")
-    unet = UNet2DConditionModel.from_pretrained(os.path.join(path, "unet"), dtype=dtype).to(device).eval()
-    tes = []
-    if want_text:
-        tes = [CLIPTextModel.from_pretrained(os.path.join(path, "text_encoder"), dtype=dtype).to(device).eval(),
-               CLIPTextModelWithProjection.from_pretrained(os.path.join(path, "text_encoder_2"), dtype=dtype).to(device).eval()]
-    vae, scale = None, 8
-    vae_cfg = os.path.join(path, "vae", "config.json")
-    if os.path.isfile(vae_cfg):
-        scale = 2 ** (len(read_json(vae_cfg)["block_out_channels"]) - 1)
-    if want_vae:
-        vae = AutoencoderKL.from_pretrained(os.path.join(path, "vae"), dtype=dtype).to(device).eval()
-    return BenchModel(os.path.basename(os.path.normpath(path)), os.path.abspath(path), unet, tes, vae, scale)
+        raise KoalaError(f"models: {path} is a U-Net directory; give a full pipeline directory (model_index.json)",
+                         option="models")
+    fam = family_of(path)
+    unet = fam.load_model(os.path.join(path, fam.model_subfolder), dtype).to(device).eval()
+    parts = fam.load_parts(path, dtype, dtype, device) if (want_text or want_vae) else None
+    vae_cfg = read_json(os.path.join(path, "vae", "config.json"))
+    scale = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    return BenchModel(os.path.basename(os.path.normpath(path)), os.path.abspath(path), unet,
+                      parts.text_encoders if want_text else [], parts.vae if want_vae else None, scale, fam.name)

@@ -18,9 +18,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..arch.stats import unet_flops
+from ..arch.stats import forward_flops
+from ..families import get_family
 from ..errors import KoalaError
-from ..utils import parse_dtype
+from ..utils import parse_dtype, tree_to
 from .memory import PeakMemory
 from .models import BenchModel, build_bench_model, preset_unet_config
 
@@ -48,7 +49,7 @@ class BenchSettings:
             raise KoalaError("--models: give at least one preset name or pipeline directory")
         for name in self.models:  # fail before spending minutes building the earlier models
             if not os.path.isdir(name):
-                preset_unet_config(name)
+                preset_unet_config(name)  # raises for an unknown name
         bad = [c for c in self.components if c not in COMPONENTS]
         if bad or not self.components:
             raise KoalaError(f"--components: unknown {bad}; choose from {', '.join(COMPONENTS)} (comma separated)")
@@ -81,54 +82,52 @@ class _Inputs:
     """Random inputs shaped like the pipeline's, fixed per model so every round does identical work."""
 
     def __init__(self, m: BenchModel, s: BenchSettings, device, dtype):
-        c = m.unet.config
+        fam, c = get_family(m.family), dict(m.unet.config)
         g = torch.Generator().manual_seed(0)
         lat = s.resolution // m.vae_scale
         vocab = m.text_encoders[0].config.vocab_size if m.text_encoders else 1000
-        self.ids = torch.randint(0, vocab, (s.batch, s.text_len), generator=g).to(device)
-        pooled_dim = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
-        self.ctx = torch.randn(s.unet_batch, s.text_len, c.cross_attention_dim, generator=g).to(device, dtype)
-        self.pooled = torch.randn(s.unet_batch, pooled_dim, generator=g).to(device, dtype)
-        size = [s.resolution, s.resolution, 0, 0, s.resolution, s.resolution]
-        self.time_ids = torch.tensor([size] * s.unet_batch, dtype=dtype, device=device)
-        self.latents = torch.randn(s.batch, c.in_channels, lat, lat, generator=g).to(device, dtype)
+        self.ids = [torch.randint(0, vocab, (s.batch, s.text_len), generator=g).to(device) for _ in m.text_encoders]
+        # U-Net conditioning when the text encoders are not run (or do not fit a custom U-Net): random, right shapes
+        self.cond = {k: tree_to(v, device) for k, v in
+                     fam.dummy_inputs(c, lat, s.unet_batch, s.text_len, device="cpu", dtype=dtype).items()
+                     if k not in ("sample", "timestep")}
+        size = torch.tensor([[s.resolution, s.resolution]] * s.unet_batch)
+        self.micro = {k: v.to(device, dtype) for k, v in fam.micro_conditions(
+            {"original_size": size, "crop_top_left": torch.zeros_like(size), "target_size": size}).items()}
+        self.latents = torch.randn(s.batch, c["in_channels"], lat, lat, generator=g).to(device, dtype)
 
 
 @torch.no_grad()
 def _one_run(m: BenchModel, s: BenchSettings, x: _Inputs, device) -> dict:
     """One pipeline-shaped run; returns milliseconds per component and the list of U-Net step times."""
-    from ..lab.tiny import sdxl_scheduler
+    from ..testing.tiny import sdxl_scheduler
 
+    fam = get_family(m.family)
     out: dict = {}
     _sync(device)
     t_start = time.perf_counter()
-    ctx, pooled = x.ctx, x.pooled
+    unet_kw = x.cond
     if "text" in s.components and m.text_encoders:
         t0 = time.perf_counter()
-        hidden = []
-        for enc in m.text_encoders:
-            o = enc(x.ids, output_hidden_states=True)
-            hidden.append(o.hidden_states[-2])
-            if o[0].ndim == 2:
-                pooled_t = o[0]
+        cond = fam.encode_tokens(x.ids, m.text_encoders)
+        if s.cfg > 1:  # the negative prompt: zeros (SDXL, force_zeros_for_empty_prompt) or encoded again (SD-1.x)
+            neg = {k: torch.zeros_like(v) for k, v in cond.items()} if fam.zero_uncond else \
+                fam.encode_tokens(x.ids, m.text_encoders)
+            cond = {k: torch.cat([neg[k], v]) for k, v in cond.items()}
         _sync(device)
         out["text_encoders"] = 1000 * (time.perf_counter() - t0)
-        if s.cfg > 1:  # zeroed negative prompt (force_zeros_for_empty_prompt), as SDXL does without one
-            hidden = [torch.cat([torch.zeros_like(h), h]) for h in hidden]
-            pooled_t = torch.cat([torch.zeros_like(pooled_t), pooled_t])
-        ctx, pooled = torch.cat(hidden, dim=-1), pooled_t
-        if ctx.shape[-1] != m.unet.config.cross_attention_dim:  # e.g. a U-Net-only custom model
-            ctx = x.ctx
+        kw = fam.model_inputs({**cond, **x.micro})
+        if kw["encoder_hidden_states"].shape[-1] == m.unet.config.cross_attention_dim:  # else a U-Net-only custom model
+            unet_kw = kw
     sched = sdxl_scheduler()
     sched.set_timesteps(s.steps, device=device)
     latents = x.latents * sched.init_noise_sigma
     steps_ms = []
-    added = {"text_embeds": pooled, "time_ids": x.time_ids}
     for t in sched.timesteps:
         t0 = time.perf_counter()
         inp = torch.cat([latents] * 2) if s.cfg > 1 else latents
         inp = sched.scale_model_input(inp, t)
-        eps = m.unet(inp, t, encoder_hidden_states=ctx, added_cond_kwargs=added, return_dict=False)[0]
+        eps = m.unet(inp, t, **unet_kw, return_dict=False)[0]
         if s.cfg > 1:
             uncond, cond = eps.chunk(2)
             eps = uncond + s.cfg * (cond - uncond)
@@ -224,7 +223,9 @@ def run_bench(settings: BenchSettings, log=print) -> dict:
 
 
 def _static_row(name: str, m: BenchModel, s: BenchSettings) -> dict:
-    flops = unet_flops(dict(m.unet.config), s.resolution, batch=s.unet_batch, text_len=s.text_len, vae_scale=m.vae_scale)
+    fam, cfg = get_family(m.family), dict(m.unet.config)
+    meta_unet = fam.build_model(cfg, "meta")
+    flops = forward_flops(meta_unet, fam.dummy_inputs(cfg, s.resolution // m.vae_scale, s.unet_batch, s.text_len))
     return {"name": name, "source": m.source, "params": m.params(), "weights_bytes": m.weight_bytes(),
             "unet_tflops_per_step": flops / 1e12, "memory": {}, "_runs": []}
 

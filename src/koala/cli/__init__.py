@@ -20,7 +20,8 @@ COMMANDS = ["presets", "compress", "distill", "data", "generate", "bench", "lab"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="koala",
-        description="KOALA: compress SDXL-architecture U-Nets and distill them with self-attention KD "
+        description="KOALA: compress text-to-image U-Nets (SDXL, SD-1.x families) and distill them with "
+        "self-attention KD "
         "(Lee et al., NeurIPS 2024). Run `koala COMMAND --help` for each command.",
     )
     parser.add_argument("--version", action="version", version=f"koala {__version__}")
@@ -41,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args.func(args)
     except KoalaError as err:
-        print(f"koala {args.command}: error: {err}", file=sys.stderr)
+        hint = f" (option --{err.option.replace('_', '-')})" if getattr(err, "option", None) else ""
+        print(f"koala {args.command}: error: {err}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"koala {args.command}: interrupted", file=sys.stderr)

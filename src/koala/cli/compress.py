@@ -1,4 +1,4 @@
-"""`koala compress`: build a KOALA student U-Net (or pipeline) from an SDXL-architecture teacher."""
+"""`koala compress`: build a KOALA / BK student (U-Net or pipeline) from a teacher of any supported family."""
 
 from __future__ import annotations
 
@@ -10,18 +10,23 @@ from ..errors import KoalaError
 def register(sub) -> None:
     p = sub.add_parser(
         "compress", help="compress a teacher U-Net into a KOALA student initialised from the teacher",
-        description="Remove blocks and transformer layers from an SDXL-architecture U-Net (KOALA, Sec. 3.1.1) and "
-        "initialise every kept tensor from the teacher at the same location. Writes the student with "
-        "koala_layer_map.json next to its config. A pipeline teacher gives a full pipeline directory that "
-        "StableDiffusionXLPipeline.from_pretrained loads as is.",
+        description="Remove blocks and transformer layers from a teacher U-Net (KOALA, Sec. 3.1.1; BK-SDM) and "
+        "initialise every kept tensor from the teacher at the same location. The teacher's family (sdxl: SDXL-Base/"
+        "Turbo/Lightning; sd: SD-1.x/2.x) is detected from its config; `koala presets` lists each family's presets. "
+        "Writes the student with koala_layer_map.json next to its config. A pipeline teacher gives a full pipeline "
+        "directory that the family's diffusers pipeline (StableDiffusionXLPipeline / StableDiffusionPipeline) loads as is.",
     )
-    p.add_argument("--teacher", required=True, help="teacher U-Net directory or SDXL pipeline directory (local)")
+    p.add_argument("--teacher", required=True, help="teacher U-Net directory or pipeline directory (local)")
     p.add_argument("--teacher-unet", default=None,
                    help="use this U-Net (directory, or a .safetensors checkpoint such as SDXL-Lightning's) as the teacher "
                    "instead of the pipeline's")
     p.add_argument("--student", required=True,
-                   help="preset name (koala-700m, koala-1b, bk-sdxl, sdxl-base, ssd-1b, segmind-vega) or a JSON spec "
-                   'such as \'{"encoder_layers":[1,1,1],"down_depth":[0,2,4],"up_depth":[4,2,0],"mid_block":false}\'')
+                   help="preset name (sdxl: koala-700m, koala-1b, bk-sdxl, sdxl-base, ssd-1b, segmind-vega; sd: "
+                   "bk-sdm-base, bk-sdm-small, bk-sdm-tiny, sd-v1) or a JSON spec such as "
+                   '\'{"encoder_layers":[1,1,1],"down_depth":[0,2,4],"up_depth":[4,2,0],"mid_block":false}\' '
+                   '(optional "stages": N keeps only the N outermost stages)')
+    p.add_argument("--family", default=None, choices=["sdxl", "sd"],
+                   help="the teacher's family (default: detected from its config)")
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="student weight dtype (default: fp32)")
     p.add_argument("--layer-selection", default="bottom", choices=["bottom", "interleave", "up"],
@@ -43,11 +48,11 @@ def run(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from ..arch.compress import compress
+    from ..compress import compress
 
     res = compress(args.teacher, _spec(args.student), args.out, dtype=args.dtype, overwrite=args.overwrite,
-                   layer_selection=args.layer_selection, teacher_unet=args.teacher_unet)
-    t = Table(title=f"koala compress -> {res.out_dir}")
+                   layer_selection=args.layer_selection, teacher_unet=args.teacher_unet, family=args.family)
+    t = Table(title=f"koala compress ({res.family}) -> {res.out_dir}")
     for c in ("", "teacher", "student"):
         t.add_column(c, justify="right")
     t.add_row("U-Net params", f"{res.teacher_params:,}", f"{res.student_params:,}")

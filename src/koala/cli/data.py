@@ -16,7 +16,8 @@ SOURCE_HELP = ("data source: an image folder (sidecar .txt or metadata.jsonl/.cs
 def _source_args(p) -> None:
     p.add_argument("source", help=SOURCE_HELP)
     g = p.add_argument_group("source options (override --config)")
-    g.add_argument("--config", help="YAML/JSON file with a data config (its 'data' section if it has one)")
+    g.add_argument("--config", help="a training recipe (shipped name like tiny, or YAML path; its 'data' section) "
+                   "or a YAML/JSON file with a data config")
     g.add_argument("--type", choices=["folder", "parquet", "csv", "webdataset", "hf_disk", "cache"],
                    help="source type (default: guessed from SOURCE)")
     g.add_argument("--caption-column", nargs="+", help="caption field(s); the first non-empty one is used "
@@ -35,14 +36,11 @@ def _source_args(p) -> None:
 def _data_cfg(args) -> dict:
     cfg: dict = {}
     if args.config:
-        from ..distill.config import loader_data_cfg
-        from ..recipes import load_recipe
+        from ..recipes import read_recipe
 
-        loaded = load_recipe(args.config)  # a recipe name or YAML path; `extends` is honoured
-        data = {k: v for k, v in dict(loaded.get("data", loaded)).items() if k not in ("type", "path")}
-        # SOURCE decides the type (guessed, or --type); drop the trainer's and the synthetic source's keys
-        cfg, _ = loader_data_cfg({**data, "type": "source"})
-        cfg.pop("type")
+        loaded = read_recipe(args.config)  # a recipe name or YAML path; `extends` is honoured
+        # SOURCE decides the path and the type (guessed, or --type)
+        cfg = {k: v for k, v in dict(loaded.get("data", loaded)).items() if k not in ("type", "path")}
     cfg["path"] = args.source
     for key in ("type", "syncap_column", "syncap", "image_column", "image_root", "split", "min_size", "max_aspect"):
         if getattr(args, key, None) is not None:

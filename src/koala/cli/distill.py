@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-EPILOG = """\
+EXAMPLES = """\
 examples:
-  koala distill --config tiny                                  # CPU smoke run (configs/tiny.yaml)
+  koala lab make-tiny runs/tiny-pipeline && koala distill --config tiny   # CPU smoke run
   koala distill --config koala-lightning-700m teacher.pipeline=/models/sdxl \\
       teacher.unet_path=/models/sdxl_lightning_4step_unet.safetensors data.type=webdataset data.path='shards/{00000..00099}.tar'
   koala distill --config tiny --resume latest train.max_steps=40
@@ -17,17 +17,45 @@ examples:
   koala distill --config tiny kd.layer_selection=interleave     # Table 10c: SA-interleave
   koala distill --config tiny --print-config                    # show the resolved config and exit
   accelerate launch --num_processes 4 -m koala.cli distill --config koala-lightning-1b ...
+"""
 
-overrides are key=value with dotted keys and YAML values. Main keys (defaults in koala/distill/config.py):
-  teacher.pipeline, teacher.unet_path, teacher.dtype          student.path | student.preset, student.layer_selection
-  kd.features {TYPE: all|[stages]} (SA CA FFN Res LF; DW-1..3 MID UP-1..3), kd.layer_selection, kd.normalize
+
+def epilog() -> str:
+    """The --help epilog: built only when help is printed (it imports the config schema, which imports torch)."""
+    from ..data.config import TYPES
+    from ..distill.config import FEATURE_LOSSES, FEATURE_TYPES, LAYER_SELECTIONS, MIXED_PRECISION, OPTIMIZERS
+    from ..recipes import shipped_recipes
+
+    return EXAMPLES + f"""
+recipes: a YAML file path, or a shipped recipe name: {', '.join(shipped_recipes())}
+  (./configs/NAME.yaml in the current directory overrides a shipped one). A recipe may start with
+  `extends: NAME_OR_PATH` (a shipped name, or a path relative to the recipe) and set only what differs;
+  kd.features is replaced as a whole, other sections are merged key by key.
+
+overrides are key=value with dotted keys and YAML values (applied after the recipe), e.g. train.lr=2e-5,
+  train.resume=null, kd.features="{{SA: all}}". Unknown keys and wrong types are refused.
+  Main keys (schema and defaults in koala/distill/config.py; see them all with `--config tiny --print-config`):
+  teacher.pipeline, teacher.unet_path, teacher.family (null = detect; sdxl | sd), teacher.dtype
+  student.path | student.preset, student.layer_selection ({' | '.join(LAYER_SELECTIONS)})
+  kd.features {{TYPE: all | [stages]}} (types {' '.join(FEATURE_TYPES)}; stage names depend on the model family,
+        e.g. DW-1..3 MID UP-1..3 for SDXL), kd.layer_selection (null | {' | '.join(LAYER_SELECTIONS)}),
+        kd.feature_loss ({' | '.join(FEATURE_LOSSES)})
   loss.task / loss.out / loss.feat (lambda weights)
-  data.type (synthetic | folder parquet csv webdataset hf_disk cache), data.path, data.caption_dropout, and the
-        other koala.data keys (caption_column, syncap_column, buckets, min_size, ...; see koala/data/config.py)
-  train.output_dir, resolution, batch_size, grad_accum, max_steps, lr, optimizer, mixed_precision,
-        gradient_checkpointing, max_grad_norm, ema.enabled, ema.decay, checkpoint_every, resume
+  data.type (synthetic | {' | '.join(TYPES)}), data.path, and the other koala.data
+        keys (caption_column, syncap_column, buckets, min_size, ...; see koala/data/config.py)
+  train.output_dir, resolution, batch_size, grad_accum, max_steps, lr, optimizer ({' | '.join(OPTIMIZERS)}),
+        mixed_precision ({' | '.join(MIXED_PRECISION)}), caption_dropout, gradient_checkpointing, max_grad_norm,
+        ema.enabled, ema.decay, checkpoint_every, resume, allow_world_size_change
   validation.every, prompts, seeds, steps, guidance_scale
 """
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    def add_text(self, text):
+        super().add_text(epilog() if text is _EPILOG else text)
+
+
+_EPILOG = object()  # placeholder: _Help puts epilog() there
 
 
 def register(sub) -> None:
@@ -37,9 +65,9 @@ def register(sub) -> None:
         "self-attention features (SA-bottom) and the last feature of DW-1/UP-3 by default. The student is "
         "compressed from the teacher on the fly (student.preset) or loaded from a `koala compress` output "
         "(student.path). Checkpoints are diffusers U-Nets with koala_layer_map.json under OUTPUT/checkpoints/.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_EPILOG, formatter_class=_Help,
     )
-    p.add_argument("--config", default=None, help="recipe YAML file, or a name in configs/ (e.g. tiny, koala-lightning-700m)")
+    p.add_argument("--config", default=None, help="recipe YAML file, or a shipped recipe name (e.g. tiny, koala-lightning-700m; listed below)")
     p.add_argument("--resume", default=None, help="'latest' (newest checkpoint in train.output_dir, if any) or a checkpoint dir")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=2e-5 train.max_steps=100")

@@ -28,13 +28,11 @@ def register(sub) -> None:
 
 
 def run_shapes(args) -> int:
-    from ..eval.shapes import CATEGORIES, score_folder
+    from ..lab.score import CATEGORIES, held_out_breakdown, score_folder
+    from ..lab.shapes import parse_pairs
 
     agg, per = score_folder(args.dir, args.limit)
     if args.held_out:
-        from ..lab.shapes import parse_pairs
-        from ..lab.train_teacher import held_out_breakdown
-
         agg.update(held_out_breakdown(per, parse_pairs(args.held_out)))
     if args.per_image:
         with open(args.per_image, "w") as f:

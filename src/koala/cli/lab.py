@@ -71,6 +71,19 @@ def register(sub) -> None:
     s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default 5)")
     s.set_defaults(func=run_sample)
 
+    k = lab.add_parser(
+        "make-tiny", help="write a tiny random-weight pipeline (SDXL or SD-1.x topology) for tests and smoke runs",
+        description="Write a tiny pipeline with random weights to OUT: --family sdxl gives a StableDiffusionXLPipeline "
+        "(two CLIP text encoders, text_time conditioning, transformer depths [1, 2, 10]), --family sd a "
+        "StableDiffusionPipeline with SD-1.x's four-stage U-Net and one CLIP text encoder. 32x32 images, CPU, "
+        "seconds. Written atomically; an existing OUT is refused unless --overwrite.",
+    )
+    k.add_argument("out", metavar="OUT", help="output pipeline directory")
+    k.add_argument("--family", default="sdxl", choices=["sdxl", "sd"], help="pipeline topology (default sdxl)")
+    k.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")
+    k.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    k.set_defaults(func=run_make_tiny)
+
 
 def run_make_data(args) -> int:
     import os
@@ -95,6 +108,19 @@ def run_train_teacher(args) -> int:
                         half=not args.fp32, overwrite=args.overwrite)
     res = train_teacher(cfg)
     print(json.dumps(res))
+    return 0
+
+
+def run_make_tiny(args) -> int:
+    import os
+
+    from ..testing.images import WORDS
+    from ..testing.tiny import save_tiny_pipeline
+    from ..utils import atomic_output_dir
+
+    with atomic_output_dir(args.out, overwrite=args.overwrite) as tmp:
+        save_tiny_pipeline(tmp, seed=args.seed, words=WORDS, family=args.family)
+    print(f"wrote a tiny random {args.family} pipeline to {os.path.abspath(args.out)}")
     return 0
 
 

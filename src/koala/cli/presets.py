@@ -7,9 +7,10 @@ import json
 
 def register(sub) -> None:
     p = sub.add_parser("presets", help="list U-Net presets with parameter and FLOP counts",
-                       description="List the U-Net presets (SDXL-Base, BK-SDXL, KOALA-1B, KOALA-700M, SSD-1B, "
-                       "Segmind-Vega) with exact parameter counts and TFLOPs of one U-Net forward at batch 1, "
-                       "computed on the meta device (no weights, no memory).")
+                       description="List the U-Net presets of every family (sdxl: SDXL-Base, BK-SDXL, KOALA-1B, "
+                       "KOALA-700M, SSD-1B, Segmind-Vega; sd: SD-v1, BK-SDM-Base/Small/Tiny) with exact parameter "
+                       "counts and TFLOPs of one U-Net forward at batch 1, computed on the meta device (no weights, "
+                       "no memory). Students are derived from each family's reference teacher (SDXL-Base-1.0, SD-v1.5).")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     p.add_argument("--no-flops", action="store_true", help="skip FLOP counting (faster)")
     p.set_defaults(func=run)
@@ -22,7 +23,7 @@ def _fmt(v) -> str:
 
 
 def run(args) -> int:
-    from ..arch.stats import all_preset_stats
+    from ..families import all_preset_stats
 
     rows = all_preset_stats(flops=not args.no_flops)
     if args.json:
@@ -31,12 +32,12 @@ def run(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title="U-Net presets (SDXL-Base-1.0 teacher)")
-    cols = ["preset", "params", "paper", "TFLOPs 1024²", "TFLOPs 512²", "enc", "Tx DW", "Tx UP", "mid"]
+    t = Table(title="U-Net presets (teachers: SDXL-Base-1.0, SD-v1.5)")
+    cols = ["preset", "family", "params", "paper", "TFLOPs 1024²", "TFLOPs 512²", "enc", "Tx DW", "Tx UP", "mid"]
     for c in cols:
-        t.add_column(c, justify="right" if c not in ("preset",) else "left")
+        t.add_column(c, justify="right" if c not in ("preset", "family") else "left")
     for r in rows:
-        t.add_row(r["name"], f"{r['unet_params'] / 1e6:,.1f}M",
+        t.add_row(r["name"], r["family"], f"{r['unet_params'] / 1e6:,.1f}M",
                   f"{r['paper_params'] / 1e6:,.0f}M" if r["paper_params"] else "-",
                   str(r.get("tflops_1024", "-")), str(r.get("tflops_512", "-")), _fmt(r["encoder_layers"]),
                   _fmt(r["transformer_depth"]), _fmt(r["decoder_transformer_depth"]), "yes" if r["mid_block"] else "no")

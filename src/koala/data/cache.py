@@ -1,4 +1,4 @@
-"""Precomputed training cache: VAE latents, both text encoders' states, pooled embedding, time ids.
+"""Precomputed training cache: VAE latents and the family's conditioning (text embeddings, added conditions).
 
 Layout of a cache directory::
 
@@ -8,7 +8,8 @@ Layout of a cache directory::
 
 Inside a shard, tensors are grouped by target size ``"{H}x{W}/<name>"`` (one group without buckets):
 ``latents`` [n,4,H/f,W/f] = ``latent_dist.sample()`` (or ``.mean``) x ``vae.config.scaling_factor``,
-``prompt_embeds`` [n,77,D], ``pooled_prompt_embeds`` [n,P], ``add_time_ids`` [n,6] (float32), and
+the family's conditioning (SDXL: ``prompt_embeds`` [n,77,D], ``pooled_prompt_embeds`` [n,P], ``add_time_ids`` [n,6]
+(float32); SD-1.x: ``prompt_embeds``), listed in cache_config.json's ``tensors``, and
 ``original_size``, ``crop_top_left``, ``target_size`` (int64), ``flipped`` (uint8). The safetensors metadata
 holds ``captions`` and ``keys`` (JSON, per group) and the shard's ``skipped`` counts.
 
@@ -31,23 +32,26 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import IterableDataset
 
-from ..conditioning import encode_prompts, time_ids
 from ..errors import KoalaError
+from ..families import Family, Parts, family_of, get_family
 from ..utils import parse_dtype
+from .batching import BatchSkipper, BucketBatcher, collate_raw, prepare_sample, worker_plan
 from .buckets import parse_buckets
 from .config import normalize_data_cfg
 from .images import SkipCounter, SkipSample
-from .loader import BatchSkipper, BucketBatcher, prepare_sample, worker_plan
 from .records import SamplePreparer
 from .sources import make_source
 from .transforms import SDXLTransform
 
 log = logging.getLogger("koala.data")
-FORMAT = "koala-cache/1"
-COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+FORMAT = "koala-cache/2"  # 2: family-aware (fingerprint.family, tensors)
 _VOLATILE_KEYS = {"_name_or_path", "_diffusers_version", "transformers_version", "_commit_hash"}
-TENSORS = ("latents", "prompt_embeds", "pooled_prompt_embeds", "add_time_ids", "original_size", "crop_top_left",
-           "target_size", "flipped")
+BOOKKEEPING = ("original_size", "crop_top_left", "target_size", "flipped")
+
+
+def tensor_names(family: Family) -> tuple[str, ...]:
+    """What a cache of ``family`` stores per sample: latents, the family's conditioning, size/crop bookkeeping."""
+    return ("latents", *family.cond_keys, *BOOKKEEPING)
 
 
 # ---------------------------------------------------------------- fingerprint
@@ -73,17 +77,18 @@ def _file_digest(path: str, h) -> None:
 
 def pipeline_fingerprint(pipeline_dir: str) -> dict:
     """Per-component hash of the VAE, text encoders and tokenizers (configs + weight sizes and content samples)."""
+    fam = family_of(pipeline_dir)
     out = {}
-    for comp in COMPONENTS:
+    for comp in fam.components:
         d = os.path.join(pipeline_dir, comp)
         if not os.path.isdir(d):
-            raise KoalaError(f"{pipeline_dir}: no {comp}/ folder; give an SDXL pipeline directory (save_pretrained)")
+            raise KoalaError(f"{pipeline_dir}: no {comp}/ folder; give a {fam.label} pipeline directory (save_pretrained)")
         h = hashlib.sha256()
         for f in sorted(os.listdir(d)):
             if os.path.isfile(os.path.join(d, f)):
                 _file_digest(os.path.join(d, f), h)
         out[comp] = h.hexdigest()[:16]
-    return {"components": out, "pipeline_dir": os.path.abspath(pipeline_dir)}
+    return {"family": fam.name, "components": out, "pipeline_dir": os.path.abspath(pipeline_dir)}
 
 
 def read_cache_config(cache_dir: str) -> dict:
@@ -101,7 +106,7 @@ def check_cache_compatible(cache_dir: str, pipeline_dir: str) -> dict:
     """Raise KoalaError unless ``pipeline_dir``'s VAE/text encoders/tokenizers are the ones that built the cache."""
     cfg = read_cache_config(cache_dir)
     made, now = cfg["fingerprint"]["components"], pipeline_fingerprint(pipeline_dir)["components"]
-    bad = [c for c in COMPONENTS if made.get(c) != now.get(c)]
+    bad = sorted(c for c in set(made) | set(now) if made.get(c) != now.get(c))
     if bad:
         raise KoalaError(f"{cache_dir} was built with different {', '.join(bad)} than {pipeline_dir} "
                          f"(cache made from {cfg['fingerprint']['pipeline_dir']}); rebuild it with "
@@ -109,47 +114,22 @@ def check_cache_compatible(cache_dir: str, pipeline_dir: str) -> dict:
     return cfg
 
 
-# ---------------------------------------------------------------- encoders
-@dataclass
-class Encoders:
-    vae: torch.nn.Module
-    tokenizers: list
-    text_encoders: list
-
-    @property
-    def device(self):
-        return next(self.vae.parameters()).device
-
-
-def load_encoders(pipeline_dir: str, device="cpu", vae_dtype="fp32", text_dtype="fp32") -> Encoders:
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    pipeline_fingerprint(pipeline_dir)  # clear error for a wrong folder
-    vae = AutoencoderKL.from_pretrained(pipeline_dir, subfolder="vae", torch_dtype=parse_dtype(vae_dtype))
-    te1 = CLIPTextModel.from_pretrained(pipeline_dir, subfolder="text_encoder", torch_dtype=parse_dtype(text_dtype))
-    te2 = CLIPTextModelWithProjection.from_pretrained(pipeline_dir, subfolder="text_encoder_2",
-                                                      torch_dtype=parse_dtype(text_dtype))
-    toks = [CLIPTokenizer.from_pretrained(pipeline_dir, subfolder=s) for s in ("tokenizer", "tokenizer_2")]
-    mods = [m.to(device).eval().requires_grad_(False) for m in (vae, te1, te2)]
-    return Encoders(mods[0], toks, mods[1:])
-
-
+# ---------------------------------------------------------------- encoding
 @torch.no_grad()
-def encode_batch(batch: dict, enc: Encoders, latent: str = "sample", generator: torch.Generator | None = None) -> dict:
-    """Raw batch -> cached-batch tensors (what the cache stores; also the on-the-fly path)."""
-    vae = enc.vae
-    px = batch["pixel_values"].to(enc.device, next(vae.parameters()).dtype)
+def encode_batch(batch: dict, parts: Parts, latent: str = "sample", generator: torch.Generator | None = None) -> dict:
+    """Raw batch -> cached-batch tensors (what the cache stores; also the trainer's on-the-fly path):
+    ``latents`` (scaled) and the family's conditioning (``parts.family.cond_keys``), all float32."""
+    vae, fam = parts.vae, parts.family
+    px = batch["pixel_values"].to(parts.device, next(vae.parameters()).dtype)
     dist = vae.encode(px).latent_dist
     lat = dist.sample(generator) if latent == "sample" else dist.mean
     shift = getattr(vae.config, "shift_factor", None)
     if shift is not None:
         lat = lat - shift
-    lat = lat * vae.config.scaling_factor
-    pe, pooled = encode_prompts(batch["captions"], enc.tokenizers, enc.text_encoders)
-    ids = time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"])
-    return {"latents": lat.float(), "prompt_embeds": pe.float(), "pooled_prompt_embeds": pooled.float(),
-            "add_time_ids": ids}
+    out = {"latents": (lat * vae.config.scaling_factor).float()}
+    out.update({k: v.float() for k, v in fam.encode_prompts(batch["captions"], parts.tokenizers, parts.text_encoders).items()})
+    out.update({k: v.float() for k, v in fam.micro_conditions(batch).items()})
+    return out
 
 
 # ---------------------------------------------------------------- building
@@ -199,7 +179,9 @@ def build_cache(data_cfg: dict, pipeline_dir: str, out_dir: str, *, resolution: 
     source = make_source(cfg)
     units = _units(source, shard_size)
     buckets = parse_buckets(cfg["buckets"], resolution)
-    meta = {"format": FORMAT, "fingerprint": pipeline_fingerprint(pipeline_dir), "resolution": resolution,
+    fingerprint = pipeline_fingerprint(pipeline_dir)
+    fam = get_family(fingerprint["family"])
+    meta = {"format": FORMAT, "fingerprint": fingerprint, "tensors": list(tensor_names(fam)), "resolution": resolution,
             "buckets": buckets, "center_crop": cfg["center_crop"], "random_flip": cfg["random_flip"],
             "latent": latent, "dtype": str(store).replace("torch.", ""), "seed": seed,
             "shard_size": shard_size if source.kind == "indexed" else None, "num_units": len(units),
@@ -220,7 +202,7 @@ def build_cache(data_cfg: dict, pipeline_dir: str, out_dir: str, *, resolution: 
     else:
         _write_json_atomic(cfg_path, meta)
 
-    enc = load_encoders(pipeline_dir, device=device, vae_dtype=vae_dtype)
+    enc = fam.load_parts(pipeline_dir, "fp32", vae_dtype, device)
     preparer = SamplePreparer(cfg)
     transform = SDXLTransform(resolution, cfg["center_crop"], cfg["random_flip"], buckets)
     mine = [k for k in range(len(units)) if k % world_size == rank]
@@ -248,20 +230,20 @@ def _build_shard(k, unit, source, preparer, transform, enc, out_dir, batch_size,
     groups: dict[str, dict[str, list]] = {}
     gen = torch.Generator(device="cpu").manual_seed(seed * 100003 + k)
 
-    def collate(samples):
-        from .loader import collate_raw
+    names = tensor_names(enc.family)
+    full_precision = set(names) - {"latents", *enc.family.text_cond_keys}  # small: time ids, bookkeeping
 
+    def collate(samples):
         b = collate_raw(samples)
         b["flipped"] = torch.tensor([s["flipped"] for s in samples], dtype=torch.uint8)
         return b
 
     def encode(batch):
         out = encode_batch(batch, enc, latent, gen if latent == "sample" else None)
-        g = groups.setdefault("%dx%d" % tuple(batch["target_size"][0].tolist()), {n: [] for n in TENSORS + ("captions", "keys")})
-        for name in ("latents", "prompt_embeds", "pooled_prompt_embeds"):
-            g[name].append(out[name].to(store).cpu())
-        g["add_time_ids"].append(out["add_time_ids"].float())
-        for name in ("original_size", "crop_top_left", "target_size", "flipped"):
+        g = groups.setdefault("%dx%d" % tuple(batch["target_size"][0].tolist()), {n: [] for n in names + ("captions", "keys")})
+        for name, t in out.items():
+            g[name].append(t.cpu() if name in full_precision else t.to(store).cpu())
+        for name in BOOKKEEPING:
             g[name].append(batch[name])
         g["captions"] += batch["captions"]
         g["keys"] += batch["keys"]
@@ -279,7 +261,7 @@ def _build_shard(k, unit, source, preparer, transform, enc, out_dir, batch_size,
     for b in batcher.flush():
         encode(b)
     skips.update(getattr(source, "skips", {}))
-    tensors = {f"{g}/{n}": torch.cat(v[n]).contiguous() for g, v in groups.items() for n in TENSORS}
+    tensors = {f"{g}/{n}": torch.cat(v[n]).contiguous() for g, v in groups.items() for n in names}
     metadata = {"captions": json.dumps({g: v["captions"] for g, v in groups.items()}),
                 "keys": json.dumps({g: v["keys"] for g, v in groups.items()}),
                 "skipped": json.dumps(dict(skips)), "unit": str(k)}
@@ -325,6 +307,7 @@ class CachedBatches(IterableDataset):
                  pipeline_dir: str | None = None, skip_batches: int = 0):
         self.dir = cfg["path"]
         self.meta = check_cache_compatible(self.dir, pipeline_dir) if pipeline_dir else read_cache_config(self.dir)
+        self.tensors = tuple(self.meta["tensors"])
         if self.meta["resolution"] != resolution:
             raise KoalaError(f"{self.dir} was built at resolution {self.meta['resolution']}, the trainer asks for "
                              f"{resolution}; rebuild the cache or change the resolution")
@@ -341,12 +324,12 @@ class CachedBatches(IterableDataset):
     def _load_item(self, item):
         path, g, i, caption, key = item
         with safe_open(path, "pt") as f:
-            s = {n: f.get_slice(f"{g}/{n}")[i] for n in TENSORS}
+            s = {n: f.get_slice(f"{g}/{n}")[i] for n in self.tensors}
         s["caption"], s["key"] = caption, key
         return s
 
     def _collate(self, samples):
-        out = {n: torch.stack([s[n] for s in samples]) for n in TENSORS}
+        out = {n: torch.stack([s[n] for s in samples]) for n in self.tensors}
         out["captions"] = [s["caption"] for s in samples]
         out["keys"] = [s["key"] for s in samples]
         return out
@@ -380,7 +363,7 @@ class CachedBatches(IterableDataset):
                         continue
                     if data is None:
                         data = load_file(path)
-                    s = {n: data[f"{g}/{n}"][i] for n in TENSORS}
+                    s = {n: data[f"{g}/{n}"][i] for n in self.tensors}
                     s["caption"], s["key"] = caps[g][i], keys[g][i]
                     b = batcher.add(s, g)
                     if b is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..errors import KoalaError
 
-TYPES = ("folder", "parquet", "csv", "webdataset", "hf_disk", "cache")
+TYPES = ("folder", "parquet", "csv", "webdataset", "hf_disk", "cache", "synthetic")
 
 DEFAULTS = {
     "type": None,             # one of TYPES; guessed from path when None
@@ -24,6 +24,9 @@ DEFAULTS = {
     "repeat": True,           # True: infinite iterator (count steps); False: one pass per iter()
     "drop_last": False,       # repeat=False: drop the last partial batch(es)
     "shuffle_buffer": 64,     # webdataset / cache: samples mixed across the stream
+    "num_samples": 8,         # synthetic: how many generated images (smooth random colour fields, no files)
+    "captions": None,         # synthetic: captions cycled over the images (None: a few built-in ones)
+    "size": 64,               # synthetic: side of the generated images in pixels (then resized/cropped as usual)
 }
 
 
@@ -34,8 +37,8 @@ def normalize_data_cfg(cfg: dict) -> dict:
     if unknown:
         raise KoalaError(f"data config: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(DEFAULTS)}")
     out = {**DEFAULTS, **cfg}
-    if not out["path"]:
-        raise KoalaError("data config: 'path' is required")
+    if not out["path"] and out["type"] != "synthetic":
+        raise KoalaError("data config: 'path' is required (or type: synthetic for generated images)")
     if out["type"] is None:
         from .sources import guess_type
 

@@ -233,8 +233,32 @@ def guess_type(path: str) -> str:
     raise KoalaError(f"{path}: cannot guess the source type; set type (folder, parquet, csv, webdataset, hf_disk, cache)")
 
 
+class SyntheticSource(IndexedSource):
+    """``num_samples`` generated images (smooth random colour fields of ``size`` pixels, drawn from the sample's
+    index) with captions cycled from ``captions``: an ordinary source for smoke runs and tests, no files."""
+
+    CAPTIONS = ("a photo of a red circle", "a blue square", "a red square left of a blue circle", "a photo")
+
+    def __init__(self, cfg: dict):
+        n, self.size = int(cfg.get("num_samples") or 0), int(cfg.get("size") or 0)
+        captions = list(cfg.get("captions") or self.CAPTIONS)
+        if n < 1 or self.size < 8:
+            raise KoalaError(f"synthetic data: num_samples must be >= 1 and size >= 8, got {n} and {self.size}")
+        super().__init__([{"text": captions[i % len(captions)]} for i in range(n)], "image", "", "synthetic")
+
+    def get(self, i: int) -> dict:
+        import numpy as np
+        from PIL import Image
+
+        coarse = np.random.default_rng(i).integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
+        img = Image.fromarray(coarse).resize((self.size, self.size), Image.BILINEAR)
+        return {"key": f"synthetic#{i}", "image": img, "row": self.rows[i]}
+
+
 def make_source(cfg: dict):
     kind, path = cfg["type"], cfg["path"]
+    if kind == "synthetic":
+        return SyntheticSource(cfg)
     if kind == "folder":
         return FolderSource(path, cfg)
     if kind in ("parquet", "csv"):
@@ -243,4 +267,4 @@ def make_source(cfg: dict):
         return HFDiskSource(path, cfg)
     if kind == "webdataset":
         return WebDatasetSource(path, cfg)
-    raise KoalaError(f"type: {kind!r} is not a raw data source (folder, parquet, csv, webdataset, hf_disk)")
+    raise KoalaError(f"type: {kind!r} is not a raw data source (folder, parquet, csv, webdataset, hf_disk, synthetic)")

@@ -1,12 +1,12 @@
 """Self-attention knowledge distillation (KOALA Sec. 3.1.2): feature hooks, losses, trainer (`koala distill`)."""
 
-from .config import DEFAULTS, FEATURE_TYPES, STAGES, load_config
-from .hooks import FeaturePair, FeatureRecorder, feature_pairs, unwrap
-from .losses import Losses, feature_losses, kd_losses, prediction_target
+from .config import load_config
+from .hooks import FEATURE_TYPES, FeaturePair, FeatureRecorder, feature_pairs, unwrap
+from .losses import FEATURE_LOSSES, Losses, feature_losses, kd_losses, prediction_target
 
 __all__ = [
-    "DEFAULTS", "FEATURE_TYPES", "STAGES", "load_config", "FeaturePair", "FeatureRecorder", "feature_pairs", "unwrap",
-    "Losses", "feature_losses", "kd_losses", "prediction_target", "train",
+    "load_config", "FEATURE_TYPES", "FeaturePair", "FeatureRecorder", "feature_pairs", "unwrap",
+    "FEATURE_LOSSES", "Losses", "feature_losses", "kd_losses", "prediction_target", "train",
 ]
 
 

@@ -5,7 +5,7 @@ Layout::
     unet/            student as a diffusers U-Net (safetensors) + koala_layer_map.json
     unet_ema/        EMA weights, same format (when EMA is on)
     trainer_state.pt optimizer / EMA / grad-scaler state (tensors and numbers only; loaded with weights_only=True)
-    state.json       step and the resolved config
+    state.json       step, world size and global batch, and the resolved config
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ def resolve_resume(resume: str | None, output_dir: str) -> str | None:
     return resume
 
 
-def save_checkpoint(output_dir: str, step: int, student, lmap, ema, optimizer, scaler, cfg: dict, keep: int = 0) -> str:
+def save_checkpoint(output_dir: str, step: int, student, lmap, ema, optimizer, scaler, cfg: dict, keep: int = 0,
+                    world_size: int = 1) -> str:
     final = os.path.join(checkpoint_root(output_dir), f"step-{step:07d}")
     with atomic_output_dir(final, overwrite=True) as tmp:
         student.save_pretrained(os.path.join(tmp, "unet"), safe_serialization=True)
@@ -71,7 +72,9 @@ def save_checkpoint(output_dir: str, step: int, student, lmap, ema, optimizer, s
                  "scaler": scaler.state_dict() if scaler is not None else None}
         torch.save(state, os.path.join(tmp, "trainer_state.pt"))
         with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump({"step": step, "config": cfg}, f, indent=1)
+            tcfg = cfg["train"]
+            json.dump({"step": step, "world_size": world_size,
+                       "global_batch": tcfg["batch_size"] * tcfg["grad_accum"] * world_size, "config": cfg}, f, indent=1)
     if keep and keep > 0:
         for _, old in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

@@ -1,108 +1,140 @@
-"""The distillation config: every key with its default (the paper's final recipe) and its checks.
+"""The distillation config: a typed schema with every key and its default (the paper's final recipe), and
+the value checks.
 
-Recipes in ``configs/`` override these; ``key=value`` on the command line overrides the recipe.
+Recipes (``koala/configs/*.yaml``, see :mod:`koala.recipes`) override these defaults; ``key=value`` on the
+command line overrides the recipe. :func:`load_config` returns a plain nested dict.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Iterable, List, Optional
 
+from omegaconf import OmegaConf
+
+from ..arch.layer_map import SELECTIONS as LAYER_SELECTIONS
+from ..data.config import normalize_data_cfg
 from ..errors import KoalaError
-from ..recipes import load_recipe
+from ..recipes import load
+from .losses import FEATURE_LOSSES  # name -> loss function: the allowed kd.feature_loss values
 
-FEATURE_TYPES = ("SA", "CA", "FFN", "Res", "LF")
-STAGES = ("DW-1", "DW-2", "DW-3", "MID", "UP-1", "UP-2", "UP-3")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+OPTIMIZERS = ("adamw", "adamw8bit")
+from .hooks import FEATURE_TYPES  # noqa: E402  (the feature-type registry: the allowed kd.features keys)
 
-DEFAULTS: dict[str, Any] = {
-    "teacher": {
-        "pipeline": None,        # local SDXL pipeline dir: text encoders, tokenizers, VAE, scheduler, U-Net
-        "unet_path": None,       # replace the pipeline's U-Net (e.g. SDXL-Lightning): U-Net dir or .safetensors file
-        "dtype": "fp16",         # weight dtype of the frozen teacher U-Net and text encoders
-        "vae_dtype": None,       # null: fp32 if the VAE config says force_upcast, else teacher.dtype
-        "make_tiny": False,      # create a random tiny SDXL pipeline at teacher.pipeline if it is missing (tests/demo)
-    },
-    "student": {
-        "path": None,            # compressed student U-Net dir (or pipeline dir) with koala_layer_map.json
-        "preset": "koala-700m",  # when path is null: compress the teacher in memory with this preset
-        "layer_selection": "bottom",  # which teacher transformer layers initialise the student (compression)
-    },
-    "kd": {
-        # feature type -> "all" or a list of stages. Paper's best (Table 10d): SA everywhere + LF at DW-1 & UP-3.
-        "features": {"SA": "all", "LF": ["DW-1", "UP-3"]},
-        "layer_selection": None,  # teacher layers matched to a shallower student: null (= layer map's) | bottom | interleave | up
-        "normalize": "none",      # none | teacher: divide each feature MSE by the teacher feature's mean square
-    },
-    "loss": {"task": 1.0, "out": 1.0, "feat": 1.0},
-    "data": {
-        # synthetic (in memory: num_samples, captions) | folder | parquet | csv | webdataset | hf_disk | cache;
-        # the real types go to koala.data.make_dataloader with every key here except the trainer's own
-        # (TRAINER_DATA_KEYS) -- see koala/data/config.py for theirs (path, caption_column, buckets, ...)
-        "type": "synthetic",
-        "caption_dropout": 0.0,  # fraction of captions replaced by zero embeddings (SDXL's empty-prompt uncond)
-    },
-    "train": {
-        "output_dir": "runs/koala",
-        "resolution": 1024,
-        "batch_size": 1,           # per process, per micro-step
-        "grad_accum": 1,           # effective batch = batch_size * grad_accum * processes
-        "max_steps": 1000,         # optimizer steps
-        "lr": 1.0e-5,
-        "weight_decay": 1.0e-2,
-        "adam_betas": [0.9, 0.999],
-        "adam_eps": 1.0e-8,
-        "optimizer": "adamw",      # adamw | adamw8bit (needs bitsandbytes)
-        "mixed_precision": "no",   # no | fp16 | bf16
-        "gradient_checkpointing": False,
-        "max_grad_norm": 1.0,      # null or 0 disables clipping
-        "ema": {"enabled": True, "decay": 0.9999},
-        "seed": 0,
-        "num_workers": 0,
-        "log_every": 10,
-        "checkpoint_every": 1000,
-        "keep_checkpoints": 3,     # 0 keeps all
-        "resume": None,            # null | latest | path to a checkpoint dir
-        "progress": True,
-        "cpu_threads": None,       # torch intra-op threads (null: torch's default); 1 is fastest for tiny CPU runs
-    },
-    "validation": {
-        "every": 0,                # 0 disables; also runs at the end when > 0
-        "prompts": ["a photo of an astronaut riding a horse"],
-        "seeds": [0],
-        "steps": 25,
-        "guidance_scale": 5.0,
-        "resolution": None,        # null: train.resolution
-        "use_ema": False,
-    },
+
+@dataclass
+class TeacherConfig:
+    pipeline: Optional[str] = None   # local pipeline dir: text encoder(s), tokenizer(s), VAE, scheduler, U-Net
+    unet_path: Optional[str] = None  # replace the pipeline's U-Net (e.g. SDXL-Lightning): U-Net dir or .safetensors
+    family: Optional[str] = None     # null = detect from the pipeline; 'sdxl' or 'sd'
+    dtype: str = "fp16"              # weight dtype of the frozen teacher U-Net and text encoders
+    vae_dtype: Optional[str] = None  # null: fp32 if the VAE config says force_upcast, else teacher.dtype
+
+
+@dataclass
+class StudentConfig:
+    path: Optional[str] = None       # compressed student U-Net dir (or pipeline dir) with koala_layer_map.json
+    preset: str = "koala-700m"       # when path is null: compress the teacher in memory with this preset
+    layer_selection: str = "bottom"  # which teacher transformer layers initialise the student (compression)
+
+
+@dataclass
+class KDConfig:
+    # feature type -> "all" or a list of stages; replaced as a whole by a recipe, never merged key by key.
+    # Paper's best (Table 10d): SA everywhere + LF at DW-1 & UP-3.
+    features: Any = field(default_factory=lambda: {"SA": "all", "LF": ["DW-1", "UP-3"]})
+    layer_selection: Optional[str] = None  # teacher layers matched to a shallower student: null = the layer map's
+    feature_loss: str = "mse"              # one of FEATURE_LOSSES
+
+
+@dataclass
+class LossConfig:
+    task: float = 1.0
+    out: float = 1.0
+    feat: float = 1.0
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = True
+    decay: float = 0.9999
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/koala"
+    resolution: int = 1024
+    batch_size: int = 1              # per process, per micro-step
+    grad_accum: int = 1              # effective batch = batch_size * grad_accum * processes
+    max_steps: int = 1000            # optimizer steps
+    lr: float = 1.0e-5
+    weight_decay: float = 1.0e-2
+    adam_betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1.0e-8
+    optimizer: str = "adamw"         # one of OPTIMIZERS (adamw8bit needs bitsandbytes)
+    mixed_precision: str = "no"      # one of MIXED_PRECISION
+    gradient_checkpointing: bool = False
+    max_grad_norm: Optional[float] = 1.0  # null or 0 disables clipping
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    seed: int = 0
+    num_workers: int = 0
+    log_every: int = 10
+    log_with: str = "tensorboard"    # tensorboard | wandb (pip install 'koala-diffusion[wandb]') | both, comma separated | none
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3        # 0 keeps all
+    resume: Optional[str] = None     # null | latest | path to a checkpoint dir
+    allow_world_size_change: bool = False  # resume a checkpoint written with another number of processes
+    progress: bool = True
+    cpu_threads: Optional[int] = None  # torch intra-op threads (null: torch's default); 1 is fastest for tiny CPU runs
+    caption_dropout: float = 0.0     # fraction of captions replaced by zero embeddings (SDXL's empty-prompt uncond)
+
+
+@dataclass
+class ValidationConfig:
+    every: int = 0                   # 0 disables; also runs at the end when > 0
+    prompts: List[str] = field(default_factory=lambda: ["a photo of an astronaut riding a horse"])
+    seeds: List[int] = field(default_factory=lambda: [0])
+    steps: int = 25
+    guidance_scale: float = 5.0
+    resolution: Optional[int] = None  # null: train.resolution
+    use_ema: bool = False
+
+
+@dataclass
+class DistillConfig:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    # an open mapping passed to koala.data: type (synthetic | folder | ... | cache) and that type's keys
+    # (path, caption_column, buckets, num_samples, ...); schema and checks in koala/data/config.py
+    data: Any = field(default_factory=lambda: {"type": "synthetic"})
+    train: TrainConfig = field(default_factory=TrainConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+
+DEFAULTS: dict = OmegaConf.to_container(OmegaConf.structured(DistillConfig))  # the schema's defaults, as a dict
+WHOLE = ("kd.features",)  # replaced as a whole by a recipe or override
+REMOVED = {
+    "teacher.make_tiny": "teacher.make_tiny was removed: create the pipeline once with `koala lab make-tiny DIR` "
+                         "and set teacher.pipeline=DIR",
+    "kd.normalize": f"kd.normalize was replaced by kd.feature_loss: {' | '.join(FEATURE_LOSSES)}",
+    "data.caption_dropout": "data.caption_dropout moved to train.caption_dropout",
 }
-
-TRAINER_DATA_KEYS = ("caption_dropout",)  # data keys the trainer reads; never passed to the data loader
-ATOMIC = ("kd.features",)
-OPEN = ("data", "kd.features")  # data keys go to the data loader; features are checked by feature_stages
 
 
 def load_config(recipe: str | None, overrides: Iterable[str] = ()) -> dict:
-    cfg = load_recipe(recipe, overrides, DEFAULTS, atomic=ATOMIC, open_sections=OPEN)
-    check_config(cfg)
+    """Schema defaults <- recipe (``extends`` first) <- ``key=value`` overrides, checked, as a plain dict."""
+    cfg = OmegaConf.to_container(load(DistillConfig, recipe, overrides, whole=WHOLE, removed=REMOVED), resolve=True)
+    check_config(cfg, where=recipe or "config")
     return cfg
 
 
-def loader_data_cfg(data: dict) -> tuple[dict, list[str]]:
-    """``(data_cfg for the loader, ignored keys)``: ``data`` minus the trainer's keys; for a real (koala.data)
-    type also minus the synthetic source's keys (a recipe like ``tiny`` sets them; they mean nothing there)."""
-    from .simple_data import SYNTHETIC_KEYS
-
-    out = {k: v for k, v in data.items() if k not in TRAINER_DATA_KEYS}
-    ignored = []
-    if out.get("type", "synthetic") != "synthetic":
-        ignored = [k for k in SYNTHETIC_KEYS if k in out]
-        for k in ignored:
-            del out[k]
-    return out, ignored
-
-
-def feature_stages(features: dict) -> dict[str, list[str] | str]:
-    """Validate ``kd.features`` and return it as type -> "all" | [stages]."""
+def feature_stages(features) -> dict[str, list[str] | str]:
+    """Validate ``kd.features`` and return it as type -> "all" | [stage names]. Stage names depend on the model
+    family (e.g. DW-4 exists for SD-1.x); the trainer checks them against the model."""
     if features is None:
         return {}
     if not isinstance(features, dict):
@@ -111,52 +143,59 @@ def feature_stages(features: dict) -> dict[str, list[str] | str]:
     for ftype, stages in features.items():
         if ftype not in FEATURE_TYPES:
             raise KoalaError(f"kd.features: unknown feature type {ftype!r}; choose from {', '.join(FEATURE_TYPES)}")
-        if stages == "all":
-            out[ftype] = "all"
-            continue
-        if isinstance(stages, str):
+        if isinstance(stages, str) and stages != "all":
             stages = [stages]
-        if not isinstance(stages, list) or any(s not in STAGES for s in stages):
-            raise KoalaError(f"kd.features.{ftype}: stages must be 'all' or a list from {', '.join(STAGES)}, got {stages!r}")
-        out[ftype] = list(stages)
+        if stages != "all" and (not isinstance(stages, list) or not all(isinstance(s, str) for s in stages)):
+            raise KoalaError(f"kd.features.{ftype}: stages must be 'all' or a list of stage names "
+                             f"(e.g. [DW-1, UP-3]), got {stages!r}")
+        out[ftype] = stages if stages == "all" else list(stages)
     return out
 
 
-def _num(cfg, key, lo=None):
+def _one_of(cfg: dict, key: str, allowed: tuple) -> None:
+    sec, name = key.split(".")
+    if cfg[sec][name] not in allowed:
+        names = ", ".join("null" if a is None else str(a) for a in allowed)
+        raise KoalaError(f"{key} must be one of {names}, got {cfg[sec][name]!r}")
+
+
+def _num(cfg: dict, key: str, lo=None, hi=None) -> None:
     sec, name = key.split(".")
     v = cfg[sec][name]
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (lo is not None and v < lo):
-        raise KoalaError(f"{key} must be a finite number{f' >= {lo}' if lo is not None else ''}, got {v!r}")
+    if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+            or (lo is not None and v < lo) or (hi is not None and v > hi)):
+        bounds = f" between {lo} and {hi}" if hi is not None else f" >= {lo}" if lo is not None else ""
+        raise KoalaError(f"{key} must be a finite number{bounds}, got {v!r}")
 
 
-def check_config(cfg: dict) -> None:
-    if cfg["data"].get("repeat", True) is False:
+def check_config(cfg: dict, where: str = "config") -> None:
+    """Value checks the schema's types cannot express; KoalaError naming ``where`` and the key."""
+    try:
+        _check(cfg)
+    except KoalaError as err:
+        raise KoalaError(f"{where}: {err}") from err
+
+
+def _check(cfg: dict) -> None:
+    data = cfg["data"]
+    if not isinstance(data, dict):
+        raise KoalaError(f"data must be a mapping (e.g. {{type: folder, path: images/}}), got {data!r}")
+    if data.get("repeat", True) is False:
         raise KoalaError("data.repeat: false is not supported for training (the trainer counts steps over an "
                          "endless, per-epoch reshuffled stream); remove it")
     feature_stages(cfg["kd"]["features"])
-    if cfg["kd"]["layer_selection"] not in (None, "bottom", "interleave", "up"):
-        raise KoalaError(f"kd.layer_selection must be null, bottom, interleave or up, got {cfg['kd']['layer_selection']!r}")
-    if cfg["kd"]["normalize"] not in ("none", "teacher"):
-        raise KoalaError(f"kd.normalize must be none or teacher, got {cfg['kd']['normalize']!r}")
-    for k in ("loss.task", "loss.out", "loss.feat"):
+    _one_of(cfg, "kd.layer_selection", (None, *LAYER_SELECTIONS))
+    _one_of(cfg, "student.layer_selection", LAYER_SELECTIONS)
+    _one_of(cfg, "kd.feature_loss", tuple(FEATURE_LOSSES))
+    for k in ("loss.task", "loss.out", "loss.feat", "train.lr"):
         _num(cfg, k, 0)
     for k in ("train.batch_size", "train.grad_accum", "train.max_steps", "train.resolution"):
         _num(cfg, k, 1)
-        if not isinstance(cfg[k.split(".")[0]][k.split(".")[1]], int):
-            raise KoalaError(f"{k} must be an integer")
-    _num(cfg, "train.lr", 0)
-    if cfg["train"]["mixed_precision"] not in ("no", "fp16", "bf16"):
-        raise KoalaError(f"train.mixed_precision must be no, fp16 or bf16, got {cfg['train']['mixed_precision']!r}")
-    if cfg["train"]["optimizer"] not in ("adamw", "adamw8bit"):
-        raise KoalaError(f"train.optimizer must be adamw or adamw8bit, got {cfg['train']['optimizer']!r}")
-    p = cfg["data"].get("caption_dropout", 0.0)
-    if not isinstance(p, (int, float)) or not 0 <= p <= 1:
-        raise KoalaError(f"data.caption_dropout must be between 0 and 1, got {p!r}")
-    loader_cfg, _ = loader_data_cfg(cfg["data"])
-    if loader_cfg.get("type", "synthetic") != "synthetic":
-        from ..data.config import normalize_data_cfg
-
-        normalize_data_cfg(loader_cfg)  # unknown keys, missing path, bad type: refuse before loading any model
+    _num(cfg, "train.caption_dropout", 0, 1)
+    _one_of(cfg, "train.mixed_precision", MIXED_PRECISION)
+    _one_of(cfg, "train.optimizer", OPTIMIZERS)
+    normalize_data_cfg(data)  # unknown keys, missing path, bad type: refuse before loading any model
     if not cfg["teacher"]["pipeline"]:
-        raise KoalaError("teacher.pipeline is required: a local SDXL pipeline directory (set it in the recipe or "
-                         "pass teacher.pipeline=/path/to/sdxl)")
+        raise KoalaError("teacher.pipeline is required: a local pipeline directory (set it in the recipe or pass "
+                         "teacher.pipeline=/path/to/pipeline; for a tiny test pipeline run "
+                         "`koala lab make-tiny DIR` first)")

@@ -4,8 +4,8 @@ Feature types (paper Sec. 3.1.2, Table 3a/10a):
   SA  ``attn1`` output of each transformer layer      CA  ``attn2`` output
   FFN ``ff`` output                                   Res output of each resnet
   LF  last feature of a stage (the block's output, as BK-SDM)
-Stages: DW-1..DW-3, MID, UP-1..UP-3. When the student has fewer transformer layers than the teacher, the
-teacher layers matched are chosen with :func:`koala.arch.select_layers` (bottom / interleave / up, App. B.1).
+Stages are the layer map's (SDXL: DW-1..DW-3, MID, UP-1..UP-3; SD-1.x: DW-1..DW-4, MID, UP-1..UP-4); where a
+stage's last feature is comes from the model's family. The types live in one registry, :data:`FEATURE_TYPES`.
 
 Hooks are registered on the *unwrapped* modules by name (no ``module.`` prefix under DDP) and record only
 inside :meth:`FeatureRecorder.capture`, so recomputation under gradient checkpointing (which re-runs the
@@ -15,16 +15,15 @@ forward during backward) neither overwrites nor double counts features and keeps
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
 from ..arch.layer_map import LayerMap, select_layers
 from ..errors import KoalaError
-from .config import STAGES, feature_stages
-
-SUBMODULE = {"SA": "attn1", "CA": "attn2", "FFN": "ff"}
+from ..families import Family
 
 
 @dataclass(frozen=True)
@@ -46,13 +45,6 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
-def _stage_module(stage: str) -> str:
-    if stage == "MID":
-        return "mid_block"
-    kind, idx = stage.split("-")
-    return f"{'down' if kind == 'DW' else 'up'}_blocks.{int(idx) - 1}"
-
-
 def _transformer_pairs(lmap: LayerMap, student, teacher, selection: str | None) -> list[tuple[str, str, str]]:
     """(stage, student layer prefix, teacher layer prefix) for every student transformer layer."""
     if selection is None:
@@ -67,37 +59,80 @@ def _transformer_pairs(lmap: LayerMap, student, teacher, selection: str | None) 
     return out
 
 
+def _sublayer(sub: str):
+    """Sites of a transformer-layer submodule (attn1 = self-attention, attn2 = cross-attention, ff = FFN)."""
+    def sites(ctx: "SiteContext") -> dict[str, list[tuple[str, str]]]:
+        out: dict[str, list[tuple[str, str]]] = {}
+        for stage, s, t in ctx.transformer_pairs:
+            out.setdefault(stage, []).append((f"{s}.{sub}", f"{t}.{sub}"))
+        return out
+    return sites
+
+
+def _resnets(ctx: "SiteContext") -> dict[str, list[tuple[str, str]]]:
+    out: dict[str, list[tuple[str, str]]] = {}
+    for e in ctx.lmap.of_kind("resnet"):
+        out.setdefault(e.stage, []).append((e.student, e.teacher))
+    return out
+
+
+def _last_features(ctx: "SiteContext") -> dict[str, list[tuple[str, str]]]:
+    return {stage: [pair] for stage, pair in ctx.family.stage_modules(ctx.lmap, ctx.student, ctx.teacher).items()}
+
+
+@dataclass
+class SiteContext:
+    """What a feature type needs to find its (student, teacher) module pairs."""
+
+    family: Family
+    lmap: LayerMap
+    student: torch.nn.Module
+    teacher: torch.nn.Module
+    selection: str | None
+
+    @functools.cached_property
+    def transformer_pairs(self) -> list[tuple[str, str, str]]:
+        return _transformer_pairs(self.lmap, self.student, self.teacher, self.selection)
+
+
+# The feature-type registry (paper Sec. 3.1.2, Table 3a/10a): type -> stage -> [(student module, teacher module)].
+# Add a type here in one place; the config accepts every key of this dict.
+FEATURE_TYPES: dict[str, Callable[[SiteContext], dict[str, list[tuple[str, str]]]]] = {
+    "SA": _sublayer("attn1"),
+    "CA": _sublayer("attn2"),
+    "FFN": _sublayer("ff"),
+    "Res": _resnets,
+    "LF": _last_features,
+}
+
+
 def feature_pairs(lmap: LayerMap, student: torch.nn.Module, teacher: torch.nn.Module, features: dict,
-                  selection: str | None = None) -> list[FeaturePair]:
+                  selection: str | None = None, family: Family | str | None = None) -> list[FeaturePair]:
     """The (student, teacher) module pairs whose outputs featKD matches, in a stable order.
 
-    ``features`` maps a type to ``"all"`` (every stage that has it) or a list of stages; a stage listed
-    explicitly that lacks the feature (e.g. SA at DW-1, or MID in a student without a mid block) is an error.
+    ``features`` maps a type of :data:`FEATURE_TYPES` to ``"all"`` (every stage that has it) or a list of stage
+    names (the layer map's: DW-1.., MID, UP-1..); a stage listed explicitly that lacks the feature (e.g. SA at
+    DW-1, or MID in a student without a mid block) is an error. ``selection`` (``kd.layer_selection``):
+    ``None`` matches each student transformer layer with the teacher layer the saved layer map initialised it
+    from; bottom / interleave / up re-pick the matched teacher layers for featKD only (App. B.1).
     """
+    from ..families import get_family
+
     student, teacher = unwrap(student), unwrap(teacher)
-    features = feature_stages(features)
-    available: dict[str, dict[str, list[tuple[str, str]]]] = {t: {} for t in features}
-    for stage, s, t in _transformer_pairs(lmap, student, teacher, selection):
-        for ftype, sub in SUBMODULE.items():
-            if ftype in available:
-                available[ftype].setdefault(stage, []).append((f"{s}.{sub}", f"{t}.{sub}"))
-    if "Res" in available:
-        for e in lmap.of_kind("resnet"):
-            available["Res"].setdefault(e.stage, []).append((e.student, e.teacher))
-    if "LF" in available:
-        s_mods, t_mods = dict(student.named_modules()), dict(teacher.named_modules())
-        for stage in STAGES:
-            name = _stage_module(stage)
-            if s_mods.get(name) is not None and t_mods.get(name) is not None:
-                available["LF"][stage] = [(name, name)]
+    fam = get_family(family or lmap.meta.get("family", "sdxl"))
+    ctx = SiteContext(fam, lmap, student, teacher, selection)
     pairs: list[FeaturePair] = []
-    for ftype, stages in features.items():
-        wanted = [s for s in STAGES if s in available[ftype]] if stages == "all" else stages
+    for ftype, stages in (features or {}).items():
+        if ftype not in FEATURE_TYPES:
+            raise KoalaError(f"kd.features: unknown feature type {ftype!r}; choose from {', '.join(FEATURE_TYPES)}")
+        available = FEATURE_TYPES[ftype](ctx)
+        wanted = [s for s in lmap.stages() if s in available] if stages == "all" else (
+            [stages] if isinstance(stages, str) else list(stages))
         for stage in wanted:
-            if stage not in available[ftype]:
+            if stage not in available:
                 raise KoalaError(f"kd.features.{ftype} lists stage {stage} but this student has no {ftype} features "
-                                 f"there (stages with {ftype}: {', '.join(available[ftype]) or 'none'})")
-            pairs += [FeaturePair(ftype, stage, s, t) for s, t in available[ftype][stage]]
+                                 f"there (stages with {ftype}: {', '.join(available) or 'none'})")
+            pairs += [FeaturePair(ftype, stage, s, t) for s, t in available[stage]]
     return pairs
 
 

@@ -38,22 +38,39 @@ class Losses:
     feat: torch.Tensor
     per_pair: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def per_stage(self, pairs: list[FeaturePair]) -> dict[str, float]:
-        out: dict[str, float] = {}
+    def scalars(self, pairs: list[FeaturePair] = ()) -> dict[str, float]:
+        """Loss totals and featKD per stage as floats, read from the device in one transfer (one sync)."""
+        names = ["loss/total", "loss/task", "loss/out", "loss/feat"]
+        values = [self.total.detach(), self.task, self.out, self.feat]
+        stages: dict[str, list[torch.Tensor]] = {}
         for p in pairs:
             if p.name in self.per_pair:
-                out[p.stage] = out.get(p.stage, 0.0) + float(self.per_pair[p.name])
-        return out
-
-    def scalars(self, pairs: list[FeaturePair] = ()) -> dict[str, float]:
-        logs = {"loss/total": float(self.total.detach()), "loss/task": float(self.task), "loss/out": float(self.out),
-                "loss/feat": float(self.feat)}
-        logs.update({f"feat/{k}": v for k, v in self.per_stage(list(pairs)).items()})
-        return logs
+                stages.setdefault(p.stage, []).append(self.per_pair[p.name])
+        names += [f"feat/{k}" for k in stages]
+        values += [torch.stack(v).sum() for v in stages.values()]
+        return dict(zip(names, torch.stack([v.float() for v in values]).tolist()))
 
 
-def feature_losses(pairs: list[FeaturePair], s_feats: dict, t_feats: dict, normalize: str = "none") -> dict[str, torch.Tensor]:
-    """MSE per feature pair (fp32). ``normalize="teacher"`` divides by the teacher feature's mean square."""
+def _mse_teacher_norm(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """MSE divided by the teacher feature's mean square: every layer weighs the same whatever its scale."""
+    return mse(s, t) / t.float().pow(2).mean().clamp_min(1e-8)
+
+
+def _cosine(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """1 - cosine similarity along the channel axis (1 for [B, C, H, W] maps, last for [B, N, C] tokens),
+    averaged over positions and the batch."""
+    return (1 - F.cosine_similarity(s.float(), t.float(), dim=1 if s.ndim == 4 else -1, eps=1e-8)).mean()
+
+
+# The feature-loss registry (``kd.feature_loss``): name -> loss(student feature, teacher feature) in fp32.
+FEATURE_LOSSES = {"mse": mse, "mse_teacher_norm": _mse_teacher_norm, "cosine": _cosine}
+
+
+def feature_losses(pairs: list[FeaturePair], s_feats: dict, t_feats: dict, loss: str = "mse") -> dict[str, torch.Tensor]:
+    """One loss per feature pair (fp32), with the :data:`FEATURE_LOSSES` entry named ``loss``."""
+    if loss not in FEATURE_LOSSES:
+        raise KoalaError(f"kd.feature_loss {loss!r}: choose one of {', '.join(FEATURE_LOSSES)}")
+    fn = FEATURE_LOSSES[loss]
     out = {}
     for p in pairs:
         if p.student not in s_feats or p.teacher not in t_feats:
@@ -62,19 +79,16 @@ def feature_losses(pairs: list[FeaturePair], s_feats: dict, t_feats: dict, norma
         s, t = s_feats[p.student], t_feats[p.teacher].detach()
         if s.shape != t.shape:
             raise KoalaError(f"feature {p.name}: student shape {tuple(s.shape)} != teacher {p.teacher} {tuple(t.shape)}")
-        loss = mse(s, t)
-        if normalize == "teacher":
-            loss = loss / t.float().pow(2).mean().clamp_min(1e-8)
-        out[p.name] = loss
+        out[p.name] = fn(s, t)
     return out
 
 
 def kd_losses(student_out: torch.Tensor, target: torch.Tensor, teacher_out: torch.Tensor | None,
-              pairs: list[FeaturePair], s_feats: dict, t_feats: dict, weights: dict, normalize: str = "none") -> Losses:
+              pairs: list[FeaturePair], s_feats: dict, t_feats: dict, weights: dict, feature_loss: str = "mse") -> Losses:
     zero = student_out.new_zeros((), dtype=torch.float32)
     task = mse(student_out, target)
     out = mse(student_out, teacher_out.detach()) if teacher_out is not None else zero
-    per_pair = feature_losses(pairs, s_feats, t_feats, normalize) if pairs else {}
+    per_pair = feature_losses(pairs, s_feats, t_feats, feature_loss) if pairs else {}
     feat = torch.stack(list(per_pair.values())).sum() if per_pair else zero
     total = weights["task"] * task + weights["out"] * out + weights["feat"] * feat
     return Losses(total, task.detach(), out.detach(), feat.detach(), {k: v.detach() for k, v in per_pair.items()})

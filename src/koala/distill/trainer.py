@@ -1,8 +1,12 @@
 """The KOALA distillation loop on accelerate: L_task + L_outKD + L_featKD with hooks through the layer map.
 
-One optimizer step = ``train.grad_accum`` micro-batches per process. Noise, timesteps, VAE sampling and
-caption dropout come from a generator seeded by (seed, rank, step, micro-step), and the data order depends
-only on the seed, so ``resume=latest`` continues exactly where the checkpoint was taken.
+One optimizer step = ``train.grad_accum`` micro-batches per process. The model family (SDXL, SD-1.x, ...)
+supplies conditioning and stage names; nothing here is family-specific. Noise, timesteps, VAE sampling and
+caption dropout come from one generator per sample seeded by the sample's position in the global stream
+(:func:`sample_generators`), and the data order depends only on the seed, so ``resume=latest`` continues
+exactly where the checkpoint was taken, and N processes x batch B equal 1 process x batch N*B.
+Logging goes through ``Accelerator(log_with=...)`` (``train.log_with``: tensorboard by default) plus
+``OUTPUT/metrics.jsonl``.
 """
 
 from __future__ import annotations
@@ -17,52 +21,47 @@ import torch
 from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 
+from ..data import make_dataloader
 from ..errors import KoalaError
+from ..recipes import dump_recipe
+from ..utils import tree_to
 from .checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
-from .config import loader_data_cfg
 from .hooks import FeatureRecorder, feature_pairs, unwrap
 from .losses import kd_losses, prediction_target
-from .models import encode_batch, ensure_pipeline, load_models
-from .simple_data import make_synthetic_dataloader
+from .models import encode_batch, load_models, teacher_pipeline
 
 log = logging.getLogger("koala.distill")
 
 
-def make_dataloader(data: dict, *, batch_size: int, resolution: int, seed: int = 0, num_workers: int = 0,
-                    rank: int = 0, world_size: int = 1, pipeline_dir: str | None = None, skip_batches: int = 0):
-    """The training batches for the ``data`` config section: ``type: synthetic`` in memory, every other type
-    through :func:`koala.data.make_dataloader` (minus the trainer's own keys). For ``type: cache``,
-    ``pipeline_dir`` must hold the VAE/text encoders that built the cache, else KoalaError here.
-    ``skip_batches`` (koala.data types only; see :func:`skips_cheaply`) starts the stream at that batch."""
-    cfg, ignored = loader_data_cfg(data)
-    if skip_batches and not skips_cheaply(data):
-        raise KoalaError("skip_batches needs a koala.data type with repeat: true; replay the stream instead")
-    if cfg.get("type", "synthetic") == "synthetic":
-        return make_synthetic_dataloader(cfg, batch_size=batch_size, resolution=resolution, seed=seed, rank=rank,
-                                         world_size=world_size)
-    if ignored:
-        log.warning("data.%s: only used by data.type synthetic; ignored for data.type %s", ", data.".join(ignored),
-                    cfg.get("type"))
-    from ..data import make_dataloader as data_loader
-
-    return data_loader(cfg, batch_size=batch_size, resolution=resolution, seed=seed, num_workers=num_workers,
-                       rank=rank, world_size=world_size, pipeline_dir=pipeline_dir, skip_batches=skip_batches)
-
-
-def skips_cheaply(data: dict) -> bool:
-    """Whether a resume can start the loader at its batch (koala.data, infinite stream) instead of replaying:
-    not for the in-memory ``synthetic`` type, nor for ``repeat: false`` (each pass restarts; the trainer
-    re-iterates it)."""
-    return data.get("type", "synthetic") != "synthetic" and data.get("repeat", True) is not False
-
-
-def checkpoint_step(path: str) -> int:
+def checkpoint_state(path: str) -> dict:
     with open(os.path.join(path, "state.json")) as f:
-        return int(json.load(f)["step"])
+        return json.load(f)
 
 
-def micro_generator(seed: int, rank: int, step: int, micro: int) -> torch.Generator:
-    return torch.Generator().manual_seed(((seed * 1_000_003 + rank) * 1_000_003 + step) * 1009 + micro)
+def check_world_size(state: dict, world_size: int, global_batch: int, allow: bool, path: str) -> None:
+    """Refuse resuming on another number of processes: the data split, the per-rank noise and the global batch
+    would all change, so the run would not continue the one that was stopped."""
+    saved = state.get("world_size", 1)
+    if saved != world_size and not allow:
+        raise KoalaError(
+            f"{path} was written by a run on {saved} process(es) (global batch {state.get('global_batch', '?')}); "
+            f"this run has {world_size} (global batch {global_batch}). Resume with the same number of processes, or "
+            "set train.allow_world_size_change=true to continue anyway (the data order and noise then differ from "
+            "an uninterrupted run)", option="train.allow_world_size_change")
+
+
+def sample_generators(seed: int, step: int, micro: int, batch_size: int, grad_accum: int, rank: int = 0,
+                      world_size: int = 1) -> list[torch.Generator]:
+    """One CPU generator per sample of a micro-batch, seeded by the sample's position in the *global* stream.
+
+    Rank ``r``'s sample ``j`` of micro-step ``micro`` at ``step`` is global sample
+    ``((step * grad_accum + micro) * batch_size + j) * world_size + r`` -- the position the koala.data loader
+    gives it (ranks take every world_size-th sample). VAE sampling, caption dropout, noise and timestep of a
+    sample therefore depend only on that position, so N processes x batch B and 1 process x batch N*B train
+    on the same samples with the same randomness (equal weights up to float summation order).
+    """
+    first = (step * grad_accum + micro) * batch_size
+    return [torch.Generator().manual_seed(seed * 1_000_003 + (first + j) * world_size + rank) for j in range(batch_size)]
 
 
 def make_optimizer(params, tcfg: dict):
@@ -78,17 +77,14 @@ def make_optimizer(params, tcfg: dict):
 
 
 def infinite(loader):
-    epoch = 0
+    """The loader's batches forever (koala.data loaders with ``repeat: true`` already are; this guards the rest)."""
     while True:
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
         n = 0
         for batch in loader:
             n += 1
             yield batch
         if n == 0:
             raise KoalaError("the data loader yielded no batches (dataset smaller than one batch?)")
-        epoch += 1
 
 
 class Distiller:
@@ -100,8 +96,12 @@ class Distiller:
         torch.manual_seed(tcfg["seed"])
         teacher, student, self.lmap, frozen = load_models(cfg)
         self.frozen = frozen.to(accelerator.device)
+        self.family = frozen.family
         self.teacher = teacher.to(accelerator.device)
-        self.pairs = feature_pairs(self.lmap, student, teacher, cfg["kd"]["features"], cfg["kd"]["layer_selection"])
+        self.pairs = feature_pairs(self.lmap, student, teacher, cfg["kd"]["features"], cfg["kd"]["layer_selection"],
+                                   self.family)
+        self.caption_dropout = tcfg["caption_dropout"]
+        self.uncond = None  # the family's unconditional text conditioning, computed on first use
         w = cfg["loss"]
         self.need_teacher = w["out"] > 0 or (w["feat"] > 0 and bool(self.pairs))
         if not (w["feat"] > 0):
@@ -123,30 +123,35 @@ class Distiller:
     def plain_student(self):
         return unwrap(self.acc.unwrap_model(self.student))
 
-    def step_losses(self, batch: dict, g: torch.Generator):
-        """Encode, noise, run teacher (no grad) and student, return :class:`Losses` (fp32)."""
-        dev, fz, cfg = self.acc.device, self.frozen, self.cfg
-        latents, pe, pooled, ids = encode_batch(batch, fz, dev, g, cfg["data"].get("caption_dropout", 0.0))
+    def step_losses(self, batch: dict, gens: list[torch.Generator]):
+        """The KD step's forward: encode, noise, run teacher (no grad) and student, return :class:`Losses` (fp32).
+
+        ``gens``: one CPU generator per sample (:func:`sample_generators`), drawn in the order VAE sample (raw
+        batches), caption dropout, noise, timestep. The only KD step: the trainer, tests and the hook-overhead
+        benchmark all call it."""
+        dev, fz, fam = self.acc.device, self.frozen, self.family
+        latents, cond = encode_batch(batch, fz, dev, gens, self.caption_dropout, self.uncond)
+        if self.caption_dropout > 0 and self.uncond is None:
+            self.uncond = fam.uncond(fz.parts, cond)
         sched = fz.noise_scheduler
-        noise = torch.randn(latents.shape, generator=g).to(dev)
-        t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=g).to(dev)
+        noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens]).to(dev)
+        t = torch.stack([torch.randint(0, sched.config.num_train_timesteps, (), generator=g) for g in gens]).to(dev)
         noisy = sched.add_noise(latents, noise, t)
         target = prediction_target(sched, latents, noise, t)
         t_out = None
         if self.need_teacher:
             td = fz.weight_dtype
             with torch.no_grad(), self.t_rec.capture():
-                t_out = self.teacher(noisy.to(td), t, pe.to(td),
-                                     added_cond_kwargs={"text_embeds": pooled.to(td), "time_ids": ids.to(td)}).sample
+                t_out = self.teacher(noisy.to(td), t, **tree_to(fam.model_inputs(cond), dtype=td)).sample
         with self.acc.autocast(), self.s_rec.capture():
-            s_out = self.student(noisy, t, pe, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+            s_out = self.student(noisy, t, **fam.model_inputs(cond)).sample
         s_feats, t_feats = self.s_rec.pop(), self.t_rec.pop()
         if self.pairs and self.student.training and torch.is_grad_enabled():
             dead = [n for n, f in s_feats.items() if not f.requires_grad]
             if dead:
                 raise RuntimeError(f"student features {dead[:3]} carry no gradient; featKD would be silently ignored")
         return kd_losses(s_out, target, t_out if self.cfg["loss"]["out"] > 0 else None, self.pairs, s_feats, t_feats,
-                         self.cfg["loss"], self.cfg["kd"]["normalize"])
+                         self.cfg["loss"], self.cfg["kd"]["feature_loss"])
 
 
 def _check_finite(acc: Accelerator, losses, step: int, output_dir: str) -> None:
@@ -163,6 +168,22 @@ def _check_finite(acc: Accelerator, losses, step: int, output_dir: str) -> None:
             f"or check the data.")
 
 
+def _trackers(tcfg: dict) -> list[str]:
+    """``train.log_with``: tensorboard (default), wandb, both ("tensorboard,wandb") or none."""
+    names = [n.strip() for n in str(tcfg.get("log_with") or "none").split(",") if n.strip() and n.strip() != "none"]
+    for n in names:
+        module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(n)
+        if module is None:
+            raise KoalaError(f"train.log_with {n!r}: choose tensorboard, wandb or none", option="train.log_with")
+        try:
+            __import__(module)
+        except ImportError:
+            extra = {"wandb": "koala-diffusion[wandb]"}.get(n, module)
+            raise KoalaError(f"train.log_with={n} needs the {module} package: pip install '{extra}'",
+                             option="train.log_with") from None
+    return names
+
+
 def train(cfg: dict) -> dict:
     """Run distillation per ``cfg`` (see :mod:`koala.distill.config`). Returns a summary dict."""
     tcfg = cfg["train"]
@@ -170,17 +191,19 @@ def train(cfg: dict) -> dict:
     cfg["train"]["output_dir"] = out_dir
     if tcfg["cpu_threads"]:
         torch.set_num_threads(int(tcfg["cpu_threads"]))
-    acc = Accelerator(mixed_precision=tcfg["mixed_precision"])
-    accum, bs = tcfg["grad_accum"], tcfg["batch_size"]
+    trackers = _trackers(tcfg)
+    acc = Accelerator(mixed_precision=tcfg["mixed_precision"], log_with=trackers or None, project_dir=out_dir)
+    accum, bs, world = tcfg["grad_accum"], tcfg["batch_size"], acc.num_processes
+    global_batch = bs * accum * world
     resume = resolve_resume(tcfg["resume"], out_dir)
-    start = checkpoint_step(resume) if resume else 0
-    # continue the data stream where the checkpoint left it: koala.data skips the batches without decoding
-    # them; the in-memory synthetic stream (and a repeat: false one) is replayed below
-    skip = start * accum if skips_cheaply(cfg["data"]) else 0
-    # the data first: a bad source or a cache built by other encoders is refused before any model is loaded
+    if resume:
+        check_world_size(checkpoint_state(resume), world, global_batch, tcfg["allow_world_size_change"], resume)
+    start = checkpoint_state(resume)["step"] if resume else 0
+    # the data first: a bad source or a cache built by other encoders is refused before any model is loaded;
+    # a resumed run starts the stream where the checkpoint left it (skipped batches are not decoded)
     loader = make_dataloader(cfg["data"], batch_size=bs, resolution=tcfg["resolution"], seed=tcfg["seed"],
-                             num_workers=tcfg["num_workers"], rank=acc.process_index, world_size=acc.num_processes,
-                             pipeline_dir=ensure_pipeline(cfg), skip_batches=skip)
+                             num_workers=tcfg["num_workers"], rank=acc.process_index, world_size=world,
+                             pipeline_dir=teacher_pipeline(cfg), skip_batches=start * accum)
     d = Distiller(cfg, acc)
     scaler = getattr(acc, "scaler", None)
     step = 0
@@ -190,30 +213,24 @@ def train(cfg: dict) -> dict:
             d.ema.to(acc.device)
         acc.print(f"resumed from {resume} at step {step}")
     data = infinite(loader)
-    for _ in range(step * accum - skip):
-        next(data)
-
-    writer = None
     if acc.is_main_process:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "config.yaml"), "w") as f:
-            from ..recipes import dump_recipe
             f.write(dump_recipe(cfg))
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(os.path.join(out_dir, "logs"))
+    if trackers:
+        acc.init_trackers("logs", config=flat_config(cfg))
     from tqdm.auto import tqdm
     bar = tqdm(total=tcfg["max_steps"], initial=step, disable=not (acc.is_main_process and tcfg["progress"]),
                desc="distill", dynamic_ncols=True)
     last_ckpt, vcfg, t0 = None, cfg["validation"], time.perf_counter()
-    samples_per_step = bs * accum * acc.num_processes
     try:
         while step < tcfg["max_steps"]:
             logs: dict[str, float] = {}
             for micro in range(accum):
-                g = micro_generator(tcfg["seed"], acc.process_index, step, micro)
+                gens = sample_generators(tcfg["seed"], step, micro, bs, accum, acc.process_index, world)
                 sync = acc.no_sync(d.student) if micro < accum - 1 else contextlib.nullcontext()
                 with sync:
-                    losses = d.step_losses(next(data), g)
+                    losses = d.step_losses(next(data), gens)
                     _check_finite(acc, losses, step + 1, out_dir)
                     acc.backward(losses.total / accum)
                 for k, v in losses.scalars(d.pairs).items():
@@ -227,42 +244,52 @@ def train(cfg: dict) -> dict:
             step += 1
             dt = time.perf_counter() - t0
             t0 = time.perf_counter()
-            logs["samples_per_s"] = samples_per_step / max(dt, 1e-9)
+            logs["samples_per_s"] = global_batch / max(dt, 1e-9)
             logs["lr"] = tcfg["lr"]
             bar.update(1)
             bar.set_postfix(loss=f"{logs['loss/total']:.4f}", task=f"{logs['loss/task']:.4f}",
                             out=f"{logs['loss/out']:.4f}", feat=f"{logs['loss/feat']:.4f}",
                             sps=f"{logs['samples_per_s']:.1f}")
-            if acc.is_main_process and (step % tcfg["log_every"] == 0 or step == tcfg["max_steps"]):
-                for k, v in logs.items():
-                    writer.add_scalar(k, v, step)
-                with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps({"step": step, **logs}) + "\n")
+            if step % tcfg["log_every"] == 0 or step == tcfg["max_steps"]:
+                if trackers:
+                    acc.log(logs, step=step)
+                if acc.is_main_process:
+                    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+                        f.write(json.dumps({"step": step, **logs}) + "\n")
             done = step == tcfg["max_steps"]
             if (tcfg["checkpoint_every"] and step % tcfg["checkpoint_every"] == 0) or done:
                 if acc.is_main_process:
                     last_ckpt = save_checkpoint(out_dir, step, d.plain_student, d.lmap, d.ema, d.optimizer, scaler,
-                                                cfg, tcfg["keep_checkpoints"])
+                                                cfg, tcfg["keep_checkpoints"], world_size=world)
                     bar.write(f"checkpoint saved: {last_ckpt}")
                 acc.wait_for_everyone()
             if vcfg["every"] and (step % vcfg["every"] == 0 or done):
                 if acc.is_main_process:
-                    validate_now(d, cfg, step, writer)
+                    validate_now(d, cfg, step)
                 acc.wait_for_everyone()
                 t0 = time.perf_counter()
     finally:
         bar.close()
         d.s_rec.remove()
         d.t_rec.remove()
-        if writer is not None:
-            writer.close()
     ckpts = list_checkpoints(out_dir)
     acc.end_training()
     return {"step": step, "output_dir": out_dir, "checkpoint": last_ckpt or (ckpts[-1][1] if ckpts else None),
-            "feature_pairs": len(d.pairs), "rank": acc.process_index, "world_size": acc.num_processes}
+            "feature_pairs": len(d.pairs), "rank": acc.process_index, "world_size": world}
 
 
-def validate_now(d: Distiller, cfg: dict, step: int, writer) -> list[str]:
+def flat_config(cfg: dict, prefix: str = "") -> dict:
+    """``{"train.lr": 1e-5, ...}`` with lists as strings (what trackers accept as hyperparameters)."""
+    out = {}
+    for k, v in cfg.items():
+        if isinstance(v, dict):
+            out.update(flat_config(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+def validate_now(d: Distiller, cfg: dict, step: int) -> list[str]:
     from .validation import validate
 
-    return validate(d.plain_student, d.teacher, d.frozen, cfg, step, d.acc.device, writer, d.ema)
+    return validate(d.plain_student, d.teacher, d.frozen, cfg, step, d.acc.device, d.acc, d.ema)

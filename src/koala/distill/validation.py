@@ -7,15 +7,11 @@ import os
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionXLPipeline
 
 
 def _pipeline(unet, frozen):
-    return StableDiffusionXLPipeline(
-        vae=frozen.vae, text_encoder=frozen.text_encoders[0], text_encoder_2=frozen.text_encoders[1],
-        tokenizer=frozen.tokenizers[0], tokenizer_2=frozen.tokenizers[1], unet=unet,
-        scheduler=frozen.scheduler.__class__.from_config(frozen.scheduler.config), force_zeros_for_empty_prompt=True,
-    )
+    sched = frozen.parts.scheduler
+    return frozen.family.make_pipeline(frozen.parts, unet, sched.__class__.from_config(sched.config))
 
 
 @torch.no_grad()
@@ -42,25 +38,29 @@ def render(unet, frozen, vcfg: dict, resolution: int, device) -> list:
     return images
 
 
-def save_images(images: list, folder: str, tag: str, step: int, writer=None) -> list[str]:
+def save_images(images: list, folder: str, tag: str, step: int, accelerator=None) -> list[str]:
+    """Write PNGs to ``folder`` and send the images to the accelerator's trackers (tensorboard, wandb)."""
     os.makedirs(folder, exist_ok=True)
     paths = []
     for i, im in enumerate(images):
         p = os.path.join(folder, f"{i:02d}.png")
         im.save(p)
         paths.append(p)
-        if writer is not None:
-            writer.add_image(f"{tag}/{i:02d}", np.asarray(im), step, dataformats="HWC")
+    for tracker in getattr(accelerator, "trackers", None) or []:
+        if tracker.name == "tensorboard":
+            tracker.log_images({tag: np.stack([np.asarray(im) for im in images])}, step, dataformats="NHWC")
+        else:
+            tracker.log_images({tag: images}, step)
     return paths
 
 
-def validate(student, teacher, frozen, cfg: dict, step: int, device, writer=None, ema=None) -> list[str]:
+def validate(student, teacher, frozen, cfg: dict, step: int, device, accelerator=None, ema=None) -> list[str]:
     vcfg = cfg["validation"]
     res = vcfg["resolution"] or cfg["train"]["resolution"]
     out = os.path.join(cfg["train"]["output_dir"], "samples")
     teacher_dir = os.path.join(out, "teacher")
     if not os.path.isdir(teacher_dir):
-        save_images(render(teacher, frozen, vcfg, res, device), teacher_dir, "teacher", step, writer)
+        save_images(render(teacher, frozen, vcfg, res, device), teacher_dir, "teacher", step, accelerator)
     params = list(student.parameters())
     if ema is not None and vcfg["use_ema"]:
         ema.store(params)
@@ -70,4 +70,4 @@ def validate(student, teacher, frozen, cfg: dict, step: int, device, writer=None
     finally:
         if ema is not None and vcfg["use_ema"]:
             ema.restore(params)
-    return save_images(images, os.path.join(out, f"step-{step:07d}"), "student", step, writer)
+    return save_images(images, os.path.join(out, f"step-{step:07d}"), "student", step, accelerator)

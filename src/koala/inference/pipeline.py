@@ -1,8 +1,9 @@
-"""Load an SDXL-architecture pipeline for inference, with the memory/speed modes applied.
+"""Load a pipeline of any supported family (SDXL, SD-1.x) for inference, with the memory/speed modes applied.
 
 ``load_pipeline(model=DIR)`` loads a full pipeline directory (as written by ``koala compress``/``koala distill``);
-``load_pipeline(unet=DIR, base=PIPE)`` drops a student U-Net into a teacher pipeline. The paper's inference
-settings (App. A.3) are the defaults: Euler discrete scheduler, fp16 on GPU, fp16-fix VAE when given.
+``load_pipeline(unet=DIR, base=PIPE)`` drops a student U-Net into a teacher pipeline. The family (and so the
+diffusers pipeline class) is detected from the U-Net config. The paper's inference settings (App. A.3) are the
+defaults: Euler discrete scheduler, fp16 on GPU, fp16-fix VAE when given.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..arch.presets import check_sdxl_topology
 from ..errors import KoalaError
-from ..utils import model_dir_kind, parse_dtype, read_json, unet_dir
+from ..families import Family, family_of, model_dir, model_dir_kind
+from ..utils import parse_dtype, read_json
 
 SCHEDULERS = {
     "euler": "EulerDiscreteScheduler",
@@ -31,7 +32,7 @@ ATTENTION = ("sdpa", "classic")
 class LoadedPipeline:
     """A ready pipeline plus what was applied, for the PNG metadata and the user."""
 
-    pipe: "object"  # diffusers.StableDiffusionXLPipeline
+    pipe: "object"  # the family's diffusers pipeline (StableDiffusionXLPipeline, StableDiffusionPipeline)
     model: str
     device: str
     dtype: str
@@ -39,28 +40,26 @@ class LoadedPipeline:
     timestep_spacing: str
     modes: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    family: str = "sdxl"
 
 
-def _check_pipeline_dir(path: str, what: str) -> None:
+def _check_pipeline_dir(path: str, what: str) -> Family:
     if model_dir_kind(path) != "pipeline":
         raise KoalaError(f"{what} {path} is a U-Net directory; give a pipeline directory (with model_index.json), "
-                         "or pass the U-Net with --unet DIR --base PIPELINE_DIR")
-    for sub in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "scheduler"):
-        if not os.path.isdir(os.path.join(path, sub)):
-            raise KoalaError(f"{what} {path} has no {sub}/; an SDXL pipeline needs text_encoder(_2), tokenizer(_2), "
-                             "unet, vae and scheduler")
+                         "or the U-Net together with a base pipeline directory", option=what)
+    fam = family_of(path)
+    fam.check_pipeline_dir(path, what)
+    return fam
 
 
-def _check_unet_fits(unet_path: str, base: str) -> None:
+def _check_unet_fits(unet_path: str, base: str, fam: Family) -> None:
     cfg = read_json(os.path.join(unet_path, "config.json"))
-    check_sdxl_topology(cfg, f"{unet_path}/config.json")
-    te1 = read_json(os.path.join(base, "text_encoder", "config.json"))
-    te2 = read_json(os.path.join(base, "text_encoder_2", "config.json"))
-    ctx = te1.get("hidden_size", 0) + te2.get("hidden_size", 0)
-    if cfg.get("cross_attention_dim") != ctx:
+    fam.check(cfg, f"{unet_path}/config.json")
+    widths = [read_json(os.path.join(base, enc, "config.json")).get("hidden_size", 0) for _, enc, _ in fam.text_encoders]
+    if cfg.get("cross_attention_dim") != sum(widths):
         raise KoalaError(f"{unet_path}/config.json: cross_attention_dim is {cfg.get('cross_attention_dim')} but the base "
-                         f"pipeline {base} has text encoders of width {te1.get('hidden_size')} + {te2.get('hidden_size')} "
-                         f"= {ctx}; use the base pipeline the U-Net was compressed/distilled from")
+                         f"pipeline {base} has text encoders of width {' + '.join(map(str, widths))} = {sum(widths)}; "
+                         "use the base pipeline the U-Net was compressed/distilled from", option="base")
 
 
 def _scheduler(pipe, name: str, spacing: str | None):
@@ -100,7 +99,7 @@ def load_pipeline(
     ``offload``: None, "model" (whole components move to the GPU in turn) or "sequential" (sub-module by
     sub-module; least memory, slowest). Both need CUDA and accelerate; on CPU they do not apply and a note says so.
     """
-    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL
 
     if offload not in OFFLOAD:
         raise KoalaError(f"--offload {offload!r}: choose model or sequential")
@@ -121,21 +120,22 @@ def load_pipeline(
     if model and (unet or base):
         raise KoalaError("give either --model PIPELINE_DIR or --unet DIR --base PIPELINE_DIR, not both")
     if model:
-        _check_pipeline_dir(model, "--model")
-        check_sdxl_topology(read_json(os.path.join(model, "unet", "config.json")), f"{model}/unet/config.json")
+        fam = _check_pipeline_dir(model, "model")
         src, name = model, os.path.basename(os.path.normpath(model))
     elif unet and base:
-        _check_pipeline_dir(base, "--base")
-        u = unet_dir(unet)
-        _check_unet_fits(u, base)
-        kw["unet"] = UNet2DConditionModel.from_pretrained(u, dtype=dt)
+        fam = _check_pipeline_dir(base, "base")
+        u = model_dir(unet)
+        _check_unet_fits(u, base, fam)
+        kw[fam.model_subfolder] = fam.load_model(u, dt)
         src = base
         name = f"{os.path.basename(os.path.normpath(unet))} (U-Net) + {os.path.basename(os.path.normpath(base))}"
     else:
         raise KoalaError("no model: give --model PIPELINE_DIR, or --unet DIR together with --base PIPELINE_DIR")
     if vae:
         kw["vae"] = AutoencoderKL.from_pretrained(unet_dir_vae(vae), dtype=dt)
-    pipe = StableDiffusionXLPipeline.from_pretrained(src, **kw)
+    if fam.name == "sd":  # koala never runs SD's safety checker implicitly; see --nsfw-model for the opt-in filter
+        kw.update(safety_checker=None, requires_safety_checker=False)
+    pipe = fam.pipeline_class.from_pretrained(src, **kw)
     if vae:
         pipe.vae.register_to_config(force_upcast=False)
         modes.append("fp16-fix VAE" if dt == torch.float16 else "custom VAE")
@@ -183,7 +183,7 @@ def load_pipeline(
         pipe.unet = torch.compile(pipe.unet)
         modes.append("torch.compile(unet)")
         notes.append("torch.compile: the first image is slow (compilation); later ones are faster")
-    return LoadedPipeline(pipe, name, device, dtype_name, scheduler, spacing, modes, notes)
+    return LoadedPipeline(pipe, name, device, dtype_name, scheduler, spacing, modes, notes, fam.name)
 
 
 def unet_dir_vae(path: str) -> str:

@@ -112,7 +112,7 @@ def prepare(s: DemoSettings, log=print) -> tuple[str, str, str]:
     """Fresh ``s.out`` with the compressed student and the shapes training data: (teacher, student_init, data)."""
     import shutil
 
-    from ..arch.compress import compress
+    from ..compress import compress
     from .models import IMAGE_SIZE, shapes_teacher_dir
     from .shapes import write_shapes_dataset
 
@@ -147,7 +147,7 @@ def distill(s: DemoSettings, teacher_dir: str, student_init: str, train_dir: str
         f"kd.features={features}", f"loss.feat={1.0 if FEATURES[s.features] else 0.0}",
         f"loss.out={1.0 if out_kd else 0.0}",
         "data.type=folder", f"data.path={train_dir}", "data.random_flip=false", "data.center_crop=true",
-        "data.caption_dropout=0.1",
+        "train.caption_dropout=0.1",
         f"train.output_dir={os.path.join(os.path.abspath(s.out), run_name)}", f"train.resolution={IMAGE_SIZE}",
         f"train.batch_size={s.batch_size}", f"train.max_steps={s.steps}", f"train.lr={s.lr}",
         f"train.checkpoint_every={s.steps}", "train.keep_checkpoints=1", "train.ema.enabled=false",
@@ -169,7 +169,7 @@ def eval_prompts(s: DemoSettings) -> list[str]:
 
 def score_model(s: DemoSettings, teacher_dir: str, unet_dir: str | None, prompts: list[str]) -> tuple[dict, object]:
     """Scorer accuracies (colour, shape, binding, spatial) of the teacher pipeline with ``unet_dir`` swapped in."""
-    from ..eval.shapes import score_pairs
+    from .score import score_pairs
 
     images, unet = _sample(teacher_dir, prompts, s, unet_dir)
     agg, _ = score_pairs(_images_np(images), prompts)

@@ -5,11 +5,16 @@ A plain recipe, in two phases:
 1. **VAE**: reconstruction training of the AutoencoderKL (L1 + MSE + a small KL term); afterwards
    ``scaling_factor`` is set to 1 / std of the latents, as SDXL's VAE config does.
 2. **U-Net + both text encoders**: the diffusion task loss (epsilon prediction, MSE with min-SNR weighting)
-   under SDXL's noise schedule (scaled-linear betas, 1000 steps), with SDXL conditioning computed exactly
-   as the pipeline does (``koala.conditioning``: penultimate hidden states of both encoders, pooled
-   embedding of the second, ``add_time_ids``). 10 % of captions are dropped to all-zero embeddings, which is
+   under SDXL's noise schedule (scaled-linear betas, 1000 steps; noising by ``DDPMScheduler.add_noise``, SNR by
+   ``diffusers.training_utils.compute_snr``), with SDXL conditioning computed exactly as the pipeline does
+   (``koala.families`` "sdxl": penultimate hidden states of both encoders, pooled embedding of the second,
+   ``add_time_ids``). 10 % of captions are dropped to all-zero embeddings, which is
    what ``StableDiffusionXLPipeline`` uses as the unconditional input (``force_zeros_for_empty_prompt``),
-   so classifier-free guidance works. An EMA of the weights is what gets saved.
+   so classifier-free guidance works. An EMA of the weights (``diffusers.training_utils.EMAModel``, one per
+   trained module) is what gets saved.
+
+Images come through ``koala.data`` (folder source, centre crop, no flip); generated scenes are written to a
+temporary image folder first.
 
 The output is a pipeline directory that ``StableDiffusionXLPipeline.from_pretrained`` loads as is; a
 checkpoint is written every ``save_every`` steps so a stopped run still leaves usable weights.
@@ -21,24 +26,29 @@ import copy
 import json
 import math
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from diffusers.training_utils import EMAModel, compute_snr
 
-from ..conditioning import time_ids, tokenize
 from ..errors import KoalaError
+from ..families import get_family
+from ..families.sdxl import time_ids
 from ..utils import atomic_output_dir
 from .models import IMAGE_SIZE, build_shapes_pipeline, default_sampling
-from .shapes import DEFAULT_HELD_OUT, generate_scenes, render
+from .score import score_pairs
+from .shapes import DEFAULT_HELD_OUT, generate_scenes, write_image_folder
 
 
 @dataclass
 class TeacherConfig:
     out: str
-    data: str | None = None  # image folder with metadata.jsonl; None: generate shapes in memory
+    data: str | None = None  # image folder (metadata.jsonl or sidecars); None: generate num_train scenes
     num_train: int = 20000
     num_val: int = 64  # val prompts scored at each checkpoint
     seed: int = 0
@@ -59,34 +69,31 @@ class TeacherConfig:
 
 
 # ----------------------------------------------------------------------------------------------- data
-def load_folder(folder: str, size: int) -> tuple[np.ndarray, list[str]]:
-    """``(uint8 [N, size, size, 3], captions)`` from an image folder with metadata.jsonl."""
-    from PIL import Image
-
-    from ..eval.shapes import read_prompts
+def read_folder(folder: str, size: int) -> tuple[torch.Tensor, list[str]]:
+    """``(pixel values [N, 3, size, size] in [-1, 1], captions)`` of an image folder, through ``koala.data``
+    (``metadata.jsonl`` or sidecar captions; centre crop, no flip). A shapes data set root reads its ``train``."""
+    from ..data import make_dataloader
 
     sub = os.path.join(folder, "train")
     if not os.path.isfile(os.path.join(folder, "metadata.jsonl")) and os.path.isdir(sub):
         folder = sub
-    items = read_prompts(folder)
-    imgs = []
-    for path, _ in items:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            if im.size != (size, size):
-                im = im.resize((size, size), Image.NEAREST)
-            imgs.append(np.asarray(im))
-    return np.stack(imgs), [t for _, t in items]
+    data_cfg = {"type": "folder", "path": folder, "center_crop": True, "random_flip": False, "repeat": False,
+                "shuffle": False}
+    images, captions = [], []
+    for batch in make_dataloader(data_cfg, batch_size=256, resolution=size):
+        images.append(batch["pixel_values"])
+        captions += list(batch["captions"])
+    return torch.cat(images), captions
 
 
 def training_data(cfg: TeacherConfig) -> tuple[torch.Tensor, list[str]]:
+    """The ``--data`` folder, or ``num_train`` generated train scenes (written to a temporary folder)."""
     if cfg.data:
-        imgs, caps = load_folder(cfg.data, IMAGE_SIZE)
-    else:
-        scenes = generate_scenes(cfg.num_train, "train", cfg.seed, IMAGE_SIZE, held_out=DEFAULT_HELD_OUT)
-        imgs, caps = np.stack([render(s.objects, IMAGE_SIZE) for s in scenes]), [s.text for s in scenes]
-    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return x, caps
+        return read_folder(cfg.data, IMAGE_SIZE)
+    scenes = generate_scenes(cfg.num_train, "train", cfg.seed, IMAGE_SIZE, held_out=DEFAULT_HELD_OUT)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_image_folder(scenes, tmp, IMAGE_SIZE, progress=False)
+        return read_folder(tmp, IMAGE_SIZE)
 
 
 # ----------------------------------------------------------------------------------------------- phases
@@ -125,35 +132,16 @@ def encode_latents(vae, images: torch.Tensor) -> torch.Tensor:
     return torch.cat(out) * vae.config.scaling_factor
 
 
-def encode_text(ids: torch.Tensor, text_encoders) -> tuple[torch.Tensor, torch.Tensor]:
-    """``koala.conditioning.encode_prompts`` with gradients (same outputs; both tokenizers are identical)."""
-    embeds, pooled = [], None
-    for enc in text_encoders:
-        out = enc(ids, output_hidden_states=True)
-        if out[0].ndim == 2:
-            pooled = out[0]
-        embeds.append(out.hidden_states[-2])
-    return torch.cat(embeds, dim=-1), pooled
-
-
-class EMA:
-    def __init__(self, modules, decay: float):
-        self.decay = decay
-        self.shadow = [copy.deepcopy(m).eval().requires_grad_(False) for m in modules]
-
-    @torch.no_grad()
-    def update(self, modules, step: int):
-        d = min(self.decay, (1 + step) / (10 + step))
-        for s, m in zip(self.shadow, modules):
-            for ps, pm in zip(s.parameters(), m.parameters()):
-                ps.lerp_(pm, 1 - d)
+def ema_copy(module, ema: EMAModel):
+    """A frozen copy of ``module`` holding the EMA weights."""
+    out = copy.deepcopy(module).eval().requires_grad_(False)
+    ema.copy_to(out.parameters())
+    return out
 
 
 @torch.no_grad()
 def evaluate(pipe, prompts: list[str], seed: int = 0, batch: int = 32) -> dict:
     """Generate one image per prompt with the default sampler and score it."""
-    from ..eval.shapes import score_pairs
-
     pipe.set_progress_bar_config(disable=True)
     images = []
     for i in range(0, len(prompts), batch):
@@ -181,9 +169,10 @@ def train_teacher(cfg: TeacherConfig, log=print) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
-        raise KoalaError(f"{cfg.out} exists and is not a directory")
+        raise KoalaError(f"{cfg.out} exists and is not a directory; choose another output directory", option="out")
     if os.path.isdir(cfg.out) and not cfg.overwrite and not os.path.isfile(os.path.join(cfg.out, "koala_teacher.json")):
-        raise KoalaError(f"{cfg.out} exists and is not a koala teacher; pass --overwrite to replace it or choose another --out")
+        raise KoalaError(f"{cfg.out} exists and is not a koala teacher (no koala_teacher.json); overwrite it or choose "
+                         "another output directory", option="overwrite")
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     pipe = build_shapes_pipeline(cfg.seed)
@@ -194,12 +183,10 @@ def train_teacher(cfg: TeacherConfig, log=print) -> dict:
     train_vae(pipe.vae, images, cfg, log)
     pipe.vae.requires_grad_(False)
     latents = encode_latents(pipe.vae, images)
-    ids = tokenize(pipe.tokenizer, captions)
-    if not torch.equal(ids, tokenize(pipe.tokenizer_2, captions)):
-        raise KoalaError("the two tokenizers disagree; this recipe expects identical tokenizers")
     del images
 
-    unet, encoders = pipe.unet, [pipe.text_encoder, pipe.text_encoder_2]
+    unet, sdxl = pipe.unet, get_family("sdxl")
+    tokenizers, encoders = [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2]
     modules = [unet, *encoders]
     for m in modules:
         m.train()
@@ -207,16 +194,16 @@ def train_teacher(cfg: TeacherConfig, log=print) -> dict:
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * (0.5 * (1 + math.cos(math.pi * min(s / cfg.steps, 1.0))) * 0.9 + 0.1))
-    ema = EMA(modules, cfg.ema_decay)
-    alphas = pipe.scheduler.alphas_cumprod.float()
-    snr = alphas / (1 - alphas)
+    emas = [EMAModel(m.parameters(), decay=cfg.ema_decay) for m in modules]  # warm-up: min(decay, (1+n)/(10+n))
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # same betas; add_noise for training
     add_time = time_ids((IMAGE_SIZE, IMAGE_SIZE), (0, 0), (IMAGE_SIZE, IMAGE_SIZE)).expand(cfg.batch_size, 6)
     g = torch.Generator().manual_seed(cfg.seed + 1)
     history, best = [], None
 
     def checkpoint(step: int) -> dict:
         comps = dict(pipe.components)
-        comps["unet"], comps["text_encoder"], comps["text_encoder_2"] = ema.shadow
+        for name, m, ema in zip(("unet", "text_encoder", "text_encoder_2"), modules, emas):
+            comps[name] = ema_copy(m, ema)
         ema_pipe = type(pipe)(**comps)
         scores = evaluate(ema_pipe, val_prompts, cfg.seed)
         row = {"step": step, "minutes": round((time.time() - t0) / 60, 1),
@@ -233,21 +220,25 @@ def train_teacher(cfg: TeacherConfig, log=print) -> dict:
         idx = torch.randint(len(latents), (cfg.batch_size,), generator=g)
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, len(alphas), (cfg.batch_size,), generator=g)
-        a = alphas[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        emb, pooled = encode_text(ids[idx], encoders)
-        keep = (torch.rand(cfg.batch_size, generator=g) >= cfg.cond_dropout).float()
-        emb, pooled = emb * keep.view(-1, 1, 1), pooled * keep.view(-1, 1)
-        pred = unet(xt, t, emb, added_cond_kwargs={"text_embeds": pooled, "time_ids": add_time}).sample
-        w = torch.clamp(snr[t], max=cfg.snr_gamma) / snr[t] if cfg.snr_gamma else torch.ones_like(snr[t])
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=g)
+        xt = noise_scheduler.add_noise(x0, noise, t)
+        cond = sdxl.encode_prompts([captions[i] for i in idx.tolist()], tokenizers, encoders)  # with gradients
+        keep = (torch.rand(cfg.batch_size, generator=g) >= cfg.cond_dropout).float()  # dropped: all-zero embeddings
+        cond = {k: v * keep.view(-1, *[1] * (v.ndim - 1)) for k, v in cond.items()}
+        pred = unet(xt, t, **sdxl.model_inputs({**cond, "add_time_ids": add_time})).sample
+        if cfg.snr_gamma:  # min-SNR weighting for epsilon prediction
+            snr = compute_snr(noise_scheduler, t)
+            w = torch.clamp(snr, max=cfg.snr_gamma) / snr
+        else:
+            w = torch.ones(cfg.batch_size)
         loss = (w * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        ema.update(modules, step)
+        for m, ema in zip(modules, emas):
+            ema.step(m.parameters())
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{sched.get_last_lr()[0]:.1e}")
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
@@ -303,17 +294,3 @@ def sample_folder(pipeline_dir: str, out_dir: str, num: int = 200, seed: int = 0
                 im.save(os.path.join(out_dir, name), pnginfo=info)
                 f.write(json.dumps({"file_name": name, "text": text}) + "\n")
     return out_dir
-
-
-def held_out_breakdown(per: list[dict], held_out=DEFAULT_HELD_OUT) -> dict:
-    """Binding accuracy on prompts mentioning a held-out colour-shape pair vs the rest."""
-    from ..eval.shapes import parse_prompt
-
-    held, seen = [], []
-    for row in per:
-        for o in parse_prompt(row["text"]).objects:
-            det = next((d for d in row["detected"] if d["color"] == o["color"]), None)
-            ok = det is not None and det["shape"] == o["shape"]
-            (held if (o["color"], o["shape"]) in set(map(tuple, held_out)) else seen).append(ok)
-    return {"binding_held_out_objects": float(np.mean(held)) if held else None, "n_held_out_objects": len(held),
-            "binding_seen_objects": float(np.mean(seen)) if seen else None, "n_seen_objects": len(seen)}

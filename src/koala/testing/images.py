@@ -1,6 +1,6 @@
 """Generated image/caption data for tests, benchmarks and smoke runs (no downloads).
 
-``write_folder`` makes a folder of random-pattern images with sidecar captions; ``write_odd_images`` adds the
+``write_folder`` makes a folder of random-pattern images with sidecar captions; ``odd_images`` gives the
 kinds of files web-scraped data sets contain (truncated, CMYK, palette+alpha, 16-bit, grayscale, animated,
 EXIF-rotated).
 """

@@ -10,6 +10,7 @@
    multiset), ``binding`` (the object of each expected colour has the expected shape) and ``spatial``
    (each stated relation holds between the centroids of the two objects, found by colour).
    ``all`` is 1 when every fact of the image holds. ``score_folder`` averages over images.
+4. ``held_out_breakdown``: binding accuracy on objects of held-out colour-shape pairs vs seen pairs.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ..errors import KoalaError
-from ..lab.shapes import BACKGROUND, PALETTE, SHAPES, SIZES
+from .shapes import BACKGROUND, DEFAULT_HELD_OUT, PALETTE, SHAPES, SIZES
 
 CATEGORIES = ("color", "shape", "binding", "spatial", "all")
 _COLORS = "|".join(PALETTE)
@@ -227,3 +228,16 @@ def score_folder(folder: str, limit: int | None = None) -> tuple[dict, list[dict
         row["file_name"] = os.path.relpath(path, folder)
         row["text"] = text
     return agg, per
+
+
+def held_out_breakdown(per: list[dict], held_out=DEFAULT_HELD_OUT) -> dict:
+    """Binding accuracy on objects of a held-out colour-shape pair vs the rest (``per``: ``score_folder`` rows)."""
+    held_set = set(map(tuple, held_out))
+    held, seen = [], []
+    for row in per:
+        for o in parse_prompt(row["text"]).objects:
+            det = next((d for d in row["detected"] if d["color"] == o["color"]), None)
+            ok = det is not None and det["shape"] == o["shape"]
+            (held if (o["color"], o["shape"]) in held_set else seen).append(ok)
+    return {"binding_held_out_objects": float(np.mean(held)) if held else None, "n_held_out_objects": len(held),
+            "binding_seen_objects": float(np.mean(seen)) if seen else None, "n_seen_objects": len(seen)}

@@ -1,0 +1,66 @@
+"""``koala compress``: a teacher directory -> a student directory initialised from the teacher's weights.
+
+The teacher's family (SDXL, SD-1.x, ...) is detected from its config; the family builds the student config
+for the preset and the teacher->student layer map; every student tensor is copied from the teacher tensor the
+map names. Output is written atomically; ``koala_layer_map.json`` sits next to the student's ``config.json``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+
+import torch
+
+from .errors import KoalaError
+from .families import family_of, load_denoiser, model_dir_kind
+from .utils import atomic_output_dir, count_params
+
+
+@dataclass
+class CompressResult:
+    out_dir: str
+    kind: str  # "unet" (a model directory) or "pipeline"
+    family: str
+    teacher_params: int
+    student_params: int
+    tensors_copied: int
+
+    @property
+    def kept(self) -> float:
+        return self.student_params / self.teacher_params
+
+
+def compress(teacher_path: str, preset, out_dir: str, dtype: str | torch.dtype | None = None, overwrite: bool = False,
+             layer_selection: str = "bottom", teacher_unet: str | None = None, family: str | None = None) -> CompressResult:
+    """Compress ``teacher_path`` (model dir or pipeline dir) into ``out_dir`` atomically.
+
+    For a pipeline, ``out_dir`` becomes a full pipeline directory with the student in the denoiser's folder.
+    ``teacher_unet`` replaces the pipeline's denoiser as the teacher (e.g. a SDXL-Lightning U-Net checkpoint).
+    """
+    kind = model_dir_kind(teacher_path)
+    fam = family_of(teacher_path, family)
+    spec = fam.resolve_spec(preset)  # refuse a wrong preset before loading gigabytes
+    if os.path.exists(out_dir) and not overwrite:
+        raise KoalaError(f"{out_dir} already exists; overwrite it or choose another output directory", option="overwrite")
+    teacher, fam = load_denoiser(teacher_unet or teacher_path, dtype, config_from=teacher_path, family=fam)
+    student, lmap = fam.compress(teacher, spec, layer_selection, dtype)
+    lmap.meta.update({"teacher_path": os.path.abspath(teacher_unet or teacher_path),
+                      "preset": preset if isinstance(preset, str) else None})
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        model_out = tmp
+        if kind == "pipeline":
+            for entry in sorted(os.listdir(teacher_path)):
+                src = os.path.join(teacher_path, entry)
+                if entry == fam.model_subfolder or entry.startswith("."):
+                    continue
+                if os.path.isdir(src):
+                    shutil.copytree(src, os.path.join(tmp, entry))
+                else:
+                    shutil.copy2(src, os.path.join(tmp, entry))
+            model_out = os.path.join(tmp, fam.model_subfolder)
+        student.save_pretrained(model_out, safe_serialization=True)
+        lmap.save(model_out)
+    return CompressResult(os.path.abspath(out_dir), "pipeline" if kind == "pipeline" else "unet", fam.name,
+                          count_params(teacher), count_params(student), len(student.state_dict()))

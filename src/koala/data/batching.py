@@ -1,0 +1,103 @@
+"""Batch formation shared by the raw loader and the cache: which split a worker reads, aspect-bucket batching,
+and cheap skipping of already-used batches on resume (see :mod:`koala.data.loader`)."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import get_worker_info
+
+from .records import SamplePreparer
+from .transforms import SDXLTransform, sample_rng, to_tensor
+
+
+def split_info(rank: int, world_size: int, skip_batches: int = 0) -> tuple[int, int]:
+    """(split, nsplits) for this rank and DataLoader worker (see :func:`worker_plan` for ``skip_batches``)."""
+    return worker_plan(rank, world_size, skip_batches)[:2]
+
+
+def worker_plan(rank: int, world_size: int, skip_batches: int = 0) -> tuple[int, int, int]:
+    """(split, nsplits, batches this worker skips) when the rank's stream starts at batch ``skip_batches``.
+
+    The DataLoader takes batch ``i`` from worker ``i % num_workers`` and always starts at worker 0, so after a
+    skip worker ``w`` takes the role (split) of worker ``(w + skip_batches) % num_workers`` of the unskipped
+    run, and skips the batches that role produced among the first ``skip_batches``.
+    """
+    info = get_worker_info()
+    wid, nw = (info.id, info.num_workers) if info else (0, 1)
+    role = (wid + skip_batches) % nw
+    return rank * nw + role, world_size * nw, max(0, (skip_batches - role + nw - 1) // nw)
+
+
+class BatchSkipper:
+    """Mirrors :class:`BucketBatcher` on cheap stand-ins (records, not samples) until ``n`` batches are
+    complete; then :meth:`pending` gives the stand-ins of the partial buckets, to load into the batcher."""
+
+    def __init__(self, batch_size: int, n: int):
+        self.batch_size, self.left, self.buffers = batch_size, n, {}
+
+    @property
+    def active(self) -> bool:
+        return self.left > 0
+
+    def add(self, item, group) -> bool:
+        """Count ``item`` in ``group``; True when this completed the last skipped batch."""
+        buf = self.buffers.setdefault(group, [])
+        buf.append(item)
+        if len(buf) == self.batch_size:
+            self.buffers[group] = []
+            self.left -= 1
+            return self.left == 0
+        return False
+
+    def materialize(self, batcher: BucketBatcher, load) -> None:
+        """Fill ``batcher``'s buckets (same groups, order, contents) with ``load(item)`` (None: dropped)."""
+        batcher.buffers = {g: [s for s in map(load, items) if s is not None] for g, items in self.buffers.items()}
+        self.buffers = {}
+
+    def flush(self, batcher: BucketBatcher, load) -> None:
+        """End of a ``repeat: false`` pass: each partial bucket is one (flushed) batch; skip what is left."""
+        if not self.active:
+            return
+        for g, items in self.buffers.items():
+            if items and self.left > 0:
+                self.buffers[g], self.left = [], self.left - 1
+        self.materialize(batcher, load)
+
+
+def collate_raw(samples: list[dict]) -> dict:
+    return {
+        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+        "captions": [s["caption"] for s in samples],
+        "original_size": torch.tensor([s["original_size"] for s in samples], dtype=torch.long),
+        "crop_top_left": torch.tensor([s["crop_top_left"] for s in samples], dtype=torch.long),
+        "target_size": torch.tensor([s["target_size"] for s in samples], dtype=torch.long),
+        "keys": [s["key"] for s in samples],
+    }
+
+
+def prepare_sample(preparer: SamplePreparer, transform: SDXLTransform, rec: dict, seed: int, epoch: int) -> dict:
+    img, caption = preparer.load(rec)
+    c = transform(img, sample_rng(seed, epoch, rec["key"]))
+    return {"pixel_values": to_tensor(c.image), "caption": caption, "original_size": c.original_size,
+            "crop_top_left": c.crop_top_left, "target_size": c.target_size, "flipped": c.flipped, "key": rec["key"]}
+
+
+class BucketBatcher:
+    """Groups samples by ``target_size``; a batch is emitted when its bucket holds ``batch_size`` samples."""
+
+    def __init__(self, batch_size: int, collate):
+        self.batch_size, self.collate, self.buffers = batch_size, collate, {}
+
+    def add(self, sample: dict, group):
+        buf = self.buffers.setdefault(group, [])
+        buf.append(sample)
+        if len(buf) == self.batch_size:
+            self.buffers[group] = []
+            return self.collate(buf)
+        return None
+
+    def flush(self):
+        for group, buf in list(self.buffers.items()):
+            if buf:
+                yield self.collate(buf)
+        self.buffers = {}

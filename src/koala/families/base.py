@@ -1,0 +1,232 @@
+"""The family seam: everything koala needs to know about one kind of text-to-image model.
+
+A :class:`Family` owns, for its models: the topology check of a teacher, the presets and the student config
+they produce, compression (the teacher->student layer map, saved as ``koala_layer_map.json``), the stage
+names and where each stage's last feature is, conditioning (prompt encoding and added conditions, used
+identically by training, caching and inference), the component loader and the diffusers pipeline class.
+Trainer, hooks, losses, compress, cache, generate and bench ask the family and know nothing of SDXL.
+
+:class:`UNetFamily` implements the parts shared by ``UNet2DConditionModel`` families (SDXL, SD-1.x/2.x).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from ..arch.compress import init_from_teacher
+from ..arch.layer_map import LayerMap
+from ..arch.unet import (UNetSpec, build_unet, build_unet_layer_map, unet_stage_modules, unet_student_config,
+                         unet_teacher_spec, unet_topology_problems)
+from ..errors import KoalaError
+from ..utils import parse_dtype, read_json
+
+
+@dataclass
+class Parts:
+    """The frozen parts of a pipeline around the denoiser: tokenizers, text encoders, VAE, scheduler."""
+
+    family: "Family"
+    tokenizers: list
+    text_encoders: list
+    vae: Any
+    scheduler: Any
+
+    def to(self, device) -> "Parts":
+        for m in (*self.text_encoders, self.vae):
+            m.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.vae.parameters()).device
+
+
+REGISTRY: dict[str, "Family"] = {}  # name -> family instance; filled by koala.families
+
+
+def family_of_preset(preset: str) -> "Family | None":
+    return next((f for f in REGISTRY.values() if preset in f.presets), None)
+
+
+def describe_config(config: dict) -> str:
+    """' (it looks like a FAMILY model ...)' when another family accepts ``config``; '' otherwise."""
+    other = next((f for f in REGISTRY.values() if not f.problems(config)), None)
+    return f" (it looks like a {other.label} model: family {other.name!r})" if other else ""
+
+
+def _freeze(m: torch.nn.Module) -> torch.nn.Module:
+    return m.requires_grad_(False).eval()
+
+
+class Family:
+    """Interface; see :class:`UNetFamily` for the U-Net implementation."""
+
+    name: str = ""
+    label: str = ""
+    pipeline_class_name: str = ""
+    model_subfolder: str = "unet"
+    model_class_name: str = "UNet2DConditionModel"
+    # (tokenizer subfolder, text encoder subfolder, transformers class name) per text encoder, in order
+    text_encoders: tuple[tuple[str, str, str], ...] = ()
+    text_cond_keys: tuple[str, ...] = ()   # text conditioning tensors (what caption dropout replaces)
+    micro_cond_keys: tuple[str, ...] = ()  # added conditions computed from a batch's size/crop bookkeeping
+    reference_config: dict[str, Any] = {}
+    reference_preset: str = ""
+    presets: dict[str, UNetSpec] = {}
+    paper_models: tuple[str, ...] = ()
+
+    # ------------------------------------------------------------------ identity
+    def __repr__(self) -> str:
+        return f"<family {self.name}: {self.label}>"
+
+    @property
+    def cond_keys(self) -> tuple[str, ...]:
+        """All conditioning tensors of a batch (what the cache stores besides latents)."""
+        return self.text_cond_keys + self.micro_cond_keys
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """Pipeline subfolders the conditioning depends on (the cache fingerprints these)."""
+        return ("vae", *[e for _, e, _ in self.text_encoders], *[t for t, _, _ in self.text_encoders])
+
+    @property
+    def pipeline_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class_name)
+
+    def problems(self, config: dict) -> list[str]:
+        raise NotImplementedError
+
+    def check(self, config: dict, where: str = "model config") -> None:
+        problems = self.problems(config)
+        if problems:
+            raise KoalaError(f"{where} is not a {self.label} model: " + "; ".join(problems) + describe_config(config))
+
+    # ------------------------------------------------------------------ presets
+    def resolve_spec(self, preset: str | UNetSpec | dict) -> UNetSpec:
+        if isinstance(preset, UNetSpec):
+            return preset
+        if isinstance(preset, dict):
+            return UNetSpec.from_dict(preset)
+        if preset not in self.presets:
+            other = family_of_preset(preset)
+            why = f"preset {preset!r} belongs to the {other.label} family ({other.name})" if other else \
+                f"unknown preset {preset!r}"
+            raise KoalaError(f"{why}; for this {self.label} teacher choose one of: {', '.join(self.presets)} "
+                             "(or give a custom spec)")
+        return copy.deepcopy(self.presets[preset])
+
+
+class UNetFamily(Family):
+    """A family of ``UNet2DConditionModel`` denoisers."""
+
+    def problems(self, config: dict) -> list[str]:
+        return unet_topology_problems(config)
+
+    def teacher_spec(self, config: dict) -> UNetSpec:
+        self.check(config)
+        return unet_teacher_spec(config)
+
+    def student_config(self, teacher_config: dict, spec: str | UNetSpec | dict) -> dict:
+        self.check(teacher_config, "teacher config")
+        return unet_student_config(teacher_config, self.resolve_spec(spec))
+
+    def build_model(self, config: dict, device: str | torch.device = "meta"):
+        return build_unet(config, device)
+
+    def load_model(self, path: str, dtype=None):
+        from diffusers import UNet2DConditionModel
+
+        return UNet2DConditionModel.from_pretrained(path, dtype=parse_dtype(dtype) or torch.float32)
+
+    def build_layer_map(self, teacher, student, selection: str = "bottom") -> LayerMap:
+        lmap = build_unet_layer_map(teacher, student, selection)
+        lmap.meta["family"] = self.name
+        return lmap
+
+    def compress(self, teacher, spec, layer_selection: str = "bottom", dtype=None):
+        """``(student, layer_map)``: a student for ``spec`` whose every tensor is a copy of the mapped teacher tensor."""
+        spec = self.resolve_spec(spec)
+        student = self.build_model(self.student_config(dict(teacher.config), spec), "meta")
+        lmap = self.build_layer_map(teacher, student, layer_selection)
+        lmap.meta["spec"] = spec.to_dict()
+        init_from_teacher(teacher, student, lmap, parse_dtype(dtype))
+        return student, lmap
+
+    def stage_modules(self, lmap: LayerMap, student, teacher) -> dict[str, tuple[str, str]]:
+        return unet_stage_modules(lmap, student, teacher)
+
+    # ------------------------------------------------------------------ conditioning
+    zero_uncond: bool = False  # True: the unconditional input is all zeros; False: the empty prompt's encoding
+
+    def tokenize(self, prompts: Sequence[str], tokenizers) -> list[torch.Tensor]:
+        """Token ids per text encoder, padded to each tokenizer's ``model_max_length`` as the pipeline does."""
+        return [tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids for tok in tokenizers]
+
+    def encode_tokens(self, ids: Sequence[torch.Tensor], text_encoders) -> dict[str, torch.Tensor]:
+        """Text conditioning from token ids (one tensor per encoder); gradients: the caller decides."""
+        raise NotImplementedError
+
+    def encode_prompts(self, prompts: Sequence[str], tokenizers, text_encoders) -> dict[str, torch.Tensor]:
+        """Text conditioning exactly as the family's pipeline computes it (gradients: the caller decides)."""
+        return self.encode_tokens(self.tokenize(prompts, tokenizers), text_encoders)
+
+    def micro_conditions(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Added conditions from a raw batch's bookkeeping (SDXL's size/crop time ids); {} when none."""
+        return {}
+
+    def uncond(self, parts: Parts | None, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One sample's unconditional text conditioning (what the pipeline feeds for an empty prompt)."""
+        if self.zero_uncond:
+            return {k: torch.zeros_like(like[k][:1]) for k in self.text_cond_keys}
+        if parts is None:
+            raise ValueError(f"{self.label}: the unconditional input is the empty prompt's encoding; give the parts")
+        with torch.no_grad():
+            out = self.encode_prompts([""], parts.tokenizers, parts.text_encoders)
+        return {k: v.to(like[k].device, like[k].dtype) for k, v in out.items()}
+
+    def model_inputs(self, cond: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Keyword arguments of the denoiser's forward besides ``sample`` and ``timestep``."""
+        raise NotImplementedError
+
+    def dummy_inputs(self, config: dict, latent_size: int, batch: int = 1, text_len: int = 77,
+                     device="meta", dtype=torch.float32) -> dict[str, Any]:
+        """A full forward's inputs (random or meta) for FLOP counting and benchmarks."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ components and pipelines
+    def check_pipeline_dir(self, path: str, what: str = "pipeline") -> None:
+        for sub in (self.model_subfolder, *self.components, "scheduler"):
+            if not os.path.isdir(os.path.join(path, sub)):
+                raise KoalaError(f"{what} {path} has no {sub}/; a {self.label} pipeline needs "
+                                 f"{', '.join((self.model_subfolder, *self.components, 'scheduler'))}")
+
+    def load_parts(self, pipeline_dir: str, dtype=None, vae_dtype=None, device="cpu") -> Parts:
+        """Tokenizers, text encoders (frozen, ``dtype``), VAE (frozen; fp32 when its config says force_upcast and
+        no ``vae_dtype`` is given) and scheduler of a local pipeline directory. The one loader koala uses."""
+        import diffusers
+        import transformers
+
+        self.check_pipeline_dir(pipeline_dir)
+        dt = parse_dtype(dtype) or torch.float32
+        toks, encs = [], []
+        for tok_dir, enc_dir, cls in self.text_encoders:
+            toks.append(transformers.CLIPTokenizer.from_pretrained(pipeline_dir, subfolder=tok_dir))
+            encs.append(_freeze(getattr(transformers, cls).from_pretrained(pipeline_dir, subfolder=enc_dir, dtype=dt)))
+        upcast = read_json(os.path.join(pipeline_dir, "vae", "config.json")).get("force_upcast", False)
+        vdt = parse_dtype(vae_dtype) or (torch.float32 if upcast else dt)
+        vae = _freeze(diffusers.AutoencoderKL.from_pretrained(pipeline_dir, subfolder="vae", dtype=vdt))
+        sched_cfg = read_json(os.path.join(pipeline_dir, "scheduler", "scheduler_config.json"))
+        scheduler = getattr(diffusers, sched_cfg["_class_name"]).from_config(sched_cfg)
+        return Parts(self, toks, encs, vae, scheduler).to(device)
+
+    def make_pipeline(self, parts: Parts, model, scheduler=None):
+        """A diffusers pipeline from loaded parts and a denoiser (shares the modules; copies nothing)."""
+        raise NotImplementedError

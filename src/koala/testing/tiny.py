@@ -1,0 +1,176 @@
+"""Tiny pipelines with SDXL's (or SD-1.x's) topology, for tests, benchmarks and the shapes world.
+
+One builder, parameterised by a frozen :class:`TinySpec`:
+
+- ``family="sdxl"``: ``StableDiffusionXLPipeline`` with SDXL-Base's structure: two CLIP text encoders
+  (``CLIPTextModel`` + ``CLIPTextModelWithProjection``, penultimate hidden states concatenated, pooled
+  embedding from the second), ``text_time`` conditioning, down blocks [DownBlock2D, CrossAttnDownBlock2D x2],
+  a cross-attention mid block and transformer depths like SDXL's [0, 2, 10], so KOALA's 10 -> 6/5 layer
+  removal and mid-block removal apply verbatim.
+- ``family="sd"``: ``StableDiffusionPipeline`` with SD-1.x's structure: one ``CLIPTextModel``, four stages
+  [CrossAttnDownBlock2D x3, DownBlock2D], transformer depth 1, no added conditioning, no safety checker.
+
+``RANDOM`` is the random-weight test model; ``SHAPES`` is the shapes world's teacher architecture (the packaged
+teacher in ``koala/assets/shapes-teacher`` was built with it). The tokenizer knows every word in ``words`` as
+one token (see :mod:`koala.testing.tokenizer`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from diffusers import (AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline, UNet2DConditionModel)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from ..errors import KoalaError
+from .tokenizer import build_clip_tokenizer
+
+FAMILIES = ("sdxl", "sd")
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Sizes of a tiny pipeline. U-Net fields (``channels``, ``depth``, ``heads``) are per SDXL stage; the SD
+    family repeats the last stage once more (SD-1.x has four)."""
+
+    text_dim: int  # each CLIP encoder's hidden size (SDXL's U-Net sees 2 * text_dim, SD's text_dim)
+    projection_dim: int  # pooled embedding of the second (projection) encoder
+    intermediate_size: int  # CLIP MLP width
+    max_tokens: int  # tokenizer model_max_length = max_position_embeddings
+    channels: tuple[int, ...]  # U-Net block_out_channels
+    depth: tuple[int, ...]  # U-Net transformer_layers_per_block (SDXL family)
+    vae_channels: tuple[int, ...]  # AutoencoderKL block_out_channels; downsampling factor 2 ** (len - 1)
+    vae_scaling_factor: float
+    heads: tuple[int, ...] = (1, 2, 2)  # diffusers' attention_head_dim (the number of heads)
+    layers_per_block: int = 2
+    time_embed_dim: int = 8  # addition_time_embed_dim (SDXL family)
+    text_layers: int = 2
+    text_heads: int = 2
+    norm_groups: int = 8
+    image_size: int = 32  # pixels; the U-Net's sample_size is image_size / the VAE factor
+    reseed_text_encoder_2: bool = False  # seed the second encoder with seed + 1 (else it follows the first)
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // 2 ** (len(self.vae_channels) - 1)
+
+
+RANDOM = TinySpec(text_dim=16, projection_dim=16, intermediate_size=32, max_tokens=77, channels=(16, 32, 32),
+                  depth=(1, 2, 10), vae_channels=(8, 16), vae_scaling_factor=0.13025)
+SHAPES = TinySpec(text_dim=32, projection_dim=32, intermediate_size=64, max_tokens=32, channels=(32, 64, 64),
+                  depth=(1, 2, 10), vae_channels=(32, 64), vae_scaling_factor=1.0, reseed_text_encoder_2=True)
+
+
+def _check_family(family: str) -> None:
+    if family not in FAMILIES:
+        raise KoalaError(f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)}", option="family")
+
+
+def unet_config(spec: TinySpec = RANDOM, family: str = "sdxl") -> dict:
+    """``UNet2DConditionModel`` config of the spec's U-Net."""
+    _check_family(family)
+    common = {"sample_size": spec.latent_size, "in_channels": 4, "out_channels": 4,
+              "mid_block_type": "UNetMidBlock2DCrossAttn", "layers_per_block": spec.layers_per_block,
+              "norm_num_groups": spec.norm_groups, "flip_sin_to_cos": True, "freq_shift": 0}
+    if family == "sd":
+        return {**common,
+                "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+                "block_out_channels": [*spec.channels, spec.channels[-1]],
+                "transformer_layers_per_block": 1, "attention_head_dim": [*spec.heads, spec.heads[-1]],
+                "cross_attention_dim": spec.text_dim, "use_linear_projection": False}
+    return {**common,
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            "block_out_channels": list(spec.channels), "transformer_layers_per_block": list(spec.depth),
+            "attention_head_dim": list(spec.heads), "cross_attention_dim": 2 * spec.text_dim,
+            "use_linear_projection": True, "addition_embed_type": "text_time",
+            "addition_time_embed_dim": spec.time_embed_dim,
+            "projection_class_embeddings_input_dim": spec.projection_dim + 6 * spec.time_embed_dim}
+
+
+def tiny_unet(spec: TinySpec = RANDOM, seed: int = 0, family: str = "sdxl", **overrides) -> UNet2DConditionModel:
+    """A random U-Net; ``overrides`` replace spec fields (``tiny_unet(seed=1, channels=(16, 32, 48))``)."""
+    if overrides:
+        spec = dataclasses.replace(spec, **overrides)
+    cfg = unet_config(spec, family)
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**cfg)
+
+
+def tiny_vae(spec: TinySpec = RANDOM, seed: int = 0) -> AutoencoderKL:
+    n = len(spec.vae_channels)
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
+        block_out_channels=list(spec.vae_channels), layers_per_block=1, norm_num_groups=spec.norm_groups,
+        sample_size=spec.image_size, scaling_factor=spec.vae_scaling_factor, force_upcast=False,
+    )
+
+
+def text_encoder_config(spec: TinySpec, vocab_size: int) -> CLIPTextConfig:
+    return CLIPTextConfig(vocab_size=vocab_size, hidden_size=spec.text_dim, intermediate_size=spec.intermediate_size,
+                          num_hidden_layers=spec.text_layers, num_attention_heads=spec.text_heads,
+                          max_position_embeddings=spec.max_tokens, projection_dim=spec.projection_dim,
+                          bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
+
+
+def tiny_text_encoders(spec: TinySpec = RANDOM, vocab_size: int = 1000, seed: int = 0, family: str = "sdxl") -> tuple:
+    """``(CLIPTextModel, CLIPTextModelWithProjection)`` for SDXL, ``(CLIPTextModel,)`` for SD."""
+    _check_family(family)
+    cfg = text_encoder_config(spec, vocab_size)
+    torch.manual_seed(seed)
+    te1 = CLIPTextModel(cfg)
+    if family == "sd":
+        return (te1,)
+    if spec.reseed_text_encoder_2:
+        torch.manual_seed(seed + 1)
+    return te1, CLIPTextModelWithProjection(cfg)
+
+
+def tiny_tokenizer(spec: TinySpec = RANDOM, words: Iterable[str] = ()):
+    with tempfile.TemporaryDirectory() as d:
+        return build_clip_tokenizer(d, words, model_max_length=spec.max_tokens)
+
+
+def sdxl_scheduler() -> EulerDiscreteScheduler:
+    """SDXL-Base's scheduler config (scaled-linear betas 0.00085..0.012, 1000 steps, epsilon)."""
+    return EulerDiscreteScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type="epsilon", timestep_spacing="leading", steps_offset=1, interpolation_type="linear",
+        use_karras_sigmas=False,
+    )
+
+
+def sd_scheduler() -> PNDMScheduler:
+    """SD-1.5's scheduler config (PNDM, same scaled-linear betas, 1000 steps, epsilon)."""
+    return PNDMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         prediction_type="epsilon", skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
+
+
+def tiny_pipeline(spec: TinySpec = RANDOM, seed: int = 0, words: Iterable[str] = (), family: str = "sdxl"):
+    """A complete tiny pipeline with random weights (CPU, fp32)."""
+    _check_family(family)
+    tok = tiny_tokenizer(spec, words)
+    encoders = tiny_text_encoders(spec, len(tok), seed, family)
+    vae, unet = tiny_vae(spec, seed), tiny_unet(spec, seed, family)
+    if family == "sd":
+        return StableDiffusionPipeline(vae=vae, text_encoder=encoders[0], tokenizer=tok, unet=unet,
+                                       scheduler=sd_scheduler(), safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer=tok,
+                                     tokenizer_2=tok, unet=unet, scheduler=sdxl_scheduler(),
+                                     force_zeros_for_empty_prompt=True)
+
+
+def save_tiny_pipeline(out_dir: str, spec: TinySpec = RANDOM, seed: int = 0, words: Iterable[str] = (),
+                       family: str = "sdxl") -> str:
+    """Write :func:`tiny_pipeline` to ``out_dir`` (safetensors); ``from_pretrained(out_dir)`` loads it."""
+    tiny_pipeline(spec, seed, words, family).save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
