@@ -24,7 +24,10 @@ def test_sdxl_prompt_embeds_and_time_ids_equal_pipeline():
     assert torch.equal(micro["add_time_ids"], ref)
     # the unconditional input is zeros (force_zeros_for_empty_prompt)
     _, neg_pe, _, neg_pooled = pipe.encode_prompt(prompts[:1], do_classifier_free_guidance=True, negative_prompt=None)
-    unc = fam.uncond(None, cond)
+    from koala.families import Parts
+
+    unc = fam.uncond(Parts(fam, [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2], pipe.vae,
+                           pipe.scheduler))
     assert torch.equal(unc["prompt_embeds"], neg_pe) and torch.equal(unc["pooled_prompt_embeds"], neg_pooled)
 
 
@@ -38,5 +41,5 @@ def test_sd_prompt_embeds_and_uncond_equal_pipeline():
     ref, neg = pipe.encode_prompt(prompts, "cpu", 1, do_classifier_free_guidance=True)
     assert set(cond) == {"prompt_embeds"} and torch.equal(cond["prompt_embeds"], ref)
     parts = Parts(fam, [pipe.tokenizer], [pipe.text_encoder], pipe.vae, pipe.scheduler)
-    assert torch.equal(fam.uncond(parts, cond)["prompt_embeds"][0], neg[0])
+    assert torch.equal(fam.uncond(parts)["prompt_embeds"][0], neg[0])
     assert fam.micro_conditions({}) == {}

@@ -363,9 +363,10 @@ def test_train_from_cache_and_refuse_other_pipelines_cache(tiny_pipe_dir, tmp_pa
     from koala.families import get_family
 
     frozen = Frozen(get_family("sdxl"), None, None, torch.float32)  # a cached batch needs no encoders
-    lat, cond = encode_batch(batch, frozen, "cpu", [torch.Generator().manual_seed(i) for i in range(2)], 0.5)
+    uncond = {k: torch.zeros_like(batch[k][:1]) for k in ("prompt_embeds", "pooled_prompt_embeds")}
+    lat, cond = encode_batch(batch, frozen, "cpu", [torch.Generator().manual_seed(i) for i in range(2)], 1.0, uncond)
     assert lat.dtype == torch.float32 and all(t.dtype == torch.float32 for t in cond.values())
-    assert lat.shape == (2, 4, 16, 16)
+    assert lat.shape == (2, 4, 16, 16) and not cond["prompt_embeds"].any() and cond["add_time_ids"].any()
     res = train(cfg)
     assert res["step"] == 2 and res["checkpoint"].endswith("step-0000002")
     # a cache made by other encoders (another tiny pipeline) is refused before any model load or step

@@ -38,14 +38,17 @@ overrides are key=value with dotted keys and YAML values (applied after the reci
   teacher.pipeline, teacher.unet_path, teacher.family (null = detect; sdxl | sd), teacher.dtype
   student.path | student.preset, student.layer_selection ({' | '.join(LAYER_SELECTIONS)})
   kd.features {{TYPE: all | [stages]}} (types {' '.join(FEATURE_TYPES)}; stage names depend on the model family,
-        e.g. DW-1..3 MID UP-1..3 for SDXL), kd.layer_selection (null | {' | '.join(LAYER_SELECTIONS)}),
-        kd.feature_loss ({' | '.join(FEATURE_LOSSES)})
+        e.g. DW-1..3 MID UP-1..3 for SDXL, DW-1..4 MID UP-1..4 for SD-1.x), kd.feature_loss ({' | '.join(FEATURE_LOSSES)}),
+        kd.layer_selection (null | {' | '.join(LAYER_SELECTIONS)}): null matches each student transformer layer with
+        the teacher layer the saved layer map initialised it from (koala_layer_map.json); a value re-picks the
+        matched teacher layers for featKD only (Table 10c) -- initialisation always follows the layer map
+        (student.layer_selection when compressing in memory)
   loss.task / loss.out / loss.feat (lambda weights)
-  data.type (synthetic | {' | '.join(TYPES)}), data.path, and the other koala.data
+  data.type ({' | '.join(TYPES)}), data.path (synthetic: num_samples, captions, size), and the other koala.data
         keys (caption_column, syncap_column, buckets, min_size, ...; see koala/data/config.py)
   train.output_dir, resolution, batch_size, grad_accum, max_steps, lr, optimizer ({' | '.join(OPTIMIZERS)}),
         mixed_precision ({' | '.join(MIXED_PRECISION)}), caption_dropout, gradient_checkpointing, max_grad_norm,
-        ema.enabled, ema.decay, checkpoint_every, resume, allow_world_size_change
+        ema.enabled, ema.decay, checkpoint_every, resume, allow_world_size_change, log_with (tensorboard | wandb | none)
   validation.every, prompts, seeds, steps, guidance_scale
 """
 

@@ -10,11 +10,6 @@ from .records import SamplePreparer
 from .transforms import SDXLTransform, sample_rng, to_tensor
 
 
-def split_info(rank: int, world_size: int, skip_batches: int = 0) -> tuple[int, int]:
-    """(split, nsplits) for this rank and DataLoader worker (see :func:`worker_plan` for ``skip_batches``)."""
-    return worker_plan(rank, world_size, skip_batches)[:2]
-
-
 def worker_plan(rank: int, world_size: int, skip_batches: int = 0) -> tuple[int, int, int]:
     """(split, nsplits, batches this worker skips) when the rank's stream starts at batch ``skip_batches``.
 

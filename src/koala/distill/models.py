@@ -3,6 +3,7 @@ teacher's family, and turn a data batch into denoiser inputs exactly as the fami
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,10 @@ class Frozen:
 def teacher_pipeline(cfg: dict) -> str:
     """``teacher.pipeline``, checked to be a pipeline directory."""
     pipe_dir = cfg["teacher"]["pipeline"]
+    if not os.path.isdir(pipe_dir):
+        raise KoalaError(f"teacher.pipeline {pipe_dir}: no such directory; point it at a local pipeline directory "
+                         f"(for a smoke run, make a random tiny one first: koala lab make-tiny {pipe_dir})",
+                         option="teacher.pipeline")
     if model_dir_kind(pipe_dir) != "pipeline":
         raise KoalaError(f"teacher.pipeline {pipe_dir}: expected a pipeline directory (with model_index.json)",
                          option="teacher.pipeline")
@@ -81,7 +86,7 @@ def encode_batch(batch: dict, frozen: Frozen, device, generators: list[torch.Gen
     cond = {k: batch[k].to(device, torch.float32) for k in frozen.family.cond_keys}
     if caption_dropout > 0:
         drop = (torch.stack([torch.rand((), generator=g) for g in generators]) < caption_dropout).to(device)
-        for k, u in (uncond or frozen.family.uncond(frozen.parts, cond)).items():
+        for k, u in (uncond if uncond is not None else frozen.family.uncond(frozen.parts)).items():
             mask = drop.view(-1, *([1] * (cond[k].ndim - 1)))
             cond[k] = torch.where(mask, u.to(device, torch.float32).expand_as(cond[k]), cond[k])
     return latents, cond

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import time
 
@@ -29,9 +28,6 @@ from .checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_
 from .hooks import FeatureRecorder, feature_pairs, unwrap
 from .losses import kd_losses, prediction_target
 from .models import encode_batch, load_models, teacher_pipeline
-
-log = logging.getLogger("koala.distill")
-
 
 def checkpoint_state(path: str) -> dict:
     with open(os.path.join(path, "state.json")) as f:
@@ -101,7 +97,8 @@ class Distiller:
         self.pairs = feature_pairs(self.lmap, student, teacher, cfg["kd"]["features"], cfg["kd"]["layer_selection"],
                                    self.family)
         self.caption_dropout = tcfg["caption_dropout"]
-        self.uncond = None  # the family's unconditional text conditioning, computed on first use
+        # what a dropped caption becomes: the family's unconditional text conditioning (computed once)
+        self.uncond = self.family.uncond(self.frozen.parts) if self.caption_dropout > 0 else None
         w = cfg["loss"]
         self.need_teacher = w["out"] > 0 or (w["feat"] > 0 and bool(self.pairs))
         if not (w["feat"] > 0):
@@ -131,8 +128,6 @@ class Distiller:
         benchmark all call it."""
         dev, fz, fam = self.acc.device, self.frozen, self.family
         latents, cond = encode_batch(batch, fz, dev, gens, self.caption_dropout, self.uncond)
-        if self.caption_dropout > 0 and self.uncond is None:
-            self.uncond = fam.uncond(fz.parts, cond)
         sched = fz.noise_scheduler
         noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens]).to(dev)
         t = torch.stack([torch.randint(0, sched.config.num_train_timesteps, (), generator=g) for g in gens]).to(dev)

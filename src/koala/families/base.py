@@ -182,15 +182,12 @@ class UNetFamily(Family):
         """Added conditions from a raw batch's bookkeeping (SDXL's size/crop time ids); {} when none."""
         return {}
 
-    def uncond(self, parts: Parts | None, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """One sample's unconditional text conditioning (what the pipeline feeds for an empty prompt)."""
-        if self.zero_uncond:
-            return {k: torch.zeros_like(like[k][:1]) for k in self.text_cond_keys}
-        if parts is None:
-            raise ValueError(f"{self.label}: the unconditional input is the empty prompt's encoding; give the parts")
+    def uncond(self, parts: Parts) -> dict[str, torch.Tensor]:
+        """The unconditional text conditioning (batch of one) as the pipeline feeds it for an empty prompt: all
+        zeros (``zero_uncond``, SDXL's force_zeros_for_empty_prompt) or the empty prompt's encoding (SD-1.x)."""
         with torch.no_grad():
             out = self.encode_prompts([""], parts.tokenizers, parts.text_encoders)
-        return {k: v.to(like[k].device, like[k].dtype) for k, v in out.items()}
+        return {k: torch.zeros_like(v) if self.zero_uncond else v for k, v in out.items()}
 
     def model_inputs(self, cond: dict[str, torch.Tensor]) -> dict[str, Any]:
         """Keyword arguments of the denoiser's forward besides ``sample`` and ``timestep``."""
