@@ -20,14 +20,19 @@ import torch
 
 
 def build_pipeline_dir(path: str, seed: int = 0) -> str:
+    """A tiny SDXL pipeline (its U-Net only tells koala the family) with a bigger VAE and text encoders."""
+    import shutil
+
     from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from koala.testing.images import WORDS
-    from koala.testing.tokenizer import build_clip_tokenizer
+    from koala.testing.tiny import save_tiny_pipeline
 
-    tok = build_clip_tokenizer(os.path.join(path, "tokenizer"), WORDS)
-    build_clip_tokenizer(os.path.join(path, "tokenizer_2"), WORDS)
+    save_tiny_pipeline(path, seed=seed, words=WORDS)
+    for sub in ("vae", "text_encoder", "text_encoder_2"):
+        shutil.rmtree(os.path.join(path, sub))
+    tok = CLIPTokenizer.from_pretrained(os.path.join(path, "tokenizer"))
     torch.manual_seed(seed)
     AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, down_block_types=["DownEncoderBlock2D"] * 4,
                   up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[64, 128, 128, 128], layers_per_block=2,

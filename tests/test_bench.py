@@ -6,7 +6,10 @@ import pytest
 import torch
 
 from koala.bench import BenchSettings, load_json, markdown_table, materialize, plot, run_bench
-from koala.bench.models import CLIP_BIGG_TEXT, CLIP_L_TEXT, SDXL_VAE
+from koala.bench.models import SDXL_VAE
+from koala.families import get_family
+
+CLIP_L_TEXT, CLIP_BIGG_TEXT = get_family("sdxl").real_text_towers
 from koala.errors import KoalaError
 from koala.utils import count_params
 

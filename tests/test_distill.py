@@ -307,7 +307,10 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_pipe_di
     assert max(float((init[k] - wb[k]).abs().max()) for k in wb) > 1e-4
     resume = load_config("tiny", [f"train.output_dir={out2}", "train.batch_size=1", "train.resume=latest", *common])
     resume["train"]["max_steps"] = 3
-    with pytest.raises(KoalaError, match="2 process.*this run has 1.*allow_world_size_change"):
+    with pytest.raises(KoalaError, match=r"processes 2 -> 1; global batch 4 -> 2.*allow_world_size_change"):
+        train(resume)
+    resume["train"]["batch_size"] = 2  # same global batch on 1 process: still another layout (data split, noise)
+    with pytest.raises(KoalaError, match=r"processes 2 -> 1, train.batch_size 1 -> 2"):
         train(resume)
 
 

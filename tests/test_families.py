@@ -142,3 +142,19 @@ def test_student_of_another_family_is_refused(tiny_sd_pipe_dir, tiny_pipe_dir, t
     cfg = load_config("tiny", [f"teacher.pipeline={tiny_pipe_dir}", f"student.path={tmp_path / 's'}"])
     with pytest.raises(KoalaError, match="compressed from a sd teacher but teacher.pipeline is sdxl"):
         load_models(cfg)
+
+
+def test_testing_floor_knows_every_family():
+    """koala.testing may not import koala.families (it is the floor), so its family list is checked here."""
+    from koala.testing import tiny
+
+    assert tuple(tiny.FAMILIES) == tuple(FAMILIES)
+
+
+def test_first_last_stage_aliases_follow_the_family():
+    from koala.distill import feature_pairs
+
+    for fam, teacher, last in ((SD, tiny_unet(family="sd"), "UP-4"), (get_family("sdxl"), tiny_unet(), "UP-3")):
+        student, lmap = fam.compress(teacher, "bk-sdm-small" if fam is SD else "koala-700m")
+        pairs = feature_pairs(lmap, student, teacher, {"LF": ["first", "last"]})
+        assert [p.stage for p in pairs] == ["DW-1", last]

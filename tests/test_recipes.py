@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_defaults_are_the_paper_recipe():
     cfg = load_config(None, [PIPE])
     assert cfg == {**DEFAULTS, "teacher": {**DEFAULTS["teacher"], "pipeline": "x"}}
-    assert cfg["kd"] == {"features": {"SA": "all", "LF": ["DW-1", "UP-3"]}, "layer_selection": None,
+    assert cfg["kd"] == {"features": {"SA": "all", "LF": ["first", "last"]}, "layer_selection": None,
                          "feature_loss": "mse"}
     assert cfg["data"] == {"type": "synthetic"} and cfg["loss"] == {"task": 1.0, "out": 1.0, "feat": 1.0}
     t = cfg["train"]
@@ -125,7 +125,7 @@ def test_kd_features_are_replaced_as_a_whole(tmp_path):
     assert load_config("tiny", ["kd.features={CA: all}"])["kd"]["features"] == {"CA": "all"}
     assert load_config("tiny", ["kd={features: {CA: all}}"])["kd"]["features"] == {"CA": "all"}
     # a single feature type given as a dotted key edits the mapping
-    assert load_config("tiny", ["kd.features.SA=[UP-1]"])["kd"]["features"] == {"SA": ["UP-1"], "LF": ["DW-1", "UP-3"]}
+    assert load_config("tiny", ["kd.features.SA=[UP-1]"])["kd"]["features"] == {"SA": ["UP-1"], "LF": ["first", "last"]}
     # stage names depend on the family (DW-4 exists for SD-1.x): not checked here
     assert load_config("tiny", ["kd.features={LF: [DW-4]}"])["kd"]["features"] == {"LF": ["DW-4"]}
     assert load_config("tiny", ["kd.features={LF: UP-3}"])["kd"]["features"] == {"LF": "UP-3"}

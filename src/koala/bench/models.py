@@ -13,17 +13,12 @@ from dataclasses import dataclass, field
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextConfig
 
 from ..errors import KoalaError
 from ..families import Family, all_presets, family_of, model_dir_kind
 from ..utils import count_params, read_json
 
-# CLIP ViT-L/14 text tower (SDXL text_encoder) and OpenCLIP ViT-bigG/14 text tower (SDXL text_encoder_2).
-CLIP_L_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                   num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
-CLIP_BIGG_TEXT = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                      num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
 SDXL_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[128, 256, 512, 512],
                 down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
                 layers_per_block=2, norm_num_groups=32, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
@@ -93,11 +88,11 @@ def materialize(factory, device, dtype, seed: int = 0):
 
 
 def real_text_encoders(family: Family, device, dtype):
-    """The family's real-size text towers: SDXL CLIP-L + OpenCLIP bigG; SD-1.x CLIP-L (random weights)."""
-    out = [materialize(lambda: CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT)), device, dtype, 1)]
-    if family.name == "sdxl":
-        out.append(materialize(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG_TEXT)), device, dtype, 2))
-    return out
+    """The family's real-size text towers with random weights (SDXL: CLIP-L + OpenCLIP bigG; SD-1.x: CLIP-L)."""
+    import transformers
+
+    return [materialize(lambda: getattr(transformers, cls)(CLIPTextConfig(**tower)), device, dtype, i + 1)
+            for i, ((_, _, cls), tower) in enumerate(zip(family.text_encoders, family.real_text_towers))]
 
 
 def sdxl_vae(device, dtype):  # SD-1.x's VAE has the same architecture

@@ -42,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args.func(args)
     except KoalaError as err:
-        hint = f" (option --{err.option.replace('_', '-')})" if getattr(err, "option", None) else ""
+        opt = getattr(err, "option", None)
+        # a config key (dotted) is set as an override KEY=VALUE; a plain name is this command's --flag
+        hint = "" if not opt else f" (override {opt}=...)" if "." in opt else f" (option --{opt.replace('_', '-')})"
         print(f"koala {args.command}: error: {err}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 
 EPILOG = """\
-models: preset names (sdxl-base, bk-sdxl, koala-1b, koala-700m, ssd-1b, segmind-vega) are built at real size
-with random weights (no download: allocated on meta, then filled with N(0, 0.02)); text encoders (CLIP ViT-L +
-OpenCLIP bigG) and the VAE are the real SDXL architectures too. 'tiny-<preset>' gives test-size versions. A
-path to an SDXL pipeline directory benchmarks its real weights.
+models: preset names of any family (sdxl: sdxl-base, bk-sdxl, koala-1b, koala-700m, ssd-1b, segmind-vega; sd:
+sd-v1, bk-sdm-base, bk-sdm-small, bk-sdm-tiny; see `koala presets`) are built at real size with random weights
+(no download: allocated on meta, then filled with N(0, 0.02)); the text encoders (SDXL: CLIP ViT-L + OpenCLIP
+bigG; SD-1.x: CLIP ViT-L) and the VAE are the real architectures too. 'tiny-<preset>' gives test-size versions.
+A path to a pipeline directory benchmarks its real weights.
 
 components: on CUDA the default is text,unet,vae (per component and end to end); on CPU the default is unet
-only, since a real-size SDXL run on a few cores takes minutes. Models are measured interleaved (A,B,A,B...)
+only, since a real-size run on a few cores takes minutes. Models are measured interleaved (A,B,A,B...)
 and medians are reported.
 
 examples:
@@ -24,7 +25,7 @@ examples:
 def register(sub) -> None:
     p = sub.add_parser(
         "bench", help="time text encoders, U-Net and VAE of presets or pipelines; memory, params, FLOPs",
-        description="Benchmark SDXL-architecture models component by component (text encoders, U-Net per step "
+        description="Benchmark models of any supported family component by component (text encoders, U-Net per step "
         "and in total, VAE decode) and end to end, with warm-up, interleaved repeats and medians, peak memory "
         "(CUDA max allocated, or CPU peak RSS), parameters and FLOPs. Prints a markdown table like the paper's "
         "Tables 1/6 and can write JSON and a Fig. 7-style plot.",

@@ -25,8 +25,8 @@ def register(sub) -> None:
                    "bk-sdm-base, bk-sdm-small, bk-sdm-tiny, sd-v1) or a JSON spec such as "
                    '\'{"encoder_layers":[1,1,1],"down_depth":[0,2,4],"up_depth":[4,2,0],"mid_block":false}\' '
                    '(optional "stages": N keeps only the N outermost stages)')
-    p.add_argument("--family", default=None, choices=["sdxl", "sd"],
-                   help="the teacher's family (default: detected from its config)")
+    p.add_argument("--family", default=None, metavar="NAME",
+                   help="the teacher's model family, sdxl or sd (default: detected from its config)")
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="student weight dtype (default: fp32)")
     p.add_argument("--layer-selection", default="bottom", choices=["bottom", "interleave", "up"],

@@ -75,13 +75,15 @@ def register(sub) -> None:
     c = sub.add_parser("cache", help="precompute VAE latents and text-encoder states into sharded safetensors",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description="Precompute, for each sample, the VAE latent of the crop training would use "
-                       "(latent_dist.sample() or .mean, times vae.config.scaling_factor), both text encoders' "
-                       "penultimate hidden states, the pooled embedding and the SDXL time ids, into "
+                       "(latent_dist.sample() or .mean, times vae.config.scaling_factor) and the text conditioning of "
+                       "the pipeline's family (SDXL: both text encoders' penultimate hidden states, the pooled "
+                       "embedding and the time ids; SD-1.x: the text encoder's last hidden state), into "
                        "OUT/shards/NNNNN.safetensors with OUT/index.json. Re-running resumes (finished shards are "
                        "skipped). Several processes (--rank/--world-size, or accelerate launch) write disjoint shards. "
                        "Train from it with data config {type: cache, path: OUT}.")
     _source_args(c)
-    c.add_argument("--pipeline", required=True, help="SDXL pipeline folder (its vae/, text_encoder*/, tokenizer*/)")
+    c.add_argument("--pipeline", required=True, help="pipeline folder (SDXL or SD-1.x, with model_index.json; its family is "
+                   "detected from unet/, its vae/, text_encoder*/ and tokenizer*/ are used)")
     c.add_argument("--out", required=True, help="cache folder (created; re-run to resume)")
     c.add_argument("--resolution", type=int, default=1024, help="1024 (Lightning) or 512 (Turbo)")
     c.add_argument("--center-crop", action="store_true", help="centre crop instead of random crop")

@@ -63,9 +63,10 @@ _EPILOG = object()  # placeholder: _Help puts epilog() there
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "distill", help="distill a compressed student from an SDXL teacher (L_task + L_outKD + L_featKD)",
+        "distill", help="distill a compressed student from its teacher (SDXL or SD-1.x; L_task + L_outKD + L_featKD)",
         description="Train a KOALA student U-Net with the paper's objective: task loss + output KD + feature KD on "
-        "self-attention features (SA-bottom) and the last feature of DW-1/UP-3 by default. The student is "
+        "self-attention features (SA-bottom) and the last feature of the first encoder / last decoder stage (DW-1/UP-3 "
+        "on SDXL) by default. The teacher's family (SDXL, SD-1.x/2.x) is detected from teacher.pipeline. The student is "
         "compressed from the teacher on the fly (student.preset) or loaded from a `koala compress` output "
         "(student.path). Checkpoints are diffusers U-Nets with koala_layer_map.json under OUTPUT/checkpoints/.",
         epilog=_EPILOG, formatter_class=_Help,

@@ -1,4 +1,4 @@
-"""`koala generate`: text-to-image with an SDXL-architecture pipeline (a KOALA student or a teacher)."""
+"""`koala generate`: text-to-image with a pipeline of any supported family (a KOALA / BK student or a teacher)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ examples:
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "generate", help="generate images with a KOALA (or any SDXL-architecture) pipeline",
+        "generate", help="generate images with a KOALA / BK student or teacher pipeline (SDXL or SD-1.x)",
         description="Generate PNG images; each PNG carries its prompt, seed, steps, cfg, scheduler and model as "
         "tEXt metadata. Image i gets seed --seed + i, so any image can be regenerated alone.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -30,7 +30,7 @@ def register(sub) -> None:
     p.add_argument("prompt", nargs="*", help="one or more prompts (or use --prompts-file)")
     p.add_argument("--prompts-file", default=None, help="text file with one prompt per line ('#' lines skipped)")
     src = p.add_argument_group("model")
-    src.add_argument("--model", default=None, help="SDXL pipeline directory (e.g. written by koala compress)")
+    src.add_argument("--model", default=None, help="pipeline directory, SDXL or SD-1.x (e.g. written by koala compress)")
     src.add_argument("--unet", default=None, help="student U-Net directory to drop into --base (e.g. koala distill's OUT/checkpoints/step-N/unet)")
     src.add_argument("--base", default=None, help="teacher pipeline directory supplying text encoders, VAE, scheduler")
     src.add_argument("--vae", default=None, help="fp16-safe VAE directory (e.g. sdxl-vae-fp16-fix)")

@@ -79,7 +79,8 @@ def register(sub) -> None:
         "seconds. Written atomically; an existing OUT is refused unless --overwrite.",
     )
     k.add_argument("out", metavar="OUT", help="output pipeline directory")
-    k.add_argument("--family", default="sdxl", choices=["sdxl", "sd"], help="pipeline topology (default sdxl)")
+    k.add_argument("--family", default="sdxl", metavar="NAME",
+                   help="pipeline topology: a model family of koala.families, sdxl or sd (default sdxl)")
     k.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")
     k.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     k.set_defaults(func=run_make_tiny)

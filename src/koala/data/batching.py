@@ -25,7 +25,7 @@ def worker_plan(rank: int, world_size: int, skip_batches: int = 0) -> tuple[int,
 
 class BatchSkipper:
     """Mirrors :class:`BucketBatcher` on cheap stand-ins (records, not samples) until ``n`` batches are
-    complete; then :meth:`pending` gives the stand-ins of the partial buckets, to load into the batcher."""
+    complete; then :meth:`materialize` gives the stand-ins of the partial buckets, to load into the batcher."""
 
     def __init__(self, batch_size: int, n: int):
         self.batch_size, self.left, self.buffers = batch_size, n, {}

@@ -97,6 +97,10 @@ def read_cache_config(cache_dir: str) -> dict:
         raise KoalaError(f"{cache_dir}: not a koala cache (no cache_config.json); build one with `koala cache`")
     with open(path) as f:
         cfg = json.load(f)
+    if cfg.get("format") == "koala-cache/1":  # made before families: SDXL, the same tensors as /2 records
+        fam = get_family("sdxl")
+        cfg = {**cfg, "format": FORMAT, "tensors": list(tensor_names(fam)),
+               "fingerprint": {**cfg["fingerprint"], "family": fam.name}}
     if cfg.get("format") != FORMAT:
         raise KoalaError(f"{path}: format {cfg.get('format')!r}, expected {FORMAT!r}; rebuild the cache")
     return cfg

@@ -2,8 +2,9 @@
 
 Raw batch: ``pixel_values`` [B,3,H,W] in [-1,1], ``captions``, ``original_size`` [B,2] (h,w),
 ``crop_top_left`` [B,2] (top,left), ``target_size`` [B,2] (h,w), ``keys``.
-Cached batch: ``latents`` [B,4,h,w] (scaled), ``prompt_embeds`` [B,77,D], ``pooled_prompt_embeds`` [B,P],
-``add_time_ids`` [B,6], ``captions``, ``keys`` (and the size/crop fields).
+Cached batch: ``latents`` [B,4,h,w] (scaled), the family's conditioning (SDXL: ``prompt_embeds`` [B,77,D],
+``pooled_prompt_embeds`` [B,P], ``add_time_ids`` [B,6]; SD-1.x: ``prompt_embeds``), ``captions``, ``keys``
+(and the size/crop fields).
 
 Batches are formed inside the dataset (``DataLoader(batch_size=None)``) so aspect buckets stay homogeneous.
 By default (``repeat: true``) the loader is **infinite**: the trainer counts steps; each pass over the data

@@ -44,7 +44,8 @@ class StudentConfig:
 class KDConfig:
     # feature type -> "all" or a list of stages; replaced as a whole by a recipe, never merged key by key.
     # Paper's best (Table 10d): SA everywhere + LF at DW-1 & UP-3.
-    features: Any = field(default_factory=lambda: {"SA": "all", "LF": ["DW-1", "UP-3"]})
+    # Table 10d: SA everywhere + LF at the first encoder / last decoder stage (DW-1, UP-3 on SDXL; UP-4 on SD-1.x)
+    features: Any = field(default_factory=lambda: {"SA": "all", "LF": ["first", "last"]})
     layer_selection: Optional[str] = None  # teacher layers matched to a shallower student: null = the layer map's
     feature_loss: str = "mse"              # one of FEATURE_LOSSES
 
@@ -85,10 +86,10 @@ class TrainConfig:
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3        # 0 keeps all
     resume: Optional[str] = None     # null | latest | path to a checkpoint dir
-    allow_world_size_change: bool = False  # resume a checkpoint written with another number of processes
+    allow_world_size_change: bool = False  # resume a checkpoint written with other processes/batch_size/grad_accum
     progress: bool = True
     cpu_threads: Optional[int] = None  # torch intra-op threads (null: torch's default); 1 is fastest for tiny CPU runs
-    caption_dropout: float = 0.0     # fraction of captions replaced by zero embeddings (SDXL's empty-prompt uncond)
+    caption_dropout: float = 0.0     # fraction of captions replaced by the family's uncond (SDXL zeros, SD "" prompt)
 
 
 @dataclass

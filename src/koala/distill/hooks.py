@@ -111,8 +111,9 @@ def feature_pairs(lmap: LayerMap, student: torch.nn.Module, teacher: torch.nn.Mo
     """The (student, teacher) module pairs whose outputs featKD matches, in a stable order.
 
     ``features`` maps a type of :data:`FEATURE_TYPES` to ``"all"`` (every stage that has it) or a list of stage
-    names (the layer map's: DW-1.., MID, UP-1..); a stage listed explicitly that lacks the feature (e.g. SA at
-    DW-1, or MID in a student without a mid block) is an error. ``selection`` (``kd.layer_selection``):
+    names (the layer map's: DW-1.., MID, UP-1..; ``first`` = the first encoder stage, ``last`` = the last,
+    highest-resolution decoder stage, whatever the family); a stage listed explicitly that lacks the feature
+    (e.g. SA at DW-1, or MID in a student without a mid block) is an error. ``selection`` (``kd.layer_selection``):
     ``None`` matches each student transformer layer with the teacher layer the saved layer map initialised it
     from; bottom / interleave / up re-pick the matched teacher layers for featKD only (App. B.1).
     """
@@ -126,8 +127,10 @@ def feature_pairs(lmap: LayerMap, student: torch.nn.Module, teacher: torch.nn.Mo
         if ftype not in FEATURE_TYPES:
             raise KoalaError(f"kd.features: unknown feature type {ftype!r}; choose from {', '.join(FEATURE_TYPES)}")
         available = FEATURE_TYPES[ftype](ctx)
-        wanted = [s for s in lmap.stages() if s in available] if stages == "all" else (
-            [stages] if isinstance(stages, str) else list(stages))
+        order = lmap.stages()
+        aliases = {"first": order[0], "last": order[-1]} if order else {}
+        wanted = [s for s in order if s in available] if stages == "all" else (
+            [aliases.get(s, s) for s in ([stages] if isinstance(stages, str) else stages)])
         for stage in wanted:
             if stage not in available:
                 raise KoalaError(f"kd.features.{ftype} lists stage {stage} but this student has no {ftype} features "

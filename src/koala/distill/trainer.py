@@ -4,7 +4,8 @@ One optimizer step = ``train.grad_accum`` micro-batches per process. The model f
 supplies conditioning and stage names; nothing here is family-specific. Noise, timesteps, VAE sampling and
 caption dropout come from one generator per sample seeded by the sample's position in the global stream
 (:func:`sample_generators`), and the data order depends only on the seed, so ``resume=latest`` continues
-exactly where the checkpoint was taken, and N processes x batch B equal 1 process x batch N*B.
+exactly where the checkpoint was taken, and (for sample-split sources, see there) N processes x batch B equal
+1 process x batch N*B.
 Logging goes through ``Accelerator(log_with=...)`` (``train.log_with``: tensorboard by default) plus
 ``OUTPUT/metrics.jsonl``.
 """
@@ -34,16 +35,24 @@ def checkpoint_state(path: str) -> dict:
         return json.load(f)
 
 
-def check_world_size(state: dict, world_size: int, global_batch: int, allow: bool, path: str) -> None:
-    """Refuse resuming on another number of processes: the data split, the per-rank noise and the global batch
-    would all change, so the run would not continue the one that was stopped."""
-    saved = state.get("world_size", 1)
-    if saved != world_size and not allow:
+def check_resume_layout(state: dict, world_size: int, tcfg: dict, path: str) -> None:
+    """Refuse resuming with another number of processes, per-process batch or accumulation: the data split, the
+    per-sample noise positions and the batches the resumed stream skips would all change, so the run would not
+    continue the one that was stopped. Checkpoints from before koala recorded these are not checked."""
+    if "world_size" not in state or tcfg["allow_world_size_change"]:
+        return
+    saved = state["config"]["train"]
+    now = {"processes": world_size, "train.batch_size": tcfg["batch_size"], "train.grad_accum": tcfg["grad_accum"]}
+    then = {"processes": state["world_size"], "train.batch_size": saved["batch_size"],
+            "train.grad_accum": saved["grad_accum"]}
+    diff = [f"{k} {then[k]} -> {now[k]}" for k in now if now[k] != then[k]]
+    if diff:
         raise KoalaError(
-            f"{path} was written by a run on {saved} process(es) (global batch {state.get('global_batch', '?')}); "
-            f"this run has {world_size} (global batch {global_batch}). Resume with the same number of processes, or "
-            "set train.allow_world_size_change=true to continue anyway (the data order and noise then differ from "
-            "an uninterrupted run)", option="train.allow_world_size_change")
+            f"{path} was written by a run with another batch layout ({', '.join(diff)}; global batch "
+            f"{state.get('global_batch', '?')} -> {tcfg['batch_size'] * tcfg['grad_accum'] * world_size}). Resume "
+            "with the same number of processes, batch_size and grad_accum, or set train.allow_world_size_change=true "
+            "to continue anyway (the data order and noise then differ from an uninterrupted run)",
+            option="train.allow_world_size_change")
 
 
 def sample_generators(seed: int, step: int, micro: int, batch_size: int, grad_accum: int, rank: int = 0,
@@ -54,7 +63,10 @@ def sample_generators(seed: int, step: int, micro: int, batch_size: int, grad_ac
     ``((step * grad_accum + micro) * batch_size + j) * world_size + r`` -- the position the koala.data loader
     gives it (ranks take every world_size-th sample). VAE sampling, caption dropout, noise and timestep of a
     sample therefore depend only on that position, so N processes x batch B and 1 process x batch N*B train
-    on the same samples with the same randomness (equal weights up to float summation order).
+    on the same samples with the same randomness (equal weights up to float summation order) -- for sources
+    split by sample (folder, parquet/csv, hf_disk, synthetic), without aspect buckets, and with the same
+    ``num_workers`` in both runs. Webdataset and cache sources split by shard, so there the two runs see other
+    samples; determinism and exact resume hold for every source.
     """
     first = (step * grad_accum + micro) * batch_size
     return [torch.Generator().manual_seed(seed * 1_000_003 + (first + j) * world_size + rank) for j in range(batch_size)]
@@ -192,7 +204,7 @@ def train(cfg: dict) -> dict:
     global_batch = bs * accum * world
     resume = resolve_resume(tcfg["resume"], out_dir)
     if resume:
-        check_world_size(checkpoint_state(resume), world, global_batch, tcfg["allow_world_size_change"], resume)
+        check_resume_layout(checkpoint_state(resume), world, tcfg, resume)
     start = checkpoint_state(resume)["step"] if resume else 0
     # the data first: a bad source or a cache built by other encoders is refused before any model is loaded;
     # a resumed run starts the stream where the checkpoint left it (skipped batches are not decoded)

@@ -70,15 +70,15 @@ class Family:
     label: str = ""
     pipeline_class_name: str = ""
     model_subfolder: str = "unet"
-    model_class_name: str = "UNet2DConditionModel"
     # (tokenizer subfolder, text encoder subfolder, transformers class name) per text encoder, in order
     text_encoders: tuple[tuple[str, str, str], ...] = ()
     text_cond_keys: tuple[str, ...] = ()   # text conditioning tensors (what caption dropout replaces)
     micro_cond_keys: tuple[str, ...] = ()  # added conditions computed from a batch's size/crop bookkeeping
-    reference_config: dict[str, Any] = {}
-    reference_preset: str = ""
+    reference_config: dict[str, Any] = {}    # the full-size teacher's denoiser config (presets are derived from it)
     presets: dict[str, UNetSpec] = {}
-    paper_models: tuple[str, ...] = ()
+    real_text_towers: tuple[dict, ...] = ()  # CLIPTextConfig kwargs of the full-size text encoders (benchmarks)
+    pipeline_load_kwargs: dict[str, Any] = {}  # extra from_pretrained kwargs for the family's pipeline
+    vae_upcast: bool = False  # the pipeline decodes an fp16 VAE in fp32 when vae.config.force_upcast is set
 
     # ------------------------------------------------------------------ identity
     def __repr__(self) -> str:

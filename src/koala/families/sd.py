@@ -55,9 +55,12 @@ class SDFamily(UNetFamily):
     text_encoders = (("tokenizer", "text_encoder", "CLIPTextModel"),)
     text_cond_keys = ("prompt_embeds",)
     reference_config = SD_V1_UNET_CONFIG
-    reference_preset = "sd-v1"
     presets = PRESETS
-    paper_models = ("sd-v1", "bk-sdm-base", "bk-sdm-small", "bk-sdm-tiny")
+    real_text_towers = (dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                             num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                             projection_dim=768),)  # CLIP ViT-L/14 text tower
+    # koala never runs SD's safety checker implicitly (generate has an opt-in NSFW filter)
+    pipeline_load_kwargs = {"safety_checker": None, "requires_safety_checker": False}
 
     def problems(self, config: dict) -> list[str]:
         problems = super().problems(config)

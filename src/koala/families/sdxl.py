@@ -101,9 +101,15 @@ class SDXLFamily(UNetFamily):
     text_cond_keys = ("prompt_embeds", "pooled_prompt_embeds")
     micro_cond_keys = ("add_time_ids",)
     reference_config = SDXL_BASE_UNET_CONFIG
-    reference_preset = "sdxl-base"
     presets = PRESETS
-    paper_models = ("sdxl-base", "bk-sdxl", "koala-1b", "koala-700m")
+    # CLIP ViT-L/14 text tower (text_encoder) and OpenCLIP ViT-bigG/14 text tower (text_encoder_2)
+    real_text_towers = (
+        dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+             max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768),
+        dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+             max_position_embeddings=77, hidden_act="gelu", projection_dim=1280),
+    )
+    vae_upcast = True
 
     def problems(self, config: dict) -> list[str]:
         problems = super().problems(config)

@@ -89,8 +89,9 @@ def generate(
     if steps < 1 or batch_size < 1 or images_per_prompt < 1:
         raise KoalaError("--steps, --batch-size and --images-per-prompt must be >= 1")
     scale = sd.vae_scale_factor
-    height = height or sd.default_sample_size * scale
-    width = width or sd.default_sample_size * scale
+    default = getattr(sd, "default_sample_size", None) or sd.unet.config.sample_size  # SD-1.x pipelines lack the former
+    height = height or default * scale
+    width = width or default * scale
     for name, v in (("--width", width), ("--height", height)):
         if v <= 0 or v % scale:
             raise KoalaError(f"{name} {v} must be a positive multiple of {scale} (the VAE's downscaling factor)")

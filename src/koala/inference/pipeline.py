@@ -133,13 +133,11 @@ def load_pipeline(
         raise KoalaError("no model: give --model PIPELINE_DIR, or --unet DIR together with --base PIPELINE_DIR")
     if vae:
         kw["vae"] = AutoencoderKL.from_pretrained(unet_dir_vae(vae), dtype=dt)
-    if fam.name == "sd":  # koala never runs SD's safety checker implicitly; see --nsfw-model for the opt-in filter
-        kw.update(safety_checker=None, requires_safety_checker=False)
-    pipe = fam.pipeline_class.from_pretrained(src, **kw)
+    pipe = fam.pipeline_class.from_pretrained(src, **fam.pipeline_load_kwargs, **kw)
     if vae:
         pipe.vae.register_to_config(force_upcast=False)
         modes.append("fp16-fix VAE" if dt == torch.float16 else "custom VAE")
-    elif dt == torch.float16:
+    elif dt == torch.float16 and fam.vae_upcast:
         pipe.vae.register_to_config(force_upcast=True)  # the SDXL VAE overflows in fp16: decode in fp32
         modes.append("VAE decode upcast to fp32")
     spacing = _scheduler(pipe, scheduler, timestep_spacing)
