@@ -146,3 +146,23 @@ def test_cli_cache_from_webdataset(tmp_path, tiny_pipe_dir, capsys):
     assert args.func(args) == 0
     st = json.loads(capsys.readouterr().out)
     assert st["type"] == "cache" and st["images"] == 5 and st["complete"]
+
+
+def test_cache_made_before_families_reads_as_sdxl(folder, tmp_path, tiny_pipe_dir):
+    """A koala-cache/1 (SDXL-only format: no family, no tensor list) still trains; its tensors are SDXL's."""
+    out = str(tmp_path / "cache")
+    build_cache(_cfg(folder), tiny_pipe_dir, out, resolution=RES, shard_size=100, progress=False)
+    path = os.path.join(out, "cache_config.json")
+    cfg = json.load(open(path))
+    new = next(iter(make_dataloader({"type": "cache", "path": out, "shuffle": False}, batch_size=2, resolution=RES,
+                                    pipeline_dir=tiny_pipe_dir)))
+    old = {**cfg, "format": "koala-cache/1", "fingerprint": {k: v for k, v in cfg["fingerprint"].items() if k != "family"}}
+    del old["tensors"]
+    json.dump(old, open(path, "w"))
+    again = next(iter(make_dataloader({"type": "cache", "path": out, "shuffle": False}, batch_size=2, resolution=RES,
+                                      pipeline_dir=tiny_pipe_dir)))
+    assert set(again) == set(new) and all(torch.equal(again[k], new[k]) for k in ("latents", "add_time_ids"))
+    old["format"] = "koala-cache/0"
+    json.dump(old, open(path, "w"))
+    with pytest.raises(KoalaError, match="rebuild the cache"):
+        make_dataloader({"type": "cache", "path": out}, batch_size=2, resolution=RES)

@@ -139,3 +139,23 @@ def test_cli_generate(tiny_pipe_dir, tmp_path, capsys):
     assert files == ["0000-s5.png", "0001-s6.png"]
     assert read_png_params(str(out / files[1]))["prompt"] == "a blue square"
     assert main(["generate", "x", "--model", str(tmp_path / "missing")]) == 2
+
+
+def test_sd_pipeline_generates_equal_to_plain_diffusers(tiny_sd_pipe_dir, tmp_path, capsys):
+    """The SD-1.x family through koala generate: default size from the U-Net, equal to StableDiffusionPipeline."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    from koala.cli import main
+
+    lp = load_pipeline(tiny_sd_pipe_dir, device="cpu")
+    assert lp.family == "sd" and type(lp.pipe).__name__ == "StableDiffusionPipeline"
+    ours = generate(lp, "a red circle", steps=3, cfg=3.5, seed=4, progress=False, log=lambda *_: None).images[0]
+    ref = StableDiffusionPipeline.from_pretrained(tiny_sd_pipe_dir, safety_checker=None, requires_safety_checker=False)
+    ref.scheduler = EulerDiscreteScheduler.from_config(ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    expected = ref("a red circle", num_inference_steps=3, guidance_scale=3.5, height=ours.size[1], width=ours.size[0],
+                   generator=torch.Generator().manual_seed(4), output_type="np").images[0]
+    assert ours.size == (32, 32) and np.array_equal(np.asarray(ours), (expected * 255).round().astype("uint8"))
+    assert main(["generate", "a blue square", "--model", tiny_sd_pipe_dir, "--steps", "1", "--out",
+                 str(tmp_path / "o"), "--device", "cpu"]) == 0
+    assert read_png_params(str(next((tmp_path / "o").glob("*.png"))))["prompt"] == "a blue square"
