@@ -38,7 +38,6 @@ class CaptionBuilder:
 
     def __init__(self, caption_column=None, syncap: str | None = None, syncap_column: str | None = None):
         self.columns = _as_list(caption_column) or list(DEFAULT_CAPTION_COLUMNS)
-        self.explicit = bool(_as_list(caption_column))
         self.syncap_column = syncap_column
         self.mode = syncap or ("append" if syncap_column else "original")
         if self.mode not in SYNCAP_MODES:
