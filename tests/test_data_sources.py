@@ -159,3 +159,30 @@ def test_cli_data_stats_json(tmp_path, capsys):
     args = p.parse_args(["data", "stats", str(tmp_path)])
     assert args.func(args) == 0
     assert "#Imgs" in capsys.readouterr().out
+
+
+def test_optional_packages_are_named_by_their_extra(tmp_path, monkeypatch):
+    """Parquet, webdataset and plots come with extras; a missing one is a KoalaError naming the extra to install.
+    Image folders with metadata.jsonl / .csv need none of them (the demo and most users)."""
+    import sys
+
+    from koala.bench import plot
+
+    pd.DataFrame({"file_name": ["a.png"], "text": ["x"]}).to_parquet(tmp_path / "t.parquet")
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # import now raises ImportError
+    monkeypatch.setitem(sys.modules, "webdataset", None)
+    monkeypatch.setitem(sys.modules, "webdataset.shardlists", None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(KoalaError, match=r"reading parquet needs the pyarrow package: pip install 'koala-diffusion\[data\]'"):
+        make_dataloader({"type": "parquet", "path": str(tmp_path / "t.parquet")}, batch_size=1, resolution=16)
+    (tmp_path / "s.tar").write_bytes(b"")
+    with pytest.raises(KoalaError, match=r"koala-diffusion\[data\]"):
+        make_dataloader({"type": "webdataset", "path": str(tmp_path / "s.tar")}, batch_size=1, resolution=16)
+    with pytest.raises(KoalaError, match=r"koala-diffusion\[plots\]"):
+        plot({"models": []}, str(tmp_path / "p.png"))
+    folder = tmp_path / "f"
+    write_folder(str(folder), 2, sidecar=False)
+    (folder / "metadata.csv").write_text("file_name,text\n00000.jpg,a red circle\n00001.jpg,\n")
+    batch = next(iter(make_dataloader({"type": "folder", "path": str(folder), "repeat": False}, batch_size=1,
+                                      resolution=16)))
+    assert batch["captions"] == ["a red circle"]  # the empty caption is skipped, as before

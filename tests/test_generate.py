@@ -139,6 +139,14 @@ def test_cli_generate(tiny_pipe_dir, tmp_path, capsys):
     assert files == ["0000-s5.png", "0001-s6.png"]
     assert read_png_params(str(out / files[1]))["prompt"] == "a blue square"
     assert main(["generate", "x", "--model", str(tmp_path / "missing")]) == 2
+    # library errors speak in library terms; the CLI points at its flag
+    capsys.readouterr()
+    assert main(["generate", "x", "--model", tiny_pipe_dir, "--device", "cpu", "--width", "33"]) == 2
+    err = capsys.readouterr().err
+    assert "width 33 must be a positive multiple" in err and err.rstrip().endswith("(option --width)")
+    with pytest.raises(KoalaError, match="^timestep spacing 'odd'") as info:
+        load_pipeline(tiny_pipe_dir, device="cpu", timestep_spacing="odd")
+    assert info.value.option == "timestep_spacing" and "--" not in str(info.value)
 
 
 def test_sd_pipeline_generates_equal_to_plain_diffusers(tiny_sd_pipe_dir, tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import shutil
@@ -74,3 +75,12 @@ def tree_to(tree, device=None, dtype: torch.dtype | None = None):
     if isinstance(tree, dict):
         return {k: tree_to(v, device, dtype) for k, v in tree.items()}
     return tree.to(device=device, dtype=dtype if dtype is not None and torch.is_floating_point(tree) else None)
+
+
+def require(module: str, extra: str, what: str):
+    """``import module``, or a KoalaError naming the optional extra that provides it (``koala-diffusion[extra]``)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise KoalaError(f"{what} needs the {module.split('.')[0]} package: pip install 'koala-diffusion[{extra}]'") \
+            from None

@@ -6,6 +6,7 @@ import json
 import os
 
 from ..errors import KoalaError
+from ..utils import require
 
 
 def _ms(times: dict, key: str) -> str:
@@ -62,7 +63,7 @@ def markdown_table(result: dict) -> str:
 
 def plot(result: dict, path: str) -> str:
     """Two bar charts side by side, latency and peak memory per model (Fig. 7 style)."""
-    import matplotlib
+    matplotlib = require("matplotlib", "plots", "plotting benchmark results")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

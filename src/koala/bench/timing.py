@@ -46,23 +46,23 @@ class BenchSettings:
 
     def check(self) -> None:
         if not self.models:
-            raise KoalaError("--models: give at least one preset name or pipeline directory")
+            raise KoalaError("models: give at least one preset name or pipeline directory", option="models")
         for name in self.models:  # fail before spending minutes building the earlier models
             if not os.path.isdir(name):
                 preset_unet_config(name)  # raises for an unknown name
         bad = [c for c in self.components if c not in COMPONENTS]
         if bad or not self.components:
-            raise KoalaError(f"--components: unknown {bad}; choose from {', '.join(COMPONENTS)} (comma separated)")
+            raise KoalaError(f"components: unknown {bad}; choose from {', '.join(COMPONENTS)}", option="components")
         if "unet" not in self.components:
-            raise KoalaError("--components must include unet (its output feeds the VAE and the report)")
+            raise KoalaError("components must include unet (its output feeds the VAE and the report)", option="components")
         if self.resolution % 64:
-            raise KoalaError(f"--resolution {self.resolution} must be a multiple of 64")
+            raise KoalaError(f"resolution {self.resolution} must be a multiple of 64", option="resolution")
         if self.steps < 1 or self.batch < 1 or self.repeats < 1 or self.warmup < 0:
-            raise KoalaError("--steps, --batch and --repeats must be >= 1 and --warmup >= 0")
+            raise KoalaError("steps, batch and repeats must be >= 1 and warmup >= 0", option="steps")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise KoalaError("--device cuda: no CUDA device is visible to PyTorch; use --device cpu")
+            raise KoalaError("device cuda: no CUDA device is visible to PyTorch; use the cpu device", option="device")
         if self.device == "cpu" and parse_dtype(self.dtype) == torch.float16:
-            raise KoalaError("--dtype fp16 on --device cpu is very slow or unsupported; use fp32 or bf16 on CPU")
+            raise KoalaError("dtype fp16 on the cpu device is very slow or unsupported; use fp32 or bf16 on CPU", option="dtype")
 
     @property
     def unet_batch(self) -> int:

@@ -114,7 +114,7 @@ def check_cache_compatible(cache_dir: str, pipeline_dir: str) -> dict:
     if bad:
         raise KoalaError(f"{cache_dir} was built with different {', '.join(bad)} than {pipeline_dir} "
                          f"(cache made from {cfg['fingerprint']['pipeline_dir']}); rebuild it with "
-                         f"`koala cache ... --pipeline {pipeline_dir}` or train with the pipeline that made it")
+                         f"this pipeline ({pipeline_dir}) or train with the pipeline that made it")
     return cfg
 
 

@@ -7,12 +7,14 @@ Indexed sources (random access, split across ranks/workers by index): ``folder``
 
 from __future__ import annotations
 
+import csv
 import glob
 import json
 import os
 from typing import Iterable, Iterator
 
 from ..errors import KoalaError
+from ..utils import require
 from .captions import DEFAULT_CAPTION_COLUMNS, _as_list
 from .images import IMAGE_EXTS, SkipCounter
 
@@ -21,23 +23,28 @@ IMAGE_COLUMN_GUESSES = ("file_name", "image", "image_path", "path", "filepath", 
 WDS_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 
-def _read_table(path: str, columns: list[str] | None = None):
-    import pandas as pd
-
+def _read_table(path: str, columns: list[str] | None = None) -> list[dict]:
+    """Rows of a .jsonl, .csv (every value a string) or .parquet file, keeping only ``columns`` when given."""
     try:
         if path.endswith(".jsonl"):
-            df = pd.read_json(path, lines=True, dtype=False)
+            with open(path, encoding="utf-8") as f:
+                rows = [json.loads(line) for line in f if line.strip()]
         elif path.endswith(".csv"):
-            df = pd.read_csv(path, usecols=lambda c: columns is None or c in columns, keep_default_na=False,
-                             dtype=str)
+            with open(path, newline="", encoding="utf-8") as f:
+                rows = [{k: v for k, v in r.items() if k is not None} for r in csv.DictReader(f, restval="")]
         else:
-            import pyarrow.parquet as pq
-
+            pq = require("pyarrow.parquet", "data", "reading parquet")
             names = pq.read_schema(path).names
-            df = pq.read_table(path, columns=[c for c in names if columns is None or c in columns]).to_pandas()
+            rows = pq.read_table(path, columns=[c for c in names if columns is None or c in columns]).to_pylist()
     except (OSError, ValueError) as err:
         raise KoalaError(f"{path}: cannot read table ({err})") from err
-    return df
+    if columns is not None:
+        rows = [{k: v for k, v in r.items() if k in columns} for r in rows]
+    return rows
+
+
+def _columns(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(k for r in rows for k in r))
 
 
 class IndexedSource:
@@ -90,10 +97,9 @@ class FolderSource(IndexedSource):
         meta = next((os.path.join(path, m) for m in METADATA_FILES if os.path.isfile(os.path.join(path, m))), None)
         self.sidecars = meta is None
         if meta:
-            df = _read_table(meta, None)
-            if "file_name" not in df.columns:
+            rows = _read_table(meta, None)
+            if "file_name" not in _columns(rows):
                 raise KoalaError(f"{meta}: needs a 'file_name' column with image paths relative to {path}")
-            rows = df.to_dict("records")
         else:
             files = []
             for dirpath, dirnames, filenames in os.walk(path):
@@ -130,20 +136,17 @@ class TableSource(IndexedSource):
         files = sorted(glob.glob(os.path.join(path, f"*.{ext}"))) if os.path.isdir(path) else sorted(glob.glob(path))
         if not files:
             raise KoalaError(f"{path}: no .{ext} file found")
-        import pandas as pd
-
-        df = pd.concat([_read_table(f, _wanted_columns(cfg, cfg.get("image_column"))) for f in files],
-                       ignore_index=True)
-        col = _pick_image_column(list(df.columns), cfg.get("image_column"), files[0])
+        rows = [r for f in files for r in _read_table(f, _wanted_columns(cfg, cfg.get("image_column")))]
+        col = _pick_image_column(_columns(rows), cfg.get("image_column"), files[0])
         root = cfg.get("image_root") or os.path.dirname(os.path.abspath(files[0]))
-        super().__init__(df.to_dict("records"), col, root, os.path.basename(files[0]))
+        super().__init__(rows, col, root, os.path.basename(files[0]))
 
 
 class HFDiskSource(IndexedSource):
     """A ``datasets`` dataset saved with ``save_to_disk``; the image column is an ``Image`` feature or a path."""
 
     def __init__(self, path: str, cfg: dict):
-        import datasets
+        datasets = require("datasets", "data", "type hf_disk (a datasets dataset saved with save_to_disk)")
 
         try:
             ds = datasets.load_from_disk(path)
@@ -179,7 +182,7 @@ class WebDatasetSource:
     kind = "sharded"
 
     def __init__(self, path, cfg: dict):
-        from webdataset.shardlists import expand_urls
+        expand_urls = require("webdataset.shardlists", "data", "type webdataset").expand_urls
 
         self.shards = []
         for p in _as_list(path):
@@ -195,7 +198,7 @@ class WebDatasetSource:
         return True
 
     def iter_shards(self, shards: Iterable[str]) -> Iterator[dict]:
-        from webdataset import tarfile_samples
+        tarfile_samples = require("webdataset", "data", "type webdataset").tarfile_samples
 
         for s in tarfile_samples(({"url": u} for u in shards), handler=self._handler):
             yield self.to_record(s)

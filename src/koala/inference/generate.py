@@ -51,9 +51,9 @@ def read_prompts(path: str) -> list[str]:
         with open(path, encoding="utf-8") as f:
             prompts = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
     except FileNotFoundError:
-        raise KoalaError(f"--prompts-file {path}: file not found") from None
+        raise KoalaError(f"prompts file {path}: file not found", option="prompts_file") from None
     if not prompts:
-        raise KoalaError(f"--prompts-file {path}: no prompts (one per line)")
+        raise KoalaError(f"prompts file {path}: no prompts (one per line)", option="prompts_file")
     return prompts
 
 
@@ -85,19 +85,19 @@ def generate(
     sd = info.pipe if info else pipe
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts or any(not isinstance(p, str) for p in prompts):
-        raise KoalaError("give at least one prompt (text), as arguments or with --prompts-file")
+        raise KoalaError("give at least one prompt (text), or a prompts file", option="prompts_file")
     if steps < 1 or batch_size < 1 or images_per_prompt < 1:
-        raise KoalaError("--steps, --batch-size and --images-per-prompt must be >= 1")
+        raise KoalaError("steps, batch_size and images_per_prompt must be >= 1", option="steps")
     scale = sd.vae_scale_factor
     default = getattr(sd, "default_sample_size", None) or sd.unet.config.sample_size  # SD-1.x pipelines lack the former
     height = height or default * scale
     width = width or default * scale
-    for name, v in (("--width", width), ("--height", height)):
+    for name, v in (("width", width), ("height", height)):
         if v <= 0 or v % scale:
-            raise KoalaError(f"{name} {v} must be a positive multiple of {scale} (the VAE's downscaling factor)")
+            raise KoalaError(f"{name} {v} must be a positive multiple of {scale} (the VAE's downscaling factor)", option=name)
     notes = list(info.notes) if info else []
     if safety is None:
-        notes.append("no NSFW filter is active (pass --nsfw-model DIR to withhold flagged images)")
+        notes.append("no NSFW filter is active (give an NSFW classifier to withhold flagged images)")
     for n in notes:
         log(f"note: {n}")
 

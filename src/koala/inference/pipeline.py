@@ -66,9 +66,9 @@ def _scheduler(pipe, name: str, spacing: str | None):
     import diffusers
 
     if name not in SCHEDULERS:
-        raise KoalaError(f"--scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")
+        raise KoalaError(f"scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}", option="scheduler")
     if spacing is not None and spacing not in SPACINGS:
-        raise KoalaError(f"--timestep-spacing {spacing!r}: choose one of {', '.join(SPACINGS)}")
+        raise KoalaError(f"timestep spacing {spacing!r}: choose one of {', '.join(SPACINGS)}", option="timestep_spacing")
     cls = getattr(diffusers, SCHEDULERS[name])
     kw = {"timestep_spacing": spacing} if spacing else {}
     pipe.scheduler = cls.from_config(pipe.scheduler.config, **kw)
@@ -102,12 +102,12 @@ def load_pipeline(
     from diffusers import AutoencoderKL
 
     if offload not in OFFLOAD:
-        raise KoalaError(f"--offload {offload!r}: choose model or sequential")
+        raise KoalaError(f"offload {offload!r}: choose model or sequential", option="offload")
     if attention not in ATTENTION:
-        raise KoalaError(f"--attention {attention!r}: choose one of {', '.join(ATTENTION)}")
+        raise KoalaError(f"attention {attention!r}: choose one of {', '.join(ATTENTION)}", option="attention")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise KoalaError(f"--device {device}: no CUDA device is visible to PyTorch; use --device cpu")
+        raise KoalaError(f"device {device}: no CUDA device is visible to PyTorch; use the cpu device", option="device")
     on_cuda = torch.device(device).type == "cuda"
     dt = parse_dtype(dtype) or (torch.float16 if on_cuda else torch.float32)
     dtype_name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dt]
@@ -118,7 +118,8 @@ def load_pipeline(
 
     kw = {"dtype": dt}
     if model and (unet or base):
-        raise KoalaError("give either --model PIPELINE_DIR or --unet DIR --base PIPELINE_DIR, not both")
+        raise KoalaError("give either a pipeline directory (model) or a U-Net with a base pipeline (unet + base), not both",
+                         option="model")
     if model:
         fam = _check_pipeline_dir(model, "model")
         src, name = model, os.path.basename(os.path.normpath(model))
@@ -130,7 +131,8 @@ def load_pipeline(
         src = base
         name = f"{os.path.basename(os.path.normpath(unet))} (U-Net) + {os.path.basename(os.path.normpath(base))}"
     else:
-        raise KoalaError("no model: give --model PIPELINE_DIR, or --unet DIR together with --base PIPELINE_DIR")
+        raise KoalaError("no model: give a pipeline directory (model), or a U-Net directory (unet) together with a base "
+                         "pipeline directory (base)", option="model")
     if vae:
         kw["vae"] = AutoencoderKL.from_pretrained(unet_dir_vae(vae), dtype=dt)
     pipe = fam.pipeline_class.from_pretrained(src, **fam.pipeline_load_kwargs, **kw)
@@ -161,14 +163,15 @@ def load_pipeline(
         modes.append("channels_last")
 
     if offload and not on_cuda:
-        notes.append(f"--offload {offload} does not apply on {device}: offloading moves weights between CPU and GPU "
+        notes.append(f"offload {offload} does not apply on {device}: offloading moves weights between CPU and GPU "
                      "memory, and on CPU everything already lives in CPU memory; running without offload")
         offload = None
     if offload:
         try:
             import accelerate  # noqa: F401
         except ImportError:
-            raise KoalaError(f"--offload {offload} needs the accelerate package (pip install accelerate)") from None
+            raise KoalaError(f"offload {offload} needs the accelerate package (pip install accelerate)",
+                             option="offload") from None
         gpu_id = torch.device(device).index or 0
         if offload == "model":
             pipe.enable_model_cpu_offload(gpu_id=gpu_id)
@@ -185,13 +188,14 @@ def load_pipeline(
 
 
 def unet_dir_vae(path: str) -> str:
-    """A VAE directory, or a pipeline directory's vae/ (for --vae)."""
+    """A VAE directory, or a pipeline directory's vae/ (the ``vae`` argument)."""
     if os.path.isfile(os.path.join(path, "model_index.json")):
         path = os.path.join(path, "vae")
     cfg = os.path.join(path, "config.json")
     if not os.path.isfile(cfg):
-        raise KoalaError(f"--vae {path}: no config.json; give an AutoencoderKL directory (e.g. sdxl-vae-fp16-fix)")
+        raise KoalaError(f"VAE {path}: no config.json; give an AutoencoderKL directory (e.g. sdxl-vae-fp16-fix)",
+                         option="vae")
     cls = read_json(cfg).get("_class_name")
     if cls != "AutoencoderKL":
-        raise KoalaError(f"--vae {cfg}: _class_name is {cls!r}, expected 'AutoencoderKL'")
+        raise KoalaError(f"VAE {cfg}: _class_name is {cls!r}, expected 'AutoencoderKL'", option="vae")
     return path

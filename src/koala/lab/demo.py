@@ -117,11 +117,11 @@ def prepare(s: DemoSettings, log=print) -> tuple[str, str, str]:
     from .shapes import write_shapes_dataset
 
     if s.features not in FEATURES:
-        raise KoalaError(f"--features {s.features!r}: choose one of {', '.join(FEATURES)}")
+        raise KoalaError(f"features {s.features!r}: choose one of {', '.join(FEATURES)}", option="features")
     out = os.path.abspath(s.out)
     if os.path.exists(out):
         if not s.overwrite:
-            raise KoalaError(f"{out} already exists; pass --overwrite or choose another --out")
+            raise KoalaError(f"{out} already exists; overwrite it or choose another output directory", option="overwrite")
         shutil.rmtree(out)
     os.makedirs(out)
     teacher_dir = s.teacher or shapes_teacher_dir()

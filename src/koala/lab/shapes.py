@@ -161,7 +161,7 @@ def make_scene(rng: np.random.Generator, size: int = 64, colors: Sequence[str] =
         if len(objs) == n:
             text, rels = _caption(objs, rng, size)
             return Scene(text, objs, rels)
-    raise KoalaError(f"could not place {n} objects in a {size}x{size} image; use a larger --size")
+    raise KoalaError(f"could not place {n} objects in a {size}x{size} image; use a larger size", option="size")
 
 
 def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
