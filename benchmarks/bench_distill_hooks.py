@@ -118,13 +118,8 @@ def main(argv=None):
             losses = d.step_losses(batches[i % n_batches], gens)
             _check_finite(acc, losses, i + 1, tcfg["output_dir"])
             acc.backward(losses.total)
-            logs = losses.scalars(d.pairs)
-            if tcfg["max_grad_norm"]:
-                logs["grad_norm"] = float(acc.clip_grad_norm_(d.student.parameters(), tcfg["max_grad_norm"]))
-            d.optimizer.step()
-            d.optimizer.zero_grad(set_to_none=True)
-            if d.ema is not None:
-                d.ema.step(d.plain_student.parameters())
+            losses.scalars(d.pairs)
+            d.update()
             sync()
             return time.perf_counter() - t0
 

@@ -128,6 +128,17 @@ class Distiller:
         self.s_rec = FeatureRecorder(self.student, [p.student for p in self.pairs], "student")
         self.t_rec = FeatureRecorder(self.teacher, [p.teacher for p in self.pairs], "teacher")
 
+    def update(self) -> dict[str, float]:
+        """The optimizer update after the micro-steps' backward: clip, step, zero grads, EMA. Returns the logs."""
+        logs, max_norm = {}, self.cfg["train"]["max_grad_norm"]
+        if max_norm:
+            logs["grad_norm"] = float(self.acc.clip_grad_norm_(self.student.parameters(), max_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step(self.plain_student.parameters())
+        return logs
+
     @property
     def plain_student(self):
         return unwrap(self.acc.unwrap_model(self.student))
@@ -242,12 +253,7 @@ def train(cfg: dict) -> dict:
                     acc.backward(losses.total / accum)
                 for k, v in losses.scalars(d.pairs).items():
                     logs[k] = logs.get(k, 0.0) + v / accum
-            if tcfg["max_grad_norm"]:
-                logs["grad_norm"] = float(acc.clip_grad_norm_(d.student.parameters(), tcfg["max_grad_norm"]))
-            d.optimizer.step()
-            d.optimizer.zero_grad(set_to_none=True)
-            if d.ema is not None:
-                d.ema.step(d.plain_student.parameters())
+            logs.update(d.update())
             step += 1
             dt = time.perf_counter() - t0
             t0 = time.perf_counter()
