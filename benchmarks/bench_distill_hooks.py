@@ -117,7 +117,7 @@ def main(argv=None):
             t0 = time.perf_counter()
             losses = d.step_losses(batches[i % n_batches], gens)
             _check_finite(acc, losses, i + 1, tcfg["output_dir"])
-            acc.backward(losses.total)
+            d.backward(losses.total)
             losses.scalars(d.pairs)
             d.update()
             sync()

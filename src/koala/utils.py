@@ -66,6 +66,22 @@ def atomic_output_dir(out_dir: str, overwrite: bool = False) -> Iterator[str]:
         os.rename(tmp, out_dir)
 
 
+def atomic_write_text(path: str, text: str) -> str:
+    """Write ``text`` to ``path`` through a temporary file in the same folder: never a half-written file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
 def count_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

@@ -96,11 +96,9 @@ def plot(result: dict, path: str) -> str:
 
 
 def write_json(result: dict, path: str) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-    return path
+    from ..utils import atomic_write_text
+
+    return atomic_write_text(path, json.dumps(result, indent=2) + "\n")
 
 
 def load_json(path: str) -> dict:

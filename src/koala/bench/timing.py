@@ -43,6 +43,10 @@ class BenchSettings:
     repeats: int = 3
     keep_loaded: bool = True  # False: build each model anew every round (only one in memory at a time)
     text_len: int = 77
+    channels_last: bool = False  # U-Net in channels_last memory format (the VAE decoder is slower so: see results/h200)
+    compile: bool = False        # torch.compile the U-Net (warm-up runs absorb the compilation)
+    vae_tiling: bool = False     # decode in tiles (diffusers enable_tiling): less memory at 1024^2 and above
+    memory_cap_gib: float | None = None  # CUDA: cap this process's GPU memory (e.g. 8 for an 8 GB card)
 
     def check(self) -> None:
         if not self.models:
@@ -61,6 +65,8 @@ class BenchSettings:
             raise KoalaError("steps, batch and repeats must be >= 1 and warmup >= 0", option="steps")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise KoalaError("device cuda: no CUDA device is visible to PyTorch; use the cpu device", option="device")
+        if self.memory_cap_gib is not None and (not self.device.startswith("cuda") or not self.memory_cap_gib > 0):
+            raise KoalaError("memory_cap_gib needs a cuda device and a positive size", option="memory_cap_gib")
         if self.device == "cpu" and parse_dtype(self.dtype) == torch.float16:
             raise KoalaError("dtype fp16 on the cpu device is very slow or unsupported; use fp32 or bf16 on CPU", option="dtype")
 
@@ -95,6 +101,17 @@ class _Inputs:
         self.micro = {k: v.to(device, dtype) for k, v in fam.micro_conditions(
             {"original_size": size, "crop_top_left": torch.zeros_like(size), "target_size": size}).items()}
         self.latents = torch.randn(s.batch, c["in_channels"], lat, lat, generator=g).to(device, dtype)
+
+
+@torch.no_grad()
+def apply_speed_modes(m: BenchModel, s: BenchSettings) -> None:
+    """channels_last, VAE tiling and torch.compile, as ``koala generate`` applies them."""
+    if s.channels_last:  # the U-Net only: on an H200 (fp16, 1024^2) a channels_last VAE decoded 1.5x slower
+        m.unet.to(memory_format=torch.channels_last)
+    if s.vae_tiling and m.vae is not None:
+        m.vae.enable_tiling()
+    if s.compile:
+        m.unet.compile()
 
 
 @torch.no_grad()
@@ -174,12 +191,16 @@ def run_bench(settings: BenchSettings, log=print) -> dict:
         torch.set_flush_denormal(True)
     loaded: dict[str, tuple[BenchModel, _Inputs]] = {}
     rows: dict[str, dict] = {}
+    if s.memory_cap_gib is not None:  # what an N-GiB card leaves PyTorch (tensors only; CUDA context aside)
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, s.memory_cap_gib * 2 ** 30 / total), device.index or 0)
 
     def get(name):
         if name in loaded:
             return loaded[name], False
         t0 = time.perf_counter()
         m = build_bench_model(name, device, dtype, s.components)
+        apply_speed_modes(m, s)
         log(f"built {name} ({m.source}) in {time.perf_counter() - t0:.1f}s")
         entry = (m, _Inputs(m, s, device, dtype))
         if s.keep_loaded:
@@ -194,29 +215,38 @@ def run_bench(settings: BenchSettings, log=print) -> dict:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    if s.keep_loaded:  # build and warm everything first, then measure in interleaved rounds
-        for name in s.models:
-            (m, x), _ = get(name)
-            for _ in range(s.warmup):
-                _one_run(m, s, x, device)
-    for r in range(s.repeats):
-        for name in s.models:
-            (m, x), fresh = get(name)
-            if fresh and not s.keep_loaded:
+    current = s.models[0]
+    try:
+        if s.keep_loaded:  # build and warm everything first, then measure in interleaved rounds
+            for name in s.models:
+                current = name
+                (m, x), _ = get(name)
                 for _ in range(s.warmup):
                     _one_run(m, s, x, device)
-            with PeakMemory(device) as mem:
-                res = _one_run(m, s, x, device)
-            row = rows[name]
-            row["_runs"].append(res)
-            row["memory"]["kind"] = mem.kind
-            row["memory"]["peak_bytes"] = max(row["memory"].get("peak_bytes", 0), mem.peak)
-            row["memory"]["peak_delta_bytes"] = max(row["memory"].get("peak_delta_bytes", 0), mem.delta)
-            log(f"round {r + 1}/{s.repeats} {name}: U-Net step {statistics.median(res['unet_steps']):.1f} ms"
-                + (f", end-to-end {res['end_to_end']:.0f} ms" if "end_to_end" in res else ""))
-            if not s.keep_loaded:
-                del m, x
-                release()
+        for r in range(s.repeats):
+            for name in s.models:
+                current = name
+                (m, x), fresh = get(name)
+                if fresh and not s.keep_loaded:
+                    for _ in range(s.warmup):
+                        _one_run(m, s, x, device)
+                with PeakMemory(device) as mem:
+                    res = _one_run(m, s, x, device)
+                row = rows[name]
+                row["_runs"].append(res)
+                row["memory"]["kind"] = mem.kind
+                row["memory"]["peak_bytes"] = max(row["memory"].get("peak_bytes", 0), mem.peak)
+                row["memory"]["peak_delta_bytes"] = max(row["memory"].get("peak_delta_bytes", 0), mem.delta)
+                log(f"round {r + 1}/{s.repeats} {name}: U-Net step {statistics.median(res['unet_steps']):.1f} ms"
+                    + (f", end-to-end {res['end_to_end']:.0f} ms" if "end_to_end" in res else ""))
+                if not s.keep_loaded:
+                    del m, x
+                    release()
+    except torch.OutOfMemoryError as err:
+        cap = f" under the {s.memory_cap_gib:g} GiB cap" if s.memory_cap_gib else ""
+        peak = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        raise KoalaError(f"{current}: CUDA out of memory{cap} (peak allocated {peak:.2f} GiB before failing); try "
+                         "vae_tiling, a smaller resolution or batch, or benchmark one model at a time") from err
     models = [_finish(rows[n]) for n in s.models]
     return {"schema": SCHEMA, "settings": asdict(s), "environment": _environment(device), "models": models,
             "relative": _relative(models)}

@@ -49,10 +49,99 @@ def register(sub) -> None:
     p.add_argument("--one-at-a-time", action="store_true",
                    help="keep only one model in memory: rebuild it every round (for machines that cannot hold "
                    "all models at once; adds build time but not to the measurements)")
+    p.add_argument("--channels-last", action="store_true", help="U-Net in channels_last memory format")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the U-Net (the warm-up runs absorb compilation; give --warmup >= 1)")
+    p.add_argument("--vae-tiling", action="store_true", help="decode the VAE in tiles (less memory at high resolution)")
+    p.add_argument("--memory-cap-gib", type=float, default=None, metavar="GIB",
+                   help="CUDA only: cap this process's GPU memory, e.g. 8 to check that a model runs on an 8 GB card")
     p.add_argument("--json", default=None, metavar="FILE", help="write the full result (schema koala-bench/1)")
     p.add_argument("--markdown", default=None, metavar="FILE", help="write the markdown table")
     p.add_argument("--plot", default=None, metavar="FILE", help="write a latency/memory bar chart (PNG)")
     p.set_defaults(func=run)
+    modes = p.add_subparsers(dest="bench_mode", metavar="[train]", required=False)
+    register_train(modes)
+
+
+TRAIN_EPILOG = """\
+teacher: a preset of any family (sdxl-base, sd-v1, ...; `koala presets`) is built at real size with random weights
+and compressed in memory to student.preset (default koala-700m); batches are pre-encoded random latents and
+conditioning, as a data.type=cache run feeds them. 'tiny-<preset>' gives test-size models. A pipeline directory
+loads its real weights and trains on the recipe's data (encoding included in the data phase).
+
+Phases (device-synchronised one by one): data_encode, teacher_forward, student_forward (+ losses), backward,
+log_sync, optimizer (clip + AdamW + zero_grad), ema. MFU = (teacher fwd + 3 x student fwd FLOPs per sample) x
+samples/s / peak; the peak is the GPU's dense bf16/fp16 data-sheet figure (H100/H200/A100/L40S/4090/...), or a
+measured matrix product on CPU and unknown devices, or --peak-tflops.
+
+The trainer's fast paths are config switches, measured here exactly as `koala distill` runs them:
+  train.mixed_precision=bf16   student autocast with fp32 master weights    teacher.dtype=bf16|fp16 (no grad)
+  train.fused_optimizer=true   fused AdamW                                   train.channels_last=true
+  train.attention=flash|efficient|cudnn|math   force one SDPA backend       train.gradient_checkpointing=true
+  train.compile=student|teacher|both   torch.compile (feature hooks are traced into the graph)
+  train.optimizer=adamw8bit    8-bit AdamW (bitsandbytes)
+
+examples:
+  koala bench train --teacher sdxl-base --resolution 1024 --batch 8 --device cuda train.mixed_precision=bf16 \\
+      teacher.dtype=bf16 --json train-700m.json
+  koala bench train --teacher tiny-sdxl-base --resolution 64 --batch 2 --device cpu --steps 3
+"""
+
+
+def register_train(modes) -> None:
+    t = modes.add_parser(
+        "train", help="time the real KD training step phase by phase: samples/s, peak memory, MFU",
+        description="Benchmark one real KOALA distillation step (the trainer's Distiller: teacher forward with "
+        "feature hooks, student forward, losses, backward, AdamW, EMA) at any size, resolution, batch and "
+        "precision, phase by phase.", epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("--teacher", default="sdxl-base",
+                   help="teacher preset (random real-size weights), tiny-<preset>, or a pipeline directory "
+                   "(default sdxl-base); the student is student.preset (default koala-700m)")
+    t.add_argument("--config", default=None, help="recipe name or YAML file for kd/loss/train settings "
+                   "(default: the schema's defaults, i.e. the paper's recipe)")
+    t.add_argument("--resolution", type=int, default=1024, help="image size in pixels (default 1024)")
+    t.add_argument("--batch", type=int, default=1, help="samples per step on the device (default 1)")
+    t.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
+    t.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2; compile happens here)")
+    t.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available, else cpu)")
+    t.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    t.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's peak TFLOP/s for MFU (default: data sheet for known GPUs, else measured)")
+    t.add_argument("--json", default=None, metavar="FILE", help="write the full result (schema koala-bench-train/1)")
+    t.add_argument("--markdown", default=None, metavar="FILE", help="write the one-row markdown table")
+    t.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides as for `koala distill`, e.g. train.mixed_precision=bf16 student.preset=koala-1b")
+    t.set_defaults(func=run_train)
+
+
+def run_train(args) -> int:
+    import json
+
+    import torch
+
+    from ..bench.train import TrainBenchSettings, run_train_bench, train_markdown
+    from ..utils import atomic_write_text
+
+    settings = TrainBenchSettings(
+        teacher=args.teacher, config=args.config, overrides=list(args.overrides), resolution=args.resolution,
+        batch=args.batch, steps=args.steps, warmup=args.warmup,
+        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), peak_tflops=args.peak_tflops,
+        threads=args.threads)
+    result = run_train_bench(settings)
+    table = train_markdown([result])
+    ph = result["times_ms"]["phases_median"]
+    print()
+    print("phases (median ms): " + ", ".join(f"{k} {v:.1f}" for k, v in ph.items()))
+    print(f"FLOPs/sample {result['flops']['per_sample'] / 1e12:.3f} T, achieved {result['flops']['achieved_tflops']:.2f} "
+          f"TFLOP/s of {result['flops']['peak_tflops']:.1f} ({result['flops']['peak_source']})")
+    print(table)
+    if args.json:
+        atomic_write_text(args.json, json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    if args.markdown:
+        atomic_write_text(args.markdown, table)
+        print(f"wrote {args.markdown}")
+    return 0
 
 
 def run(args) -> int:
@@ -67,7 +156,8 @@ def run(args) -> int:
         models=[m.strip() for m in args.models.split(",") if m.strip()], resolution=args.resolution,
         steps=args.steps, batch=args.batch, cfg=args.cfg, device=device, dtype=dtype,
         components=[c.strip() for c in comps.split(",") if c.strip()], warmup=args.warmup, repeats=args.repeats,
-        keep_loaded=not args.one_at_a_time,
+        keep_loaded=not args.one_at_a_time, channels_last=args.channels_last, compile=args.compile,
+        vae_tiling=args.vae_tiling, memory_cap_gib=args.memory_cap_gib,
     )
     result = run_bench(settings)
     table = markdown_table(result)

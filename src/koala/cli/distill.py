@@ -74,6 +74,11 @@ def register(sub) -> None:
     p.add_argument("--config", default=None, help="recipe YAML file, or a shipped recipe name (e.g. tiny, koala-lightning-700m; listed below)")
     p.add_argument("--resume", default=None, help="'latest' (newest checkpoint in train.output_dir, if any) or a checkpoint dir")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("--plan", action="store_true", help="print the per-device memory plan (see `koala plan`) and exit "
+                   "without training; exit status 1 if --device-gib is given and it does not fit")
+    from .plan import add_plan_arguments
+
+    add_plan_arguments(p, teacher=False)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=2e-5 train.max_steps=100")
     p.set_defaults(func=run)
 
@@ -89,6 +94,10 @@ def run(args) -> int:
     if args.print_config:
         print(dump_recipe(cfg), end="")
         return 0
+    if args.plan:
+        from .plan import show_plan
+
+        return show_plan(cfg, None, args)
     from ..distill.trainer import train
 
     summary = train(cfg)

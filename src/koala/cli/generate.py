@@ -57,7 +57,7 @@ def register(sub) -> None:
                    "'sequential' moves sub-modules (least memory, much slower)")
     m.add_argument("--attention", default="sdpa", choices=["sdpa", "classic"],
                    help="attention kernel: PyTorch scaled_dot_product_attention (default) or the classic one")
-    m.add_argument("--channels-last", action="store_true", help="channels_last memory format for U-Net and VAE")
+    m.add_argument("--channels-last", action="store_true", help="channels_last memory format for the U-Net (not the VAE: slower there on GPU)")
     m.add_argument("--compile", action="store_true", help="torch.compile the U-Net (first image is slow)")
     s = p.add_argument_group("safety")
     s.add_argument("--nsfw-model", default=None,

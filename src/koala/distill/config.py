@@ -21,6 +21,8 @@ from .losses import FEATURE_LOSSES  # name -> loss function: the allowed kd.feat
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit")
+ATTENTION = ("auto", "flash", "efficient", "cudnn", "math")  # SDPA backends (auto: PyTorch picks per call)
+COMPILE = ("none", "student", "teacher", "both")
 from .hooks import FEATURE_TYPES  # noqa: E402  (the feature-type registry: the allowed kd.features keys)
 
 
@@ -90,6 +92,12 @@ class TrainConfig:
     progress: bool = True
     cpu_threads: Optional[int] = None  # torch intra-op threads (null: torch's default); 1 is fastest for tiny CPU runs
     caption_dropout: float = 0.0     # fraction of captions replaced by the family's uncond (SDXL zeros, SD "" prompt)
+    # fast paths (each a switch; measured by `koala bench train`, see benchmarks/results/)
+    fused_optimizer: bool = False    # torch AdamW(fused=True): one kernel per parameter group (adamw only)
+    channels_last: bool = False      # teacher, student and latents in channels_last memory format
+    attention: str = "auto"          # one of ATTENTION: force an SDPA backend for teacher and student forwards
+    compile: str = "none"            # one of COMPILE: torch.compile the student / teacher / both (hooks still capture)
+    compile_backend: str = "inductor"  # torch.compile backend (aot_eager: trace only, no code generation)
 
 
 @dataclass
@@ -129,6 +137,8 @@ REMOVED = {
 def load_config(recipe: str | None, overrides: Iterable[str] = ()) -> dict:
     """Schema defaults <- recipe (``extends`` first) <- ``key=value`` overrides, checked, as a plain dict."""
     cfg = OmegaConf.to_container(load(DistillConfig, recipe, overrides, whole=WHOLE, removed=REMOVED), resolve=True)
+    if str(cfg["train"]["mixed_precision"]).lower() == "false":  # YAML reads a bare `no` as a boolean
+        cfg["train"]["mixed_precision"] = "no"
     check_config(cfg, where=recipe or "config")
     return cfg
 
@@ -195,6 +205,10 @@ def _check(cfg: dict) -> None:
     _num(cfg, "train.caption_dropout", 0, 1)
     _one_of(cfg, "train.mixed_precision", MIXED_PRECISION)
     _one_of(cfg, "train.optimizer", OPTIMIZERS)
+    _one_of(cfg, "train.attention", ATTENTION)
+    _one_of(cfg, "train.compile", COMPILE)
+    if cfg["train"]["fused_optimizer"] and cfg["train"]["optimizer"] != "adamw":
+        raise KoalaError("train.fused_optimizer applies to train.optimizer=adamw only")
     normalize_data_cfg(data)  # unknown keys, missing path, bad type: refuse before loading any model
     if not cfg["teacher"]["pipeline"]:
         raise KoalaError("teacher.pipeline is required: a local pipeline directory (set it in the recipe or pass "

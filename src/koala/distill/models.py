@@ -21,12 +21,13 @@ class Frozen:
     """Everything that is not trained: the family, its parts (encoders, VAE, scheduler) and the noise schedule."""
 
     family: Family
-    parts: Parts
+    parts: Parts | None  # None: cached batches only (benchmarks with random real-size models)
     noise_scheduler: DDPMScheduler  # discrete DDPM schedule from the teacher pipeline's scheduler config
     weight_dtype: torch.dtype
 
     def to(self, device) -> "Frozen":
-        self.parts.to(device)
+        if self.parts is not None:
+            self.parts.to(device)
         return self
 
 

@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
@@ -78,10 +79,23 @@ def make_optimizer(params, tcfg: dict):
         try:
             import bitsandbytes as bnb
         except ImportError as err:
-            raise KoalaError("train.optimizer=adamw8bit needs bitsandbytes (pip install bitsandbytes); "
-                             "or use train.optimizer=adamw") from err
+            raise KoalaError("train.optimizer=adamw8bit needs bitsandbytes (pip install 'koala-diffusion[bnb]'); "
+                             "or use train.optimizer=adamw", option="train.optimizer") from err
         return bnb.optim.AdamW8bit(params, **kw)
+    if tcfg.get("fused_optimizer"):
+        kw["fused"] = True
     return torch.optim.AdamW(params, **kw)
+
+
+def attention_context(backend: str):
+    """``train.attention``: a context forcing one SDPA backend (diffusers' attention calls
+    ``F.scaled_dot_product_attention``), or nothing for ``auto``."""
+    if backend == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                        "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[backend])
 
 
 def infinite(loader):
@@ -95,17 +109,34 @@ def infinite(loader):
             raise KoalaError("the data loader yielded no batches (dataset smaller than one batch?)")
 
 
-class Distiller:
-    """Holds models, hooks and optimizer; :meth:`step_losses` is one micro-step's forward (used by tests too)."""
+@dataclass
+class Prepared:
+    """One micro-batch ready for the denoisers: noisy latents, timesteps, conditioning and the task target."""
 
-    def __init__(self, cfg: dict, accelerator: Accelerator):
+    noisy: torch.Tensor
+    t: torch.Tensor
+    cond: dict
+    target: torch.Tensor
+
+
+class Distiller:
+    """Holds models, hooks and optimizer. One micro-step is :meth:`step_losses`, made of the phases
+    :meth:`prepare`, :meth:`teacher_forward`, :meth:`student_forward` and :meth:`losses` (which
+    ``koala bench train`` times one by one); one optimizer step is :meth:`update`.
+
+    ``models``: ``(teacher, student, layer_map, frozen)`` already built (benchmarks with random real-size
+    weights); by default they are loaded per ``cfg`` (:func:`koala.distill.models.load_models`).
+    """
+
+    def __init__(self, cfg: dict, accelerator: Accelerator, models: tuple | None = None):
         self.cfg, self.acc = cfg, accelerator
         tcfg = cfg["train"]
         torch.manual_seed(tcfg["seed"])
-        teacher, student, self.lmap, frozen = load_models(cfg)
+        teacher, student, self.lmap, frozen = models if models is not None else load_models(cfg)
         self.frozen = frozen.to(accelerator.device)
         self.family = frozen.family
-        self.teacher = teacher.to(accelerator.device)
+        self.memory_format = torch.channels_last if tcfg["channels_last"] else torch.contiguous_format
+        self.teacher = teacher.to(accelerator.device, memory_format=self.memory_format)
         self.pairs = feature_pairs(self.lmap, student, teacher, cfg["kd"]["features"], cfg["kd"]["layer_selection"],
                                    self.family)
         self.caption_dropout = tcfg["caption_dropout"]
@@ -117,59 +148,93 @@ class Distiller:
             self.pairs = []
         if tcfg["gradient_checkpointing"]:
             student.enable_gradient_checkpointing()
-        student.to(accelerator.device)
+        student.to(accelerator.device, memory_format=self.memory_format)
         self.ema = None
         if tcfg["ema"]["enabled"]:
             self.ema = EMAModel(student.parameters(), decay=tcfg["ema"]["decay"], model_cls=type(student),
                                 model_config=student.config)
             self.ema.to(accelerator.device)
         optimizer = make_optimizer(student.parameters(), tcfg)
-        self.student, self.optimizer = accelerator.prepare(student, optimizer)
-        self.s_rec = FeatureRecorder(self.student, [p.student for p in self.pairs], "student")
+        # hooks first, compile second: torch.compile traces the registered forward hooks into the graph
+        self.s_rec = FeatureRecorder(student, [p.student for p in self.pairs], "student")
         self.t_rec = FeatureRecorder(self.teacher, [p.teacher for p in self.pairs], "teacher")
+        if tcfg["compile"] in ("student", "both"):  # in place: the module, its hooks and state_dict keys stay
+            student.compile(backend=tcfg["compile_backend"])
+        if tcfg["compile"] in ("teacher", "both"):
+            self.teacher.compile(backend=tcfg["compile_backend"])
+        self.student, self.optimizer = accelerator.prepare(student, optimizer)
+        self.attention = tcfg["attention"]
 
-    def update(self) -> dict[str, float]:
-        """The optimizer update after the micro-steps' backward: clip, step, zero grads, EMA. Returns the logs."""
+    def backward(self, loss: torch.Tensor) -> None:
+        """``accelerator.backward`` under the same SDPA backend as the forward (gradient checkpointing recomputes
+        the forward during backward, and must save the same tensors)."""
+        with attention_context(self.attention):
+            self.acc.backward(loss)
+
+    def optimizer_step(self) -> dict[str, float]:
+        """Clip, step, zero grads. Returns the logs (grad norm)."""
         logs, max_norm = {}, self.cfg["train"]["max_grad_norm"]
         if max_norm:
             logs["grad_norm"] = float(self.acc.clip_grad_norm_(self.student.parameters(), max_norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return logs
+
+    def ema_step(self) -> None:
         if self.ema is not None:
             self.ema.step(self.plain_student.parameters())
+
+    def update(self) -> dict[str, float]:
+        """The optimizer update after the micro-steps' backward: clip, step, zero grads, EMA. Returns the logs."""
+        logs = self.optimizer_step()
+        self.ema_step()
         return logs
 
     @property
     def plain_student(self):
         return unwrap(self.acc.unwrap_model(self.student))
 
-    def step_losses(self, batch: dict, gens: list[torch.Generator]):
-        """The KD step's forward: encode, noise, run teacher (no grad) and student, return :class:`Losses` (fp32).
-
-        ``gens``: one CPU generator per sample (:func:`sample_generators`), drawn in the order VAE sample (raw
-        batches), caption dropout, noise, timestep. The only KD step: the trainer, tests and the hook-overhead
-        benchmark all call it."""
-        dev, fz, fam = self.acc.device, self.frozen, self.family
+    def prepare(self, batch: dict, gens: list[torch.Generator]) -> Prepared:
+        """Encode (raw batch) or move (cached batch), then noise: ``gens`` (one CPU generator per sample,
+        :func:`sample_generators`) are drawn in the order VAE sample, caption dropout, noise, timestep."""
+        dev, fz = self.acc.device, self.frozen
         latents, cond = encode_batch(batch, fz, dev, gens, self.caption_dropout, self.uncond)
         sched = fz.noise_scheduler
         noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens]).to(dev)
         t = torch.stack([torch.randint(0, sched.config.num_train_timesteps, (), generator=g) for g in gens]).to(dev)
-        noisy = sched.add_noise(latents, noise, t)
-        target = prediction_target(sched, latents, noise, t)
-        t_out = None
-        if self.need_teacher:
-            td = fz.weight_dtype
-            with torch.no_grad(), self.t_rec.capture():
-                t_out = self.teacher(noisy.to(td), t, **tree_to(fam.model_inputs(cond), dtype=td)).sample
-        with self.acc.autocast(), self.s_rec.capture():
-            s_out = self.student(noisy, t, **fam.model_inputs(cond)).sample
+        noisy = sched.add_noise(latents, noise, t).contiguous(memory_format=self.memory_format)
+        return Prepared(noisy, t, cond, prediction_target(sched, latents, noise, t))
+
+    def teacher_forward(self, p: Prepared) -> torch.Tensor | None:
+        """The frozen teacher (``teacher.dtype``, no grad) under feature capture; None when no loss needs it."""
+        if not self.need_teacher:
+            return None
+        td = self.frozen.weight_dtype
+        with torch.no_grad(), self.t_rec.capture(), attention_context(self.attention):
+            return self.teacher(p.noisy.to(td), p.t, **tree_to(self.family.model_inputs(p.cond), dtype=td)).sample
+
+    def student_forward(self, p: Prepared) -> torch.Tensor:
+        """The student (autocast per ``train.mixed_precision``) under feature capture."""
+        with self.acc.autocast(), self.s_rec.capture(), attention_context(self.attention):
+            return self.student(p.noisy, p.t, **self.family.model_inputs(p.cond)).sample
+
+    def losses(self, p: Prepared, s_out: torch.Tensor, t_out: torch.Tensor | None):
+        """:class:`Losses` (fp32) from the two outputs and the captured features."""
         s_feats, t_feats = self.s_rec.pop(), self.t_rec.pop()
         if self.pairs and self.student.training and torch.is_grad_enabled():
             dead = [n for n, f in s_feats.items() if not f.requires_grad]
             if dead:
                 raise RuntimeError(f"student features {dead[:3]} carry no gradient; featKD would be silently ignored")
-        return kd_losses(s_out, target, t_out if self.cfg["loss"]["out"] > 0 else None, self.pairs, s_feats, t_feats,
-                         self.cfg["loss"], self.cfg["kd"]["feature_loss"])
+        return kd_losses(s_out, p.target, t_out if self.cfg["loss"]["out"] > 0 else None, self.pairs, s_feats,
+                         t_feats, self.cfg["loss"], self.cfg["kd"]["feature_loss"])
+
+    def step_losses(self, batch: dict, gens: list[torch.Generator]):
+        """The KD step's forward: encode, noise, run teacher (no grad) and student, return :class:`Losses` (fp32).
+        The only KD step: the trainer, tests and benchmarks all call it (or its phases in this order)."""
+        p = self.prepare(batch, gens)
+        t_out = self.teacher_forward(p)
+        s_out = self.student_forward(p)
+        return self.losses(p, s_out, t_out)
 
 
 def _check_finite(acc: Accelerator, losses, step: int, output_dir: str) -> None:
@@ -250,7 +315,7 @@ def train(cfg: dict) -> dict:
                 with sync:
                     losses = d.step_losses(next(data), gens)
                     _check_finite(acc, losses, step + 1, out_dir)
-                    acc.backward(losses.total / accum)
+                    d.backward(losses.total / accum)
                 for k, v in losses.scalars(d.pairs).items():
                     logs[k] = logs.get(k, 0.0) + v / accum
             logs.update(d.update())

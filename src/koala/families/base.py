@@ -193,10 +193,20 @@ class UNetFamily(Family):
         """Keyword arguments of the denoiser's forward besides ``sample`` and ``timestep``."""
         raise NotImplementedError
 
+    def dummy_cond(self, config: dict, batch: int = 1, text_len: int = 77, device="meta",
+                   dtype=torch.float32) -> dict[str, torch.Tensor]:
+        """Random conditioning tensors (``cond_keys``) shaped for a denoiser with ``config`` (what a cached batch
+        holds besides latents); on ``meta`` by default."""
+        raise NotImplementedError
+
     def dummy_inputs(self, config: dict, latent_size: int, batch: int = 1, text_len: int = 77,
                      device="meta", dtype=torch.float32) -> dict[str, Any]:
         """A full forward's inputs (random or meta) for FLOP counting and benchmarks."""
-        raise NotImplementedError
+        with torch.device(device):
+            sample = torch.randn(batch, config["in_channels"], latent_size, latent_size, dtype=dtype)
+            timestep = torch.full((batch,), 500, dtype=torch.long)
+        return {"sample": sample, "timestep": timestep,
+                **self.model_inputs(self.dummy_cond(config, batch, text_len, device, dtype))}
 
     # ------------------------------------------------------------------ components and pipelines
     def check_pipeline_dir(self, path: str, what: str = "pipeline") -> None:

@@ -78,12 +78,10 @@ class SDFamily(UNetFamily):
     def model_inputs(self, cond: dict[str, torch.Tensor]) -> dict[str, Any]:
         return {"encoder_hidden_states": cond["prompt_embeds"]}
 
-    def dummy_inputs(self, config: dict, latent_size: int, batch: int = 1, text_len: int = 77,
-                     device="meta", dtype=torch.float32) -> dict[str, Any]:
+    def dummy_cond(self, config: dict, batch: int = 1, text_len: int = 77, device="meta",
+                   dtype=torch.float32) -> dict[str, torch.Tensor]:
         with torch.device(device):
-            return {"sample": torch.randn(batch, config["in_channels"], latent_size, latent_size, dtype=dtype),
-                    "timestep": torch.full((batch,), 500, dtype=torch.long),
-                    "encoder_hidden_states": torch.randn(batch, text_len, config["cross_attention_dim"], dtype=dtype)}
+            return {"prompt_embeds": torch.randn(batch, text_len, config["cross_attention_dim"], dtype=dtype)}
 
     def make_pipeline(self, parts: Parts, model, scheduler=None):
         return self.pipeline_class(

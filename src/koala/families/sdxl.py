@@ -143,16 +143,13 @@ class SDXLFamily(UNetFamily):
         return {"encoder_hidden_states": cond["prompt_embeds"],
                 "added_cond_kwargs": {"text_embeds": cond["pooled_prompt_embeds"], "time_ids": cond["add_time_ids"]}}
 
-    def dummy_inputs(self, config: dict, latent_size: int, batch: int = 1, text_len: int = 77,
-                     device="meta", dtype=torch.float32) -> dict[str, Any]:
+    def dummy_cond(self, config: dict, batch: int = 1, text_len: int = 77, device="meta",
+                   dtype=torch.float32) -> dict[str, torch.Tensor]:
         pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
         with torch.device(device):
-            return {"sample": torch.randn(batch, config["in_channels"], latent_size, latent_size, dtype=dtype),
-                    "timestep": torch.full((batch,), 500, dtype=torch.long),
-                    "encoder_hidden_states": torch.randn(batch, text_len, config["cross_attention_dim"], dtype=dtype),
-                    "added_cond_kwargs": {"text_embeds": torch.randn(batch, pooled, dtype=dtype),
-                                          "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * batch,
-                                                                   dtype=dtype)}}
+            return {"prompt_embeds": torch.randn(batch, text_len, config["cross_attention_dim"], dtype=dtype),
+                    "pooled_prompt_embeds": torch.randn(batch, pooled, dtype=dtype),
+                    "add_time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * batch, dtype=dtype)}
 
     def make_pipeline(self, parts: Parts, model, scheduler=None):
         return self.pipeline_class(

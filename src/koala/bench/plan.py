@@ -1,0 +1,309 @@
+"""`koala plan`: the memory a distillation recipe needs per device, before any weight is loaded.
+
+State is counted from parameter counts: student weights (fp32 master), AdamW's two moments (fp32; about 1 byte
+each with ``adamw8bit``), the EMA copy, the frozen teacher in ``teacher.dtype`` and the frozen text encoders and
+VAE. The training step itself (teacher forward with the feature hooks, student forward, losses, backward: every
+activation, saved tensor, feature buffer and gradient) is *run* on the ``meta`` device under a dispatch mode
+that follows every tensor the step allocates and when it is freed, so its peak is counted, not guessed, at the
+recipe's resolution, batch, features and gradient checkpointing. Attention is counted as a fused kernel
+(flash / memory-efficient: output and logsumexp saved) unless ``train.attention=math``. Under ``train.mixed_precision`` the student
+is simulated in the low-precision dtype and the fp32 gradients and the autocast weight copies are added.
+
+Not counted: the CUDA context and the caching allocator's fragmentation (``fits`` keeps ``HEADROOM`` for them),
+torch.compile's workspace, and data loader memory on the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from ..errors import KoalaError
+from ..utils import parse_dtype, read_json
+from .models import SDXL_VAE, TINY_PREFIX, preset_unet_config
+
+SCHEMA = "koala-plan/1"
+HEADROOM = 0.10  # fraction of the device kept free for the CUDA context, allocator cache and fragmentation
+GIB = 2 ** 30
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Bytes held by the tensors allocated under the mode, and their peak. Works on ``meta`` (nothing is
+    allocated). A storage counts from the op that creates it until its last tensor is freed; views and in-place
+    results are not new storage."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._sizes: dict[int, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not any(r.alias_info is not None for r in func._schema.returns):
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    self._track(t)
+        return out
+
+    def _track(self, t: torch.Tensor) -> None:
+        key = t.untyped_storage()._cdata
+        if key in self._sizes:
+            return
+        n = t.untyped_storage().nbytes()
+        self._sizes[key] = n
+        self.live += n
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(t, self._free, key)
+
+    def _free(self, key: int) -> None:
+        self.live -= self._sizes.pop(key, 0)
+
+
+def _fused_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
+    """Memory-efficient attention (saves output + logsumexp, as flash / efficient / CPU-flash kernels do); on
+    meta the plain SDPA call would take the math path, which materialises the attention matrix."""
+    return torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, attn_mask, True, dropout_p,
+                                                                  is_causal, scale=scale)[0]
+
+
+@contextlib.contextmanager
+def _autocast_like():
+    """What autocast does to a low-precision model's saved tensors, on meta (where autocast does not run):
+    linear and conv inputs cast to the weight dtype, group/layer norms computed and returned in fp32."""
+    from unittest import mock
+
+    import torch.nn.functional as F
+
+    lin, conv, gn, ln = F.linear, F.conv2d, F.group_norm, F.layer_norm
+
+    def f32(t):
+        return None if t is None else t.float()
+
+    def linear(x, w, b=None):
+        return lin(x.to(w.dtype), w, b)
+
+    def conv2d(x, w, b=None, *args, **kw):
+        return conv(x.to(w.dtype), w, b, *args, **kw)
+
+    def group_norm(x, groups, w=None, b=None, eps=1e-5):
+        return gn(x.float(), groups, f32(w), f32(b), eps)
+
+    def layer_norm(x, shape, w=None, b=None, eps=1e-5):
+        return ln(x.float(), shape, f32(w), f32(b), eps)
+
+    with mock.patch.multiple(F, linear=linear, conv2d=conv2d, group_norm=group_norm, layer_norm=layer_norm):
+        yield
+
+
+@dataclass
+class _Models:
+    family: object
+    teacher_config: dict
+    student_config: dict
+    frozen_params: dict  # component -> (parameter count, dtype)
+    vae_scale: int
+
+
+def _frozen_from_pipeline(fam, pipe: str, dtype: torch.dtype, vae_dtype) -> tuple[dict, int]:
+    import transformers
+    from diffusers import AutoencoderKL
+
+    out = {}
+    for _, enc_dir, cls in fam.text_encoders:
+        cfg = transformers.AutoConfig.from_pretrained(os.path.join(pipe, enc_dir))
+        with torch.device("meta"):
+            m = getattr(transformers, cls)(cfg)
+        out[enc_dir] = (sum(p.numel() for p in m.parameters()), dtype)
+    vcfg = read_json(os.path.join(pipe, "vae", "config.json"))
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config(vcfg)
+    vdt = vae_dtype or (torch.float32 if vcfg.get("force_upcast") else dtype)
+    out["vae"] = (sum(p.numel() for p in vae.parameters()), vdt)
+    return out, 2 ** (len(vcfg["block_out_channels"]) - 1)
+
+
+def _frozen_from_preset(fam, tiny: bool, dtype: torch.dtype, vae_dtype) -> tuple[dict, int]:
+    from diffusers import AutoencoderKL
+
+    if tiny:
+        from ..testing.tiny import RANDOM, tiny_text_encoders, tiny_vae
+
+        encs, vae, scale = tiny_text_encoders(RANDOM, 1000, family=fam.name), tiny_vae(RANDOM), 2
+    else:
+        import transformers
+        from transformers import CLIPTextConfig
+
+        with torch.device("meta"):
+            encs = [getattr(transformers, cls)(CLIPTextConfig(**tower))
+                    for (_, _, cls), tower in zip(fam.text_encoders, fam.real_text_towers)]
+            vae = AutoencoderKL(**SDXL_VAE)
+        scale = 8
+    out = {f"text_encoder{'_' + str(i + 1) if i else ''}": (sum(p.numel() for p in e.parameters()), dtype)
+           for i, e in enumerate(encs)}
+    out["vae"] = (sum(p.numel() for p in vae.parameters()), vae_dtype or torch.float32)  # SDXL VAE: force_upcast
+    return out, scale
+
+
+def _models(cfg: dict, teacher: str | None) -> _Models:
+    from ..families import family_of, model_config, model_dir
+
+    dtype = parse_dtype(cfg["teacher"]["dtype"])
+    vae_dtype = parse_dtype(cfg["teacher"]["vae_dtype"])
+    source = teacher or cfg["teacher"]["pipeline"]
+    if source and os.path.isdir(source):
+        fam = family_of(source, cfg["teacher"].get("family"))
+        unet_src = cfg["teacher"]["unet_path"] if not teacher and cfg["teacher"]["unet_path"] else source
+        t_config = model_config(unet_src) if os.path.isdir(unet_src) else model_config(source)
+        frozen, scale = _frozen_from_pipeline(fam, source, dtype, vae_dtype)
+    else:
+        if not source:
+            raise KoalaError("nothing to plan for: give a teacher preset (e.g. sdxl-base) or set teacher.pipeline",
+                             option="teacher")
+        try:
+            fam, t_config = preset_unet_config(source)
+        except KoalaError:
+            raise KoalaError(f"teacher {source!r} is neither a pipeline directory nor a preset (e.g. sdxl-base, "
+                             "sd-v1; tiny-<preset> for test sizes)", option="teacher") from None
+        frozen, scale = _frozen_from_preset(fam, source.startswith(TINY_PREFIX), dtype, vae_dtype)
+    s = cfg["student"]
+    if s["path"]:
+        s_config = model_config(model_dir(s["path"]))
+    else:
+        s_config = fam.student_config(t_config, s["preset"])
+    return _Models(fam, t_config, s_config, frozen, scale)
+
+
+def simulate_step(cfg: dict, models: _Models) -> dict:
+    """Run one KD micro-step (teacher forward, student forward, losses, backward) on meta; returns the peak bytes
+    of what it allocates and the parameter counts."""
+    from ..distill.hooks import FeatureRecorder, feature_pairs
+    from ..distill.losses import kd_losses
+
+    tcfg, fam = cfg["train"], models.family
+    mp = tcfg["mixed_precision"]
+    sim_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp, torch.float32)
+    t_dtype = parse_dtype(cfg["teacher"]["dtype"])
+    teacher = fam.build_model(models.teacher_config, "meta").to(t_dtype).requires_grad_(False).eval()
+    student = fam.build_model(models.student_config, "meta").to(sim_dtype).train()
+    if tcfg["gradient_checkpointing"]:
+        student.enable_gradient_checkpointing()
+    lmap = fam.build_layer_map(teacher, student, cfg["student"]["layer_selection"])
+    pairs = feature_pairs(lmap, student, teacher, cfg["kd"]["features"], cfg["kd"]["layer_selection"], fam)
+    w = cfg["loss"]
+    if not w["feat"] > 0:
+        pairs = []
+    need_teacher = w["out"] > 0 or bool(pairs)
+    s_rec = FeatureRecorder(student, [p.student for p in pairs], "student")
+    t_rec = FeatureRecorder(teacher, [p.teacher for p in pairs], "teacher")
+    b, lat = tcfg["batch_size"], tcfg["resolution"] // models.vae_scale
+    c = models.teacher_config["in_channels"]
+    tracker = LiveTensorBytes()
+    from unittest import mock
+
+    attention = mock.patch("torch.nn.functional.scaled_dot_product_attention", _fused_sdpa) \
+        if tcfg["attention"] != "math" else contextlib.nullcontext()
+    try:
+        with tracker, attention:
+            noisy = torch.empty(b, c, lat, lat, device="meta")
+            target = torch.empty_like(noisy)
+            t = torch.zeros(b, dtype=torch.long, device="meta")
+            cond = fam.dummy_cond(models.teacher_config, b, device="meta")
+            t_out = None
+            if need_teacher:
+                with torch.no_grad(), t_rec.capture():
+                    t_in = {k: v.to(t_dtype) for k, v in cond.items()}
+                    t_out = teacher(noisy.to(t_dtype), t, **fam.model_inputs(t_in)).sample
+            # the student's forward and backward (which recomputes under gradient checkpointing) as autocast runs them
+            with _autocast_like() if sim_dtype != torch.float32 else contextlib.nullcontext():
+                with s_rec.capture():
+                    s_out = student(noisy, t, **fam.model_inputs(cond)).sample
+                losses = kd_losses(s_out, target, t_out if w["out"] > 0 else None, pairs, s_rec.pop(), t_rec.pop(),
+                                   w, cfg["kd"]["feature_loss"])
+                losses.total.backward()
+            del losses, s_out, t_out
+    finally:
+        s_rec.remove()
+        t_rec.remove()
+    return {"peak_bytes": tracker.peak, "teacher_params": sum(p.numel() for p in teacher.parameters()),
+            "student_params": sum(p.numel() for p in student.parameters()), "feature_pairs": len(pairs),
+            "need_teacher": need_teacher, "sim_dtype": str(sim_dtype).replace("torch.", "")}
+
+
+def plan_memory(cfg: dict, teacher: str | None = None, device_gib: float | None = None) -> dict:
+    """Per-device memory of training ``cfg`` (a :func:`koala.distill.load_config` dict); ``teacher``: a preset
+    or pipeline directory instead of ``teacher.pipeline``. Returns the JSON-ready plan (schema koala-plan/1)."""
+    tcfg = cfg["train"]
+    models = _models(cfg, teacher)
+    sim = simulate_step(cfg, models)
+    p_s, p_t = sim["student_params"], sim["teacher_params"]
+    t_bytes = torch.empty((), dtype=parse_dtype(cfg["teacher"]["dtype"])).element_size()
+    mixed = tcfg["mixed_precision"] in ("bf16", "fp16")
+    opt_bytes = 2 * p_s * (1 if tcfg["optimizer"] == "adamw8bit" else 4)
+    state = {
+        "student_weights": 4 * p_s,
+        "optimizer_states": opt_bytes,
+        "ema": 4 * p_s if tcfg["ema"]["enabled"] else 0,
+        "teacher_weights": p_t * t_bytes if sim["need_teacher"] else 0,
+        "frozen_encoders_vae": sum(n * torch.empty((), dtype=dt).element_size()
+                                   for n, dt in models.frozen_params.values()),
+    }
+    # the simulated step holds gradients in the simulation dtype; mixed precision keeps fp32 gradients and
+    # autocast keeps a low-precision copy of each weight for the backward
+    step = sim["peak_bytes"] + (4 * p_s if mixed else 0)
+    # after backward: fp32 gradients, plus one fp32 temporary per parameter in a non-fused (foreach) AdamW step
+    opt_step = 4 * p_s + (0 if tcfg["fused_optimizer"] or tcfg["optimizer"] == "adamw8bit" else 4 * p_s)
+    total = sum(state.values()) + max(step, opt_step)
+    plan = {
+        "schema": SCHEMA,
+        "teacher": teacher or cfg["teacher"]["pipeline"], "student": cfg["student"]["path"] or cfg["student"]["preset"],
+        "family": models.family.name, "resolution": tcfg["resolution"], "batch_size": tcfg["batch_size"],
+        "latent": [tcfg["batch_size"], models.teacher_config["in_channels"], tcfg["resolution"] // models.vae_scale,
+                   tcfg["resolution"] // models.vae_scale],
+        "switches": {k: tcfg[k] for k in ("mixed_precision", "gradient_checkpointing", "optimizer", "fused_optimizer")}
+        | {"teacher_dtype": cfg["teacher"]["dtype"], "ema": tcfg["ema"]["enabled"]},
+        "params": {"student": p_s, "teacher": p_t, **{k: n for k, (n, _) in models.frozen_params.items()}},
+        "feature_pairs": sim["feature_pairs"],
+        "bytes": {**state, "step_activations_and_grads": step, "optimizer_step": opt_step, "total": total},
+        "headroom": HEADROOM,
+    }
+    if device_gib is not None:
+        usable = device_gib * GIB * (1 - HEADROOM)
+        plan["device_gib"] = device_gib
+        plan["fits"] = total <= usable
+        plan["margin_gib"] = (usable - total) / GIB
+    return plan
+
+
+def plan_markdown(plan: dict) -> str:
+    b = plan["bytes"]
+    rows = [("student weights (fp32)", b["student_weights"]), ("optimizer states", b["optimizer_states"]),
+            ("EMA", b["ema"]), (f"teacher ({plan['switches']['teacher_dtype']})", b["teacher_weights"]),
+            ("text encoders + VAE", b["frozen_encoders_vae"]),
+            ("step: activations, features, gradients (peak)", b["step_activations_and_grads"]),
+            ("total", b["total"])]
+    lines = [f"Memory plan: {plan['teacher']} -> {plan['student']} ({plan['family']}), {plan['resolution']}px x "
+             f"batch {plan['batch_size']}, " + ", ".join(f"{k}={v}" for k, v in plan["switches"].items()), "",
+             "| part | GiB |", "|---|---|"]
+    lines += [f"| {name} | {v / GIB:.2f} |" for name, v in rows]
+    if "fits" in plan:
+        verdict = "fits" if plan["fits"] else "does NOT fit"
+        lines += ["", f"{verdict} a {plan['device_gib']:g} GiB device ({100 * plan['headroom']:.0f}% kept for the CUDA "
+                  f"context and allocator; margin {plan['margin_gib']:+.2f} GiB)"]
+        if not plan["fits"]:
+            sw = plan["switches"]
+            tips = [tip for cond, tip in (
+                (not sw["gradient_checkpointing"], "train.gradient_checkpointing=true"),
+                (plan["batch_size"] > 1, "a smaller train.batch_size with a larger train.grad_accum"),
+                (sw["mixed_precision"] == "no", "train.mixed_precision=bf16"),
+                (sw["optimizer"] != "adamw8bit", "train.optimizer=adamw8bit"),
+                (sw["teacher_dtype"] in ("fp32", "float32"), "teacher.dtype=bf16"),
+                (sw["ema"], "train.ema.enabled=false (or keep EMA on another device)")) if cond]
+            lines.append("to fit, try: " + "; ".join(tips or ["a device with more memory"]))
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,309 @@
+"""`koala bench train`: the real KD training step, phase by phase: samples/s, peak memory and model FLOPs
+utilisation (MFU).
+
+The step is the trainer's own (:class:`koala.distill.trainer.Distiller`): ``prepare`` (data + encode + noise),
+``teacher_forward`` (no grad, feature capture), ``student_forward`` (+ losses), backward, the logging sync,
+``optimizer_step`` (clip, AdamW, zero grads) and ``ema_step``, with a device sync after each phase so every phase
+is timed on its own. Any recipe and ``key=value`` override applies, so the trainer's fast paths
+(``train.mixed_precision``, ``teacher.dtype``, ``train.fused_optimizer``, ``train.channels_last``,
+``train.attention``, ``train.compile``, ``train.gradient_checkpointing``, ``train.optimizer=adamw8bit``) are
+measured exactly as training runs them.
+
+Models: a teacher preset (``sdxl-base``, ``sd-v1``, ...) is built at real size with random weights (allocated on
+meta, then filled; no download) and compressed in memory to ``student.preset``; data are then pre-encoded random
+batches, as ``data.type=cache`` feeds them (the data phase is the host-to-device copy). ``tiny-<preset>`` gives
+test-size models. A pipeline directory instead loads real weights and the recipe's data source (the data phase
+then includes VAE and text encoding).
+
+MFU = (teacher forward + 3 x student forward FLOPs per sample, counted on meta) x samples/s / peak FLOP/s, the
+peak being the device's dense bf16/fp16 tensor peak (a table of known GPUs; ``peak_tflops`` to give one) or, on
+CPU and unknown devices, a measured large matrix product in the training dtype.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..arch.stats import forward_flops
+from ..errors import KoalaError
+from ..utils import parse_dtype
+from .memory import PeakMemory
+from .models import TINY_PREFIX, materialize, preset_unet_config
+
+SCHEMA = "koala-bench-train/1"
+PHASES = ("data_encode", "teacher_forward", "student_forward", "backward", "log_sync", "optimizer", "ema")
+
+# Dense (no sparsity) bf16/fp16 tensor-core peaks in TFLOP/s, from the vendors' data sheets; the first name
+# contained in torch.cuda.get_device_name() wins (SXM figures for H100/H200; PCIe H100 is lower: give --peak-tflops).
+GPU_PEAK_TFLOPS = (("H200", 989.4), ("H100", 989.4), ("H800", 989.4), ("GH200", 989.4), ("A100", 312.0),
+                   ("A800", 312.0), ("L40S", 362.1), ("L40", 181.0), ("RTX 4090", 165.2), ("L4", 121.0),
+                   ("A10G", 70.0), ("RTX 3090", 71.0), ("V100", 125.0))
+
+
+@dataclass
+class TrainBenchSettings:
+    teacher: str = "sdxl-base"       # preset (real size, random weights), tiny-<preset>, or a pipeline directory
+    config: str | None = None        # recipe name or YAML path (kd, loss and train switches); None: the defaults
+    overrides: list[str] = field(default_factory=list)  # key=value, as for `koala distill`
+    resolution: int = 1024
+    batch: int = 1                   # per device (train.batch_size)
+    steps: int = 5                   # timed steps
+    warmup: int = 2                  # untimed steps first (compilation, allocator warm-up)
+    device: str = "cuda"
+    peak_tflops: float | None = None  # the device's peak; None: known-GPU table, else a measured matmul
+    threads: int | None = None       # CPU intra-op threads
+
+    def check(self) -> None:
+        if self.steps < 1 or self.warmup < 0 or self.batch < 1:
+            raise KoalaError("steps and batch must be >= 1 and warmup >= 0", option="steps")
+        if self.resolution % 64:
+            raise KoalaError(f"resolution {self.resolution} must be a multiple of 64", option="resolution")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise KoalaError("device cuda: no CUDA device is visible to PyTorch; use the cpu device", option="device")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise KoalaError(f"device {self.device!r}: use cpu, cuda or cuda:N", option="device")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise KoalaError("peak_tflops must be > 0", option="peak_tflops")
+        if not os.path.isdir(self.teacher):
+            try:
+                preset_unet_config(self.teacher)  # unknown preset -> KoalaError naming the choices
+            except KoalaError as err:
+                raise KoalaError(f"teacher: {err}".replace("models: ", ""), option="teacher") from None
+
+
+def _sync(device: torch.device):
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+
+def gpu_peak_tflops(name: str) -> float | None:
+    for key, tflops in GPU_PEAK_TFLOPS:
+        if key.lower() in name.lower():
+            return tflops
+    return None
+
+
+def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, size: int | None = None, repeats: int = 5) -> float:
+    """Achieved TFLOP/s of a square matrix product in ``dtype`` (best of ``repeats``): the practical peak."""
+    n = size or (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    sync = _sync(device)
+    a @ b
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e12
+
+
+def _config(s: TrainBenchSettings, out_dir: str, preset_mode: bool) -> dict:
+    from ..distill import load_config
+
+    pipeline = f"(random {s.teacher})" if preset_mode else s.teacher
+    base = [f"teacher.pipeline={pipeline}", f"train.output_dir={out_dir}", f"train.resolution={s.resolution}",
+            f"train.batch_size={s.batch}", "train.grad_accum=1", "train.progress=false", "train.log_with=none",
+            "validation.every=0"]
+    if s.threads:
+        base.append(f"train.cpu_threads={s.threads}")
+    if preset_mode:
+        base += ["data={type: synthetic}", "train.caption_dropout=0"]
+    return load_config(s.config, [*base, *s.overrides])
+
+
+def build_preset_models(cfg: dict, teacher_preset: str, device: torch.device):
+    """``(teacher, student, layer_map, frozen, vae_scale)`` with random weights: the teacher preset at real size
+    (or test size for ``tiny-``), the student compressed from it per ``student.preset``."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from ..distill.models import Frozen
+    from ..testing.tiny import sdxl_scheduler
+
+    fam, t_config = preset_unet_config(teacher_preset)
+    teacher = materialize(lambda: UNet2DConditionModel.from_config(t_config), device, torch.float32)
+    s = cfg["student"]
+    student, lmap = fam.compress(teacher, s["preset"], s["layer_selection"], torch.float32)
+    weight_dtype = parse_dtype(cfg["teacher"]["dtype"])
+    teacher = teacher.to(weight_dtype).requires_grad_(False).eval()
+    student = student.float().requires_grad_(True).train()
+    frozen = Frozen(fam, None, DDPMScheduler.from_config(sdxl_scheduler().config), weight_dtype)
+    vae_scale = 2 if teacher_preset.startswith(TINY_PREFIX) else 8
+    return teacher, student, lmap, frozen, vae_scale
+
+
+def _cached_batches(fam, unet_config: dict, batch: int, latent: int, n: int = 2) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        cond = {k: torch.randn(v.shape, generator=g) for k, v in fam.dummy_cond(unet_config, batch).items()}
+        out.append({"latents": torch.randn(batch, unet_config["in_channels"], latent, latent, generator=g), **cond})
+    return out
+
+
+def step_flops(d, latent: int) -> dict:
+    """Forward FLOPs per sample of the teacher and student, counted on meta at the training latent size."""
+    fam = d.family
+    t_cfg, s_cfg = dict(d.teacher.config), dict(d.plain_student.config)
+    t = forward_flops(fam.build_model(t_cfg, "meta"), fam.dummy_inputs(t_cfg, latent)) if d.need_teacher else 0
+    s = forward_flops(fam.build_model(s_cfg, "meta"), fam.dummy_inputs(s_cfg, latent))
+    return {"teacher_forward": t, "student_forward": s, "per_sample": t + 3 * s}
+
+
+def run_train_bench(settings: TrainBenchSettings, log=print) -> dict:
+    """Time ``warmup + steps`` KD steps phase by phase; returns the JSON-ready result (schema koala-bench-train/1)."""
+    from accelerate import Accelerator
+
+    from ..data import make_dataloader
+    from ..distill.trainer import Distiller, infinite, sample_generators
+
+    s = settings
+    s.check()
+    preset_mode = not os.path.isdir(s.teacher)
+    with tempfile.TemporaryDirectory(prefix="koala-bench-train-") as tmp:
+        cfg = _config(s, tmp, preset_mode)
+        tcfg = cfg["train"]
+        if tcfg["cpu_threads"]:
+            torch.set_num_threads(int(tcfg["cpu_threads"]))
+        acc = Accelerator(cpu=s.device == "cpu", mixed_precision=tcfg["mixed_precision"])
+        device = acc.device
+        if device.type == "cpu":
+            torch.set_flush_denormal(True)  # random weights: keep denormals from slowing a CPU down
+        t0 = time.perf_counter()
+        if preset_mode:
+            teacher, student, lmap, frozen, vae_scale = build_preset_models(cfg, s.teacher, device)
+            d = Distiller(cfg, acc, (teacher, student, lmap, frozen))
+            latent = s.resolution // vae_scale
+            batches = _cached_batches(d.family, dict(teacher.config), s.batch, latent)
+            data = iter(lambda: batches[0], None)  # the same pre-encoded batch every step (cache-like data)
+        else:
+            d = Distiller(cfg, acc)
+            vae = d.frozen.parts.vae
+            latent = s.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
+            data = infinite(make_dataloader(cfg["data"], batch_size=s.batch, resolution=s.resolution,
+                                            seed=tcfg["seed"], num_workers=tcfg["num_workers"],
+                                            pipeline_dir=s.teacher))
+        log(f"built teacher + student on {device} in {time.perf_counter() - t0:.1f}s")
+        sync = _sync(device)
+        phases: dict[str, list[float]] = {p: [] for p in PHASES}
+        totals: list[float] = []
+        losses_seen: list[float] = []
+
+        def one_step(i: int, record: bool) -> None:
+            gens = sample_generators(tcfg["seed"], i, 0, s.batch, 1)
+            marks = []
+            sync()
+            start = time.perf_counter()
+
+            def mark():
+                sync()
+                marks.append(time.perf_counter())
+
+            p = d.prepare(next(data), gens)
+            mark()
+            t_out = d.teacher_forward(p)
+            mark()
+            losses = d.losses(p, d.student_forward(p), t_out)
+            mark()
+            d.backward(losses.total)
+            mark()
+            logs = losses.scalars(d.pairs)  # what the trainer logs each step: one device-to-host transfer
+            mark()
+            d.optimizer_step()
+            mark()
+            d.ema_step()
+            mark()
+            if not all(map(_finite, logs.values())):
+                raise KoalaError(f"non-finite loss in the benchmark step: {logs}")
+            if record:
+                prev = start
+                for name, t in zip(PHASES, marks):
+                    phases[name].append(1000 * (t - prev))
+                    prev = t
+                totals.append(1000 * (marks[-1] - start))
+                losses_seen.append(logs["loss/total"])
+
+        try:
+            for i in range(s.warmup):
+                t0 = time.perf_counter()
+                one_step(i, False)
+                log(f"warm-up step {i + 1}/{s.warmup}: {1000 * (time.perf_counter() - t0):.0f} ms")
+            with PeakMemory(device) as mem:
+                for i in range(s.warmup, s.warmup + s.steps):
+                    one_step(i, True)
+            log(f"timed {s.steps} steps: median {statistics.median(totals):.1f} ms/step")
+        finally:
+            d.s_rec.remove()
+            d.t_rec.remove()
+        flops = step_flops(d, latent)
+        result = _result(s, cfg, d, device, latent, phases, totals, losses_seen, flops, mem)
+    return result
+
+
+def _finite(x: float) -> bool:
+    return x == x and abs(x) != float("inf")
+
+
+def _result(s, cfg, d, device, latent, phases, totals, losses_seen, flops, mem) -> dict:
+    from .timing import _environment
+
+    tcfg = cfg["train"]
+    step_ms = statistics.median(totals)
+    phase_ms = {k: statistics.median(v) for k, v in phases.items()}
+    samples_per_s = s.batch * 1000 / step_ms
+    achieved = flops["per_sample"] * samples_per_s / 1e12
+    mp = tcfg["mixed_precision"]
+    if s.peak_tflops:
+        peak, source = s.peak_tflops, "given"
+    elif device.type == "cuda" and gpu_peak_tflops(torch.cuda.get_device_name(device)):
+        peak, source = gpu_peak_tflops(torch.cuda.get_device_name(device)), "data sheet (dense bf16/fp16)"
+    else:
+        dt = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp, torch.float32)
+        if device.type == "cpu" and dt == torch.float16:
+            dt = torch.float32
+        peak, source = measure_matmul_tflops(device, dt), f"measured {str(dt).replace('torch.', '')} matmul"
+    n_t = sum(p.numel() for p in d.teacher.parameters())
+    n_s = sum(p.numel() for p in d.plain_student.parameters())
+    switches = {k: tcfg[k] for k in ("mixed_precision", "gradient_checkpointing", "optimizer", "fused_optimizer",
+                                     "channels_last", "attention", "compile")}
+    switches["teacher_dtype"] = cfg["teacher"]["dtype"]
+    return {
+        "schema": SCHEMA,
+        "settings": asdict(s),
+        "environment": _environment(device),
+        "models": {"teacher": s.teacher, "student": cfg["student"]["preset"], "family": d.family.name,
+                   "teacher_params": n_t, "student_params": n_s, "feature_pairs": len(d.pairs),
+                   "features": cfg["kd"]["features"], "latent": [s.batch, 4, latent, latent]},
+        "switches": switches,
+        "times_ms": {"step_median": step_ms, "step_min": min(totals), "steps": totals, "phases_median": phase_ms,
+                     "phase_sum_median": sum(phase_ms.values()), "phases": phases},
+        "samples_per_s": samples_per_s,
+        "flops": {**flops, "per_step": flops["per_sample"] * s.batch, "achieved_tflops": achieved,
+                  "peak_tflops": peak, "peak_source": source, "mfu": achieved / peak},
+        "memory": {"kind": mem.kind, "peak_bytes": mem.peak, "peak_delta_bytes": mem.delta},
+        "losses": losses_seen,
+    }
+
+
+def train_markdown(results: list[dict]) -> str:
+    """One row per result: the switches that differ, samples/s, step and phase times, MFU, peak memory."""
+    lines = ["| teacher -> student | res x batch | switches | samples/s | step ms | teacher fwd | student fwd | "
+             "backward | optim+EMA | MFU | peak GiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        sw = r["switches"]
+        on = [f"{k}={v}" for k, v in sw.items() if v not in (False, "no", "none", "auto", "adamw", None)]
+        ph = r["times_ms"]["phases_median"]
+        lines.append(
+            f"| {r['models']['teacher']} -> {r['models']['student']} | {r['settings']['resolution']} x "
+            f"{r['settings']['batch']} | {', '.join(on) or 'fp32'} | {r['samples_per_s']:.2f} | "
+            f"{r['times_ms']['step_median']:.1f} | {ph['teacher_forward']:.1f} | {ph['student_forward']:.1f} | "
+            f"{ph['backward']:.1f} | {ph['optimizer'] + ph['ema']:.1f} | {100 * r['flops']['mfu']:.1f}% | "
+            f"{r['memory']['peak_bytes'] / 2 ** 30:.2f} |")
+    return "\n".join(lines) + "\n"
