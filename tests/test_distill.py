@@ -398,3 +398,45 @@ def test_resume_equivalence_on_image_folder_skips_without_decoding(tiny_pipe_dir
     assert len(decoded) == 4 * 2  # only the resumed steps' samples, not the 4 x 2 skipped ones
     wa, wb = _weights(full["checkpoint"]), _weights(resumed["checkpoint"])
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_sharded_optimizer_two_processes_resume_exactly(tiny_pipe_dir, tmp_path):
+    """train.shard_optimizer (ZeRO-1 over 2 gloo processes): each process keeps half of the AdamW states, the
+    checkpoint holds the consolidated full state, the weights equal 1 process x the same global batch, and a
+    run resumed from the step-2 checkpoint ends bit-equal to the uninterrupted run."""
+    import shutil
+    import subprocess
+    import sys
+
+    from koala.distill.trainer import train
+
+    common = [f"teacher.pipeline={tiny_pipe_dir}", "train.checkpoint_every=1", "data.num_samples=8",
+              "train.progress=false", "validation.every=0", "train.adam_eps=1.0", "train.lr=0.05"]
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+
+    def launch(out, steps, port):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               str(port), "-m", "koala.cli", "distill", "--config", "tiny", f"train.output_dir={out}",
+               "train.batch_size=1", "train.shard_optimizer=true", "train.resume=latest", f"train.max_steps={steps}",
+               *common]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        return proc.stdout + proc.stderr
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    launch(full, 3, 29541)
+    state = torch.load(full / "checkpoints" / "step-0000003" / "trainer_state.pt", weights_only=True)
+    n_params = len(list(_weights(str(full / "checkpoints" / "step-0000003")).keys()))
+    assert len(state["optimizer"]["state"]) == n_params  # consolidated: every parameter's moments, not half
+    os.makedirs(part / "checkpoints")
+    shutil.copytree(full / "checkpoints" / "step-0000002", part / "checkpoints" / "step-0000002")
+    log = launch(part, 3, 29542)
+    assert "resumed from" in log and "at step 2" in log
+    a, b = _weights(str(full / "checkpoints" / "step-0000003")), _weights(str(part / "checkpoints" / "step-0000003"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    one = train(load_config("tiny", [f"train.output_dir={tmp_path / 'one'}", "train.batch_size=2",
+                                     "train.max_steps=3", *common]))
+    c = _weights(one["checkpoint"])
+    assert max(float((a[k] - c[k]).abs().max()) for k in a) < 1e-5

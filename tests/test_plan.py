@@ -51,6 +51,8 @@ def test_real_size_plan_arithmetic_and_switches():
     assert 1.5 < extra / (b["step_activations_and_grads"] - 4 * 4 * 782_822_724 // 2) < 2.5  # activations ~ batch
     lean = plan_memory(_cfg("train.optimizer=adamw8bit", "train.ema.enabled=false", bs=2), teacher="sdxl-base")
     assert lean["bytes"]["optimizer_states"] == 2 * 782_822_724 and lean["bytes"]["ema"] == 0
+    zero = plan_memory(_cfg("train.shard_optimizer=true", bs=2), teacher="sdxl-base", processes=8)
+    assert zero["bytes"]["optimizer_states"] == 782_822_724  # 8 bytes per parameter over 8 processes
     fit = plan_memory(_cfg(bs=1), teacher="sdxl-base", device_gib=1000)
     assert fit["fits"] and not plan_memory(_cfg(bs=1), teacher="sdxl-base", device_gib=8)["fits"]
 

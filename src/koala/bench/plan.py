@@ -236,9 +236,12 @@ def simulate_step(cfg: dict, models: _Models) -> dict:
             "need_teacher": need_teacher, "sim_dtype": str(sim_dtype).replace("torch.", "")}
 
 
-def plan_memory(cfg: dict, teacher: str | None = None, device_gib: float | None = None) -> dict:
+def plan_memory(cfg: dict, teacher: str | None = None, device_gib: float | None = None, processes: int = 1) -> dict:
     """Per-device memory of training ``cfg`` (a :func:`koala.distill.load_config` dict); ``teacher``: a preset
-    or pipeline directory instead of ``teacher.pipeline``. Returns the JSON-ready plan (schema koala-plan/1)."""
+    or pipeline directory instead of ``teacher.pipeline``; ``processes``: data-parallel processes (with
+    ``train.shard_optimizer`` each keeps 1/N of the optimizer states). Returns the JSON-ready plan."""
+    if processes < 1:
+        raise KoalaError("processes must be >= 1", option="processes")
     tcfg = cfg["train"]
     models = _models(cfg, teacher)
     sim = simulate_step(cfg, models)
@@ -246,6 +249,8 @@ def plan_memory(cfg: dict, teacher: str | None = None, device_gib: float | None 
     t_bytes = torch.empty((), dtype=parse_dtype(cfg["teacher"]["dtype"])).element_size()
     mixed = tcfg["mixed_precision"] in ("bf16", "fp16")
     opt_bytes = 2 * p_s * (1 if tcfg["optimizer"] == "adamw8bit" else 4)
+    if tcfg["shard_optimizer"] and processes > 1:
+        opt_bytes = -(-opt_bytes // processes)
     state = {
         "student_weights": 4 * p_s,
         "optimizer_states": opt_bytes,
@@ -266,7 +271,9 @@ def plan_memory(cfg: dict, teacher: str | None = None, device_gib: float | None 
         "family": models.family.name, "resolution": tcfg["resolution"], "batch_size": tcfg["batch_size"],
         "latent": [tcfg["batch_size"], models.teacher_config["in_channels"], tcfg["resolution"] // models.vae_scale,
                    tcfg["resolution"] // models.vae_scale],
-        "switches": {k: tcfg[k] for k in ("mixed_precision", "gradient_checkpointing", "optimizer", "fused_optimizer")}
+        "processes": processes,
+        "switches": {k: tcfg[k] for k in ("mixed_precision", "gradient_checkpointing", "optimizer", "fused_optimizer",
+                                          "shard_optimizer")}
         | {"teacher_dtype": cfg["teacher"]["dtype"], "ema": tcfg["ema"]["enabled"]},
         "params": {"student": p_s, "teacher": p_t, **{k: n for k, (n, _) in models.frozen_params.items()}},
         "feature_pairs": sim["feature_pairs"],
@@ -283,7 +290,8 @@ def plan_memory(cfg: dict, teacher: str | None = None, device_gib: float | None 
 
 def plan_markdown(plan: dict) -> str:
     b = plan["bytes"]
-    rows = [("student weights (fp32)", b["student_weights"]), ("optimizer states", b["optimizer_states"]),
+    shard = f", 1/{plan['processes']} per process" if plan["switches"]["shard_optimizer"] and plan["processes"] > 1 else ""
+    rows = [("student weights (fp32)", b["student_weights"]), (f"optimizer states{shard}", b["optimizer_states"]),
             ("EMA", b["ema"]), (f"teacher ({plan['switches']['teacher_dtype']})", b["teacher_weights"]),
             ("text encoders + VAE", b["frozen_encoders_vae"]),
             ("step: activations, features, gradients (peak)", b["step_activations_and_grads"]),
@@ -303,6 +311,7 @@ def plan_markdown(plan: dict) -> str:
                 (plan["batch_size"] > 1, "a smaller train.batch_size with a larger train.grad_accum"),
                 (sw["mixed_precision"] == "no", "train.mixed_precision=bf16"),
                 (sw["optimizer"] != "adamw8bit", "train.optimizer=adamw8bit"),
+                (not sw["shard_optimizer"], "train.shard_optimizer=true over several processes (ZeRO-1)"),
                 (sw["teacher_dtype"] in ("fp32", "float32"), "teacher.dtype=bf16"),
                 (sw["ema"], "train.ema.enabled=false (or keep EMA on another device)")) if cond]
             lines.append("to fit, try: " + "; ".join(tips or ["a device with more memory"]))

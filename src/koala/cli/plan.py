@@ -41,6 +41,9 @@ def add_plan_arguments(p, teacher: bool) -> None:
                        "default: the recipe's teacher.pipeline")
     p.add_argument("--device-gib", type=float, default=None, metavar="GIB",
                    help="device memory in GiB (e.g. 80 for an H100/A100-80GB, 24 for a 4090): say whether it fits")
+    p.add_argument("--processes", type=int, default=1, metavar="N",
+                   help="data-parallel processes (with train.shard_optimizer=true each keeps 1/N of the optimizer "
+                   "states; default 1)")
     p.add_argument("--plan-json", default=None, metavar="FILE", help="write the plan (schema koala-plan/1)")
 
 
@@ -50,7 +53,7 @@ def show_plan(cfg: dict, teacher, args) -> int:
     from ..bench.plan import plan_markdown, plan_memory
     from ..utils import atomic_write_text
 
-    plan = plan_memory(cfg, teacher=teacher, device_gib=args.device_gib)
+    plan = plan_memory(cfg, teacher=teacher, device_gib=args.device_gib, processes=args.processes)
     print(plan_markdown(plan), end="")
     if args.plan_json:
         atomic_write_text(args.plan_json, json.dumps(plan, indent=1) + "\n")

@@ -98,6 +98,9 @@ class TrainConfig:
     attention: str = "auto"          # one of ATTENTION: force an SDPA backend for teacher and student forwards
     compile: str = "none"            # one of COMPILE: torch.compile the student / teacher / both (hooks still capture)
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager: trace only, no code generation)
+    # ZeRO-1: each of N processes keeps 1/N of the optimizer states (torch ZeroRedundancyOptimizer over DDP);
+    # checkpoints hold the consolidated (full) optimizer state in the plain AdamW layout
+    shard_optimizer: bool = False
 
 
 @dataclass

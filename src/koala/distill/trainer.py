@@ -73,7 +73,9 @@ def sample_generators(seed: int, step: int, micro: int, batch_size: int, grad_ac
     return [torch.Generator().manual_seed(seed * 1_000_003 + (first + j) * world_size + rank) for j in range(batch_size)]
 
 
-def make_optimizer(params, tcfg: dict):
+def make_optimizer(params, tcfg: dict, world_size: int = 1):
+    """AdamW (fused or 8-bit per config); with ``train.shard_optimizer`` and several processes, wrapped in
+    ZeroRedundancyOptimizer so each process holds the states of 1/N of the parameters."""
     kw = dict(lr=tcfg["lr"], betas=tuple(tcfg["adam_betas"]), eps=tcfg["adam_eps"], weight_decay=tcfg["weight_decay"])
     if tcfg["optimizer"] == "adamw8bit":
         try:
@@ -81,10 +83,25 @@ def make_optimizer(params, tcfg: dict):
         except ImportError as err:
             raise KoalaError("train.optimizer=adamw8bit needs bitsandbytes (pip install 'koala-diffusion[bnb]'); "
                              "or use train.optimizer=adamw", option="train.optimizer") from err
-        return bnb.optim.AdamW8bit(params, **kw)
-    if tcfg.get("fused_optimizer"):
-        kw["fused"] = True
-    return torch.optim.AdamW(params, **kw)
+        cls = bnb.optim.AdamW8bit
+    else:
+        cls = torch.optim.AdamW
+        if tcfg.get("fused_optimizer"):
+            kw["fused"] = True
+    if tcfg.get("shard_optimizer") and world_size > 1:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ZeroRedundancyOptimizer(list(params), optimizer_class=cls, **kw)
+    return cls(params, **kw)
+
+
+def inner_optimizer(optimizer):
+    """The torch optimizer under accelerate's wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def is_sharded(optimizer) -> bool:
+    return type(inner_optimizer(optimizer)).__name__ == "ZeroRedundancyOptimizer"
 
 
 def attention_context(backend: str):
@@ -154,7 +171,7 @@ class Distiller:
             self.ema = EMAModel(student.parameters(), decay=tcfg["ema"]["decay"], model_cls=type(student),
                                 model_config=student.config)
             self.ema.to(accelerator.device)
-        optimizer = make_optimizer(student.parameters(), tcfg)
+        optimizer = make_optimizer(student.parameters(), tcfg, accelerator.num_processes)
         # hooks first, compile second: torch.compile traces the registered forward hooks into the graph
         self.s_rec = FeatureRecorder(student, [p.student for p in self.pairs], "student")
         self.t_rec = FeatureRecorder(self.teacher, [p.teacher for p in self.pairs], "teacher")
@@ -162,7 +179,10 @@ class Distiller:
             student.compile(backend=tcfg["compile_backend"])
         if tcfg["compile"] in ("teacher", "both"):
             self.teacher.compile(backend=tcfg["compile_backend"])
-        self.student, self.optimizer = accelerator.prepare(student, optimizer)
+        # a ZeroRedundancyOptimizer is built on the device already (accelerate's placement would ask it for a
+        # state_dict, which needs a consolidation first)
+        self.student, self.optimizer = accelerator.prepare(student, optimizer,
+                                                           device_placement=[True, not is_sharded(optimizer)])
         self.attention = tcfg["attention"]
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -336,6 +356,8 @@ def train(cfg: dict) -> dict:
                         f.write(json.dumps({"step": step, **logs}) + "\n")
             done = step == tcfg["max_steps"]
             if (tcfg["checkpoint_every"] and step % tcfg["checkpoint_every"] == 0) or done:
+                if is_sharded(d.optimizer):  # every process sends its optimizer shard to the main process
+                    inner_optimizer(d.optimizer).consolidate_state_dict(to=0)
                 if acc.is_main_process:
                     last_ckpt = save_checkpoint(out_dir, step, d.plain_student, d.lmap, d.ema, d.optimizer, scaler,
                                                 cfg, tcfg["keep_checkpoints"], world_size=world)
