@@ -44,6 +44,8 @@ def compress(teacher_path: str, preset, out_dir: str, dtype: str | torch.dtype |
     spec = fam.resolve_spec(preset)  # refuse a wrong preset before loading gigabytes
     if os.path.exists(out_dir) and not overwrite:
         raise KoalaError(f"{out_dir} already exists; overwrite it or choose another output directory", option="overwrite")
+    if kind == "pipeline":  # the other components are copied into the output: refuse a broken pipeline first
+        fam.check_pipeline_dir(teacher_path, "teacher")
     teacher, fam = load_denoiser(teacher_unet or teacher_path, dtype, config_from=teacher_path, family=fam)
     student, lmap = fam.compress(teacher, spec, layer_selection, dtype)
     lmap.meta.update({"teacher_path": os.path.abspath(teacher_unet or teacher_path),

@@ -82,6 +82,72 @@ def atomic_write_text(path: str, text: str) -> str:
     return path
 
 
+def check_safetensors(path: str) -> None:
+    """Refuse a truncated or corrupt ``.safetensors`` file before any library loads it, naming the file.
+
+    Reads only the header: an 8-byte little-endian length, a JSON table of tensors and their byte ranges; the file
+    must be exactly as long as the header says."""
+    import struct
+
+    def bad(why: str) -> KoalaError:
+        return KoalaError(f"{path}: not a valid safetensors file ({why}); the file is truncated or corrupt: "
+                          "download or copy it again")
+
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise bad(f"{size} bytes, shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8 or n > 100_000_000:
+                raise bad(f"header length {n} exceeds the file size {size}")
+            header = json.loads(f.read(n))
+    except OSError as err:
+        raise KoalaError(f"{path}: cannot read ({err.strerror or err})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise bad(f"header is not JSON: {err}") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a table of tensors")
+    end = max((int(v["data_offsets"][1]) for k, v in header.items()
+               if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v), default=0)
+    if 8 + n + end != size:
+        raise bad(f"the header describes {8 + n + end} bytes but the file has {size}")
+
+
+def check_weights(folder: str) -> None:
+    """:func:`check_safetensors` for every ``*.safetensors`` directly in ``folder`` (a model component dir)."""
+    if os.path.isdir(folder):
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".safetensors"):
+                check_safetensors(os.path.join(folder, name))
+
+
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
+def parse_device(name: str | None, option: str = "device") -> torch.device:
+    """A checked ``torch.device``: a known type that this machine has (cuda:N within the visible count)."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in DEVICE_TYPES:
+        raise KoalaError(f"device {name!r}: unknown; use cpu, cuda, cuda:N or mps", option=option)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise KoalaError(f"device {name}: no CUDA device is visible to PyTorch; use the cpu device", option=option)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise KoalaError(f"device {name}: only {torch.cuda.device_count()} CUDA device(s) visible", option=option)
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise KoalaError(f"device {name}: MPS is not available on this machine; use the cpu device", option=option)
+    if dev.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise KoalaError(f"device {name}: no XPU device is visible to PyTorch; use the cpu device", option=option)
+    return dev
+
+
 def count_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

@@ -32,7 +32,7 @@ import torch
 
 from ..arch.stats import forward_flops
 from ..errors import KoalaError
-from ..utils import parse_dtype
+from ..utils import parse_device, parse_dtype
 from .memory import PeakMemory
 from .models import TINY_PREFIX, materialize, preset_unet_config
 
@@ -64,10 +64,8 @@ class TrainBenchSettings:
             raise KoalaError("steps and batch must be >= 1 and warmup >= 0", option="steps")
         if self.resolution % 64:
             raise KoalaError(f"resolution {self.resolution} must be a multiple of 64", option="resolution")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise KoalaError("device cuda: no CUDA device is visible to PyTorch; use the cpu device", option="device")
-        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise KoalaError(f"device {self.device!r}: use cpu, cuda or cuda:N", option="device")
+        if parse_device(self.device).type not in ("cpu", "cuda"):
+            raise KoalaError(f"device {self.device!r}: bench train runs on cpu, cuda or cuda:N", option="device")
         if self.peak_tflops is not None and not self.peak_tflops > 0:
             raise KoalaError("peak_tflops must be > 0", option="peak_tflops")
         if not os.path.isdir(self.teacher):

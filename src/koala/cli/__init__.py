@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(Lee et al., NeurIPS 2024). Run `koala COMMAND --help` for each command.",
     )
     parser.add_argument("--version", action="version", version=f"koala {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show Python tracebacks instead of one-line errors (also: KOALA_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"{__name__}.{name}").register(sub)
@@ -39,18 +41,47 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    debug = args.debug or os.environ.get("KOALA_DEBUG", "") not in ("", "0")
     try:
         result = args.func(args)
-    except KoalaError as err:
-        opt = getattr(err, "option", None)
-        # a config key (dotted) is set as an override KEY=VALUE; a plain name is this command's --flag
-        hint = "" if not opt else f" (override {opt}=...)" if "." in opt else f" (option --{opt.replace('_', '-')})"
-        print(f"koala {args.command}: error: {err}{hint}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"koala {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # the one error boundary: one line, no traceback (unless --debug)
+        if debug:
+            raise
+        code, message = describe_error(err)
+        print(f"koala {args.command}: error: {message}", file=sys.stderr)
+        return code
     return int(result or 0)
+
+
+def describe_error(err: BaseException) -> tuple[int, str]:
+    """``(exit status, one-line message)``: 2 for expected failures (bad input, missing or unwritable files,
+    out of memory), 1 for anything unexpected (with a pointer to --debug)."""
+    if isinstance(err, KoalaError):
+        opt = getattr(err, "option", None)
+        # a config key (dotted) is set as an override KEY=VALUE; a plain name is this command's --flag
+        hint = "" if not opt else f" (override {opt}=...)" if "." in opt else f" (option --{opt.replace('_', '-')})"
+        return 2, _one_line(f"{err}{hint}")
+    if isinstance(err, OSError) and (err.filename or err.strerror):
+        import errno
+
+        where = f"{err.filename}: " if err.filename else ""
+        tip = {errno.ENOSPC: "; free some space or write elsewhere", errno.EACCES: "; check the permissions",
+               errno.EROFS: "; write elsewhere"}.get(err.errno, "")
+        return 2, _one_line(f"{where}{err.strerror or err}{tip}")
+    if type(err).__name__ in ("OutOfMemoryError",):
+        return 2, _one_line(f"out of memory ({err}); try a smaller batch or resolution, or the memory options of this "
+                            "command")
+    if type(err).__name__ == "SafetensorError":
+        return 2, _one_line(f"a safetensors file is corrupt or truncated ({err}); run with --debug to see which")
+    return 1, _one_line(f"unexpected {type(err).__name__}: {err} (run with --debug or KOALA_DEBUG=1 for the "
+                        "traceback, and please report it)")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -94,6 +94,9 @@ def load_denoiser(path: str, dtype=None, config_from: str | None = None, family:
                              "pipeline whose config it fits")
         from safetensors.torch import load_file
 
+        from ..utils import check_safetensors
+
+        check_safetensors(path)
         fam = family_of(config_from, family)
         model = fam.build_model(model_config(config_from), "meta")
         try:

@@ -23,7 +23,7 @@ from ..arch.layer_map import LayerMap
 from ..arch.unet import (UNetSpec, build_unet, build_unet_layer_map, unet_stage_modules, unet_student_config,
                          unet_teacher_spec, unet_topology_problems)
 from ..errors import KoalaError
-from ..utils import parse_dtype, read_json
+from ..utils import check_weights, parse_dtype, read_json
 
 
 @dataclass
@@ -143,6 +143,7 @@ class UNetFamily(Family):
     def load_model(self, path: str, dtype=None):
         from diffusers import UNet2DConditionModel
 
+        check_weights(path)
         return UNet2DConditionModel.from_pretrained(path, dtype=parse_dtype(dtype) or torch.float32)
 
     def build_layer_map(self, teacher, student, selection: str = "bottom") -> LayerMap:
@@ -210,10 +211,13 @@ class UNetFamily(Family):
 
     # ------------------------------------------------------------------ components and pipelines
     def check_pipeline_dir(self, path: str, what: str = "pipeline") -> None:
+        """Every component folder is there and its safetensors files are whole (headers only: fast)."""
         for sub in (self.model_subfolder, *self.components, "scheduler"):
             if not os.path.isdir(os.path.join(path, sub)):
                 raise KoalaError(f"{what} {path} has no {sub}/; a {self.label} pipeline needs "
                                  f"{', '.join((self.model_subfolder, *self.components, 'scheduler'))}")
+        for sub in (self.model_subfolder, *self.components):
+            check_weights(os.path.join(path, sub))
 
     def load_parts(self, pipeline_dir: str, dtype=None, vae_dtype=None, device="cpu") -> Parts:
         """Tokenizers, text encoders (frozen, ``dtype``), VAE (frozen; fp32 when its config says force_upcast and

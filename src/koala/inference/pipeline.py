@@ -15,7 +15,7 @@ import torch
 
 from ..errors import KoalaError
 from ..families import Family, family_of, model_dir, model_dir_kind
-from ..utils import parse_dtype, read_json
+from ..utils import parse_device, parse_dtype, read_json
 
 SCHEDULERS = {
     "euler": "EulerDiscreteScheduler",
@@ -105,9 +105,7 @@ def load_pipeline(
         raise KoalaError(f"offload {offload!r}: choose model or sequential", option="offload")
     if attention not in ATTENTION:
         raise KoalaError(f"attention {attention!r}: choose one of {', '.join(ATTENTION)}", option="attention")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise KoalaError(f"device {device}: no CUDA device is visible to PyTorch; use the cpu device", option="device")
+    device = str(parse_device(device))
     on_cuda = torch.device(device).type == "cuda"
     dt = parse_dtype(dtype) or (torch.float16 if on_cuda else torch.float32)
     dtype_name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dt]
