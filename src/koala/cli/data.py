@@ -153,7 +153,18 @@ def run_cache(args) -> int:
         import torch
 
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
-    build_cache(_data_cfg(args), args.pipeline, args.out, resolution=args.resolution, batch_size=args.batch_size,
-                shard_size=args.shard_size, latent=args.latent, dtype=args.dtype, seed=args.seed, rank=args.rank,
-                world_size=args.world_size, device=device, vae_dtype=args.vae_dtype)
+    else:
+        from ..utils import parse_device
+
+        device = str(parse_device(device))
+    index = build_cache(_data_cfg(args), args.pipeline, args.out, resolution=args.resolution,
+                        batch_size=args.batch_size, shard_size=args.shard_size, latent=args.latent, dtype=args.dtype,
+                        seed=args.seed, rank=args.rank, world_size=args.world_size, device=device,
+                        vae_dtype=args.vae_dtype)
+    if index.get("stopped_by"):
+        from ..utils import PREEMPTED_EXIT
+
+        print(f"koala cache: stopped by {index['stopped_by']}; finished shards are kept. Run the same command again "
+              "to resume.")
+        return PREEMPTED_EXIT
     return 0

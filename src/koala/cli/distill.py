@@ -101,6 +101,13 @@ def run(args) -> int:
     from ..distill.trainer import train
 
     summary = train(cfg)
+    if summary.get("preempted"):
+        from ..utils import PREEMPTED_EXIT
+
+        print(f"koala distill [rank {summary['rank']}/{summary['world_size']}]: stopped by {summary['preempted']} "
+              f"at step {summary['step']}; checkpoint {summary['checkpoint']}. Continue exactly with --resume latest.",
+              flush=True)
+        return PREEMPTED_EXIT
     print(f"koala distill [rank {summary['rank']}/{summary['world_size']}]: finished at step {summary['step']}; "
           f"checkpoint {summary['checkpoint']}", flush=True)
     return 0

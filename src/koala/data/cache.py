@@ -34,7 +34,7 @@ from torch.utils.data import IterableDataset
 
 from ..errors import KoalaError
 from ..families import Family, Parts, family_of, get_family
-from ..utils import parse_dtype
+from ..utils import StopRequest, parse_dtype
 from .batching import BatchSkipper, BucketBatcher, collate_raw, prepare_sample, worker_plan
 from .buckets import parse_buckets
 from .config import normalize_data_cfg
@@ -191,6 +191,9 @@ def build_cache(data_cfg: dict, pipeline_dir: str, out_dir: str, *, resolution: 
             "shard_size": shard_size if source.kind == "indexed" else None, "num_units": len(units),
             "source": {k: cfg[k] for k in ("type", "path", "caption_column", "syncap_column", "syncap",
                                             "image_column", "image_root", "split", "min_size", "max_aspect")}}
+    fam.check_pipeline_dir(pipeline_dir)  # missing or corrupt components: refused before anything is written
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise KoalaError(f"{out_dir} exists and is a file; the cache needs a folder", option="out")
     os.makedirs(os.path.join(out_dir, "shards"), exist_ok=True)
     cfg_path = os.path.join(out_dir, "cache_config.json")
     if os.path.isfile(cfg_path):
@@ -216,11 +219,18 @@ def build_cache(data_cfg: dict, pipeline_dir: str, out_dir: str, *, resolution: 
     log.info("cache rank %d/%d: %d of %d shards to do", rank, world_size, len(todo), len(mine))
     total_skips = SkipCounter()
     bar = tqdm(todo, desc=f"cache rank {rank}", unit="shard", disable=not progress)
-    for k in bar:
-        skips = _build_shard(k, units[k], source, preparer, transform, enc, out_dir, batch_size, latent, store, seed)
-        total_skips.update(skips)
-        bar.set_postfix_str(total_skips.summary())
+    with StopRequest() as stop:
+        for k in bar:
+            skips = _build_shard(k, units[k], source, preparer, transform, enc, out_dir, batch_size, latent, store,
+                                 seed)
+            total_skips.update(skips)
+            bar.set_postfix_str(total_skips.summary())
+            if stop.requested:
+                break
+    bar.close()
     index = write_index(out_dir)
+    if stop.requested:
+        index = {**index, "stopped_by": stop.requested}
     if progress:
         print(f"cache {out_dir}: {index['num_samples']} samples in {len(index['shards'])}/{index['num_units']} "
               f"shards ({'complete' if index['complete'] else 'incomplete'}); {SkipCounter(index['skipped']).summary()}")
@@ -271,8 +281,14 @@ def _build_shard(k, unit, source, preparer, transform, enc, out_dir, batch_size,
                 "skipped": json.dumps(dict(skips)), "unit": str(k)}
     final = _shard_path(out_dir, k)
     tmp = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.tmp-{os.getpid()}")
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, final)  # atomic: a shard file exists only when complete
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, final)  # atomic: a shard file exists only when complete
+    except OSError as err:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise KoalaError(f"writing cache shard {final} failed ({err.strerror or err}); the finished shards are kept: "
+                         "free some space (or fix the folder) and run the same command again to resume") from err
     return dict(skips)
 
 

@@ -25,7 +25,7 @@ from diffusers.training_utils import EMAModel
 from ..data import make_dataloader
 from ..errors import KoalaError
 from ..recipes import dump_recipe
-from ..utils import tree_to
+from ..utils import StopRequest, tree_to
 from .checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from .hooks import FeatureRecorder, feature_pairs, unwrap
 from .losses import kd_losses, prediction_target
@@ -326,48 +326,55 @@ def train(cfg: dict) -> dict:
     bar = tqdm(total=tcfg["max_steps"], initial=step, disable=not (acc.is_main_process and tcfg["progress"]),
                desc="distill", dynamic_ncols=True)
     last_ckpt, vcfg, t0 = None, cfg["validation"], time.perf_counter()
+    preempted = None
+    if acc.is_main_process:
+        warn_low_space(out_dir, d, tcfg["keep_checkpoints"], bar.write)
     try:
-        while step < tcfg["max_steps"]:
-            logs: dict[str, float] = {}
-            for micro in range(accum):
-                gens = sample_generators(tcfg["seed"], step, micro, bs, accum, acc.process_index, world)
-                sync = acc.no_sync(d.student) if micro < accum - 1 else contextlib.nullcontext()
-                with sync:
-                    losses = d.step_losses(next(data), gens)
-                    _check_finite(acc, losses, step + 1, out_dir)
-                    d.backward(losses.total / accum)
-                for k, v in losses.scalars(d.pairs).items():
-                    logs[k] = logs.get(k, 0.0) + v / accum
-            logs.update(d.update())
-            step += 1
-            dt = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            logs["samples_per_s"] = global_batch / max(dt, 1e-9)
-            logs["lr"] = tcfg["lr"]
-            bar.update(1)
-            bar.set_postfix(loss=f"{logs['loss/total']:.4f}", task=f"{logs['loss/task']:.4f}",
-                            out=f"{logs['loss/out']:.4f}", feat=f"{logs['loss/feat']:.4f}",
-                            sps=f"{logs['samples_per_s']:.1f}")
-            if step % tcfg["log_every"] == 0 or step == tcfg["max_steps"]:
-                if trackers:
-                    acc.log(logs, step=step)
-                if acc.is_main_process:
-                    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
-                        f.write(json.dumps({"step": step, **logs}) + "\n")
-            done = step == tcfg["max_steps"]
-            if (tcfg["checkpoint_every"] and step % tcfg["checkpoint_every"] == 0) or done:
-                if is_sharded(d.optimizer):  # every process sends its optimizer shard to the main process
-                    inner_optimizer(d.optimizer).consolidate_state_dict(to=0)
-                if acc.is_main_process:
-                    last_ckpt = save_checkpoint(out_dir, step, d.plain_student, d.lmap, d.ema, d.optimizer, scaler,
-                                                cfg, tcfg["keep_checkpoints"], world_size=world)
-                    bar.write(f"checkpoint saved: {last_ckpt}")
-                acc.wait_for_everyone()
-            if vcfg["every"] and (step % vcfg["every"] == 0 or done):
-                if acc.is_main_process:
-                    validate_now(d, cfg, step)
-                acc.wait_for_everyone()
+        with StopRequest() as stop:
+            while step < tcfg["max_steps"]:
+                logs: dict[str, float] = {}
+                for micro in range(accum):
+                    gens = sample_generators(tcfg["seed"], step, micro, bs, accum, acc.process_index, world)
+                    sync = acc.no_sync(d.student) if micro < accum - 1 else contextlib.nullcontext()
+                    with sync:
+                        losses = d.step_losses(next(data), gens)
+                        _check_finite(acc, losses, step + 1, out_dir)
+                        d.backward(losses.total / accum)
+                    for k, v in losses.scalars(d.pairs).items():
+                        logs[k] = logs.get(k, 0.0) + v / accum
+                logs.update(d.update())
+                step += 1
+                dt = time.perf_counter() - t0
                 t0 = time.perf_counter()
+                logs["samples_per_s"] = global_batch / max(dt, 1e-9)
+                logs["lr"] = tcfg["lr"]
+                bar.update(1)
+                bar.set_postfix(loss=f"{logs['loss/total']:.4f}", task=f"{logs['loss/task']:.4f}",
+                                out=f"{logs['loss/out']:.4f}", feat=f"{logs['loss/feat']:.4f}",
+                                sps=f"{logs['samples_per_s']:.1f}")
+                if step % tcfg["log_every"] == 0 or step == tcfg["max_steps"]:
+                    if trackers:
+                        acc.log(logs, step=step)
+                    if acc.is_main_process:
+                        with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+                            f.write(json.dumps({"step": step, **logs}) + "\n")
+                done = step == tcfg["max_steps"]
+                stop_now = _any_process(acc, stop.requested is not None)  # every process stops at the same step
+                if (tcfg["checkpoint_every"] and step % tcfg["checkpoint_every"] == 0) or done or stop_now:
+                    if is_sharded(d.optimizer):  # every process sends its optimizer shard to the main process
+                        inner_optimizer(d.optimizer).consolidate_state_dict(to=0)
+                    if acc.is_main_process:
+                        last_ckpt = write_checkpoint(out_dir, step, d, cfg, scaler, world, last_ckpt)
+                        bar.write(f"checkpoint saved: {last_ckpt}")
+                    acc.wait_for_everyone()
+                if stop_now:
+                    preempted = stop.requested or "a signal on another process"
+                    break
+                if vcfg["every"] and (step % vcfg["every"] == 0 or done):
+                    if acc.is_main_process:
+                        validate_now(d, cfg, step)
+                    acc.wait_for_everyone()
+                    t0 = time.perf_counter()
     finally:
         bar.close()
         d.s_rec.remove()
@@ -375,7 +382,64 @@ def train(cfg: dict) -> dict:
     ckpts = list_checkpoints(out_dir)
     acc.end_training()
     return {"step": step, "output_dir": out_dir, "checkpoint": last_ckpt or (ckpts[-1][1] if ckpts else None),
-            "feature_pairs": len(d.pairs), "rank": acc.process_index, "world_size": world}
+            "feature_pairs": len(d.pairs), "rank": acc.process_index, "world_size": world, "preempted": preempted}
+
+
+def _any_process(acc: Accelerator, flag: bool) -> bool:
+    if acc.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=acc.device)
+    return bool(acc.reduce(t, "sum").item() > 0)
+
+
+def checkpoint_bytes(d: Distiller) -> int:
+    """About what one checkpoint takes on disk: student (+ EMA) weights and the optimizer state."""
+    weights = sum(p.numel() * p.element_size() for p in d.plain_student.parameters())
+    opt = inner_optimizer(d.optimizer)
+    states = {} if is_sharded(d.optimizer) else (getattr(opt, "state", None) or {})  # sharded: the full state is saved
+    state = sum(t.numel() * t.element_size() for st in states.values() if isinstance(st, dict)
+                for t in st.values() if torch.is_tensor(t))
+    if not state:  # before the first step (or sharded): AdamW keeps two fp32 moments per parameter
+        state = 2 * sum(p.numel() * 4 for p in d.plain_student.parameters())
+    return weights * (2 if d.ema is not None else 1) + state
+
+
+def _free_bytes(out_dir: str) -> int:
+    import shutil
+
+    path = out_dir
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return shutil.disk_usage(path).free
+
+
+def warn_low_space(out_dir: str, d: Distiller, keep: int, log=print) -> None:
+    """Warn at the start when the disk cannot hold the checkpoints the run will keep (plus one being written)."""
+    need = checkpoint_bytes(d) * ((keep or 1) + 1)
+    free = _free_bytes(out_dir)
+    if free < need:
+        log(f"warning: {free / 2**30:.2f} GiB free under {out_dir}, but keeping {keep or 'all'} checkpoint(s) of "
+            f"about {checkpoint_bytes(d) / 2**30:.2f} GiB each needs {need / 2**30:.2f} GiB")
+
+
+def write_checkpoint(out_dir: str, step: int, d: Distiller, cfg: dict, scaler, world: int, last: str | None) -> str:
+    """Save a checkpoint; refuse early when the disk is too full, and on a failed write keep the previous one
+    (checkpoints are written to a temporary folder and renamed) and say which it is."""
+    tcfg = cfg["train"]
+    ckpts = list_checkpoints(out_dir)
+    good = last or (ckpts[-1][1] if ckpts else "none yet")
+    need, free = int(1.05 * checkpoint_bytes(d)), _free_bytes(out_dir)
+    if free < need:
+        raise KoalaError(f"not enough disk space for the step-{step} checkpoint under {out_dir}: about "
+                         f"{need / 2**30:.2f} GiB needed, {free / 2**30:.2f} GiB free. Training stopped; the last good "
+                         f"checkpoint is {good} (resume with --resume latest after freeing space)")
+    try:
+        return save_checkpoint(out_dir, step, d.plain_student, d.lmap, d.ema, d.optimizer, scaler, cfg,
+                               tcfg["keep_checkpoints"], world_size=world)
+    except OSError as err:
+        raise KoalaError(f"writing the step-{step} checkpoint failed ({err.strerror or err}"
+                         f"{': ' + str(err.filename) if err.filename else ''}); nothing partial was kept. Training "
+                         f"stopped; the last good checkpoint is {good}") from err
 
 
 def flat_config(cfg: dict, prefix: str = "") -> dict:
