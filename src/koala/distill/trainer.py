@@ -13,6 +13,7 @@ Logging goes through ``Accelerator(log_with=...)`` (``train.log_with``: tensorbo
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import time
@@ -316,6 +317,8 @@ def train(cfg: dict) -> dict:
             d.ema.to(acc.device)
         acc.print(f"resumed from {resume} at step {step}")
     data = infinite(loader)
+    if step < tcfg["max_steps"]:  # a source with nothing usable fails here, before anything is written
+        data = itertools.chain([next(data)], data)
     if acc.is_main_process:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "config.yaml"), "w") as f:
