@@ -196,6 +196,14 @@ def parse_device(name: str | None, option: str = "device") -> torch.device:
     return dev
 
 
+def check_dtype_on_device(dtype: torch.dtype, device: torch.device | str, option: str = "dtype") -> None:
+    """Refuse a dtype the device cannot compute in (bf16 on a CUDA GPU before Ampere)."""
+    device = torch.device(device)
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise KoalaError(f"dtype bf16: {torch.cuda.get_device_name(device)} has no bf16 support; use fp16",
+                         option=option)
+
+
 def count_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

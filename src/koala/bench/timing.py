@@ -21,7 +21,7 @@ import torch
 from ..arch.stats import forward_flops
 from ..families import get_family
 from ..errors import KoalaError
-from ..utils import parse_device, parse_dtype, tree_to
+from ..utils import check_dtype_on_device, parse_device, parse_dtype, tree_to
 from .memory import PeakMemory
 from .models import BenchModel, build_bench_model, preset_unet_config
 
@@ -63,7 +63,7 @@ class BenchSettings:
             raise KoalaError(f"resolution {self.resolution} must be a multiple of 64", option="resolution")
         if self.steps < 1 or self.batch < 1 or self.repeats < 1 or self.warmup < 0:
             raise KoalaError("steps, batch and repeats must be >= 1 and warmup >= 0", option="steps")
-        parse_device(self.device)  # unknown or absent device -> KoalaError
+        check_dtype_on_device(parse_dtype(self.dtype), parse_device(self.device))  # unknown device / dtype
         if self.memory_cap_gib is not None and (not self.device.startswith("cuda") or not self.memory_cap_gib > 0):
             raise KoalaError("memory_cap_gib needs a cuda device and a positive size", option="memory_cap_gib")
         if self.device == "cpu" and parse_dtype(self.dtype) == torch.float16:

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import KoalaError
 from ..families import Family, family_of, model_dir, model_dir_kind
-from ..utils import parse_device, parse_dtype, read_json
+from ..utils import check_dtype_on_device, parse_device, parse_dtype, read_json
 
 SCHEDULERS = {
     "euler": "EulerDiscreteScheduler",
@@ -108,6 +108,7 @@ def load_pipeline(
     device = str(parse_device(device))
     on_cuda = torch.device(device).type == "cuda"
     dt = parse_dtype(dtype) or (torch.float16 if on_cuda else torch.float32)
+    check_dtype_on_device(dt, device)
     dtype_name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dt]
     notes: list[str] = []
     modes: list[str] = []
