@@ -24,20 +24,18 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     from koala.bench.plan import GIB, plan_memory
-    from koala.bench.train import _config
+    from koala.bench.train import TrainBenchSettings, _config, active_switches
 
     lines = ["| result | switches | measured peak GiB | planned GiB | planned / measured |", "|---|---|---|---|---|"]
     for path in args.results:
         r = json.load(open(path))
         s = r["settings"]
-        from koala.bench.train import TrainBenchSettings
-
         settings = TrainBenchSettings(**{k: v for k, v in s.items() if k in TrainBenchSettings.__dataclass_fields__})
         cfg = _config(settings, "unused", preset_mode=True)
         b = plan_memory(cfg, teacher=settings.teacher)["bytes"]
         planned = (b["total"] - b["frozen_encoders_vae"]) / GIB
         measured = r["memory"]["peak_bytes"] / GIB
-        sw = ", ".join(f"{k}={v}" for k, v in r["switches"].items() if v not in (False, "no", "none", "auto", "adamw"))
+        sw = ", ".join(f"{k}={v}" for k, v in active_switches(r["switches"]).items())
         lines.append(f"| {os.path.basename(path)} | {sw} | {measured:.2f} | {planned:.2f} | {planned / measured:.2f} |")
     table = "\n".join(lines) + "\n"
     print(table)

@@ -82,6 +82,23 @@ def atomic_write_text(path: str, text: str) -> str:
     return path
 
 
+def existing_parent(path: str) -> str:
+    """``path`` itself if it exists, else its nearest existing ancestor."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def check_output_folder(out: str, what: str = "the output", option: str | None = "out") -> None:
+    """Before any work: ``out`` is a folder or can be created as one, in a writable place."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise KoalaError(f"{out} exists and is a file; {what} needs a folder", option=option)
+    parent = existing_parent(out)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise KoalaError(f"{out}: cannot write there ({parent} is not a writable folder)", option=option)
+
+
 PREEMPTED_EXIT = 3  # exit status of a command stopped by SIGTERM / SIGUSR1 / Ctrl-C after saving its state
 
 

@@ -87,12 +87,17 @@ def materialize(factory, device, dtype, seed: int = 0):
     return module.eval().requires_grad_(False)
 
 
-def real_text_encoders(family: Family, device, dtype):
-    """The family's real-size text towers with random weights (SDXL: CLIP-L + OpenCLIP bigG; SD-1.x: CLIP-L)."""
+def real_text_encoder_factories(family: Family) -> list:
+    """Constructors of the family's real-size text towers (SDXL: CLIP-L + OpenCLIP bigG; SD-1.x: CLIP-L)."""
     import transformers
 
-    return [materialize(lambda: getattr(transformers, cls)(CLIPTextConfig(**tower)), device, dtype, i + 1)
-            for i, ((_, _, cls), tower) in enumerate(zip(family.text_encoders, family.real_text_towers))]
+    return [lambda cls=cls, tower=tower: getattr(transformers, cls)(CLIPTextConfig(**tower))
+            for (_, _, cls), tower in zip(family.text_encoders, family.real_text_towers)]
+
+
+def real_text_encoders(family: Family, device, dtype):
+    """The family's real-size text towers with random weights."""
+    return [materialize(f, device, dtype, i + 1) for i, f in enumerate(real_text_encoder_factories(family))]
 
 
 def sdxl_vae(device, dtype):  # SD-1.x's VAE has the same architecture

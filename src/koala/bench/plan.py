@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_leaves
 
 from ..errors import KoalaError
 from ..utils import parse_dtype, read_json
-from .models import SDXL_VAE, TINY_PREFIX, preset_unet_config
+from .models import SDXL_VAE, TINY_PREFIX, preset_unet_config, real_text_encoder_factories
 
 SCHEMA = "koala-plan/1"
 HEADROOM = 0.10  # fraction of the device kept free for the CUDA context, allocator cache and fragmentation
@@ -137,12 +137,8 @@ def _frozen_from_preset(fam, tiny: bool, dtype: torch.dtype, vae_dtype) -> tuple
 
         encs, vae, scale = tiny_text_encoders(RANDOM, 1000, family=fam.name), tiny_vae(RANDOM), 2
     else:
-        import transformers
-        from transformers import CLIPTextConfig
-
         with torch.device("meta"):
-            encs = [getattr(transformers, cls)(CLIPTextConfig(**tower))
-                    for (_, _, cls), tower in zip(fam.text_encoders, fam.real_text_towers)]
+            encs = [make() for make in real_text_encoder_factories(fam)]
             vae = AutoencoderKL(**SDXL_VAE)
         scale = 8
     out = {f"text_encoder{'_' + str(i + 1) if i else ''}": (sum(p.numel() for p in e.parameters()), dtype)

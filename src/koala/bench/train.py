@@ -22,6 +22,8 @@ CPU and unknown devices, a measured large matrix product in the training dtype.
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import statistics
 import tempfile
@@ -35,6 +37,7 @@ from ..errors import KoalaError
 from ..utils import parse_device, parse_dtype
 from .memory import PeakMemory
 from .models import TINY_PREFIX, materialize, preset_unet_config
+from .timing import _environment, _sync
 
 SCHEMA = "koala-bench-train/1"
 PHASES = ("data_encode", "teacher_forward", "student_forward", "backward", "log_sync", "optimizer", "ema")
@@ -75,10 +78,6 @@ class TrainBenchSettings:
                 raise KoalaError(f"teacher: {err}".replace("models: ", ""), option="teacher") from None
 
 
-def _sync(device: torch.device):
-    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-
-
 def gpu_peak_tflops(name: str) -> float | None:
     for key, tflops in GPU_PEAK_TFLOPS:
         if key.lower() in name.lower():
@@ -91,7 +90,7 @@ def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, size: int | 
     n = size or (8192 if device.type == "cuda" else 1024)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    sync = _sync(device)
+    sync = functools.partial(_sync, device)
     a @ b
     sync()
     best = float("inf")
@@ -189,7 +188,7 @@ def run_train_bench(settings: TrainBenchSettings, log=print) -> dict:
                                             seed=tcfg["seed"], num_workers=tcfg["num_workers"],
                                             pipeline_dir=s.teacher))
         log(f"built teacher + student on {device} in {time.perf_counter() - t0:.1f}s")
-        sync = _sync(device)
+        sync = functools.partial(_sync, device)
         phases: dict[str, list[float]] = {p: [] for p in PHASES}
         totals: list[float] = []
         losses_seen: list[float] = []
@@ -218,7 +217,7 @@ def run_train_bench(settings: TrainBenchSettings, log=print) -> dict:
             mark()
             d.ema_step()
             mark()
-            if not all(map(_finite, logs.values())):
+            if not all(map(math.isfinite, logs.values())):
                 raise KoalaError(f"non-finite loss in the benchmark step: {logs}")
             if record:
                 prev = start
@@ -245,13 +244,7 @@ def run_train_bench(settings: TrainBenchSettings, log=print) -> dict:
     return result
 
 
-def _finite(x: float) -> bool:
-    return x == x and abs(x) != float("inf")
-
-
 def _result(s, cfg, d, device, latent, phases, totals, losses_seen, flops, mem) -> dict:
-    from .timing import _environment
-
     tcfg = cfg["train"]
     step_ms = statistics.median(totals)
     phase_ms = {k: statistics.median(v) for k, v in phases.items()}
@@ -290,13 +283,17 @@ def _result(s, cfg, d, device, latent, phases, totals, losses_seen, flops, mem) 
     }
 
 
+def active_switches(switches: dict) -> dict:
+    """The switches of a result that differ from the plain setting (what a table row should name)."""
+    return {k: v for k, v in switches.items() if v not in (False, "no", "none", "auto", "adamw", None)}
+
+
 def train_markdown(results: list[dict]) -> str:
     """One row per result: the switches that differ, samples/s, step and phase times, MFU, peak memory."""
     lines = ["| teacher -> student | res x batch | switches | samples/s | step ms | teacher fwd | student fwd | "
              "backward | optim+EMA | MFU | peak GiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        sw = r["switches"]
-        on = [f"{k}={v}" for k, v in sw.items() if v not in (False, "no", "none", "auto", "adamw", None)]
+        on = [f"{k}={v}" for k, v in active_switches(r["switches"]).items()]
         ph = r["times_ms"]["phases_median"]
         lines.append(
             f"| {r['models']['teacher']} -> {r['models']['student']} | {r['settings']['resolution']} x "

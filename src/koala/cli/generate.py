@@ -71,29 +71,15 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def check_output_folder(out: str) -> None:
-    """Before any model is loaded: the output folder can be created (or exists as a folder) and written to."""
-    import os
-
-    from ..errors import KoalaError
-
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise KoalaError(f"{out} exists and is a file; --out takes a folder for the images", option="out")
-    parent = out if os.path.isdir(out) else os.path.dirname(os.path.abspath(out))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        raise KoalaError(f"{out}: cannot write there ({parent} is not a writable folder)", option="out")
-
-
 def run(args) -> int:
     from ..errors import KoalaError
     from ..inference import NSFWFilter, generate, load_pipeline, read_prompts, save_images
+    from ..utils import check_output_folder
 
     prompts = list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file else [])
     if not prompts:
         raise KoalaError("no prompt: give one or more prompts as arguments or --prompts-file FILE")
-    check_output_folder(args.out)
+    check_output_folder(args.out, "--out (the images)")
     loaded = load_pipeline(
         args.model, unet=args.unet, base=args.base, vae=args.vae, device=args.device, dtype=args.dtype,
         scheduler=args.scheduler, timestep_spacing=args.timestep_spacing, vae_slicing=args.vae_slicing,

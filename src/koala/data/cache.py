@@ -34,7 +34,7 @@ from torch.utils.data import IterableDataset
 
 from ..errors import KoalaError
 from ..families import Family, Parts, family_of, get_family
-from ..utils import StopRequest, parse_dtype
+from ..utils import StopRequest, check_output_folder, parse_dtype
 from .batching import BatchSkipper, BucketBatcher, collate_raw, prepare_sample, worker_plan
 from .buckets import parse_buckets
 from .config import normalize_data_cfg
@@ -192,8 +192,7 @@ def build_cache(data_cfg: dict, pipeline_dir: str, out_dir: str, *, resolution: 
             "source": {k: cfg[k] for k in ("type", "path", "caption_column", "syncap_column", "syncap",
                                             "image_column", "image_root", "split", "min_size", "max_aspect")}}
     fam.check_pipeline_dir(pipeline_dir)  # missing or corrupt components: refused before anything is written
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise KoalaError(f"{out_dir} exists and is a file; the cache needs a folder", option="out")
+    check_output_folder(out_dir, "the cache")
     os.makedirs(os.path.join(out_dir, "shards"), exist_ok=True)
     cfg_path = os.path.join(out_dir, "cache_config.json")
     if os.path.isfile(cfg_path):

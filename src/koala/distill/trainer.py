@@ -26,7 +26,7 @@ from diffusers.training_utils import EMAModel
 from ..data import make_dataloader
 from ..errors import KoalaError
 from ..recipes import dump_recipe
-from ..utils import StopRequest, tree_to
+from ..utils import StopRequest, existing_parent, tree_to
 from .checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from .hooks import FeatureRecorder, feature_pairs, unwrap
 from .losses import kd_losses, prediction_target
@@ -410,10 +410,7 @@ def checkpoint_bytes(d: Distiller) -> int:
 def _free_bytes(out_dir: str) -> int:
     import shutil
 
-    path = out_dir
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    return shutil.disk_usage(path).free
+    return shutil.disk_usage(existing_parent(out_dir)).free
 
 
 def warn_low_space(out_dir: str, d: Distiller, keep: int, log=print) -> None:
