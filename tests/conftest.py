@@ -37,3 +37,13 @@ def tiny_teacher():
     from koala.testing.tiny import tiny_unet
 
     return tiny_unet(seed=0).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_pixart_dir(tmp_path_factory):
+    """A saved tiny PixArt-Σ pipeline (random weights: T5 encoder, 6-block DiT with learned sigma)."""
+    from koala.testing.tiny import save_tiny_pipeline
+
+    d = tmp_path_factory.mktemp("tiny_pixart") / "pipe"
+    save_tiny_pipeline(str(d), seed=0, words=["a", "red", "blue", "circle", "square", "photo", "of"], family="pixart")
+    return str(d)

@@ -41,9 +41,9 @@ def test_detection_and_refusals_name_the_family():
         get_family("sdxl").check(sd_cfg)
     with pytest.raises(KoalaError, match="no supported model family"):
         detect_family({**sd_cfg, "down_block_types": ["AttnDownBlock2D"] * 4})
-    with pytest.raises(KoalaError, match="unknown model family 'pixart'; choose one of: sdxl, sd"):
-        get_family("pixart")
-    assert set(FAMILIES) == {"sdxl", "sd"}
+    with pytest.raises(KoalaError, match="unknown model family 'flux'; choose one of: sdxl, sd, pixart"):
+        get_family("flux")
+    assert set(FAMILIES) == {"sdxl", "sd", "pixart"}
 
 
 @pytest.mark.parametrize("preset", ["bk-sdm-base", "bk-sdm-small", "bk-sdm-tiny"])

@@ -88,7 +88,7 @@ def test_unet_plus_base(tiny_pipe_dir, tmp_path):
     lp = load_pipeline(unet=student, base=tiny_pipe_dir, device="cpu")
     assert lp.pipe.unet.config.mid_block_type is None and "student" in lp.model
     assert generate(lp, "a red circle", steps=1, progress=False, log=lambda *_: None).images[0].size == (32, 32)
-    with pytest.raises(KoalaError, match="is a U-Net directory") as err:
+    with pytest.raises(KoalaError, match="is a model \(U-Net / transformer\) directory") as err:
         load_pipeline(student, device="cpu")  # a U-Net dir is not a pipeline
     assert err.value.option == "model"
 

@@ -134,7 +134,7 @@ def test_kd_features_are_replaced_as_a_whole(tmp_path):
 def test_shipped_recipes_resolve_by_name_and_match_paper():
     names = shipped_recipes()
     assert set(names) == {"tiny", "bk-baseline", "koala-lightning-700m", "koala-lightning-1b", "koala-turbo-700m",
-                          "koala-turbo-1b"}
+                          "koala-turbo-1b", "pixart-sigma-dit-m", "tiny-dit"}
     for name in names:
         cfg = load_config(name)
         assert set(cfg) == set(DEFAULTS) and load_config(f"{name}.yaml") == cfg
@@ -146,6 +146,12 @@ def test_shipped_recipes_resolve_by_name_and_match_paper():
         assert t["lr"] == 1e-5 and t["max_steps"] == 500_000 and t["mixed_precision"] == "fp16"
         assert t["batch_size"] * t["grad_accum"] * 4 == 128  # 4 GPUs in the paper
         assert cfg["kd"]["features"] == {"SA": "all", "LF": ["DW-1", "UP-3"]} and cfg["kd"]["feature_loss"] == "mse"
+    dit = load_config("pixart-sigma-dit-m")  # App. A.4: DiT-M from PixArt-Σ 512, CAME lr 2e-5, batch 192, fp16
+    t = dit["train"]
+    assert dit["student"] == {"path": None, "preset": "dit-m", "layer_selection": "bottom"}
+    assert (t["optimizer"], t["lr"], t["resolution"], t["mixed_precision"]) == ("came", 2e-5, 512, "fp16")
+    assert t["batch_size"] * t["grad_accum"] * 8 == 192 and dit["kd"]["features"] == {"SA": "all"}
+    assert load_config("tiny-dit")["student"]["preset"] == {"num_layers": 3}
     assert load_config("koala-lightning-700m")["teacher"]["unet_path"]
     assert load_config("koala-turbo-1b")["teacher"]["unet_path"] is None
     tiny = load_config("tiny")

@@ -152,12 +152,13 @@ class LayerMap:
     def load(cls, path: str | os.PathLike) -> "LayerMap":
         path = str(path)
         if os.path.isdir(path):
-            for cand in (os.path.join(path, LAYER_MAP_FILE), os.path.join(path, "unet", LAYER_MAP_FILE)):
+            for cand in (os.path.join(path, d, LAYER_MAP_FILE) for d in ("", "unet", "transformer")):
                 if os.path.isfile(cand):
                     path = cand
                     break
             else:
-                raise KoalaError(f"{path}: no {LAYER_MAP_FILE} here or in unet/ (was this student made by `koala compress`?)")
+                raise KoalaError(f"{path}: no {LAYER_MAP_FILE} here or in unet/ or transformer/ (was this student made "
+                                 "by `koala compress`?)")
         try:
             with open(path) as f:
                 d = json.load(f)

@@ -249,3 +249,18 @@ def unet_stage_modules(lmap: LayerMap, student: torch.nn.Module, teacher: torch.
             continue
         out[e.stage] = pair
     return out
+
+
+def unet_transformer_pairs(lmap: LayerMap, student, teacher, selection: str | None) -> list[tuple[str, str, str]]:
+    """(stage, student layer prefix, teacher layer prefix) for every student transformer layer: the layer map's
+    pairs (``selection`` None), or per attention block the teacher layers ``selection`` picks."""
+    if selection is None:
+        return [(e.stage, e.student, e.teacher) for e in lmap.of_kind("transformer_layer")]
+    s_mods, t_mods = dict(student.named_modules()), dict(teacher.named_modules())
+    out = []
+    for e in lmap.of_kind("attention"):
+        n_s = len(s_mods[e.student].transformer_blocks)
+        n_t = len(t_mods[e.teacher].transformer_blocks)
+        for k, tk in enumerate(select_layers(n_t, n_s, selection)):
+            out.append((e.stage, f"{e.student}.transformer_blocks.{k}", f"{e.teacher}.transformer_blocks.{tk}"))
+    return out

@@ -12,8 +12,7 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig
+from diffusers import AutoencoderKL
 
 from ..errors import KoalaError
 from ..families import Family, all_presets, family_of, model_dir_kind
@@ -28,11 +27,12 @@ TINY_PREFIX = "tiny-"  # "tiny-sdxl-base", "tiny-koala-700m", ...: preset applie
 
 @dataclass
 class BenchModel:
-    """Everything the timer needs for one model; ``text_encoders``/``vae`` may be None (U-Net only)."""
+    """Everything the timer needs for one model; ``text_encoders``/``vae`` may be None (denoiser only). ``unet`` is
+    the denoiser, a U-Net or a DiT transformer (the report's ``unet`` fields name it so for every family)."""
 
     name: str
     source: str  # "preset", "tiny-preset" or the pipeline directory
-    unet: UNet2DConditionModel
+    unet: torch.nn.Module
     text_encoders: list = field(default_factory=list)
     vae: AutoencoderKL | None = None
     vae_scale: int = 8
@@ -88,10 +88,12 @@ def materialize(factory, device, dtype, seed: int = 0):
 
 
 def real_text_encoder_factories(family: Family) -> list:
-    """Constructors of the family's real-size text towers (SDXL: CLIP-L + OpenCLIP bigG; SD-1.x: CLIP-L)."""
+    """Constructors of the family's real-size text towers (SDXL: CLIP-L + OpenCLIP bigG; SD-1.x: CLIP-L; PixArt:
+    T5-XXL's encoder)."""
     import transformers
 
-    return [lambda cls=cls, tower=tower: getattr(transformers, cls)(CLIPTextConfig(**tower))
+    config_cls = getattr(transformers, family.text_config_class_name)
+    return [lambda cls=cls, tower=tower: getattr(transformers, cls)(config_cls(**tower))
             for (_, _, cls), tower in zip(family.text_encoders, family.real_text_towers)]
 
 
@@ -100,21 +102,25 @@ def real_text_encoders(family: Family, device, dtype):
     return [materialize(f, device, dtype, i + 1) for i, f in enumerate(real_text_encoder_factories(family))]
 
 
-def sdxl_vae(device, dtype):  # SD-1.x's VAE has the same architecture
+def sdxl_vae(device, dtype):  # SD-1.x's and PixArt's VAEs have the same architecture
     return materialize(lambda: AutoencoderKL(**SDXL_VAE), device, dtype, 3)
 
 
 def preset_unet_config(name: str) -> tuple[Family, dict]:
-    """``(family, U-Net config)`` of a preset (``koala-700m``) or tiny preset (``tiny-koala-700m``)."""
+    """``(family, denoiser config)`` of a preset (``koala-700m``) or tiny preset (``tiny-koala-700m``; a tiny PixArt
+    teacher has the real one's 28 blocks, so ``tiny-dit-m`` keeps 14 as DiT-M does)."""
     base = name[len(TINY_PREFIX):] if name.startswith(TINY_PREFIX) else name
     fam = all_presets().get(base)
     if fam is None:
         raise KoalaError(f"models: {name!r} is neither a preset ({', '.join(all_presets())}; prefix 'tiny-' for "
                          "test-size versions) nor an existing pipeline directory", option="models")
     if name.startswith(TINY_PREFIX):
-        from ..testing.tiny import RANDOM, unet_config
+        from ..testing.tiny import RANDOM, denoiser_config
 
-        return fam, fam.student_config(unet_config(RANDOM, family=fam.name), base)
+        cfg = denoiser_config(RANDOM, fam.name)
+        if "num_layers" in fam.reference_config:
+            cfg["num_layers"] = fam.reference_config["num_layers"]
+        return fam, fam.student_config(cfg, base)
     return fam, fam.student_config(fam.reference_config, base)
 
 
@@ -124,7 +130,7 @@ def build_bench_model(name: str, device="cpu", dtype=torch.float32, components=(
     if os.path.isdir(name):
         return _from_pipeline_dir(name, device, dtype, want_text, want_vae)
     fam, cfg = preset_unet_config(name)
-    unet = materialize(lambda: UNet2DConditionModel.from_config(cfg), device, dtype)
+    unet = materialize(lambda: fam.build_model(cfg, "meta"), device, dtype)
     if name.startswith(TINY_PREFIX):
         from ..testing.tiny import RANDOM, tiny_text_encoders, tiny_vae
 

@@ -214,14 +214,13 @@ def simulate_step(cfg: dict, models: _Models) -> dict:
             t_out = None
             if need_teacher:
                 with torch.no_grad(), t_rec.capture():
-                    t_in = {k: v.to(t_dtype) for k, v in cond.items()}
-                    t_out = teacher(noisy.to(t_dtype), t, **fam.model_inputs(t_in)).sample
+                    t_out = fam.forward(teacher, noisy, t, cond, dtype=t_dtype)
             # the student's forward and backward (which recomputes under gradient checkpointing) as autocast runs them
             with _autocast_like() if sim_dtype != torch.float32 else contextlib.nullcontext():
                 with s_rec.capture():
-                    s_out = student(noisy, t, **fam.model_inputs(cond)).sample
+                    s_out = fam.forward(student, noisy, t, cond)
                 losses = kd_losses(s_out, target, t_out if w["out"] > 0 else None, pairs, s_rec.pop(), t_rec.pop(),
-                                   w, cfg["kd"]["feature_loss"])
+                                   w, cfg["kd"]["feature_loss"], prediction=fam.prediction(s_out, c))
                 losses.total.backward()
             del losses, s_out, t_out
     finally:
@@ -244,7 +243,9 @@ def plan_memory(cfg: dict, teacher: str | None = None, device_gib: float | None 
     p_s, p_t = sim["student_params"], sim["teacher_params"]
     t_bytes = torch.empty((), dtype=parse_dtype(cfg["teacher"]["dtype"])).element_size()
     mixed = tcfg["mixed_precision"] in ("bf16", "fp16")
-    opt_bytes = 2 * p_s * (1 if tcfg["optimizer"] == "adamw8bit" else 4)
+    # AdamW: two fp32 moments; 8-bit AdamW: two 1-byte moments; CAME: one fp32 moment (its second moment and
+    # confidence are factored into row/column vectors of each matrix, negligible next to it)
+    opt_bytes = p_s * {"adamw": 8, "adamw8bit": 2, "came": 4}[tcfg["optimizer"]]
     if tcfg["shard_optimizer"] and processes > 1:
         opt_bytes = -(-opt_bytes // processes)
     state = {

@@ -30,13 +30,14 @@ def markdown_table(result: dict) -> str:
     where = env.get("gpu") or f"CPU ({env.get('cpu')}, {env.get('threads')} threads)"
     mem_kind = next((m["memory"].get("kind") for m in result["models"] if m["memory"]), "")
     mem_label = "Peak CUDA alloc. (GiB)" if mem_kind == "cuda_max_allocated" else "Peak RSS (GiB)"
+    dn = "U-Net" if all(m.get("denoiser", "unet") == "unet" for m in result["models"]) else "Denoiser"
     lines = [
-        f"Device: {where}; dtype {s['dtype']}; batch {s['batch']} (U-Net batch {s['batch'] * (2 if s['cfg'] > 1 else 1)}, "
+        f"Device: {where}; dtype {s['dtype']}; batch {s['batch']} ({dn} batch {s['batch'] * (2 if s['cfg'] > 1 else 1)}, "
         f"cfg {s['cfg']}); components: {', '.join(s['components'])}; warm-up {s['warmup']}, {s['repeats']} rounds "
         f"interleaved, medians; torch {env.get('torch')}.",
         "",
-        "| Model | Resolution | Steps | Latency (s) | Text Enc. (ms) | U-Net / step (ms) | U-Net total (ms) "
-        f"| VAE Dec. (ms) | U-Net Param. | TFLOPs / step | Weights (GiB) | {mem_label} | Speed-up (U-Net) | FLOPs ratio |",
+        f"| Model | Resolution | Steps | Latency (s) | Text Enc. (ms) | {dn} / step (ms) | {dn} total (ms) "
+        f"| VAE Dec. (ms) | {dn} Param. | TFLOPs / step | Weights (GiB) | {mem_label} | Speed-up ({dn}) | FLOPs ratio |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     rel = {r["name"]: r for r in result.get("relative", [])}
@@ -53,7 +54,7 @@ def markdown_table(result: dict) -> str:
     if len(result["models"]) > 1:
         ref = result["models"][0]["name"]
         lines += ["", f"Speed-up and FLOPs ratio are {ref} / model (higher = the model is cheaper than {ref}). "
-                  "Median of same-round U-Net ratios: "
+                  f"Median of same-round {dn} ratios: "
                   + ", ".join(f"{r['name']} {r['unet_speedup_paired_median']:.2f}x" for r in result["relative"][1:]) + "."]
     if mem_kind == "cpu_peak_rss":
         lines += ["Peak RSS is the whole process (every model kept loaded is counted); Weights is the model's own "

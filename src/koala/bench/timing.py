@@ -1,7 +1,8 @@
-"""Time text encoders, U-Net steps and VAE decode of several models, interleaved, and report medians.
+"""Time text encoders, denoiser steps and VAE decode of several models, interleaved, and report medians.
 
-One *run* mirrors ``StableDiffusionXLPipeline``: encode the prompt batch with both text encoders, then
-``steps`` Euler steps (U-Net on the CFG-doubled batch when ``cfg > 1``), then VAE decode. Each component is
+One *run* mirrors the family's pipeline (``StableDiffusionXLPipeline``, ``PixArtSigmaPipeline``, ...): encode the
+prompt batch with the text encoder(s), then ``steps`` Euler steps (the denoiser, U-Net or DiT, on the CFG-doubled
+batch when ``cfg > 1``), then VAE decode. The component called ``unet`` is the denoiser, whatever its kind. Each component is
 timed with a device sync at its boundaries; the whole run is the end-to-end latency. Models are measured
 in rounds A, B, A, B, ... so that background load (other processes on a shared CPU) hits all of them
 alike; medians are reported.
@@ -42,7 +43,7 @@ class BenchSettings:
     warmup: int = 1
     repeats: int = 3
     keep_loaded: bool = True  # False: build each model anew every round (only one in memory at a time)
-    text_len: int = 77
+    text_len: int | None = None  # tokens per prompt; None: the family's (CLIP 77, PixArt-Σ's T5 300)
     channels_last: bool = False  # U-Net in channels_last memory format (the VAE decoder is slower so: see results/h200)
     compile: bool = False        # torch.compile the U-Net (warm-up runs absorb the compilation)
     vae_tiling: bool = False     # decode in tiles (diffusers enable_tiling): less memory at 1024^2 and above
@@ -90,12 +91,12 @@ class _Inputs:
         fam, c = get_family(m.family), dict(m.unet.config)
         g = torch.Generator().manual_seed(0)
         lat = s.resolution // m.vae_scale
+        text_len = s.text_len or fam.default_text_len
         vocab = m.text_encoders[0].config.vocab_size if m.text_encoders else 1000
-        self.ids = [torch.randint(0, vocab, (s.batch, s.text_len), generator=g).to(device) for _ in m.text_encoders]
-        # U-Net conditioning when the text encoders are not run (or do not fit a custom U-Net): random, right shapes
-        self.cond = {k: tree_to(v, device) for k, v in
-                     fam.dummy_inputs(c, lat, s.unet_batch, s.text_len, device="cpu", dtype=dtype).items()
-                     if k not in ("sample", "timestep")}
+        self.ids = [fam.token_batch(torch.randint(0, vocab, (s.batch, text_len), generator=g).to(device))
+                    for _ in m.text_encoders]
+        # denoiser conditioning when the text encoders are not run (or do not fit a custom model): random, right shapes
+        self.cond = tree_to(fam.dummy_cond(c, s.unet_batch, text_len, device="cpu", dtype=dtype), device)
         size = torch.tensor([[s.resolution, s.resolution]] * s.unet_batch)
         self.micro = {k: v.to(device, dtype) for k, v in fam.micro_conditions(
             {"original_size": size, "crop_top_left": torch.zeros_like(size), "target_size": size}).items()}
@@ -122,7 +123,7 @@ def _one_run(m: BenchModel, s: BenchSettings, x: _Inputs, device) -> dict:
     out: dict = {}
     _sync(device)
     t_start = time.perf_counter()
-    unet_kw = x.cond
+    cond_in = x.cond
     if "text" in s.components and m.text_encoders:
         t0 = time.perf_counter()
         cond = fam.encode_tokens(x.ids, m.text_encoders)
@@ -132,9 +133,9 @@ def _one_run(m: BenchModel, s: BenchSettings, x: _Inputs, device) -> dict:
             cond = {k: torch.cat([neg[k], v]) for k, v in cond.items()}
         _sync(device)
         out["text_encoders"] = 1000 * (time.perf_counter() - t0)
-        kw = fam.model_inputs({**cond, **x.micro})
-        if kw["encoder_hidden_states"].shape[-1] == m.unet.config.cross_attention_dim:  # else a U-Net-only custom model
-            unet_kw = kw
+        key = fam.text_cond_keys[0]
+        if cond[key].shape[-1] == x.cond[key].shape[-1]:  # else a denoiser-only custom model: random conditioning
+            cond_in = {**cond, **x.micro}
     sched = sdxl_scheduler()
     sched.set_timesteps(s.steps, device=device)
     latents = x.latents * sched.init_noise_sigma
@@ -143,7 +144,7 @@ def _one_run(m: BenchModel, s: BenchSettings, x: _Inputs, device) -> dict:
         t0 = time.perf_counter()
         inp = torch.cat([latents] * 2) if s.cfg > 1 else latents
         inp = sched.scale_model_input(inp, t)
-        eps = m.unet(inp, t, **unet_kw, return_dict=False)[0]
+        eps = fam.prediction(fam.forward(m.unet, inp, t.reshape(1).expand(inp.shape[0]), cond_in), latents.shape[1])
         if s.cfg > 1:
             uncond, cond = eps.chunk(2)
             eps = uncond + s.cfg * (cond - uncond)
@@ -255,7 +256,8 @@ def _static_row(name: str, m: BenchModel, s: BenchSettings) -> dict:
     fam, cfg = get_family(m.family), dict(m.unet.config)
     meta_unet = fam.build_model(cfg, "meta")
     flops = forward_flops(meta_unet, fam.dummy_inputs(cfg, s.resolution // m.vae_scale, s.unet_batch, s.text_len))
-    return {"name": name, "source": m.source, "params": m.params(), "weights_bytes": m.weight_bytes(),
+    return {"name": name, "source": m.source, "denoiser": fam.model_subfolder, "params": m.params(),
+            "weights_bytes": m.weight_bytes(),
             "unet_tflops_per_step": flops / 1e12, "memory": {}, "_runs": []}
 
 

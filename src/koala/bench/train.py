@@ -119,13 +119,13 @@ def _config(s: TrainBenchSettings, out_dir: str, preset_mode: bool) -> dict:
 def build_preset_models(cfg: dict, teacher_preset: str, device: torch.device):
     """``(teacher, student, layer_map, frozen, vae_scale)`` with random weights: the teacher preset at real size
     (or test size for ``tiny-``), the student compressed from it per ``student.preset``."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler
 
     from ..distill.models import Frozen
     from ..testing.tiny import sdxl_scheduler
 
     fam, t_config = preset_unet_config(teacher_preset)
-    teacher = materialize(lambda: UNet2DConditionModel.from_config(t_config), device, torch.float32)
+    teacher = materialize(lambda: fam.build_model(t_config, "meta"), device, torch.float32)
     s = cfg["student"]
     student, lmap = fam.compress(teacher, s["preset"], s["layer_selection"], torch.float32)
     weight_dtype = parse_dtype(cfg["teacher"]["dtype"])

@@ -6,10 +6,12 @@ import argparse
 
 EPILOG = """\
 models: preset names of any family (sdxl: sdxl-base, bk-sdxl, koala-1b, koala-700m, ssd-1b, segmind-vega; sd:
-sd-v1, bk-sdm-base, bk-sdm-small, bk-sdm-tiny; see `koala presets`) are built at real size with random weights
-(no download: allocated on meta, then filled with N(0, 0.02)); the text encoders (SDXL: CLIP ViT-L + OpenCLIP
-bigG; SD-1.x: CLIP ViT-L) and the VAE are the real architectures too. 'tiny-<preset>' gives test-size versions.
-A path to a pipeline directory benchmarks its real weights.
+sd-v1, bk-sdm-base, bk-sdm-small, bk-sdm-tiny; pixart: pixart-sigma-xl, dit-m; see `koala presets`) are built at
+real size with random weights (no download: allocated on meta, then filled with N(0, 0.02)); the text encoders
+(SDXL: CLIP ViT-L + OpenCLIP bigG; SD-1.x: CLIP ViT-L; PixArt: the T5-XXL encoder, 4.8B parameters, reported as its
+own component: leave `text` out of --components to skip it) and the VAE are the real architectures too.
+'tiny-<preset>' gives test-size versions. A path to a pipeline directory benchmarks its real weights.
+The `unet` component is the denoiser, whatever its kind (U-Net, or a DiT transformer for PixArt).
 
 components: on CUDA the default is text,unet,vae (per component and end to end); on CPU the default is unet
 only, since a real-size run on a few cores takes minutes. Models are measured interleaved (A,B,A,B...)
@@ -19,13 +21,14 @@ examples:
   koala bench --models sdxl-base,koala-1b,koala-700m --resolution 1024 --steps 10 --device cuda --dtype fp16 \\
       --json bench.json --plot bench.png --markdown bench.md
   koala bench --models sdxl-base,koala-700m --components unet --resolution 512 --steps 1 --device cpu --dtype fp32
+  koala bench --models pixart-sigma-xl,dit-m --resolution 512 --components unet,vae --device cuda
 """
 
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "bench", help="time text encoders, U-Net and VAE of presets or pipelines; memory, params, FLOPs",
-        description="Benchmark models of any supported family component by component (text encoders, U-Net per step "
+        "bench", help="time text encoders, denoiser (U-Net / DiT) and VAE of presets or pipelines; memory, params, FLOPs",
+        description="Benchmark models of any supported family component by component (text encoders, denoiser per step "
         "and in total, VAE decode) and end to end, with warm-up, interleaved repeats and medians, peak memory "
         "(CUDA max allocated, or CPU peak RSS), parameters and FLOPs. Prints a markdown table like the paper's "
         "Tables 1/6 and can write JSON and a Fig. 7-style plot.",
@@ -38,12 +41,12 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, default=10, help="denoising steps per run (default 10, the paper's)")
     p.add_argument("--batch", type=int, default=1, help="images per run (default 1)")
     p.add_argument("--cfg", type=float, default=3.5,
-                   help="guidance scale; > 1 doubles the U-Net batch as in the pipeline (default 3.5)")
+                   help="guidance scale; > 1 doubles the denoiser batch as in the pipeline (default 3.5)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
                    help="weight/activation dtype (default: fp16 on cuda, fp32 on cpu)")
     p.add_argument("--components", default=None,
-                   help="comma-separated subset of text,unet,vae (default: all on cuda, unet on cpu)")
+                   help="comma-separated subset of text,unet,vae; unet = the denoiser (default: all on cuda, unet on cpu)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per model before measuring (default 1)")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds; each round runs every model once (default 3)")
     p.add_argument("--one-at-a-time", action="store_true",

@@ -2,31 +2,28 @@
 
 from __future__ import annotations
 
-import json
-
-from ..errors import KoalaError
-
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "compress", help="compress a teacher U-Net into a KOALA student initialised from the teacher",
-        description="Remove blocks and transformer layers from a teacher U-Net (KOALA, Sec. 3.1.1; BK-SDM) and "
-        "initialise every kept tensor from the teacher at the same location. The teacher's family (sdxl: SDXL-Base/"
-        "Turbo/Lightning; sd: SD-1.x/2.x) is detected from its config; `koala presets` lists each family's presets. "
-        "Writes the student with koala_layer_map.json next to its config. A pipeline teacher gives a full pipeline "
-        "directory that the family's diffusers pipeline (StableDiffusionXLPipeline / StableDiffusionPipeline) loads as is.",
+        "compress", help="compress a teacher U-Net or DiT into a KOALA student initialised from the teacher",
+        description="Remove blocks and transformer layers from a teacher U-Net (KOALA, Sec. 3.1.1; BK-SDM) or transformer "
+        "blocks from a PixArt DiT (DiT-XL -> DiT-M, App. A.4), and initialise every kept tensor from the teacher at the "
+        "same location. The teacher's family (sdxl: SDXL-Base/Turbo/Lightning; sd: SD-1.x/2.x; pixart: PixArt-Σ/α) is "
+        "detected from its config; `koala presets` lists each family's presets. Writes the student with "
+        "koala_layer_map.json next to its config. A pipeline teacher gives a full pipeline directory that the family's "
+        "diffusers pipeline (StableDiffusionXLPipeline / StableDiffusionPipeline / PixArtSigmaPipeline) loads as is.",
     )
-    p.add_argument("--teacher", required=True, help="teacher U-Net directory or pipeline directory (local)")
+    p.add_argument("--teacher", required=True, help="teacher model directory (U-Net / transformer) or pipeline directory (local)")
     p.add_argument("--teacher-unet", default=None,
-                   help="use this U-Net (directory, or a .safetensors checkpoint such as SDXL-Lightning's) as the teacher "
-                   "instead of the pipeline's")
+                   help="use this denoiser (U-Net / transformer directory, or a .safetensors checkpoint such as "
+                   "SDXL-Lightning's U-Net) as the teacher instead of the pipeline's")
     p.add_argument("--student", required=True,
                    help="preset name (sdxl: koala-700m, koala-1b, bk-sdxl, sdxl-base, ssd-1b, segmind-vega; sd: "
-                   "bk-sdm-base, bk-sdm-small, bk-sdm-tiny, sd-v1) or a JSON spec such as "
+                   "bk-sdm-base, bk-sdm-small, bk-sdm-tiny, sd-v1; pixart: dit-m, pixart-sigma-xl) or a JSON spec such as "
                    '\'{"encoder_layers":[1,1,1],"down_depth":[0,2,4],"up_depth":[4,2,0],"mid_block":false}\' '
-                   '(optional "stages": N keeps only the N outermost stages)')
+                   '(optional "stages": N keeps only the N outermost stages) or, for a DiT, \'{"num_layers": 10}\'')
     p.add_argument("--family", default=None, metavar="NAME",
-                   help="the teacher's model family, sdxl or sd (default: detected from its config)")
+                   help="the teacher's model family, sdxl, sd or pixart (default: detected from its config)")
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="student weight dtype (default: fp32)")
     p.add_argument("--layer-selection", default="bottom", choices=["bottom", "interleave", "up"],
@@ -35,27 +32,18 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _spec(value: str):
-    if value.lstrip().startswith("{"):
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError as err:
-            raise KoalaError(f"--student: not valid JSON ({err})") from err
-    return value
-
-
 def run(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
     from ..compress import compress
 
-    res = compress(args.teacher, _spec(args.student), args.out, dtype=args.dtype, overwrite=args.overwrite,
+    res = compress(args.teacher, args.student, args.out, dtype=args.dtype, overwrite=args.overwrite,
                    layer_selection=args.layer_selection, teacher_unet=args.teacher_unet, family=args.family)
     t = Table(title=f"koala compress ({res.family}) -> {res.out_dir}")
     for c in ("", "teacher", "student"):
         t.add_column(c, justify="right")
-    t.add_row("U-Net params", f"{res.teacher_params:,}", f"{res.student_params:,}")
+    t.add_row("denoiser params", f"{res.teacher_params:,}", f"{res.student_params:,}")
     t.add_row("kept", "100%", f"{100 * res.kept:.1f}%")
     t.add_row("tensors copied", "", f"{res.tensors_copied}")
     t.add_row("output", "", res.kind)

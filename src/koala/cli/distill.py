@@ -16,6 +16,8 @@ examples:
   koala distill --config tiny kd.features="{SA: [UP-1]}"        # Table 3b: a single stage
   koala distill --config tiny kd.layer_selection=interleave     # Table 10c: SA-interleave
   koala distill --config tiny --print-config                    # show the resolved config and exit
+  koala lab make-tiny runs/tiny-pixart --family pixart && koala distill --config tiny-dit   # PixArt DiT smoke run
+  koala distill --config tiny-dit kd.features="{CA: all}"       # Table 8: cross-attention features in a DiT
   accelerate launch --num_processes 4 -m koala.cli distill --config koala-lightning-1b ...
 """
 
@@ -35,10 +37,11 @@ recipes: a YAML file path, or a shipped recipe name: {', '.join(shipped_recipes(
 overrides are key=value with dotted keys and YAML values (applied after the recipe), e.g. train.lr=2e-5,
   train.resume=null, kd.features="{{SA: all}}". Unknown keys and wrong types are refused.
   Main keys (schema and defaults in koala/distill/config.py; see them all with `--config tiny --print-config`):
-  teacher.pipeline, teacher.unet_path, teacher.family (null = detect; sdxl | sd), teacher.dtype
-  student.path | student.preset, student.layer_selection ({' | '.join(LAYER_SELECTIONS)})
+  teacher.pipeline, teacher.unet_path, teacher.family (null = detect; sdxl | sd | pixart), teacher.dtype
+  student.path | student.preset (a name or a spec mapping, e.g. {{num_layers: 10}}), student.layer_selection ({' | '.join(LAYER_SELECTIONS)})
   kd.features {{TYPE: all | [stages]}} (types {' '.join(FEATURE_TYPES)}; stage names depend on the model family,
-        e.g. DW-1..3 MID UP-1..3 for SDXL, DW-1..4 MID UP-1..4 for SD-1.x), kd.feature_loss ({' | '.join(FEATURE_LOSSES)}),
+        e.g. DW-1..3 MID UP-1..3 for SDXL, DW-1..4 MID UP-1..4 for SD-1.x, B-1..B-n (one per block) for a DiT;
+        first / last; ranges A..B), kd.feature_loss ({' | '.join(FEATURE_LOSSES)}),
         kd.layer_selection (null | {' | '.join(LAYER_SELECTIONS)}): null matches each student transformer layer with
         the teacher layer the saved layer map initialised it from (koala_layer_map.json); a value re-picks the
         matched teacher layers for featKD only (Table 10c) -- initialisation always follows the layer map

@@ -31,7 +31,8 @@ def register(sub) -> None:
     p.add_argument("--prompts-file", default=None, help="text file with one prompt per line ('#' lines skipped)")
     src = p.add_argument_group("model")
     src.add_argument("--model", default=None, help="pipeline directory, SDXL or SD-1.x (e.g. written by koala compress)")
-    src.add_argument("--unet", default=None, help="student U-Net directory to drop into --base (e.g. koala distill's OUT/checkpoints/step-N/unet)")
+    src.add_argument("--unet", default=None, help="student U-Net (or DiT transformer) directory to drop into --base (e.g. koala distill's "
+                     "OUT/checkpoints/step-N/unet, or .../transformer for a PixArt student)")
     src.add_argument("--base", default=None, help="teacher pipeline directory supplying text encoders, VAE, scheduler")
     src.add_argument("--vae", default=None, help="fp16-safe VAE directory (e.g. sdxl-vae-fp16-fix)")
     g = p.add_argument_group("sampling")

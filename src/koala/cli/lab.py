@@ -72,15 +72,16 @@ def register(sub) -> None:
     s.set_defaults(func=run_sample)
 
     k = lab.add_parser(
-        "make-tiny", help="write a tiny random-weight pipeline (SDXL or SD-1.x topology) for tests and smoke runs",
+        "make-tiny", help="write a tiny random-weight pipeline (SDXL, SD-1.x or PixArt topology) for tests and smoke runs",
         description="Write a tiny pipeline with random weights to OUT: --family sdxl gives a StableDiffusionXLPipeline "
         "(two CLIP text encoders, text_time conditioning, transformer depths [1, 2, 10]), --family sd a "
-        "StableDiffusionPipeline with SD-1.x's four-stage U-Net and one CLIP text encoder. 32x32 images, CPU, "
-        "seconds. Written atomically; an existing OUT is refused unless --overwrite.",
+        "StableDiffusionPipeline with SD-1.x's four-stage U-Net and one CLIP text encoder, --family pixart a "
+        "PixArtSigmaPipeline (T5 encoder with attention mask, 6-block DiT with adaLN-single and learned sigma). "
+        "32x32 images, CPU, seconds. Written atomically; an existing OUT is refused unless --overwrite.",
     )
     k.add_argument("out", metavar="OUT", help="output pipeline directory")
     k.add_argument("--family", default="sdxl", metavar="NAME",
-                   help="pipeline topology: a model family of koala.families, sdxl or sd (default sdxl)")
+                   help="pipeline topology: a model family of koala.families, sdxl, sd or pixart (default sdxl)")
     k.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")
     k.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     k.set_defaults(func=run_make_tiny)

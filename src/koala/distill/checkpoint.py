@@ -2,8 +2,8 @@
 
 Layout::
 
-    unet/            student as a diffusers U-Net (safetensors) + koala_layer_map.json
-    unet_ema/        EMA weights, same format (when EMA is on)
+    unet/            student as a diffusers model (safetensors) + koala_layer_map.json (transformer/ for a DiT)
+    unet_ema/        EMA weights, same format (when EMA is on; transformer_ema/ for a DiT)
     trainer_state.pt optimizer / EMA / grad-scaler state (tensors and numbers only; loaded with weights_only=True)
     state.json       step, world size and global batch, and the resolved config
 """
@@ -53,21 +53,29 @@ def resolve_resume(resume: str | None, output_dir: str) -> str | None:
     return resume
 
 
+def model_folder(lmap) -> str:
+    """The student's folder in a checkpoint: its family's pipeline subfolder (unet, or transformer for a DiT)."""
+    from ..families import get_family
+
+    return get_family(lmap.meta.get("family", "sdxl")).model_subfolder
+
+
 def save_checkpoint(output_dir: str, step: int, student, lmap, ema, optimizer, scaler, cfg: dict, keep: int = 0,
                     world_size: int = 1) -> str:
     final = os.path.join(checkpoint_root(output_dir), f"step-{step:07d}")
     with atomic_output_dir(final, overwrite=True) as tmp:
-        student.save_pretrained(os.path.join(tmp, "unet"), safe_serialization=True)
-        lmap.save(os.path.join(tmp, "unet"))
+        sub = model_folder(lmap)
+        student.save_pretrained(os.path.join(tmp, sub), safe_serialization=True)
+        lmap.save(os.path.join(tmp, sub))
         if ema is not None:
             params = list(student.parameters())
             ema.store(params)
             ema.copy_to(params)
             try:
-                student.save_pretrained(os.path.join(tmp, "unet_ema"), safe_serialization=True)
+                student.save_pretrained(os.path.join(tmp, f"{sub}_ema"), safe_serialization=True)
             finally:
                 ema.restore(params)
-            lmap.save(os.path.join(tmp, "unet_ema"))
+            lmap.save(os.path.join(tmp, f"{sub}_ema"))
         state = {"optimizer": optimizer.state_dict(), "ema": ema.state_dict() if ema is not None else None,
                  "scaler": scaler.state_dict() if scaler is not None else None}
         torch.save(state, os.path.join(tmp, "trainer_state.pt"))
@@ -85,9 +93,10 @@ def load_checkpoint(path: str, student, ema, optimizer, scaler) -> int:
     """Restore weights and trainer state in place; return the step the checkpoint was taken at."""
     with open(os.path.join(path, "state.json")) as f:
         step = int(json.load(f)["step"])
-    weights = os.path.join(path, "unet", "diffusion_pytorch_model.safetensors")
-    if not os.path.isfile(weights):
-        raise KoalaError(f"{path}: missing unet/diffusion_pytorch_model.safetensors")
+    cands = [os.path.join(path, d, "diffusion_pytorch_model.safetensors") for d in ("unet", "transformer")]
+    weights = next((c for c in cands if os.path.isfile(c)), None)
+    if weights is None:
+        raise KoalaError(f"{path}: missing unet/ (or transformer/) diffusion_pytorch_model.safetensors")
     try:
         student.load_state_dict(load_file(weights, device="cpu"), strict=True)
     except RuntimeError as err:

@@ -20,7 +20,7 @@ from ..recipes import load
 from .losses import FEATURE_LOSSES  # name -> loss function: the allowed kd.feature_loss values
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
-OPTIMIZERS = ("adamw", "adamw8bit")
+OPTIMIZERS = ("adamw", "adamw8bit", "came")
 ATTENTION = ("auto", "flash", "efficient", "cudnn", "math")  # SDPA backends (auto: PyTorch picks per call)
 COMPILE = ("none", "student", "teacher", "both")
 from .hooks import FEATURE_TYPES  # noqa: E402  (the feature-type registry: the allowed kd.features keys)
@@ -30,7 +30,7 @@ from .hooks import FEATURE_TYPES  # noqa: E402  (the feature-type registry: the 
 class TeacherConfig:
     pipeline: Optional[str] = None   # local pipeline dir: text encoder(s), tokenizer(s), VAE, scheduler, U-Net
     unet_path: Optional[str] = None  # replace the pipeline's U-Net (e.g. SDXL-Lightning): U-Net dir or .safetensors
-    family: Optional[str] = None     # null = detect from the pipeline; 'sdxl' or 'sd'
+    family: Optional[str] = None     # null = detect from the pipeline; 'sdxl', 'sd' or 'pixart'
     dtype: str = "fp16"              # weight dtype of the frozen teacher U-Net and text encoders
     vae_dtype: Optional[str] = None  # null: fp32 if the VAE config says force_upcast, else teacher.dtype
 
@@ -38,7 +38,9 @@ class TeacherConfig:
 @dataclass
 class StudentConfig:
     path: Optional[str] = None       # compressed student U-Net dir (or pipeline dir) with koala_layer_map.json
-    preset: str = "koala-700m"       # when path is null: compress the teacher in memory with this preset
+    # when path is null: compress the teacher in memory with this preset, or a custom spec (a mapping, e.g.
+    # {num_layers: 10} for a DiT, or {encoder_layers: [1,1,1], down_depth: [0,2,4], up_depth: [4,2,0]} for a U-Net)
+    preset: Any = "koala-700m"
     layer_selection: str = "bottom"  # which teacher transformer layers initialise the student (compression)
 
 
@@ -76,7 +78,9 @@ class TrainConfig:
     weight_decay: float = 1.0e-2
     adam_betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1.0e-8
-    optimizer: str = "adamw"         # one of OPTIMIZERS (adamw8bit needs bitsandbytes)
+    optimizer: str = "adamw"         # one of OPTIMIZERS (adamw8bit needs bitsandbytes, came needs came-pytorch)
+    came_betas: List[float] = field(default_factory=lambda: [0.9, 0.999, 0.9999])  # CAME (PixArt's settings)
+    came_eps: List[float] = field(default_factory=lambda: [1.0e-30, 1.0e-16])
     mixed_precision: str = "no"      # one of MIXED_PRECISION
     gradient_checkpointing: bool = False
     max_grad_norm: Optional[float] = 1.0  # null or 0 disables clipping
@@ -91,7 +95,7 @@ class TrainConfig:
     allow_world_size_change: bool = False  # resume a checkpoint written with other processes/batch_size/grad_accum
     progress: bool = True
     cpu_threads: Optional[int] = None  # torch intra-op threads (null: torch's default); 1 is fastest for tiny CPU runs
-    caption_dropout: float = 0.0     # fraction of captions replaced by the family's uncond (SDXL zeros, SD "" prompt)
+    caption_dropout: float = 0.0     # fraction of captions replaced by the family's uncond (SDXL zeros, SD / PixArt "" prompt)
     # fast paths (each a switch; measured by `koala bench train`, see benchmarks/results/)
     fused_optimizer: bool = False    # torch AdamW(fused=True): one kernel per parameter group (adamw only)
     channels_last: bool = False      # teacher, student and latents in channels_last memory format
@@ -128,7 +132,7 @@ class DistillConfig:
 
 
 DEFAULTS: dict = OmegaConf.to_container(OmegaConf.structured(DistillConfig))  # the schema's defaults, as a dict
-WHOLE = ("kd.features",)  # replaced as a whole by a recipe or override
+WHOLE = ("kd.features", "student.preset")  # replaced as a whole by a recipe or override
 REMOVED = {
     "teacher.make_tiny": "teacher.make_tiny was removed: create the pipeline once with `koala lab make-tiny DIR` "
                          "and set teacher.pipeline=DIR",
@@ -212,6 +216,14 @@ def _check(cfg: dict) -> None:
     _one_of(cfg, "train.compile", COMPILE)
     if cfg["train"]["fused_optimizer"] and cfg["train"]["optimizer"] != "adamw":
         raise KoalaError("train.fused_optimizer applies to train.optimizer=adamw only")
+    for key, n in (("came_betas", 3), ("came_eps", 2)):
+        if len(cfg["train"][key]) != n:
+            raise KoalaError(f"train.{key} needs {n} numbers (CAME: betas (b1, b2, b3), eps (eps1, eps2)), got "
+                             f"{cfg['train'][key]}", option=f"train.{key}")
+    preset = cfg["student"]["preset"]
+    if not isinstance(preset, (str, dict)):
+        raise KoalaError(f"student.preset must be a preset name or a spec mapping, got {preset!r}",
+                         option="student.preset")
     normalize_data_cfg(data)  # unknown keys, missing path, bad type: refuse before loading any model
     if not cfg["teacher"]["pipeline"]:
         raise KoalaError("teacher.pipeline is required: a local pipeline directory (set it in the recipe or pass "

@@ -4,8 +4,9 @@ Feature types (paper Sec. 3.1.2, Table 3a/10a):
   SA  ``attn1`` output of each transformer layer      CA  ``attn2`` output
   FFN ``ff`` output                                   Res output of each resnet
   LF  last feature of a stage (the block's output, as BK-SDM)
-Stages are the layer map's (SDXL: DW-1..DW-3, MID, UP-1..UP-3; SD-1.x: DW-1..DW-4, MID, UP-1..UP-4); where a
-stage's last feature is comes from the model's family. The types live in one registry, :data:`FEATURE_TYPES`.
+Stages are the layer map's (SDXL: DW-1..DW-3, MID, UP-1..UP-3; SD-1.x: DW-1..DW-4, MID, UP-1..UP-4; PixArt DiT:
+one stage per block, B-1..B-n, where LF is the block's output, Table 8); where a stage's last feature is comes
+from the model's family. The types live in one registry, :data:`FEATURE_TYPES`.
 
 Hooks are registered on the *unwrapped* modules by name (no ``module.`` prefix under DDP) and record only
 inside :meth:`FeatureRecorder.capture`, so recomputation under gradient checkpointing (which re-runs the
@@ -21,7 +22,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..arch.layer_map import LayerMap, select_layers
+from ..arch.layer_map import LayerMap
 from ..errors import KoalaError
 from ..families import Family
 
@@ -43,20 +44,6 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     while isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
         model = model.module
     return getattr(model, "_orig_mod", model)
-
-
-def _transformer_pairs(lmap: LayerMap, student, teacher, selection: str | None) -> list[tuple[str, str, str]]:
-    """(stage, student layer prefix, teacher layer prefix) for every student transformer layer."""
-    if selection is None:
-        return [(e.stage, e.student, e.teacher) for e in lmap.of_kind("transformer_layer")]
-    s_mods, t_mods = dict(student.named_modules()), dict(teacher.named_modules())
-    out = []
-    for e in lmap.of_kind("attention"):
-        n_s = len(s_mods[e.student].transformer_blocks)
-        n_t = len(t_mods[e.teacher].transformer_blocks)
-        for k, tk in enumerate(select_layers(n_t, n_s, selection)):
-            out.append((e.stage, f"{e.student}.transformer_blocks.{k}", f"{e.teacher}.transformer_blocks.{tk}"))
-    return out
 
 
 def _sublayer(sub: str):
@@ -92,7 +79,7 @@ class SiteContext:
 
     @functools.cached_property
     def transformer_pairs(self) -> list[tuple[str, str, str]]:
-        return _transformer_pairs(self.lmap, self.student, self.teacher, self.selection)
+        return self.family.transformer_pairs(self.lmap, self.student, self.teacher, self.selection)
 
 
 # The feature-type registry (paper Sec. 3.1.2, Table 3a/10a): type -> stage -> [(student module, teacher module)].
@@ -111,8 +98,9 @@ def feature_pairs(lmap: LayerMap, student: torch.nn.Module, teacher: torch.nn.Mo
     """The (student, teacher) module pairs whose outputs featKD matches, in a stable order.
 
     ``features`` maps a type of :data:`FEATURE_TYPES` to ``"all"`` (every stage that has it) or a list of stage
-    names (the layer map's: DW-1.., MID, UP-1..; ``first`` = the first encoder stage, ``last`` = the last,
-    highest-resolution decoder stage, whatever the family); a stage listed explicitly that lacks the feature
+    names (the layer map's: DW-1.., MID, UP-1.. for U-Nets, B-1..B-n for DiT blocks; ``first`` = the first
+    stage, ``last`` = the last, whatever the family; ``A..B`` = the stages from A to B); a stage listed explicitly
+    that lacks the feature
     (e.g. SA at DW-1, or MID in a student without a mid block) is an error. ``selection`` (``kd.layer_selection``):
     ``None`` matches each student transformer layer with the teacher layer the saved layer map initialised it
     from; bottom / interleave / up re-pick the matched teacher layers for featKD only (App. B.1).
@@ -128,15 +116,32 @@ def feature_pairs(lmap: LayerMap, student: torch.nn.Module, teacher: torch.nn.Mo
             raise KoalaError(f"kd.features: unknown feature type {ftype!r}; choose from {', '.join(FEATURE_TYPES)}")
         available = FEATURE_TYPES[ftype](ctx)
         order = lmap.stages()
-        aliases = {"first": order[0], "last": order[-1]} if order else {}
-        wanted = [s for s in order if s in available] if stages == "all" else (
-            [aliases.get(s, s) for s in ([stages] if isinstance(stages, str) else stages)])
+        wanted = [s for s in order if s in available] if stages == "all" else expand_stages(
+            [stages] if isinstance(stages, str) else list(stages), order, available, ftype)
         for stage in wanted:
             if stage not in available:
                 raise KoalaError(f"kd.features.{ftype} lists stage {stage} but this student has no {ftype} features "
                                  f"there (stages with {ftype}: {', '.join(available) or 'none'})")
             pairs += [FeaturePair(ftype, stage, s, t) for s, t in available[stage]]
     return pairs
+
+
+def expand_stages(names: list, order: list[str], available: dict, ftype: str) -> list[str]:
+    """Stage names with ``first``/``last`` aliases resolved and ranges ``A..B`` (inclusive, in the layer map's
+    order, e.g. ``DW-2..UP-2`` or ``B-1..B-7``) expanded to the stages in between that have the feature."""
+    aliases = {"first": order[0], "last": order[-1]} if order else {}
+    out: list[str] = []
+    for name in names:
+        name = str(name)
+        if ".." in name:
+            a, b = (aliases.get(x.strip(), x.strip()) for x in name.split("..", 1))
+            if a not in order or b not in order or order.index(a) > order.index(b):
+                raise KoalaError(f"kd.features.{ftype}: range {name!r} needs two stages of this student in order "
+                                 f"(stages: {', '.join(order)})")
+            out += [s for s in order[order.index(a):order.index(b) + 1] if s in available]
+        else:
+            out.append(aliases.get(name, name))
+    return list(dict.fromkeys(out))
 
 
 class FeatureRecorder:

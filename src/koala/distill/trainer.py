@@ -26,7 +26,7 @@ from diffusers.training_utils import EMAModel
 from ..data import make_dataloader
 from ..errors import KoalaError
 from ..recipes import dump_recipe
-from ..utils import StopRequest, existing_parent, tree_to
+from ..utils import StopRequest, existing_parent, require
 from .checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from .hooks import FeatureRecorder, feature_pairs, unwrap
 from .losses import kd_losses, prediction_target
@@ -75,10 +75,15 @@ def sample_generators(seed: int, step: int, micro: int, batch_size: int, grad_ac
 
 
 def make_optimizer(params, tcfg: dict, world_size: int = 1):
-    """AdamW (fused or 8-bit per config); with ``train.shard_optimizer`` and several processes, wrapped in
-    ZeroRedundancyOptimizer so each process holds the states of 1/N of the parameters."""
+    """AdamW (fused or 8-bit per config) or CAME (PixArt's optimizer, from came-pytorch); with
+    ``train.shard_optimizer`` and several processes, wrapped in ZeroRedundancyOptimizer so each process holds the
+    states of 1/N of the parameters."""
     kw = dict(lr=tcfg["lr"], betas=tuple(tcfg["adam_betas"]), eps=tcfg["adam_eps"], weight_decay=tcfg["weight_decay"])
-    if tcfg["optimizer"] == "adamw8bit":
+    if tcfg["optimizer"] == "came":
+        came = require("came_pytorch", "came", "train.optimizer=came")
+        cls = came.CAME
+        kw.update(betas=tuple(tcfg["came_betas"]), eps=tuple(tcfg["came_eps"]))
+    elif tcfg["optimizer"] == "adamw8bit":
         try:
             import bitsandbytes as bnb
         except ImportError as err:
@@ -232,12 +237,12 @@ class Distiller:
             return None
         td = self.frozen.weight_dtype
         with torch.no_grad(), self.t_rec.capture(), attention_context(self.attention):
-            return self.teacher(p.noisy.to(td), p.t, **tree_to(self.family.model_inputs(p.cond), dtype=td)).sample
+            return self.family.forward(self.teacher, p.noisy, p.t, p.cond, dtype=td)
 
     def student_forward(self, p: Prepared) -> torch.Tensor:
         """The student (autocast per ``train.mixed_precision``) under feature capture."""
         with self.acc.autocast(), self.s_rec.capture(), attention_context(self.attention):
-            return self.student(p.noisy, p.t, **self.family.model_inputs(p.cond)).sample
+            return self.family.forward(self.student, p.noisy, p.t, p.cond)
 
     def losses(self, p: Prepared, s_out: torch.Tensor, t_out: torch.Tensor | None):
         """:class:`Losses` (fp32) from the two outputs and the captured features."""
@@ -247,7 +252,8 @@ class Distiller:
             if dead:
                 raise RuntimeError(f"student features {dead[:3]} carry no gradient; featKD would be silently ignored")
         return kd_losses(s_out, p.target, t_out if self.cfg["loss"]["out"] > 0 else None, self.pairs, s_feats,
-                         t_feats, self.cfg["loss"], self.cfg["kd"]["feature_loss"])
+                         t_feats, self.cfg["loss"], self.cfg["kd"]["feature_loss"],
+                         prediction=self.family.prediction(s_out, p.target.shape[1]))
 
     def step_losses(self, batch: dict, gens: list[torch.Generator]):
         """The KD step's forward: encode, noise, run teacher (no grad) and student, return :class:`Losses` (fp32).

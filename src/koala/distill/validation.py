@@ -31,7 +31,7 @@ def render(unet, frozen, vcfg: dict, resolution: int, device) -> list:
                 g = torch.Generator("cpu").manual_seed(int(seed))
                 with autocast:
                     out = pipe(prompt, height=resolution, width=resolution, num_inference_steps=vcfg["steps"],
-                               guidance_scale=vcfg["guidance_scale"], generator=g)
+                               guidance_scale=vcfg["guidance_scale"], generator=g, **frozen.family.pipeline_call_kwargs)
                 images.append(out.images[0])
     finally:
         unet.train(was_training)

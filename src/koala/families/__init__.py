@@ -11,11 +11,12 @@ import os
 from ..errors import KoalaError
 from ..utils import read_json
 from .base import REGISTRY, Family, Parts, UNetFamily, describe_config, family_of_preset
+from .pixart import PixArtFamily
 from .sd import SDFamily
 from .sdxl import SDXLFamily
 
 FAMILIES: dict[str, Family] = REGISTRY
-for _family in (SDXLFamily(), SDFamily()):
+for _family in (SDXLFamily(), SDFamily(), PixArtFamily()):
     REGISTRY[_family.name] = _family
 
 
@@ -32,6 +33,21 @@ def all_presets() -> dict[str, Family]:
     return {p: f for f in FAMILIES.values() for p in f.presets}
 
 
+def family_of_pipeline(pipe) -> Family:
+    """The family of a loaded diffusers pipeline, by its class (StableDiffusionXLPipeline -> sdxl, ...)."""
+    name = type(pipe).__name__
+    for fam in FAMILIES.values():
+        if name in (fam.pipeline_class_names or (fam.pipeline_class_name,)):
+            return fam
+    raise KoalaError(f"{name} is not the pipeline of a supported model family ({', '.join(FAMILIES)})")
+
+
+def denoiser_of(pipe):
+    """A pipeline's denoiser: its ``unet`` or its ``transformer``."""
+    model = getattr(pipe, "unet", None)
+    return model if model is not None else pipe.transformer
+
+
 def detect_family(config: dict, where: str = "model config") -> Family:
     """The family whose topology check ``config`` (a denoiser config) passes; else a KoalaError listing why."""
     for fam in FAMILIES.values():
@@ -44,7 +60,7 @@ def detect_family(config: dict, where: str = "model config") -> Family:
 def model_dir_kind(path: str) -> str:
     """'pipeline' (has model_index.json), 'model' (a denoiser's config.json), else a KoalaError."""
     if not os.path.isdir(path):
-        raise KoalaError(f"{path}: no such directory (give a U-Net directory or a pipeline directory)")
+        raise KoalaError(f"{path}: no such directory (give a model directory (U-Net / transformer) or a pipeline directory)")
     if os.path.isfile(os.path.join(path, "model_index.json")):
         return "pipeline"
     if os.path.isfile(os.path.join(path, "config.json")):
@@ -58,7 +74,7 @@ def model_dir(path: str) -> str:
         for sub in ("unet", "transformer"):
             if os.path.isfile(os.path.join(path, sub, "config.json")):
                 return os.path.join(path, sub)
-        raise KoalaError(f"{path}: pipeline directory has no unet/config.json (or transformer/config.json)")
+        raise KoalaError(f"{path}: pipeline directory has no unet/config.json or transformer/config.json")
     return path
 
 
@@ -109,7 +125,8 @@ def load_denoiser(path: str, dtype=None, config_from: str | None = None, family:
 
 
 def preset_stats(name: str, flops: bool = True) -> dict:
-    """Row of the presets table: family, params (exact count), TFLOPs at the family's resolutions, depths."""
+    """Row of the presets table: family, params (exact count of the denoiser; ``unet_params`` is the same number under
+    its older name), TFLOPs at 1024² and 512², and the family's structure columns (depths, or DiT blocks)."""
     from ..arch.stats import forward_flops
     from ..utils import count_params
 
@@ -120,9 +137,7 @@ def preset_stats(name: str, flops: bool = True) -> dict:
     cfg = fam.student_config(fam.reference_config, spec)
     model = fam.build_model(cfg, "meta")
     row = {"name": name, "family": fam.name, "description": spec.description, "unet_params": count_params(model),
-           "paper_params": spec.paper_params, "encoder_layers": spec.encoder_layers, "transformer_depth": spec.down_depth,
-           "decoder_transformer_depth": spec.up_depth, "mid_block": spec.mid_block,
-           "stages": spec.stages or len(spec.encoder_layers)}
+           "params": count_params(model), "paper_params": spec.paper_params, **fam.spec_summary(spec)}
     if flops:
         for res in (1024, 512):
             row[f"tflops_{res}"] = round(forward_flops(model, fam.dummy_inputs(cfg, res // 8)) / 1e12, 3)
@@ -133,6 +148,6 @@ def all_preset_stats(flops: bool = True) -> list[dict]:
     return [preset_stats(n, flops=flops) for n in all_presets()]
 
 
-__all__ = ["FAMILIES", "Family", "Parts", "UNetFamily", "SDFamily", "SDXLFamily", "get_family", "family_of_preset",
-           "all_presets", "detect_family", "describe_config", "model_dir_kind", "model_dir", "model_config",
+__all__ = ["FAMILIES", "Family", "Parts", "UNetFamily", "SDFamily", "SDXLFamily", "PixArtFamily", "get_family", "family_of_preset",
+           "all_presets", "detect_family", "family_of_pipeline", "denoiser_of", "describe_config", "model_dir_kind", "model_dir", "model_config",
            "family_of", "load_denoiser", "preset_stats", "all_preset_stats"]

@@ -12,6 +12,7 @@ Trainer, hooks, losses, compress, cache, generate and bench ask the family and k
 from __future__ import annotations
 
 import copy
+import json
 import os
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -21,20 +22,22 @@ import torch
 from ..arch.compress import init_from_teacher
 from ..arch.layer_map import LayerMap
 from ..arch.unet import (UNetSpec, build_unet, build_unet_layer_map, unet_stage_modules, unet_student_config,
-                         unet_teacher_spec, unet_topology_problems)
+                         unet_teacher_spec, unet_topology_problems, unet_transformer_pairs)
 from ..errors import KoalaError
-from ..utils import check_weights, parse_dtype, read_json
+from ..utils import check_weights, parse_dtype, read_json, tree_to
 
 
 @dataclass
 class Parts:
-    """The frozen parts of a pipeline around the denoiser: tokenizers, text encoders, VAE, scheduler."""
+    """The frozen parts of a pipeline around the denoiser: tokenizers, text encoders, VAE, scheduler.
+    ``pipeline_class_name``: the diffusers pipeline they came from (a family may have several, e.g. PixArt-α/Σ)."""
 
     family: "Family"
     tokenizers: list
     text_encoders: list
     vae: Any
     scheduler: Any
+    pipeline_class_name: str = ""
 
     def to(self, device) -> "Parts":
         for m in (*self.text_encoders, self.vae):
@@ -64,19 +67,30 @@ def _freeze(m: torch.nn.Module) -> torch.nn.Module:
 
 
 class Family:
-    """Interface; see :class:`UNetFamily` for the U-Net implementation."""
+    """Interface and what every family shares (conditioning plumbing, component loading, compression through the
+    layer map); :class:`UNetFamily` implements the U-Net parts, :class:`~koala.families.pixart.PixArtFamily` the
+    DiT ones."""
 
     name: str = ""
     label: str = ""
     pipeline_class_name: str = ""
+    pipeline_class_names: tuple[str, ...] = ()  # every pipeline class of the family (default: pipeline_class_name)
     model_subfolder: str = "unet"
+    model_class_name: str = "UNet2DConditionModel"
+    sample_arg: str = "sample"  # the denoiser forward's name for the noisy latents
+    spec_class: type = UNetSpec  # what a preset / custom student spec is
     # (tokenizer subfolder, text encoder subfolder, transformers class name) per text encoder, in order
     text_encoders: tuple[tuple[str, str, str], ...] = ()
+    tokenizer_class_name: str = "CLIPTokenizer"
+    pipeline_call_kwargs: dict[str, Any] = {}  # what koala generate passes to every pipeline call
+    empty_negative_prompt: Any = None  # negative_prompt when the user gives none (PixArt's pipelines need "")
     text_cond_keys: tuple[str, ...] = ()   # text conditioning tensors (what caption dropout replaces)
     micro_cond_keys: tuple[str, ...] = ()  # added conditions computed from a batch's size/crop bookkeeping
     reference_config: dict[str, Any] = {}    # the full-size teacher's denoiser config (presets are derived from it)
     presets: dict[str, UNetSpec] = {}
-    real_text_towers: tuple[dict, ...] = ()  # CLIPTextConfig kwargs of the full-size text encoders (benchmarks)
+    real_text_towers: tuple[dict, ...] = ()  # config kwargs of the full-size text encoders (benchmarks)
+    text_config_class_name: str = "CLIPTextConfig"  # the transformers config class of real_text_towers
+    default_text_len: int = 77  # tokens per prompt (the tokenizer's padded length) for dummy inputs
     pipeline_load_kwargs: dict[str, Any] = {}  # extra from_pretrained kwargs for the family's pipeline
     vae_upcast: bool = False  # the pipeline decodes an fp16 VAE in fp32 when vae.config.force_upcast is set
 
@@ -100,6 +114,16 @@ class Family:
 
         return getattr(diffusers, self.pipeline_class_name)
 
+    def pipeline_class_of(self, pipeline_dir: str):
+        """The diffusers pipeline class a pipeline directory of this family names (model_index.json), when it is
+        one of the family's; else the family's default."""
+        import diffusers
+
+        name = read_json(os.path.join(pipeline_dir, "model_index.json")).get("_class_name") \
+            if os.path.isfile(os.path.join(pipeline_dir, "model_index.json")) else None
+        return getattr(diffusers, name if name in (self.pipeline_class_names or (self.pipeline_class_name,))
+                       else self.pipeline_class_name)
+
     def problems(self, config: dict) -> list[str]:
         raise NotImplementedError
 
@@ -109,11 +133,17 @@ class Family:
             raise KoalaError(f"{where} is not a {self.label} model: " + "; ".join(problems) + describe_config(config))
 
     # ------------------------------------------------------------------ presets
-    def resolve_spec(self, preset: str | UNetSpec | dict) -> UNetSpec:
-        if isinstance(preset, UNetSpec):
+    def resolve_spec(self, preset):
+        """A preset name, a spec of :attr:`spec_class`, or its dict or JSON text (a custom student) -> a spec."""
+        if isinstance(preset, self.spec_class):
             return preset
+        if isinstance(preset, str) and preset.lstrip().startswith("{"):  # a custom spec written as JSON
+            try:
+                preset = json.loads(preset)
+            except json.JSONDecodeError as err:
+                raise KoalaError(f"student spec {preset!r} is not valid JSON ({err})") from err
         if isinstance(preset, dict):
-            return UNetSpec.from_dict(preset)
+            return self.spec_class.from_dict(preset)
         if preset not in self.presets:
             other = family_of_preset(preset)
             why = f"preset {preset!r} belongs to the {other.label} family ({other.name})" if other else \
@@ -122,46 +152,64 @@ class Family:
                              "(or give a custom spec)")
         return copy.deepcopy(self.presets[preset])
 
+    def spec_summary(self, spec) -> dict[str, Any]:
+        """Columns of the presets table that describe a spec's structure."""
+        return spec.to_dict()
 
-class UNetFamily(Family):
-    """A family of ``UNet2DConditionModel`` denoisers."""
-
-    def problems(self, config: dict) -> list[str]:
-        return unet_topology_problems(config)
-
-    def teacher_spec(self, config: dict) -> UNetSpec:
-        self.check(config)
-        return unet_teacher_spec(config)
-
-    def student_config(self, teacher_config: dict, spec: str | UNetSpec | dict) -> dict:
-        self.check(teacher_config, "teacher config")
-        return unet_student_config(teacher_config, self.resolve_spec(spec))
+    def student_config(self, teacher_config: dict, spec) -> dict:
+        raise NotImplementedError
 
     def build_model(self, config: dict, device: str | torch.device = "meta"):
-        return build_unet(config, device)
+        raise NotImplementedError
 
     def load_model(self, path: str, dtype=None):
-        from diffusers import UNet2DConditionModel
+        import diffusers
 
         check_weights(path)
-        return UNet2DConditionModel.from_pretrained(path, dtype=parse_dtype(dtype) or torch.float32)
+        return getattr(diffusers, self.model_class_name).from_pretrained(path, dtype=parse_dtype(dtype) or torch.float32)
 
     def build_layer_map(self, teacher, student, selection: str = "bottom") -> LayerMap:
-        lmap = build_unet_layer_map(teacher, student, selection)
-        lmap.meta["family"] = self.name
-        return lmap
+        raise NotImplementedError
 
     def compress(self, teacher, spec, layer_selection: str = "bottom", dtype=None):
         """``(student, layer_map)``: a student for ``spec`` whose every tensor is a copy of the mapped teacher tensor."""
         spec = self.resolve_spec(spec)
         student = self.build_model(self.student_config(dict(teacher.config), spec), "meta")
         lmap = self.build_layer_map(teacher, student, layer_selection)
+        lmap.meta["family"] = self.name
         lmap.meta["spec"] = spec.to_dict()
         init_from_teacher(teacher, student, lmap, parse_dtype(dtype))
         return student, lmap
 
+    # ------------------------------------------------------------------ KD sites
     def stage_modules(self, lmap: LayerMap, student, teacher) -> dict[str, tuple[str, str]]:
-        return unet_stage_modules(lmap, student, teacher)
+        """Stage -> (student module, teacher module) whose output is the stage's last feature (LF)."""
+        raise NotImplementedError
+
+    def transformer_pairs(self, lmap: LayerMap, student, teacher, selection: str | None) -> list[tuple[str, str, str]]:
+        """(stage, student transformer layer, teacher transformer layer) for every student transformer layer:
+        the layer map's pairs (``selection`` None) or the teacher layers ``selection`` picks (featKD only)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ the denoiser's forward
+    def model_inputs(self, cond: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Keyword arguments of the denoiser's forward besides the sample and ``timestep``."""
+        raise NotImplementedError
+
+    def forward(self, model, sample: torch.Tensor, timestep: torch.Tensor, cond: dict[str, torch.Tensor],
+                dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The denoiser's raw output for conditioning ``cond`` (the family's cond keys); inputs cast to ``dtype``
+        when given (a frozen fp16 teacher)."""
+        kw = self.model_inputs(cond)
+        if dtype is not None:
+            sample, kw = sample.to(dtype), tree_to(kw, dtype=dtype)
+        return model(**{self.sample_arg: sample}, timestep=timestep, **kw, return_dict=False)[0]
+
+    def prediction(self, output: torch.Tensor, latent_channels: int) -> torch.Tensor:
+        """The part of a raw output that is the prediction the sampler uses (and the task loss trains): all of it,
+        except for learned-sigma models (PixArt), whose second half of the channels is the variance."""
+        return output[:, :latent_channels] if output.shape[1] == 2 * latent_channels else output
+
 
     # ------------------------------------------------------------------ conditioning
     zero_uncond: bool = False  # True: the unconditional input is all zeros; False: the empty prompt's encoding
@@ -170,6 +218,11 @@ class UNetFamily(Family):
         """Token ids per text encoder, padded to each tokenizer's ``model_max_length`` as the pipeline does."""
         return [tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
                     return_tensors="pt").input_ids for tok in tokenizers]
+
+    def token_batch(self, ids: torch.Tensor):
+        """What :meth:`tokenize` gives per encoder for token ids ``ids`` (benchmarks feed random ids): the ids
+        themselves; T5 families also carry an attention mask."""
+        return ids
 
     def encode_tokens(self, ids: Sequence[torch.Tensor], text_encoders) -> dict[str, torch.Tensor]:
         """Text conditioning from token ids (one tensor per encoder); gradients: the caller decides."""
@@ -190,24 +243,20 @@ class UNetFamily(Family):
             out = self.encode_prompts([""], parts.tokenizers, parts.text_encoders)
         return {k: torch.zeros_like(v) if self.zero_uncond else v for k, v in out.items()}
 
-    def model_inputs(self, cond: dict[str, torch.Tensor]) -> dict[str, Any]:
-        """Keyword arguments of the denoiser's forward besides ``sample`` and ``timestep``."""
-        raise NotImplementedError
-
-    def dummy_cond(self, config: dict, batch: int = 1, text_len: int = 77, device="meta",
+    def dummy_cond(self, config: dict, batch: int = 1, text_len: int | None = None, device="meta",
                    dtype=torch.float32) -> dict[str, torch.Tensor]:
         """Random conditioning tensors (``cond_keys``) shaped for a denoiser with ``config`` (what a cached batch
         holds besides latents); on ``meta`` by default."""
         raise NotImplementedError
 
-    def dummy_inputs(self, config: dict, latent_size: int, batch: int = 1, text_len: int = 77,
+    def dummy_inputs(self, config: dict, latent_size: int, batch: int = 1, text_len: int | None = None,
                      device="meta", dtype=torch.float32) -> dict[str, Any]:
         """A full forward's inputs (random or meta) for FLOP counting and benchmarks."""
         with torch.device(device):
             sample = torch.randn(batch, config["in_channels"], latent_size, latent_size, dtype=dtype)
             timestep = torch.full((batch,), 500, dtype=torch.long)
-        return {"sample": sample, "timestep": timestep,
-                **self.model_inputs(self.dummy_cond(config, batch, text_len, device, dtype))}
+        return {self.sample_arg: sample, "timestep": timestep,
+                **self.model_inputs(self.dummy_cond(config, batch, text_len or self.default_text_len, device, dtype))}
 
     # ------------------------------------------------------------------ components and pipelines
     def check_pipeline_dir(self, path: str, what: str = "pipeline") -> None:
@@ -229,15 +278,47 @@ class UNetFamily(Family):
         dt = parse_dtype(dtype) or torch.float32
         toks, encs = [], []
         for tok_dir, enc_dir, cls in self.text_encoders:
-            toks.append(transformers.CLIPTokenizer.from_pretrained(pipeline_dir, subfolder=tok_dir))
+            toks.append(getattr(transformers, self.tokenizer_class_name).from_pretrained(pipeline_dir, subfolder=tok_dir))
             encs.append(_freeze(getattr(transformers, cls).from_pretrained(pipeline_dir, subfolder=enc_dir, dtype=dt)))
         upcast = read_json(os.path.join(pipeline_dir, "vae", "config.json")).get("force_upcast", False)
         vdt = parse_dtype(vae_dtype) or (torch.float32 if upcast else dt)
         vae = _freeze(diffusers.AutoencoderKL.from_pretrained(pipeline_dir, subfolder="vae", dtype=vdt))
         sched_cfg = read_json(os.path.join(pipeline_dir, "scheduler", "scheduler_config.json"))
         scheduler = getattr(diffusers, sched_cfg["_class_name"]).from_config(sched_cfg)
-        return Parts(self, toks, encs, vae, scheduler).to(device)
+        return Parts(self, toks, encs, vae, scheduler, self.pipeline_class_of(pipeline_dir).__name__).to(device)
 
     def make_pipeline(self, parts: Parts, model, scheduler=None):
         """A diffusers pipeline from loaded parts and a denoiser (shares the modules; copies nothing)."""
         raise NotImplementedError
+
+
+class UNetFamily(Family):
+    """A family of ``UNet2DConditionModel`` denoisers."""
+
+    def problems(self, config: dict) -> list[str]:
+        return unet_topology_problems(config)
+
+    def teacher_spec(self, config: dict) -> UNetSpec:
+        self.check(config)
+        return unet_teacher_spec(config)
+
+    def student_config(self, teacher_config: dict, spec: str | UNetSpec | dict) -> dict:
+        self.check(teacher_config, "teacher config")
+        return unet_student_config(teacher_config, self.resolve_spec(spec))
+
+    def spec_summary(self, spec: UNetSpec) -> dict[str, Any]:
+        return {"encoder_layers": spec.encoder_layers, "transformer_depth": spec.down_depth,
+                "decoder_transformer_depth": spec.up_depth, "mid_block": spec.mid_block,
+                "stages": spec.stages or len(spec.encoder_layers)}
+
+    def build_model(self, config: dict, device: str | torch.device = "meta"):
+        return build_unet(config, device)
+
+    def build_layer_map(self, teacher, student, selection: str = "bottom") -> LayerMap:
+        return build_unet_layer_map(teacher, student, selection)
+
+    def stage_modules(self, lmap: LayerMap, student, teacher) -> dict[str, tuple[str, str]]:
+        return unet_stage_modules(lmap, student, teacher)
+
+    def transformer_pairs(self, lmap: LayerMap, student, teacher, selection: str | None) -> list[tuple[str, str, str]]:
+        return unet_transformer_pairs(lmap, student, teacher, selection)

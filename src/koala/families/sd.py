@@ -78,10 +78,10 @@ class SDFamily(UNetFamily):
     def model_inputs(self, cond: dict[str, torch.Tensor]) -> dict[str, Any]:
         return {"encoder_hidden_states": cond["prompt_embeds"]}
 
-    def dummy_cond(self, config: dict, batch: int = 1, text_len: int = 77, device="meta",
+    def dummy_cond(self, config: dict, batch: int = 1, text_len: int | None = None, device="meta",
                    dtype=torch.float32) -> dict[str, torch.Tensor]:
         with torch.device(device):
-            return {"prompt_embeds": torch.randn(batch, text_len, config["cross_attention_dim"], dtype=dtype)}
+            return {"prompt_embeds": torch.randn(batch, text_len or self.default_text_len, config["cross_attention_dim"], dtype=dtype)}
 
     def make_pipeline(self, parts: Parts, model, scheduler=None):
         return self.pipeline_class(

@@ -143,11 +143,11 @@ class SDXLFamily(UNetFamily):
         return {"encoder_hidden_states": cond["prompt_embeds"],
                 "added_cond_kwargs": {"text_embeds": cond["pooled_prompt_embeds"], "time_ids": cond["add_time_ids"]}}
 
-    def dummy_cond(self, config: dict, batch: int = 1, text_len: int = 77, device="meta",
+    def dummy_cond(self, config: dict, batch: int = 1, text_len: int | None = None, device="meta",
                    dtype=torch.float32) -> dict[str, torch.Tensor]:
         pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
         with torch.device(device):
-            return {"prompt_embeds": torch.randn(batch, text_len, config["cross_attention_dim"], dtype=dtype),
+            return {"prompt_embeds": torch.randn(batch, text_len or self.default_text_len, config["cross_attention_dim"], dtype=dtype),
                     "pooled_prompt_embeds": torch.randn(batch, pooled, dtype=dtype),
                     "add_time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * batch, dtype=dtype)}
 

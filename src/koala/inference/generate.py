@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import KoalaError
+from ..families import denoiser_of, family_of_pipeline
 
 PNG_KEYS = ("prompt", "negative_prompt", "seed", "steps", "cfg", "scheduler", "timestep_spacing", "model",
             "width", "height", "dtype")
@@ -75,7 +76,9 @@ def generate(
 ) -> GenerationResult:
     """Generate ``len(prompts) * images_per_prompt`` images, ``batch_size`` per pipeline call.
 
-    ``pipe``: a :class:`~koala.inference.pipeline.LoadedPipeline` or a plain ``StableDiffusionXLPipeline``.
+    ``pipe``: a :class:`~koala.inference.pipeline.LoadedPipeline` or a plain diffusers pipeline of a supported family
+    (``StableDiffusionXLPipeline``, ``StableDiffusionPipeline``, ``PixArtSigmaPipeline``, ...); the family's own call
+    arguments are added (PixArt: ``clean_caption=False``, ``use_resolution_binning=False``).
     ``safety``: an :class:`~koala.inference.safety.NSFWFilter` or None (then a note says no filter is active).
     Defaults follow the paper: 10 steps, guidance 3.5 (App. A.3).
     """
@@ -88,8 +91,10 @@ def generate(
         raise KoalaError("give at least one prompt (text), or a prompts file", option="prompts_file")
     if steps < 1 or batch_size < 1 or images_per_prompt < 1:
         raise KoalaError("steps, batch_size and images_per_prompt must be >= 1", option="steps")
+    fam = family_of_pipeline(sd)
+    model = denoiser_of(sd)
     scale = sd.vae_scale_factor
-    default = getattr(sd, "default_sample_size", None) or sd.unet.config.sample_size  # SD-1.x pipelines lack the former
+    default = getattr(sd, "default_sample_size", None) or model.config.sample_size  # SD-1.x, PixArt lack the former
     height = height or default * scale
     width = width or default * scale
     for name, v in (("width", width), ("height", height)):
@@ -107,7 +112,7 @@ def generate(
         "timestep_spacing": sd.scheduler.config.get("timestep_spacing", ""),
         "model": info.model if info else getattr(sd.config, "_name_or_path", "") or "",
         "width": width, "height": height,
-        "dtype": info.dtype if info else str(sd.unet.dtype).replace("torch.", ""),
+        "dtype": info.dtype if info else str(model.dtype).replace("torch.", ""),
     }
     jobs = [(p, seed + i) for i, p in enumerate(p for p in prompts for _ in range(images_per_prompt))]
     sd.set_progress_bar_config(disable=not progress, leave=False)
@@ -117,9 +122,9 @@ def generate(
         if progress:
             log(f"images {start + 1}-{start + len(chunk)} of {len(jobs)}")
         out = sd(
-            prompt=[p for p, _ in chunk], negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
-            num_inference_steps=steps, guidance_scale=cfg, width=width, height=height,
-            generator=[torch.Generator("cpu").manual_seed(s) for _, s in chunk],
+            prompt=[p for p, _ in chunk], negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else
+            fam.empty_negative_prompt, num_inference_steps=steps, guidance_scale=cfg, width=width, height=height,
+            generator=[torch.Generator("cpu").manual_seed(s) for _, s in chunk], **fam.pipeline_call_kwargs,
         )
         flags = safety.flags(out.images) if safety is not None else [(False, None)] * len(chunk)
         for (p, s), img, (bad, score) in zip(chunk, out.images, flags):

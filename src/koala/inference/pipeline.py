@@ -1,8 +1,8 @@
-"""Load a pipeline of any supported family (SDXL, SD-1.x) for inference, with the memory/speed modes applied.
+"""Load a pipeline of any supported family (SDXL, SD-1.x, PixArt) for inference, with the memory/speed modes applied.
 
 ``load_pipeline(model=DIR)`` loads a full pipeline directory (as written by ``koala compress``/``koala distill``);
-``load_pipeline(unet=DIR, base=PIPE)`` drops a student U-Net into a teacher pipeline. The family (and so the
-diffusers pipeline class) is detected from the U-Net config. The paper's inference settings (App. A.3) are the
+``load_pipeline(unet=DIR, base=PIPE)`` drops a student denoiser (U-Net or DiT transformer) into a teacher pipeline.
+The family (and so the diffusers pipeline class) is detected from the denoiser config. The paper's inference settings (App. A.3) are the
 defaults: Euler discrete scheduler, fp16 on GPU, fp16-fix VAE when given.
 """
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import KoalaError
-from ..families import Family, family_of, model_dir, model_dir_kind
+from ..families import Family, denoiser_of, family_of, model_dir, model_dir_kind
 from ..utils import check_dtype_on_device, parse_device, parse_dtype, read_json
 
 SCHEDULERS = {
@@ -32,7 +32,7 @@ ATTENTION = ("sdpa", "classic")
 class LoadedPipeline:
     """A ready pipeline plus what was applied, for the PNG metadata and the user."""
 
-    pipe: "object"  # the family's diffusers pipeline (StableDiffusionXLPipeline, StableDiffusionPipeline)
+    pipe: "object"  # the family's diffusers pipeline (StableDiffusionXLPipeline, StableDiffusionPipeline, PixArt...)
     model: str
     device: str
     dtype: str
@@ -45,8 +45,8 @@ class LoadedPipeline:
 
 def _check_pipeline_dir(path: str, what: str) -> Family:
     if model_dir_kind(path) != "pipeline":
-        raise KoalaError(f"{what} {path} is a U-Net directory; give a pipeline directory (with model_index.json), "
-                         "or the U-Net together with a base pipeline directory", option=what)
+        raise KoalaError(f"{what} {path} is a model (U-Net / transformer) directory; give a pipeline directory (with "
+                         "model_index.json), or the model together with a base pipeline directory", option=what)
     fam = family_of(path)
     fam.check_pipeline_dir(path, what)
     return fam
@@ -55,11 +55,13 @@ def _check_pipeline_dir(path: str, what: str) -> Family:
 def _check_unet_fits(unet_path: str, base: str, fam: Family) -> None:
     cfg = read_json(os.path.join(unet_path, "config.json"))
     fam.check(cfg, f"{unet_path}/config.json")
-    widths = [read_json(os.path.join(base, enc, "config.json")).get("hidden_size", 0) for _, enc, _ in fam.text_encoders]
-    if cfg.get("cross_attention_dim") != sum(widths):
-        raise KoalaError(f"{unet_path}/config.json: cross_attention_dim is {cfg.get('cross_attention_dim')} but the base "
-                         f"pipeline {base} has text encoders of width {' + '.join(map(str, widths))} = {sum(widths)}; "
-                         "use the base pipeline the U-Net was compressed/distilled from", option="base")
+    enc_cfgs = [read_json(os.path.join(base, enc, "config.json")) for _, enc, _ in fam.text_encoders]
+    widths = [c.get("hidden_size", c.get("d_model", 0)) for c in enc_cfgs]  # CLIP: hidden_size, T5: d_model
+    key = "caption_channels" if "caption_channels" in cfg else "cross_attention_dim"
+    if cfg.get(key) != sum(widths):
+        raise KoalaError(f"{unet_path}/config.json: {key} is {cfg.get(key)} but the base pipeline {base} has text "
+                         f"encoders of width {' + '.join(map(str, widths))} = {sum(widths)}; use the base pipeline the "
+                         "student was compressed/distilled from", option="base")
 
 
 def _scheduler(pipe, name: str, spacing: str | None):
@@ -94,7 +96,8 @@ def load_pipeline(
 ) -> LoadedPipeline:
     """Load a pipeline and apply the memory/speed modes; see ``docs/inference.md`` for what each mode saves.
 
-    ``model``: SDXL pipeline directory; or ``unet`` (U-Net or pipeline dir) + ``base`` (pipeline dir).
+    ``model``: a pipeline directory; or ``unet`` (a student U-Net / DiT transformer dir, or a pipeline dir) + ``base``
+    (the teacher's pipeline dir).
     ``vae``: an fp16-safe VAE directory (e.g. sdxl-vae-fp16-fix); without it an fp16 VAE decodes in fp32.
     ``offload``: None, "model" (whole components move to the GPU in turn) or "sequential" (sub-module by
     sub-module; least memory, slowest). Both need CUDA and accelerate; on CPU they do not apply and a note says so.
@@ -128,13 +131,14 @@ def load_pipeline(
         _check_unet_fits(u, base, fam)
         kw[fam.model_subfolder] = fam.load_model(u, dt)
         src = base
-        name = f"{os.path.basename(os.path.normpath(unet))} (U-Net) + {os.path.basename(os.path.normpath(base))}"
+        name = f"{os.path.basename(os.path.normpath(unet))} ({fam.model_subfolder}) + {os.path.basename(os.path.normpath(base))}"
     else:
         raise KoalaError("no model: give a pipeline directory (model), or a U-Net directory (unet) together with a base "
                          "pipeline directory (base)", option="model")
     if vae:
         kw["vae"] = AutoencoderKL.from_pretrained(unet_dir_vae(vae), dtype=dt)
-    pipe = fam.pipeline_class.from_pretrained(src, **fam.pipeline_load_kwargs, **kw)
+    pipe = fam.pipeline_class_of(src).from_pretrained(src, **fam.pipeline_load_kwargs, **kw)
+    model = denoiser_of(pipe)
     if vae:
         pipe.vae.register_to_config(force_upcast=False)
         modes.append("fp16-fix VAE" if dt == torch.float16 else "custom VAE")
@@ -147,7 +151,7 @@ def load_pipeline(
         from diffusers.models.attention_processor import AttnProcessor2_0 as proc
     else:
         from diffusers.models.attention_processor import AttnProcessor as proc
-    pipe.unet.set_attn_processor(proc())
+    model.set_attn_processor(proc())
     pipe.vae.set_attn_processor(proc())
     modes.append(f"attention {attention}")
     if vae_slicing:
@@ -156,8 +160,10 @@ def load_pipeline(
     if vae_tiling:
         pipe.vae.enable_tiling()
         modes.append("VAE tiling")
-    if channels_last:  # the U-Net only: a channels_last VAE decoded 1.5x slower (H200, fp16, 1024^2; results/h200)
-        pipe.unet.to(memory_format=torch.channels_last)
+    if channels_last and fam.model_subfolder != "unet":
+        notes.append("channels_last applies to convolutional U-Nets; a DiT works on token sequences: not applied")
+    elif channels_last:  # the U-Net only: a channels_last VAE decoded 1.5x slower (H200, fp16, 1024^2; results/h200)
+        model.to(memory_format=torch.channels_last)
         modes.append("channels_last (U-Net)")
 
     if offload and not on_cuda:
@@ -179,8 +185,8 @@ def load_pipeline(
     else:
         pipe.to(device)
     if compile:
-        pipe.unet = torch.compile(pipe.unet)
-        modes.append("torch.compile(unet)")
+        setattr(pipe, fam.model_subfolder, torch.compile(model))
+        modes.append(f"torch.compile({fam.model_subfolder})")
         notes.append("torch.compile: the first image is slow (compilation); later ones are faster")
     return LoadedPipeline(pipe, name, device, dtype_name, scheduler, spacing, modes, notes, fam.name)
 

@@ -9,6 +9,9 @@ One builder, parameterised by a frozen :class:`TinySpec`:
   removal and mid-block removal apply verbatim.
 - ``family="sd"``: ``StableDiffusionPipeline`` with SD-1.x's structure: one ``CLIPTextModel``, four stages
   [CrossAttnDownBlock2D x3, DownBlock2D], transformer depth 1, no added conditioning, no safety checker.
+- ``family="pixart"``: ``PixArtSigmaPipeline`` with PixArt-Σ's structure: a T5 encoder (gated-GELU, relative
+  attention) with a SentencePiece-format tokenizer, a ``PixArtTransformer2DModel`` (adaLN-single, patch 2,
+  learned sigma: 8 output channels, ``dit_layers`` blocks) and PixArt-Σ's DPM-Solver scheduler config.
 
 ``RANDOM`` is the random-weight test model; ``SHAPES`` is the shapes world's teacher architecture (the packaged
 teacher in ``koala/assets/shapes-teacher`` was built with it). The tokenizer knows every word in ``words`` as
@@ -23,14 +26,15 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import torch
-from diffusers import (AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
-                       StableDiffusionXLPipeline, UNet2DConditionModel)
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PixArtSigmaPipeline,
+                       PixArtTransformer2DModel, PNDMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                       UNet2DConditionModel)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from ..errors import KoalaError
-from .tokenizer import build_clip_tokenizer
+from .tokenizer import build_clip_tokenizer, build_t5_tokenizer
 
-FAMILIES = ("sdxl", "sd")
+FAMILIES = ("sdxl", "sd", "pixart")
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,9 @@ class TinySpec:
     norm_groups: int = 8
     image_size: int = 32  # pixels; the U-Net's sample_size is image_size / the VAE factor
     reseed_text_encoder_2: bool = False  # seed the second encoder with seed + 1 (else it follows the first)
+    dit_layers: int = 6  # PixArt family: transformer blocks (hidden size dit_heads * dit_head_dim)
+    dit_heads: int = 2
+    dit_head_dim: int = 8
 
     @property
     def latent_size(self) -> int:
@@ -94,6 +101,44 @@ def unet_config(spec: TinySpec = RANDOM, family: str = "sdxl") -> dict:
             "projection_class_embeddings_input_dim": spec.projection_dim + 6 * spec.time_embed_dim}
 
 
+def dit_config(spec: TinySpec = RANDOM) -> dict:
+    """``PixArtTransformer2DModel`` config of the spec's DiT (PixArt-Σ's structure, tiny sizes)."""
+    return {"num_attention_heads": spec.dit_heads, "attention_head_dim": spec.dit_head_dim, "in_channels": 4,
+            "out_channels": 8, "num_layers": spec.dit_layers, "cross_attention_dim": spec.dit_heads * spec.dit_head_dim,
+            "attention_bias": True, "sample_size": spec.latent_size, "patch_size": 2,
+            "activation_fn": "gelu-approximate", "num_embeds_ada_norm": 1000, "norm_type": "ada_norm_single",
+            "norm_elementwise_affine": False, "norm_eps": 1e-6, "use_additional_conditions": False,
+            "caption_channels": spec.text_dim}
+
+
+def denoiser_config(spec: TinySpec = RANDOM, family: str = "sdxl") -> dict:
+    """The family's denoiser config for the spec: a U-Net's (sdxl, sd) or a DiT's (pixart)."""
+    _check_family(family)
+    return dit_config(spec) if family == "pixart" else unet_config(spec, family)
+
+
+def tiny_dit(spec: TinySpec = RANDOM, seed: int = 0, **overrides) -> PixArtTransformer2DModel:
+    if overrides:
+        spec = dataclasses.replace(spec, **overrides)
+    torch.manual_seed(seed)
+    return PixArtTransformer2DModel(**dit_config(spec))
+
+
+def tiny_t5(spec: TinySpec = RANDOM, vocab_size: int = 1000, seed: int = 0) -> T5EncoderModel:
+    torch.manual_seed(seed)
+    return T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=spec.text_dim, d_kv=spec.text_dim // spec.text_heads,
+                                   d_ff=spec.intermediate_size, num_layers=spec.text_layers, num_heads=spec.text_heads,
+                                   relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+                                   is_encoder_decoder=False, use_cache=False, pad_token_id=0, eos_token_id=1))
+
+
+def pixart_scheduler() -> DPMSolverMultistepScheduler:
+    """PixArt-Σ's scheduler config (DPM-Solver++, linear betas 0.0001..0.02, 1000 steps, epsilon)."""
+    return DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
+                                       beta_schedule="linear", prediction_type="epsilon", solver_order=2,
+                                       algorithm_type="dpmsolver++", timestep_spacing="linspace", steps_offset=0)
+
+
 def tiny_unet(spec: TinySpec = RANDOM, seed: int = 0, family: str = "sdxl", **overrides) -> UNet2DConditionModel:
     """A random U-Net; ``overrides`` replace spec fields (``tiny_unet(seed=1, channels=(16, 32, 48))``)."""
     if overrides:
@@ -122,8 +167,11 @@ def text_encoder_config(spec: TinySpec, vocab_size: int) -> CLIPTextConfig:
 
 
 def tiny_text_encoders(spec: TinySpec = RANDOM, vocab_size: int = 1000, seed: int = 0, family: str = "sdxl") -> tuple:
-    """``(CLIPTextModel, CLIPTextModelWithProjection)`` for SDXL, ``(CLIPTextModel,)`` for SD."""
+    """``(CLIPTextModel, CLIPTextModelWithProjection)`` for SDXL, ``(CLIPTextModel,)`` for SD, ``(T5EncoderModel,)``
+    for PixArt."""
     _check_family(family)
+    if family == "pixart":
+        return (tiny_t5(spec, vocab_size, seed),)
     cfg = text_encoder_config(spec, vocab_size)
     torch.manual_seed(seed)
     te1 = CLIPTextModel(cfg)
@@ -157,6 +205,11 @@ def sd_scheduler() -> PNDMScheduler:
 def tiny_pipeline(spec: TinySpec = RANDOM, seed: int = 0, words: Iterable[str] = (), family: str = "sdxl"):
     """A complete tiny pipeline with random weights (CPU, fp32)."""
     _check_family(family)
+    if family == "pixart":
+        with tempfile.TemporaryDirectory() as d:
+            t5_tok = build_t5_tokenizer(d, words)
+        return PixArtSigmaPipeline(tokenizer=t5_tok, text_encoder=tiny_t5(spec, len(t5_tok), seed), vae=tiny_vae(spec, seed),
+                                   transformer=tiny_dit(spec, seed), scheduler=pixart_scheduler())
     tok = tiny_tokenizer(spec, words)
     encoders = tiny_text_encoders(spec, len(tok), seed, family)
     vae, unet = tiny_vae(spec, seed), tiny_unet(spec, seed, family)

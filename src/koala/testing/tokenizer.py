@@ -59,3 +59,28 @@ def build_clip_tokenizer(out_dir: str, words: Iterable[str] = (), model_max_leng
                         model_max_length=model_max_length, pad_token=EOS)
     tok.save_pretrained(out_dir)
     return CLIPTokenizer.from_pretrained(out_dir)
+
+
+def build_t5_tokenizer(out_dir: str, words: Iterable[str] = (), model_max_length: int = 300):
+    """Write a T5-format (SentencePiece Unigram, ``tokenizer.json``) tokenizer to ``out_dir`` and return it loaded
+    from there. Pieces: ``<pad>`` (0), ``</s>`` (1), ``<unk>`` (2), ``▁``, every printable ASCII character, and
+    ``▁word`` for each word in ``words`` (more likely than its spelling, so known words are one token)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)] + [(c, -3.0) for c in _CHARS]
+    known = {p for p, _ in pieces}
+    for w in sorted({w.lower() for w in words if w}):
+        if "\u2581" + w not in known:
+            pieces.append(("\u2581" + w, -1.0))
+            known.add("\u2581" + w)
+    backend = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    backend.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                           special_tokens=[("</s>", 1)])
+    tok = T5Tokenizer(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0,
+                      model_max_length=model_max_length)
+    os.makedirs(out_dir, exist_ok=True)
+    tok.save_pretrained(out_dir)
+    return T5Tokenizer.from_pretrained(out_dir)
