@@ -9,7 +9,13 @@ teacher with:
   SA-up       L_task + L_outKD + SA matched to the teacher's top layers    (Table 10c)
 then score each student with the shapes scorer (colour / shape / binding / spatial) and report mean ± std.
 
+``--table table8`` runs the paper's Table 8 on a PixArt-topology shapes teacher (``koala lab train-teacher
+--family pixart``) instead: the student keeps the bottom half of the DiT's blocks (``--preset``), trained with
+L_task + L_outKD + featKD at every block on SA / CA / FFN / LF (BK's block output), plus out-KD only.
+
     python benchmarks/bench_shapes_kd.py --steps 150 --seeds 0 1 2 --out runs/shapes-kd --json benchmarks/results/shapes-kd.json
+    python benchmarks/bench_shapes_kd.py --table table8 --teacher runs/shapes-dit-teacher --preset '{"num_layers": 6}' \
+        --steps 300 --seeds 0 1 2 --out runs/shapes-dit --json benchmarks/results/shapes-dit-table8.json
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import statistics
 
 import torch
 
+from koala.families import model_dir
 from koala.lab.demo import DemoSettings, distill, eval_prompts, prepare, score_model
 
 METHODS = {
@@ -30,6 +37,15 @@ METHODS = {
     "SA-bottom": dict(features="SA", out_kd=True, kd_selection="bottom"),
     "SA-up": dict(features="SA", out_kd=True, kd_selection="up"),
 }
+# Table 8 (DiT): the full objective, featKD at every block on one feature type
+METHODS_DIT = {
+    "SA": dict(features="SA", out_kd=True),
+    "CA": dict(features="CA", out_kd=True),
+    "FFN": dict(features="FFN", out_kd=True),
+    "LF (BK)": dict(features="LF-all", out_kd=True),
+    "out-KD only": dict(features="none", out_kd=True),
+}
+TABLES = {"table10": METHODS, "table8": METHODS_DIT}
 METRICS = ("color", "shape", "binding", "spatial")
 
 
@@ -40,25 +56,33 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--num-eval", type=int, default=64)
     ap.add_argument("--num-train", type=int, default=2000)
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--table", default="table10", choices=list(TABLES),
+                    help="table10: the U-Net objectives (default); table8: feature types of a DiT teacher")
+    ap.add_argument("--methods", nargs="+", default=None, help="a subset of the table's methods (default: all)")
     ap.add_argument("--teacher", default=None, help="shapes teacher pipeline dir (default: the packaged one)")
+    ap.add_argument("--preset", default="koala-700m", help="student preset or JSON spec (default koala-700m)")
     ap.add_argument("--out", default="runs/shapes-kd")
     ap.add_argument("--json", default=None, help="write the table as JSON here")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
+    methods = TABLES[args.table]
+    args.methods = args.methods or list(methods)
+    unknown = [m for m in args.methods if m not in methods]
+    if unknown:
+        ap.error(f"--methods {unknown}: choose from {list(methods)}")
     base = DemoSettings(out=args.out, steps=args.steps, batch_size=args.batch_size, num_eval=args.num_eval,
                         num_train=args.num_train, overwrite=True, progress=False, teacher=args.teacher,
-                        threads=args.threads)
+                        threads=args.threads, preset=args.preset)
     teacher_dir, student_init, train_dir = prepare(base)
     prompts = eval_prompts(base)
     teacher_scores, _ = score_model(base, teacher_dir, None, prompts)
-    init_scores, _ = score_model(base, teacher_dir, os.path.join(student_init, "unet"), prompts)
+    init_scores, _ = score_model(base, teacher_dir, model_dir(student_init), prompts)
     runs: dict[str, list[dict]] = {m: [] for m in args.methods}
     for seed in args.seeds:
         for method in args.methods:
-            spec = dict(METHODS[method])
+            spec = dict(methods[method])
             s = DemoSettings(**{**base.__dict__, "features": spec.pop("features")})
             unet_dir = distill(s, teacher_dir, student_init, train_dir, run_name=f"{method.split()[0]}-s{seed}",
                                seed=seed, **spec)

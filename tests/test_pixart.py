@@ -240,3 +240,20 @@ def test_came_optimizer_trains_and_resumes_bit_exact(tiny_pixart_dir, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(KoalaError, match="came_betas needs 3 numbers"):
         load_config("tiny-dit", ["train.came_betas=[0.9, 0.99]"])
+
+
+def test_plan_and_train_bench_know_dits():
+    """The memory planner (real size, meta device) and the training-step benchmark (tiny) for PixArt -> DiT-M."""
+    from koala.bench.plan import plan_memory
+    from koala.bench.train import TrainBenchSettings, run_train_bench
+    from koala.distill import load_config
+
+    cfg = load_config(None, ["teacher.pipeline=x", "student.preset=dit-m", "kd.features={SA: all}",
+                             "train.resolution=512", "train.batch_size=2"])
+    p = plan_memory(cfg, teacher="pixart-sigma-xl")
+    assert p["params"]["student"] == COUNTS["dit-m"] and p["params"]["teacher"] == COUNTS["pixart-sigma-xl"]
+    assert p["feature_pairs"] == 14 and p["bytes"]["step_activations_and_grads"] > 0
+    r = run_train_bench(TrainBenchSettings(teacher="tiny-pixart-sigma-xl", resolution=64, batch=2, steps=1, warmup=0,
+                                           device="cpu", overrides=["student.preset=dit-m", "teacher.dtype=fp32",
+                                                                    "kd.features={SA: all}"]), log=lambda *_: None)
+    assert r["models"]["student"] == "dit-m" and r["times_ms"]["phases_median"]["student_forward"] > 0

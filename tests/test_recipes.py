@@ -10,6 +10,7 @@ import pytest
 
 from koala import KoalaError
 from koala.distill.config import DEFAULTS, load_config
+from koala.distill.config import resolve_grad_accum
 from koala.recipes import dump_recipe, read_recipe, shipped_recipes
 
 PIPE = "teacher.pipeline=x"
@@ -134,7 +135,8 @@ def test_kd_features_are_replaced_as_a_whole(tmp_path):
 def test_shipped_recipes_resolve_by_name_and_match_paper():
     names = shipped_recipes()
     assert set(names) == {"tiny", "bk-baseline", "koala-lightning-700m", "koala-lightning-1b", "koala-turbo-700m",
-                          "koala-turbo-1b", "pixart-sigma-dit-m", "tiny-dit"}
+                          "koala-turbo-1b", "pixart-sigma-dit-m", "tiny-dit", "koala-base-1b", "table3-ablation",
+                          "table7-koala-1b"}
     for name in names:
         cfg = load_config(name)
         assert set(cfg) == set(DEFAULTS) and load_config(f"{name}.yaml") == cfg
@@ -144,14 +146,27 @@ def test_shipped_recipes_resolve_by_name_and_match_paper():
         t = cfg["train"]
         assert cfg["student"]["preset"] == preset and t["resolution"] == res
         assert t["lr"] == 1e-5 and t["max_steps"] == 500_000 and t["mixed_precision"] == "fp16"
-        assert t["batch_size"] * t["grad_accum"] * 4 == 128  # 4 GPUs in the paper
+        assert t["global_batch"] == 128 and resolve_grad_accum(t, 4) == 4  # 4 GPUs in the paper; 16 on one
+        # the paper's settings: AdamW, constant lr, no clipping, no weight decay, no EMA (App. A.2)
+        assert t["optimizer"] == "adamw" and t["max_grad_norm"] is None and t["weight_decay"] == 0
+        assert not t["ema"]["enabled"]
         assert cfg["kd"]["features"] == {"SA": "all", "LF": ["DW-1", "UP-3"]} and cfg["kd"]["feature_loss"] == "mse"
+        assert cfg["teacher"]["kind"] == ("lightning" if "lightning" in name else "turbo")
     dit = load_config("pixart-sigma-dit-m")  # App. A.4: DiT-M from PixArt-Σ 512, CAME lr 2e-5, batch 192, fp16
     t = dit["train"]
     assert dit["student"] == {"path": None, "preset": "dit-m", "layer_selection": "bottom"}
     assert (t["optimizer"], t["lr"], t["resolution"], t["mixed_precision"]) == ("came", 2e-5, 512, "fp16")
     assert t["batch_size"] * t["grad_accum"] * 8 == 192 and dit["kd"]["features"] == {"SA": "all"}
     assert load_config("tiny-dit")["student"]["preset"] == {"num_layers": 3}
+    # the paper's experiments, each named after its table (App. A.2)
+    ab = load_config("table3-ablation")  # Tables 3 / 10: L_task + L_featKD without L_outKD, 30K, batch 32
+    assert ab["loss"]["out"] == 0 and ab["train"]["max_steps"] == 30_000 and ab["train"]["global_batch"] == 32
+    assert ab["student"]["preset"] == "koala-1b" and ab["teacher"]["kind"] == "base"
+    ours, bk = load_config("table7-koala-1b"), load_config("bk-baseline")  # Table 7: same setup, 50K
+    assert {k: v for k, v in ours.items() if k not in ("kd", "train")} == \
+        {k: v for k, v in bk.items() if k not in ("kd", "train")}
+    assert ours["train"]["max_steps"] == bk["train"]["max_steps"] == 50_000 and bk["kd"]["features"] == {"LF": "all"}
+    assert load_config("koala-base-1b")["teacher"]["unet_path"] is None
     assert load_config("koala-lightning-700m")["teacher"]["unet_path"]
     assert load_config("koala-turbo-1b")["teacher"]["unet_path"] is None
     tiny = load_config("tiny")
@@ -174,7 +189,9 @@ def test_config_checks_name_the_field():
                             ("kd.features=[SA]", "kd.features must map"),
                             ("loss.feat=-1", "loss.feat"), ("train.lr=.nan", "train.lr"),
                             ("train.mixed_precision=fp8", "mixed_precision must be one of no, fp16, bf16"),
-                            ("train.optimizer=sgd", "optimizer must be one of adamw, adamw8bit"),
+                            ("train.optimizer=sgd", "optimizer must be one of adamw, adamw8bit, came"),
+                            ("teacher.kind=distilled", "teacher.kind must be one of base, turbo, lightning"),
+                            ("train.global_batch=0", "global_batch"),
                             ("train.caption_dropout=2", "caption_dropout"), ("kd.layer_selection=top", "layer_selection"),
                             ("student.layer_selection=top", "student.layer_selection"),
                             ("kd.feature_loss=l1", "kd.feature_loss must be one of mse"),

@@ -15,7 +15,8 @@ import torch
 
 from .errors import KoalaError
 from .families import family_of, load_denoiser, model_dir_kind
-from .utils import atomic_output_dir, count_params
+from .families.sampling import SPACING, check_kind, sampling_scheduler
+from .utils import atomic_output_dir, count_params, read_json
 
 
 @dataclass
@@ -33,12 +34,16 @@ class CompressResult:
 
 
 def compress(teacher_path: str, preset, out_dir: str, dtype: str | torch.dtype | None = None, overwrite: bool = False,
-             layer_selection: str = "bottom", teacher_unet: str | None = None, family: str | None = None) -> CompressResult:
+             layer_selection: str = "bottom", teacher_unet: str | None = None, family: str | None = None,
+             teacher_kind: str = "base") -> CompressResult:
     """Compress ``teacher_path`` (model dir or pipeline dir) into ``out_dir`` atomically.
 
     For a pipeline, ``out_dir`` becomes a full pipeline directory with the student in the denoiser's folder.
     ``teacher_unet`` replaces the pipeline's denoiser as the teacher (e.g. a SDXL-Lightning U-Net checkpoint).
+    ``teacher_kind`` (base / turbo / lightning) is recorded in the layer map; a turbo or lightning student pipeline
+    gets the scheduler it is sampled with (Euler, trailing spacing; :mod:`koala.families.sampling`).
     """
+    check_kind(teacher_kind, "teacher_kind")
     kind = model_dir_kind(teacher_path)
     fam = family_of(teacher_path, family)
     spec = fam.resolve_spec(preset)  # refuse a wrong preset before loading gigabytes
@@ -49,7 +54,7 @@ def compress(teacher_path: str, preset, out_dir: str, dtype: str | torch.dtype |
     teacher, fam = load_denoiser(teacher_unet or teacher_path, dtype, config_from=teacher_path, family=fam)
     student, lmap = fam.compress(teacher, spec, layer_selection, dtype)
     lmap.meta.update({"teacher_path": os.path.abspath(teacher_unet or teacher_path),
-                      "preset": preset if isinstance(preset, str) else None})
+                      "preset": preset if isinstance(preset, str) else None, "teacher_kind": teacher_kind})
     with atomic_output_dir(out_dir, overwrite) as tmp:
         model_out = tmp
         if kind == "pipeline":
@@ -62,6 +67,10 @@ def compress(teacher_path: str, preset, out_dir: str, dtype: str | torch.dtype |
                 else:
                     shutil.copy2(src, os.path.join(tmp, entry))
             model_out = os.path.join(tmp, fam.model_subfolder)
+            sched_dir = os.path.join(tmp, "scheduler")
+            if SPACING[teacher_kind] and os.path.isfile(os.path.join(sched_dir, "scheduler_config.json")):
+                sampling_scheduler(read_json(os.path.join(sched_dir, "scheduler_config.json")),
+                                   teacher_kind).save_config(sched_dir)
         student.save_pretrained(model_out, safe_serialization=True)
         lmap.save(model_out)
     return CompressResult(os.path.abspath(out_dir), "pipeline" if kind == "pipeline" else "unet", fam.name,

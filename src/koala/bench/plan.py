@@ -181,6 +181,7 @@ def simulate_step(cfg: dict, models: _Models) -> dict:
     of what it allocates and the parameter counts."""
     from ..distill.hooks import FeatureRecorder, feature_pairs
     from ..distill.losses import kd_losses
+    from ..distill.models import init_selection
 
     tcfg, fam = cfg["train"], models.family
     mp = tcfg["mixed_precision"]
@@ -190,7 +191,7 @@ def simulate_step(cfg: dict, models: _Models) -> dict:
     student = fam.build_model(models.student_config, "meta").to(sim_dtype).train()
     if tcfg["gradient_checkpointing"]:
         student.enable_gradient_checkpointing()
-    lmap = fam.build_layer_map(teacher, student, cfg["student"]["layer_selection"])
+    lmap = fam.build_layer_map(teacher, student, init_selection(cfg))
     pairs = feature_pairs(lmap, student, teacher, cfg["kd"]["features"], cfg["kd"]["layer_selection"], fam)
     w = cfg["loss"]
     if not w["feat"] > 0:

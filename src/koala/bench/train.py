@@ -121,13 +121,13 @@ def build_preset_models(cfg: dict, teacher_preset: str, device: torch.device):
     (or test size for ``tiny-``), the student compressed from it per ``student.preset``."""
     from diffusers import DDPMScheduler
 
-    from ..distill.models import Frozen
+    from ..distill.models import Frozen, init_selection
     from ..testing.tiny import sdxl_scheduler
 
     fam, t_config = preset_unet_config(teacher_preset)
     teacher = materialize(lambda: fam.build_model(t_config, "meta"), device, torch.float32)
     s = cfg["student"]
-    student, lmap = fam.compress(teacher, s["preset"], s["layer_selection"], torch.float32)
+    student, lmap = fam.compress(teacher, s["preset"], init_selection(cfg), torch.float32)
     weight_dtype = parse_dtype(cfg["teacher"]["dtype"])
     teacher = teacher.to(weight_dtype).requires_grad_(False).eval()
     student = student.float().requires_grad_(True).train()

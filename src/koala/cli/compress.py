@@ -28,6 +28,10 @@ def register(sub) -> None:
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="student weight dtype (default: fp32)")
     p.add_argument("--layer-selection", default="bottom", choices=["bottom", "interleave", "up"],
                    help="which teacher transformer layers initialise the student's (default: bottom, the paper's SA-bottom)")
+    p.add_argument("--teacher-kind", default="base", choices=["base", "turbo", "lightning"],
+                   help="what the teacher is: base (SDXL-Base, SD, PixArt), turbo (SDXL-Turbo) or lightning "
+                   "(SDXL-Lightning); recorded in the layer map, and a turbo/lightning student pipeline gets the Euler "
+                   "trailing-spacing scheduler it is sampled with (default: base)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=run)
 
@@ -39,7 +43,8 @@ def run(args) -> int:
     from ..compress import compress
 
     res = compress(args.teacher, args.student, args.out, dtype=args.dtype, overwrite=args.overwrite,
-                   layer_selection=args.layer_selection, teacher_unet=args.teacher_unet, family=args.family)
+                   layer_selection=args.layer_selection, teacher_unet=args.teacher_unet, family=args.family,
+                   teacher_kind=args.teacher_kind)
     t = Table(title=f"koala compress ({res.family}) -> {res.out_dir}")
     for c in ("", "teacher", "student"):
         t.add_column(c, justify="right")

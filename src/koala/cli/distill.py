@@ -14,7 +14,7 @@ examples:
   koala distill --config koala-lightning-1b data.type=cache data.path=cache/  # from `koala cache` (same pipeline)
   koala distill --config tiny kd.features="{CA: all}"           # Table 3a: distill cross-attention instead
   koala distill --config tiny kd.features="{SA: [UP-1]}"        # Table 3b: a single stage
-  koala distill --config tiny kd.layer_selection=interleave     # Table 10c: SA-interleave
+  koala distill --config tiny kd.layer_selection=interleave     # Table 10c: SA-interleave (init and match)
   koala distill --config tiny --print-config                    # show the resolved config and exit
   koala lab make-tiny runs/tiny-pixart --family pixart && koala distill --config tiny-dit   # PixArt DiT smoke run
   koala distill --config tiny-dit kd.features="{CA: all}"       # Table 8: cross-attention features in a DiT
@@ -43,9 +43,9 @@ overrides are key=value with dotted keys and YAML values (applied after the reci
         e.g. DW-1..3 MID UP-1..3 for SDXL, DW-1..4 MID UP-1..4 for SD-1.x, B-1..B-n (one per block) for a DiT;
         first / last; ranges A..B), kd.feature_loss ({' | '.join(FEATURE_LOSSES)}),
         kd.layer_selection (null | {' | '.join(LAYER_SELECTIONS)}): null matches each student transformer layer with
-        the teacher layer the saved layer map initialised it from (koala_layer_map.json); a value re-picks the
-        matched teacher layers for featKD only (Table 10c) -- initialisation always follows the layer map
-        (student.layer_selection when compressing in memory)
+        the teacher layer the saved layer map initialised it from (koala_layer_map.json); a value initialises the
+        student from those teacher layers and matches it with them (Table 10c); a student.path compressed with
+        another --layer-selection is refused
   loss.task / loss.out / loss.feat (lambda weights)
   data.type ({' | '.join(TYPES)}), data.path (synthetic: num_samples, captions, size), and the other koala.data
         keys (caption_column, syncap_column, buckets, min_size, ...; see koala/data/config.py)

@@ -6,7 +6,8 @@ import argparse
 
 EPILOG = """\
 defaults follow the paper (App. A.3): Euler discrete scheduler, 10 steps, guidance 3.5, fp16 on a GPU
-(fp32 on CPU). Use --timestep-spacing trailing for step-distilled models (KOALA-Lightning/-Turbo).
+(fp32 on CPU). Students of step-distilled teachers (KOALA-Lightning / -Turbo: teacher kind lightning / turbo,
+recorded in koala_layer_map.json by koala compress / koala distill) get trailing timestep spacing by default.
 
 memory modes (docs/inference.md): --vae DIR (fp16-fix VAE; otherwise an fp16 VAE decodes in fp32),
 --vae-slicing, --vae-tiling, --offload model|sequential (CUDA only), --attention sdpa|classic,
@@ -15,8 +16,8 @@ memory modes (docs/inference.md): --vae DIR (fp16-fix VAE; otherwise an fp16 VAE
 
 examples:
   koala generate "a photo of a koala" --model out/koala-700m --out images/
-  koala generate --prompts-file prompts.txt --unet out/student --base sdxl-lightning --timestep-spacing trailing \\
-      --batch-size 4 --seed 42 --grid --out images/
+  koala generate --prompts-file prompts.txt --unet runs/koala-lightning-700m/checkpoints/step-0005000/unet \\
+      --base sdxl-base --batch-size 4 --seed 42 --grid --out images/   # trailing spacing from the layer map
 """
 
 
@@ -42,7 +43,8 @@ def register(sub) -> None:
     g.add_argument("--scheduler", default="euler", choices=["euler", "euler_a", "ddim", "dpmpp_2m"],
                    help="sampler (default euler: EulerDiscreteScheduler, as in the paper)")
     g.add_argument("--timestep-spacing", default=None, choices=["leading", "trailing", "linspace"],
-                   help="timestep spacing (default: the pipeline's; 'trailing' for step-distilled models)")
+                   help="timestep spacing (default: trailing for a student of a turbo/lightning teacher, per its "
+                   "koala_layer_map.json; else the pipeline's)")
     g.add_argument("--seed", type=int, default=0, help="base seed; image i uses seed+i (default 0)")
     g.add_argument("--batch-size", type=int, default=1, help="images per pipeline call (default 1)")
     g.add_argument("--images-per-prompt", type=int, default=1, help="images for each prompt (default 1)")

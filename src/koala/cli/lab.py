@@ -33,11 +33,12 @@ def register(sub) -> None:
     m.set_defaults(func=run_make_data)
 
     t = lab.add_parser(
-        "train-teacher", help="train the tiny shapes teacher (VAE, then U-Net + text encoders) on CPU",
+        "train-teacher", help="train the tiny shapes teacher (VAE, then U-Net / DiT + text encoders) on CPU",
         description="Train a tiny SDXL-topology pipeline on 32x32 shapes images: first the VAE (reconstruction), then "
         "the U-Net and both CLIP text encoders with the diffusion loss under SDXL's noise schedule and conditioning. "
-        "Writes a pipeline directory that StableDiffusionXLPipeline.from_pretrained loads, checkpointing every "
-        "--save-every steps (EMA weights) and printing val scores from `koala eval shapes`' scorer.",
+        "--family pixart trains a PixArt-topology teacher instead (a 12-block DiT and its T5 encoder; --vae-from "
+        "reuses a trained shapes VAE). Writes a pipeline directory that the family's diffusers pipeline loads, "
+        "checkpointing every --save-every steps (EMA weights) and printing val scores from `koala eval shapes`' scorer.",
     )
     t.add_argument("--out", required=True, help="output pipeline directory, replaced atomically at each checkpoint; an existing directory that "
                    "is not a koala teacher is refused unless --overwrite")
@@ -53,6 +54,9 @@ def register(sub) -> None:
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     t.add_argument("--fp32", action="store_true", help="store fp32 weights (default: fp16, half the size)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--family", default="sdxl", metavar="NAME", help="teacher topology: sdxl (default) or pixart")
+    t.add_argument("--vae-from", default=None, metavar="DIR",
+                   help="take the VAE of this trained shapes pipeline (e.g. the packaged teacher) and skip VAE training")
     t.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     t.set_defaults(func=run_train_teacher)
 
@@ -107,7 +111,7 @@ def run_train_teacher(args) -> int:
     cfg = TeacherConfig(out=args.out, data=args.data, num_train=args.num_train, num_val=args.num_val, seed=args.seed,
                         vae_steps=args.vae_steps, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                         save_every=args.save_every, max_minutes=args.max_minutes, threads=args.threads,
-                        half=not args.fp32, overwrite=args.overwrite)
+                        half=not args.fp32, overwrite=args.overwrite, family=args.family, vae_from=args.vae_from)
     res = train_teacher(cfg)
     print(json.dumps(res))
     return 0

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from ..arch.layer_map import SELECTIONS as LAYER_SELECTIONS
 from ..data.config import normalize_data_cfg
 from ..errors import KoalaError
+from ..families.sampling import TEACHER_KINDS
 from ..recipes import load
 from .losses import FEATURE_LOSSES  # name -> loss function: the allowed kd.feature_loss values
 
@@ -31,6 +32,8 @@ class TeacherConfig:
     pipeline: Optional[str] = None   # local pipeline dir: text encoder(s), tokenizer(s), VAE, scheduler, U-Net
     unet_path: Optional[str] = None  # replace the pipeline's U-Net (e.g. SDXL-Lightning): U-Net dir or .safetensors
     family: Optional[str] = None     # null = detect from the pipeline; 'sdxl', 'sd' or 'pixart'
+    kind: str = "base"               # base | turbo | lightning: how students are sampled (Euler; trailing for turbo /
+                                     # lightning), recorded in the student's layer map for koala generate
     dtype: str = "fp16"              # weight dtype of the frozen teacher U-Net and text encoders
     vae_dtype: Optional[str] = None  # null: fp32 if the VAE config says force_upcast, else teacher.dtype
 
@@ -41,7 +44,8 @@ class StudentConfig:
     # when path is null: compress the teacher in memory with this preset, or a custom spec (a mapping, e.g.
     # {num_layers: 10} for a DiT, or {encoder_layers: [1,1,1], down_depth: [0,2,4], up_depth: [4,2,0]} for a U-Net)
     preset: Any = "koala-700m"
-    layer_selection: str = "bottom"  # which teacher transformer layers initialise the student (compression)
+    layer_selection: str = "bottom"  # which teacher transformer layers initialise the student (compression);
+                                     # kd.layer_selection, when set, takes its place
 
 
 @dataclass
@@ -50,7 +54,9 @@ class KDConfig:
     # Paper's best (Table 10d): SA everywhere + LF at DW-1 & UP-3.
     # Table 10d: SA everywhere + LF at the first encoder / last decoder stage (DW-1, UP-3 on SDXL; UP-4 on SD-1.x)
     features: Any = field(default_factory=lambda: {"SA": "all", "LF": ["first", "last"]})
-    layer_selection: Optional[str] = None  # teacher layers matched to a shallower student: null = the layer map's
+    # teacher layers a shallower student is initialised from AND matched with (Table 10c: bottom | interleave | up);
+    # null = student.layer_selection initialises, featKD matches the pairs the layer map names
+    layer_selection: Optional[str] = None
     feature_loss: str = "mse"              # one of FEATURE_LOSSES
 
 
@@ -73,6 +79,7 @@ class TrainConfig:
     resolution: int = 1024
     batch_size: int = 1              # per process, per micro-step
     grad_accum: int = 1              # effective batch = batch_size * grad_accum * processes
+    global_batch: Optional[int] = None  # when set: grad_accum = global_batch / (batch_size * processes), exactly
     max_steps: int = 1000            # optimizer steps
     lr: float = 1.0e-5
     weight_decay: float = 1.0e-2
@@ -186,6 +193,28 @@ def _num(cfg: dict, key: str, lo=None, hi=None) -> None:
         raise KoalaError(f"{key} must be a finite number{bounds}, got {v!r}")
 
 
+def resolve_grad_accum(tcfg: dict, world_size: int) -> int:
+    """``train.grad_accum``, derived from ``train.global_batch`` when that is set: global_batch / (batch_size x
+    processes), which must come out whole; a grad_accum set to anything else alongside is refused."""
+    gb, bs, accum = tcfg.get("global_batch"), tcfg["batch_size"], tcfg["grad_accum"]
+    if not gb:
+        return accum
+    per_step = bs * world_size
+    if gb % per_step:
+        q = gb // world_size if gb % world_size == 0 else None
+        near = sorted((d for d in range(1, q + 1) if q % d == 0), key=lambda d: abs(d - bs))[:3] if q else []
+        raise KoalaError(f"train.global_batch {gb} is not a multiple of batch_size {bs} x {world_size} process(es) = "
+                         f"{per_step}; " + (f"batch sizes that fit: {', '.join(map(str, sorted(near)))}" if near else
+                                            f"{gb} does not split over {world_size} processes")
+                         + " (or change the process count)", option="train.global_batch")
+    derived = gb // per_step
+    if accum not in (1, derived):
+        raise KoalaError(f"train.grad_accum={accum} disagrees with train.global_batch {gb} = batch_size {bs} x "
+                         f"{world_size} process(es) x {derived}; drop grad_accum (it is derived) or global_batch",
+                         option="train.grad_accum")
+    return derived
+
+
 def check_config(cfg: dict, where: str = "config") -> None:
     """Value checks the schema's types cannot express; KoalaError naming ``where`` and the key."""
     try:
@@ -209,9 +238,12 @@ def _check(cfg: dict) -> None:
         _num(cfg, k, 0)
     for k in ("train.batch_size", "train.grad_accum", "train.max_steps", "train.resolution"):
         _num(cfg, k, 1)
+    if cfg["train"]["global_batch"] is not None:
+        _num(cfg, "train.global_batch", 1)
     _num(cfg, "train.caption_dropout", 0, 1)
     _one_of(cfg, "train.mixed_precision", MIXED_PRECISION)
     _one_of(cfg, "train.optimizer", OPTIMIZERS)
+    _one_of(cfg, "teacher.kind", TEACHER_KINDS)
     _one_of(cfg, "train.attention", ATTENTION)
     _one_of(cfg, "train.compile", COMPILE)
     if cfg["train"]["fused_optimizer"] and cfg["train"]["optimizer"] != "adamw":

@@ -44,6 +44,17 @@ def teacher_pipeline(cfg: dict) -> str:
     return pipe_dir
 
 
+def init_selection(cfg: dict) -> str:
+    """Which teacher layers initialise an in-memory student: ``kd.layer_selection`` when set (the student is then
+    initialised from the very layers it is matched with, as Table 10c's SA-bottom / -interleave / -up), else
+    ``student.layer_selection``. A conflicting pair is refused."""
+    kd_sel, s_sel = cfg["kd"]["layer_selection"], cfg["student"]["layer_selection"]
+    if kd_sel and s_sel not in ("bottom", kd_sel):  # bottom is student.layer_selection's default
+        raise KoalaError(f"kd.layer_selection={kd_sel} and student.layer_selection={s_sel} disagree; set one of them "
+                         "(kd.layer_selection initialises and matches alike)", option="kd.layer_selection")
+    return kd_sel or s_sel
+
+
 def load_models(cfg: dict):
     """Return ``(teacher, student, layer_map, frozen)``; all on CPU, teacher frozen in ``teacher.dtype``."""
     pipe_dir = teacher_pipeline(cfg)
@@ -51,17 +62,23 @@ def load_models(cfg: dict):
     weight_dtype = parse_dtype(cfg["teacher"]["dtype"])
     teacher, fam = load_denoiser(cfg["teacher"]["unet_path"] or pipe_dir, torch.float32, config_from=pipe_dir,
                                  family=fam)
-    s = cfg["student"]
+    s, kd_sel = cfg["student"], cfg["kd"]["layer_selection"]
     if s["path"]:
         path = model_dir(s["path"])
         lmap = LayerMap.load(path)
         if lmap.meta.get("family", fam.name) != fam.name:
             raise KoalaError(f"student.path {s['path']} was compressed from a {lmap.meta['family']} teacher but "
                              f"teacher.pipeline is {fam.name}", option="student.path")
+        if kd_sel and kd_sel != lmap.layer_selection:  # Table 10c: initialisation and matching go together
+            raise KoalaError(f"kd.layer_selection is {kd_sel} but student.path {s['path']} was initialised from the "
+                             f"{lmap.layer_selection} teacher layers; compress it again with --layer-selection {kd_sel} "
+                             "(or set kd.layer_selection=null to match the layers the map names)",
+                             option="kd.layer_selection")
         student = fam.load_model(path, torch.float32)
     else:
-        student, lmap = fam.compress(teacher, s["preset"], s["layer_selection"], torch.float32)
+        student, lmap = fam.compress(teacher, s["preset"], init_selection(cfg), torch.float32)
     lmap.validate(teacher, student)  # refuse a map that does not fit before any training
+    lmap.meta["teacher_kind"] = cfg["teacher"]["kind"]  # saved with every checkpoint: koala generate samples by it
     teacher = teacher.to(weight_dtype).requires_grad_(False).eval()
     parts = fam.load_parts(pipe_dir, weight_dtype, cfg["teacher"]["vae_dtype"])
     frozen = Frozen(fam, parts, DDPMScheduler.from_config(parts.scheduler.config), weight_dtype)

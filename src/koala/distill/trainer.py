@@ -28,6 +28,7 @@ from ..errors import KoalaError
 from ..recipes import dump_recipe
 from ..utils import StopRequest, existing_parent, require
 from .checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from .config import resolve_grad_accum
 from .hooks import FeatureRecorder, feature_pairs, unwrap
 from .losses import kd_losses, prediction_target
 from .models import encode_batch, load_models, teacher_pipeline
@@ -303,6 +304,7 @@ def train(cfg: dict) -> dict:
         torch.set_num_threads(int(tcfg["cpu_threads"]))
     trackers = _trackers(tcfg)
     acc = Accelerator(mixed_precision=tcfg["mixed_precision"], log_with=trackers or None, project_dir=out_dir)
+    tcfg["grad_accum"] = resolve_grad_accum(tcfg, acc.num_processes)  # from train.global_batch when set
     accum, bs, world = tcfg["grad_accum"], tcfg["batch_size"], acc.num_processes
     global_batch = bs * accum * world
     resume = resolve_resume(tcfg["resume"], out_dir)

@@ -1,4 +1,5 @@
-"""Validation images: fixed prompts and seeds through the student (every N steps) and the teacher (once)."""
+"""Validation images: fixed prompts and seeds through the student (every N steps) and the teacher (once), both
+sampled the way the paper samples (Euler; spacing by ``teacher.kind``, :mod:`koala.families.sampling`)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,17 @@ import os
 import numpy as np
 import torch
 
+from ..families.sampling import sampling_scheduler
 
-def _pipeline(unet, frozen):
-    sched = frozen.parts.scheduler
-    return frozen.family.make_pipeline(frozen.parts, unet, sched.__class__.from_config(sched.config))
+
+def _pipeline(unet, frozen, kind: str | None):
+    return frozen.family.make_pipeline(frozen.parts, unet, sampling_scheduler(frozen.parts.scheduler.config, kind))
 
 
 @torch.no_grad()
-def render(unet, frozen, vcfg: dict, resolution: int, device) -> list:
-    """PIL images for every (prompt, seed) pair of ``vcfg``, in order."""
-    pipe = _pipeline(unet, frozen)
+def render(unet, frozen, vcfg: dict, resolution: int, device, kind: str | None = None) -> list:
+    """PIL images for every (prompt, seed) pair of ``vcfg``, in order; Euler with ``kind``'s spacing."""
+    pipe = _pipeline(unet, frozen, kind)
     pipe.set_progress_bar_config(disable=True)
     was_training = unet.training
     unet.eval()
@@ -55,18 +57,18 @@ def save_images(images: list, folder: str, tag: str, step: int, accelerator=None
 
 
 def validate(student, teacher, frozen, cfg: dict, step: int, device, accelerator=None, ema=None) -> list[str]:
-    vcfg = cfg["validation"]
+    vcfg, kind = cfg["validation"], cfg["teacher"]["kind"]
     res = vcfg["resolution"] or cfg["train"]["resolution"]
     out = os.path.join(cfg["train"]["output_dir"], "samples")
     teacher_dir = os.path.join(out, "teacher")
     if not os.path.isdir(teacher_dir):
-        save_images(render(teacher, frozen, vcfg, res, device), teacher_dir, "teacher", step, accelerator)
+        save_images(render(teacher, frozen, vcfg, res, device, kind), teacher_dir, "teacher", step, accelerator)
     params = list(student.parameters())
     if ema is not None and vcfg["use_ema"]:
         ema.store(params)
         ema.copy_to(params)
     try:
-        images = render(student, frozen, vcfg, res, device)
+        images = render(student, frozen, vcfg, res, device, kind)
     finally:
         if ema is not None and vcfg["use_ema"]:
             ema.restore(params)

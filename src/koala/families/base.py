@@ -87,7 +87,7 @@ class Family:
     text_cond_keys: tuple[str, ...] = ()   # text conditioning tensors (what caption dropout replaces)
     micro_cond_keys: tuple[str, ...] = ()  # added conditions computed from a batch's size/crop bookkeeping
     reference_config: dict[str, Any] = {}    # the full-size teacher's denoiser config (presets are derived from it)
-    presets: dict[str, UNetSpec] = {}
+    presets: dict[str, Any] = {}  # name -> spec (spec_class)
     real_text_towers: tuple[dict, ...] = ()  # config kwargs of the full-size text encoders (benchmarks)
     text_config_class_name: str = "CLIPTextConfig"  # the transformers config class of real_text_towers
     default_text_len: int = 77  # tokens per prompt (the tokenizer's padded length) for dummy inputs

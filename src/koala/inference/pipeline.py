@@ -15,6 +15,7 @@ import torch
 
 from ..errors import KoalaError
 from ..families import Family, denoiser_of, family_of, model_dir, model_dir_kind
+from ..families.sampling import SPACING, teacher_kind_of
 from ..utils import check_dtype_on_device, parse_device, parse_dtype, read_json
 
 SCHEDULERS = {
@@ -125,9 +126,11 @@ def load_pipeline(
     if model:
         fam = _check_pipeline_dir(model, "model")
         src, name = model, os.path.basename(os.path.normpath(model))
+        teacher_kind = teacher_kind_of(model)
     elif unet and base:
         fam = _check_pipeline_dir(base, "base")
         u = model_dir(unet)
+        teacher_kind = teacher_kind_of(u)
         _check_unet_fits(u, base, fam)
         kw[fam.model_subfolder] = fam.load_model(u, dt)
         src = base
@@ -145,6 +148,10 @@ def load_pipeline(
     elif dt == torch.float16 and fam.vae_upcast:
         pipe.vae.register_to_config(force_upcast=True)  # the SDXL VAE overflows in fp16: decode in fp32
         modes.append("VAE decode upcast to fp32")
+    if timestep_spacing is None and SPACING.get(teacher_kind):  # a turbo / lightning student: sampled as the paper does
+        timestep_spacing = SPACING[teacher_kind]
+        notes.append(f"timestep spacing {timestep_spacing}: the student's teacher is {teacher_kind} "
+                     "(koala_layer_map.json); --timestep-spacing overrides it")
     spacing = _scheduler(pipe, scheduler, timestep_spacing)
 
     if attention == "sdpa":

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import KoalaError
+from ..families import denoiser_of
 
 
 @dataclass
@@ -30,8 +31,8 @@ class DemoSettings:
     sample_steps: int = 20      # Euler steps (the teacher's scores were measured with 20 steps, cfg 5)
     guidance: float = 5.0
     seed: int = 0
-    preset: str = "koala-700m"
-    features: str = "SA+LF"     # SA+LF (paper) | SA | LF-all (BK) | none (task + outKD only)
+    preset: str = "koala-700m"  # a preset of the teacher's family, or a JSON spec ('{"num_layers": 6}' for a DiT)
+    features: str = "SA+LF"     # a key of FEATURES: SA+LF (paper) | SA | CA | FFN | LF-all (BK) | none (task + outKD)
     overwrite: bool = False
     progress: bool = True
     teacher: str | None = None  # a shapes teacher pipeline dir; default: the packaged one
@@ -46,9 +47,11 @@ class DemoSettings:
 
 
 FEATURES = {
-    "SA+LF": {"SA": "all", "LF": ["DW-1", "UP-3"]},
+    "SA+LF": {"SA": "all", "LF": ["first", "last"]},  # the paper's: DW-1 and UP-3 on SDXL
     "SA": {"SA": "all"},
-    "LF-all": {"LF": "all"},
+    "CA": {"CA": "all"},
+    "FFN": {"FFN": "all"},
+    "LF-all": {"LF": "all"},  # BK: the last feature of every stage (every block of a DiT)
     "none": {},
 }
 GRID_PROMPTS = [
@@ -73,7 +76,7 @@ def _sample(pipe_dir: str, prompts: list[str], s: DemoSettings, unet_dir: str | 
         loaded = load_pipeline(pipe_dir, device="cpu", dtype="fp32")
     res = generate(loaded, prompts, steps=s.sample_steps, cfg=s.guidance, seed=s.seed, batch_size=16,
                    width=IMAGE_SIZE, height=IMAGE_SIZE, progress=False, log=lambda *_: None)
-    return res.images, loaded.pipe.unet
+    return res.images, denoiser_of(loaded.pipe)
 
 
 def _unet_latency_ms(unet, repeats: int = 5) -> float:
@@ -136,14 +139,16 @@ def prepare(s: DemoSettings, log=print) -> tuple[str, str, str]:
 
 def distill(s: DemoSettings, teacher_dir: str, student_init: str, train_dir: str, run_name: str = "distill",
             out_kd: bool = True, kd_selection: str | None = None, seed: int | None = None) -> str:
-    """Distill the compressed student with ``s.features``; returns the final student U-Net directory."""
+    """Distill the compressed student with ``s.features``; returns the final student's directory (its unet/ or
+    transformer/). With ``kd_selection`` the student is compressed anew from those teacher layers (Table 10c:
+    initialised and matched alike) instead of loaded from ``student_init``."""
     from ..distill import load_config, train
     from .models import IMAGE_SIZE
 
     features = json.dumps(FEATURES[s.features]).replace(" ", "")
     overrides = [
         f"teacher.pipeline={teacher_dir}", "teacher.dtype=fp32",
-        f"student.path={student_init}",
+        f"student.path={student_init}" if not kd_selection else f"student.preset={s.preset}",
         f"kd.features={features}", f"loss.feat={1.0 if FEATURES[s.features] else 0.0}",
         f"loss.out={1.0 if out_kd else 0.0}",
         "data.type=folder", f"data.path={train_dir}", "data.random_flip=false", "data.center_crop=true",
@@ -157,7 +162,8 @@ def distill(s: DemoSettings, teacher_dir: str, student_init: str, train_dir: str
     if kd_selection:
         overrides.append(f"kd.layer_selection={kd_selection}")
     summary = train(load_config(None, overrides))
-    return os.path.join(summary["checkpoint"], "unet")
+    return next(os.path.join(summary["checkpoint"], d) for d in ("unet", "transformer")
+                if os.path.isdir(os.path.join(summary["checkpoint"], d)))
 
 
 def eval_prompts(s: DemoSettings) -> list[str]:

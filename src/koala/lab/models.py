@@ -13,15 +13,17 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 
 from ..errors import KoalaError
-from ..testing.tiny import SHAPES, tiny_pipeline
+from ..testing.tiny import SHAPES, SHAPES_DIT, tiny_pipeline
 from .shapes import VOCAB_WORDS
 
 IMAGE_SIZE = SHAPES.image_size  # pixels; the VAE downsamples by 2, so latents are 16 x 16
 
 
-def build_shapes_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
-    """An untrained shapes pipeline (random weights, fp32); ``save_pretrained`` gives a normal SDXL directory."""
-    return tiny_pipeline(SHAPES, seed, words=VOCAB_WORDS)
+def build_shapes_pipeline(seed: int = 0, family: str = "sdxl"):
+    """An untrained shapes pipeline (random weights, fp32): SDXL topology (``SHAPES``), or PixArt topology
+    (``family="pixart"``: ``SHAPES_DIT``, a T5 encoder and a 12-block DiT); ``save_pretrained`` gives a normal
+    diffusers directory."""
+    return tiny_pipeline(SHAPES_DIT if family == "pixart" else SHAPES, seed, words=VOCAB_WORDS, family=family)
 
 
 def shapes_teacher_dir() -> str:

@@ -1,4 +1,4 @@
-"""Train a tiny SDXL-topology teacher on the shapes world, on CPU.
+"""Train a tiny shapes-world teacher on CPU: SDXL topology (the packaged teacher) or PixArt topology (a DiT).
 
 A plain recipe, in two phases:
 
@@ -11,7 +11,10 @@ A plain recipe, in two phases:
    ``add_time_ids``). 10 % of captions are dropped to all-zero embeddings, which is
    what ``StableDiffusionXLPipeline`` uses as the unconditional input (``force_zeros_for_empty_prompt``),
    so classifier-free guidance works. An EMA of the weights (``diffusers.training_utils.EMAModel``, one per
-   trained module) is what gets saved.
+   trained module) is what gets saved. With ``family="pixart"`` the same loop trains a DiT and its T5 encoder
+   through the family seam (T5 embeddings + mask; dropped captions get the empty prompt's encoding, the
+   pipeline's unconditional input; the task loss is on the epsilon half of the learned-sigma output), and the
+   VAE can be taken from a trained shapes pipeline (``vae_from``) instead of phase 1.
 
 Images come through ``koala.data`` (folder source, centre crop, no flip); generated scenes are written to a
 temporary image folder first.
@@ -37,8 +40,7 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel, compute_snr
 
 from ..errors import KoalaError
-from ..families import get_family
-from ..families.sdxl import time_ids
+from ..families import denoiser_of, family_of, family_of_pipeline, get_family
 from ..utils import atomic_output_dir
 from .models import IMAGE_SIZE, build_shapes_pipeline, default_sampling
 from .score import score_pairs
@@ -52,6 +54,8 @@ class TeacherConfig:
     num_train: int = 20000
     num_val: int = 64  # val prompts scored at each checkpoint
     seed: int = 0
+    family: str = "sdxl"  # "pixart": a DiT teacher (koala.testing.tiny.SHAPES_DIT)
+    vae_from: str | None = None  # copy the VAE of this shapes pipeline and skip phase 1
     vae_steps: int = 600
     vae_lr: float = 1e-3
     steps: int = 4000
@@ -64,7 +68,7 @@ class TeacherConfig:
     save_every: int = 500
     max_minutes: float | None = None  # stop the U-Net phase after this long (then save)
     threads: int | None = None
-    half: bool = True  # store the U-Net in fp16 (from_pretrained loads it back as fp32)
+    half: bool = True  # store the denoiser in fp16 (from_pretrained loads it back as fp32)
     overwrite: bool = False  # replace an existing --out that is not a koala teacher
 
 
@@ -143,10 +147,11 @@ def ema_copy(module, ema: EMAModel):
 def evaluate(pipe, prompts: list[str], seed: int = 0, batch: int = 32) -> dict:
     """Generate one image per prompt with the default sampler and score it."""
     pipe.set_progress_bar_config(disable=True)
+    extra = family_of_pipeline(pipe).pipeline_call_kwargs
     images = []
     for i in range(0, len(prompts), batch):
         g = torch.Generator().manual_seed(seed + i)
-        out = pipe(prompts[i:i + batch], generator=g, output_type="np", **default_sampling()).images
+        out = pipe(prompts[i:i + batch], generator=g, output_type="np", **default_sampling(), **extra).images
         images += [(np.clip(im, 0, 1) * 255).round().astype(np.uint8) for im in out]
     agg, _ = score_pairs(images, prompts)
     return agg
@@ -155,8 +160,8 @@ def evaluate(pipe, prompts: list[str], seed: int = 0, batch: int = 32) -> dict:
 def save_pipeline(pipe, out_dir: str, half: bool, extra: dict) -> None:
     """Write the pipeline to a fresh temporary directory and swap it in, so a checkpoint is never half-written."""
     p = copy.deepcopy(pipe)
-    if half:  # only the U-Net (most of the bytes); text encoders and VAE stay fp32 so a plain load is all fp32
-        p.unet.to(dtype=torch.float16)
+    if half:  # only the denoiser (most of the bytes); text encoders and VAE stay fp32 so a plain load is all fp32
+        denoiser_of(p).to(dtype=torch.float16)
     with atomic_output_dir(out_dir, overwrite=True) as tmp:
         p.save_pretrained(tmp, safe_serialization=True)
         with open(os.path.join(tmp, "koala_teacher.json"), "w") as f:
@@ -175,18 +180,28 @@ def train_teacher(cfg: TeacherConfig, log=print) -> dict:
                          "another output directory", option="overwrite")
     t0 = time.time()
     torch.manual_seed(cfg.seed)
-    pipe = build_shapes_pipeline(cfg.seed)
+    fam = get_family(cfg.family)
+    pipe = build_shapes_pipeline(cfg.seed, fam.name)
     images, captions = training_data(cfg)
     log(f"data: {len(captions)} training images {IMAGE_SIZE}x{IMAGE_SIZE}; e.g. {captions[0]!r}")
     val_prompts = [s.text for s in generate_scenes(cfg.num_val, "val", cfg.seed, IMAGE_SIZE)]
 
-    train_vae(pipe.vae, images, cfg, log)
-    pipe.vae.requires_grad_(False)
+    if cfg.vae_from:
+        from diffusers import AutoencoderKL
+
+        pipe.vae = AutoencoderKL.from_pretrained(cfg.vae_from, subfolder="vae", dtype=torch.float32)
+        pipe.register_modules(vae=pipe.vae)
+        log(f"VAE: taken from {cfg.vae_from} (scaling_factor {pipe.vae.config.scaling_factor:.4f})")
+    else:
+        train_vae(pipe.vae, images, cfg, log)
+    pipe.vae.requires_grad_(False).eval()
     latents = encode_latents(pipe.vae, images)
     del images
 
-    unet, sdxl = pipe.unet, get_family("sdxl")
-    tokenizers, encoders = [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2]
+    unet = denoiser_of(pipe)
+    names = (fam.model_subfolder, *[e for _, e, _ in fam.text_encoders])
+    tokenizers = [getattr(pipe, t) for t, _, _ in fam.text_encoders]
+    encoders = [getattr(pipe, e) for _, e, _ in fam.text_encoders]
     modules = [unet, *encoders]
     for m in modules:
         m.train()
@@ -196,13 +211,14 @@ def train_teacher(cfg: TeacherConfig, log=print) -> dict:
         opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * (0.5 * (1 + math.cos(math.pi * min(s / cfg.steps, 1.0))) * 0.9 + 0.1))
     emas = [EMAModel(m.parameters(), decay=cfg.ema_decay) for m in modules]  # warm-up: min(decay, (1+n)/(10+n))
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # same betas; add_noise for training
-    add_time = time_ids((IMAGE_SIZE, IMAGE_SIZE), (0, 0), (IMAGE_SIZE, IMAGE_SIZE)).expand(cfg.batch_size, 6)
+    size = torch.tensor([[IMAGE_SIZE, IMAGE_SIZE]] * cfg.batch_size)
+    micro = fam.micro_conditions({"original_size": size, "crop_top_left": torch.zeros_like(size), "target_size": size})
     g = torch.Generator().manual_seed(cfg.seed + 1)
     history, best = [], None
 
     def checkpoint(step: int) -> dict:
         comps = dict(pipe.components)
-        for name, m, ema in zip(("unet", "text_encoder", "text_encoder_2"), modules, emas):
+        for name, m, ema in zip(names, modules, emas):
             comps[name] = ema_copy(m, ema)
         ema_pipe = type(pipe)(**comps)
         scores = evaluate(ema_pipe, val_prompts, cfg.seed)
@@ -222,10 +238,13 @@ def train_teacher(cfg: TeacherConfig, log=print) -> dict:
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=g)
         xt = noise_scheduler.add_noise(x0, noise, t)
-        cond = sdxl.encode_prompts([captions[i] for i in idx.tolist()], tokenizers, encoders)  # with gradients
-        keep = (torch.rand(cfg.batch_size, generator=g) >= cfg.cond_dropout).float()  # dropped: all-zero embeddings
-        cond = {k: v * keep.view(-1, *[1] * (v.ndim - 1)) for k, v in cond.items()}
-        pred = unet(xt, t, **sdxl.model_inputs({**cond, "add_time_ids": add_time})).sample
+        cond = fam.encode_prompts([captions[i] for i in idx.tolist()], tokenizers, encoders)  # with gradients
+        keep = torch.rand(cfg.batch_size, generator=g) >= cfg.cond_dropout
+        # dropped captions get the pipeline's unconditional input: all zeros (SDXL) or the empty prompt's encoding
+        uncond = {k: torch.zeros_like(v[:1]) for k, v in cond.items()} if fam.zero_uncond else \
+            fam.encode_prompts([""], tokenizers, encoders)
+        cond = {k: torch.where(keep.view(-1, *[1] * (v.ndim - 1)), v, uncond[k].to(v.dtype)) for k, v in cond.items()}
+        pred = fam.prediction(fam.forward(unet, xt, t, {**cond, **micro}), x0.shape[1])
         if cfg.snr_gamma:  # min-SNR weighting for epsilon prediction
             snr = compute_snr(noise_scheduler, t)
             w = torch.clamp(snr, max=cfg.snr_gamma) / snr
@@ -252,10 +271,8 @@ def train_teacher(cfg: TeacherConfig, log=print) -> dict:
 
 
 def package_teacher(src: str, dst: str, half: bool = True) -> str:
-    """Copy a trained pipeline directory to ``dst`` with the U-Net in fp16 and everything else fp32."""
-    from diffusers import StableDiffusionXLPipeline
-
-    pipe = StableDiffusionXLPipeline.from_pretrained(src, dtype=torch.float32)
+    """Copy a trained pipeline directory to ``dst`` with the denoiser in fp16 and everything else fp32."""
+    pipe = family_of(src).pipeline_class_of(src).from_pretrained(src, dtype=torch.float32)
     extra = {}
     meta = os.path.join(src, "koala_teacher.json")
     if os.path.isfile(meta):
@@ -270,13 +287,13 @@ def sample_folder(pipeline_dir: str, out_dir: str, num: int = 200, seed: int = 0
                   split: str = "val", steps: int | None = None, guidance: float | None = None) -> str:
     """Generate one 32x32 image per shapes prompt (``split`` scenes ``0..num-1`` of ``seed``) with the default
     sampler; write PNGs (prompt in a tEXt chunk) and ``metadata.jsonl`` for ``koala eval shapes``."""
-    from diffusers import StableDiffusionXLPipeline
     from PIL import PngImagePlugin
     from tqdm.auto import tqdm
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(pipeline_dir, dtype=torch.float32)
+    fam = family_of(pipeline_dir)
+    pipe = fam.pipeline_class_of(pipeline_dir).from_pretrained(pipeline_dir, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    kw = default_sampling()
+    kw = {**default_sampling(), **fam.pipeline_call_kwargs}
     if steps:
         kw["num_inference_steps"] = steps
     if guidance is not None:

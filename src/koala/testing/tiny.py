@@ -14,7 +14,7 @@ One builder, parameterised by a frozen :class:`TinySpec`:
   learned sigma: 8 output channels, ``dit_layers`` blocks) and PixArt-Σ's DPM-Solver scheduler config.
 
 ``RANDOM`` is the random-weight test model; ``SHAPES`` is the shapes world's teacher architecture (the packaged
-teacher in ``koala/assets/shapes-teacher`` was built with it). The tokenizer knows every word in ``words`` as
+teacher in ``koala/assets/shapes-teacher`` was built with it); ``SHAPES_DIT`` its PixArt-topology counterpart. The tokenizer knows every word in ``words`` as
 one token (see :mod:`koala.testing.tokenizer`).
 """
 
@@ -71,6 +71,8 @@ RANDOM = TinySpec(text_dim=16, projection_dim=16, intermediate_size=32, max_toke
                   depth=(1, 2, 10), vae_channels=(8, 16), vae_scaling_factor=0.13025)
 SHAPES = TinySpec(text_dim=32, projection_dim=32, intermediate_size=64, max_tokens=32, channels=(32, 64, 64),
                   depth=(1, 2, 10), vae_channels=(32, 64), vae_scaling_factor=1.0, reseed_text_encoder_2=True)
+# the shapes world's DiT teacher (PixArt topology): the same text width and VAE, 12 blocks of width 64
+SHAPES_DIT = dataclasses.replace(SHAPES, dit_layers=12, dit_heads=4, dit_head_dim=16)
 
 
 def _check_family(family: str) -> None:
