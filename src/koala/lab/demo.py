@@ -96,17 +96,25 @@ def _unet_latency_ms(unet, repeats: int = 5) -> float:
     return float(np.median(times))
 
 
-def _grid(rows: list[tuple[str, list]], path: str) -> str:
+def _grid(rows: list[tuple[str, list]], path: str, prompts: list[str] | None = None) -> str:
+    """One row per model (its name on the left), one column per prompt (the prompt, wrapped, above it)."""
+    import textwrap
+
     from PIL import Image, ImageDraw
 
-    cell, label_w = 96, 150
+    cell, label_w, line_h = 96, 150, 11
     n = max(len(images) for _, images in rows)
-    canvas = Image.new("RGB", (label_w + n * cell, len(rows) * cell), "white")
+    wrapped = [textwrap.wrap(p, width=15) for p in (prompts or [])]
+    head = (max((len(w) for w in wrapped), default=0) * line_h + 6) if wrapped else 0
+    canvas = Image.new("RGB", (label_w + n * cell, head + len(rows) * cell), "white")
     draw = ImageDraw.Draw(canvas)
+    for c, lines in enumerate(wrapped):
+        for i, line in enumerate(lines):
+            draw.text((label_w + c * cell + 3, 3 + i * line_h), line, fill="black")
     for r, (label, images) in enumerate(rows):
-        draw.text((6, r * cell + cell // 2 - 6), label, fill="black")
+        draw.text((6, head + r * cell + cell // 2 - 6), label, fill="black")
         for c, im in enumerate(images):
-            canvas.paste(im.convert("RGB").resize((cell, cell), Image.NEAREST), (label_w + c * cell, r * cell))
+            canvas.paste(im.convert("RGB").resize((cell, cell), Image.NEAREST), (label_w + c * cell, head + r * cell))
     canvas.save(path)
     return path
 
@@ -215,7 +223,7 @@ def run_demo(s: DemoSettings, log=print) -> dict:
         rows.append({"model": name, "unet_params": count_params(unet_model),
                      "unet_ms": round(_unet_latency_ms(unet_model), 2), **scores})
     out = os.path.abspath(s.out)
-    grid = _grid(grid_rows, os.path.join(out, "grid.png"))
+    grid = _grid(grid_rows, os.path.join(out, "grid.png"), GRID_PROMPTS)
     with open(os.path.join(out, "grid_prompts.txt"), "w") as f:
         f.write("\n".join(GRID_PROMPTS) + "\n")
 
