@@ -78,12 +78,19 @@ class LayerMap:
             object.__setattr__(self, "_by_len", cache)
         return cache
 
-    def teacher_name(self, student_name: str) -> str:
-        """Teacher parameter/module name for a student parameter/module name (longest prefix wins)."""
+    def entry(self, student_name: str) -> MapEntry | None:
+        """The entry covering a student parameter/module name (longest prefix wins); None when none does."""
         for e in self._sorted():
             if student_name == e.student or student_name.startswith(e.student + "."):
-                return e.teacher + student_name[len(e.student):]
-        raise KoalaError(f"student module {student_name!r} is not covered by the layer map")
+                return e
+        return None
+
+    def teacher_name(self, student_name: str) -> str:
+        """Teacher parameter/module name for a student parameter/module name (longest prefix wins)."""
+        e = self.entry(student_name)
+        if e is None:
+            raise KoalaError(f"student module {student_name!r} is not covered by the layer map")
+        return e.teacher + student_name[len(e.student):]
 
     def of_kind(self, kind: str) -> list[MapEntry]:
         return [e for e in self.entries if e.kind == kind]

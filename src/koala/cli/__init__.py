@@ -14,13 +14,13 @@ import sys
 from .. import __version__
 from ..errors import KoalaError
 
-COMMANDS = ["presets", "compress", "distill", "plan", "data", "generate", "bench", "lab", "eval", "demo"]
+COMMANDS = ["presets", "compress", "distill", "plan", "data", "generate", "bench", "analyze", "lab", "eval", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="koala",
-        description="KOALA: compress text-to-image U-Nets (SDXL, SD-1.x families) and distill them with "
+        description="KOALA: compress text-to-image U-Nets and DiTs (SDXL, SD-1.x, PixArt families) and distill them with "
         "self-attention KD "
         "(Lee et al., NeurIPS 2024). Run `koala COMMAND --help` for each command.",
     )
