@@ -13,6 +13,13 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: str) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def params_figure(numbers: dict, path: str) -> str:
     """Stacked bars of parameters per stage (one colour per component), models side by side; FLOPs per stage."""
     plt = _plt()
@@ -37,10 +44,7 @@ def params_figure(numbers: dict, path: str) -> str:
     if len(models) > 1:
         ax2.legend(fontsize=8, title="bars left to right")
     fig.suptitle(" vs ".join(models))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def latency_figure(numbers: dict, path: str) -> str:
@@ -52,10 +56,7 @@ def latency_figure(numbers: dict, path: str) -> str:
     ax.set_title(f"{numbers['model']}: forward time per stage, {numbers['resolution']}² batch {numbers['batch']} "
                  f"({numbers['device']}, {numbers['dtype']}); total {numbers['ms']['total']:.1f} ms", fontsize=9)
     ax.tick_params(axis="x", rotation=45 if len(ms) > 10 else 0)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def similarity_figure(numbers: dict, path: str) -> str:
@@ -85,10 +86,7 @@ def similarity_figure(numbers: dict, path: str) -> str:
         ax.set_ylim(0, 1.05)
         ax.set_title("student vs teacher (mapped layers)", fontsize=8)
         ax.set_xlabel("student transformer layer")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def pca_figure(rows: dict, prompt: str, path: str) -> str:
@@ -108,7 +106,4 @@ def pca_figure(rows: dict, prompt: str, path: str) -> str:
         for ax in axes[r]:
             ax.axis("off")
     fig.suptitle(prompt, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)

@@ -79,7 +79,9 @@ def load_models(cfg: dict):
         student, lmap = fam.compress(teacher, s["preset"], init_selection(cfg), torch.float32)
     lmap.validate(teacher, student)  # refuse a map that does not fit before any training
     lmap.meta["teacher_kind"] = cfg["teacher"]["kind"]  # saved with every checkpoint: koala generate samples by it
-    teacher = teacher.to(weight_dtype).requires_grad_(False).eval()
+    if teacher.dtype != weight_dtype:  # (diffusers warns on every dtype cast of some models: only cast when needed)
+        teacher = teacher.to(weight_dtype)
+    teacher = teacher.requires_grad_(False).eval()
     parts = fam.load_parts(pipe_dir, weight_dtype, cfg["teacher"]["vae_dtype"])
     frozen = Frozen(fam, parts, DDPMScheduler.from_config(parts.scheduler.config), weight_dtype)
     return teacher, student.float().train(), lmap, frozen
