@@ -24,8 +24,8 @@ __all__ = ["analyze_params", "analyze_latency", "analyze_similarity", "analyze_s
 
 
 def _student_map(path: str) -> LayerMap | None:
-    d = model_dir(path)
-    return LayerMap.load(d) if os.path.isfile(os.path.join(d, LAYER_MAP_FILE)) else None
+    found = LayerMap.find(model_dir(path))
+    return LayerMap.load(found) if found else None
 
 
 def resolve_model(name: str, device: str = "meta", dtype=torch.float32):

@@ -3,6 +3,7 @@ top module time it inside a normal forward; IO is the rest of the forward (stem,
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -23,18 +24,13 @@ def stage_modules(lmap: LayerMap, model: torch.nn.Module) -> dict[str, list[str]
             name = name.rsplit(".", 1)[0] if "." in name else ""
         return name
 
-    names: dict[str, list[str]] = {}
+    names: dict[str, list[list[str]]] = {}
     for e in lmap.entries:
         if e.stage != "IO":
             names.setdefault(e.stage, []).append(e.student.split("."))
     out = {}
     for stage, parts in names.items():
-        common = parts[0]
-        for p in parts[1:]:
-            n = 0
-            while n < min(len(common), len(p)) and common[n] == p[n]:
-                n += 1
-            common = common[:n]
+        common = os.path.commonprefix(parts)  # element-wise on the dotted parts
         out[stage] = [runnable(".".join(common))] if common else sorted({runnable(".".join(p[:2])) for p in parts})
     return out
 

@@ -155,17 +155,23 @@ class LayerMap:
             json.dump(self.to_dict(), f, indent=1)
         return path
 
+    @staticmethod
+    def find(path: str | os.PathLike) -> str | None:
+        """The layer map file of a student: ``path`` itself, or ``koala_layer_map.json`` in the directory or its
+        unet/ or transformer/; None when there is none."""
+        path = str(path)
+        if not os.path.isdir(path):
+            return path if os.path.isfile(path) else None
+        return next((c for c in (os.path.join(path, d, LAYER_MAP_FILE) for d in ("", "unet", "transformer"))
+                     if os.path.isfile(c)), None)
+
     @classmethod
     def load(cls, path: str | os.PathLike) -> "LayerMap":
-        path = str(path)
-        if os.path.isdir(path):
-            for cand in (os.path.join(path, d, LAYER_MAP_FILE) for d in ("", "unet", "transformer")):
-                if os.path.isfile(cand):
-                    path = cand
-                    break
-            else:
-                raise KoalaError(f"{path}: no {LAYER_MAP_FILE} here or in unet/ or transformer/ (was this student made "
-                                 "by `koala compress`?)")
+        found = LayerMap.find(path)
+        if found is None:
+            raise KoalaError(f"{path}: no {LAYER_MAP_FILE} here or in unet/ or transformer/ (was this student made "
+                             "by `koala compress`?)")
+        path = found
         try:
             with open(path) as f:
                 d = json.load(f)

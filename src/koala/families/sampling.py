@@ -10,8 +10,6 @@ student pipeline, and ``koala generate`` / training-time validation read it.
 
 from __future__ import annotations
 
-import os
-
 from ..errors import KoalaError
 
 TEACHER_KINDS = ("base", "turbo", "lightning")
@@ -43,10 +41,7 @@ def sampling_scheduler(scheduler_config: dict, kind: str | None = None):
 def teacher_kind_of(model_dir: str) -> str | None:
     """``meta.teacher_kind`` of the layer map next to a student's config (a model dir, or a pipeline dir's unet/ or
     transformer/); None when there is no layer map or it does not say."""
-    from ..arch.layer_map import LAYER_MAP_FILE, LayerMap
+    from ..arch.layer_map import LayerMap
 
-    for sub in ("", "unet", "transformer"):
-        path = os.path.join(model_dir, sub, LAYER_MAP_FILE)
-        if os.path.isfile(path):
-            return LayerMap.load(path).meta.get("teacher_kind")
-    return None
+    path = LayerMap.find(model_dir)
+    return LayerMap.load(path).meta.get("teacher_kind") if path else None
