@@ -7,6 +7,7 @@
 #
 # Budget: KOALA_SUITE_SECONDS (default 540). A step that would start with too little time left is skipped.
 # KOALA_SUITE_SKIP_COMPILE=1 leaves out the torch.compile steps (slow on a small CPU).
+# KOALA_SUITE_ONLY=name,name,... runs only the named steps, in the suite's order (one device call's worth).
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
@@ -27,6 +28,7 @@ python3 -c "import torch, diffusers, transformers; print('torch', torch.__versio
 # step NAME SECONDS COMMAND...: run with the smaller of SECONDS and the time left; log to $OUT/suite.log
 step() {
   local name=$1 secs=$2; shift 2
+  if [[ -n "${KOALA_SUITE_ONLY:-}" && ",$KOALA_SUITE_ONLY," != *",$name,"* ]]; then return; fi
   local left=$(( BUDGET - ($(date +%s) - T0) ))
   if (( left < 20 )); then echo "== $name: skipped (${left}s left)" | tee -a "$OUT/suite.log"; return; fi
   (( secs > left )) && secs=$left
@@ -40,6 +42,8 @@ step() {
 M="${P}sdxl-base,${P}bk-sdxl,${P}koala-1b,${P}koala-700m,${P}ssd-1b,${P}segmind-vega"
 TRAIN="$KOALA bench train --teacher ${P}sdxl-base --resolution $TRES --batch $BS $DEV --steps 5 --warmup 2"
 FAST="train.mixed_precision=$MP teacher.dtype=bf16 train.fused_optimizer=true"
+# the paper's settings (no EMA) with teacher and student compiled region by region (hooks outside the graphs)
+PAPER_BLOCKS="$FAST train.ema.enabled=false train.compile=both train.compile_scope=blocks"
 
 # 1. Table 6: every preset, 1024^2, 10 steps, cfg 3.5, fp16, per component and end to end
 step infer 150 $KOALA bench --models "$M" --resolution $RES --steps 10 --cfg 3.5 $DEV $INFER_DTYPE \
@@ -61,6 +65,22 @@ fi
 # 5. training switches: gradient checkpointing, then torch.compile of student and teacher
 step train-700m-gc 80 $TRAIN $FAST train.gradient_checkpointing=true --json "$OUT/train-700m-gc.json"
 [[ -z "${KOALA_SUITE_SKIP_COMPILE:-}" ]] && step train-700m-compile 240 $TRAIN $FAST train.compile=both --json "$OUT/train-700m-compile.json"
+# 6. round two (after regional compilation and the foreach EMA landed): MFU with teacher + student compiled,
+#    KOALA-700M end to end with U-Net, VAE decoder and text encoders compiled, the DiT presets
+step train-700m-blocks 170 $TRAIN $PAPER_BLOCKS --json "$OUT/train-700m-blocks.json"
+step train-700m-blocks-ema 60 $TRAIN $PAPER_BLOCKS train.ema.enabled=true --json "$OUT/train-700m-blocks-ema.json"
+[[ -z "${KOALA_SUITE_SKIP_COMPILE:-}" ]] && step infer-700m-fastest 170 $KOALA bench --models ${P}koala-700m --resolution $RES \
+  --steps 10 --cfg 3.5 $DEV $INFER_DTYPE --components text,unet,vae --channels-last --compile --compile-vae --compile-text \
+  --warmup 2 --repeats 5 --json "$OUT/infer-700m-fastest.json" --markdown "$OUT/infer-700m-fastest.md"
+step train-1b-blocks 110 $TRAIN $PAPER_BLOCKS student.preset=koala-1b --json "$OUT/train-1b-blocks.json"
+step infer-dit 90 $KOALA bench --models ${P}pixart-sigma-xl,${P}dit-m --resolution $RES --steps 10 --cfg 3.5 $DEV $INFER_DTYPE \
+  --components text,unet,vae --warmup 1 --repeats 3 --json "$OUT/infer-dit.json" --markdown "$OUT/infer-dit.md"
+# 7. round three: the student compiled whole (fastest student code), the teacher by blocks (compiles in a fraction
+#    of the time; whole-teacher compilation did not finish in 230 s in round one)
+MIXED="$FAST train.ema.enabled=false train.compile=both train.compile_scope=full train.teacher_compile_scope=blocks"
+step train-700m-mixed 170 $TRAIN $MIXED --json "$OUT/train-700m-mixed.json"
+step train-700m-mixed-ema 60 $TRAIN $MIXED train.ema.enabled=true --json "$OUT/train-700m-mixed-ema.json"
+step train-1b-mixed 150 $TRAIN $MIXED student.preset=koala-1b --json "$OUT/train-1b-mixed.json"
 echo "suite done in $(( $(date +%s) - T0 ))s" | tee -a "$OUT/suite.log"
 # the device tool returns at most 8 files: pack the results into one archive beside the log
 (cd "$OUT" && tar cf results.tar --exclude=results.tar --exclude=suite.log ./*.json ./*.md ./*.txt 2>/dev/null)

@@ -86,10 +86,28 @@ def test_bench_pipeline_dir_unet_only_one_at_a_time(tiny_pipe_dir):
     (dict(components=["vae"]), "must include unet"),
     (dict(dtype="fp16"), "fp16"),
     (dict(resolution=100), "multiple of 64"),
+    (dict(compile_mode="reduce-overhead"), "compile_mode needs something to compile"),
 ])
 def test_bench_errors(kw, match):
     with pytest.raises(KoalaError, match=match):
         run_bench(_tiny(**kw), log=lambda *_: None)
+
+
+def test_bench_compile_switches_compile_each_component_in_place():
+    """--compile / --compile-vae / --compile-text compile the U-Net, the VAE decoder and the text encoders in place
+    (lazily: nothing is traced until the first run), and the markdown header names them."""
+    from koala.bench.models import build_bench_model
+    from koala.bench.timing import apply_speed_modes
+
+    m = build_bench_model("tiny-koala-700m")
+    apply_speed_modes(m, _tiny(compile=True, compile_vae=True))
+    assert m.unet._compiled_call_impl is not None and m.vae.decoder._compiled_call_impl is not None
+    assert all(getattr(e, "_compiled_call_impl", None) is None for e in m.text_encoders)  # not asked for
+    apply_speed_modes(m, _tiny(compile_text=True))
+    assert m.text_encoders and all(e._compiled_call_impl is not None for e in m.text_encoders)
+    r = {"settings": {**vars(_tiny(compile=True, compile_vae=True, channels_last=True)), "compile_mode": None},
+         "environment": {"cpu": "x", "threads": 2, "torch": "t"}, "models": [], "relative": []}
+    assert "channels_last U-Net, compiled U-Net, compiled VAE decoder." in markdown_table(r).splitlines()[0]
 
 
 def test_cli_bench(tmp_path, capsys):

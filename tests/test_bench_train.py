@@ -65,6 +65,7 @@ def test_bench_train_pipeline_dir_encodes_raw_data(tiny_pipe_dir):
     (dict(device="tpu"), "cpu, cuda"),
     (dict(peak_tflops=-1.0), "peak_tflops"),
     (dict(overrides=["train.compile=everything"]), "train.compile"),
+    (dict(overrides=["train.compile_scope=layers"]), "train.compile_scope"),
     (dict(overrides=["train.fused_optimizer=true", "train.optimizer=adamw8bit"]), "fused_optimizer"),
 ])
 def test_bench_train_errors(kw, match):
@@ -93,10 +94,13 @@ def test_cli_bench_train(tmp_path, capsys):
     assert "option --teacher" in capsys.readouterr().err
 
 
-def test_compiled_student_keeps_hooks_and_loss(tiny_pipe_dir, tmp_path):
+@pytest.mark.parametrize("compile_mode,scope,teacher_scope", [("student", "full", None), ("both", "blocks", None),
+                                                              ("both", "full", "blocks")])
+def test_compiled_student_keeps_hooks_and_loss(tiny_pipe_dir, tmp_path, compile_mode, scope, teacher_scope):
     """torch.compile (dynamo + AOT autograd; the aot_eager backend skips code generation so the test stays
     fast) traces the feature hooks into the graph: the compiled student gives the eager student's losses and
-    gradients on the same batch."""
+    gradients on the same batch, whole-model and regional (each transformer / resnet block compiled, hooks on
+    the attention modules inside the blocks), student alone and teacher + student."""
     from accelerate import Accelerator
 
     from koala.distill import load_config
@@ -105,11 +109,21 @@ def test_compiled_student_keeps_hooks_and_loss(tiny_pipe_dir, tmp_path):
     def build(compile_mode):
         cfg = load_config("tiny", [f"teacher.pipeline={tiny_pipe_dir}", f"train.output_dir={tmp_path / compile_mode}",
                                    "train.resolution=64", "train.batch_size=2", "teacher.dtype=fp32",
-                                   f"train.compile={compile_mode}", "train.compile_backend=aot_eager"])
+                                   f"train.compile={compile_mode}", "train.compile_backend=aot_eager",
+                                   f"train.compile_scope={scope}", f"train.teacher_compile_scope={teacher_scope or 'null'}"])
         return cfg, Distiller(cfg, Accelerator(cpu=True))
 
     cfg, eager = build("none")
-    _, compiled = build("student")
+    _, compiled = build(compile_mode)
+    regional = [m for m, sc in ((compiled.plain_student, scope), (compiled.teacher, teacher_scope or scope))
+                if sc == "blocks"]
+    for m in regional:  # regions compiled in place, the models themselves not; hooked modules stay outside
+        assert getattr(m, "_compiled_call_impl", None) is None
+        resnets = [b for b in m.modules() if type(b).__name__ == "ResnetBlock2D"]
+        assert resnets and all(b._compiled_call_impl is not None for b in resnets)
+        hooked = [b for b in m.modules() if b._forward_hooks]
+        assert hooked and all(b._compiled_call_impl is None and hasattr(b.forward, "_torchdynamo_orig_callable")
+                              for b in hooked if type(b).__name__ == "Attention")
     batch = next(iter(make_dataloader(cfg["data"], batch_size=2, resolution=64, seed=0, pipeline_dir=tiny_pipe_dir)))
     out = []
     for d in (eager, compiled):

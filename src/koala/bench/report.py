@@ -31,10 +31,17 @@ def markdown_table(result: dict) -> str:
     mem_kind = next((m["memory"].get("kind") for m in result["models"] if m["memory"]), "")
     mem_label = "Peak CUDA alloc. (GiB)" if mem_kind == "cuda_max_allocated" else "Peak RSS (GiB)"
     dn = "U-Net" if all(m.get("denoiser", "unet") == "unet" for m in result["models"]) else "Denoiser"
+    modes = [name for key, name in (("channels_last", "channels_last U-Net"), ("compile", "compiled U-Net"),
+                                     ("compile_vae", "compiled VAE decoder"), ("compile_text", "compiled text encoders"),
+                                     ("vae_tiling", "VAE tiling")) if s.get(key)]
+    if s.get("compile_mode"):
+        modes.append(f"compile mode {s['compile_mode']}")
+    if s.get("memory_cap_gib"):
+        modes.append(f"memory capped at {s['memory_cap_gib']} GiB")
     lines = [
         f"Device: {where}; dtype {s['dtype']}; batch {s['batch']} ({dn} batch {s['batch'] * (2 if s['cfg'] > 1 else 1)}, "
         f"cfg {s['cfg']}); components: {', '.join(s['components'])}; warm-up {s['warmup']}, {s['repeats']} rounds "
-        f"interleaved, medians; torch {env.get('torch')}.",
+        f"interleaved, medians; torch {env.get('torch')}" + (f"; {', '.join(modes)}." if modes else "."),
         "",
         f"| Model | Resolution | Steps | Latency (s) | Text Enc. (ms) | {dn} / step (ms) | {dn} total (ms) "
         f"| VAE Dec. (ms) | {dn} Param. | TFLOPs / step | Weights (GiB) | {mem_label} | Speed-up ({dn}) | FLOPs ratio |",

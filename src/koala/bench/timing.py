@@ -46,6 +46,9 @@ class BenchSettings:
     text_len: int | None = None  # tokens per prompt; None: the family's (CLIP 77, PixArt-Σ's T5 300)
     channels_last: bool = False  # U-Net in channels_last memory format (the VAE decoder is slower so: see results/h200)
     compile: bool = False        # torch.compile the U-Net (warm-up runs absorb the compilation)
+    compile_vae: bool = False    # torch.compile the VAE decoder too
+    compile_text: bool = False   # torch.compile the text encoders too
+    compile_mode: str | None = None  # torch.compile mode: None (default), reduce-overhead (CUDA graphs), max-autotune...
     vae_tiling: bool = False     # decode in tiles (diffusers enable_tiling): less memory at 1024^2 and above
     memory_cap_gib: float | None = None  # CUDA: cap this process's GPU memory (e.g. 8 for an 8 GB card)
 
@@ -67,6 +70,9 @@ class BenchSettings:
         check_dtype_on_device(parse_dtype(self.dtype), parse_device(self.device))  # unknown device / dtype
         if self.memory_cap_gib is not None and (not self.device.startswith("cuda") or not self.memory_cap_gib > 0):
             raise KoalaError("memory_cap_gib needs a cuda device and a positive size", option="memory_cap_gib")
+        if self.compile_mode and not (self.compile or self.compile_vae or self.compile_text):
+            raise KoalaError("compile_mode needs something to compile (compile, compile_vae or compile_text)",
+                             option="compile_mode")
         if self.device == "cpu" and parse_dtype(self.dtype) == torch.float16:
             raise KoalaError("dtype fp16 on the cpu device is very slow or unsupported; use fp32 or bf16 on CPU", option="dtype")
 
@@ -110,8 +116,15 @@ def apply_speed_modes(m: BenchModel, s: BenchSettings) -> None:
         m.unet.to(memory_format=torch.channels_last)
     if s.vae_tiling and m.vae is not None:
         m.vae.enable_tiling()
+    kw = {"mode": s.compile_mode} if s.compile_mode else {}
     if s.compile:
-        m.unet.compile()
+        m.unet.compile(**kw)
+    if s.compile_vae and m.vae is not None:
+        m.vae.decoder.compile(**kw)
+        m.vae.post_quant_conv.compile(**kw)
+    if s.compile_text:
+        for enc in m.text_encoders:
+            enc.compile(**kw)
 
 
 @torch.no_grad()

@@ -265,6 +265,11 @@ def _result(s, cfg, d, device, latent, phases, totals, losses_seen, flops, mem) 
     switches = {k: tcfg[k] for k in ("mixed_precision", "gradient_checkpointing", "optimizer", "fused_optimizer",
                                      "channels_last", "attention", "compile")}
     switches["teacher_dtype"] = cfg["teacher"]["dtype"]
+    if tcfg["compile"] != "none":
+        switches["compile_scope"] = tcfg["compile_scope"]
+        if tcfg["teacher_compile_scope"]:
+            switches["teacher_compile_scope"] = tcfg["teacher_compile_scope"]
+    switches["ema_off"] = not tcfg["ema"]["enabled"]  # EMA is on by default (not in the paper)
     return {
         "schema": SCHEMA,
         "settings": asdict(s),

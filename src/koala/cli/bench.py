@@ -55,6 +55,11 @@ def register(sub) -> None:
     p.add_argument("--channels-last", action="store_true", help="U-Net in channels_last memory format")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the U-Net (the warm-up runs absorb compilation; give --warmup >= 1)")
+    p.add_argument("--compile-vae", action="store_true", help="torch.compile the VAE decoder too")
+    p.add_argument("--compile-text", action="store_true", help="torch.compile the text encoders too")
+    p.add_argument("--compile-mode", default=None,
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="torch.compile mode (reduce-overhead: CUDA graphs; max-autotune: slow to compile)")
     p.add_argument("--vae-tiling", action="store_true", help="decode the VAE in tiles (less memory at high resolution)")
     p.add_argument("--memory-cap-gib", type=float, default=None, metavar="GIB",
                    help="CUDA only: cap this process's GPU memory, e.g. 8 to check that a model runs on an 8 GB card")
@@ -160,6 +165,7 @@ def run(args) -> int:
         steps=args.steps, batch=args.batch, cfg=args.cfg, device=device, dtype=dtype,
         components=[c.strip() for c in comps.split(",") if c.strip()], warmup=args.warmup, repeats=args.repeats,
         keep_loaded=not args.one_at_a_time, channels_last=args.channels_last, compile=args.compile,
+        compile_vae=args.compile_vae, compile_text=args.compile_text, compile_mode=args.compile_mode,
         vae_tiling=args.vae_tiling, memory_cap_gib=args.memory_cap_gib,
     )
     result = run_bench(settings)

@@ -61,7 +61,7 @@ def register(sub) -> None:
     m.add_argument("--attention", default="sdpa", choices=["sdpa", "classic"],
                    help="attention kernel: PyTorch scaled_dot_product_attention (default) or the classic one")
     m.add_argument("--channels-last", action="store_true", help="channels_last memory format for the U-Net (not the VAE: slower there on GPU)")
-    m.add_argument("--compile", action="store_true", help="torch.compile the U-Net (first image is slow)")
+    m.add_argument("--compile", action="store_true", help="torch.compile the U-Net / DiT, the VAE decoder and the text encoders (first image is slow)")
     s = p.add_argument_group("safety")
     s.add_argument("--nsfw-model", default=None,
                    help="local image-classification model directory; flagged images are withheld")

@@ -18,6 +18,7 @@ from ..data.config import normalize_data_cfg
 from ..errors import KoalaError
 from ..families.sampling import TEACHER_KINDS
 from ..recipes import load
+from ..utils import COMPILE_SCOPES
 from .losses import FEATURE_LOSSES  # name -> loss function: the allowed kd.feature_loss values
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -109,6 +110,9 @@ class TrainConfig:
     attention: str = "auto"          # one of ATTENTION: force an SDPA backend for teacher and student forwards
     compile: str = "none"            # one of COMPILE: torch.compile the student / teacher / both (hooks still capture)
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager: trace only, no code generation)
+    compile_scope: str = "full"      # full: one graph per model; blocks: regional (each repeated block), faster to compile
+    teacher_compile_scope: Optional[str] = None  # the teacher's scope when it differs (null: compile_scope); the
+    # fastest measured KD step (H200, results/h200/README.md) compiles the student full and the teacher by blocks
     # ZeRO-1: each of N processes keeps 1/N of the optimizer states (torch ZeroRedundancyOptimizer over DDP);
     # checkpoints hold the consolidated (full) optimizer state in the plain AdamW layout
     shard_optimizer: bool = False
@@ -246,6 +250,8 @@ def _check(cfg: dict) -> None:
     _one_of(cfg, "teacher.kind", TEACHER_KINDS)
     _one_of(cfg, "train.attention", ATTENTION)
     _one_of(cfg, "train.compile", COMPILE)
+    _one_of(cfg, "train.compile_scope", COMPILE_SCOPES)
+    _one_of(cfg, "train.teacher_compile_scope", (None, *COMPILE_SCOPES))
     if cfg["train"]["fused_optimizer"] and cfg["train"]["optimizer"] != "adamw":
         raise KoalaError("train.fused_optimizer applies to train.optimizer=adamw only")
     for key, n in (("came_betas", 3), ("came_eps", 2)):

@@ -26,7 +26,7 @@ from diffusers.training_utils import EMAModel
 from ..data import make_dataloader
 from ..errors import KoalaError
 from ..recipes import dump_recipe
-from ..utils import StopRequest, existing_parent, require
+from ..utils import StopRequest, compile_module, existing_parent, require
 from .checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from .config import resolve_grad_accum
 from .hooks import FeatureRecorder, feature_pairs, unwrap
@@ -175,17 +175,19 @@ class Distiller:
         student.to(accelerator.device, memory_format=self.memory_format)
         self.ema = None
         if tcfg["ema"]["enabled"]:
+            # foreach: two multi-tensor kernels per update instead of three per parameter (26 -> a few ms on an
+            # H200 for KOALA-700M); its temporary copy comes after backward has freed the activations
             self.ema = EMAModel(student.parameters(), decay=tcfg["ema"]["decay"], model_cls=type(student),
-                                model_config=student.config)
+                                model_config=student.config, foreach=True)
             self.ema.to(accelerator.device)
         optimizer = make_optimizer(student.parameters(), tcfg, accelerator.num_processes)
         # hooks first, compile second: torch.compile traces the registered forward hooks into the graph
         self.s_rec = FeatureRecorder(student, [p.student for p in self.pairs], "student")
         self.t_rec = FeatureRecorder(self.teacher, [p.teacher for p in self.pairs], "teacher")
-        if tcfg["compile"] in ("student", "both"):  # in place: the module, its hooks and state_dict keys stay
-            student.compile(backend=tcfg["compile_backend"])
-        if tcfg["compile"] in ("teacher", "both"):
-            self.teacher.compile(backend=tcfg["compile_backend"])
+        scopes = {"student": tcfg["compile_scope"], "teacher": tcfg["teacher_compile_scope"] or tcfg["compile_scope"]}
+        for name, model in (("student", student), ("teacher", self.teacher)):
+            if tcfg["compile"] in (name, "both"):  # in place: the module, its hooks and state_dict keys stay
+                compile_module(model, scopes[name], tcfg["compile_backend"])
         # a ZeroRedundancyOptimizer is built on the device already (accelerate's placement would ask it for a
         # state_dict, which needs a consolidation first)
         self.student, self.optimizer = accelerator.prepare(student, optimizer,
