@@ -401,10 +401,16 @@ def test_resume_equivalence_on_image_folder_skips_without_decoding(tiny_pipe_dir
 
 
 @pytest.mark.slow
-def test_sharded_optimizer_two_processes_resume_exactly(tiny_pipe_dir, tmp_path):
-    """train.shard_optimizer (ZeRO-1 over 2 gloo processes): each process keeps half of the AdamW states, the
-    checkpoint holds the consolidated full state, the weights equal 1 process x the same global batch, and a
-    run resumed from the step-2 checkpoint ends bit-equal to the uninterrupted run."""
+@pytest.mark.parametrize("sharding,port", [(["train.shard_optimizer=true"], 29541),
+                                           (["train.fsdp=grad_op", "train.max_grad_norm=0.5"], 29543),
+                                           (["train.fsdp=full"], 29545)])
+def test_sharded_optimizer_two_processes_resume_exactly(tiny_pipe_dir, tmp_path, sharding, port):
+    """Sharded training over 2 gloo processes -- train.shard_optimizer (ZeRO-1: each process keeps half of the
+    AdamW states), train.fsdp=grad_op (ZeRO-2 with FSDP2: gradients, optimizer states and EMA sharded; here with
+    gradient clipping over the sharded gradients) and train.fsdp=full (ZeRO-3: parameters too): the checkpoint
+    holds the full states (every parameter's moments, a loadable diffusers U-Net and EMA), the weights equal 1
+    process x the same global batch, and a run resumed from the step-2 checkpoint ends bit-equal to the
+    uninterrupted run."""
     import shutil
     import subprocess
     import sys
@@ -419,24 +425,36 @@ def test_sharded_optimizer_two_processes_resume_exactly(tiny_pipe_dir, tmp_path)
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
                str(port), "-m", "koala.cli", "distill", "--config", "tiny", f"train.output_dir={out}",
-               "train.batch_size=1", "train.shard_optimizer=true", "train.resume=latest", f"train.max_steps={steps}",
-               *common]
+               "train.batch_size=1", *sharding, "train.resume=latest", f"train.max_steps={steps}", *common]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
         return proc.stdout + proc.stderr
 
     full, part = tmp_path / "full", tmp_path / "part"
-    launch(full, 3, 29541)
+    launch(full, 3, port)
     state = torch.load(full / "checkpoints" / "step-0000003" / "trainer_state.pt", weights_only=True)
     n_params = len(list(_weights(str(full / "checkpoints" / "step-0000003")).keys()))
     assert len(state["optimizer"]["state"]) == n_params  # consolidated: every parameter's moments, not half
     os.makedirs(part / "checkpoints")
     shutil.copytree(full / "checkpoints" / "step-0000002", part / "checkpoints" / "step-0000002")
-    log = launch(part, 3, 29542)
+    log = launch(part, 3, port + 1)
     assert "resumed from" in log and "at step 2" in log
     a, b = _weights(str(full / "checkpoints" / "step-0000003")), _weights(str(part / "checkpoints" / "step-0000003"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    ema_a = _weights(str(full / "checkpoints" / "step-0000003"), "unet_ema")
+    ema_b = _weights(str(part / "checkpoints" / "step-0000003"), "unet_ema")
+    assert set(ema_a) == set(a) and all(torch.equal(ema_a[k], ema_b[k]) for k in a)
+    from diffusers import UNet2DConditionModel
+
+    UNet2DConditionModel.from_pretrained(str(full / "checkpoints" / "step-0000003" / "unet"))  # a plain diffusers U-Net
+    clip = [x for x in sharding if "max_grad_norm" in x]
     one = train(load_config("tiny", [f"train.output_dir={tmp_path / 'one'}", "train.batch_size=2",
-                                     "train.max_steps=3", *common]))
-    c = _weights(one["checkpoint"])
+                                     "train.max_steps=3", *clip, *common]))
+    c, ema_c = _weights(one["checkpoint"]), _weights(one["checkpoint"], "unet_ema")
     assert max(float((a[k] - c[k]).abs().max()) for k in a) < 1e-5
+    assert max(float((ema_a[k] - ema_c[k]).abs().max()) for k in a) < 1e-5
+    if any(x.startswith("train.fsdp") for x in sharding):  # optimizer state by parameter name: same train.fsdp only
+        resume = load_config("tiny", [f"train.output_dir={full}", "train.batch_size=2", "train.resume=latest",
+                                      "train.allow_world_size_change=true", "train.max_steps=4", *common])
+        with pytest.raises(KoalaError, match="resume it with the same train.fsdp setting"):
+            train(resume)

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from koala.bench.plan import LiveTensorBytes, plan_memory
+from koala.bench.plan import LiveTensorBytes, plan_markdown, plan_memory
 from koala.distill import load_config
 
 
@@ -53,6 +53,15 @@ def test_real_size_plan_arithmetic_and_switches():
     assert lean["bytes"]["optimizer_states"] == 2 * 782_822_724 and lean["bytes"]["ema"] == 0
     zero = plan_memory(_cfg("train.shard_optimizer=true", bs=2), teacher="sdxl-base", processes=8)
     assert zero["bytes"]["optimizer_states"] == 782_822_724  # 8 bytes per parameter over 8 processes
+    z2 = plan_memory(_cfg("train.fsdp=grad_op", bs=2), teacher="sdxl-base", processes=8)
+    z3 = plan_memory(_cfg("train.fsdp=full", bs=2), teacher="sdxl-base", processes=8)
+    assert z2["bytes"]["optimizer_states"] == 782_822_724 and z2["bytes"]["ema"] == 4 * 782_822_724 // 8
+    assert z2["bytes"]["student_weights"] == 4 * 782_822_724 and z3["bytes"]["student_weights"] == 782_822_724 // 2
+    # the fp32 gradients are sharded too: 7/8 of 4 bytes per parameter less than ZeRO-1 in the step
+    assert zero["bytes"]["step_activations_and_grads"] - z2["bytes"]["step_activations_and_grads"] == \
+        4 * 782_822_724 - 4 * 782_822_724 // 8
+    assert z3["bytes"]["total"] < z2["bytes"]["total"] < zero["bytes"]["total"]
+    assert "1/8 per process" in plan_markdown(z3)
     fit = plan_memory(_cfg(bs=1), teacher="sdxl-base", device_gib=1000)
     assert fit["fits"] and not plan_memory(_cfg(bs=1), teacher="sdxl-base", device_gib=8)["fits"]
 

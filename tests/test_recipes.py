@@ -42,9 +42,16 @@ def test_overrides_are_typed(tmp_path):
     with pytest.raises(KoalaError, match="tiny: data.path: Interpolation key 'train.nope' not found"):
         load_config("tiny", ["data.path=${train.nope}"])
     for override, key in (("train.lr=abc", "train.lr"), ("train.grad_accum=1.5", "train.grad_accum"),
-                          ("train.ema.enabled=maybe", "train.ema.enabled")):
+                          ("train.ema.enabled=maybe", "train.ema.enabled"), ("train.fsdp=zero2", "train.fsdp"),
+                          ("train.compile_scope=layers", "train.compile_scope")):
         with pytest.raises(KoalaError, match=key):
             load_config("tiny", [override])
+    with pytest.raises(KoalaError, match="train.fsdp already shards the optimizer states"):
+        load_config("tiny", ["train.fsdp=grad_op", "train.shard_optimizer=true"])
+    with pytest.raises(KoalaError, match="train.fsdp works with train.optimizer=adamw"):
+        load_config("tiny", ["train.fsdp=full", "train.optimizer=came"])
+    with pytest.raises(KoalaError, match="use train.mixed_precision=bf16"):
+        load_config("tiny", ["train.fsdp=grad_op", "train.mixed_precision=fp16"])
     for bad in ("novalue", "=3", "a=[1,"):
         with pytest.raises(KoalaError, match="override"):
             load_config("tiny", [bad])

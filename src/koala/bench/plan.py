@@ -235,7 +235,8 @@ def simulate_step(cfg: dict, models: _Models) -> dict:
 def plan_memory(cfg: dict, teacher: str | None = None, device_gib: float | None = None, processes: int = 1) -> dict:
     """Per-device memory of training ``cfg`` (a :func:`koala.distill.load_config` dict); ``teacher``: a preset
     or pipeline directory instead of ``teacher.pipeline``; ``processes``: data-parallel processes (with
-    ``train.shard_optimizer`` each keeps 1/N of the optimizer states). Returns the JSON-ready plan."""
+    ``train.shard_optimizer`` each keeps 1/N of the optimizer states; with ``train.fsdp`` also of the gradients
+    and EMA, and with ``full`` of the weights). Returns the JSON-ready plan."""
     if processes < 1:
         raise KoalaError("processes must be >= 1", option="processes")
     tcfg = cfg["train"]
@@ -247,12 +248,18 @@ def plan_memory(cfg: dict, teacher: str | None = None, device_gib: float | None 
     # AdamW: two fp32 moments; 8-bit AdamW: two 1-byte moments; CAME: one fp32 moment (its second moment and
     # confidence are factored into row/column vectors of each matrix, negligible next to it)
     opt_bytes = p_s * {"adamw": 8, "adamw8bit": 2, "came": 4}[tcfg["optimizer"]]
-    if tcfg["shard_optimizer"] and processes > 1:
-        opt_bytes = -(-opt_bytes // processes)
+    fsdp = tcfg["fsdp"] if processes > 1 else "none"
+    n = processes if (tcfg["shard_optimizer"] or fsdp != "none") else 1
+
+    def shard(nbytes: int) -> int:
+        return -(-nbytes // n)
+
+    # FSDP (koala.distill.sharding): grad_op shards the optimizer states, the EMA copy and the fp32 gradients;
+    # full shards the weights too (one block's weights are gathered at a time: not counted)
     state = {
-        "student_weights": 4 * p_s,
-        "optimizer_states": opt_bytes,
-        "ema": 4 * p_s if tcfg["ema"]["enabled"] else 0,
+        "student_weights": shard(4 * p_s) if fsdp == "full" else 4 * p_s,
+        "optimizer_states": shard(opt_bytes),
+        "ema": (shard(4 * p_s) if fsdp != "none" else 4 * p_s) if tcfg["ema"]["enabled"] else 0,
         "teacher_weights": p_t * t_bytes if sim["need_teacher"] else 0,
         "frozen_encoders_vae": sum(n * torch.empty((), dtype=dt).element_size()
                                    for n, dt in models.frozen_params.values()),
@@ -260,8 +267,10 @@ def plan_memory(cfg: dict, teacher: str | None = None, device_gib: float | None 
     # the simulated step holds gradients in the simulation dtype; mixed precision keeps fp32 gradients and
     # autocast keeps a low-precision copy of each weight for the backward
     step = sim["peak_bytes"] + (4 * p_s if mixed else 0)
+    grads = 4 * p_s if fsdp == "none" else shard(4 * p_s)
+    step -= 4 * p_s - grads  # sharded fp32 gradients (reduce-scattered unit by unit during backward)
     # after backward: fp32 gradients, plus one fp32 temporary per parameter in a non-fused (foreach) AdamW step
-    opt_step = 4 * p_s + (0 if tcfg["fused_optimizer"] or tcfg["optimizer"] == "adamw8bit" else 4 * p_s)
+    opt_step = grads + (0 if tcfg["fused_optimizer"] or tcfg["optimizer"] == "adamw8bit" else grads)
     total = sum(state.values()) + max(step, opt_step)
     plan = {
         "schema": SCHEMA,
@@ -271,7 +280,7 @@ def plan_memory(cfg: dict, teacher: str | None = None, device_gib: float | None 
                    tcfg["resolution"] // models.vae_scale],
         "processes": processes,
         "switches": {k: tcfg[k] for k in ("mixed_precision", "gradient_checkpointing", "optimizer", "fused_optimizer",
-                                          "shard_optimizer")}
+                                          "shard_optimizer", "fsdp")}
         | {"teacher_dtype": cfg["teacher"]["dtype"], "ema": tcfg["ema"]["enabled"]},
         "params": {"student": p_s, "teacher": p_t, **{k: n for k, (n, _) in models.frozen_params.items()}},
         "feature_pairs": sim["feature_pairs"],
@@ -288,9 +297,12 @@ def plan_memory(cfg: dict, teacher: str | None = None, device_gib: float | None 
 
 def plan_markdown(plan: dict) -> str:
     b = plan["bytes"]
-    shard = f", 1/{plan['processes']} per process" if plan["switches"]["shard_optimizer"] and plan["processes"] > 1 else ""
-    rows = [("student weights (fp32)", b["student_weights"]), (f"optimizer states{shard}", b["optimizer_states"]),
-            ("EMA", b["ema"]), (f"teacher ({plan['switches']['teacher_dtype']})", b["teacher_weights"]),
+    sw, n = plan["switches"], plan["processes"]
+    fsdp = sw.get("fsdp", "none") if n > 1 else "none"
+    part = f", 1/{n} per process"
+    shard = part if (sw["shard_optimizer"] or fsdp != "none") and n > 1 else ""
+    rows = [("student weights (fp32)" + (part if fsdp == "full" else ""), b["student_weights"]),
+            (f"optimizer states{shard}", b["optimizer_states"]), ("EMA" + (part if fsdp != "none" else ""), b["ema"]), (f"teacher ({plan['switches']['teacher_dtype']})", b["teacher_weights"]),
             ("text encoders + VAE", b["frozen_encoders_vae"]),
             ("step: activations, features, gradients (peak)", b["step_activations_and_grads"]),
             ("total", b["total"])]
@@ -309,7 +321,8 @@ def plan_markdown(plan: dict) -> str:
                 (plan["batch_size"] > 1, "a smaller train.batch_size with a larger train.grad_accum"),
                 (sw["mixed_precision"] == "no", "train.mixed_precision=bf16"),
                 (sw["optimizer"] != "adamw8bit", "train.optimizer=adamw8bit"),
-                (not sw["shard_optimizer"], "train.shard_optimizer=true over several processes (ZeRO-1)"),
+                (sw.get("fsdp", "none") == "none", "train.fsdp=grad_op over several processes (ZeRO-2: gradients, "
+                 "optimizer states and EMA sharded; train.fsdp=full shards the weights too)"),
                 (sw["teacher_dtype"] in ("fp32", "float32"), "teacher.dtype=bf16"),
                 (sw["ema"], "train.ema.enabled=false (or keep EMA on another device)")) if cond]
             lines.append("to fit, try: " + "; ".join(tips or ["a device with more memory"]))

@@ -43,7 +43,8 @@ def add_plan_arguments(p, teacher: bool) -> None:
                    help="device memory in GiB (e.g. 80 for an H100/A100-80GB, 24 for a 4090): say whether it fits")
     p.add_argument("--processes", type=int, default=1, metavar="N",
                    help="data-parallel processes (with train.shard_optimizer=true each keeps 1/N of the optimizer "
-                   "states; default 1)")
+                   "states; with train.fsdp=grad_op also of the gradients and EMA, with train.fsdp=full of the "
+                   "weights too; default 1)")
     p.add_argument("--plan-json", default=None, metavar="FILE", help="write the plan (schema koala-plan/1)")
 
 

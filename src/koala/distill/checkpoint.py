@@ -61,13 +61,46 @@ def model_folder(lmap) -> str:
 
 
 def save_checkpoint(output_dir: str, step: int, student, lmap, ema, optimizer, scaler, cfg: dict, keep: int = 0,
-                    world_size: int = 1) -> str:
+                    world_size: int = 1, states: dict | None = None) -> str:
+    """``states``: the full student / optimizer / EMA states gathered from a sharded (FSDP) run
+    (:func:`koala.distill.sharding.gather_states`); written in the same layout as an unsharded run's."""
     final = os.path.join(checkpoint_root(output_dir), f"step-{step:07d}")
     with atomic_output_dir(final, overwrite=True) as tmp:
         sub = model_folder(lmap)
-        student.save_pretrained(os.path.join(tmp, sub), safe_serialization=True)
-        lmap.save(os.path.join(tmp, sub))
-        if ema is not None:
+        if states is not None:
+            _save_gathered(tmp, sub, student, lmap, states, optimizer, scaler)
+        else:
+            _save_plain(tmp, sub, student, lmap, ema, optimizer, scaler)
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            tcfg = cfg["train"]
+            json.dump({"step": step, "world_size": world_size,
+                       "global_batch": tcfg["batch_size"] * tcfg["grad_accum"] * world_size,
+                       "optimizer_layout": "names" if states is not None else "indices", "config": cfg}, f, indent=1)
+    if keep and keep > 0:
+        for _, old in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _save_gathered(tmp: str, sub: str, student, lmap, states: dict, optimizer, scaler) -> None:
+    from .sharding import save_model_dir
+
+    save_model_dir(student, states["student"], os.path.join(tmp, sub))
+    lmap.save(os.path.join(tmp, sub))
+    ema = states["ema"]
+    if ema is not None:
+        names = [n for n, _ in student.named_parameters()]
+        weights = {**states["student"], **dict(zip(names, ema["shadow_params"]))}
+        save_model_dir(student, weights, os.path.join(tmp, f"{sub}_ema"))
+        lmap.save(os.path.join(tmp, f"{sub}_ema"))
+    torch.save({"optimizer": states["optimizer"], "ema": ema, "scaler": scaler.state_dict() if scaler is not None
+                else None}, os.path.join(tmp, "trainer_state.pt"))
+
+
+def _save_plain(tmp: str, sub: str, student, lmap, ema, optimizer, scaler) -> None:
+    student.save_pretrained(os.path.join(tmp, sub), safe_serialization=True)
+    lmap.save(os.path.join(tmp, sub))
+    if ema is not None:
             params = list(student.parameters())
             ema.store(params)
             ema.copy_to(params)
@@ -76,35 +109,41 @@ def save_checkpoint(output_dir: str, step: int, student, lmap, ema, optimizer, s
             finally:
                 ema.restore(params)
             lmap.save(os.path.join(tmp, f"{sub}_ema"))
-        state = {"optimizer": optimizer.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                 "scaler": scaler.state_dict() if scaler is not None else None}
-        torch.save(state, os.path.join(tmp, "trainer_state.pt"))
-        with open(os.path.join(tmp, "state.json"), "w") as f:
-            tcfg = cfg["train"]
-            json.dump({"step": step, "world_size": world_size,
-                       "global_batch": tcfg["batch_size"] * tcfg["grad_accum"] * world_size, "config": cfg}, f, indent=1)
-    if keep and keep > 0:
-        for _, old in list_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
+    state = {"optimizer": optimizer.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+             "scaler": scaler.state_dict() if scaler is not None else None}
+    torch.save(state, os.path.join(tmp, "trainer_state.pt"))
 
 
 def load_checkpoint(path: str, student, ema, optimizer, scaler) -> int:
-    """Restore weights and trainer state in place; return the step the checkpoint was taken at."""
+    """Restore weights and trainer state in place; return the step the checkpoint was taken at. A sharded (FSDP)
+    student takes the full states back through :func:`koala.distill.sharding.load_states` (every process calls)."""
+    from .sharding import is_fsdp, load_states
+
     with open(os.path.join(path, "state.json")) as f:
-        step = int(json.load(f)["step"])
+        meta = json.load(f)
+    step, layout = int(meta["step"]), meta.get("optimizer_layout", "indices")
+    if (layout == "names") != is_fsdp(student):
+        raise KoalaError(f"{path} was written by a run with train.fsdp={meta['config']['train'].get('fsdp', 'none')}"
+                         f" and its optimizer state is keyed by parameter {layout}; resume it with the same "
+                         "train.fsdp setting (sharded runs keep the optimizer state by parameter name)",
+                         option="train.fsdp")
     cands = [os.path.join(path, d, "diffusion_pytorch_model.safetensors") for d in ("unet", "transformer")]
     weights = next((c for c in cands if os.path.isfile(c)), None)
     if weights is None:
         raise KoalaError(f"{path}: missing unet/ (or transformer/) diffusion_pytorch_model.safetensors")
+    state = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=True)
     try:
-        student.load_state_dict(load_file(weights, device="cpu"), strict=True)
+        if layout == "names":
+            load_states(student, getattr(optimizer, "optimizer", optimizer), ema, load_file(weights, device="cpu"),
+                        state["optimizer"], state.get("ema"))
+        else:
+            student.load_state_dict(load_file(weights, device="cpu"), strict=True)
     except RuntimeError as err:
         raise KoalaError(f"{path}: checkpoint does not fit this student (different preset?): {str(err)[:300]}") from err
-    state = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    if ema is not None and state.get("ema") is not None:
-        ema.load_state_dict(state["ema"])
+    if layout != "names":
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
     if scaler is not None and state.get("scaler") is not None:
         scaler.load_state_dict(state["scaler"])
     return step

@@ -19,6 +19,7 @@ from ..errors import KoalaError
 from ..families.sampling import TEACHER_KINDS
 from ..recipes import load
 from ..utils import COMPILE_SCOPES
+from .sharding import FSDP_MODES
 from .losses import FEATURE_LOSSES  # name -> loss function: the allowed kd.feature_loss values
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -116,6 +117,9 @@ class TrainConfig:
     # ZeRO-1: each of N processes keeps 1/N of the optimizer states (torch ZeroRedundancyOptimizer over DDP);
     # checkpoints hold the consolidated (full) optimizer state in the plain AdamW layout
     shard_optimizer: bool = False
+    # FSDP2 over several processes (koala.distill.sharding): grad_op = ZeRO-2 (gradients, optimizer states and EMA
+    # sharded), full = ZeRO-3 (parameters too); none = DDP. Checkpoints hold the full states either way
+    fsdp: str = "none"
 
 
 @dataclass
@@ -252,6 +256,20 @@ def _check(cfg: dict) -> None:
     _one_of(cfg, "train.compile", COMPILE)
     _one_of(cfg, "train.compile_scope", COMPILE_SCOPES)
     _one_of(cfg, "train.teacher_compile_scope", (None, *COMPILE_SCOPES))
+    _one_of(cfg, "train.fsdp", FSDP_MODES)
+    t = cfg["train"]
+    if t["fsdp"] != "none":
+        if t["shard_optimizer"]:
+            raise KoalaError("train.fsdp already shards the optimizer states; set train.shard_optimizer=false (ZeRO-1 "
+                             "is the DDP alternative)", option="train.fsdp")
+        if t["mixed_precision"] == "fp16":
+            raise KoalaError("train.fsdp with train.mixed_precision=fp16: the fp16 loss scaler would see only this "
+                             "process's gradient shard and could skip a step on some processes only; use "
+                             "train.mixed_precision=bf16 (no loss scaling) or no", option="train.fsdp")
+        if t["optimizer"] != "adamw":
+            raise KoalaError(f"train.fsdp works with train.optimizer=adamw (torch AdamW on sharded parameters); "
+                             f"{t['optimizer']} keeps per-tensor statistics that sharding would split",
+                             option="train.fsdp")
     if cfg["train"]["fused_optimizer"] and cfg["train"]["optimizer"] != "adamw":
         raise KoalaError("train.fused_optimizer applies to train.optimizer=adamw only")
     for key, n in (("came_betas", 3), ("came_eps", 2)):

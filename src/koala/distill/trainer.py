@@ -32,6 +32,7 @@ from .config import resolve_grad_accum
 from .hooks import FeatureRecorder, feature_pairs, unwrap
 from .losses import kd_losses, prediction_target
 from .models import encode_batch, load_models, teacher_pipeline
+from .sharding import gather_states, shard_student
 
 def checkpoint_state(path: str) -> dict:
     with open(os.path.join(path, "state.json")) as f:
@@ -173,6 +174,12 @@ class Distiller:
         if tcfg["gradient_checkpointing"]:
             student.enable_gradient_checkpointing()
         student.to(accelerator.device, memory_format=self.memory_format)
+        # FSDP2 before the EMA copy, optimizer, hooks and compile: they then see the sharded parameters
+        self.fsdp = tcfg["fsdp"] != "none" and accelerator.num_processes > 1
+        if self.fsdp:
+            shard_student(student, tcfg["fsdp"])
+        elif tcfg["fsdp"] != "none":
+            accelerator.print(f"train.fsdp={tcfg['fsdp']} with one process: nothing to shard, training unsharded")
         self.ema = None
         if tcfg["ema"]["enabled"]:
             # foreach: two multi-tensor kernels per update instead of three per parameter (26 -> a few ms on an
@@ -188,10 +195,12 @@ class Distiller:
         for name, model in (("student", student), ("teacher", self.teacher)):
             if tcfg["compile"] in (name, "both"):  # in place: the module, its hooks and state_dict keys stay
                 compile_module(model, scopes[name], tcfg["compile_backend"])
-        # a ZeroRedundancyOptimizer is built on the device already (accelerate's placement would ask it for a
-        # state_dict, which needs a consolidation first)
-        self.student, self.optimizer = accelerator.prepare(student, optimizer,
-                                                           device_placement=[True, not is_sharded(optimizer)])
+        if self.fsdp:  # not prepared: accelerate would wrap the sharded student in DDP (koala.distill.sharding)
+            self.student, self.optimizer = student, accelerator.prepare(optimizer, device_placement=[False])
+        else:  # a ZeroRedundancyOptimizer is built on the device already (accelerate's placement would ask it for
+            # a state_dict, which needs a consolidation first)
+            self.student, self.optimizer = accelerator.prepare(student, optimizer,
+                                                               device_placement=[True, not is_sharded(optimizer)])
         self.attention = tcfg["attention"]
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -204,7 +213,12 @@ class Distiller:
         """Clip, step, zero grads. Returns the logs (grad norm)."""
         logs, max_norm = {}, self.cfg["train"]["max_grad_norm"]
         if max_norm:
-            logs["grad_norm"] = float(self.acc.clip_grad_norm_(self.student.parameters(), max_norm))
+            if self.fsdp:  # sharded gradients: torch's clip reduces the norm over the processes
+                self.acc.unscale_gradients()
+                norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), max_norm)
+                logs["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            else:
+                logs["grad_norm"] = float(self.acc.clip_grad_norm_(self.student.parameters(), max_norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return logs
@@ -376,16 +390,17 @@ def train(cfg: dict) -> dict:
                 if (tcfg["checkpoint_every"] and step % tcfg["checkpoint_every"] == 0) or done or stop_now:
                     if is_sharded(d.optimizer):  # every process sends its optimizer shard to the main process
                         inner_optimizer(d.optimizer).consolidate_state_dict(to=0)
+                    states = gather_states(d.student, inner_optimizer(d.optimizer), d.ema) if d.fsdp else None
                     if acc.is_main_process:
-                        last_ckpt = write_checkpoint(out_dir, step, d, cfg, scaler, world, last_ckpt)
+                        last_ckpt = write_checkpoint(out_dir, step, d, cfg, scaler, world, last_ckpt, states)
                         bar.write(f"checkpoint saved: {last_ckpt}")
                     acc.wait_for_everyone()
                 if stop_now:
                     preempted = stop.requested or "a signal on another process"
                     break
                 if vcfg["every"] and (step % vcfg["every"] == 0 or done):
-                    if acc.is_main_process:
-                        validate_now(d, cfg, step)
+                    if acc.is_main_process or d.fsdp:  # a sharded student's forward needs every process
+                        validate_now(d, cfg, step, write=acc.is_main_process)
                     acc.wait_for_everyone()
                     t0 = time.perf_counter()
     finally:
@@ -432,7 +447,8 @@ def warn_low_space(out_dir: str, d: Distiller, keep: int, log=print) -> None:
             f"about {checkpoint_bytes(d) / 2**30:.2f} GiB each needs {need / 2**30:.2f} GiB")
 
 
-def write_checkpoint(out_dir: str, step: int, d: Distiller, cfg: dict, scaler, world: int, last: str | None) -> str:
+def write_checkpoint(out_dir: str, step: int, d: Distiller, cfg: dict, scaler, world: int, last: str | None,
+                     states: dict | None = None) -> str:
     """Save a checkpoint; refuse early when the disk is too full, and on a failed write keep the previous one
     (checkpoints are written to a temporary folder and renamed) and say which it is."""
     tcfg = cfg["train"]
@@ -445,7 +461,7 @@ def write_checkpoint(out_dir: str, step: int, d: Distiller, cfg: dict, scaler, w
                          f"checkpoint is {good} (resume with --resume latest after freeing space)")
     try:
         return save_checkpoint(out_dir, step, d.plain_student, d.lmap, d.ema, d.optimizer, scaler, cfg,
-                               tcfg["keep_checkpoints"], world_size=world)
+                               tcfg["keep_checkpoints"], world_size=world, states=states)
     except OSError as err:
         raise KoalaError(f"writing the step-{step} checkpoint failed ({err.strerror or err}"
                          f"{': ' + str(err.filename) if err.filename else ''}); nothing partial was kept. Training "
@@ -463,7 +479,7 @@ def flat_config(cfg: dict, prefix: str = "") -> dict:
     return out
 
 
-def validate_now(d: Distiller, cfg: dict, step: int) -> list[str]:
+def validate_now(d: Distiller, cfg: dict, step: int, write: bool = True) -> list[str]:
     from .validation import validate
 
-    return validate(d.plain_student, d.teacher, d.frozen, cfg, step, d.acc.device, d.acc, d.ema)
+    return validate(d.plain_student, d.teacher, d.frozen, cfg, step, d.acc.device, d.acc, d.ema, write=write)

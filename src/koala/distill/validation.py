@@ -56,12 +56,15 @@ def save_images(images: list, folder: str, tag: str, step: int, accelerator=None
     return paths
 
 
-def validate(student, teacher, frozen, cfg: dict, step: int, device, accelerator=None, ema=None) -> list[str]:
+def validate(student, teacher, frozen, cfg: dict, step: int, device, accelerator=None, ema=None,
+             write: bool = True) -> list[str]:
+    """Render the teacher (once) and the student; ``write=False`` renders without saving (the other processes of
+    a sharded student, whose forward needs all of them)."""
     vcfg, kind = cfg["validation"], cfg["teacher"]["kind"]
     res = vcfg["resolution"] or cfg["train"]["resolution"]
     out = os.path.join(cfg["train"]["output_dir"], "samples")
     teacher_dir = os.path.join(out, "teacher")
-    if not os.path.isdir(teacher_dir):
+    if write and not os.path.isdir(teacher_dir):
         save_images(render(teacher, frozen, vcfg, res, device, kind), teacher_dir, "teacher", step, accelerator)
     params = list(student.parameters())
     if ema is not None and vcfg["use_ema"]:
@@ -72,4 +75,6 @@ def validate(student, teacher, frozen, cfg: dict, step: int, device, accelerator
     finally:
         if ema is not None and vcfg["use_ema"]:
             ema.restore(params)
+    if not write:
+        return []
     return save_images(images, os.path.join(out, f"step-{step:07d}"), "student", step, accelerator)
