@@ -14,7 +14,7 @@ import sys
 from .. import __version__
 from ..errors import KoalaError
 
-COMMANDS = ["presets", "compress", "distill", "plan", "data", "generate", "bench", "analyze", "lab", "eval", "demo"]
+COMMANDS = ["presets", "compress", "distill", "plan", "data", "generate", "bench", "analyze", "lab", "eval", "demo", "app"]
 
 
 def build_parser() -> argparse.ArgumentParser:

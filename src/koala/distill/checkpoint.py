@@ -68,7 +68,7 @@ def save_checkpoint(output_dir: str, step: int, student, lmap, ema, optimizer, s
     with atomic_output_dir(final, overwrite=True) as tmp:
         sub = model_folder(lmap)
         if states is not None:
-            _save_gathered(tmp, sub, student, lmap, states, optimizer, scaler)
+            _save_gathered(tmp, sub, student, lmap, states, scaler)
         else:
             _save_plain(tmp, sub, student, lmap, ema, optimizer, scaler)
         with open(os.path.join(tmp, "state.json"), "w") as f:
@@ -82,7 +82,7 @@ def save_checkpoint(output_dir: str, step: int, student, lmap, ema, optimizer, s
     return final
 
 
-def _save_gathered(tmp: str, sub: str, student, lmap, states: dict, optimizer, scaler) -> None:
+def _save_gathered(tmp: str, sub: str, student, lmap, states: dict, scaler) -> None:
     from .sharding import save_model_dir
 
     save_model_dir(student, states["student"], os.path.join(tmp, sub))

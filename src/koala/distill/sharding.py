@@ -64,7 +64,7 @@ def gather_states(student, optimizer, ema) -> dict:
     """The full student / optimizer / EMA states on every process (collective; call on all of them)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=False)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)  # the optimizer state on the main process
     model_sd = {k: _full(v) for k, v in student.state_dict().items()}
     optim_sd = get_optimizer_state_dict(student, optimizer, options=opts)
     ema_sd = None
