@@ -94,6 +94,33 @@ def test_cli_model_arguments(tmp_path):
         specs_from_args(argparse.Namespace(model=["m"], unet=[], base=["x"]))
 
 
+def test_default_models_are_the_shapes_world(tmp_path, monkeypatch):
+    """No model arguments: the packaged shapes teacher plus the koala demo student when one exists, else a freshly
+    compressed student labelled untrained."""
+    import json
+
+    from koala.app.ui import default_specs
+
+    fresh = default_specs(str(tmp_path / "no-demo"), log=lambda *_: None)
+    assert fresh[0].label == "shapes teacher" and os.path.isfile(os.path.join(fresh[0].model, "model_index.json"))
+    assert "untrained" in fresh[1].note and os.path.isfile(os.path.join(fresh[1].model, "unet", "config.json"))
+    demo = tmp_path / "koala-demo"
+    (demo / "unet").mkdir(parents=True)
+    (demo / "results.json").write_text(json.dumps({"student": str(demo / "unet")}))
+    found = default_specs(str(demo), log=lambda *_: None)
+    assert found[1].unet == str(demo / "unet") and found[1].base == fresh[0].model and "koala demo" in found[1].note
+
+
+def test_app_without_gradio_names_the_extra(monkeypatch, capsys):
+    import sys
+
+    from koala.cli import main
+
+    monkeypatch.setitem(sys.modules, "gradio", None)  # what an install without the [app] extra sees
+    assert main(["app"]) == 2
+    assert "pip install 'koala-diffusion[app]'" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------ real browser ------
 def _chromium():
     for browser, driver in (("/usr/bin/chromium", "/usr/bin/chromedriver"),
@@ -162,6 +189,15 @@ def test_page_in_a_real_browser(tiny_pipe_dir, student_dir, tmp_path):
         assert "untrained" in stats[1]
         assert "Done: seed 0" in driver.find_element(By.ID, "koala-status").text
         driver.save_screenshot(os.path.join(artifacts, "koala-app.png"))
+        # the download link serves the PNG with koala generate's metadata
+        import io
+        import urllib.request
+
+        from PIL import Image
+
+        href = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#koala-files-1 a[href]")).get_attribute("href")
+        with urllib.request.urlopen(href, timeout=30) as r, Image.open(io.BytesIO(r.read())) as im:
+            assert '"seed": 0' in im.text["parameters"] and im.text["prompt"].startswith("a red circle")
 
         steps.clear()
         steps.send_keys("1000")

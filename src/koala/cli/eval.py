@@ -1,4 +1,4 @@
-"""`koala eval shapes`: score generated shapes images against their prompts (no learned model)."""
+"""`koala eval shapes` (the shapes world, no learned model) and `koala eval clip` (CLIP score, local checkpoint)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,36 @@ def register(sub) -> None:
     s.add_argument("--held-out", default=None, metavar="PAIRS",
                    help="also report binding separately for these colour:shape pairs, e.g. red:triangle,blue:circle")
     s.set_defaults(func=run_shapes)
+    c = ev.add_parser(
+        "clip", help="CLIP score of images against their prompts (local transformers CLIP checkpoint)",
+        description="CLIP score = 100 * max(cos(image, text), 0) with a CLIP model's projected embeddings (as "
+        "torchmetrics' CLIPScore; T2I-CompBench's non-spatial category uses it with CLIP ViT-B/32). Prompts come from "
+        "DIR/metadata.jsonl or each PNG's 'prompt' chunk (koala generate writes them). Unreadable images are "
+        "skipped and counted.",
+    )
+    c.add_argument("dir", metavar="DIR", help="folder of images with metadata.jsonl or PNG 'prompt' chunks")
+    c.add_argument("--checkpoint", required=True, metavar="CLIP_DIR",
+                   help="local transformers CLIP directory (e.g. a download of openai/clip-vit-base-patch32)")
+    c.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    c.add_argument("--batch-size", type=int, default=16)
+    c.add_argument("--limit", type=int, default=None, help="score only the first N images")
+    c.add_argument("--json", default=None, metavar="FILE", help="write the result with per-image scores")
+    c.add_argument("--markdown", default=None, metavar="FILE", help="write the one-row table")
+    c.set_defaults(func=run_clip)
+
+
+def run_clip(args) -> int:
+    from ..eval.clip_score import markdown, score_folder
+    from ..utils import atomic_write_text
+
+    res = score_folder(args.dir, args.checkpoint, device=args.device, batch_size=args.batch_size, limit=args.limit)
+    table = markdown(res)
+    print(table, end="")
+    if args.json:
+        atomic_write_text(args.json, json.dumps(res, indent=1))
+    if args.markdown:
+        atomic_write_text(args.markdown, table)
+    return 0
 
 
 def run_shapes(args) -> int:

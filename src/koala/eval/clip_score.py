@@ -1,0 +1,91 @@
+"""CLIP score of generated images against their prompts, from a local transformers CLIP checkpoint.
+
+Definition (Hessel et al. 2021, as torchmetrics' ``CLIPScore`` computes it): ``100 * max(cos(E_img, E_txt), 0)``
+with the CLIP model's projected image and text embeddings, the text truncated to the model's 77 tokens. The paper's
+T2I-CompBench "non-spatial" category is this score with CLIP ViT-B/32 (``openai/clip-vit-base-patch32``); any CLIP
+checkpoint directory works (``CLIPModel.from_pretrained(DIR)``, no download).
+
+Prompts come from the folder's ``metadata.jsonl`` or each PNG's ``prompt`` chunk (what ``koala generate`` writes).
+An image that cannot be read is skipped and counted, never scored as zero.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from ..errors import KoalaError
+
+SCHEMA = "koala-eval-clip/1"
+
+
+def load_clip(path: str, device: str | torch.device = "cpu"):
+    """``(CLIPModel, CLIPProcessor)`` from a local directory; a clear error for a missing or non-CLIP one."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise KoalaError(f"CLIP checkpoint {path}: no config.json; give a local transformers CLIP directory "
+                         "(e.g. a download of openai/clip-vit-base-patch32)", option="checkpoint")
+    with open(cfg_path) as f:
+        kind = json.load(f).get("model_type")
+    if kind != "clip":
+        raise KoalaError(f"CLIP checkpoint {path}: config.json field model_type is {kind!r}, not 'clip'",
+                         option="checkpoint")
+    model = CLIPModel.from_pretrained(path).to(device).eval()
+    return model, CLIPProcessor.from_pretrained(path)
+
+
+@torch.no_grad()
+def clip_scores(images: list, prompts: list[str], model, processor, batch_size: int = 16) -> list[float]:
+    """One score per (PIL image, prompt) pair."""
+    if len(images) != len(prompts):
+        raise KoalaError(f"{len(images)} images but {len(prompts)} prompts")
+    device = next(model.parameters()).device
+    out: list[float] = []
+    for i in range(0, len(images), batch_size):
+        inputs = processor(text=prompts[i:i + batch_size], images=images[i:i + batch_size], return_tensors="pt",
+                           padding=True, truncation=True, max_length=model.config.text_config.max_position_embeddings)
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        img = model.get_image_features(pixel_values=inputs["pixel_values"])
+        txt = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
+        img = getattr(img, "pooler_output", img)
+        txt = getattr(txt, "pooler_output", txt)
+        cos = torch.nn.functional.cosine_similarity(img.float(), txt.float(), dim=-1)
+        out += (100 * cos.clamp(min=0)).tolist()
+    return out
+
+
+def score_folder(folder: str, checkpoint: str, device: str = "cpu", batch_size: int = 16,
+                 limit: int | None = None) -> dict:
+    """CLIP score of every (image, prompt) of ``folder``; JSON-ready (schema ``koala-eval-clip/1``)."""
+    from PIL import Image
+
+    from ..lab.score import read_prompts
+
+    items = read_prompts(folder)[:limit]
+    model, processor = load_clip(checkpoint, device)
+    images, prompts, names, skipped = [], [], [], []
+    for path, text in items:
+        try:
+            with Image.open(path) as im:
+                images.append(im.convert("RGB"))
+        except (OSError, ValueError) as err:
+            skipped.append({"file_name": os.path.relpath(path, folder), "reason": str(err)[:200]})
+            continue
+        prompts.append(text)
+        names.append(os.path.relpath(path, folder))
+    if not images:
+        raise KoalaError(f"{folder}: none of the {len(items)} images could be read ({len(skipped)} skipped)")
+    scores = clip_scores(images, prompts, model, processor, batch_size)
+    return {"schema": SCHEMA, "folder": folder, "checkpoint": checkpoint, "clip_score": sum(scores) / len(scores),
+            "n_images": len(scores), "skipped": skipped,
+            "per_image": [{"file_name": n, "text": t, "clip_score": s} for n, t, s in zip(names, prompts, scores)]}
+
+
+def markdown(result: dict) -> str:
+    skip = f", {len(result['skipped'])} unreadable skipped" if result["skipped"] else ""
+    return (f"| folder | CLIP score | images |\n|---|---|---|\n"
+            f"| {result['folder']} | {result['clip_score']:.2f} | {result['n_images']}{skip} |\n")
