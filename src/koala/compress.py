@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .card import write_model_card
 from .errors import KoalaError
 from .families import family_of, load_denoiser, model_dir_kind
 from .families.sampling import SPACING, check_kind, sampling_scheduler
@@ -73,5 +74,8 @@ def compress(teacher_path: str, preset, out_dir: str, dtype: str | torch.dtype |
                                    teacher_kind).save_config(sched_dir)
         student.save_pretrained(model_out, safe_serialization=True)
         lmap.save(model_out)
+        # the student's model card replaces the teacher's (copied with the pipeline) at the top of the output
+        write_model_card(tmp, lmap, count_params(student), count_params(teacher),
+                         layout="pipeline" if kind == "pipeline" else "model")
     return CompressResult(os.path.abspath(out_dir), "pipeline" if kind == "pipeline" else "unet", fam.name,
                           count_params(teacher), count_params(student), len(student.state_dict()))

@@ -6,6 +6,7 @@ Layout::
     unet_ema/        EMA weights, same format (when EMA is on; transformer_ema/ for a DiT)
     trainer_state.pt optimizer / EMA / grad-scaler state (tensors and numbers only; loaded with weights_only=True)
     state.json       step, world size and global batch, and the resolved config
+    README.md        the model card (koala.card): student, layer map per stage, sampling defaults, training so far
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import shutil
 import torch
 from safetensors.torch import load_file
 
+from ..card import write_model_card
 from ..errors import KoalaError
 from ..utils import atomic_output_dir
 
@@ -71,6 +73,8 @@ def save_checkpoint(output_dir: str, step: int, student, lmap, ema, optimizer, s
             _save_gathered(tmp, sub, student, lmap, states, scaler)
         else:
             _save_plain(tmp, sub, student, lmap, ema, optimizer, scaler)
+        write_model_card(tmp, lmap, sum(p.numel() for p in student.parameters()),
+                         training=training_summary(cfg, step, world_size), layout="checkpoint")
         with open(os.path.join(tmp, "state.json"), "w") as f:
             tcfg = cfg["train"]
             json.dump({"step": step, "world_size": world_size,
@@ -80,6 +84,16 @@ def save_checkpoint(output_dir: str, step: int, student, lmap, ema, optimizer, s
         for _, old in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def training_summary(cfg: dict, step: int, world_size: int) -> dict:
+    """What a checkpoint's model card says about its training."""
+    t = cfg["train"]
+    feats = ", ".join(f"{k} at {v if isinstance(v, str) else ', '.join(map(str, v))}"
+                      for k, v in (cfg["kd"]["features"] or {}).items()) or "none"
+    loss = cfg["loss"]
+    return {"step": step, "global_batch": t["batch_size"] * t["grad_accum"] * world_size,
+            "features": feats, "loss": f"task {loss['task']} + out {loss['out']} + feat {loss['feat']}"}
 
 
 def _save_gathered(tmp: str, sub: str, student, lmap, states: dict, scaler) -> None:

@@ -79,6 +79,9 @@ def load_models(cfg: dict):
         student, lmap = fam.compress(teacher, s["preset"], init_selection(cfg), torch.float32)
     lmap.validate(teacher, student)  # refuse a map that does not fit before any training
     lmap.meta["teacher_kind"] = cfg["teacher"]["kind"]  # saved with every checkpoint: koala generate samples by it
+    if not s["path"]:  # compressed here: record what koala compress records (the model card reads it)
+        lmap.meta.setdefault("teacher_path", os.path.abspath(cfg["teacher"].get("unet_path") or teacher_pipeline(cfg)))
+        lmap.meta.setdefault("preset", s["preset"] if isinstance(s["preset"], str) else None)
     if teacher.dtype != weight_dtype:  # (diffusers warns on every dtype cast of some models: only cast when needed)
         teacher = teacher.to(weight_dtype)
     teacher = teacher.requires_grad_(False).eval()

@@ -53,24 +53,28 @@ def is_fsdp(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor gathered to a plain CPU tensor (a collective: every process calls it); plain tensors as they are."""
+def _full(t: torch.Tensor, keep: bool = True) -> torch.Tensor | None:
+    """A DTensor gathered to a plain CPU tensor (a collective: every process calls it); plain tensors as they are.
+    ``keep=False`` takes part in the gather and drops the result (the processes that do not write)."""
     from torch.distributed.tensor import DTensor
 
-    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu()
+    full = t.full_tensor() if isinstance(t, DTensor) else t
+    return full.detach().cpu() if keep else None
 
 
-def gather_states(student, optimizer, ema) -> dict:
-    """The full student / optimizer / EMA states on every process (collective; call on all of them)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+def gather_states(student, optimizer, ema, keep: bool = True) -> dict | None:
+    """The full student / optimizer / EMA states (collective: every process calls it, one tensor at a time);
+    returned where ``keep`` (the main process, which writes the checkpoint), None elsewhere, so only one host copy
+    of the student exists."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)  # the optimizer state on the main process
-    model_sd = {k: _full(v) for k, v in student.state_dict().items()}
+    model_sd = {k: _full(v, keep) for k, v in student.state_dict().items()}
     optim_sd = get_optimizer_state_dict(student, optimizer, options=opts)
     ema_sd = None
     if ema is not None:
-        ema_sd = {**ema.state_dict(), "shadow_params": [_full(p) for p in ema.shadow_params]}
-    return {"student": model_sd, "optimizer": optim_sd, "ema": ema_sd}
+        ema_sd = {**ema.state_dict(), "shadow_params": [_full(p, keep) for p in ema.shadow_params]}
+    return {"student": model_sd, "optimizer": optim_sd, "ema": ema_sd} if keep else None
 
 
 def load_states(student, optimizer, ema, model_sd: dict, optim_sd: dict, ema_sd: dict | None) -> None:

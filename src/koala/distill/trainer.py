@@ -390,7 +390,8 @@ def train(cfg: dict) -> dict:
                 if (tcfg["checkpoint_every"] and step % tcfg["checkpoint_every"] == 0) or done or stop_now:
                     if is_sharded(d.optimizer):  # every process sends its optimizer shard to the main process
                         inner_optimizer(d.optimizer).consolidate_state_dict(to=0)
-                    states = gather_states(d.student, inner_optimizer(d.optimizer), d.ema) if d.fsdp else None
+                    states = gather_states(d.student, inner_optimizer(d.optimizer), d.ema,
+                                           keep=acc.is_main_process) if d.fsdp else None
                     if acc.is_main_process:
                         last_ckpt = write_checkpoint(out_dir, step, d, cfg, scaler, world, last_ckpt, states)
                         bar.write(f"checkpoint saved: {last_ckpt}")

@@ -1,0 +1,117 @@
+"""Model cards: the ``README.md`` every student directory koala writes carries (Hugging Face model-card format).
+
+YAML front matter (``library_name: diffusers``, ``pipeline_tag: text-to-image``, ``base_model``, ``license`` when the
+teacher's own card names one, tags), then what the student is: preset, parameters against the teacher's, the layer
+map per stage, the sampling defaults it is meant to be used with, and, for a training checkpoint, the recipe and step.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import yaml
+
+from . import __version__
+from .arch.layer_map import LayerMap
+from .families.sampling import SPACING
+from .utils import atomic_write_text
+
+CARD = "README.md"
+
+
+def read_card(path: str) -> tuple[dict, str]:
+    """``(front matter, body)`` of a model card file (front matter ``{}`` when it has none)."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if text.startswith("---\n"):
+        end = text.find("\n---", 4)
+        if end > 0:
+            meta = yaml.safe_load(text[4:end]) or {}
+            return (meta if isinstance(meta, dict) else {}), text[end + 4:].lstrip("\n")
+    return {}, text
+
+
+def teacher_card_fields(teacher_path: str | None) -> dict:
+    """``license`` and ``base_model`` from the teacher's own card (its README.md front matter), when present."""
+    for folder in filter(None, (teacher_path, os.path.dirname(teacher_path or ""))):
+        path = os.path.join(folder, CARD)
+        if os.path.isfile(path):
+            try:
+                meta, _ = read_card(path)
+            except (OSError, yaml.YAMLError):
+                return {}
+            return {k: meta[k] for k in ("license", "base_model") if meta.get(k)}
+    return {}
+
+
+def _stage_table(lmap: LayerMap) -> list[str]:
+    """Per stage: kept blocks, transformer layers, and which teacher layers they were initialised from."""
+    rows = ["| stage | resnet + attention blocks | transformer layers | from teacher layers |", "|---|---|---|---|"]
+    layers = Counter(e.stage for e in lmap.of_kind("transformer_layer"))
+    blocks = Counter(e.stage for e in lmap.entries if e.kind in ("resnet", "attention", "transformer_block"))
+    picked: dict[str, set] = {}
+    for e in lmap.of_kind("transformer_layer"):
+        picked.setdefault(e.stage, set()).add(e.teacher_layer)
+    for stage in lmap.stages():
+        src = sorted(x for x in picked.get(stage, ()) if x is not None)
+        rows.append(f"| {stage} | {blocks.get(stage, 0)} | {layers.get(stage, 0)} | "
+                    f"{', '.join(map(str, src)) or '-'} |")
+    return rows
+
+
+def model_card(lmap: LayerMap, student_params: int, teacher_params: int | None = None,
+               training: dict | None = None, results: dict | None = None, name: str | None = None,
+               layout: str = "pipeline") -> str:
+    """The card's text. ``training``: ``{"step", "global_batch", "features", "loss"}`` for a checkpoint;
+    ``results``: measured numbers to list (e.g. shapes-world scores), if any. ``layout``: what the folder holds
+    (``pipeline``, ``model``: a U-Net / DiT alone, ``checkpoint``: a distill checkpoint), for the usage line."""
+    meta = lmap.meta
+    teacher = meta.get("teacher_path") or ""
+    from_teacher = teacher_card_fields(teacher)
+    base = from_teacher.get("base_model") or (os.path.basename(os.path.normpath(teacher)) if teacher else None)
+    front = {"library_name": "diffusers", "pipeline_tag": "text-to-image"}
+    if base:
+        front["base_model"] = base
+    if from_teacher.get("license"):
+        front["license"] = from_teacher["license"]
+    family = meta.get("family", "sdxl")
+    front["tags"] = ["koala", "knowledge-distillation", "text-to-image", family]
+    kind = meta.get("teacher_kind", "base")
+    preset = meta.get("preset") or "custom"
+    lines = [f"# {name or preset}", "",
+             f"A KOALA student ({preset}, {family} family) compressed from `{teacher or 'the teacher'}` by koala "
+             f"{__version__} (Lee et al., NeurIPS 2024): blocks and transformer layers removed, every kept tensor "
+             "initialised from the teacher tensor at the same place (`koala_layer_map.json` lists them).", "",
+             "| | student | teacher |", "|---|---|---|",
+             f"| denoiser parameters | {student_params:,} | {f'{teacher_params:,}' if teacher_params else '-'} |"]
+    if teacher_params:
+        lines.append(f"| kept | {100 * student_params / teacher_params:.1f}% | 100% |")
+    lines += ["", "## Layer map", "", f"Layer selection: {lmap.layer_selection}; teacher kind: {kind}.", "",
+              *_stage_table(lmap), ""]
+    spacing = SPACING.get(kind) or "the pipeline's own (leading for SDXL)"
+    sub = "transformer" if family == "pixart" else "unet"
+    how = {"pipeline": "--model THIS_DIR", "model": "--unet THIS_DIR --base TEACHER_PIPELINE",
+           "checkpoint": f"--unet THIS_DIR/{sub} --base TEACHER_PIPELINE"}[layout]
+    lines += ["## Sampling (the paper's defaults)", "",
+              f"Euler, 10 steps, guidance scale 3.5, timestep spacing: {spacing}. With koala: "
+              f"`koala generate \"a photo of a koala\" {how}`.", ""]
+    if training:
+        lines += ["## Training", "",
+                  f"Distilled with `koala distill` for {training.get('step')} steps at a global batch of "
+                  f"{training.get('global_batch')} (the whole resolved recipe: `state.json` beside this card, and the "
+                  "run's `config.yaml`).",
+                  f"Losses: {training.get('loss')}; feature KD: {training.get('features')}.", ""]
+    else:
+        lines += ["## Training", "", "Not trained yet: this is the compressed initialisation (`koala compress`). "
+                  "Distill it with `koala distill`.", ""]
+    if results:
+        lines += ["## Results", "", "| metric | value |", "|---|---|",
+                  *[f"| {k} | {v} |" for k, v in results.items()], ""]
+    return "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n\n" + "\n".join(lines)
+
+
+def write_model_card(folder: str, lmap: LayerMap, student_params: int, teacher_params: int | None = None,
+                     training: dict | None = None, results: dict | None = None, layout: str = "pipeline") -> str:
+    return atomic_write_text(os.path.join(folder, CARD), model_card(lmap, student_params, teacher_params, training,
+                                                                     results, layout=layout))
