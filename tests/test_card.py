@@ -38,3 +38,16 @@ def test_distill_checkpoints_carry_a_card(tiny_pipe_dir, tmp_path):
     assert meta["pipeline_tag"] == "text-to-image"
     assert "for 2 steps at a global batch of 4" in body and "feature KD: SA at" in body  # 2 x grad_accum 2
     assert "# koala-700m" in body and "--unet THIS_DIR/unet --base TEACHER_PIPELINE" in body
+
+
+def test_results_section_is_added_and_replaced(tiny_pipe_dir, tmp_path):
+    from koala.card import add_results
+    from koala.compress import compress
+
+    compress(tiny_pipe_dir, "koala-700m", str(tmp_path / "s"))
+    rows = [{"model": "student", "binding": "42.0%"}]
+    add_results(str(tmp_path / "s"), rows, ["model", "binding", "spatial"], "Measured by a test.")
+    add_results(str(tmp_path / "s"), [{"model": "student", "binding": "50.0%"}], ["model", "binding"], "Again.")
+    meta, body = read_card(str(tmp_path / "s" / "README.md"))
+    assert meta["library_name"] == "diffusers" and body.count("## Results") == 1
+    assert "| student | 50.0% |" in body and "42.0%" not in body and "Again." in body and "## Layer map" in body

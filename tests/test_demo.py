@@ -36,6 +36,12 @@ def test_demo_fast_end_to_end(tmp_path, capsys):
     assert student.mid_block is None  # KOALA-700M topology
     teacher_unet = UNet2DConditionModel.from_pretrained(os.path.join(teacher, "unet"))
     LayerMap.load(res["student"]).validate(teacher_unet, student)
+    # the student checkpoint's model card lists the measured shapes-world results
+    from koala.card import read_card
+
+    meta, body = read_card(os.path.join(os.path.dirname(res["student"]), "README.md"))
+    assert meta["pipeline_tag"] == "text-to-image" and "## Results" in body
+    assert f"| student, after KD | {s['unet_params']} |" in body and f"{100 * t['color']:.1f}%" in body
     # A second run into the same directory is refused without --overwrite, and leaves it intact.
     assert main(["demo", "--fast", "--out", str(out)]) == 2
     assert (out / "results.json").exists()

@@ -61,11 +61,10 @@ def _stage_table(lmap: LayerMap) -> list[str]:
 
 
 def model_card(lmap: LayerMap, student_params: int, teacher_params: int | None = None,
-               training: dict | None = None, results: dict | None = None, name: str | None = None,
-               layout: str = "pipeline") -> str:
+               training: dict | None = None, name: str | None = None, layout: str = "pipeline") -> str:
     """The card's text. ``training``: ``{"step", "global_batch", "features", "loss"}`` for a checkpoint;
-    ``results``: measured numbers to list (e.g. shapes-world scores), if any. ``layout``: what the folder holds
-    (``pipeline``, ``model``: a U-Net / DiT alone, ``checkpoint``: a distill checkpoint), for the usage line."""
+    ``layout``: what the folder holds (``pipeline``, ``model``: a U-Net / DiT alone, ``checkpoint``: a distill
+    checkpoint), for the usage line. Measured results are added later with :func:`add_results`."""
     meta = lmap.meta
     teacher = meta.get("teacher_path") or ""
     from_teacher = teacher_card_fields(teacher)
@@ -105,13 +104,26 @@ def model_card(lmap: LayerMap, student_params: int, teacher_params: int | None =
     else:
         lines += ["## Training", "", "Not trained yet: this is the compressed initialisation (`koala compress`). "
                   "Distill it with `koala distill`.", ""]
-    if results:
-        lines += ["## Results", "", "| metric | value |", "|---|---|",
-                  *[f"| {k} | {v} |" for k, v in results.items()], ""]
     return "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n\n" + "\n".join(lines)
 
 
 def write_model_card(folder: str, lmap: LayerMap, student_params: int, teacher_params: int | None = None,
-                     training: dict | None = None, results: dict | None = None, layout: str = "pipeline") -> str:
+                     training: dict | None = None, layout: str = "pipeline") -> str:
     return atomic_write_text(os.path.join(folder, CARD), model_card(lmap, student_params, teacher_params, training,
-                                                                     results, layout=layout))
+                                                                     layout=layout))
+
+
+def add_results(folder: str, rows: list[dict], columns: list[str], how: str) -> str:
+    """Add (or replace) the card's ``## Results`` section: one table row per dict of ``rows`` (``columns`` in
+    order, the first naming the row), and ``how`` (the command that measured them)."""
+    path = os.path.join(folder, CARD)
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    start = text.find("\n## Results\n")
+    if start >= 0:
+        nxt = text.find("\n## ", start + 1)
+        text = text[:start] + (text[nxt:] if nxt >= 0 else "\n")
+    table = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    table += ["| " + " | ".join(str(r.get(c, "-")) for c in columns) + " |" for r in rows]
+    section = "\n## Results\n\n" + how + "\n\n" + "\n".join(table) + "\n"
+    return atomic_write_text(path, text.rstrip("\n") + "\n" + section)

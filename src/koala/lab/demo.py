@@ -228,6 +228,14 @@ def run_demo(s: DemoSettings, log=print) -> dict:
         f.write("\n".join(GRID_PROMPTS) + "\n")
 
     log("[4/4] results")
+    from ..card import add_results
+
+    pct = [{**r, **{k: f"{100 * r[k]:.1f}%" for k in ("color", "shape", "binding", "spatial") if r.get(k) is not None}}
+           for r in rows]
+    add_results(os.path.dirname(student_dir.rstrip(os.sep)), pct,
+                ["model", "unet_params", "unet_ms", "color", "shape", "binding", "spatial"],
+                f"Shapes world, `koala demo` ({len(prompts)} held-out prompts per model, {s.sample_steps} Euler steps, "
+                f"cfg {s.guidance}; the shapes scorer: colour / shape / colour-shape binding / spatial accuracy).")
     result = {"settings": s.__dict__, "rows": rows, "grid": grid, "student": student_dir,
               "minutes": round((time.time() - t_start) / 60, 2)}
     with open(os.path.join(out, "results.json"), "w") as f:
