@@ -19,6 +19,7 @@ import numpy as np
 
 from ..bench.memory import PeakMemory
 from ..errors import KoalaError
+from ..families import denoiser_of
 from ..inference import generate, load_pipeline
 from ..inference.generate import png_info
 
@@ -120,8 +121,6 @@ def load_models(specs: list[ModelSpec], device: str | None = None, dtype: str | 
     for spec in specs:
         try:
             lp = load_pipeline(model=spec.model, unet=spec.unet, base=spec.base, device=device, dtype=dtype)
-            from ..families import denoiser_of
-
             n = sum(p.numel() for p in denoiser_of(lp.pipe).parameters())
             slots.append(Slot(spec, lp, params=n))
             log(f"loaded {spec.label}: {lp.model} ({lp.device}, {lp.dtype})")

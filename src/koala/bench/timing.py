@@ -22,7 +22,7 @@ import torch
 from ..arch.stats import forward_flops
 from ..families import get_family
 from ..errors import KoalaError
-from ..utils import check_dtype_on_device, parse_device, parse_dtype, tree_to
+from ..utils import check_dtype_on_device, compile_module, parse_device, parse_dtype, tree_to
 from .memory import PeakMemory
 from .models import BenchModel, build_bench_model, preset_unet_config
 
@@ -116,15 +116,13 @@ def apply_speed_modes(m: BenchModel, s: BenchSettings) -> None:
         m.unet.to(memory_format=torch.channels_last)
     if s.vae_tiling and m.vae is not None:
         m.vae.enable_tiling()
-    kw = {"mode": s.compile_mode} if s.compile_mode else {}
-    if s.compile:
-        m.unet.compile(**kw)
+    chosen = [m.unet] if s.compile else []
     if s.compile_vae and m.vae is not None:
-        m.vae.decoder.compile(**kw)
-        m.vae.post_quant_conv.compile(**kw)
+        chosen += [m.vae.decoder, m.vae.post_quant_conv]
     if s.compile_text:
-        for enc in m.text_encoders:
-            enc.compile(**kw)
+        chosen += list(m.text_encoders)
+    for module in chosen:
+        compile_module(module, mode=s.compile_mode)
 
 
 @torch.no_grad()

@@ -88,7 +88,7 @@ def load_states(student, optimizer, ema, model_sd: dict, optim_sd: dict, ema_sd:
     if ema is not None and ema_sd is not None:
         like = list(student.parameters())
         full = ema_sd["shadow_params"]
-        ema.load_state_dict({**ema_sd, "shadow_params": [t.clone() for t in full]})
+        ema.load_state_dict(ema_sd)  # decay, step counters; the shadow parameters are re-sharded next
         ema.shadow_params = [distribute_tensor(t.to(p.device_mesh.device_type), p.device_mesh, p.placements)
                              if isinstance(p, DTensor) else t.to(p.device) for t, p in zip(full, like)]
 

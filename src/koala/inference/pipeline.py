@@ -16,7 +16,7 @@ import torch
 from ..errors import KoalaError
 from ..families import Family, denoiser_of, family_of, model_dir, model_dir_kind
 from ..families.sampling import SPACING, teacher_kind_of
-from ..utils import check_dtype_on_device, parse_device, parse_dtype, read_json
+from ..utils import check_dtype_on_device, compile_module, parse_device, parse_dtype, read_json
 
 SCHEDULERS = {
     "euler": "EulerDiscreteScheduler",
@@ -193,11 +193,9 @@ def load_pipeline(
         pipe.to(device)
     if compile:  # in place; the VAE decoder and text encoders too (H200, KOALA-700M 1024^2: VAE 85.8 -> 35.3 ms,
         # text 16.4 -> 10.7 ms, U-Net step 26.1 -> 14.3 ms; benchmarks/results/h200/README.md)
-        model.compile()
-        pipe.vae.decoder.compile()
-        for name in ("text_encoder", "text_encoder_2"):
-            if getattr(pipe, name, None) is not None:
-                getattr(pipe, name).compile()
+        encoders = [getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2")]
+        for module in [model, pipe.vae.decoder, *filter(None, encoders)]:
+            compile_module(module)
         modes.append(f"torch.compile({fam.model_subfolder}, VAE decoder, text encoders)")
         notes.append("torch.compile: the first image is slow (compilation); later ones are faster")
     return LoadedPipeline(pipe, name, device, dtype_name, scheduler, spacing, modes, notes, fam.name)
