@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 
 import torch
 
 from .card import write_model_card
 from .errors import KoalaError
-from .families import family_of, load_denoiser, model_dir_kind
+from .families import family_of, model_dir_kind
+from .formats.single_file import load_denoiser
 from .families.sampling import SPACING, check_kind, sampling_scheduler
 from .utils import atomic_output_dir, count_params, read_json
 
@@ -36,15 +38,30 @@ class CompressResult:
 
 def compress(teacher_path: str, preset, out_dir: str, dtype: str | torch.dtype | None = None, overwrite: bool = False,
              layer_selection: str = "bottom", teacher_unet: str | None = None, family: str | None = None,
-             teacher_kind: str = "base") -> CompressResult:
+             teacher_kind: str = "base", teacher_config: str | None = None, _source: str | None = None) -> CompressResult:
     """Compress ``teacher_path`` (model dir or pipeline dir) into ``out_dir`` atomically.
 
     For a pipeline, ``out_dir`` becomes a full pipeline directory with the student in the denoiser's folder.
     ``teacher_unet`` replaces the pipeline's denoiser as the teacher (e.g. a SDXL-Lightning U-Net checkpoint).
+    ``teacher_path`` may be a single-file SDXL / SD-1.x checkpoint (``.safetensors``, original key layout); it is
+    converted offline with ``teacher_config`` (a pipeline directory of the same architecture) or, for SDXL, the
+    configs koala ships (:mod:`koala.formats.single_file`).
     ``teacher_kind`` (base / turbo / lightning) is recorded in the layer map; a turbo or lightning student pipeline
     gets the scheduler it is sampled with (Euler, trailing spacing; :mod:`koala.families.sampling`).
     """
     check_kind(teacher_kind, "teacher_kind")
+    if os.path.isfile(teacher_path):  # a single-file checkpoint (SDXL fine-tunes ship so): converted offline first
+        from .formats.single_file import single_file_to_diffusers
+
+        if os.path.exists(out_dir) and not overwrite:
+            raise KoalaError(f"{out_dir} already exists; overwrite it or choose another output directory",
+                             option="overwrite")
+        parent = os.path.dirname(os.path.abspath(out_dir))
+        os.makedirs(parent, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".koala-teacher-", dir=parent) as tmp:
+            converted = single_file_to_diffusers(teacher_path, os.path.join(tmp, "teacher"), config=teacher_config)
+            return compress(converted.out, preset, out_dir, dtype, overwrite, layer_selection, teacher_unet, family,
+                            teacher_kind, _source=os.path.abspath(teacher_path))
     kind = model_dir_kind(teacher_path)
     fam = family_of(teacher_path, family)
     spec = fam.resolve_spec(preset)  # refuse a wrong preset before loading gigabytes
@@ -54,14 +71,14 @@ def compress(teacher_path: str, preset, out_dir: str, dtype: str | torch.dtype |
         fam.check_pipeline_dir(teacher_path, "teacher")
     teacher, fam = load_denoiser(teacher_unet or teacher_path, dtype, config_from=teacher_path, family=fam)
     student, lmap = fam.compress(teacher, spec, layer_selection, dtype)
-    lmap.meta.update({"teacher_path": os.path.abspath(teacher_unet or teacher_path),
+    lmap.meta.update({"teacher_path": _source or os.path.abspath(teacher_unet or teacher_path),
                       "preset": preset if isinstance(preset, str) else None, "teacher_kind": teacher_kind})
     with atomic_output_dir(out_dir, overwrite) as tmp:
         model_out = tmp
         if kind == "pipeline":
             for entry in sorted(os.listdir(teacher_path)):
                 src = os.path.join(teacher_path, entry)
-                if entry == fam.model_subfolder or entry.startswith("."):
+                if entry == fam.model_subfolder or entry.startswith(".") or entry == "koala_import.json":
                     continue
                 if os.path.isdir(src):
                     shutil.copytree(src, os.path.join(tmp, entry))

@@ -66,19 +66,27 @@ def atomic_output_dir(out_dir: str, overwrite: bool = False) -> Iterator[str]:
         os.rename(tmp, out_dir)
 
 
-def atomic_write_text(path: str, text: str) -> str:
-    """Write ``text`` to ``path`` through a temporary file in the same folder: never a half-written file."""
+@contextlib.contextmanager
+def atomic_file(path: str, suffix: str = "") -> Iterator[str]:
+    """Yield a temporary file name beside ``path``; on success it replaces ``path``, on error it is removed.
+    Nothing half-written is ever left at ``path``."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_write_text(path: str, text: str) -> str:
+    """Write ``text`` to ``path`` through a temporary file in the same folder: never a half-written file."""
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
     return path
 
 

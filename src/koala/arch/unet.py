@@ -158,7 +158,9 @@ def unet_student_config(teacher_config: dict[str, Any], spec: UNetSpec) -> dict[
         if isinstance(cfg.get(k), (list, tuple)):
             cfg[k] = list(cfg[k])[:n]
     cfg["up_block_types"] = list(teacher_config["up_block_types"])[off:]
-    cfg["layers_per_block"] = list(spec.encoder_layers)
+    # one int when every stage has the same count (diffusers' single-file loader reads layers_per_block as an int)
+    lpb = list(spec.encoder_layers)
+    cfg["layers_per_block"] = lpb[0] if len(set(lpb)) == 1 else lpb
     attn = [ty.startswith("CrossAttn") for ty in cfg["down_block_types"]]
     # Stages without attention get depth 1 (ignored by DownBlock2D/UpBlock2D) so diffusers accepts the list.
     cfg["transformer_layers_per_block"] = [spec.down_depth[i] if attn[i] else 1 for i in range(n)]

@@ -16,11 +16,10 @@ from diffusers import AutoencoderKL
 
 from ..errors import KoalaError
 from ..families import Family, all_presets, family_of, model_dir_kind
+from ..families.sdxl import SDXL_VAE_CONFIG
 from ..utils import count_params, read_json
 
-SDXL_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[128, 256, 512, 512],
-                down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-                layers_per_block=2, norm_num_groups=32, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+SDXL_VAE = SDXL_VAE_CONFIG
 
 TINY_PREFIX = "tiny-"  # "tiny-sdxl-base", "tiny-koala-700m", ...: preset applied to koala.testing.tiny RANDOM teacher
 

@@ -14,7 +14,7 @@ import sys
 from .. import __version__
 from ..errors import KoalaError
 
-COMMANDS = ["presets", "compress", "distill", "plan", "data", "generate", "bench", "analyze", "lab", "eval", "demo", "app"]
+COMMANDS = ["presets", "compress", "distill", "plan", "data", "generate", "bench", "analyze", "lab", "eval", "export", "lora", "demo", "app"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,7 +13,12 @@ def register(sub) -> None:
         "koala_layer_map.json next to its config. A pipeline teacher gives a full pipeline directory that the family's "
         "diffusers pipeline (StableDiffusionXLPipeline / StableDiffusionPipeline / PixArtSigmaPipeline) loads as is.",
     )
-    p.add_argument("--teacher", required=True, help="teacher model directory (U-Net / transformer) or pipeline directory (local)")
+    p.add_argument("--teacher", required=True, help="teacher model directory (U-Net / transformer) or pipeline directory "
+                   "(local), or a single-file SDXL / SD-1.x checkpoint (.safetensors, as A1111 / ComfyUI use)")
+    p.add_argument("--teacher-config", default=None, metavar="DIR",
+                   help="single-file teacher: a pipeline directory of its architecture whose configs and tokenizers are "
+                   "used (not its weights); default for SDXL: koala's SDXL-Base-1.0 configs, tokenizers from the local "
+                   "Hugging Face cache")
     p.add_argument("--teacher-unet", default=None,
                    help="use this denoiser (U-Net / transformer directory, or a .safetensors checkpoint such as "
                    "SDXL-Lightning's U-Net) as the teacher instead of the pipeline's")
@@ -44,7 +49,7 @@ def run(args) -> int:
 
     res = compress(args.teacher, args.student, args.out, dtype=args.dtype, overwrite=args.overwrite,
                    layer_selection=args.layer_selection, teacher_unet=args.teacher_unet, family=args.family,
-                   teacher_kind=args.teacher_kind)
+                   teacher_kind=args.teacher_kind, teacher_config=args.teacher_config)
     t = Table(title=f"koala compress ({res.family}) -> {res.out_dir}")
     for c in ("", "teacher", "student"):
         t.add_column(c, justify="right")

@@ -36,6 +36,9 @@ def register(sub) -> None:
                      "OUT/checkpoints/step-N/unet, or .../transformer for a PixArt student)")
     src.add_argument("--base", default=None, help="teacher pipeline directory supplying text encoders, VAE, scheduler")
     src.add_argument("--vae", default=None, help="fp16-safe VAE directory (e.g. sdxl-vae-fp16-fix)")
+    src.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                     help="apply a LoRA (.safetensors; repeatable; scale default 1.0). For a KOALA student, transfer an "
+                     "SDXL LoRA first: koala lora transfer")
     g = p.add_argument_group("sampling")
     g.add_argument("--steps", type=int, default=10, help="denoising steps (default 10)")
     g.add_argument("--cfg", type=float, default=3.5, help="classifier-free guidance scale (default 3.5)")
@@ -87,7 +90,7 @@ def run(args) -> int:
         args.model, unet=args.unet, base=args.base, vae=args.vae, device=args.device, dtype=args.dtype,
         scheduler=args.scheduler, timestep_spacing=args.timestep_spacing, vae_slicing=args.vae_slicing,
         vae_tiling=args.vae_tiling, offload=args.offload, attention=args.attention,
-        channels_last=args.channels_last, compile=args.compile,
+        channels_last=args.channels_last, compile=args.compile, lora=args.lora,
     )
     print(f"model: {loaded.model} on {loaded.device} ({loaded.dtype}); {', '.join(loaded.modes)}")
     safety = None

@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import random
-from dataclasses import dataclass
 
 import torch
 from safetensors import safe_open

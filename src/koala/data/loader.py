@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..errors import KoalaError

@@ -31,7 +31,10 @@ from .hooks import FEATURE_TYPES  # noqa: E402  (the feature-type registry: the 
 
 @dataclass
 class TeacherConfig:
-    pipeline: Optional[str] = None   # local pipeline dir: text encoder(s), tokenizer(s), VAE, scheduler, U-Net
+    pipeline: Optional[str] = None   # local pipeline dir: text encoder(s), tokenizer(s), VAE, scheduler, U-Net; or an
+                                     # SDXL single-file .safetensors (converted once into OUTPUT_DIR/teacher)
+    config: Optional[str] = None     # converting a single-file teacher: a pipeline dir of its architecture (configs,
+                                     # tokenizers); null = koala's SDXL-Base configs + cached tokenizers
     unet_path: Optional[str] = None  # replace the pipeline's U-Net (e.g. SDXL-Lightning): U-Net dir or .safetensors
     family: Optional[str] = None     # null = detect from the pipeline; 'sdxl', 'sd' or 'pixart'
     kind: str = "base"               # base | turbo | lightning: how students are sampled (Euler; trailing for turbo /

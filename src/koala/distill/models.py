@@ -12,7 +12,8 @@ from diffusers import DDPMScheduler
 from ..arch.layer_map import LayerMap
 from ..data.cache import encode_batch as encode_raw_batch
 from ..errors import KoalaError
-from ..families import Family, Parts, family_of, load_denoiser, model_dir, model_dir_kind
+from ..families import Family, Parts, family_of, model_dir, model_dir_kind
+from ..formats.single_file import load_denoiser
 from ..utils import parse_dtype
 
 
@@ -32,8 +33,13 @@ class Frozen:
 
 
 def teacher_pipeline(cfg: dict) -> str:
-    """``teacher.pipeline``, checked to be a pipeline directory."""
+    """``teacher.pipeline``, checked to be a pipeline directory; a single-file checkpoint is converted once into
+    ``OUTPUT_DIR/teacher`` (reused while the file is unchanged) and that directory returned."""
     pipe_dir = cfg["teacher"]["pipeline"]
+    if os.path.isfile(pipe_dir):
+        from ..formats.single_file import ensure_diffusers
+
+        return ensure_diffusers(pipe_dir, os.path.join(cfg["train"]["output_dir"], "teacher"), cfg["teacher"].get("config"))
     if not os.path.isdir(pipe_dir):
         raise KoalaError(f"teacher.pipeline {pipe_dir}: no such directory; point it at a local pipeline directory "
                          f"(for a smoke run, make a random tiny one first: koala lab make-tiny {pipe_dir})",

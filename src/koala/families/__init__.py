@@ -97,8 +97,9 @@ def family_of(path: str, family: str | Family | None = None) -> Family:
 def load_denoiser(path: str, dtype=None, config_from: str | None = None, family: str | Family | None = None):
     """``(model, family)`` from a model or pipeline directory, after checking its topology.
 
-    ``path`` may also be a single ``.safetensors`` checkpoint (e.g. SDXL-Lightning's U-Net); its config then
-    comes from ``config_from`` (a pipeline or model directory of the same architecture).
+    ``path`` may also be a single ``.safetensors`` checkpoint in diffusers' key layout (e.g. SDXL-Lightning's U-Net);
+    its config then comes from ``config_from`` (a pipeline or model directory of the same architecture). For the
+    original single-file layout as well use :func:`koala.formats.single_file.load_denoiser`.
     """
     import torch
 

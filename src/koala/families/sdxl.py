@@ -66,6 +66,19 @@ SDXL_BASE_UNET_CONFIG: dict[str, Any] = {
 }
 
 
+# SDXL-Base-1.0's VAE and scheduler (public fact: .../vae/config.json, .../scheduler/scheduler_config.json); with the
+# U-Net config and real_text_towers they are the configs a single-file SDXL checkpoint is converted with offline.
+SDXL_VAE_CONFIG: dict[str, Any] = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[128, 256, 512, 512],
+    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=2,
+    norm_num_groups=32, act_fn="silu", sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+SDXL_SCHEDULER_CONFIG: dict[str, Any] = {
+    "_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+    "clip_sample": False, "interpolation_type": "linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
+    "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+    "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False}
+
+
 def _spec(encoder_layers, down_depth, up_depth, mid, desc, paper=None) -> UNetSpec:
     return UNetSpec(list(encoder_layers), list(down_depth), list(up_depth), mid, None, desc, paper)
 
@@ -105,9 +118,11 @@ class SDXLFamily(UNetFamily):
     # CLIP ViT-L/14 text tower (text_encoder) and OpenCLIP ViT-bigG/14 text tower (text_encoder_2)
     real_text_towers = (
         dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-             max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768),
+             max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, bos_token_id=0, eos_token_id=2,
+             pad_token_id=1),
         dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-             max_position_embeddings=77, hidden_act="gelu", projection_dim=1280),
+             max_position_embeddings=77, hidden_act="gelu", projection_dim=1280, bos_token_id=0, eos_token_id=2,
+             pad_token_id=1),
     )
     vae_upcast = True
 

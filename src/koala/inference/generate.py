@@ -17,7 +17,7 @@ from ..errors import KoalaError
 from ..families import denoiser_of, family_of_pipeline
 
 PNG_KEYS = ("prompt", "negative_prompt", "seed", "steps", "cfg", "scheduler", "timestep_spacing", "model",
-            "width", "height", "dtype")
+            "width", "height", "dtype", "lora")
 
 
 @dataclass
@@ -114,6 +114,8 @@ def generate(
         "width": width, "height": height,
         "dtype": info.dtype if info else str(model.dtype).replace("torch.", ""),
     }
+    if info and info.lora:
+        base["lora"] = info.lora
     jobs = [(p, seed + i) for i, p in enumerate(p for p in prompts for _ in range(images_per_prompt))]
     sd.set_progress_bar_config(disable=not progress, leave=False)
     items: list[GeneratedImage] = []

@@ -42,6 +42,7 @@ class LoadedPipeline:
     modes: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     family: str = "sdxl"
+    lora: str = ""  # the LoRA files applied, "name:scale, ..." (PNG metadata)
 
 
 def _check_pipeline_dir(path: str, what: str) -> Family:
@@ -94,6 +95,7 @@ def load_pipeline(
     attention: str = "sdpa",
     channels_last: bool = False,
     compile: bool = False,
+    lora: list[str] | None = None,
 ) -> LoadedPipeline:
     """Load a pipeline and apply the memory/speed modes; see ``docs/inference.md`` for what each mode saves.
 
@@ -102,6 +104,8 @@ def load_pipeline(
     ``vae``: an fp16-safe VAE directory (e.g. sdxl-vae-fp16-fix); without it an fp16 VAE decodes in fp32.
     ``offload``: None, "model" (whole components move to the GPU in turn) or "sequential" (sub-module by
     sub-module; least memory, slowest). Both need CUDA and accelerate; on CPU they do not apply and a note says so.
+    ``lora``: LoRA files, each ``FILE`` or ``FILE:SCALE`` (diffusers / PEFT or kohya format; for a KOALA student,
+    transferred with ``koala lora transfer``).
     """
     from diffusers import AutoencoderKL
 
@@ -153,6 +157,14 @@ def load_pipeline(
         notes.append(f"timestep spacing {timestep_spacing}: the student's teacher is {teacher_kind} "
                      "(koala_layer_map.json); --timestep-spacing overrides it")
     spacing = _scheduler(pipe, scheduler, timestep_spacing)
+    lora_desc = ""
+    if lora:
+        from ..formats.lora import apply_loras, parse_lora_arg
+
+        loras = [parse_lora_arg(x) for x in lora]
+        apply_loras(pipe, loras)
+        lora_desc = ", ".join(f"{os.path.basename(p)}:{s:g}" for p, s in loras)
+        modes.append(f"LoRA {lora_desc}")
 
     if attention == "sdpa":
         from diffusers.models.attention_processor import AttnProcessor2_0 as proc
@@ -198,7 +210,7 @@ def load_pipeline(
             compile_module(module)
         modes.append(f"torch.compile({fam.model_subfolder}, VAE decoder, text encoders)")
         notes.append("torch.compile: the first image is slow (compilation); later ones are faster")
-    return LoadedPipeline(pipe, name, device, dtype_name, scheduler, spacing, modes, notes, fam.name)
+    return LoadedPipeline(pipe, name, device, dtype_name, scheduler, spacing, modes, notes, fam.name, lora_desc)
 
 
 def unet_dir_vae(path: str) -> str:

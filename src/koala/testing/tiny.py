@@ -61,6 +61,12 @@ class TinySpec:
     dit_layers: int = 6  # PixArt family: transformer blocks (hidden size dit_heads * dit_head_dim)
     dit_heads: int = 2
     dit_head_dim: int = 8
+    text_dim_2: int | None = None  # SDXL's second (projection) encoder's hidden size when it differs from text_dim
+
+    @property
+    def text_dim_sdxl(self) -> int:
+        """The SDXL U-Net's cross-attention width: both encoders' hidden sizes."""
+        return self.text_dim + (self.text_dim_2 or self.text_dim)
 
     @property
     def latent_size(self) -> int:
@@ -97,7 +103,7 @@ def unet_config(spec: TinySpec = RANDOM, family: str = "sdxl") -> dict:
             "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
             "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
             "block_out_channels": list(spec.channels), "transformer_layers_per_block": list(spec.depth),
-            "attention_head_dim": list(spec.heads), "cross_attention_dim": 2 * spec.text_dim,
+            "attention_head_dim": list(spec.heads), "cross_attention_dim": spec.text_dim_sdxl,
             "use_linear_projection": True, "addition_embed_type": "text_time",
             "addition_time_embed_dim": spec.time_embed_dim,
             "projection_class_embeddings_input_dim": spec.projection_dim + 6 * spec.time_embed_dim}
@@ -181,6 +187,8 @@ def tiny_text_encoders(spec: TinySpec = RANDOM, vocab_size: int = 1000, seed: in
         return (te1,)
     if spec.reseed_text_encoder_2:
         torch.manual_seed(seed + 1)
+    if spec.text_dim_2:
+        cfg = text_encoder_config(dataclasses.replace(spec, text_dim=spec.text_dim_2), vocab_size)
     return te1, CLIPTextModelWithProjection(cfg)
 
 

@@ -1,0 +1,582 @@
+"""Single-file checkpoints (the original LDM / SGM layout of A1111, ComfyUI and Stability's releases), both ways.
+
+``export_single_file``: a diffusers pipeline (a KOALA student, a teacher) or a U-Net directory -> one
+``.safetensors`` file, with the key maps of :mod:`koala.formats.ldm` derived from the model's own structure.
+It loads back with diffusers' ``from_single_file(config=STUDENT_DIR)``; ComfyUI detects KOALA-700M / -1B from
+its transformer depths.
+
+``single_file_to_diffusers``: an SDXL (or, with a config directory, SD-1.x) single file -> a diffusers pipeline
+directory, offline. The U-Net's structure (resnets per stage, transformer depths, mid block, widths) is read from
+the file itself, so a KOALA single file converts as well as an SDXL fine-tune; what a file cannot tell (attention
+heads, the text towers' and VAE's configs, tokenizers, scheduler) comes from ``config`` (any pipeline directory
+of the same architecture) or, for SDXL, from the SDXL-Base-1.0 configs koala ships, with tokenizers found in
+the local Hugging Face cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import KoalaError
+from ..utils import check_safetensors, parse_dtype, read_json
+from .ldm import (SD_CLIP_PREFIX, SDXL_CLIP_PREFIX, SDXL_OPENCLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, clip_rules,
+                  from_ldm, openclip_rules, to_ldm, unet_rules, vae_rules)
+
+FORMATS = ("single-file", "diffusers")
+SDXL_HUB_ID = "stabilityai/stable-diffusion-xl-base-1.0"  # only looked up in the local cache, never downloaded
+
+
+# ----------------------------------------------------------------------------------------------- export
+@dataclass
+class ExportResult:
+    out: str
+    family: str
+    components: dict[str, int]  # component -> tensors written
+    bytes: int
+    dtype: str
+
+
+def _component_prefixes(family: str) -> list[tuple[str, str]]:
+    if family == "sdxl":
+        return [("unet", UNET_PREFIX), ("vae", VAE_PREFIX), ("text_encoder", SDXL_CLIP_PREFIX),
+                ("text_encoder_2", SDXL_OPENCLIP_PREFIX)]
+    return [("unet", UNET_PREFIX), ("vae", VAE_PREFIX), ("text_encoder", SD_CLIP_PREFIX)]
+
+
+def _rules_for(name: str, module, family: str):
+    if name == "unet":
+        return unet_rules(module)
+    if name == "vae":
+        return vae_rules(module)
+    if name == "text_encoder_2":
+        return openclip_rules(module)
+    return clip_rules(module)
+
+
+def _load_component(pipeline_dir: str, name: str, dtype):
+    import diffusers
+    import transformers
+
+    cfg = read_json(os.path.join(pipeline_dir, name, "config.json"))
+    if name in ("unet", "vae"):
+        return getattr(diffusers, cfg.get("_class_name", "AutoencoderKL")).from_pretrained(
+            pipeline_dir, subfolder=name, dtype=dtype)
+    arch = (cfg.get("architectures") or ["CLIPTextModel"])[0]
+    return getattr(transformers, arch).from_pretrained(pipeline_dir, subfolder=name, dtype=dtype)
+
+
+def export_single_file(src: str, out: str, *, base: str | None = None, dtype=None, unet_only: bool = False,
+                       overwrite: bool = False) -> ExportResult:
+    """Write ``src`` (a pipeline directory, or a U-Net directory with ``base`` supplying VAE and text encoders,
+    or with ``unet_only``) as one original-layout safetensors file at ``out``, atomically."""
+    from safetensors.torch import save_file
+
+    from ..families import family_of, model_dir, model_dir_kind
+
+    if not out.endswith(".safetensors"):
+        raise KoalaError(f"{out}: a single-file checkpoint is written as .safetensors; name the output *.safetensors",
+                         option="out")
+    if os.path.exists(out) and not overwrite:
+        raise KoalaError(f"{out} already exists; overwrite it or choose another output file", option="overwrite")
+    kind = model_dir_kind(src)
+    fam = family_of(src)
+    if fam.name not in ("sdxl", "sd"):
+        raise KoalaError(f"{src}: single-file export covers the U-Net families (sdxl, sd); a {fam.label} model has no "
+                         "LDM/SGM single-file layout here (export it with --format diffusers)")
+    pipe_dir = src if kind == "pipeline" else base
+    if not unet_only:
+        if pipe_dir is None:
+            raise KoalaError(f"{src} is a U-Net directory: give the pipeline it belongs to (base) for the VAE and text "
+                             "encoders, or export the U-Net alone (unet_only)", option="base")
+        fam.check_pipeline_dir(pipe_dir, "base" if kind != "pipeline" else "model")
+    dt = parse_dtype(dtype)
+    tensors: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    for name, prefix in _component_prefixes(fam.name):
+        if unet_only and name != "unet":
+            continue
+        if name == "unet":
+            module = fam.load_model(model_dir(src), dt)
+        else:
+            module = _load_component(pipe_dir, name, dt)
+        part = to_ldm(module.state_dict(), _rules_for(name, module, fam.name), prefix)
+        counts[name] = len(part)
+        tensors.update(part)
+        del module
+    if dt is not None:
+        tensors = {k: v.to(dt) if v.is_floating_point() else v for k, v in tensors.items()}
+    meta = {"format": "pt", "modelspec.title": os.path.basename(os.path.normpath(src)),
+            "koala.family": fam.name, "koala.components": ",".join(counts)}
+    from ..arch.layer_map import LayerMap
+
+    lmap_path = LayerMap.find(model_dir(src))
+    if lmap_path:
+        lm = LayerMap.load(lmap_path)
+        meta["koala.preset"] = str(lm.meta.get("preset") or "custom")
+        meta["koala.teacher_kind"] = str(lm.meta.get("teacher_kind", "base"))
+        meta["koala.layer_map"] = json.dumps(lm.to_dict())  # so a conversion back restores the student's layer map
+    from ..utils import atomic_file
+
+    with atomic_file(out, ".safetensors") as tmp:
+        save_file(tensors, tmp, metadata=meta)
+    some = next(iter(tensors.values()))
+    return ExportResult(os.path.abspath(out), fam.name, counts, os.path.getsize(out), str(some.dtype).replace("torch.", ""))
+
+
+def export_diffusers(src: str, out_dir: str, *, dtype=None, overwrite: bool = False) -> str:
+    """Rewrite a pipeline or model directory (any family) in diffusers' directory format, in ``dtype`` when given,
+    keeping koala's layer map and model card; atomically."""
+    import shutil
+
+    from ..families import family_of, model_dir_kind
+    from ..utils import atomic_output_dir
+
+    kind = model_dir_kind(src)
+    fam = family_of(src)
+    dt = parse_dtype(dtype)
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        if kind == "pipeline":
+            fam.check_pipeline_dir(src, "model")
+            cls = fam.pipeline_class_of(src)
+            pipe = cls.from_pretrained(src, **fam.pipeline_load_kwargs, **({"dtype": dt} if dt else {}))
+            pipe.save_pretrained(tmp, safe_serialization=True)
+        else:
+            fam.load_model(src, dt).save_pretrained(tmp, safe_serialization=True)
+        for sub in ("", fam.model_subfolder):  # koala's own files, which diffusers does not know
+            for name in ("koala_layer_map.json", "README.md"):
+                f = os.path.join(src, sub, name)
+                if os.path.isfile(f) and os.path.isdir(os.path.join(tmp, sub)):
+                    shutil.copy2(f, os.path.join(tmp, sub, name))
+    return os.path.abspath(out_dir)
+
+
+# ----------------------------------------------------------------------------------------------- reading
+@dataclass
+class Layout:
+    """What a single file holds: ``family`` (sdxl / sd), ``unet_prefix``, the components present."""
+
+    family: str
+    unet_prefix: str
+    components: list[str]
+    shapes: dict[str, tuple] = field(repr=False, default_factory=dict)
+    ignored: list[str] = field(default_factory=list)
+
+
+def read_header(path: str) -> tuple[dict[str, tuple], dict[str, str]]:
+    """(key -> shape, metadata) of a safetensors file, from its header only."""
+    from safetensors import safe_open
+
+    if not path.endswith(".safetensors"):
+        raise KoalaError(f"{path}: koala reads single-file checkpoints as .safetensors only (a .ckpt / .pt file would "
+                         "have to be unpickled, which can run code); convert it to safetensors first")
+    if not os.path.isfile(path):
+        raise KoalaError(f"{path}: no such file")
+    check_safetensors(path)
+    with safe_open(path, "pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        meta = f.metadata() or {}
+    return shapes, meta
+
+
+_OTHER_FAMILIES = (("double_blocks.", "a FLUX model"), ("joint_blocks.", "an SD3 model"),
+                   ("cond_stage_model.model.", "an SD-2.x model (OpenCLIP-H text encoder)"),
+                   ("conditioner.embedders.0.model.", "an SDXL refiner (OpenCLIP-G only)"),
+                   ("transformer_blocks.0.attn.add_q_proj", "an MM-DiT model"),
+                   ("pos_embed", "a DiT model"))
+
+
+def detect_layout(path: str) -> Layout:
+    """The family and layout of a single file, from its keys; a KoalaError naming the file otherwise."""
+    shapes, _ = read_header(path)
+    keys = list(shapes)
+    has = lambda p: any(k.startswith(p) for k in keys)  # noqa: E731
+    if has(UNET_PREFIX):
+        prefix = UNET_PREFIX
+    elif "input_blocks.0.0.weight" in shapes:
+        prefix = ""
+    elif "conv_in.weight" in shapes and has("down_blocks."):
+        raise KoalaError(f"{path}: a U-Net in diffusers' key layout (like SDXL-Lightning's U-Net file), not a "
+                         "single-file checkpoint; use it as the teacher's U-Net (teacher_unet) with a pipeline")
+    else:
+        what = next((name for p, name in _OTHER_FAMILIES if any(p in k for k in keys)), None)
+        raise KoalaError(f"{path}: not an SDXL or SD-1.x single-file checkpoint"
+                         + (f" (it looks like {what})" if what else f" (no {UNET_PREFIX}* U-Net keys; first keys: "
+                            f"{', '.join(keys[:3])})"))
+    if has("cond_stage_model.model.") or has("conditioner.embedders.0.model."):
+        what = next(name for p, name in _OTHER_FAMILIES if has(p))
+        raise KoalaError(f"{path}: {what}, not SDXL or SD-1.x; koala converts SDXL and SD-1.x single files")
+    sdxl = has(SDXL_OPENCLIP_PREFIX) or has(SDXL_CLIP_PREFIX) or f"{prefix}label_emb.0.0.weight" in shapes
+    comps = ["unet"]
+    if has(VAE_PREFIX):
+        comps.append("vae")
+    if sdxl:
+        comps += [c for c, p in (("text_encoder", SDXL_CLIP_PREFIX), ("text_encoder_2", SDXL_OPENCLIP_PREFIX)) if has(p)]
+    elif has(SD_CLIP_PREFIX):
+        comps.append("text_encoder")
+    return Layout("sdxl" if sdxl else "sd", prefix, comps, shapes)
+
+
+def _count(shapes, pattern: str) -> int:
+    n = 0
+    while any(k.startswith(pattern.format(n)) for k in shapes):
+        n += 1
+    return n
+
+
+def _depth(shapes, blk: str) -> int:
+    return _count(shapes, blk + "1.transformer_blocks.{}.") if f"{blk}1.proj_in.weight" in shapes else 0
+
+
+def infer_unet_config(shapes: dict[str, tuple], base: dict, prefix: str = UNET_PREFIX, where: str = "") -> dict:
+    """A diffusers U-Net config with the structure of the single-file U-Net whose (key -> shape) are ``shapes``:
+    resnets per stage, transformer depths (encoder, decoder per resnet), mid block, widths and conditioning
+    sizes come from the tensors; attention heads and the rest from ``base`` (a config of the same architecture).
+    """
+    p = prefix
+    if f"{p}input_blocks.0.0.weight" not in shapes:
+        raise KoalaError(f"{where}: no {p}input_blocks.0.0.weight: not a U-Net single file")
+    ch0 = shapes[f"{p}input_blocks.0.0.weight"][0]
+    n_in = _count(shapes, p + "input_blocks.{}.")
+    stages: list[list[int]] = [[]]  # depth per encoder resnet, per stage
+    widths: list[int] = []
+    for n in range(1, n_in):
+        blk = f"{p}input_blocks.{n}."
+        if f"{blk}0.op.weight" in shapes:
+            stages.append([])
+            continue
+        if f"{blk}0.in_layers.0.weight" not in shapes:
+            raise KoalaError(f"{where}: input block {n} is neither a resnet nor a downsampler")
+        stages[-1].append(_depth(shapes, blk))
+        w = shapes[f"{blk}0.out_layers.3.weight"][0]
+        if len(widths) < len(stages):
+            widths.append(w)
+    n_out = _count(shapes, p + "output_blocks.{}.")
+    up: list[list[int]] = [[]]
+    for n in range(n_out):
+        blk = f"{p}output_blocks.{n}."
+        up[-1].append(_depth(shapes, blk))
+        if f"{blk}1.conv.weight" in shapes or f"{blk}2.conv.weight" in shapes:
+            up.append([])
+    if up and not up[-1]:
+        up.pop()
+    n = len(stages)
+    if len(up) != n or any(len(u) != len(s) + 1 for u, s in zip(up, reversed(stages))):
+        raise KoalaError(f"{where}: decoder stages {[len(u) for u in up]} resnets do not mirror the encoder's "
+                         f"{[len(s) for s in stages]} (+1 each): not a U-Net koala can express")
+    for i, s in enumerate(stages):
+        if len(set(s)) > 1:
+            raise KoalaError(f"{where}: encoder stage {i + 1} has transformer depths {s}; diffusers needs one depth per "
+                             "encoder stage")
+    if f"{p}middle_block.1.proj_in.weight" in shapes:
+        mid = "UNetMidBlock2DCrossAttn"
+    elif f"{p}middle_block.0.in_layers.0.weight" in shapes:
+        raise KoalaError(f"{where}: a mid block of resnets without attention (SSD-1B / Vega style) is not supported")
+    else:
+        mid = None
+    cfg = copy.deepcopy(dict(base))
+    for k in list(cfg):
+        if k.startswith("_") and k != "_class_name":
+            cfg.pop(k)
+    base_widths = list(base.get("block_out_channels", []))
+    if widths != base_widths[:n]:
+        raise KoalaError(f"{where}: U-Net widths {widths} differ from the config's {base_widths}; give a config "
+                         "directory of this architecture (its attention heads cannot be read from the weights)",
+                         option="config")
+    per_stage = ("attention_head_dim", "num_attention_heads", "cross_attention_dim", "only_cross_attention")
+    for k in per_stage:
+        if isinstance(cfg.get(k), (list, tuple)):
+            cfg[k] = list(cfg[k])[:n]
+    lpb = [len(s) for s in stages]
+    cfg.update({
+        "block_out_channels": widths, "in_channels": shapes[f"{p}input_blocks.0.0.weight"][1],
+        "out_channels": shapes.get(f"{p}out.2.weight", (4,))[0],
+        "down_block_types": ["CrossAttnDownBlock2D" if any(s) else "DownBlock2D" for s in stages],
+        "up_block_types": ["CrossAttnUpBlock2D" if any(u) else "UpBlock2D" for u in up],
+        "layers_per_block": lpb[0] if len(set(lpb)) == 1 else lpb,
+        "transformer_layers_per_block": [max(s[0], 1) for s in stages],
+        "reverse_transformer_layers_per_block": [[max(d, 1) for d in u] for u in up],
+        "mid_block_type": mid,
+    })
+    if ch0 != widths[0]:
+        raise KoalaError(f"{where}: conv_in width {ch0} differs from the first stage's {widths[0]}")
+    attn2 = next((s for k, s in shapes.items() if k.startswith(p) and k.endswith("attn2.to_k.weight")), None)
+    if attn2 is not None:
+        cfg["cross_attention_dim"] = attn2[1]
+    proj = next((s for k, s in shapes.items() if k.startswith(p) and k.endswith(".1.proj_in.weight")), None)
+    if proj is not None:
+        cfg["use_linear_projection"] = len(proj) == 2
+    if f"{p}label_emb.0.0.weight" in shapes:
+        cfg["projection_class_embeddings_input_dim"] = shapes[f"{p}label_emb.0.0.weight"][1]
+    return cfg
+
+
+@dataclass
+class Converted:
+    """A single file turned into diffusers modules: ``modules`` (component -> module), ``layout``, ``configs``
+    (component -> the config used), ``ignored`` keys of the file no component took."""
+
+    layout: Layout
+    modules: dict
+    ignored: list[str]
+    config_source: str
+
+
+def _shipped_configs(family: str) -> dict[str, dict]:
+    from ..families import get_family
+    from ..families.sdxl import SDXL_SCHEDULER_CONFIG, SDXL_VAE_CONFIG
+
+    if family != "sdxl":
+        raise KoalaError("an SD-1.x single file needs a config directory (any SD-1.x pipeline directory: its configs and "
+                         "tokenizer are used, not its weights)", option="config")
+    fam = get_family("sdxl")
+    towers = fam.real_text_towers
+    return {"unet": dict(fam.reference_config), "vae": {"_class_name": "AutoencoderKL", **SDXL_VAE_CONFIG},
+            "text_encoder": {"architectures": ["CLIPTextModel"], **towers[0]},
+            "text_encoder_2": {"architectures": ["CLIPTextModelWithProjection"], **towers[1]},
+            "scheduler": dict(SDXL_SCHEDULER_CONFIG)}
+
+
+def _config_dir_configs(config: str, family: str) -> dict[str, dict]:
+    from ..families import model_dir_kind
+
+    kind = model_dir_kind(config)
+    out = {}
+    if kind == "model":
+        out["unet"] = read_json(os.path.join(config, "config.json"))
+        return out
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        f = os.path.join(config, name, "config.json")
+        if os.path.isfile(f):
+            out[name] = read_json(f)
+    f = os.path.join(config, "scheduler", "scheduler_config.json")
+    if os.path.isfile(f):
+        out["scheduler"] = read_json(f)
+    return out
+
+
+def convert_single_file(path: str, config: str | None = None, dtype=None, components: tuple[str, ...] | None = None) -> Converted:
+    """Load the components of an SDXL / SD-1.x single file as diffusers / transformers modules (strict: every
+    tensor of every component must be in the file with the right shape)."""
+    import diffusers
+    import transformers
+    from safetensors import safe_open
+
+    layout = detect_layout(path)
+    configs = _config_dir_configs(config, layout.family) if config else {}
+    if config:
+        from ..families import family_of
+
+        fam = family_of(config)
+        if fam.name != layout.family:
+            raise KoalaError(f"{path} is a {layout.family} single file but the config directory {config} is {fam.label}",
+                             option="config")
+    shipped = _shipped_configs(layout.family) if (not config or len(configs) < 2) and layout.family == "sdxl" else {}
+    for k, v in shipped.items():
+        configs.setdefault(k, v)
+    if "unet" not in configs:
+        raise KoalaError(f"{path}: no U-Net config; give a config directory", option="config")
+    wanted = components or tuple(layout.components)
+    dt = parse_dtype(dtype)
+    prefixes = dict(_component_prefixes(layout.family))
+    prefixes["unet"] = layout.unet_prefix
+    modules, used = {}, set()
+    with safe_open(path, "pt") as f:
+        for name in wanted:
+            if name not in layout.components:
+                raise KoalaError(f"{path}: the file has no {name} (it holds {', '.join(layout.components)})")
+            if name not in configs:
+                raise KoalaError(f"{path}: no config for its {name}; give a config directory that has {name}/config.json",
+                                 option="config")
+            cfg = configs[name]
+            with torch.device("meta"):
+                if name == "unet":
+                    cfg = infer_unet_config(layout.shapes, configs["unet"], layout.unet_prefix, path)
+                    module = diffusers.UNet2DConditionModel.from_config(cfg)
+                elif name == "vae":
+                    module = diffusers.AutoencoderKL.from_config(cfg)
+                else:
+                    arch = (cfg.get("architectures") or ["CLIPTextModel"])[0]
+                    tcfg = transformers.CLIPTextConfig.from_dict({k: v for k, v in cfg.items() if k != "architectures"})
+                    module = getattr(transformers, arch)(tcfg)
+            rules = _rules_for(name, module, layout.family)
+            sd_shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+            prefix = prefixes[name]
+            missing = [prefix + r.ldm for r in rules if prefix + r.ldm not in layout.shapes]
+            if missing:
+                raise KoalaError(f"{path}: its {name} lacks {len(missing)} tensor(s) the config needs, e.g. "
+                                 f"{', '.join(missing[:3])}" + ("" if config else "; if this is not SDXL-Base's "
+                                 "architecture, give a config directory"), option="config")
+            state = from_ldm(lambda k: f.get_tensor(k), rules, sd_shapes, prefix)
+            used.update(prefix + r.ldm for r in rules)
+            bad = [f"{k}: file {tuple(v.shape)} vs config {sd_shapes[k]}" for k, v in state.items()
+                   if tuple(v.shape) != sd_shapes[k]]
+            if bad:
+                raise KoalaError(f"{path}: its {name} does not fit the config ({'; '.join(bad[:3])}); give the config "
+                                 "directory of this architecture", option="config")
+            if dt is not None:
+                state = {k: v.to(dt) if v.is_floating_point() else v for k, v in state.items()}
+            res = module.load_state_dict(state, strict=False, assign=True)
+            if res.missing_keys or res.unexpected_keys:  # the rules cover every tensor: a bug if this happens
+                raise RuntimeError(f"{name}: missing {res.missing_keys[:3]}, unexpected {res.unexpected_keys[:3]}")
+            for n_, b in list(module.named_buffers()):  # non-persistent buffers (position ids) are rebuilt
+                if b.is_meta:
+                    _rebuild_buffer(module, n_, b)
+            modules[name] = module.eval()
+            if name == "unet":
+                configs["unet"] = cfg
+    ignored = sorted(k for k in layout.shapes if k not in used and not k.endswith("position_ids"))
+    return Converted(layout, modules, ignored, config or "koala's SDXL-Base-1.0 configs")
+
+
+def _rebuild_buffer(module, name: str, buf) -> None:
+    owner = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf.endswith("position_ids"):
+        value = torch.arange(buf.shape[-1]).expand(buf.shape).clone()
+    else:
+        value = torch.zeros(buf.shape, dtype=buf.dtype)
+    owner.register_buffer(leaf, value, persistent=leaf not in owner._non_persistent_buffers_set)
+
+
+def _tokenizers(config: str | None, family: str, path: str) -> list:
+    import transformers
+
+    names = ["tokenizer", "tokenizer_2"] if family == "sdxl" else ["tokenizer"]
+    if config and all(os.path.isdir(os.path.join(config, n)) for n in names):
+        return [transformers.CLIPTokenizer.from_pretrained(config, subfolder=n) for n in names]
+    if family == "sdxl":
+        try:
+            return [transformers.CLIPTokenizer.from_pretrained(SDXL_HUB_ID, subfolder=n, local_files_only=True)
+                    for n in names]
+        except (OSError, ValueError):
+            pass
+    raise KoalaError(f"{path}: a single file carries no tokenizers; give a config directory (any "
+                     f"{'SDXL' if family == 'sdxl' else 'SD-1.x'} pipeline directory: its tokenizers and configs are used, "
+                     f"not its weights){'' if family != 'sdxl' else f', or have {SDXL_HUB_ID} tokenizers in the local Hugging Face cache'}",
+                     option="config")
+
+
+@dataclass
+class ImportResult:
+    out: str
+    family: str
+    kind: str  # pipeline / model
+    components: list[str]
+    ignored: list[str]
+    config_source: str
+    unet_config: dict
+
+
+def single_file_to_diffusers(path: str, out_dir: str, config: str | None = None, dtype=None,
+                             overwrite: bool = False, unet_only: bool = False, stamp: dict | None = None) -> ImportResult:
+    """Convert a single file to a diffusers pipeline directory (or, for a U-Net-only file or ``unet_only``, a U-Net
+    directory) at ``out_dir``, atomically."""
+    import diffusers
+
+    from ..utils import atomic_output_dir
+
+    layout = detect_layout(path)
+    _, file_meta = read_header(path)
+    full = not unet_only and {"vae", "text_encoder"} <= set(layout.components)
+    if not unet_only and not full and len(layout.components) > 1:
+        raise KoalaError(f"{path}: holds {', '.join(layout.components)} but not a whole pipeline; convert its U-Net "
+                         "alone (unet_only)")
+    if os.path.exists(out_dir) and not overwrite:
+        raise KoalaError(f"{out_dir} already exists; overwrite it or choose another output directory", option="overwrite")
+    tokenizers = _tokenizers(config, layout.family, path) if full else []  # fail before converting gigabytes
+    conv = convert_single_file(path, config, dtype, None if full else ("unet",))
+    m = conv.modules
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        if not full:
+            m["unet"].save_pretrained(tmp, safe_serialization=True)
+        else:
+            sched_cfg = (read_json(os.path.join(config, "scheduler", "scheduler_config.json"))
+                         if config and os.path.isfile(os.path.join(config, "scheduler", "scheduler_config.json"))
+                         else _shipped_configs(layout.family)["scheduler"])
+            scheduler = getattr(diffusers, sched_cfg["_class_name"]).from_config(sched_cfg)
+            if layout.family == "sdxl":
+                pipe = diffusers.StableDiffusionXLPipeline(
+                    vae=m["vae"], text_encoder=m["text_encoder"], text_encoder_2=m["text_encoder_2"],
+                    tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=m["unet"], scheduler=scheduler,
+                    force_zeros_for_empty_prompt=True)
+            else:
+                pipe = diffusers.StableDiffusionPipeline(
+                    vae=m["vae"], text_encoder=m["text_encoder"], tokenizer=tokenizers[0], unet=m["unet"],
+                    scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            pipe.save_pretrained(tmp, safe_serialization=True)
+        if file_meta.get("koala.layer_map"):  # a koala student exported to one file: restore its layer map and card
+            _restore_student(file_meta["koala.layer_map"], tmp, m["unet"], path, full)
+        with open(os.path.join(tmp, "koala_import.json"), "w") as fh:
+            json.dump({"source": os.path.abspath(path), **(stamp or {}), "family": layout.family, "configs": conv.config_source,
+                       "ignored_keys": conv.ignored[:50], "ignored_count": len(conv.ignored)}, fh, indent=1)
+    return ImportResult(os.path.abspath(out_dir), layout.family, "pipeline" if full else "model", list(m),
+                        conv.ignored, conv.config_source, dict(m["unet"].config))
+
+
+def _restore_student(raw: str, folder: str, unet, path: str, full: bool) -> None:
+    from ..arch.layer_map import LayerMap
+    from ..card import write_model_card
+    from ..utils import count_params
+
+    try:
+        lmap = LayerMap.from_dict(json.loads(raw), f"{path} (metadata koala.layer_map)")
+    except (json.JSONDecodeError, KoalaError):
+        return  # a broken map is not worth failing the conversion for: the weights are whole
+    if {k: unet.config.get(k) for k in ("layers_per_block", "transformer_layers_per_block", "mid_block_type")} != \
+            {k: lmap.student_config.get(k) for k in ("layers_per_block", "transformer_layers_per_block", "mid_block_type")}:
+        return  # the map belongs to another structure (an edited file): leave it out rather than mislead
+    lmap.save(os.path.join(folder, "unet") if full else folder)
+    write_model_card(folder, lmap, count_params(unet), layout="pipeline" if full else "model")
+
+
+def ensure_diffusers(path: str, target: str, config: str | None = None) -> str:
+    """``target``: the diffusers pipeline converted from the single file ``path`` (converted now unless ``target``
+    already holds this file's conversion: same path, size and modification time)."""
+    st = os.stat(path)
+    stamp = {"source": os.path.abspath(path), "size": st.st_size, "mtime": int(st.st_mtime)}
+    marker = os.path.join(target, "koala_import.json")
+
+    def fresh() -> bool:
+        if not os.path.isfile(marker):
+            return False
+        d = read_json(marker)
+        return all(d.get(k) == v for k, v in stamp.items())
+
+    if fresh():
+        return target
+    try:
+        single_file_to_diffusers(path, target, config=config, overwrite=os.path.exists(target), stamp=stamp)
+    except OSError:
+        if not fresh():  # another process of the same run converted it at the same time
+            raise
+    return target
+
+
+def load_denoiser(path: str, dtype=None, config_from: str | None = None, family=None):
+    """:func:`koala.families.load_denoiser`, plus ``.safetensors`` files in the original single-file layout (a U-Net
+    only or a whole checkpoint, e.g. an SGM-layout Lightning file), converted with ``config_from``'s config."""
+    from ..families import family_of
+    from ..families import load_denoiser as load_dir_or_diffusers_file
+
+    if config_from and is_single_file(path):
+        fam = family_of(config_from, family)
+        model = convert_single_file(path, config_from, components=("unet",)).modules["unet"]
+        return model.to(parse_dtype(dtype) or torch.float32), fam
+    return load_dir_or_diffusers_file(path, dtype, config_from=config_from, family=family)
+
+
+def is_single_file(path: str) -> bool:
+    """A ``.safetensors`` file whose keys are in the single-file (LDM / SGM) layout, not diffusers'."""
+    if not (os.path.isfile(path) and path.endswith(".safetensors")):
+        return False
+    shapes, _ = read_header(path)
+    return any(k.startswith(UNET_PREFIX) for k in shapes) or "input_blocks.0.0.weight" in shapes
+
+
+__all__ = ["FORMATS", "ExportResult", "export_single_file", "export_diffusers", "Layout", "detect_layout", "infer_unet_config",
+           "convert_single_file", "single_file_to_diffusers", "ensure_diffusers", "load_denoiser", "ImportResult", "is_single_file", "read_header"]
