@@ -274,3 +274,38 @@ def test_export_diffusers_rewrites_a_student_directory_in_another_dtype(students
         assert all(torch.equal(sa[k], sb[k].to(torch.bfloat16)) for k in sb), c
     assert LayerMap.load(str(tmp_path / "bf16")).to_dict() == LayerMap.load(student).to_dict()
     assert os.path.isfile(tmp_path / "bf16" / "README.md")
+
+
+def test_real_size_sdxl_layout_is_what_diffusers_and_checkpoints_know():
+    """The whole real-size pipeline (KOALA-700M U-Net, SDXL VAE, CLIP-L, OpenCLIP-bigG) exported on meta: diffusers'
+    own single-file detection calls it SDXL-Base, and tensors have the shapes SDXL checkpoints have."""
+    import diffusers
+    import transformers
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    from koala.families import get_family
+    from koala.formats.ldm import (SDXL_CLIP_PREFIX, SDXL_OPENCLIP_PREFIX, VAE_PREFIX, clip_rules, openclip_rules,
+                                   vae_rules)
+    from koala.formats.single_file import _shipped_configs
+
+    fam = get_family("sdxl")
+    cfgs = _shipped_configs("sdxl")  # what an SDXL single file is converted with when no config is given
+    with torch.device("meta"):
+        unet = diffusers.UNet2DConditionModel.from_config(fam.student_config(cfgs["unet"], "koala-700m"))
+        vae = diffusers.AutoencoderKL.from_config(cfgs["vae"])
+        te1 = transformers.CLIPTextModel(transformers.CLIPTextConfig.from_dict(cfgs["text_encoder"]))
+        te2 = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig.from_dict(cfgs["text_encoder_2"]))
+    sd = {**to_ldm(unet.state_dict(), unet_rules(unet), UNET_PREFIX),
+          **to_ldm(vae.state_dict(), vae_rules(vae), VAE_PREFIX),
+          **to_ldm(te1.state_dict(), clip_rules(te1), SDXL_CLIP_PREFIX),
+          **to_ldm(te2.state_dict(), openclip_rules(te2), SDXL_OPENCLIP_PREFIX)}
+    assert infer_diffusers_model_type(sd) == "xl_base"
+    known = {"conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight": (3840, 1280),
+             "conditioner.embedders.1.model.text_projection": (1280, 1280),
+             "conditioner.embedders.1.model.positional_embedding": (77, 1280),
+             "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight": (77, 768),
+             "first_stage_model.encoder.mid.attn_1.q.weight": (512, 512, 1, 1),
+             "first_stage_model.decoder.up.0.block.0.nin_shortcut.weight": (128, 256, 1, 1),
+             "model.diffusion_model.label_emb.0.0.weight": (1280, 2816),
+             "model.diffusion_model.output_blocks.1.2.conv.weight": (1280, 1280, 3, 3)}  # 2 resnets per decoder stage
+    assert {k: tuple(sd[k].shape) for k in known} == known
