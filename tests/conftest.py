@@ -47,3 +47,30 @@ def tiny_pixart_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny_pixart") / "pipe"
     save_tiny_pipeline(str(d), seed=0, words=["a", "red", "blue", "circle", "square", "photo", "of"], family="pixart")
     return str(d)
+
+
+CLIP_WORDS = ["a", "red", "blue", "circle", "square", "photo", "of", "left", "right"]
+
+
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory):
+    """A tiny random transformers CLIP checkpoint directory (model + processor) that knows CLIP_WORDS."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from koala.testing.tokenizer import build_clip_tokenizer
+
+    d = str(tmp_path_factory.mktemp("clip") / "tiny-clip")
+    torch.manual_seed(5)  # a random model whose four scores are all above the clamp at 0 (not a trivial match)
+    cfg = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                      vocab_size=1000, max_position_embeddings=77),
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, image_size=32, patch_size=8),
+                     projection_dim=16)
+    tok = build_clip_tokenizer(os.path.join(d, "tok"), CLIP_WORDS)
+    cfg.text_config.vocab_size = len(tok)
+    cfg.text_config.bos_token_id, cfg.text_config.eos_token_id = tok.bos_token_id, tok.eos_token_id
+    cfg.text_config.pad_token_id = tok.pad_token_id
+    CLIPModel(cfg).save_pretrained(d)
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                  tokenizer=tok).save_pretrained(d)
+    return d

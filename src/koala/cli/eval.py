@@ -1,4 +1,5 @@
-"""`koala eval shapes` (the shapes world, no learned model) and `koala eval clip` (CLIP score, local checkpoint)."""
+"""`koala eval shapes` (the shapes world, no learned model), `koala eval clip` (CLIP score, local checkpoint) and
+`koala eval run` (generate with several models, score, one table: the paper's Table 5)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,70 @@ def register(sub) -> None:
     c.add_argument("--json", default=None, metavar="FILE", help="write the result with per-image scores")
     c.add_argument("--markdown", default=None, metavar="FILE", help="write the one-row table")
     c.set_defaults(func=run_clip)
+    r = ev.add_parser(
+        "run", help="the paper's Table 5 in one command: generate with every model, score, write a table",
+        description="Generate every prompt x seed with every model under the paper's sampling (Euler, 10 steps, cfg "
+        "3.5; trailing spacing for students of turbo / lightning teachers, from their layer map), score the images "
+        "with each scorer and write OUT/results.md, OUT/results.json and OUT/results.png (score vs latency): per "
+        "model U-Net params, median latency per image, peak memory and the scores (per style when the prompt set "
+        "has styles). Resumable: images and scores already in OUT are reused (keyed by model, prompt, seed and "
+        "sampler settings), so a killed run continues where it stopped.",
+        epilog="example: koala eval run --model teacher=sdxl-base --model koala=out/koala-700m --prompts hps_prompts/ "
+        "--scorers clip --clip clip-vit-base-patch32 --seeds 0 --out eval-table5")
+    r.add_argument("--model", action="append", default=[], metavar="NAME=DIR", help="a pipeline directory (repeatable)")
+    r.add_argument("--unet", action="append", default=[], metavar="NAME=DIR",
+                   help="a student U-Net / DiT directory to drop into --base (repeatable)")
+    r.add_argument("--base", default=None, help="teacher pipeline directory for every --unet")
+    r.add_argument("--prompts", required=True, metavar="FILE|DIR",
+                   help="a text file (one prompt per line) or a directory of STYLE.txt files (e.g. HPSv2's anime.txt, "
+                   "concept-art.txt, paintings.txt, photo.txt)")
+    r.add_argument("--limit", type=int, default=None, help="the first N prompts (per style for a directory)")
+    r.add_argument("--scorers", default="shapes", help=f"comma-separated: {', '.join(SCORERS)} (default shapes)")
+    r.add_argument("--clip", default=None, metavar="CLIP_DIR", help="local transformers CLIP checkpoint (scorer clip)")
+    r.add_argument("--seeds", default="0", help="comma-separated seeds, each prompt generated once per seed (default 0)")
+    r.add_argument("--steps", type=int, default=10)
+    r.add_argument("--cfg", type=float, default=3.5)
+    r.add_argument("--width", type=int, default=None)
+    r.add_argument("--height", type=int, default=None)
+    r.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    r.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])
+    r.add_argument("--out", required=True, help="output folder (reused to resume)")
+    r.add_argument("--no-progress", action="store_true")
+    r.set_defaults(func=run_run)
+
+
+SCORERS = ("shapes", "clip")
+
+
+def run_run(args) -> int:
+    from ..errors import KoalaError
+    from ..eval.run import EvalModel, EvalSettings, make_scorers, parse_model, read_prompt_set, run_eval
+
+    models = [EvalModel(n, model=p) for n, p in map(parse_model, args.model)]
+    if args.unet and not args.base:
+        raise KoalaError("--unet needs --base (the teacher pipeline supplying text encoders, VAE, scheduler)",
+                         option="base")
+    models += [EvalModel(n, unet=p, base=args.base) for n, p in (parse_model(u, "unet") for u in args.unet)]
+    if not models:
+        raise KoalaError("no model: give --model NAME=DIR and/or --unet NAME=DIR --base DIR", option="model")
+    try:
+        seeds = tuple(int(x) for x in args.seeds.split(",") if x.strip())
+    except ValueError:
+        raise KoalaError(f"--seeds {args.seeds!r}: comma-separated integers", option="seeds") from None
+    prompts = read_prompt_set(args.prompts, args.limit)
+    scorers = make_scorers([x.strip() for x in args.scorers.split(",") if x.strip()], args.clip,
+                           "cuda" if (args.device or "").startswith("cuda") else "cpu")
+    settings = EvalSettings(steps=args.steps, cfg=args.cfg, seeds=seeds or (0,), width=args.width, height=args.height,
+                            device=args.device, dtype=args.dtype)
+    res = run_eval(models, prompts, scorers, args.out, settings, progress=not args.no_progress)
+    import os
+
+    from ..eval.run import markdown
+
+    print(markdown(res), end="")
+    plot = ", results.png" if os.path.isfile(os.path.join(args.out, "results.png")) else ""
+    print(f"wrote {os.path.join(args.out, 'results.md')}, results.json{plot}")
+    return 0
 
 
 def run_clip(args) -> int:

@@ -1,0 +1,392 @@
+"""``koala eval run``: the paper's Table 5 in one command: generate with every model under the paper's sampling,
+score with every scorer, and write one table (markdown), JSON and a plot.
+
+Resumable: an image is keyed by model, prompt, seed and sampler settings; its PNG (with ``koala generate``'s
+metadata) and a line in ``OUT/images/MODEL/index.jsonl`` are written as soon as it exists, and each scorer's
+per-image scores go to ``OUT/scores/MODEL/SCORER.jsonl``. A killed run started again with the same arguments
+generates and scores only what is missing.
+
+Prompt sets: a text file (one prompt per line; style "all") or a directory of ``STYLE.txt`` files (HPSv2's
+benchmark prompts are one file per style: anime, concept-art, paintings, photo). Scorers: ``shapes`` (the shapes
+world's colour / shape / binding / spatial accuracy) and ``clip`` (CLIP score with a local checkpoint).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+from ..errors import KoalaError
+
+SCHEMA = "koala-eval-run/1"
+SCORERS = ("shapes", "clip")
+SHAPES_KEYS = ("color", "shape", "binding", "spatial")
+
+
+@dataclass
+class EvalModel:
+    """A model to evaluate: a pipeline directory (``model``) or a student denoiser dir + its teacher pipeline."""
+
+    name: str
+    model: str | None = None
+    unet: str | None = None
+    base: str | None = None
+
+    def source(self) -> str:
+        return os.path.abspath(self.model) if self.model else f"{os.path.abspath(self.unet)}+{os.path.abspath(self.base)}"
+
+
+@dataclass
+class Prompt:
+    style: str
+    index: int
+    text: str
+
+
+@dataclass
+class EvalSettings:
+    steps: int = 10  # the paper's inference (App. A.3): Euler, 10 steps, cfg 3.5
+    cfg: float = 3.5
+    seeds: tuple[int, ...] = (0,)
+    width: int | None = None
+    height: int | None = None
+    device: str | None = None
+    dtype: str | None = None
+    scheduler: str = "euler"
+
+
+@dataclass
+class ModelRow:
+    name: str
+    source: str
+    unet_params: int = 0
+    latency_s: float | None = None  # median seconds per image over the images generated in this run
+    peak_gib: float | None = None
+    memory_kind: str = ""
+    n_images: int = 0
+    generated_now: int = 0
+    scores: dict = field(default_factory=dict)  # scorer -> {"all": mean, style: mean, ...} or shapes categories
+    error: str | None = None
+
+
+def parse_model(value: str, what: str = "model") -> tuple[str, str]:
+    """``NAME=PATH`` or ``PATH`` (name: the folder's name)."""
+    name, sep, path = value.partition("=")
+    if not sep:
+        name, path = os.path.basename(os.path.normpath(value)), value
+    if not name or not path:
+        raise KoalaError(f"--{what} {value!r}: give NAME=PATH or PATH", option=what)
+    return name, path
+
+
+def read_prompt_set(path: str, limit: int | None = None) -> list[Prompt]:
+    """Prompts from a text file (style 'all') or a directory of STYLE.txt files; '#' lines and blanks skipped."""
+    def lines(f):
+        with open(f, encoding="utf-8") as fh:
+            return [ln.strip() for ln in fh if ln.strip() and not ln.lstrip().startswith("#")]
+
+    if os.path.isfile(path):
+        out = [Prompt("all", i, t) for i, t in enumerate(lines(path))]
+    elif os.path.isdir(path):
+        files = sorted(f for f in os.listdir(path) if f.endswith(".txt"))
+        if not files:
+            raise KoalaError(f"prompt set {path}: a directory needs one STYLE.txt file per style (e.g. anime.txt)",
+                             option="prompts")
+        out = []
+        for f in files:
+            out += [Prompt(f[:-4], i, t) for i, t in enumerate(lines(os.path.join(path, f))[:limit])]
+        limit = None
+    else:
+        raise KoalaError(f"prompt set {path}: no such file or directory", option="prompts")
+    out = out[:limit] if limit else out
+    if not out:
+        raise KoalaError(f"prompt set {path}: no prompts", option="prompts")
+    return out
+
+
+def image_key(model: EvalModel, prompt: Prompt, seed: int, s: EvalSettings) -> str:
+    blob = json.dumps([model.source(), prompt.style, prompt.text, seed, s.steps, s.cfg, s.scheduler, s.width, s.height,
+                       s.dtype], sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def _read_jsonl(path: str) -> dict[str, dict]:
+    out = {}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill: its image is generated again
+                out[row["key"]] = row
+    return out
+
+
+def _append(path: str, row: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def generate_images(model: EvalModel, prompts: list[Prompt], s: EvalSettings, out_dir: str, row: ModelRow,
+                    progress: bool = True) -> list[dict]:
+    """Generate what is missing for one model; returns the index rows of all its images (in prompt/seed order)."""
+    import torch
+
+    from ..bench.memory import PeakMemory
+    from ..families import denoiser_of
+    from ..inference import generate, load_pipeline
+    from ..inference.generate import png_info
+
+    folder = os.path.join(out_dir, "images", model.name)
+    os.makedirs(folder, exist_ok=True)
+    index_path = os.path.join(folder, "index.jsonl")
+    done = _read_jsonl(index_path)
+    jobs = [(p, seed, image_key(model, p, seed, s)) for p in prompts for seed in s.seeds]
+    todo = [j for j in jobs if j[2] not in done or not os.path.isfile(os.path.join(folder, done[j[2]]["file"]))]
+    loaded = None
+    if todo:
+        loaded = load_pipeline(model.model, unet=model.unet, base=model.base, device=s.device, dtype=s.dtype,
+                               scheduler=s.scheduler)
+        row.unet_params = sum(p.numel() for p in denoiser_of(loaded.pipe).parameters())
+        times = []
+        from tqdm.auto import tqdm
+
+        with PeakMemory(loaded.device) as mem:
+            for p, seed, key in tqdm(todo, desc=f"generate {model.name}", disable=not progress, unit="img"):
+                t0 = time.perf_counter()
+                res = generate(loaded, p.text, steps=s.steps, cfg=s.cfg, seed=seed, width=s.width, height=s.height,
+                               progress=False, log=lambda *_: None)
+                times.append(time.perf_counter() - t0)
+                img, params = res.images[0], res.params[0]
+                name = f"{p.style}-{p.index:05d}-s{seed}-{key}.png"
+                tmp = os.path.join(folder, f".tmp-{name}")
+                img.save(tmp, pnginfo=png_info(params))
+                os.replace(tmp, os.path.join(folder, name))
+                entry = {"key": key, "file": name, "style": p.style, "index": p.index, "prompt": p.text, "seed": seed,
+                         "seconds": times[-1]}
+                _append(index_path, entry)
+                done[key] = entry
+        row.generated_now = len(todo)
+        row.latency_s = statistics.median(times)
+        row.peak_gib = mem.peak / 2 ** 30
+        row.memory_kind = "CUDA max allocated" if mem.kind.startswith("cuda") else "process peak RSS"
+        del loaded
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return [done[k] for _, _, k in jobs]
+
+
+class _Scorer:
+    name = ""
+
+    def per_image(self, paths: list[str], prompts: list[str]) -> list[dict]:
+        raise NotImplementedError
+
+    def aggregate(self, rows: list[dict], styles: list[str]) -> dict:
+        raise NotImplementedError
+
+
+class ShapesScorer(_Scorer):
+    name = "shapes"
+
+    def per_image(self, paths, prompts):
+        from ..lab.score import load_rgb, score_image
+
+        return [{k: v for k, v in score_image(load_rgb(p), t).items() if k in SHAPES_KEYS + ("all",)}
+                for p, t in zip(paths, prompts)]
+
+    def aggregate(self, rows, styles):
+        from ..lab.score import aggregate
+
+        agg = aggregate(rows)
+        return {k: agg.get(k) for k in SHAPES_KEYS + ("all",)}
+
+
+class ClipScorer(_Scorer):
+    name = "clip"
+
+    def __init__(self, checkpoint: str, device: str = "cpu"):
+        from .clip_score import load_clip
+
+        self.model, self.processor = load_clip(checkpoint, device)
+
+    def per_image(self, paths, prompts):
+        from PIL import Image
+
+        from .clip_score import clip_scores
+
+        images = []
+        for p in paths:
+            with Image.open(p) as im:
+                images.append(im.convert("RGB"))
+        return [{"clip_score": v} for v in clip_scores(images, prompts, self.model, self.processor)]
+
+    def aggregate(self, rows, styles):
+        return _style_means(rows, styles, "clip_score")
+
+
+def _style_means(rows: list[dict], styles: list[str], key: str) -> dict:
+    out = {}
+    for st in sorted(set(styles)):
+        vals = [r[key] for r, s_ in zip(rows, styles) if s_ == st]
+        out[st] = sum(vals) / len(vals)
+    if len(out) > 1:
+        out["average"] = sum(out.values()) / len(out)  # HPSv2's benchmark average: the mean over styles
+    else:
+        out = {"average": next(iter(out.values()))}
+    return out
+
+
+def make_scorers(names: list[str], clip_checkpoint: str | None = None, device: str = "cpu") -> list[_Scorer]:
+    out: list[_Scorer] = []
+    for n in names:
+        if n == "shapes":
+            out.append(ShapesScorer())
+        elif n == "clip":
+            if not clip_checkpoint:
+                raise KoalaError("scorer clip needs a CLIP checkpoint directory (clip_checkpoint)", option="clip")
+            out.append(ClipScorer(clip_checkpoint, device))
+        else:
+            raise KoalaError(f"unknown scorer {n!r}; choose from {', '.join(SCORERS)}", option="scorers")
+    return out
+
+
+def score_images(model: EvalModel, images: list[dict], scorer: _Scorer, out_dir: str, progress: bool = True) -> dict:
+    """Per-image scores of one model by one scorer (cached), aggregated."""
+    folder = os.path.join(out_dir, "scores", model.name)
+    os.makedirs(folder, exist_ok=True)
+    cache_path = os.path.join(folder, f"{scorer.name}.jsonl")
+    cache = _read_jsonl(cache_path)
+    todo = [r for r in images if r["key"] not in cache]
+    img_dir = os.path.join(out_dir, "images", model.name)
+    from tqdm.auto import tqdm
+
+    chunk = 16
+    for i in tqdm(range(0, len(todo), chunk), desc=f"{scorer.name} {model.name}", disable=not progress or not todo):
+        part = todo[i:i + chunk]
+        scores = scorer.per_image([os.path.join(img_dir, r["file"]) for r in part], [r["prompt"] for r in part])
+        for r, sc in zip(part, scores):
+            entry = {"key": r["key"], **sc}
+            _append(cache_path, entry)
+            cache[r["key"]] = entry
+    rows = [cache[r["key"]] for r in images]
+    return scorer.aggregate(rows, [r["style"] for r in images]) | {"_scored_now": len(todo)}
+
+
+def run_eval(models: list[EvalModel], prompts: list[Prompt], scorers: list[_Scorer], out_dir: str,
+             settings: EvalSettings | None = None, progress: bool = True, log=print) -> dict:
+    """Generate and score every model; writes ``results.json``, ``results.md`` and (with matplotlib) ``results.png``
+    in ``out_dir``. Returns the results dict."""
+    from ..utils import atomic_write_text, check_output_folder
+
+    s = settings or EvalSettings()
+    names = [m.name for m in models]
+    if len(set(names)) != len(names):
+        raise KoalaError(f"model names must differ: {names}", option="model")
+    if not models:
+        raise KoalaError("no model to evaluate", option="model")
+    check_output_folder(out_dir, "eval run output")
+    os.makedirs(out_dir, exist_ok=True)
+    previous = _read_previous(out_dir)
+    rows = []
+    for m in models:
+        row = ModelRow(m.name, m.source())
+        images = generate_images(m, prompts, s, out_dir, row, progress)
+        old = previous.get(m.name, {})
+        if not row.generated_now and old.get("source") == row.source:  # measured in the run that made the images
+            for k in ("unet_params", "latency_s", "peak_gib", "memory_kind"):
+                setattr(row, k, old.get(k))
+        row.n_images = len(images)
+        for sc in scorers:
+            agg = score_images(m, images, sc, out_dir, progress)
+            agg.pop("_scored_now")
+            row.scores[sc.name] = agg
+        rows.append(row)
+        log(f"{m.name}: {row.n_images} images ({row.generated_now} generated now)")
+    result = {"schema": SCHEMA, "settings": {**asdict(s), "seeds": list(s.seeds)},
+              "prompts": {"n": len(prompts), "styles": sorted({p.style for p in prompts})},
+              "models": [asdict(r) for r in rows]}
+    atomic_write_text(os.path.join(out_dir, "results.json"), json.dumps(result, indent=1))
+    atomic_write_text(os.path.join(out_dir, "results.md"), markdown(result))
+    plot(result, os.path.join(out_dir, "results.png"), log)
+    return result
+
+
+def _read_previous(out_dir: str) -> dict:
+    path = os.path.join(out_dir, "results.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            return {m["name"]: m for m in json.load(f).get("models", [])}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return {}
+
+
+def _columns(result: dict) -> list[tuple[str, str]]:
+    cols: list[tuple[str, str]] = []
+    for m in result["models"]:
+        for sc, agg in m["scores"].items():
+            for k in agg:
+                if (sc, k) not in cols:
+                    cols.append((sc, k))
+    return cols
+
+
+def markdown(result: dict) -> str:
+    cols = _columns(result)
+    head = ["model", "U-Net params", "latency (s/img)", "peak mem (GiB)"] + [f"{sc} {k}" for sc, k in cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in result["models"]:
+        def fmt(sc, k):
+            v = m["scores"].get(sc, {}).get(k)
+            if v is None:
+                return "-"
+            return f"{100 * v:.1f}%" if sc == "shapes" else f"{v:.2f}"
+        cells = [m["name"], f"{m['unet_params'] / 1e6:.1f}M" if m.get("unet_params") else "-",
+                 f"{m['latency_s']:.3f}" if m.get("latency_s") is not None else "-",
+                 f"{m['peak_gib']:.2f}" if m.get("peak_gib") is not None else "-"] + [fmt(sc, k) for sc, k in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    st = result["settings"]
+    lines.append("")
+    lines.append(f"{result['prompts']['n']} prompts x {len(st['seeds'])} seed(s); {st['scheduler']}, {st['steps']} "
+                 f"steps, cfg {st['cfg']}; latency: median per image in the run that generated the images")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: str, log=print) -> str | None:
+    """Score against latency, one point per model, one panel per scorer's headline number."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("note: matplotlib is not installed; no plot (pip install 'koala-diffusion[plots]')")
+        return None
+    heads = [(sc, "binding" if sc == "shapes" else "average") for sc in result["models"][0]["scores"]]
+    if not heads:
+        return None
+    fig, axes = plt.subplots(1, len(heads), figsize=(4.5 * len(heads), 3.6), squeeze=False)
+    for ax, (sc, k) in zip(axes[0], heads):
+        for m in result["models"]:
+            v, lat = m["scores"].get(sc, {}).get(k), m.get("latency_s")
+            if v is None or lat is None:
+                continue
+            ax.scatter([lat], [100 * v if sc == "shapes" else v])
+            ax.annotate(m["name"], (lat, 100 * v if sc == "shapes" else v), fontsize=8)
+        ax.set_xlabel("latency (s / image)")
+        ax.set_ylabel(f"{sc} {k}" + (" (%)" if sc == "shapes" else ""))
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
