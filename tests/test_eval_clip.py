@@ -2,7 +2,6 @@
 torchmetrics' clip_score with the same model; prompts from PNG metadata; unreadable images skipped and counted."""
 
 import json
-import os
 
 import numpy as np
 import pytest

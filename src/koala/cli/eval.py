@@ -42,6 +42,23 @@ def register(sub) -> None:
     c.add_argument("--json", default=None, metavar="FILE", help="write the result with per-image scores")
     c.add_argument("--markdown", default=None, metavar="FILE", help="write the one-row table")
     c.set_defaults(func=run_clip)
+    h = ev.add_parser(
+        "hpsv2", help="HPSv2 human-preference score of images for their prompts (local HPS checkpoint)",
+        description="HPSv2 x100 (the paper's Table 5 metric): the cosine of the L2-normalised image and prompt "
+        "embeddings of the HPSv2 model (OpenCLIP ViT-H/14 fine-tuned on human preferences), from HPS_v2_compressed.pt "
+        "(or HPS_v2.1_compressed.pt), run through transformers (the architecture is read from the checkpoint). Prompts "
+        "come from DIR/metadata.jsonl or each PNG's 'prompt' chunk; a 'style' field in metadata.jsonl gives per-style "
+        "means and their average (HPSv2's benchmark styles: anime, concept-art, paintings, photo).")
+    h.add_argument("dir", metavar="DIR", help="folder of images with metadata.jsonl or PNG 'prompt' chunks")
+    h.add_argument("--checkpoint", required=True, metavar="FILE", help="HPS_v2_compressed.pt (open_clip state dict)")
+    h.add_argument("--tokenizer", required=True, metavar="DIR",
+                   help="CLIP tokenizer directory (e.g. an SDXL pipeline directory or its tokenizer/)")
+    h.add_argument("--act", default="gelu", choices=["gelu", "quick_gelu"],
+                   help="MLP activation of the checkpoint's architecture (ViT-H-14: gelu; OpenAI CLIPs: quick_gelu)")
+    h.add_argument("--device", default="cpu")
+    h.add_argument("--limit", type=int, default=None)
+    h.add_argument("--json", default=None, metavar="FILE", help="write the result with per-image scores")
+    h.set_defaults(func=run_hpsv2)
     r = ev.add_parser(
         "run", help="the paper's Table 5 in one command: generate with every model, score, write a table",
         description="Generate every prompt x seed with every model under the paper's sampling (Euler, 10 steps, cfg "
@@ -62,6 +79,9 @@ def register(sub) -> None:
     r.add_argument("--limit", type=int, default=None, help="the first N prompts (per style for a directory)")
     r.add_argument("--scorers", default="shapes", help=f"comma-separated: {', '.join(SCORERS)} (default shapes)")
     r.add_argument("--clip", default=None, metavar="CLIP_DIR", help="local transformers CLIP checkpoint (scorer clip)")
+    r.add_argument("--hps-checkpoint", default=None, metavar="FILE", help="HPS_v2_compressed.pt (scorer hpsv2)")
+    r.add_argument("--hps-tokenizer", default=None, metavar="DIR",
+                   help="CLIP tokenizer directory for HPSv2 (e.g. an SDXL pipeline or its tokenizer/)")
     r.add_argument("--seeds", default="0", help="comma-separated seeds, each prompt generated once per seed (default 0)")
     r.add_argument("--steps", type=int, default=10)
     r.add_argument("--cfg", type=float, default=3.5)
@@ -74,7 +94,7 @@ def register(sub) -> None:
     r.set_defaults(func=run_run)
 
 
-SCORERS = ("shapes", "clip")
+SCORERS = ("shapes", "clip", "hpsv2")
 
 
 def run_run(args) -> int:
@@ -94,7 +114,8 @@ def run_run(args) -> int:
         raise KoalaError(f"--seeds {args.seeds!r}: comma-separated integers", option="seeds") from None
     prompts = read_prompt_set(args.prompts, args.limit)
     scorers = make_scorers([x.strip() for x in args.scorers.split(",") if x.strip()], args.clip,
-                           "cuda" if (args.device or "").startswith("cuda") else "cpu")
+                           "cuda" if (args.device or "").startswith("cuda") else "cpu",
+                           hps_checkpoint=args.hps_checkpoint, hps_tokenizer=args.hps_tokenizer)
     settings = EvalSettings(steps=args.steps, cfg=args.cfg, seeds=seeds or (0,), width=args.width, height=args.height,
                             device=args.device, dtype=args.dtype)
     res = run_eval(models, prompts, scorers, args.out, settings, progress=not args.no_progress)
@@ -105,6 +126,21 @@ def run_run(args) -> int:
     print(markdown(res), end="")
     plot = ", results.png" if os.path.isfile(os.path.join(args.out, "results.png")) else ""
     print(f"wrote {os.path.join(args.out, 'results.md')}, results.json{plot}")
+    return 0
+
+
+def run_hpsv2(args) -> int:
+    from ..eval.hpsv2 import score_folder
+    from ..utils import atomic_write_text
+
+    res = score_folder(args.dir, args.checkpoint, args.tokenizer, device=args.device, limit=args.limit, act=args.act)
+    print("| style | HPSv2 | images |\n|---|---|---|")
+    for st, v in res["styles"].items():
+        print(f"| {st} | {v['hpsv2']:.2f} | {v['n_images']} |")
+    print(f"| average | {res['hpsv2']:.2f} | {res['n_images']}"
+          + (f", {len(res['skipped'])} unreadable skipped" if res["skipped"] else "") + " |")
+    if args.json:
+        atomic_write_text(args.json, json.dumps(res, indent=1))
     return 0
 
 

@@ -8,7 +8,8 @@ generates and scores only what is missing.
 
 Prompt sets: a text file (one prompt per line; style "all") or a directory of ``STYLE.txt`` files (HPSv2's
 benchmark prompts are one file per style: anime, concept-art, paintings, photo). Scorers: ``shapes`` (the shapes
-world's colour / shape / binding / spatial accuracy) and ``clip`` (CLIP score with a local checkpoint).
+world's colour / shape / binding / spatial accuracy), ``clip`` (CLIP score with a local checkpoint) and ``hpsv2``
+(HPSv2 x100 with the local HPS checkpoint; per style and the mean over styles, as the paper's Table 5).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from ..errors import KoalaError
 
 SCHEMA = "koala-eval-run/1"
-SCORERS = ("shapes", "clip")
+SCORERS = ("shapes", "clip", "hpsv2")
 SHAPES_KEYS = ("color", "shape", "binding", "spatial")
 
 
@@ -232,6 +233,27 @@ class ClipScorer(_Scorer):
         return _style_means(rows, styles, "clip_score")
 
 
+class HPSv2Scorer(_Scorer):
+    name = "hpsv2"
+
+    def __init__(self, checkpoint: str, tokenizer: str, device: str = "cpu"):
+        from .hpsv2 import HPSv2
+
+        self.hps = HPSv2(checkpoint, tokenizer, device)
+
+    def per_image(self, paths, prompts):
+        from PIL import Image
+
+        images = []
+        for p in paths:
+            with Image.open(p) as im:
+                images.append(im.convert("RGB"))
+        return [{"hpsv2": v} for v in self.hps.scores(images, prompts)]
+
+    def aggregate(self, rows, styles):
+        return _style_means(rows, styles, "hpsv2")
+
+
 def _style_means(rows: list[dict], styles: list[str], key: str) -> dict:
     out = {}
     for st in sorted(set(styles)):
@@ -244,7 +266,8 @@ def _style_means(rows: list[dict], styles: list[str], key: str) -> dict:
     return out
 
 
-def make_scorers(names: list[str], clip_checkpoint: str | None = None, device: str = "cpu") -> list[_Scorer]:
+def make_scorers(names: list[str], clip_checkpoint: str | None = None, device: str = "cpu",
+                 hps_checkpoint: str | None = None, hps_tokenizer: str | None = None) -> list[_Scorer]:
     out: list[_Scorer] = []
     for n in names:
         if n == "shapes":
@@ -253,6 +276,11 @@ def make_scorers(names: list[str], clip_checkpoint: str | None = None, device: s
             if not clip_checkpoint:
                 raise KoalaError("scorer clip needs a CLIP checkpoint directory (clip_checkpoint)", option="clip")
             out.append(ClipScorer(clip_checkpoint, device))
+        elif n == "hpsv2":
+            if not hps_checkpoint or not hps_tokenizer:
+                raise KoalaError("scorer hpsv2 needs the HPSv2 checkpoint (HPS_v2_compressed.pt) and a CLIP tokenizer "
+                                 "directory", option="hps_checkpoint")
+            out.append(HPSv2Scorer(hps_checkpoint, hps_tokenizer, device))
         else:
             raise KoalaError(f"unknown scorer {n!r}; choose from {', '.join(SCORERS)}", option="scorers")
     return out
