@@ -59,6 +59,19 @@ def register(sub) -> None:
     h.add_argument("--limit", type=int, default=None)
     h.add_argument("--json", default=None, metavar="FILE", help="write the result with per-image scores")
     h.set_defaults(func=run_hpsv2)
+    f = ev.add_parser(
+        "fid", help="FID of generated images against a reference folder (local Inception TorchScript)",
+        description="Frechet Inception Distance (torchmetrics) between the images of DIR and --reference, with the "
+        "standard FID Inception-v3 from a local TorchScript file (inception-2015-12-05.pt, as StyleGAN2-ADA and "
+        "clean-fid distribute it). Images are resized to 299x299 with PIL bicubic. Unreadable images are skipped "
+        "and counted.")
+    f.add_argument("dir", metavar="DIR", help="folder of generated images")
+    f.add_argument("--reference", required=True, metavar="REF_DIR", help="folder of reference images (e.g. COCO val)")
+    f.add_argument("--inception", required=True, metavar="FILE", help="FID Inception TorchScript (inception-2015-12-05.pt)")
+    f.add_argument("--device", default="cpu")
+    f.add_argument("--batch-size", type=int, default=32)
+    f.add_argument("--json", default=None, metavar="FILE", help="write the result as JSON")
+    f.set_defaults(func=run_fid)
     r = ev.add_parser(
         "run", help="the paper's Table 5 in one command: generate with every model, score, write a table",
         description="Generate every prompt x seed with every model under the paper's sampling (Euler, 10 steps, cfg "
@@ -82,6 +95,9 @@ def register(sub) -> None:
     r.add_argument("--hps-checkpoint", default=None, metavar="FILE", help="HPS_v2_compressed.pt (scorer hpsv2)")
     r.add_argument("--hps-tokenizer", default=None, metavar="DIR",
                    help="CLIP tokenizer directory for HPSv2 (e.g. an SDXL pipeline or its tokenizer/)")
+    r.add_argument("--fid-reference", default=None, metavar="DIR",
+                   help="also report FID of each model's images against this folder (needs --inception)")
+    r.add_argument("--inception", default=None, metavar="FILE", help="FID Inception TorchScript (inception-2015-12-05.pt)")
     r.add_argument("--seeds", default="0", help="comma-separated seeds, each prompt generated once per seed (default 0)")
     r.add_argument("--steps", type=int, default=10)
     r.add_argument("--cfg", type=float, default=3.5)
@@ -118,7 +134,10 @@ def run_run(args) -> int:
                            hps_checkpoint=args.hps_checkpoint, hps_tokenizer=args.hps_tokenizer)
     settings = EvalSettings(steps=args.steps, cfg=args.cfg, seeds=seeds or (0,), width=args.width, height=args.height,
                             device=args.device, dtype=args.dtype)
-    res = run_eval(models, prompts, scorers, args.out, settings, progress=not args.no_progress)
+    if bool(args.fid_reference) != bool(args.inception):
+        raise KoalaError("FID needs both --fid-reference DIR and --inception FILE", option="fid_reference")
+    res = run_eval(models, prompts, scorers, args.out, settings, progress=not args.no_progress,
+                   fid_reference=args.fid_reference, inception=args.inception)
     import os
 
     from ..eval.run import markdown
@@ -139,6 +158,19 @@ def run_hpsv2(args) -> int:
         print(f"| {st} | {v['hpsv2']:.2f} | {v['n_images']} |")
     print(f"| average | {res['hpsv2']:.2f} | {res['n_images']}"
           + (f", {len(res['skipped'])} unreadable skipped" if res["skipped"] else "") + " |")
+    if args.json:
+        atomic_write_text(args.json, json.dumps(res, indent=1))
+    return 0
+
+
+def run_fid(args) -> int:
+    from ..eval.fid import fid
+    from ..utils import atomic_write_text
+
+    res = fid(args.dir, args.reference, args.inception, device=args.device, batch_size=args.batch_size)
+    skipped = sum(len(v) for v in res["skipped"].values())
+    print(f"FID {res['fid']:.3f} ({res['n_generated']} generated vs {res['n_reference']} reference images"
+          + (f", {skipped} unreadable skipped" if skipped else "") + ")")
     if args.json:
         atomic_write_text(args.json, json.dumps(res, indent=1))
     return 0

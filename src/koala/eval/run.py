@@ -308,8 +308,29 @@ def score_images(model: EvalModel, images: list[dict], scorer: _Scorer, out_dir:
     return scorer.aggregate(rows, [r["style"] for r in images]) | {"_scored_now": len(todo)}
 
 
+def model_fid(model: EvalModel, images: list[dict], out_dir: str, reference: str, inception: str,
+              device: str = "cpu") -> float:
+    """FID of one model's images against ``reference`` (cached while the images, reference and network stay)."""
+    from ..utils import atomic_write_text
+    from .fid import fid
+
+    key = hashlib.sha1(json.dumps([sorted(r["key"] for r in images), os.path.abspath(reference),
+                                   os.path.abspath(inception)]).encode()).hexdigest()[:16]
+    path = os.path.join(out_dir, "scores", model.name, "fid.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            cached = json.load(f)
+        if cached.get("key") == key:
+            return cached["fid"]
+    res = fid(os.path.join(out_dir, "images", model.name), reference, inception, device=device)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write_text(path, json.dumps({"key": key, **res}, indent=1))
+    return res["fid"]
+
+
 def run_eval(models: list[EvalModel], prompts: list[Prompt], scorers: list[_Scorer], out_dir: str,
-             settings: EvalSettings | None = None, progress: bool = True, log=print) -> dict:
+             settings: EvalSettings | None = None, progress: bool = True, log=print, fid_reference: str | None = None,
+             inception: str | None = None) -> dict:
     """Generate and score every model; writes ``results.json``, ``results.md`` and (with matplotlib) ``results.png``
     in ``out_dir``. Returns the results dict."""
     from ..utils import atomic_write_text, check_output_folder
@@ -336,6 +357,9 @@ def run_eval(models: list[EvalModel], prompts: list[Prompt], scorers: list[_Scor
             agg = score_images(m, images, sc, out_dir, progress)
             agg.pop("_scored_now")
             row.scores[sc.name] = agg
+        if fid_reference:
+            row.scores["fid"] = {"fid": model_fid(m, images, out_dir, fid_reference, inception,
+                                                  "cuda" if (s.device or "").startswith("cuda") else "cpu")}
         rows.append(row)
         log(f"{m.name}: {row.n_images} images ({row.generated_now} generated now)")
     result = {"schema": SCHEMA, "settings": {**asdict(s), "seeds": list(s.seeds)},
@@ -377,7 +401,7 @@ def markdown(result: dict) -> str:
             v = m["scores"].get(sc, {}).get(k)
             if v is None:
                 return "-"
-            return f"{100 * v:.1f}%" if sc == "shapes" else f"{v:.2f}"
+            return f"{100 * v:.1f}%" if sc == "shapes" else f"{v:.2f}"  # (FID: lower is better)
         cells = [m["name"], f"{m['unet_params'] / 1e6:.1f}M" if m.get("unet_params") else "-",
                  f"{m['latency_s']:.3f}" if m.get("latency_s") is not None else "-",
                  f"{m['peak_gib']:.2f}" if m.get("peak_gib") is not None else "-"] + [fmt(sc, k) for sc, k in cols]
@@ -399,7 +423,7 @@ def plot(result: dict, path: str, log=print) -> str | None:
     except ImportError:
         log("note: matplotlib is not installed; no plot (pip install 'koala-diffusion[plots]')")
         return None
-    heads = [(sc, "binding" if sc == "shapes" else "average") for sc in result["models"][0]["scores"]]
+    heads = [(sc, {"shapes": "binding", "fid": "fid"}.get(sc, "average")) for sc in result["models"][0]["scores"]]
     if not heads:
         return None
     fig, axes = plt.subplots(1, len(heads), figsize=(4.5 * len(heads), 3.6), squeeze=False)
