@@ -72,6 +72,25 @@ def register(sub) -> None:
     f.add_argument("--batch-size", type=int, default=32)
     f.add_argument("--json", default=None, metavar="FILE", help="write the result as JSON")
     f.set_defaults(func=run_fid)
+    b = ev.add_parser(
+        "compbench", help="T2I-CompBench category score (B-VQA, spatial, non-spatial CLIP, 3-in-1) from local checkpoints",
+        description="T2I-CompBench: color / shape / texture by B-VQA (BLIP VQA: the product over the prompt's noun "
+        "phrases of P(yes) / (P(yes) + P(no))), spatial by the benchmark's box rule on an open-vocabulary detector's "
+        "boxes (OWL-ViT / OWLv2 through transformers, where the benchmark uses UniDet), non_spatial by the CLIP cosine "
+        "(ViT-B/32 in the benchmark), complex by the 3-in-1 mix. Prompts come from DIR/metadata.jsonl or PNG 'prompt' "
+        "chunks; point koala eval run or koala generate at the benchmark's <category>_val.txt to make the images.")
+    b.add_argument("dir", metavar="DIR", help="folder of images with metadata.jsonl or PNG 'prompt' chunks")
+    b.add_argument("--category", required=True, choices=["color", "shape", "texture", "spatial", "non_spatial", "complex"])
+    b.add_argument("--vqa", default=None, metavar="DIR", help="BLIP VQA checkpoint (Salesforce/blip-vqa-capfilt-large)")
+    b.add_argument("--detector", default=None, metavar="DIR", help="OWL-ViT / OWLv2 checkpoint (spatial, complex)")
+    b.add_argument("--detector-threshold", type=float, default=0.1, help="detection confidence threshold (default 0.1)")
+    b.add_argument("--clip", default=None, metavar="DIR", help="CLIP checkpoint (openai/clip-vit-base-patch32)")
+    b.add_argument("--complex-lists", default=None, metavar="DIR",
+                   help="folder with the benchmark's complex_val_spatial.txt and complex_val_action.txt")
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--limit", type=int, default=None)
+    b.add_argument("--json", default=None, metavar="FILE", help="write the result with per-image scores")
+    b.set_defaults(func=run_compbench)
     r = ev.add_parser(
         "run", help="the paper's Table 5 in one command: generate with every model, score, write a table",
         description="Generate every prompt x seed with every model under the paper's sampling (Euler, 10 steps, cfg "
@@ -95,6 +114,10 @@ def register(sub) -> None:
     r.add_argument("--hps-checkpoint", default=None, metavar="FILE", help="HPS_v2_compressed.pt (scorer hpsv2)")
     r.add_argument("--hps-tokenizer", default=None, metavar="DIR",
                    help="CLIP tokenizer directory for HPSv2 (e.g. an SDXL pipeline or its tokenizer/)")
+    r.add_argument("--vqa", default=None, metavar="DIR", help="BLIP VQA checkpoint (compbench-color/shape/texture/complex)")
+    r.add_argument("--detector", default=None, metavar="DIR", help="OWL-ViT / OWLv2 checkpoint (compbench-spatial/complex)")
+    r.add_argument("--complex-lists", default=None, metavar="DIR",
+                   help="T2I-CompBench's complex_val_spatial.txt / complex_val_action.txt folder (compbench-complex)")
     r.add_argument("--fid-reference", default=None, metavar="DIR",
                    help="also report FID of each model's images against this folder (needs --inception)")
     r.add_argument("--inception", default=None, metavar="FILE", help="FID Inception TorchScript (inception-2015-12-05.pt)")
@@ -110,7 +133,16 @@ def register(sub) -> None:
     r.set_defaults(func=run_run)
 
 
-SCORERS = ("shapes", "clip", "hpsv2")
+SCORERS = ("shapes", "clip", "hpsv2", "compbench-color|shape|texture|spatial|non_spatial|complex")
+
+
+def _compbench(args):
+    if not any(s.strip().startswith("compbench-") for s in args.scorers.split(",")):
+        return None
+    from ..eval.compbench import CompBench
+
+    return CompBench(vqa=args.vqa, detector=args.detector, clip=args.clip, complex_lists=args.complex_lists,
+                     device="cuda" if (args.device or "").startswith("cuda") else "cpu")
 
 
 def run_run(args) -> int:
@@ -131,7 +163,8 @@ def run_run(args) -> int:
     prompts = read_prompt_set(args.prompts, args.limit)
     scorers = make_scorers([x.strip() for x in args.scorers.split(",") if x.strip()], args.clip,
                            "cuda" if (args.device or "").startswith("cuda") else "cpu",
-                           hps_checkpoint=args.hps_checkpoint, hps_tokenizer=args.hps_tokenizer)
+                           hps_checkpoint=args.hps_checkpoint, hps_tokenizer=args.hps_tokenizer,
+                           compbench=_compbench(args))
     settings = EvalSettings(steps=args.steps, cfg=args.cfg, seeds=seeds or (0,), width=args.width, height=args.height,
                             device=args.device, dtype=args.dtype)
     if bool(args.fid_reference) != bool(args.inception):
@@ -158,6 +191,22 @@ def run_hpsv2(args) -> int:
         print(f"| {st} | {v['hpsv2']:.2f} | {v['n_images']} |")
     print(f"| average | {res['hpsv2']:.2f} | {res['n_images']}"
           + (f", {len(res['skipped'])} unreadable skipped" if res["skipped"] else "") + " |")
+    if args.json:
+        atomic_write_text(args.json, json.dumps(res, indent=1))
+    return 0
+
+
+def run_compbench(args) -> int:
+    from ..eval.compbench import CompBench, score_folder
+    from ..utils import atomic_write_text
+
+    bench = CompBench(vqa=args.vqa, detector=args.detector, clip=args.clip, device=args.device,
+                      complex_lists=args.complex_lists, detector_threshold=args.detector_threshold)
+    for kind in bench.needs(args.category):  # every checkpoint this category needs, before any work
+        bench._get(kind)
+    res = score_folder(args.dir, args.category, bench, args.limit)
+    skip = f", {len(res['skipped'])} unreadable skipped" if res["skipped"] else ""
+    print(f"T2I-CompBench {args.category}: {res['score']:.4f} ({res['n_images']} images{skip})")
     if args.json:
         atomic_write_text(args.json, json.dumps(res, indent=1))
     return 0

@@ -38,9 +38,15 @@ def load_clip(path: str, device: str | torch.device = "cpu"):
     return model, CLIPProcessor.from_pretrained(path)
 
 
-@torch.no_grad()
 def clip_scores(images: list, prompts: list[str], model, processor, batch_size: int = 16) -> list[float]:
-    """One score per (PIL image, prompt) pair."""
+    """One CLIP score, ``100 * max(cos, 0)``, per (PIL image, prompt) pair."""
+    return [100 * max(c, 0.0) for c in clip_cosines(images, prompts, model, processor, batch_size)]
+
+
+@torch.no_grad()
+def clip_cosines(images: list, prompts: list[str], model, processor, batch_size: int = 16) -> list[float]:
+    """The cosine of the CLIP image and text embeddings per (PIL image, prompt) pair (T2I-CompBench's non-spatial
+    score)."""
     if len(images) != len(prompts):
         raise KoalaError(f"{len(images)} images but {len(prompts)} prompts")
     device = next(model.parameters()).device
@@ -53,8 +59,7 @@ def clip_scores(images: list, prompts: list[str], model, processor, batch_size: 
         txt = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
         img = getattr(img, "pooler_output", img)
         txt = getattr(txt, "pooler_output", txt)
-        cos = torch.nn.functional.cosine_similarity(img.float(), txt.float(), dim=-1)
-        out += (100 * cos.clamp(min=0)).tolist()
+        out += torch.nn.functional.cosine_similarity(img.float(), txt.float(), dim=-1).tolist()
     return out
 
 

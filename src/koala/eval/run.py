@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass, field
 from ..errors import KoalaError
 
 SCHEMA = "koala-eval-run/1"
-SCORERS = ("shapes", "clip", "hpsv2")
+SCORERS = ("shapes", "clip", "hpsv2", "compbench-color", "compbench-shape", "compbench-texture", "compbench-spatial",
+           "compbench-non_spatial", "compbench-complex")
 SHAPES_KEYS = ("color", "shape", "binding", "spatial")
 
 
@@ -254,6 +255,25 @@ class HPSv2Scorer(_Scorer):
         return _style_means(rows, styles, "hpsv2")
 
 
+class CompBenchScorer(_Scorer):
+    def __init__(self, category: str, bench):
+        self.name, self.category, self.bench = f"compbench-{category}", category, bench
+        for kind in bench.needs(category):  # every checkpoint the category needs, before any generation
+            bench._get(kind)
+
+    def per_image(self, paths, prompts):
+        from PIL import Image
+
+        images = []
+        for p in paths:
+            with Image.open(p) as im:
+                images.append(im.convert("RGB"))
+        return [{"score": v} for v in self.bench.score(self.category, images, prompts)]
+
+    def aggregate(self, rows, styles):
+        return {"score": sum(r["score"] for r in rows) / len(rows)}
+
+
 def _style_means(rows: list[dict], styles: list[str], key: str) -> dict:
     out = {}
     for st in sorted(set(styles)):
@@ -267,9 +287,18 @@ def _style_means(rows: list[dict], styles: list[str], key: str) -> dict:
 
 
 def make_scorers(names: list[str], clip_checkpoint: str | None = None, device: str = "cpu",
-                 hps_checkpoint: str | None = None, hps_tokenizer: str | None = None) -> list[_Scorer]:
+                 hps_checkpoint: str | None = None, hps_tokenizer: str | None = None, compbench=None) -> list[_Scorer]:
+    """Scorers by name; ``compbench``: a :class:`koala.eval.compbench.CompBench` for the compbench-* scorers."""
     out: list[_Scorer] = []
     for n in names:
+        if n.startswith("compbench-"):
+            from .compbench import CATEGORIES, CompBench
+
+            if n[len("compbench-"):] not in CATEGORIES:
+                raise KoalaError(f"unknown scorer {n!r}; choose from {', '.join(SCORERS)}", option="scorers")
+            out.append(CompBenchScorer(n[len("compbench-"):], compbench or CompBench(clip=clip_checkpoint,
+                                                                                      device=device)))
+            continue
         if n == "shapes":
             out.append(ShapesScorer())
         elif n == "clip":
