@@ -119,3 +119,24 @@ def test_styles_cli_and_bad_input(models, clip_dir, tmp_path, capsys):
     assert "--base" in capsys.readouterr().err
     assert main(["eval", "run", "--model", f"a={models[0].model}", "--model", f"a={models[1].model}", "--prompts",
                  str(styles), "--out", str(out)]) == 2
+
+
+def test_pickscore_scorer_is_the_scaled_cosine(models, clip_dir, tmp_path):
+    import torch
+    from PIL import Image
+
+    from koala.eval.clip_score import clip_cosines, load_clip
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    res = ev.run_eval(models[:1], ev.read_prompt_set(str(prompts)), ev.make_scorers(["pickscore"], pickscore=clip_dir),
+                      str(tmp_path / "out"), ev.EvalSettings(steps=1), progress=False)
+    folder = tmp_path / "out" / "images" / "teacher"
+    index = [json.loads(x) for x in open(folder / "index.jsonl")]
+    model, proc = load_clip(clip_dir)
+    cos = clip_cosines([Image.open(folder / r["file"]).convert("RGB") for r in index], [r["prompt"] for r in index],
+                       model, proc)
+    scale = float(torch.exp(model.logit_scale))
+    assert res["models"][0]["scores"]["pickscore"]["average"] == pytest.approx(scale * float(np.mean(cos)))
+    with pytest.raises(KoalaError, match="PickScore"):
+        ev.make_scorers(["pickscore"])

@@ -114,6 +114,9 @@ def register(sub) -> None:
     r.add_argument("--hps-checkpoint", default=None, metavar="FILE", help="HPS_v2_compressed.pt (scorer hpsv2)")
     r.add_argument("--hps-tokenizer", default=None, metavar="DIR",
                    help="CLIP tokenizer directory for HPSv2 (e.g. an SDXL pipeline or its tokenizer/)")
+    r.add_argument("--pickscore", default=None, metavar="DIR", help="PickScore checkpoint (yuvalkirstain/PickScore_v1)")
+    r.add_argument("--pickscore-processor", default=None, metavar="DIR",
+                   help="its CLIP processor (laion/CLIP-ViT-H-14-laion2B-s32B-b79K; default: the checkpoint dir)")
     r.add_argument("--vqa", default=None, metavar="DIR", help="BLIP VQA checkpoint (compbench-color/shape/texture/complex)")
     r.add_argument("--detector", default=None, metavar="DIR", help="OWL-ViT / OWLv2 checkpoint (compbench-spatial/complex)")
     r.add_argument("--complex-lists", default=None, metavar="DIR",
@@ -133,7 +136,7 @@ def register(sub) -> None:
     r.set_defaults(func=run_run)
 
 
-SCORERS = ("shapes", "clip", "hpsv2", "compbench-color|shape|texture|spatial|non_spatial|complex")
+SCORERS = ("shapes", "clip", "hpsv2", "pickscore", "compbench-color|shape|texture|spatial|non_spatial|complex")
 
 
 def _compbench(args):
@@ -164,7 +167,8 @@ def run_run(args) -> int:
     scorers = make_scorers([x.strip() for x in args.scorers.split(",") if x.strip()], args.clip,
                            "cuda" if (args.device or "").startswith("cuda") else "cpu",
                            hps_checkpoint=args.hps_checkpoint, hps_tokenizer=args.hps_tokenizer,
-                           compbench=_compbench(args))
+                           compbench=_compbench(args), pickscore=args.pickscore,
+                           pickscore_processor=args.pickscore_processor)
     settings = EvalSettings(steps=args.steps, cfg=args.cfg, seeds=seeds or (0,), width=args.width, height=args.height,
                             device=args.device, dtype=args.dtype)
     if bool(args.fid_reference) != bool(args.inception):

@@ -21,8 +21,9 @@ from ..errors import KoalaError
 SCHEMA = "koala-eval-clip/1"
 
 
-def load_clip(path: str, device: str | torch.device = "cpu"):
-    """``(CLIPModel, CLIPProcessor)`` from a local directory; a clear error for a missing or non-CLIP one."""
+def load_clip(path: str, device: str | torch.device = "cpu", processor: str | None = None):
+    """``(CLIPModel, CLIPProcessor)`` from a local directory (the processor from ``processor`` when given); a clear
+    error for a missing or non-CLIP one."""
     from transformers import CLIPModel, CLIPProcessor
 
     cfg_path = os.path.join(path, "config.json")
@@ -35,7 +36,12 @@ def load_clip(path: str, device: str | torch.device = "cpu"):
         raise KoalaError(f"CLIP checkpoint {path}: config.json field model_type is {kind!r}, not 'clip'",
                          option="checkpoint")
     model = CLIPModel.from_pretrained(path).to(device).eval()
-    return model, CLIPProcessor.from_pretrained(path)
+    proc_dir = processor or path
+    try:
+        return model, CLIPProcessor.from_pretrained(proc_dir)
+    except (OSError, ValueError) as err:
+        raise KoalaError(f"CLIP processor {proc_dir}: cannot load the tokenizer / image processor ({str(err)[:200]}); "
+                         "give the directory of the model's processor", option="checkpoint") from None
 
 
 def clip_scores(images: list, prompts: list[str], model, processor, batch_size: int = 16) -> list[float]:
@@ -94,3 +100,10 @@ def markdown(result: dict) -> str:
     skip = f", {len(result['skipped'])} unreadable skipped" if result["skipped"] else ""
     return (f"| folder | CLIP score | images |\n|---|---|---|\n"
             f"| {result['folder']} | {result['clip_score']:.2f} | {result['n_images']}{skip} |\n")
+
+
+def pick_scores(images: list, prompts: list[str], model, processor, batch_size: int = 16) -> list[float]:
+    """PickScore (Kirstain et al. 2023): ``exp(logit_scale) * cos(image, text)`` of the PickScore CLIP model (a
+    transformers CLIP, yuvalkirstain/PickScore_v1, with the processor of laion/CLIP-ViT-H-14-laion2B-s32B-b79K)."""
+    scale = float(model.logit_scale.exp())
+    return [scale * c for c in clip_cosines(images, prompts, model, processor, batch_size)]

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from ..errors import KoalaError
 
 SCHEMA = "koala-eval-run/1"
-SCORERS = ("shapes", "clip", "hpsv2", "compbench-color", "compbench-shape", "compbench-texture", "compbench-spatial",
+SCORERS = ("shapes", "clip", "hpsv2", "pickscore", "compbench-color", "compbench-shape", "compbench-texture", "compbench-spatial",
            "compbench-non_spatial", "compbench-complex")
 SHAPES_KEYS = ("color", "shape", "binding", "spatial")
 
@@ -234,6 +234,29 @@ class ClipScorer(_Scorer):
         return _style_means(rows, styles, "clip_score")
 
 
+class PickScoreScorer(ClipScorer):
+    name = "pickscore"
+
+    def __init__(self, checkpoint: str, processor: str | None = None, device: str = "cpu"):
+        from .clip_score import load_clip
+
+        self.model, self.processor = load_clip(checkpoint, device, processor)
+
+    def per_image(self, paths, prompts):
+        from PIL import Image
+
+        from .clip_score import pick_scores
+
+        images = []
+        for p in paths:
+            with Image.open(p) as im:
+                images.append(im.convert("RGB"))
+        return [{"pickscore": v} for v in pick_scores(images, prompts, self.model, self.processor)]
+
+    def aggregate(self, rows, styles):
+        return _style_means(rows, styles, "pickscore")
+
+
 class HPSv2Scorer(_Scorer):
     name = "hpsv2"
 
@@ -287,7 +310,8 @@ def _style_means(rows: list[dict], styles: list[str], key: str) -> dict:
 
 
 def make_scorers(names: list[str], clip_checkpoint: str | None = None, device: str = "cpu",
-                 hps_checkpoint: str | None = None, hps_tokenizer: str | None = None, compbench=None) -> list[_Scorer]:
+                 hps_checkpoint: str | None = None, hps_tokenizer: str | None = None, compbench=None,
+                 pickscore: str | None = None, pickscore_processor: str | None = None) -> list[_Scorer]:
     """Scorers by name; ``compbench``: a :class:`koala.eval.compbench.CompBench` for the compbench-* scorers."""
     out: list[_Scorer] = []
     for n in names:
@@ -305,6 +329,11 @@ def make_scorers(names: list[str], clip_checkpoint: str | None = None, device: s
             if not clip_checkpoint:
                 raise KoalaError("scorer clip needs a CLIP checkpoint directory (clip_checkpoint)", option="clip")
             out.append(ClipScorer(clip_checkpoint, device))
+        elif n == "pickscore":
+            if not pickscore:
+                raise KoalaError("scorer pickscore needs the PickScore checkpoint directory (pickscore)",
+                                 option="pickscore")
+            out.append(PickScoreScorer(pickscore, pickscore_processor, device))
         elif n == "hpsv2":
             if not hps_checkpoint or not hps_tokenizer:
                 raise KoalaError("scorer hpsv2 needs the HPSv2 checkpoint (HPS_v2_compressed.pt) and a CLIP tokenizer "
