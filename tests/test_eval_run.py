@@ -140,3 +140,27 @@ def test_pickscore_scorer_is_the_scaled_cosine(models, clip_dir, tmp_path):
     assert res["models"][0]["scores"]["pickscore"]["average"] == pytest.approx(scale * float(np.mean(cos)))
     with pytest.raises(KoalaError, match="PickScore"):
         ev.make_scorers(["pickscore"])
+
+
+def test_several_benchmarks_in_one_run_share_images(models, clip_dir, tmp_path, monkeypatch, capsys):
+    styles = tmp_path / "hps"
+    styles.mkdir()
+    (styles / "anime.txt").write_text("a red circle\n")
+    (styles / "photo.txt").write_text("a blue square\n")
+    main_set = tmp_path / "main.txt"
+    main_set.write_text("a red circle\na red square\n")
+    calls = _counting(monkeypatch)
+    out = tmp_path / "out"
+    rc = main(["eval", "run", "--model", f"teacher={models[0].model}", "--prompts", str(main_set), "--scorers", "shapes",
+               "--benchmark", f"clip={styles}", "--benchmark", f"pickscore={main_set}", "--clip", clip_dir,
+               "--pickscore", clip_dir, "--steps", "1", "--out", str(out), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    res = json.load(open(out / "results.json"))
+    row = res["models"][0]
+    assert set(row["scores"]) == {"shapes", "clip", "pickscore"}
+    assert set(row["scores"]["clip"]) == {"anime", "photo", "average"}
+    # 'a red circle' is in the main set (style 'all') and HPS-style set (style 'anime'): different keys, 4 images
+    assert calls["generate"] == row["n_images"] == 4
+    assert set(res["prompts"]) == {"main", "clip", "pickscore"}
+    table = open(out / "results.md").read()
+    assert "clip average" in table and "pickscore average" in table and "shapes binding" in table

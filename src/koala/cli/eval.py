@@ -105,9 +105,12 @@ def register(sub) -> None:
     r.add_argument("--unet", action="append", default=[], metavar="NAME=DIR",
                    help="a student U-Net / DiT directory to drop into --base (repeatable)")
     r.add_argument("--base", default=None, help="teacher pipeline directory for every --unet")
-    r.add_argument("--prompts", required=True, metavar="FILE|DIR",
-                   help="a text file (one prompt per line) or a directory of STYLE.txt files (e.g. HPSv2's anime.txt, "
-                   "concept-art.txt, paintings.txt, photo.txt)")
+    r.add_argument("--prompts", default=None, metavar="FILE|DIR",
+                   help="the prompt set --scorers score: a text file (one prompt per line) or a directory of STYLE.txt "
+                   "files (e.g. HPSv2's anime.txt, concept-art.txt, paintings.txt, photo.txt)")
+    r.add_argument("--benchmark", action="append", default=[], metavar="SCORER=FILE|DIR",
+                   help="one more prompt set with the scorer that scores it (repeatable), e.g. hpsv2=hps_prompts/ "
+                   "compbench-color=color_val.txt compbench-spatial=spatial_val.txt: Table 5 in one run")
     r.add_argument("--limit", type=int, default=None, help="the first N prompts (per style for a directory)")
     r.add_argument("--scorers", default="shapes", help=f"comma-separated: {', '.join(SCORERS)} (default shapes)")
     r.add_argument("--clip", default=None, metavar="CLIP_DIR", help="local transformers CLIP checkpoint (scorer clip)")
@@ -140,7 +143,8 @@ SCORERS = ("shapes", "clip", "hpsv2", "pickscore", "compbench-color|shape|textur
 
 
 def _compbench(args):
-    if not any(s.strip().startswith("compbench-") for s in args.scorers.split(",")):
+    names = [s.strip() for s in args.scorers.split(",")] + [b.partition("=")[0] for b in args.benchmark]
+    if not any(n.startswith("compbench-") for n in names):
         return None
     from ..eval.compbench import CompBench
 
@@ -163,18 +167,30 @@ def run_run(args) -> int:
         seeds = tuple(int(x) for x in args.seeds.split(",") if x.strip())
     except ValueError:
         raise KoalaError(f"--seeds {args.seeds!r}: comma-separated integers", option="seeds") from None
-    prompts = read_prompt_set(args.prompts, args.limit)
-    scorers = make_scorers([x.strip() for x in args.scorers.split(",") if x.strip()], args.clip,
-                           "cuda" if (args.device or "").startswith("cuda") else "cpu",
-                           hps_checkpoint=args.hps_checkpoint, hps_tokenizer=args.hps_tokenizer,
-                           compbench=_compbench(args), pickscore=args.pickscore,
-                           pickscore_processor=args.pickscore_processor)
+    if not args.prompts and not args.benchmark:
+        raise KoalaError("no prompts: give --prompts FILE|DIR and/or --benchmark SCORER=FILE|DIR", option="prompts")
+    device = "cuda" if (args.device or "").startswith("cuda") else "cpu"
+    bench = _compbench(args)
+
+    def scorers_for(names):
+        return make_scorers(names, args.clip, device, hps_checkpoint=args.hps_checkpoint,
+                            hps_tokenizer=args.hps_tokenizer, compbench=bench, pickscore=args.pickscore,
+                            pickscore_processor=args.pickscore_processor)
+
+    prompts = read_prompt_set(args.prompts, args.limit) if args.prompts else []
+    scorers = scorers_for([x.strip() for x in args.scorers.split(",") if x.strip()]) if args.prompts else []
+    benchmarks = []
+    for b in args.benchmark:
+        name, sep, path = b.partition("=")
+        if not sep or not path:
+            raise KoalaError(f"--benchmark {b!r}: give SCORER=FILE|DIR", option="benchmark")
+        benchmarks.append((name, read_prompt_set(path, args.limit), scorers_for([name])))
     settings = EvalSettings(steps=args.steps, cfg=args.cfg, seeds=seeds or (0,), width=args.width, height=args.height,
                             device=args.device, dtype=args.dtype)
     if bool(args.fid_reference) != bool(args.inception):
         raise KoalaError("FID needs both --fid-reference DIR and --inception FILE", option="fid_reference")
     res = run_eval(models, prompts, scorers, args.out, settings, progress=not args.no_progress,
-                   fid_reference=args.fid_reference, inception=args.inception)
+                   fid_reference=args.fid_reference, inception=args.inception, benchmarks=benchmarks)
     import os
 
     from ..eval.run import markdown

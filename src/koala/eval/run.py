@@ -388,9 +388,14 @@ def model_fid(model: EvalModel, images: list[dict], out_dir: str, reference: str
 
 def run_eval(models: list[EvalModel], prompts: list[Prompt], scorers: list[_Scorer], out_dir: str,
              settings: EvalSettings | None = None, progress: bool = True, log=print, fid_reference: str | None = None,
-             inception: str | None = None) -> dict:
+             inception: str | None = None, benchmarks: list[tuple[str, list[Prompt], list[_Scorer]]] = ()) -> dict:
     """Generate and score every model; writes ``results.json``, ``results.md`` and (with matplotlib) ``results.png``
-    in ``out_dir``. Returns the results dict."""
+    in ``out_dir``. Returns the results dict.
+
+    ``prompts`` / ``scorers``: the main prompt set and what scores it (FID, when asked for, is over its images);
+    ``benchmarks``: more (name, prompt set, scorers), e.g. ("hpsv2", HPSv2's prompts, [HPSv2]) and
+    ("compbench-color", color_val.txt, [B-VQA]): the paper's Table 5 in one run. Images of a prompt that two sets
+    share are generated once."""
     from ..utils import atomic_write_text, check_output_folder
 
     s = settings or EvalSettings()
@@ -399,29 +404,39 @@ def run_eval(models: list[EvalModel], prompts: list[Prompt], scorers: list[_Scor
         raise KoalaError(f"model names must differ: {names}", option="model")
     if not models:
         raise KoalaError("no model to evaluate", option="model")
+    sets = ([("main", prompts, scorers)] if prompts else []) + list(benchmarks)
+    if not sets:
+        raise KoalaError("no prompts: give a prompt set and/or benchmarks", option="prompts")
     check_output_folder(out_dir, "eval run output")
     os.makedirs(out_dir, exist_ok=True)
     previous = _read_previous(out_dir)
+    union: dict[tuple[str, str], Prompt] = {}
+    for _, ps, _ in sets:
+        for p in ps:
+            union.setdefault((p.style, p.text), p)
     rows = []
     for m in models:
         row = ModelRow(m.name, m.source())
-        images = generate_images(m, prompts, s, out_dir, row, progress)
+        by_key = {r["key"]: r for r in generate_images(m, list(union.values()), s, out_dir, row, progress)}
         old = previous.get(m.name, {})
         if not row.generated_now and old.get("source") == row.source:  # measured in the run that made the images
             for k in ("unet_params", "latency_s", "peak_gib", "memory_kind"):
                 setattr(row, k, old.get(k))
-        row.n_images = len(images)
-        for sc in scorers:
-            agg = score_images(m, images, sc, out_dir, progress)
-            agg.pop("_scored_now")
-            row.scores[sc.name] = agg
-        if fid_reference:
-            row.scores["fid"] = {"fid": model_fid(m, images, out_dir, fid_reference, inception,
-                                                  "cuda" if (s.device or "").startswith("cuda") else "cpu")}
+        row.n_images = len(by_key)
+        for set_name, ps, scs in sets:
+            images = [by_key[image_key(m, union[(p.style, p.text)], seed, s)] for p in ps for seed in s.seeds]
+            for sc in scs:
+                agg = score_images(m, images, sc, out_dir, progress)
+                agg.pop("_scored_now")
+                label = sc.name if set_name in ("main", sc.name) else f"{set_name}:{sc.name}"
+                row.scores[label] = agg
+            if fid_reference and set_name == sets[0][0]:
+                row.scores["fid"] = {"fid": model_fid(m, images, out_dir, fid_reference, inception,
+                                                      "cuda" if (s.device or "").startswith("cuda") else "cpu")}
         rows.append(row)
         log(f"{m.name}: {row.n_images} images ({row.generated_now} generated now)")
     result = {"schema": SCHEMA, "settings": {**asdict(s), "seeds": list(s.seeds)},
-              "prompts": {"n": len(prompts), "styles": sorted({p.style for p in prompts})},
+              "prompts": {name: {"n": len(ps), "styles": sorted({p.style for p in ps})} for name, ps, _ in sets},
               "models": [asdict(r) for r in rows]}
     atomic_write_text(os.path.join(out_dir, "results.json"), json.dumps(result, indent=1))
     atomic_write_text(os.path.join(out_dir, "results.md"), markdown(result))
@@ -459,15 +474,17 @@ def markdown(result: dict) -> str:
             v = m["scores"].get(sc, {}).get(k)
             if v is None:
                 return "-"
-            return f"{100 * v:.1f}%" if sc == "shapes" else f"{v:.2f}"  # (FID: lower is better)
+            return f"{100 * v:.1f}%" if sc.endswith("shapes") else f"{v:.3f}" if sc.startswith("compbench") or \
+                ":compbench" in sc else f"{v:.2f}"  # (FID: lower is better)
         cells = [m["name"], f"{m['unet_params'] / 1e6:.1f}M" if m.get("unet_params") else "-",
                  f"{m['latency_s']:.3f}" if m.get("latency_s") is not None else "-",
                  f"{m['peak_gib']:.2f}" if m.get("peak_gib") is not None else "-"] + [fmt(sc, k) for sc, k in cols]
         lines.append("| " + " | ".join(cells) + " |")
     st = result["settings"]
     lines.append("")
-    lines.append(f"{result['prompts']['n']} prompts x {len(st['seeds'])} seed(s); {st['scheduler']}, {st['steps']} "
-                 f"steps, cfg {st['cfg']}; latency: median per image in the run that generated the images")
+    sets = ", ".join(f"{name} {v['n']}" for name, v in result["prompts"].items())
+    lines.append(f"prompts: {sets}; x {len(st['seeds'])} seed(s); {st['scheduler']}, {st['steps']} steps, cfg "
+                 f"{st['cfg']}; latency: median per image in the run that generated the images")
     return "\n".join(lines) + "\n"
 
 
@@ -481,7 +498,9 @@ def plot(result: dict, path: str, log=print) -> str | None:
     except ImportError:
         log("note: matplotlib is not installed; no plot (pip install 'koala-diffusion[plots]')")
         return None
-    heads = [(sc, {"shapes": "binding", "fid": "fid"}.get(sc, "average")) for sc in result["models"][0]["scores"]]
+    first = result["models"][0]["scores"]
+    heads = [(sc, "binding" if "binding" in agg else "average" if "average" in agg else next(iter(agg)))
+             for sc, agg in first.items()]
     if not heads:
         return None
     fig, axes = plt.subplots(1, len(heads), figsize=(4.5 * len(heads), 3.6), squeeze=False)
@@ -490,10 +509,11 @@ def plot(result: dict, path: str, log=print) -> str | None:
             v, lat = m["scores"].get(sc, {}).get(k), m.get("latency_s")
             if v is None or lat is None:
                 continue
-            ax.scatter([lat], [100 * v if sc == "shapes" else v])
-            ax.annotate(m["name"], (lat, 100 * v if sc == "shapes" else v), fontsize=8)
+            y = 100 * v if sc.endswith("shapes") else v
+            ax.scatter([lat], [y])
+            ax.annotate(m["name"], (lat, y), fontsize=8)
         ax.set_xlabel("latency (s / image)")
-        ax.set_ylabel(f"{sc} {k}" + (" (%)" if sc == "shapes" else ""))
+        ax.set_ylabel(f"{sc} {k}" + (" (%)" if sc.endswith("shapes") else ""))
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=110)
