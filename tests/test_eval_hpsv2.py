@@ -134,7 +134,9 @@ def test_folder_styles_cli_and_bad_input(hps, tmp_path, capsys):
     assert res["n_images"] == 3 and len(res["skipped"]) == 1
     assert set(res["styles"]) == {"anime", "photo"}
     assert res["hpsv2"] == pytest.approx((res["styles"]["anime"]["hpsv2"] + res["styles"]["photo"]["hpsv2"]) / 2)
-    assert main(["eval", "hpsv2", str(folder), "--checkpoint", ckpt, "--tokenizer", tok_dir]) == 0
+    assert main(["eval", "hpsv2", str(folder), "--checkpoint", ckpt, "--tokenizer", tok_dir, "--markdown",
+                 str(tmp_path / "t.md")]) == 0
+    assert "| average |" in (tmp_path / "t.md").read_text()
     assert "| anime |" in capsys.readouterr().out
 
     with pytest.raises(KoalaError, match="no such file"):

@@ -58,6 +58,7 @@ def register(sub) -> None:
     h.add_argument("--device", default="cpu")
     h.add_argument("--limit", type=int, default=None)
     h.add_argument("--json", default=None, metavar="FILE", help="write the result with per-image scores")
+    h.add_argument("--markdown", default=None, metavar="FILE", help="write the table (markdown)")
     h.set_defaults(func=run_hpsv2)
     f = ev.add_parser(
         "fid", help="FID of generated images against a reference folder (local Inception TorchScript)",
@@ -71,6 +72,7 @@ def register(sub) -> None:
     f.add_argument("--device", default="cpu")
     f.add_argument("--batch-size", type=int, default=32)
     f.add_argument("--json", default=None, metavar="FILE", help="write the result as JSON")
+    f.add_argument("--markdown", default=None, metavar="FILE", help="write the table (markdown)")
     f.set_defaults(func=run_fid)
     b = ev.add_parser(
         "compbench", help="T2I-CompBench category score (B-VQA, spatial, non-spatial CLIP, 3-in-1) from local checkpoints",
@@ -90,6 +92,7 @@ def register(sub) -> None:
     b.add_argument("--device", default="cpu")
     b.add_argument("--limit", type=int, default=None)
     b.add_argument("--json", default=None, metavar="FILE", help="write the result with per-image scores")
+    b.add_argument("--markdown", default=None, metavar="FILE", help="write the table (markdown)")
     b.set_defaults(func=run_compbench)
     r = ev.add_parser(
         "run", help="the paper's Table 5 in one command: generate with every model, score, write a table",
@@ -203,46 +206,52 @@ def run_run(args) -> int:
 
 def run_hpsv2(args) -> int:
     from ..eval.hpsv2 import score_folder
-    from ..utils import atomic_write_text
 
     res = score_folder(args.dir, args.checkpoint, args.tokenizer, device=args.device, limit=args.limit, act=args.act)
-    print("| style | HPSv2 | images |\n|---|---|---|")
-    for st, v in res["styles"].items():
-        print(f"| {st} | {v['hpsv2']:.2f} | {v['n_images']} |")
-    print(f"| average | {res['hpsv2']:.2f} | {res['n_images']}"
-          + (f", {len(res['skipped'])} unreadable skipped" if res["skipped"] else "") + " |")
-    if args.json:
+    lines = ["| style | HPSv2 | images |", "|---|---|---|"]
+    lines += [f"| {st} | {v['hpsv2']:.2f} | {v['n_images']} |" for st, v in res["styles"].items()]
+    lines.append(f"| average | {res['hpsv2']:.2f} | {res['n_images']}{_skips(res['skipped'])} |")
+    return _emit(args, lines, res)
+
+
+def _skips(skipped) -> str:
+    n = sum(len(v) for v in skipped.values()) if isinstance(skipped, dict) else len(skipped)
+    return f", {n} unreadable skipped" if n else ""
+
+
+def _emit(args, lines: list[str], res: dict) -> int:
+    """Print the markdown table; write it (--markdown) and the result with per-image rows (--json)."""
+    from ..utils import atomic_write_text
+
+    table = "\n".join(lines) + "\n"
+    print(table, end="")
+    if getattr(args, "json", None):
         atomic_write_text(args.json, json.dumps(res, indent=1))
+    if getattr(args, "markdown", None):
+        atomic_write_text(args.markdown, table)
     return 0
 
 
 def run_compbench(args) -> int:
     from ..eval.compbench import CompBench, score_folder
-    from ..utils import atomic_write_text
 
     bench = CompBench(vqa=args.vqa, detector=args.detector, clip=args.clip, device=args.device,
                       complex_lists=args.complex_lists, detector_threshold=args.detector_threshold)
     for kind in bench.needs(args.category):  # every checkpoint this category needs, before any work
         bench._get(kind)
     res = score_folder(args.dir, args.category, bench, args.limit)
-    skip = f", {len(res['skipped'])} unreadable skipped" if res["skipped"] else ""
-    print(f"T2I-CompBench {args.category}: {res['score']:.4f} ({res['n_images']} images{skip})")
-    if args.json:
-        atomic_write_text(args.json, json.dumps(res, indent=1))
-    return 0
+    return _emit(args, ["| folder | T2I-CompBench category | score | images |", "|---|---|---|---|",
+                        f"| {args.dir} | {args.category} | {res['score']:.4f} | {res['n_images']}"
+                        f"{_skips(res['skipped'])} |"], res)
 
 
 def run_fid(args) -> int:
     from ..eval.fid import fid
-    from ..utils import atomic_write_text
 
     res = fid(args.dir, args.reference, args.inception, device=args.device, batch_size=args.batch_size)
-    skipped = sum(len(v) for v in res["skipped"].values())
-    print(f"FID {res['fid']:.3f} ({res['n_generated']} generated vs {res['n_reference']} reference images"
-          + (f", {skipped} unreadable skipped" if skipped else "") + ")")
-    if args.json:
-        atomic_write_text(args.json, json.dumps(res, indent=1))
-    return 0
+    return _emit(args, ["| generated | reference | FID | images |", "|---|---|---|---|",
+                        f"| {args.dir} | {args.reference} | {res['fid']:.3f} | {res['n_generated']} vs "
+                        f"{res['n_reference']}{_skips(res['skipped'])} |"], res)
 
 
 def run_clip(args) -> int:
