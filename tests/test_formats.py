@@ -309,3 +309,26 @@ def test_real_size_sdxl_layout_is_what_diffusers_and_checkpoints_know():
              "model.diffusion_model.label_emb.0.0.weight": (1280, 2816),
              "model.diffusion_model.output_blocks.1.2.conv.weight": (1280, 1280, 3, 3)}  # 2 resnets per decoder stage
     assert {k: tuple(sd[k].shape) for k in known} == known
+
+
+def test_export_keeps_the_stored_dtype_unless_told(teacher, tmp_path):
+    from koala.formats.single_file import read_header
+
+    half = tmp_path / "half"
+    assert main(["export", teacher, "--format", "diffusers", "--dtype", "fp16", "--out", str(half)]) == 0
+    export_single_file(str(half), str(tmp_path / "h.safetensors"))
+    export_single_file(str(half), str(tmp_path / "f.safetensors"), dtype="fp32")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "h.safetensors"), "pt") as a, safe_open(str(tmp_path / "f.safetensors"), "pt") as b:
+        k = "model.diffusion_model.input_blocks.0.0.weight"
+        assert a.get_tensor(k).dtype == torch.float16 and b.get_tensor(k).dtype == torch.float32
+        assert torch.equal(a.get_tensor(k).float(), b.get_tensor(k))
+    assert os.path.getsize(tmp_path / "h.safetensors") < 0.6 * os.path.getsize(tmp_path / "f.safetensors")
+    assert read_header(str(tmp_path / "h.safetensors"))[1]["koala.family"] == "sdxl"
+    # a directory rewritten without --dtype keeps every component's stored dtype
+    assert main(["export", str(half), "--format", "diffusers", "--out", str(tmp_path / "again")]) == 0
+    from koala.formats.single_file import stored_dtype
+
+    for c in COMPONENTS:
+        assert stored_dtype(str(tmp_path / "again" / c)) == torch.float16, c

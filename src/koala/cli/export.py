@@ -36,7 +36,7 @@ def register(sub) -> None:
     p.add_argument("--base", default=None, help="single-file from a U-Net directory: the pipeline supplying VAE and "
                    "text encoders")
     p.add_argument("--unet-only", action="store_true", help="write / convert the U-Net alone")
-    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="weight dtype (default: as stored)")
+    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="weight dtype (default: each component as it is stored)")
     p.add_argument("--config", default=None, metavar="DIR",
                    help="diffusers: a pipeline directory of the file's architecture whose configs and tokenizers are used "
                    "(not its weights); default: koala's SDXL-Base-1.0 configs, tokenizers from the local HF cache")

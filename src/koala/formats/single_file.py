@@ -70,6 +70,31 @@ def _load_component(pipeline_dir: str, name: str, dtype):
     return getattr(transformers, arch).from_pretrained(pipeline_dir, subfolder=name, dtype=dtype)
 
 
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def stored_dtype(folder: str) -> torch.dtype | None:
+    """The floating dtype a component folder's safetensors weights are stored in (None when there are none)."""
+    if not os.path.isdir(folder):
+        return None
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            shapes_dtypes = _header_dtypes(os.path.join(folder, name))
+            for dt in shapes_dtypes:
+                if dt in _ST_DTYPES:
+                    return _ST_DTYPES[dt]
+    return None
+
+
+def _header_dtypes(path: str) -> list[str]:
+    import struct
+
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return [v["dtype"] for k, v in header.items() if k != "__metadata__"]
+
+
 def export_single_file(src: str, out: str, *, base: str | None = None, dtype=None, unet_only: bool = False,
                        overwrite: bool = False) -> ExportResult:
     """Write ``src`` (a pipeline directory, or a U-Net directory with ``base`` supplying VAE and text encoders,
@@ -100,10 +125,10 @@ def export_single_file(src: str, out: str, *, base: str | None = None, dtype=Non
     for name, prefix in _component_prefixes(fam.name):
         if unet_only and name != "unet":
             continue
-        if name == "unet":
-            module = fam.load_model(model_dir(src), dt)
+        if name == "unet":  # each component in --dtype, else as it is stored
+            module = fam.load_model(model_dir(src), dt or stored_dtype(model_dir(src)))
         else:
-            module = _load_component(pipe_dir, name, dt)
+            module = _load_component(pipe_dir, name, dt or stored_dtype(os.path.join(pipe_dir, name)))
         part = to_ldm(module.state_dict(), _rules_for(name, module, fam.name), prefix)
         counts[name] = len(part)
         tensors.update(part)
@@ -143,10 +168,16 @@ def export_diffusers(src: str, out_dir: str, *, dtype=None, overwrite: bool = Fa
         if kind == "pipeline":
             fam.check_pipeline_dir(src, "model")
             cls = fam.pipeline_class_of(src)
-            pipe = cls.from_pretrained(src, **fam.pipeline_load_kwargs, **({"dtype": dt} if dt else {}))
+            if dt is None:  # every component as it is stored (an fp16 U-Net beside an fp32 VAE stays so)
+                stored = {c: stored_dtype(os.path.join(src, c)) for c in read_json(os.path.join(src, "model_index.json"))
+                          if not c.startswith("_")}
+                dt_arg = {"default": torch.float32, **{c: d for c, d in stored.items() if d is not None}}
+            else:
+                dt_arg = dt
+            pipe = cls.from_pretrained(src, **fam.pipeline_load_kwargs, dtype=dt_arg)
             pipe.save_pretrained(tmp, safe_serialization=True)
         else:
-            fam.load_model(src, dt).save_pretrained(tmp, safe_serialization=True)
+            fam.load_model(src, dt or stored_dtype(src)).save_pretrained(tmp, safe_serialization=True)
         for sub in ("", fam.model_subfolder):  # koala's own files, which diffusers does not know
             for name in ("koala_layer_map.json", "README.md"):
                 f = os.path.join(src, sub, name)
