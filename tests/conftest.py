@@ -74,3 +74,21 @@ def clip_dir(tmp_path_factory):
     CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
                   tokenizer=tok).save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="session")
+def nsfw_dir(tmp_path_factory):
+    """Tiny random ViT classifier whose bias makes 'nsfw' score ~0.99 on any image."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                    intermediate_size=32, id2label={0: "normal", 1: "nsfw"}, label2id={"normal": 0, "nsfw": 1})
+    model = ViTForImageClassification(cfg)
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.copy_(torch.tensor([0.0, 5.0]))
+    d = str(tmp_path_factory.mktemp("nsfw"))
+    model.save_pretrained(d)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(d)
+    return d

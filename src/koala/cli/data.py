@@ -26,6 +26,11 @@ def _source_args(p) -> None:
     g.add_argument("--syncap", choices=["append", "replace", "original"],
                    help="append: original + ', ' + synthetic (KOALA, default when --syncap-column is set); "
                    "replace: synthetic only; original: ignore it")
+    g.add_argument("--syncap-file", help="synthetic captions written by `koala data syncap`, joined to the source by "
+                   "sample key (the syncap mode then defaults to append)")
+    g.add_argument("--nsfw-model", help="local image classifier (App. E): images it flags are skipped, counted as nsfw")
+    g.add_argument("--nsfw-label", help="the classifier's class to filter on (default nsfw)")
+    g.add_argument("--nsfw-threshold", type=float, help="skip when that class's probability exceeds this (default 0.5)")
     g.add_argument("--image-column", help="parquet/csv/hf_disk column with image paths (default: guessed)")
     g.add_argument("--image-root", help="folder that relative image paths start from (default: the table's folder)")
     g.add_argument("--split", help="hf_disk: split of a DatasetDict (default train)")
@@ -42,7 +47,8 @@ def _data_cfg(args) -> dict:
         # SOURCE decides the path and the type (guessed, or --type)
         cfg = {k: v for k, v in dict(loaded.get("data", loaded)).items() if k not in ("type", "path")}
     cfg["path"] = args.source
-    for key in ("type", "syncap_column", "syncap", "image_column", "image_root", "split", "min_size", "max_aspect"):
+    for key in ("type", "syncap_column", "syncap", "syncap_file", "nsfw_model", "nsfw_label", "nsfw_threshold",
+                "image_column", "image_root", "split", "min_size", "max_aspect"):
         if getattr(args, key, None) is not None:
             cfg[key] = getattr(args, key)
     if args.caption_column:
@@ -70,6 +76,24 @@ def register(sub) -> None:
     s.add_argument("--limit", type=int, help="read at most this many records")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=run_stats)
+    y = dsub.add_parser("syncap", help="write synthetic captions with a local vision-language model (synCap)",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                        description="Caption every image of a data source with a local vision-language model through "
+                        "transformers (LLaVA-1.5 family, as KOALA's synCap: 'Describe this image in detail.'), batched, "
+                        "with progress. Writes OUT as JSON lines {key, syncap}; re-running resumes (captioned keys are "
+                        "skipped). Use the captions with data config syncap_file: OUT (or --syncap-file OUT) and a synCap "
+                        "mode: append (original + ', ' + synthetic, the paper's choice), replace, original.")
+    _source_args(y)
+    y.add_argument("--vlm", required=True, help="local image-text-to-text model directory (e.g. llava-hf/llava-1.5-7b-hf)")
+    y.add_argument("--out", required=True, help="captions file (JSON lines; appended to, so a rerun resumes)")
+    y.add_argument("--prompt", default="Describe this image in detail.", help="the instruction given with each image")
+    y.add_argument("--batch-size", type=int, default=4)
+    y.add_argument("--max-new-tokens", type=int, default=160)
+    y.add_argument("--limit", type=int, help="caption at most this many records")
+    y.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    y.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default: fp16 on cuda, fp32 on cpu")
+    y.add_argument("--no-progress", action="store_true")
+    y.set_defaults(func=run_syncap)
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
 
     c = sub.add_parser("cache", help="precompute VAE latents and text-encoder states into sharded safetensors",
@@ -102,6 +126,21 @@ def register(sub) -> None:
     c.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)),
                    help="number of processes (env WORLD_SIZE)")
     c.set_defaults(func=run_cache)
+
+
+def run_syncap(args) -> int:
+    from ..data.syncap import caption_source
+    from ..utils import parse_device, parse_dtype
+
+    device = str(parse_device(args.device))
+    dtype = parse_dtype(args.dtype) or (parse_dtype("fp16") if device.startswith("cuda") else None)
+    res = caption_source(_data_cfg(args), args.vlm, args.out, prompt=args.prompt, batch_size=args.batch_size,
+                         max_new_tokens=args.max_new_tokens, limit=args.limit, device=device, dtype=dtype,
+                         progress=not args.no_progress)
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(res["skip_reasons"].items()))
+    print(f"syncap: {res['captioned']} captioned now, {res['already']} already in {res['out']}, "
+          f"{res['skipped']} skipped" + (f" ({reasons})" if reasons else ""))
+    return 0
 
 
 def run_stats(args) -> int:

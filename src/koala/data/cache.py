@@ -188,8 +188,11 @@ def build_cache(data_cfg: dict, pipeline_dir: str, out_dir: str, *, resolution: 
             "buckets": buckets, "center_crop": cfg["center_crop"], "random_flip": cfg["random_flip"],
             "latent": latent, "dtype": str(store).replace("torch.", ""), "seed": seed,
             "shard_size": shard_size if source.kind == "indexed" else None, "num_units": len(units),
-            "source": {k: cfg[k] for k in ("type", "path", "caption_column", "syncap_column", "syncap",
-                                            "image_column", "image_root", "split", "min_size", "max_aspect")}}
+            "source": {**{k: cfg[k] for k in ("type", "path", "caption_column", "syncap_column", "syncap",
+                                               "image_column", "image_root", "split", "min_size", "max_aspect")},
+                       **({"syncap_file": os.path.abspath(cfg["syncap_file"])} if cfg.get("syncap_file") else {}),
+                       **({k: cfg[k] for k in ("nsfw_model", "nsfw_label", "nsfw_threshold")}
+                          if cfg.get("nsfw_model") else {})}}
     fam.check_pipeline_dir(pipeline_dir)  # missing or corrupt components: refused before anything is written
     check_output_folder(out_dir, "the cache")
     os.makedirs(os.path.join(out_dir, "shards"), exist_ok=True)

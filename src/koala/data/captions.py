@@ -10,12 +10,15 @@ usable caption at all is skipped as ``no_caption``.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 
 from ..errors import KoalaError
 from .images import SkipSample
 
 SYNCAP_MODES = ("append", "replace", "original")
+SYNCAP_FIELD = "syncap"  # the field of a `koala data syncap` file (and the row field it is joined into)
 DEFAULT_CAPTION_COLUMNS = ("text", "caption", "prompt", "TEXT", "alt", "txt")
 CLIP_WINDOW = 77  # tokens including BOS and EOS
 WORDS_TO_TOKENS = 1.3  # rough CLIP BPE tokens per English word, used only when no tokenizer is given
@@ -102,3 +105,19 @@ class CaptionLengths:
             "captions_over_77_tokens_pct": round(100.0 * self.over / self.n, 2) if self.n else 0.0,
             "token_count_method": "tokenizer" if self.tokenizer is not None else f"estimate ({WORDS_TO_TOKENS} tokens/word)",
         }
+
+
+def read_syncap_file(path: str) -> dict[str, str]:
+    """key -> caption of a synCap file (a line cut by a kill is ignored)."""
+    if not os.path.isfile(path):
+        raise KoalaError(f"syncap_file {path}: no such file (write it with koala data syncap)", option="syncap_file")
+    out = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and "key" in row:
+                out[str(row["key"])] = str(row.get(SYNCAP_FIELD, ""))
+    return out

@@ -12,6 +12,10 @@ DEFAULTS = {
     "caption_column": None,   # str or list (first non-empty wins); None: text, caption, prompt, TEXT, alt, txt
     "syncap_column": None,    # field with the synthetic (LMM) caption
     "syncap": None,           # append (default when syncap_column is set; KOALA's choice) | replace | original
+    "syncap_file": None,      # captions written by `koala data syncap` (key -> caption), joined to the source by key
+    "nsfw_model": None,       # local image classifier (App. E): images it flags are skipped, counted as "nsfw"
+    "nsfw_label": "nsfw",     # the classifier's class to filter on
+    "nsfw_threshold": 0.5,    # skip when that class's probability exceeds this
     "image_column": None,     # parquet/csv/hf_disk: image path (or datasets.Image) column; guessed if None
     "image_root": None,       # base folder for relative image paths (default: the table's folder)
     "split": "train",         # hf_disk: split of a DatasetDict
@@ -45,6 +49,8 @@ def normalize_data_cfg(cfg: dict) -> dict:
         out["type"] = guess_type(out["path"])
     if out["type"] not in TYPES:
         raise KoalaError(f"data config: type {out['type']!r} is not one of {', '.join(TYPES)}")
+    if out["syncap_file"] and not out["syncap_column"]:
+        out["syncap_column"] = "syncap"  # where the joined caption goes in each sample's row
     out["min_size"] = int(out["min_size"] or 0)
     if out["max_aspect"] is not None and float(out["max_aspect"]) < 1:
         raise KoalaError(f"data config: max_aspect must be >= 1 (long side / short side), got {out['max_aspect']}")

@@ -47,7 +47,19 @@ class SamplePreparer:
     """``load(record) -> (rgb_image, caption)`` applying caption choice and size/aspect filters; raises SkipSample."""
 
     def __init__(self, cfg: dict):
-        self.captions = CaptionBuilder(cfg.get("caption_column"), cfg.get("syncap"), cfg.get("syncap_column"))
+        syncap_column = cfg.get("syncap_column") or ("syncap" if cfg.get("syncap_file") else None)
+        self.captions = CaptionBuilder(cfg.get("caption_column"), cfg.get("syncap"), syncap_column)
+        self.syncap = None
+        if cfg.get("syncap_file"):  # synthetic captions from `koala data syncap`, joined by the sample's key
+            from .captions import read_syncap_file
+
+            self.syncap = (syncap_column, read_syncap_file(cfg["syncap_file"]))
+        self.nsfw = None
+        if cfg.get("nsfw_model"):  # App. E: NSFW training images are filtered out (counted as skips)
+            from ..safety import NSFWFilter
+
+            self.nsfw = NSFWFilter(cfg["nsfw_model"], cfg.get("nsfw_label") or "nsfw",
+                                   float(cfg.get("nsfw_threshold", 0.5)))
         self.min_size = int(cfg.get("min_size") or 0)
         self.max_aspect = float(cfg["max_aspect"]) if cfg.get("max_aspect") else None
 
@@ -57,10 +69,21 @@ class SamplePreparer:
         if self.max_aspect and max(h, w) / max(1, min(h, w)) > self.max_aspect:
             raise SkipSample("bad_aspect", f"{h}x{w} exceeds max_aspect {self.max_aspect}")
 
+    def row(self, rec: dict) -> dict:
+        if self.syncap is None:
+            return rec["row"]
+        column, captions = self.syncap
+        key = str(rec.get("key"))
+        return {**rec["row"], column: captions[key]} if key in captions else rec["row"]
+
     def load(self, rec: dict):
-        caption = self.captions(rec["row"])  # cheap check first: no caption -> no decode
+        caption = self.captions(self.row(rec))  # cheap check first: no caption -> no decode
         img = decode_image(rec["image"], check=self.check)
         self.check(img.height, img.width)
+        if self.nsfw is not None:
+            flagged, score = self.nsfw.flags([img])[0]
+            if flagged:
+                raise SkipSample("nsfw", f"{self.nsfw.label} {score:.2f} > {self.nsfw.threshold}")
         return img, caption
 
     def probe(self, rec: dict, need_size: bool = False) -> tuple[int, int] | None:
@@ -71,7 +94,10 @@ class SamplePreparer:
         upright (h, w) when read, else None; raises SkipSample like :meth:`load`. A file whose header is fine
         but whose pixel data is corrupt (e.g. truncated) passes here though :meth:`load` would skip it.
         """
-        self.captions(rec["row"])
+        if self.nsfw is not None:  # the classifier needs the pixels: decide exactly as load() does
+            img, _ = self.load(rec)
+            return (img.height, img.width) if (need_size or self.min_size or self.max_aspect) else None
+        self.captions(self.row(rec))
         src = rec["image"]
         if src is None:
             raise SkipSample("no_image")

@@ -237,3 +237,32 @@ def save_tiny_pipeline(out_dir: str, spec: TinySpec = RANDOM, seed: int = 0, wor
     """Write :func:`tiny_pipeline` to ``out_dir`` (safetensors); ``from_pretrained(out_dir)`` loads it."""
     tiny_pipeline(spec, seed, words, family).save_pretrained(out_dir, safe_serialization=True)
     return out_dir
+
+
+def save_tiny_vlm(out_dir: str, words: Iterable[str] = (), seed: int = 0) -> str:
+    """A random tiny LLaVA (CLIP vision tower + Llama text model) with its processor, for ``koala data syncap`` tests:
+    ``AutoModelForImageTextToText`` / ``AutoProcessor`` load it from ``out_dir``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+
+    vocab = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "USER:", "ASSISTANT:", "describe", "this", "image", "in",
+             "detail.", "a", "red", "blue", "circle", "square", ".", ","]
+    vocab += [w for w in words if w not in vocab]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  pad_token="<pad>", additional_special_tokens=["<image>"])
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                       image_size=32, patch_size=8),
+        text_config=LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                                bos_token_id=1, eos_token_id=2, pad_token_id=3),
+        image_token_index=vocab.index("<image>"), vision_feature_layer=-1, vision_feature_select_strategy="default")
+    torch.manual_seed(seed)
+    LlavaForConditionalGeneration(cfg).save_pretrained(out_dir)
+    LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                   tokenizer=tok, patch_size=8, vision_feature_select_strategy="default", image_token="<image>",
+                   num_additional_image_tokens=1).save_pretrained(out_dir)
+    return out_dir
