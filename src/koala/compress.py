@@ -71,7 +71,8 @@ def compress(teacher_path: str, preset, out_dir: str, dtype: str | torch.dtype |
         fam.check_pipeline_dir(teacher_path, "teacher")
     teacher, fam = load_denoiser(teacher_unet or teacher_path, dtype, config_from=teacher_path, family=fam)
     student, lmap = fam.compress(teacher, spec, layer_selection, dtype)
-    lmap.meta.update({"teacher_path": _source or os.path.abspath(teacher_unet or teacher_path),
+    recorded = os.path.abspath(teacher_unet) if teacher_unet else (_source or os.path.abspath(teacher_path))
+    lmap.meta.update({"teacher_path": recorded,
                       "preset": preset if isinstance(preset, str) else None, "teacher_kind": teacher_kind})
     with atomic_output_dir(out_dir, overwrite) as tmp:
         model_out = tmp

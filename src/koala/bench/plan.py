@@ -165,8 +165,10 @@ def _models(cfg: dict, teacher: str | None) -> _Models:
         try:
             fam, t_config = preset_unet_config(source)
         except KoalaError:
+            hint = ("; for a single-file teacher give the preset of its architecture (--teacher sdxl-base)"
+                    if os.path.isfile(source) else "")
             raise KoalaError(f"teacher {source!r} is neither a pipeline directory nor a preset (e.g. sdxl-base, "
-                             "sd-v1; tiny-<preset> for test sizes)", option="teacher") from None
+                             f"sd-v1; tiny-<preset> for test sizes){hint}", option="teacher") from None
         frozen, scale = _frozen_from_preset(fam, source.startswith(TINY_PREFIX), dtype, vae_dtype)
     s = cfg["student"]
     if s["path"]:
