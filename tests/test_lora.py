@@ -172,3 +172,15 @@ def test_bad_loras_are_refused_with_nothing_written(setup, tiny_sd_pipe_dir, tmp
     with pytest.raises(KoalaError, match="safetensors only"):
         transfer_lora(str(tmp_path / "lora.pt"), student, str(out))
     assert not out.exists()
+
+
+def test_alphas_from_diffusers_metadata_with_patterns():
+    import json
+
+    from koala.formats.lora import _peft_alpha
+
+    alpha = _peft_alpha({"lora_adapter_metadata": json.dumps(
+        {"unet.lora_alpha": 8, "unet.r": 4, "unet.alpha_pattern": {"attn1.to_q": 2, "[not a regex": 3}})})
+    assert alpha("unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q") == 2.0
+    assert alpha("unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k") == 8.0
+    assert alpha("text_encoder", "text_model.encoder.layers.0.self_attn.q_proj") is None  # nothing said: alpha = rank

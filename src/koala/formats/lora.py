@@ -172,7 +172,11 @@ def _peft_alpha(meta: dict):
         if not cfg or cfg.get("lora_alpha") is None:
             return None
         for pat, a in (cfg.get("alpha_pattern") or {}).items():
-            if module == pat or module.endswith("." + pat) or re.fullmatch(pat, module):
+            try:
+                hit = module == pat or module.endswith("." + pat) or re.fullmatch(pat, module)
+            except re.error:  # a pattern that is not a regular expression: names only
+                hit = False
+            if hit:
                 return float(a)
         return float(cfg["lora_alpha"])
 
