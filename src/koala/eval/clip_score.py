@@ -72,24 +72,11 @@ def clip_cosines(images: list, prompts: list[str], model, processor, batch_size:
 def score_folder(folder: str, checkpoint: str, device: str = "cpu", batch_size: int = 16,
                  limit: int | None = None) -> dict:
     """CLIP score of every (image, prompt) of ``folder``; JSON-ready (schema ``koala-eval-clip/1``)."""
-    from PIL import Image
+    from .folder import read_prompted_images
 
-    from ..lab.score import read_prompts
-
-    items = read_prompts(folder)[:limit]
+    data = read_prompted_images(folder, limit)
     model, processor = load_clip(checkpoint, device)
-    images, prompts, names, skipped = [], [], [], []
-    for path, text in items:
-        try:
-            with Image.open(path) as im:
-                images.append(im.convert("RGB"))
-        except (OSError, ValueError) as err:
-            skipped.append({"file_name": os.path.relpath(path, folder), "reason": str(err)[:200]})
-            continue
-        prompts.append(text)
-        names.append(os.path.relpath(path, folder))
-    if not images:
-        raise KoalaError(f"{folder}: none of the {len(items)} images could be read ({len(skipped)} skipped)")
+    images, prompts, names, skipped = data.images, data.prompts, data.names, data.skipped
     scores = clip_scores(images, prompts, model, processor, batch_size)
     return {"schema": SCHEMA, "folder": folder, "checkpoint": checkpoint, "clip_score": sum(scores) / len(scores),
             "n_images": len(scores), "skipped": skipped,

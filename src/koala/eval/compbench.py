@@ -349,23 +349,10 @@ class CompBench:
 
 def score_folder(folder: str, category: str, bench: CompBench, limit: int | None = None) -> dict:
     """One category's score of a folder (prompts from metadata.jsonl or PNG chunks); unreadable images skipped."""
-    from PIL import Image
+    from .folder import read_prompted_images
 
-    from ..lab.score import read_prompts
-
-    items = read_prompts(folder)[:limit]
-    images, prompts, names, skipped = [], [], [], []
-    for path, text in items:
-        try:
-            with Image.open(path) as im:
-                images.append(im.convert("RGB"))
-        except (OSError, ValueError) as err:
-            skipped.append({"file_name": os.path.relpath(path, folder), "reason": str(err)[:200]})
-            continue
-        prompts.append(text)
-        names.append(os.path.relpath(path, folder))
-    if not images:
-        raise KoalaError(f"{folder}: none of the {len(items)} images could be read ({len(skipped)} skipped)")
+    data = read_prompted_images(folder, limit)
+    images, prompts, names, skipped = data.images, data.prompts, data.names, data.skipped
     scores = bench.score(category, images, prompts)
     return {"schema": "koala-eval-compbench/1", "folder": folder, "category": category,
             "score": sum(scores) / len(scores), "n_images": len(scores), "skipped": skipped,

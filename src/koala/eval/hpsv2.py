@@ -197,11 +197,8 @@ def score_folder(folder: str, checkpoint: str, tokenizer: str, device: str = "cp
     PNG prompt chunks); per-style means and their average. Unreadable images are skipped and counted."""
     import json
 
-    from PIL import Image
+    from .folder import read_prompted_images
 
-    from ..lab.score import read_prompts
-
-    items = read_prompts(folder)[:limit]
     styles = {}
     meta = os.path.join(folder, "metadata.jsonl")
     if os.path.isfile(meta):
@@ -211,18 +208,9 @@ def score_folder(folder: str, checkpoint: str, tokenizer: str, device: str = "cp
                     row = json.loads(line)
                     styles[os.path.join(folder, row["file_name"])] = row.get("style", "all")
     scorer = HPSv2(checkpoint, tokenizer, device, act)
-    images, prompts, names, skipped = [], [], [], []
-    for path, text in items:
-        try:
-            with Image.open(path) as im:
-                images.append(im.convert("RGB"))
-        except (OSError, ValueError) as err:
-            skipped.append({"file_name": os.path.relpath(path, folder), "reason": str(err)[:200]})
-            continue
-        prompts.append(text)
-        names.append(path)
-    if not images:
-        raise KoalaError(f"{folder}: none of the {len(items)} images could be read ({len(skipped)} skipped)")
+    data = read_prompted_images(folder, limit)
+    images, prompts, skipped = data.images, data.prompts, data.skipped
+    names = [os.path.join(folder, n) for n in data.names]
     scores = scorer.scores(images, prompts)
     by_style: dict[str, list[float]] = {}
     for n, s in zip(names, scores):

@@ -22,6 +22,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from ..errors import KoalaError
+from .folder import open_rgb
 
 SCHEMA = "koala-eval-run/1"
 SCORERS = ("shapes", "clip", "hpsv2", "pickscore", "compbench-color", "compbench-shape", "compbench-texture", "compbench-spatial",
@@ -220,14 +221,9 @@ class ClipScorer(_Scorer):
         self.model, self.processor = load_clip(checkpoint, device)
 
     def per_image(self, paths, prompts):
-        from PIL import Image
-
         from .clip_score import clip_scores
 
-        images = []
-        for p in paths:
-            with Image.open(p) as im:
-                images.append(im.convert("RGB"))
+        images = open_rgb(paths)
         return [{"clip_score": v} for v in clip_scores(images, prompts, self.model, self.processor)]
 
     def aggregate(self, rows, styles):
@@ -243,14 +239,9 @@ class PickScoreScorer(ClipScorer):
         self.model, self.processor = load_clip(checkpoint, device, processor)
 
     def per_image(self, paths, prompts):
-        from PIL import Image
-
         from .clip_score import pick_scores
 
-        images = []
-        for p in paths:
-            with Image.open(p) as im:
-                images.append(im.convert("RGB"))
+        images = open_rgb(paths)
         return [{"pickscore": v} for v in pick_scores(images, prompts, self.model, self.processor)]
 
     def aggregate(self, rows, styles):
@@ -266,12 +257,7 @@ class HPSv2Scorer(_Scorer):
         self.hps = HPSv2(checkpoint, tokenizer, device)
 
     def per_image(self, paths, prompts):
-        from PIL import Image
-
-        images = []
-        for p in paths:
-            with Image.open(p) as im:
-                images.append(im.convert("RGB"))
+        images = open_rgb(paths)
         return [{"hpsv2": v} for v in self.hps.scores(images, prompts)]
 
     def aggregate(self, rows, styles):
@@ -285,12 +271,7 @@ class CompBenchScorer(_Scorer):
             bench._get(kind)
 
     def per_image(self, paths, prompts):
-        from PIL import Image
-
-        images = []
-        for p in paths:
-            with Image.open(p) as im:
-                images.append(im.convert("RGB"))
+        images = open_rgb(paths)
         return [{"score": v} for v in self.bench.score(self.category, images, prompts)]
 
     def aggregate(self, rows, styles):
