@@ -80,3 +80,25 @@ def test_bad_checkpoints_are_named(tmp_path, clip_dir):
         load_clip(str(tmp_path))
     with pytest.raises(KoalaError, match="no metadata.jsonl and no PNG"):
         score_folder(str(tmp_path), clip_dir)
+
+
+def test_pickscore_subcommand_is_the_scaled_cosine(clip_dir, tmp_path, capsys):
+    from koala.cli import main
+    from koala.eval.clip_score import clip_cosines
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    texts = ["a red circle", "a blue square"]
+    for i, im in enumerate(_images(2)):
+        im.save(folder / f"{i}.png")
+    with open(folder / "metadata.jsonl", "w") as f:
+        for i, t in enumerate(texts):
+            f.write(json.dumps({"file_name": f"{i}.png", "text": t}) + "\n")
+    assert main(["eval", "pickscore", str(folder), "--checkpoint", clip_dir, "--json", str(tmp_path / "p.json")]) == 0
+    assert "| PickScore |" in capsys.readouterr().out
+    res = json.load(open(tmp_path / "p.json"))
+    model, proc = load_clip(clip_dir)
+    from PIL import Image
+
+    cos = clip_cosines([Image.open(folder / f"{i}.png").convert("RGB") for i in range(2)], texts, model, proc)
+    assert res["pickscore"] == pytest.approx(float(model.logit_scale.exp()) * float(np.mean(cos)))

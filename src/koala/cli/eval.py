@@ -60,6 +60,19 @@ def register(sub) -> None:
     h.add_argument("--json", default=None, metavar="FILE", help="write the result with per-image scores")
     h.add_argument("--markdown", default=None, metavar="FILE", help="write the table (markdown)")
     h.set_defaults(func=run_hpsv2)
+    k = ev.add_parser(
+        "pickscore", help="PickScore of images for their prompts (local PickScore checkpoint)",
+        description="PickScore (Kirstain et al. 2023): exp(logit_scale) * cos(image, prompt) with the PickScore CLIP "
+        "(yuvalkirstain/PickScore_v1, with the processor of laion/CLIP-ViT-H-14-laion2B-s32B-b79K). Prompts come from "
+        "DIR/metadata.jsonl or each PNG's 'prompt' chunk; unreadable images are skipped and counted.")
+    k.add_argument("dir", metavar="DIR", help="folder of images with metadata.jsonl or PNG 'prompt' chunks")
+    k.add_argument("--checkpoint", required=True, metavar="DIR", help="PickScore checkpoint directory")
+    k.add_argument("--processor", default=None, metavar="DIR", help="its CLIP processor (default: the checkpoint dir)")
+    k.add_argument("--device", default="cpu")
+    k.add_argument("--limit", type=int, default=None)
+    k.add_argument("--json", default=None, metavar="FILE", help="write the result with per-image scores")
+    k.add_argument("--markdown", default=None, metavar="FILE", help="write the table (markdown)")
+    k.set_defaults(func=run_pickscore)
     f = ev.add_parser(
         "fid", help="FID of generated images against a reference folder (local Inception TorchScript)",
         description="Frechet Inception Distance (torchmetrics) between the images of DIR and --reference, with the "
@@ -243,6 +256,14 @@ def run_compbench(args) -> int:
     return _emit(args, ["| folder | T2I-CompBench category | score | images |", "|---|---|---|---|",
                         f"| {args.dir} | {args.category} | {res['score']:.4f} | {res['n_images']}"
                         f"{_skips(res['skipped'])} |"], res)
+
+
+def run_pickscore(args) -> int:
+    from ..eval.clip_score import pickscore_folder
+
+    res = pickscore_folder(args.dir, args.checkpoint, args.processor, device=args.device, limit=args.limit)
+    return _emit(args, ["| folder | PickScore | images |", "|---|---|---|",
+                        f"| {args.dir} | {res['pickscore']:.3f} | {res['n_images']}{_skips(res['skipped'])} |"], res)
 
 
 def run_fid(args) -> int:

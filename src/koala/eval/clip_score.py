@@ -94,3 +94,16 @@ def pick_scores(images: list, prompts: list[str], model, processor, batch_size: 
     transformers CLIP, yuvalkirstain/PickScore_v1, with the processor of laion/CLIP-ViT-H-14-laion2B-s32B-b79K)."""
     scale = float(model.logit_scale.exp())
     return [scale * c for c in clip_cosines(images, prompts, model, processor, batch_size)]
+
+
+def pickscore_folder(folder: str, checkpoint: str, processor: str | None = None, device: str = "cpu",
+                     batch_size: int = 16, limit: int | None = None) -> dict:
+    """PickScore of every (image, prompt) of ``folder``; JSON-ready (schema ``koala-eval-pickscore/1``)."""
+    from .folder import read_prompted_images
+
+    data = read_prompted_images(folder, limit)
+    model, proc = load_clip(checkpoint, device, processor)
+    scores = pick_scores(data.images, data.prompts, model, proc, batch_size)
+    return {"schema": "koala-eval-pickscore/1", "folder": folder, "checkpoint": checkpoint,
+            "pickscore": sum(scores) / len(scores), "n_images": len(scores), "skipped": data.skipped,
+            "per_image": [{"file_name": n, "text": t, "pickscore": v} for n, t, v in zip(data.names, data.prompts, scores)]}
