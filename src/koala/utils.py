@@ -155,6 +155,44 @@ class StopRequest:
         return False
 
 
+def read_jsonl(path: str) -> list[dict]:
+    """The JSON-object lines of ``path`` ([] when it does not exist); a line cut by a kill is skipped."""
+    rows = []
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(row, dict):
+                    rows.append(row)
+    return rows
+
+
+def materialize_meta_buffers(module: torch.nn.Module) -> torch.nn.Module:
+    """Give the buffers a ``load_state_dict(assign=True)`` onto a meta-built module left on meta (non-persistent ones:
+    position ids) real values: ``arange`` for ``*position_ids``, zeros otherwise."""
+    for name, buf in list(module.named_buffers()):
+        if not buf.is_meta:
+            continue
+        owner = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
+        leaf = name.rsplit(".", 1)[-1]
+        value = (torch.arange(buf.shape[-1]).expand(buf.shape).clone() if leaf.endswith("position_ids")
+                 else torch.zeros(buf.shape, dtype=buf.dtype))
+        owner.register_buffer(leaf, value, persistent=leaf not in owner._non_persistent_buffers_set)
+    return module
+
+
+def safetensors_header(path: str) -> dict:
+    """The JSON header of a safetensors file (tensor name -> dtype, shape, offsets; ``__metadata__``)."""
+    import struct
+
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n))
+
+
 def check_safetensors(path: str) -> None:
     """Refuse a truncated or corrupt ``.safetensors`` file before any library loads it, naming the file.
 

@@ -6,6 +6,17 @@ from __future__ import annotations
 import json
 
 
+def _scorer_args(p, dir_help: str = "folder of images with metadata.jsonl or PNG 'prompt' chunks",
+                 limit: bool = True) -> None:
+    """What every folder scorer takes: the folder, the device, --limit, and where the JSON / markdown go."""
+    p.add_argument("dir", metavar="DIR", help=dir_help)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    if limit:
+        p.add_argument("--limit", type=int, default=None, help="score only the first N images")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the result (with per-image scores) as JSON")
+    p.add_argument("--markdown", default=None, metavar="FILE", help="write the table (markdown)")
+
+
 def register(sub) -> None:
     p = sub.add_parser("eval", help="evaluate generated images", description="Evaluate generated images.")
     ev = p.add_subparsers(dest="eval_command", metavar="SUBCOMMAND")
@@ -33,14 +44,10 @@ def register(sub) -> None:
         "DIR/metadata.jsonl or each PNG's 'prompt' chunk (koala generate writes them). Unreadable images are "
         "skipped and counted.",
     )
-    c.add_argument("dir", metavar="DIR", help="folder of images with metadata.jsonl or PNG 'prompt' chunks")
+    _scorer_args(c)
     c.add_argument("--checkpoint", required=True, metavar="CLIP_DIR",
                    help="local transformers CLIP directory (e.g. a download of openai/clip-vit-base-patch32)")
-    c.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     c.add_argument("--batch-size", type=int, default=16)
-    c.add_argument("--limit", type=int, default=None, help="score only the first N images")
-    c.add_argument("--json", default=None, metavar="FILE", help="write the result with per-image scores")
-    c.add_argument("--markdown", default=None, metavar="FILE", help="write the one-row table")
     c.set_defaults(func=run_clip)
     h = ev.add_parser(
         "hpsv2", help="HPSv2 human-preference score of images for their prompts (local HPS checkpoint)",
@@ -49,29 +56,21 @@ def register(sub) -> None:
         "(or HPS_v2.1_compressed.pt), run through transformers (the architecture is read from the checkpoint). Prompts "
         "come from DIR/metadata.jsonl or each PNG's 'prompt' chunk; a 'style' field in metadata.jsonl gives per-style "
         "means and their average (HPSv2's benchmark styles: anime, concept-art, paintings, photo).")
-    h.add_argument("dir", metavar="DIR", help="folder of images with metadata.jsonl or PNG 'prompt' chunks")
+    _scorer_args(h)
     h.add_argument("--checkpoint", required=True, metavar="FILE", help="HPS_v2_compressed.pt (open_clip state dict)")
     h.add_argument("--tokenizer", required=True, metavar="DIR",
                    help="CLIP tokenizer directory (e.g. an SDXL pipeline directory or its tokenizer/)")
     h.add_argument("--act", default="gelu", choices=["gelu", "quick_gelu"],
                    help="MLP activation of the checkpoint's architecture (ViT-H-14: gelu; OpenAI CLIPs: quick_gelu)")
-    h.add_argument("--device", default="cpu")
-    h.add_argument("--limit", type=int, default=None)
-    h.add_argument("--json", default=None, metavar="FILE", help="write the result with per-image scores")
-    h.add_argument("--markdown", default=None, metavar="FILE", help="write the table (markdown)")
     h.set_defaults(func=run_hpsv2)
     k = ev.add_parser(
         "pickscore", help="PickScore of images for their prompts (local PickScore checkpoint)",
         description="PickScore (Kirstain et al. 2023): exp(logit_scale) * cos(image, prompt) with the PickScore CLIP "
         "(yuvalkirstain/PickScore_v1, with the processor of laion/CLIP-ViT-H-14-laion2B-s32B-b79K). Prompts come from "
         "DIR/metadata.jsonl or each PNG's 'prompt' chunk; unreadable images are skipped and counted.")
-    k.add_argument("dir", metavar="DIR", help="folder of images with metadata.jsonl or PNG 'prompt' chunks")
+    _scorer_args(k)
     k.add_argument("--checkpoint", required=True, metavar="DIR", help="PickScore checkpoint directory")
     k.add_argument("--processor", default=None, metavar="DIR", help="its CLIP processor (default: the checkpoint dir)")
-    k.add_argument("--device", default="cpu")
-    k.add_argument("--limit", type=int, default=None)
-    k.add_argument("--json", default=None, metavar="FILE", help="write the result with per-image scores")
-    k.add_argument("--markdown", default=None, metavar="FILE", help="write the table (markdown)")
     k.set_defaults(func=run_pickscore)
     f = ev.add_parser(
         "fid", help="FID of generated images against a reference folder (local Inception TorchScript)",
@@ -79,13 +78,10 @@ def register(sub) -> None:
         "standard FID Inception-v3 from a local TorchScript file (inception-2015-12-05.pt, as StyleGAN2-ADA and "
         "clean-fid distribute it). Images are resized to 299x299 with PIL bicubic. Unreadable images are skipped "
         "and counted.")
-    f.add_argument("dir", metavar="DIR", help="folder of generated images")
+    _scorer_args(f, "folder of generated images", limit=False)
     f.add_argument("--reference", required=True, metavar="REF_DIR", help="folder of reference images (e.g. COCO val)")
     f.add_argument("--inception", required=True, metavar="FILE", help="FID Inception TorchScript (inception-2015-12-05.pt)")
-    f.add_argument("--device", default="cpu")
     f.add_argument("--batch-size", type=int, default=32)
-    f.add_argument("--json", default=None, metavar="FILE", help="write the result as JSON")
-    f.add_argument("--markdown", default=None, metavar="FILE", help="write the table (markdown)")
     f.set_defaults(func=run_fid)
     b = ev.add_parser(
         "compbench", help="T2I-CompBench category score (B-VQA, spatial, non-spatial CLIP, 3-in-1) from local checkpoints",
@@ -94,7 +90,7 @@ def register(sub) -> None:
         "boxes (OWL-ViT / OWLv2 through transformers, where the benchmark uses UniDet), non_spatial by the CLIP cosine "
         "(ViT-B/32 in the benchmark), complex by the 3-in-1 mix. Prompts come from DIR/metadata.jsonl or PNG 'prompt' "
         "chunks; point koala eval run or koala generate at the benchmark's <category>_val.txt to make the images.")
-    b.add_argument("dir", metavar="DIR", help="folder of images with metadata.jsonl or PNG 'prompt' chunks")
+    _scorer_args(b)
     b.add_argument("--category", required=True, choices=["color", "shape", "texture", "spatial", "non_spatial", "complex"])
     b.add_argument("--vqa", default=None, metavar="DIR", help="BLIP VQA checkpoint (Salesforce/blip-vqa-capfilt-large)")
     b.add_argument("--detector", default=None, metavar="DIR", help="OWL-ViT / OWLv2 checkpoint (spatial, complex)")
@@ -102,10 +98,6 @@ def register(sub) -> None:
     b.add_argument("--clip", default=None, metavar="DIR", help="CLIP checkpoint (openai/clip-vit-base-patch32)")
     b.add_argument("--complex-lists", default=None, metavar="DIR",
                    help="folder with the benchmark's complex_val_spatial.txt and complex_val_action.txt")
-    b.add_argument("--device", default="cpu")
-    b.add_argument("--limit", type=int, default=None)
-    b.add_argument("--json", default=None, metavar="FILE", help="write the result with per-image scores")
-    b.add_argument("--markdown", default=None, metavar="FILE", help="write the table (markdown)")
     b.set_defaults(func=run_compbench)
     r = ev.add_parser(
         "run", help="the paper's Table 5 in one command: generate with every model, score, write a table",
@@ -277,16 +269,9 @@ def run_fid(args) -> int:
 
 def run_clip(args) -> int:
     from ..eval.clip_score import markdown, score_folder
-    from ..utils import atomic_write_text
 
     res = score_folder(args.dir, args.checkpoint, device=args.device, batch_size=args.batch_size, limit=args.limit)
-    table = markdown(res)
-    print(table, end="")
-    if args.json:
-        atomic_write_text(args.json, json.dumps(res, indent=1))
-    if args.markdown:
-        atomic_write_text(args.markdown, table)
-    return 0
+    return _emit(args, markdown(res).splitlines(), res)
 
 
 def run_shapes(args) -> int:

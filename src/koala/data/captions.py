@@ -10,7 +10,6 @@ usable caption at all is skipped as ``no_caption``.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
@@ -111,13 +110,6 @@ def read_syncap_file(path: str) -> dict[str, str]:
     """key -> caption of a synCap file (a line cut by a kill is ignored)."""
     if not os.path.isfile(path):
         raise KoalaError(f"syncap_file {path}: no such file (write it with koala data syncap)", option="syncap_file")
-    out = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict) and "key" in row:
-                out[str(row["key"])] = str(row.get(SYNCAP_FIELD, ""))
-    return out
+    from ..utils import read_jsonl
+
+    return {str(r["key"]): str(r.get(SYNCAP_FIELD, "")) for r in read_jsonl(path) if "key" in r}

@@ -21,20 +21,27 @@ from ..errors import KoalaError
 SCHEMA = "koala-eval-clip/1"
 
 
+def check_model_dir(path: str, what: str, kinds, example: str, option: str | None = None) -> dict:
+    """The config of a local transformers model directory whose ``model_type`` is one of ``kinds``; else a KoalaError
+    naming the directory and the field."""
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    cfg_path = os.path.join(path or "", "config.json")
+    if not path or not os.path.isfile(cfg_path):
+        raise KoalaError(f"{what} {path}: no config.json; give a local transformers directory ({example})", option=option)
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    if cfg.get("model_type") not in kinds:
+        raise KoalaError(f"{what} {path}: config.json field model_type is {cfg.get('model_type')!r}, not "
+                         f"{' or '.join(map(repr, kinds))}", option=option)
+    return cfg
+
+
 def load_clip(path: str, device: str | torch.device = "cpu", processor: str | None = None):
     """``(CLIPModel, CLIPProcessor)`` from a local directory (the processor from ``processor`` when given); a clear
     error for a missing or non-CLIP one."""
     from transformers import CLIPModel, CLIPProcessor
 
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise KoalaError(f"CLIP checkpoint {path}: no config.json; give a local transformers CLIP directory "
-                         "(e.g. a download of openai/clip-vit-base-patch32)", option="checkpoint")
-    with open(cfg_path) as f:
-        kind = json.load(f).get("model_type")
-    if kind != "clip":
-        raise KoalaError(f"CLIP checkpoint {path}: config.json field model_type is {kind!r}, not 'clip'",
-                         option="checkpoint")
+    check_model_dir(path, "CLIP checkpoint", "clip", "e.g. a download of openai/clip-vit-base-patch32", "checkpoint")
     model = CLIPModel.from_pretrained(path).to(device).eval()
     proc_dir = processor or path
     try:

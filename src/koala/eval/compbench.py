@@ -36,6 +36,7 @@ import re
 import torch
 
 from ..errors import KoalaError
+from .clip_score import check_model_dir
 
 CATEGORIES = ("color", "shape", "texture", "spatial", "non_spatial", "complex")
 RELATIONS = ("on side of", "next to", "near", "on the left of", "on the right of", "on the bottom of",
@@ -127,7 +128,7 @@ class BlipVQA:
     def __init__(self, path: str, device: str = "cpu"):
         from transformers import BlipForQuestionAnswering, BlipProcessor
 
-        _check_dir(path, "BLIP VQA checkpoint", "blip", "e.g. Salesforce/blip-vqa-capfilt-large")
+        check_model_dir(path, "BLIP VQA checkpoint", "blip", "e.g. Salesforce/blip-vqa-capfilt-large", "vqa")
         self.model = BlipForQuestionAnswering.from_pretrained(path).to(device).eval()
         self.processor = BlipProcessor.from_pretrained(path)
         tok = self.processor.tokenizer
@@ -207,7 +208,8 @@ class Detector:
     def __init__(self, path: str, device: str = "cpu", threshold: float = 0.1):
         import transformers
 
-        cfg = _check_dir(path, "detector checkpoint", ("owlvit", "owlv2"), "e.g. google/owlv2-base-patch16-ensemble")
+        cfg = check_model_dir(path, "detector checkpoint", ("owlvit", "owlv2"), "e.g. google/owlv2-base-patch16-ensemble",
+                              "detector")
         arch = {"owlvit": "OwlViT", "owlv2": "Owlv2"}[cfg["model_type"]]
         self.model = getattr(transformers, f"{arch}ForObjectDetection").from_pretrained(path).to(device).eval()
         self.processor = getattr(transformers, f"{arch}Processor").from_pretrained(path)
@@ -243,20 +245,6 @@ class Detector:
             d1, d2 = self.best(im, [o1, o2])
             out.append(spatial_score(d1, d2, relation_of(p)))
         return out
-
-
-def _check_dir(path: str, what: str, kinds, example: str) -> dict:
-    import json
-
-    kinds = (kinds,) if isinstance(kinds, str) else kinds
-    cfg_path = os.path.join(path or "", "config.json")
-    if not path or not os.path.isfile(cfg_path):
-        raise KoalaError(f"{what} {path}: no config.json; give a local transformers directory ({example})")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    if cfg.get("model_type") not in kinds:
-        raise KoalaError(f"{what} {path}: model_type is {cfg.get('model_type')!r}, expected {' or '.join(kinds)}")
-    return cfg
 
 
 # ------------------------------------------------------------------------------------------- categories

@@ -134,12 +134,9 @@ def openclip_to_transformers(sd: dict, act: str = "gelu", heads: int | None = No
     if left or res.unexpected_keys:
         raise KoalaError(f"HPSv2 checkpoint: does not map onto CLIP (missing {left[:3]}, unexpected "
                          f"{res.unexpected_keys[:3]})", option="checkpoint")
-    for name, buf in list(model.named_buffers()):
-        if buf.is_meta:  # non-persistent position ids
-            owner = model.get_submodule(name.rsplit(".", 1)[0])
-            owner.register_buffer(name.rsplit(".", 1)[1], torch.arange(buf.shape[-1]).expand(buf.shape).clone(),
-                                  persistent=False)
-    return model.float().eval()
+    from ..utils import materialize_meta_buffers
+
+    return materialize_meta_buffers(model).float().eval()  # non-persistent position ids
 
 
 def load_tokenizer(path: str):

@@ -118,16 +118,10 @@ def image_key(model: EvalModel, prompt: Prompt, seed: int, s: EvalSettings) -> s
 
 
 def _read_jsonl(path: str) -> dict[str, dict]:
-    out = {}
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by a kill: its image is generated again
-                out[row["key"]] = row
-    return out
+    """key -> row of an index or score file; a line cut by a kill is skipped (its image is made / scored again)."""
+    from ..utils import read_jsonl
+
+    return {r["key"]: r for r in read_jsonl(path) if "key" in r}
 
 
 def _append(path: str, row: dict) -> None:
@@ -212,69 +206,69 @@ class ShapesScorer(_Scorer):
         return {k: agg.get(k) for k in SHAPES_KEYS + ("all",)}
 
 
-class ClipScorer(_Scorer):
-    name = "clip"
+class _ImageScorer(_Scorer):
+    """A scorer with a learned model: one number per (image, prompt), stored under ``key``; aggregated as the mean
+    per style plus the mean over styles."""
 
-    def __init__(self, checkpoint: str, device: str = "cpu"):
-        from .clip_score import load_clip
+    key = ""
 
-        self.model, self.processor = load_clip(checkpoint, device)
+    def score(self, images: list, prompts: list[str]) -> list[float]:
+        raise NotImplementedError
 
     def per_image(self, paths, prompts):
-        from .clip_score import clip_scores
-
-        images = open_rgb(paths)
-        return [{"clip_score": v} for v in clip_scores(images, prompts, self.model, self.processor)]
+        return [{self.key: v} for v in self.score(open_rgb(paths), prompts)]
 
     def aggregate(self, rows, styles):
-        return _style_means(rows, styles, "clip_score")
+        return _style_means(rows, styles, self.key)
 
 
-class PickScoreScorer(ClipScorer):
-    name = "pickscore"
+class ClipScorer(_ImageScorer):
+    name, key = "clip", "clip_score"
 
-    def __init__(self, checkpoint: str, processor: str | None = None, device: str = "cpu"):
+    def __init__(self, checkpoint: str, device: str = "cpu", processor: str | None = None):
         from .clip_score import load_clip
 
         self.model, self.processor = load_clip(checkpoint, device, processor)
 
-    def per_image(self, paths, prompts):
+    def score(self, images, prompts):
+        from .clip_score import clip_scores
+
+        return clip_scores(images, prompts, self.model, self.processor)
+
+
+class PickScoreScorer(ClipScorer):
+    name, key = "pickscore", "pickscore"
+
+    def score(self, images, prompts):
         from .clip_score import pick_scores
 
-        images = open_rgb(paths)
-        return [{"pickscore": v} for v in pick_scores(images, prompts, self.model, self.processor)]
-
-    def aggregate(self, rows, styles):
-        return _style_means(rows, styles, "pickscore")
+        return pick_scores(images, prompts, self.model, self.processor)
 
 
-class HPSv2Scorer(_Scorer):
-    name = "hpsv2"
+class HPSv2Scorer(_ImageScorer):
+    name, key = "hpsv2", "hpsv2"
 
     def __init__(self, checkpoint: str, tokenizer: str, device: str = "cpu"):
         from .hpsv2 import HPSv2
 
         self.hps = HPSv2(checkpoint, tokenizer, device)
 
-    def per_image(self, paths, prompts):
-        images = open_rgb(paths)
-        return [{"hpsv2": v} for v in self.hps.scores(images, prompts)]
-
-    def aggregate(self, rows, styles):
-        return _style_means(rows, styles, "hpsv2")
+    def score(self, images, prompts):
+        return self.hps.scores(images, prompts)
 
 
-class CompBenchScorer(_Scorer):
+class CompBenchScorer(_ImageScorer):
+    key = "score"
+
     def __init__(self, category: str, bench):
         self.name, self.category, self.bench = f"compbench-{category}", category, bench
         for kind in bench.needs(category):  # every checkpoint the category needs, before any generation
             bench._get(kind)
 
-    def per_image(self, paths, prompts):
-        images = open_rgb(paths)
-        return [{"score": v} for v in self.bench.score(self.category, images, prompts)]
+    def score(self, images, prompts):
+        return self.bench.score(self.category, images, prompts)
 
-    def aggregate(self, rows, styles):
+    def aggregate(self, rows, styles):  # the benchmark's number: the mean over all images
         return {"score": sum(r["score"] for r in rows) / len(rows)}
 
 
@@ -314,7 +308,7 @@ def make_scorers(names: list[str], clip_checkpoint: str | None = None, device: s
             if not pickscore:
                 raise KoalaError("scorer pickscore needs the PickScore checkpoint directory (pickscore)",
                                  option="pickscore")
-            out.append(PickScoreScorer(pickscore, pickscore_processor, device))
+            out.append(PickScoreScorer(pickscore, device, pickscore_processor))
         elif n == "hpsv2":
             if not hps_checkpoint or not hps_tokenizer:
                 raise KoalaError("scorer hpsv2 needs the HPSv2 checkpoint (HPS_v2_compressed.pt) and a CLIP tokenizer "

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import KoalaError
-from ..utils import check_safetensors, parse_dtype, read_json
+from ..utils import check_safetensors, materialize_meta_buffers, parse_dtype, read_json, safetensors_header
 from .ldm import (SD_CLIP_PREFIX, SDXL_CLIP_PREFIX, SDXL_OPENCLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, clip_rules,
                   from_ldm, openclip_rules, to_ldm, unet_rules, vae_rules)
 
@@ -79,20 +79,11 @@ def stored_dtype(folder: str) -> torch.dtype | None:
         return None
     for name in sorted(os.listdir(folder)):
         if name.endswith(".safetensors"):
-            shapes_dtypes = _header_dtypes(os.path.join(folder, name))
-            for dt in shapes_dtypes:
-                if dt in _ST_DTYPES:
-                    return _ST_DTYPES[dt]
+            header = safetensors_header(os.path.join(folder, name))
+            for k, v in header.items():
+                if k != "__metadata__" and v["dtype"] in _ST_DTYPES:
+                    return _ST_DTYPES[v["dtype"]]
     return None
-
-
-def _header_dtypes(path: str) -> list[str]:
-    import struct
-
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    return [v["dtype"] for k, v in header.items() if k != "__metadata__"]
 
 
 def export_single_file(src: str, out: str, *, base: str | None = None, dtype=None, unet_only: bool = False,
@@ -195,7 +186,7 @@ class Layout:
     unet_prefix: str
     components: list[str]
     shapes: dict[str, tuple] = field(repr=False, default_factory=dict)
-    ignored: list[str] = field(default_factory=list)
+    metadata: dict[str, str] = field(repr=False, default_factory=dict)  # the file's safetensors metadata
 
 
 def read_header(path: str) -> tuple[dict[str, tuple], dict[str, str]]:
@@ -223,7 +214,7 @@ _OTHER_FAMILIES = (("double_blocks.", "a FLUX model"), ("joint_blocks.", "an SD3
 
 def detect_layout(path: str) -> Layout:
     """The family and layout of a single file, from its keys; a KoalaError naming the file otherwise."""
-    shapes, _ = read_header(path)
+    shapes, meta = read_header(path)
     keys = list(shapes)
     has = lambda p: any(k.startswith(p) for k in keys)  # noqa: E731
     if has(UNET_PREFIX):
@@ -249,7 +240,7 @@ def detect_layout(path: str) -> Layout:
         comps += [c for c, p in (("text_encoder", SDXL_CLIP_PREFIX), ("text_encoder_2", SDXL_OPENCLIP_PREFIX)) if has(p)]
     elif has(SD_CLIP_PREFIX):
         comps.append("text_encoder")
-    return Layout("sdxl" if sdxl else "sd", prefix, comps, shapes)
+    return Layout("sdxl" if sdxl else "sd", prefix, comps, shapes, metadata=meta)
 
 
 def _count(shapes, pattern: str) -> int:
@@ -390,14 +381,15 @@ def _config_dir_configs(config: str, family: str) -> dict[str, dict]:
     return out
 
 
-def convert_single_file(path: str, config: str | None = None, dtype=None, components: tuple[str, ...] | None = None) -> Converted:
+def convert_single_file(path: str, config: str | None = None, dtype=None, components: tuple[str, ...] | None = None,
+                        layout: Layout | None = None) -> Converted:
     """Load the components of an SDXL / SD-1.x single file as diffusers / transformers modules (strict: every
     tensor of every component must be in the file with the right shape)."""
     import diffusers
     import transformers
     from safetensors import safe_open
 
-    layout = detect_layout(path)
+    layout = layout or detect_layout(path)
     configs = _config_dir_configs(config, layout.family) if config else {}
     if config:
         from ..families import family_of
@@ -454,24 +446,11 @@ def convert_single_file(path: str, config: str | None = None, dtype=None, compon
             res = module.load_state_dict(state, strict=False, assign=True)
             if res.missing_keys or res.unexpected_keys:  # the rules cover every tensor: a bug if this happens
                 raise RuntimeError(f"{name}: missing {res.missing_keys[:3]}, unexpected {res.unexpected_keys[:3]}")
-            for n_, b in list(module.named_buffers()):  # non-persistent buffers (position ids) are rebuilt
-                if b.is_meta:
-                    _rebuild_buffer(module, n_, b)
-            modules[name] = module.eval()
+            modules[name] = materialize_meta_buffers(module).eval()  # non-persistent position ids
             if name == "unet":
                 configs["unet"] = cfg
     ignored = sorted(k for k in layout.shapes if k not in used and not k.endswith("position_ids"))
     return Converted(layout, modules, ignored, config or "koala's SDXL-Base-1.0 configs")
-
-
-def _rebuild_buffer(module, name: str, buf) -> None:
-    owner = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
-    leaf = name.rsplit(".", 1)[-1]
-    if leaf.endswith("position_ids"):
-        value = torch.arange(buf.shape[-1]).expand(buf.shape).clone()
-    else:
-        value = torch.zeros(buf.shape, dtype=buf.dtype)
-    owner.register_buffer(leaf, value, persistent=leaf not in owner._non_persistent_buffers_set)
 
 
 def _tokenizers(config: str | None, family: str, path: str) -> list:
@@ -512,7 +491,7 @@ def single_file_to_diffusers(path: str, out_dir: str, config: str | None = None,
     from ..utils import atomic_output_dir
 
     layout = detect_layout(path)
-    _, file_meta = read_header(path)
+    file_meta = layout.metadata
     full = not unet_only and {"vae", "text_encoder"} <= set(layout.components)
     if not unet_only and not full and len(layout.components) > 1:
         raise KoalaError(f"{path}: holds {', '.join(layout.components)} but not a whole pipeline; convert its U-Net "
@@ -520,7 +499,7 @@ def single_file_to_diffusers(path: str, out_dir: str, config: str | None = None,
     if os.path.exists(out_dir) and not overwrite:
         raise KoalaError(f"{out_dir} already exists; overwrite it or choose another output directory", option="overwrite")
     tokenizers = _tokenizers(config, layout.family, path) if full else []  # fail before converting gigabytes
-    conv = convert_single_file(path, config, dtype, None if full else ("unet",))
+    conv = convert_single_file(path, config, dtype, None if full else ("unet",), layout)
     m = conv.modules
     with atomic_output_dir(out_dir, overwrite) as tmp:
         if not full:
