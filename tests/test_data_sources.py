@@ -81,6 +81,25 @@ def test_parquet_and_csv_sources(tmp_path):
                         batch_size=1, resolution=RES)
 
 
+def test_laion_pop_recipe_appends_the_lmm_description(tmp_path):
+    """The LAION-POP recipes' data section: alt text + ", " + CogVLM's description, else LLaVA's (Sec. 3.2)."""
+    from koala.distill import load_config
+
+    rows = write_folder(str(tmp_path / "img"), 4, sidecar=False)
+    df = pd.DataFrame({"url": ["img/" + r["file_name"] for r in rows],
+                       "alt_txt": ["alt 0", "alt 1", None, "alt 3"],
+                       "cogvlm_caption": ["cog 0", None, "cog 2", ""],
+                       "llava_caption": ["llava 0", "llava 1", "llava 2", None]})
+    df.to_parquet(tmp_path / "pop.parquet")
+    data = load_config("koala-lightning-700m", [])["data"]
+    cfg = {**data, "type": "parquet", "path": str(tmp_path / "pop.parquet"), "image_column": "url",
+           "repeat": False, "shuffle": False}
+    _, keys, caps = _all(make_dataloader(cfg, batch_size=4, resolution=RES))
+    assert caps == ["alt 0, cog 0", "alt 1, llava 1", "cog 2", "alt 3"]
+    st = data_stats(cfg, progress=False)
+    assert st["images"] == 4 and st["caption_notes"] == {"syncap_missing": 1}  # row 3: neither description set
+
+
 def test_hf_load_from_disk(tmp_path):
     import datasets
 

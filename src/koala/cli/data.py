@@ -21,8 +21,9 @@ def _source_args(p) -> None:
     g.add_argument("--type", choices=["folder", "parquet", "csv", "webdataset", "hf_disk", "cache"],
                    help="source type (default: guessed from SOURCE)")
     g.add_argument("--caption-column", nargs="+", help="caption field(s); the first non-empty one is used "
-                   "(default: text, caption, prompt, TEXT, alt, txt)")
-    g.add_argument("--syncap-column", help="field with the synthetic (LMM) caption")
+                   "(default: text, caption, prompt, TEXT, alt, txt, alt_txt, alt_text)")
+    g.add_argument("--syncap-column", nargs="+", help="field(s) with the synthetic (LMM) caption; the first "
+                   "non-empty one is used (LAION-POP: cogvlm_caption llava_caption; the LAION-POP recipes set them)")
     g.add_argument("--syncap", choices=["append", "replace", "original"],
                    help="append: original + ', ' + synthetic (KOALA, default when --syncap-column is set); "
                    "replace: synthetic only; original: ignore it")
@@ -47,7 +48,9 @@ def _data_cfg(args) -> dict:
         # SOURCE decides the path and the type (guessed, or --type)
         cfg = {k: v for k, v in dict(loaded.get("data", loaded)).items() if k not in ("type", "path")}
     cfg["path"] = args.source
-    for key in ("type", "syncap_column", "syncap", "syncap_file", "nsfw_model", "nsfw_label", "nsfw_threshold",
+    if args.syncap_column:
+        cfg["syncap_column"] = args.syncap_column if len(args.syncap_column) > 1 else args.syncap_column[0]
+    for key in ("type", "syncap", "syncap_file", "nsfw_model", "nsfw_label", "nsfw_threshold",
                 "image_column", "image_root", "split", "min_size", "max_aspect"):
         if getattr(args, key, None) is not None:
             cfg[key] = getattr(args, key)

@@ -18,7 +18,7 @@ from .images import SkipSample
 
 SYNCAP_MODES = ("append", "replace", "original")
 SYNCAP_FIELD = "syncap"  # the field of a `koala data syncap` file (and the row field it is joined into)
-DEFAULT_CAPTION_COLUMNS = ("text", "caption", "prompt", "TEXT", "alt", "txt")
+DEFAULT_CAPTION_COLUMNS = ("text", "caption", "prompt", "TEXT", "alt", "txt", "alt_txt", "alt_text")
 CLIP_WINDOW = 77  # tokens including BOS and EOS
 WORDS_TO_TOKENS = 1.3  # rough CLIP BPE tokens per English word, used only when no tokenizer is given
 
@@ -38,9 +38,9 @@ def _text(v) -> str:
 class CaptionBuilder:
     """``builder(row) -> caption``; ``row`` is a dict of the sample's metadata fields."""
 
-    def __init__(self, caption_column=None, syncap: str | None = None, syncap_column: str | None = None):
+    def __init__(self, caption_column=None, syncap: str | None = None, syncap_column=None):
         self.columns = _as_list(caption_column) or list(DEFAULT_CAPTION_COLUMNS)
-        self.syncap_column = syncap_column
+        self.syncap_columns = _as_list(syncap_column)  # first non-empty wins, as for caption_column
         self.mode = syncap or ("append" if syncap_column else "original")
         if self.mode not in SYNCAP_MODES:
             raise KoalaError(f"syncap: {self.mode!r} is not one of {', '.join(SYNCAP_MODES)}")
@@ -48,19 +48,23 @@ class CaptionBuilder:
             raise KoalaError(f"syncap: {self.mode!r} needs syncap_column (the field holding the synthetic caption)")
         self.notes: dict[str, int] = {}
 
-    def original(self, row: dict) -> str:
-        for col in self.columns:  # first non-empty column, in the order given
+    @staticmethod
+    def _first(row: dict, columns: list[str]) -> str:
+        for col in columns:  # first non-empty column, in the order given
             t = _text(row.get(col))
             if t:
                 return t
         return ""
+
+    def original(self, row: dict) -> str:
+        return self._first(row, self.columns)
 
     def __call__(self, row: dict) -> str:
         orig = self.original(row)
         if self.mode == "original":
             cap = orig
         else:
-            syn = _text(row.get(self.syncap_column))
+            syn = self._first(row, self.syncap_columns)
             if not syn:
                 self.notes["syncap_missing"] = self.notes.get("syncap_missing", 0) + 1
                 cap = orig

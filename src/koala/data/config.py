@@ -9,8 +9,10 @@ TYPES = ("folder", "parquet", "csv", "webdataset", "hf_disk", "cache", "syntheti
 DEFAULTS = {
     "type": None,             # one of TYPES; guessed from path when None
     "path": None,             # folder / file / glob / brace pattern (list allowed for webdataset) / cache dir
-    "caption_column": None,   # str or list (first non-empty wins); None: text, caption, prompt, TEXT, alt, txt
-    "syncap_column": None,    # field with the synthetic (LMM) caption
+    "caption_column": None,   # str or list (first non-empty wins); None: text, caption, prompt, TEXT, alt, txt,
+                              # alt_txt, alt_text
+    "syncap_column": None,    # field(s) with the synthetic (LMM) caption, str or list (first non-empty wins);
+                              # LAION-POP: [cogvlm_caption, llava_caption]
     "syncap": None,           # append (default when syncap_column is set; KOALA's choice) | replace | original
     "syncap_file": None,      # captions written by `koala data syncap` (key -> caption), joined to the source by key
     "nsfw_model": None,       # local image classifier (App. E): images it flags are skipped, counted as "nsfw"

@@ -53,7 +53,8 @@ class SamplePreparer:
         if cfg.get("syncap_file"):  # synthetic captions from `koala data syncap`, joined by the sample's key
             from .captions import read_syncap_file
 
-            self.syncap = (syncap_column, read_syncap_file(cfg["syncap_file"]))
+            column = syncap_column if isinstance(syncap_column, str) else list(syncap_column)[0]
+            self.syncap = (column, read_syncap_file(cfg["syncap_file"]))
         self.nsfw = None
         if cfg.get("nsfw_model"):  # App. E: NSFW training images are filtered out (counted as skips)
             from ..safety import NSFWFilter
