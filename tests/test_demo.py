@@ -45,3 +45,19 @@ def test_demo_fast_end_to_end(tmp_path, capsys):
     # A second run into the same directory is refused without --overwrite, and leaves it intact.
     assert main(["demo", "--fast", "--out", str(out)]) == 2
     assert (out / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_demo_trains_on_two_processes(tmp_path, capfd):
+    """--processes 2: the distillation runs under `accelerate launch` on 2 CPU processes, each with half the batch."""
+    out = tmp_path / "demo2"
+    assert main(["demo", "--fast", "--processes", "2", "--out", str(out)]) == 0
+    log = capfd.readouterr()
+    log = log.out + log.err
+    assert "[rank 0/2]: finished at step 4" in log and "[rank 1/2]: finished at step 4" in log
+    res = json.loads((out / "results.json").read_text())
+    assert res["settings"]["processes"] == 2 and res["student"].endswith(os.path.join("step-0000004", "unet"))
+    # the trained student differs from its initialisation (the launched run really trained it)
+    init = UNet2DConditionModel.from_pretrained(str(out / "student-init" / "unet")).state_dict()
+    trained = UNet2DConditionModel.from_pretrained(res["student"]).state_dict()
+    assert max(float((init[k] - trained[k]).abs().max()) for k in init) > 1e-6

@@ -19,7 +19,10 @@ def register(sub) -> None:
     p.add_argument("--num-eval", type=int, default=None, help="val prompts scored per model (default 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--teacher", default=None, help="a shapes teacher pipeline directory (default: the packaged one)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1: fastest for these tiny models)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (default 1: fastest for "
+                   "these tiny models)")
+    p.add_argument("--processes", type=int, default=None, help="data-parallel training processes, each taking its "
+                   "share of every batch (default: 2 when the machine has 2 or more CPU cores, else 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     p.set_defaults(func=run)
 
@@ -29,6 +32,7 @@ def run(args) -> int:
 
     kw = {k: v for k, v in (("out", args.out), ("steps", args.steps), ("features", args.features),
                             ("preset", args.preset), ("num_eval", args.num_eval), ("seed", args.seed), ("teacher", args.teacher), ("threads", args.threads),
+                            ("processes", args.processes),
                             ("overwrite", args.overwrite)) if v is not None}
     settings = DemoSettings.fast(**kw) if args.fast else DemoSettings(**kw)
     result = run_demo(settings)

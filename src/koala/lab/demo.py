@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,24 +25,32 @@ from ..families import denoiser_of
 class DemoSettings:
     out: str = "koala-demo"
     steps: int = 600            # distillation steps (~4-5 min on 2 CPU cores)
-    batch_size: int = 16
-    lr: float = 1e-4
+    batch_size: int = 16        # global: split over the processes
+    lr: float = 3e-4            # AdamW, constant (the tuning curve: benchmarks/results/shapes-demo-tuning.md)
+    max_grad_norm: float = 0.0  # 0: no clipping, as in the paper
+    weight_decay: float = 0.0   # as in the paper
+    loss_out: float = 1.0       # weight of L_outKD (the paper: 1; the task and feature weights are 1)
+    ema: float = 0.0            # EMA decay of the student's weights, scored instead of the raw weights (0: off, as
+                                # in the paper)
     num_train: int = 2000       # shapes images to distill on
     num_eval: int = 64          # val prompts scored per model
     sample_steps: int = 20      # Euler steps (the teacher's scores were measured with 20 steps, cfg 5)
     guidance: float = 5.0
     seed: int = 0
     preset: str = "koala-700m"  # a preset of the teacher's family, or a JSON spec ('{"num_layers": 6}' for a DiT)
-    features: str = "SA+LF"     # a key of FEATURES: SA+LF (paper) | SA | CA | FFN | LF-all (BK) | none (task + outKD)
+    features: Any = "SA+LF"     # a key of FEATURES: SA+LF (paper) | SA | CA | FFN | Res | LF-all (BK) | none, or a
+                                # kd.features mapping (e.g. {"SA": ["UP-1"]})
     overwrite: bool = False
     progress: bool = True
     teacher: str | None = None  # a shapes teacher pipeline dir; default: the packaged one
-    threads: int = 1            # torch CPU threads: tiny models run fastest on 1 (2 can be 100x slower on a busy box)
+    threads: int = 1            # torch CPU threads per process: tiny models run fastest on 1
+    # data-parallel training processes (accelerate launch on CPU; the batch is split): one per core, up to 2
+    processes: int = field(default_factory=lambda: max(1, min(2, os.cpu_count() or 1)))
 
     @classmethod
     def fast(cls, **kw) -> "DemoSettings":
         """Seconds-long variant for CI: same code path, tiny budgets."""
-        base = dict(steps=4, batch_size=4, num_train=16, num_eval=4, sample_steps=2)
+        base = dict(steps=4, batch_size=4, num_train=16, num_eval=4, sample_steps=2, processes=1)
         base.update(kw)
         return cls(**base)
 
@@ -51,6 +60,7 @@ FEATURES = {
     "SA": {"SA": "all"},
     "CA": {"CA": "all"},
     "FFN": {"FFN": "all"},
+    "Res": {"Res": "all"},
     "LF-all": {"LF": "all"},  # BK: the last feature of every stage (every block of a DiT)
     "none": {},
 }
@@ -60,6 +70,11 @@ GRID_PROMPTS = [
     "a green triangle above a red square",
     "a small yellow circle and a large blue triangle",
 ]
+
+
+def feature_spec(features) -> dict:
+    """``kd.features`` for a :data:`FEATURES` name or a mapping given as is."""
+    return dict(FEATURES[features] if isinstance(features, str) else features)
 
 
 def _images_np(images) -> list[np.ndarray]:
@@ -127,7 +142,7 @@ def prepare(s: DemoSettings, log=print) -> tuple[str, str, str]:
     from .models import IMAGE_SIZE, shapes_teacher_dir
     from .shapes import write_shapes_dataset
 
-    if s.features not in FEATURES:
+    if isinstance(s.features, str) and s.features not in FEATURES:
         raise KoalaError(f"features {s.features!r}: choose one of {', '.join(FEATURES)}", option="features")
     out = os.path.abspath(s.out)
     if os.path.exists(out):
@@ -146,32 +161,84 @@ def prepare(s: DemoSettings, log=print) -> tuple[str, str, str]:
 
 
 def distill(s: DemoSettings, teacher_dir: str, student_init: str, train_dir: str, run_name: str = "distill",
-            out_kd: bool = True, kd_selection: str | None = None, seed: int | None = None) -> str:
+            out_kd: bool = True, kd_selection: str | None = None, seed: int | None = None,
+            extra: list[str] = ()) -> str:
     """Distill the compressed student with ``s.features``; returns the final student's directory (its unet/ or
     transformer/). With ``kd_selection`` the student is compressed anew from those teacher layers (Table 10c:
     initialised and matched alike) instead of loaded from ``student_init``."""
     from ..distill import load_config, train
     from .models import IMAGE_SIZE
 
-    features = json.dumps(FEATURES[s.features]).replace(" ", "")
+    spec = feature_spec(s.features)
+    features = json.dumps(spec).replace(" ", "")
     overrides = [
         f"teacher.pipeline={teacher_dir}", "teacher.dtype=fp32",
         f"student.path={student_init}" if not kd_selection else f"student.preset={s.preset}",
-        f"kd.features={features}", f"loss.feat={1.0 if FEATURES[s.features] else 0.0}",
-        f"loss.out={1.0 if out_kd else 0.0}",
+        f"kd.features={features}", f"loss.feat={1.0 if spec else 0.0}",
+        f"loss.out={s.loss_out if out_kd else 0.0}",
+        f"train.max_grad_norm={s.max_grad_norm}", f"train.weight_decay={s.weight_decay}",
         "data.type=folder", f"data.path={train_dir}", "data.random_flip=false", "data.center_crop=true",
         "train.caption_dropout=0.1",
         f"train.output_dir={os.path.join(os.path.abspath(s.out), run_name)}", f"train.resolution={IMAGE_SIZE}",
         f"train.batch_size={s.batch_size}", f"train.max_steps={s.steps}", f"train.lr={s.lr}",
-        f"train.checkpoint_every={s.steps}", "train.keep_checkpoints=1", "train.ema.enabled=false",
+        f"train.checkpoint_every={s.steps}", "train.keep_checkpoints=1",
+        f"train.ema.enabled={str(s.ema > 0).lower()}", *([f"train.ema.decay={s.ema}"] if s.ema > 0 else []),
         f"train.seed={s.seed if seed is None else seed}", f"train.progress={str(s.progress).lower()}",
         "train.log_every=50", "validation.every=0", f"train.cpu_threads={s.threads}",
     ]
     if kd_selection:
         overrides.append(f"kd.layer_selection={kd_selection}")
-    summary = train(load_config(None, overrides))
-    return next(os.path.join(summary["checkpoint"], d) for d in ("unet", "transformer")
-                if os.path.isdir(os.path.join(summary["checkpoint"], d)))
+    overrides += list(extra)
+    cfg = load_config(None, overrides)  # checked here, in this process, before any launch
+    if s.processes > 1:
+        checkpoint = _launch(cfg, overrides, s.processes)
+    else:
+        checkpoint = train(cfg)["checkpoint"]
+    return model_subdir(checkpoint, ema=s.ema > 0)
+
+
+def model_subdir(checkpoint: str, ema: bool = False) -> str:
+    """A checkpoint's denoiser folder: unet/ or transformer/ (their _ema twins with ``ema``)."""
+    suffix = "_ema" if ema else ""
+    return next(os.path.join(checkpoint, d + suffix) for d in ("unet", "transformer")
+                if os.path.isdir(os.path.join(checkpoint, d + suffix)))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(cfg: dict, overrides: list[str], processes: int) -> str:
+    """Train on ``processes`` CPU processes (`accelerate launch`, gloo; data-parallel, the same global batch split
+    across them, so each core runs its share of every step). Returns the final checkpoint directory."""
+    import subprocess
+    import sys
+
+    from ..distill.checkpoint import list_checkpoints
+
+    tcfg = cfg["train"]
+    if tcfg["batch_size"] % processes:
+        raise KoalaError(f"batch size {tcfg['batch_size']} does not split over {processes} processes", option="processes")
+    per_process = [o for o in overrides if not o.startswith("train.batch_size=")]
+    per_process.append(f"train.batch_size={tcfg['batch_size'] // processes}")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), "-m", "koala.cli", "distill", *per_process]
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS=str(tcfg["cpu_threads"] or 1), HF_HUB_OFFLINE="1")
+    proc = subprocess.run(cmd, env=env)
+    if proc.returncode != 0:
+        raise KoalaError(f"distillation on {processes} processes failed (exit code {proc.returncode}); its log is "
+                         f"above. Run it on one process with --processes 1", option="processes")
+    step = tcfg["max_steps"]
+    found = [d for st, d in list_checkpoints(tcfg["output_dir"]) if st == step]
+    if not found:
+        raise KoalaError(f"distillation on {processes} processes ended without a step-{step} checkpoint in "
+                         f"{tcfg['output_dir']}", option="processes")
+    return found[0]
 
 
 def eval_prompts(s: DemoSettings) -> list[str]:
@@ -209,7 +276,10 @@ def run_demo(s: DemoSettings, log=print) -> dict:
     torch.set_num_threads(s.threads)
     _quiet_libraries()
     teacher_dir, student_init, train_dir = prepare(s, log)
-    log(f"[2/4] distill {s.steps} steps (task + outKD + featKD {s.features}) on {s.num_train} shapes images")
+    out_w = "" if s.loss_out == 1 else f"{s.loss_out:g} x "
+    log(f"[2/4] distill {s.steps} steps, batch {s.batch_size}, lr {s.lr:g} (task + {out_w}outKD + featKD {s.features}"
+        f"{f'; EMA {s.ema:g}' if s.ema else ''}) on {s.num_train} shapes images, {s.processes} process"
+        f"{'es' if s.processes > 1 else ''}")
     student_dir = distill(s, teacher_dir, student_init, train_dir)
 
     log(f"[3/4] generate and score {s.num_eval} val prompts per model ({s.sample_steps} Euler steps, cfg {s.guidance})")

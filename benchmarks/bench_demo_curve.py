@@ -1,0 +1,82 @@
+"""The `koala demo` tuning curve: distill the demo's student with given settings, score it every ``--every`` steps.
+
+Each call trains one configuration from the demo's compressed KOALA-700M student (the same data and held-out
+prompts as `koala demo`) and prints one JSON line per checkpoint (colour / shape / binding / spatial accuracy) and,
+at the end, the whole curve with the training time; ``--json`` keeps it. Settings are DemoSettings fields, and
+any further ``key=value`` is a distillation override::
+
+    python benchmarks/bench_demo_curve.py --name lr3e-4 --steps 1200 --every 200 --lr 3e-4
+    python benchmarks/bench_demo_curve.py --name out4 --steps 1200 --every 400 --loss-out 4 --json out4.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import time
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--name", required=True, help="run name (a folder under --base)")
+    ap.add_argument("--base", default="runs/demo-curve", help="shared folder: compressed student, data, runs")
+    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--every", type=int, default=200, help="score a checkpoint every this many steps")
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--loss-out", type=float, default=None)
+    ap.add_argument("--max-grad-norm", type=float, default=None)
+    ap.add_argument("--weight-decay", type=float, default=None)
+    ap.add_argument("--features", default=None)
+    ap.add_argument("--ema", type=float, default=None, help="EMA decay (scores the EMA weights)")
+    ap.add_argument("--processes", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("overrides", nargs="*", help="distillation key=value overrides")
+    a = ap.parse_args()
+
+    import torch
+
+    from koala.lab.demo import (
+        DemoSettings,
+        _quiet_libraries,
+        distill,
+        eval_prompts,
+        model_subdir,
+        prepare,
+        score_model,
+    )
+    from koala.lab.models import shapes_teacher_dir
+
+    torch.set_num_threads(1)
+    _quiet_libraries()
+    given = {k: v for k, v in (("lr", a.lr), ("batch_size", a.batch_size), ("loss_out", a.loss_out),
+                               ("max_grad_norm", a.max_grad_norm), ("weight_decay", a.weight_decay),
+                               ("features", a.features), ("ema", a.ema)) if v is not None}
+    s = DemoSettings(out=a.base, steps=a.steps, progress=False, processes=a.processes, **given)
+    if not os.path.isfile(os.path.join(a.base, "prepared.json")):
+        prepare(DemoSettings(out=a.base, overwrite=True, progress=False))
+        with open(os.path.join(a.base, "prepared.json"), "w") as f:
+            json.dump({"student_init": "student-init", "train": "data/train"}, f)
+    teacher = s.teacher or shapes_teacher_dir()
+    t0 = time.time()
+    distill(s, teacher, os.path.join(a.base, "student-init"), os.path.join(a.base, "data", "train"),
+            run_name=f"run-{a.name}", seed=a.seed,
+            extra=[*a.overrides, f"train.checkpoint_every={a.every}", "train.keep_checkpoints=0"])
+    res = {"name": a.name, "settings": {k: v for k, v in s.__dict__.items() if k not in ("out", "progress")},
+           "overrides": a.overrides, "train_s": round(time.time() - t0, 1), "curve": []}
+    prompts = eval_prompts(s)
+    for ck in sorted(glob.glob(os.path.join(a.base, f"run-{a.name}", "checkpoints", "step-*"))):
+        scores, _ = score_model(s, teacher, model_subdir(ck, ema=s.ema > 0), prompts)
+        res["curve"].append({"step": int(ck.rsplit("-", 1)[1]), **scores})
+        print(json.dumps(res["curve"][-1]), flush=True)
+    print(json.dumps(res), flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
