@@ -12,7 +12,7 @@ def register(sub) -> None:
     )
     p.add_argument("--out", default="koala-demo", help="output directory (default: koala-demo)")
     p.add_argument("--fast", action="store_true", help="seconds-long smoke run (tiny budgets; numbers meaningless)")
-    p.add_argument("--steps", type=int, default=None, help="distillation steps (default 600; --fast: 4)")
+    p.add_argument("--steps", type=int, default=None, help="distillation steps (default 1400; --fast: 4)")
     p.add_argument("--features", default="SA+LF", choices=["SA+LF", "SA", "LF-all", "none"],
                    help="feature KD: SA+LF (paper: SA-bottom + LF at DW-1/UP-3), SA, LF-all (BK), none")
     p.add_argument("--preset", default="koala-700m", help="student preset (default koala-700m)")
