@@ -144,6 +144,8 @@ def prepare(s: DemoSettings, log=print) -> tuple[str, str, str]:
     from .models import IMAGE_SIZE, shapes_teacher_dir
     from .shapes import write_shapes_dataset
 
+    if s.processes < 1:
+        raise KoalaError(f"processes must be 1 or more, got {s.processes}", option="processes")
     if isinstance(s.features, str) and s.features not in FEATURES:
         raise KoalaError(f"features {s.features!r}: choose one of {', '.join(FEATURES)}", option="features")
     out = os.path.abspath(s.out)
