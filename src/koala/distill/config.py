@@ -24,6 +24,7 @@ from .losses import FEATURE_LOSSES  # name -> loss function: the allowed kd.feat
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit", "came")
+LR_SCHEDULES = ("constant", "linear", "cosine")
 ATTENTION = ("auto", "flash", "efficient", "cudnn", "math")  # SDPA backends (auto: PyTorch picks per call)
 COMPILE = ("none", "student", "teacher", "both")
 from .hooks import FEATURE_TYPES  # noqa: E402  (the feature-type registry: the allowed kd.features keys)
@@ -87,6 +88,8 @@ class TrainConfig:
     global_batch: Optional[int] = None  # when set: grad_accum = global_batch / (batch_size * processes), exactly
     max_steps: int = 1000            # optimizer steps
     lr: float = 1.0e-5
+    lr_schedule: str = "constant"    # one of LR_SCHEDULES: constant (the paper's), or a decay to 0 at max_steps
+    lr_warmup_steps: int = 0         # linear warmup from 0 over this many steps (any schedule)
     weight_decay: float = 1.0e-2
     adam_betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1.0e-8
@@ -254,6 +257,8 @@ def _check(cfg: dict) -> None:
     _num(cfg, "train.caption_dropout", 0, 1)
     _one_of(cfg, "train.mixed_precision", MIXED_PRECISION)
     _one_of(cfg, "train.optimizer", OPTIMIZERS)
+    _one_of(cfg, "train.lr_schedule", LR_SCHEDULES)
+    _num(cfg, "train.lr_warmup_steps", 0)
     _one_of(cfg, "teacher.kind", TEACHER_KINDS)
     _one_of(cfg, "train.attention", ATTENTION)
     _one_of(cfg, "train.compile", COMPILE)

@@ -103,6 +103,27 @@ def make_optimizer(params, tcfg: dict, world_size: int = 1):
     return cls(params, **kw)
 
 
+def lr_factor(step: int, tcfg: dict) -> float:
+    """The learning rate of optimizer update ``step + 1`` over ``train.lr``: a linear warmup over
+    ``train.lr_warmup_steps``, then ``train.lr_schedule`` (constant, or a linear / cosine decay that would reach 0
+    at ``train.max_steps``). A function of the step alone, so a resumed run continues the schedule exactly."""
+    import math
+
+    warmup, total = int(tcfg.get("lr_warmup_steps") or 0), int(tcfg["max_steps"])
+    if step < warmup:
+        return (step + 1) / warmup
+    schedule = tcfg.get("lr_schedule") or "constant"
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for group in inner_optimizer(optimizer).param_groups:
+        group["lr"] = lr
+
+
 def inner_optimizer(optimizer):
     """The torch optimizer under accelerate's wrapper."""
     return getattr(optimizer, "optimizer", optimizer)
@@ -227,9 +248,12 @@ class Distiller:
         if self.ema is not None:
             self.ema.step(self.plain_student.parameters())
 
-    def update(self) -> dict[str, float]:
-        """The optimizer update after the micro-steps' backward: clip, step, zero grads, EMA. Returns the logs."""
-        logs = self.optimizer_step()
+    def update(self, step: int = 0) -> dict[str, float]:
+        """Optimizer update ``step + 1`` after the micro-steps' backward: learning rate per the schedule, clip,
+        step, zero grads, EMA. Returns the logs (learning rate, grad norm)."""
+        lr = self.cfg["train"]["lr"] * lr_factor(step, self.cfg["train"])
+        set_lr(self.optimizer, lr)
+        logs = {"lr": lr, **self.optimizer_step()}
         self.ema_step()
         return logs
 
@@ -369,12 +393,11 @@ def train(cfg: dict) -> dict:
                         d.backward(losses.total / accum)
                     for k, v in losses.scalars(d.pairs).items():
                         logs[k] = logs.get(k, 0.0) + v / accum
-                logs.update(d.update())
+                logs.update(d.update(step))
                 step += 1
                 dt = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 logs["samples_per_s"] = global_batch / max(dt, 1e-9)
-                logs["lr"] = tcfg["lr"]
                 bar.update(1)
                 bar.set_postfix(loss=f"{logs['loss/total']:.4f}", task=f"{logs['loss/task']:.4f}",
                                 out=f"{logs['loss/out']:.4f}", feat=f"{logs['loss/feat']:.4f}",
