@@ -25,14 +25,22 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--every", type=int, default=200, help="score a checkpoint every this many steps")
     ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--lr-schedule", default=None, choices=["constant", "linear", "cosine"])
+    ap.add_argument("--warmup", type=int, default=None, help="learning-rate warmup steps")
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--loss-out", type=float, default=None)
+    ap.add_argument("--loss-feat", type=float, default=None)
     ap.add_argument("--max-grad-norm", type=float, default=None)
     ap.add_argument("--weight-decay", type=float, default=None)
     ap.add_argument("--features", default=None)
     ap.add_argument("--ema", type=float, default=None, help="EMA decay (scores the EMA weights)")
-    ap.add_argument("--processes", type=int, default=1)
+    ap.add_argument("--processes", type=int, default=1, help="training processes (koala demo: 2)")
+    ap.add_argument("--num-train", type=int, default=None, help="shapes training images (a new --base for each)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per training process (0: the demo's rule)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-cache", dest="cache", action="store_false",
+                    help="train on the image folder, encoding every batch (koala demo encodes the images once)")
+    ap.add_argument("--no-fused", dest="fused", action="store_false", help="torch's foreach AdamW, not the fused one")
     ap.add_argument("--json", default=None)
     ap.add_argument("overrides", nargs="*", help="distillation key=value overrides")
     a = ap.parse_args()
@@ -43,6 +51,7 @@ def main() -> None:
         DemoSettings,
         _quiet_libraries,
         distill,
+        encode_training_data,
         eval_prompts,
         model_subdir,
         prepare,
@@ -52,17 +61,27 @@ def main() -> None:
 
     torch.set_num_threads(1)
     _quiet_libraries()
-    given = {k: v for k, v in (("lr", a.lr), ("batch_size", a.batch_size), ("loss_out", a.loss_out),
+    given = {k: v for k, v in (("lr", a.lr), ("batch_size", a.batch_size), ("loss_out", a.loss_out), ("loss_feat", a.loss_feat),
                                ("max_grad_norm", a.max_grad_norm), ("weight_decay", a.weight_decay),
-                               ("features", a.features), ("ema", a.ema)) if v is not None}
-    s = DemoSettings(out=a.base, steps=a.steps, progress=False, processes=a.processes, **given)
-    if not os.path.isfile(os.path.join(a.base, "prepared.json")):
-        prepare(DemoSettings(out=a.base, overwrite=True, progress=False))
-        with open(os.path.join(a.base, "prepared.json"), "w") as f:
-            json.dump({"student_init": "student-init", "train": "data/train"}, f)
+                               ("features", a.features), ("ema", a.ema),
+                               ("lr_schedule", a.lr_schedule), ("warmup", a.warmup), ("num_train", a.num_train)) if v is not None}
+    s = DemoSettings(out=a.base, steps=a.steps, progress=False, processes=a.processes, threads=a.threads, cache=a.cache,
+                     fused_optimizer=a.fused, **given)
     teacher = s.teacher or shapes_teacher_dir()
+    marker = os.path.join(a.base, "prepared.json")
+    if not os.path.isfile(marker):
+        prepare(DemoSettings(out=a.base, overwrite=True, progress=False, cache=False, num_train=s.num_train))
+        with open(marker, "w") as f:
+            json.dump({"student_init": "student-init", "train": "data/train"}, f)
+    with open(marker) as f:
+        prep = json.load(f)
+    if a.cache and "cache" not in prep:  # the same images, encoded once as `koala demo` does
+        encode_training_data(s, teacher, os.path.join(a.base, prep["train"]), os.path.join(a.base, "cache"))
+        prep["cache"] = "cache"
+        with open(marker, "w") as f:
+            json.dump(prep, f)
     t0 = time.time()
-    distill(s, teacher, os.path.join(a.base, "student-init"), os.path.join(a.base, "data", "train"),
+    distill(s, teacher, os.path.join(a.base, prep["student_init"]), os.path.join(a.base, prep["cache" if a.cache else "train"]),
             run_name=f"run-{a.name}", seed=a.seed,
             extra=[*a.overrides, f"train.checkpoint_every={a.every}", "train.keep_checkpoints=0"])
     res = {"name": a.name, "settings": {k: v for k, v in s.__dict__.items() if k not in ("out", "progress")},

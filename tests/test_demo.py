@@ -4,6 +4,8 @@ import json
 import os
 
 import pytest
+import torch
+import yaml
 from diffusers import UNet2DConditionModel
 from PIL import Image
 
@@ -19,7 +21,9 @@ def test_demo_fast_end_to_end(tmp_path, capsys):
     except Exception as err:  # the packaged teacher is part of the repo; its absence is a real failure
         pytest.fail(f"packaged shapes teacher missing: {err}")
     out = tmp_path / "demo"
+    threads = torch.get_num_threads()
     assert main(["demo", "--fast", "--out", str(out)]) == 0
+    assert torch.get_num_threads() == threads  # the demo's thread settings do not leak into the caller
     printed = capsys.readouterr().out
     assert "binding" in printed and str(out) in printed
     res = json.loads((out / "results.json").read_text())
@@ -32,6 +36,11 @@ def test_demo_fast_end_to_end(tmp_path, capsys):
     grid = Image.open(out / "grid.png").convert("L")
     head = grid.size[1] - 3 * 96  # the prompts, wrapped, above the image columns
     assert 0 < head < 96 and min(grid.crop((150, 0, 150 + 96, head)).getdata()) < 128  # text drawn there
+    # the student trained on the images encoded once (koala.data's cache), all of them
+    index = json.loads((out / "cache" / "index.json").read_text())
+    assert index["complete"] and index["num_samples"] == res["settings"]["num_train"]
+    recipe = yaml.safe_load((out / "distill" / "config.yaml").read_text())
+    assert recipe["data"]["type"] == "cache" and recipe["train"]["fused_optimizer"] is True
     student = UNet2DConditionModel.from_pretrained(res["student"])
     assert student.mid_block is None  # KOALA-700M topology
     teacher_unet = UNet2DConditionModel.from_pretrained(os.path.join(teacher, "unet"))

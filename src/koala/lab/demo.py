@@ -1,8 +1,9 @@
 """`koala demo`: the whole KOALA method, offline on CPU, in the shapes world.
 
 1. compress the packaged shapes teacher (SDXL topology, depth [., 2, 10]) to KOALA-700M topology,
-2. distill it with the paper's objective (task + outKD + SA-bottom featKD + LF at DW-1/UP-3; outKD weighted 4x for
-   the short CPU budget, lr 3e-4: benchmarks/results/shapes-demo-tuning.md), on 2 processes when there are 2 cores,
+2. distill it with the paper's objective (task + outKD + SA-bottom featKD + LF at DW-1/UP-3; for the short CPU
+   budget outKD weighted 4x, featKD 0.3x, lr 2e-3 with a cosine decay: benchmarks/results/shapes-demo-tuning.md) on
+   the images encoded once, on 2 processes when there are 2 cores,
 3. generate a teacher / student-before-KD / student-after-KD grid for fixed prompts,
 4. print params, U-Net latency and the shapes scorer's accuracies for each.
 """
@@ -20,18 +21,23 @@ import torch
 
 from ..errors import KoalaError
 from ..families import denoiser_of
+from .features import FEATURES, feature_spec
 
 
 @dataclass
 class DemoSettings:
     out: str = "koala-demo"
-    steps: int = 1400           # distillation steps (~7.5 min on 2 CPU cores, 2 processes)
+    steps: int = 800            # distillation steps
     batch_size: int = 16        # global: split over the processes
-    lr: float = 3e-4            # AdamW, constant (the tuning curve: benchmarks/results/shapes-demo-tuning.md)
+    lr: float = 2e-3            # AdamW peak learning rate (the tuning curve: benchmarks/results/shapes-demo-tuning.md)
+    lr_schedule: str = "cosine"  # constant (the paper's) | linear | cosine: a decay to 0 at the last step
+    warmup: int = 50            # linear learning-rate warmup steps
     max_grad_norm: float = 0.0  # 0: no clipping, as in the paper
     weight_decay: float = 0.0   # as in the paper
-    loss_out: float = 4.0       # weight of L_outKD (the paper: 1; the task and feature weights are 1): tuned for the
-                                # demo's short budget, where the teacher's output is the least noisy target
+    loss_out: float = 4.0       # weight of L_outKD (the paper: 1): tuned for the demo's short budget, where the
+                                # teacher's output is the least noisy target
+    loss_feat: float = 0.3      # weight of L_featKD (the paper: 1; L_task keeps 1): at 1 and 3 the short run's
+                                # binding was lower (shapes-demo-tuning.md)
     ema: float = 0.0            # EMA decay of the student's weights, scored instead of the raw weights (0: off, as
                                 # in the paper)
     num_train: int = 2000       # shapes images to distill on
@@ -45,7 +51,10 @@ class DemoSettings:
     overwrite: bool = False
     progress: bool = True
     teacher: str | None = None  # a shapes teacher pipeline dir; default: the packaged one
-    threads: int = 1            # torch CPU threads per process: tiny models run fastest on 1
+    threads: int = 0            # torch CPU threads; 0: each training process gets cores // processes, scoring all cores
+    fused_optimizer: bool = True  # torch's fused AdamW (one kernel per step: ~5 % of a demo step saved)
+    cache: bool = True          # encode the training images once (VAE latents + text conditioning, koala.data's
+                                # cache) instead of at every step; each image then keeps one VAE latent sample
     # data-parallel training processes (accelerate launch on CPU; the batch is split): one per core, up to 2
     processes: int = field(default_factory=lambda: max(1, min(2, os.cpu_count() or 1)))
 
@@ -57,26 +66,12 @@ class DemoSettings:
         return cls(**base)
 
 
-FEATURES = {
-    "SA+LF": {"SA": "all", "LF": ["first", "last"]},  # the paper's: DW-1 and UP-3 on SDXL
-    "SA": {"SA": "all"},
-    "CA": {"CA": "all"},
-    "FFN": {"FFN": "all"},
-    "Res": {"Res": "all"},
-    "LF-all": {"LF": "all"},  # BK: the last feature of every stage (every block of a DiT)
-    "none": {},
-}
 GRID_PROMPTS = [
     "a red circle",
     "a blue square to the left of a yellow triangle",
     "a green triangle above a red square",
     "a small yellow circle and a large blue triangle",
 ]
-
-
-def feature_spec(features) -> dict:
-    """``kd.features`` for a :data:`FEATURES` name or a mapping given as is."""
-    return dict(FEATURES[features] if isinstance(features, str) else features)
 
 
 def _images_np(images) -> list[np.ndarray]:
@@ -97,19 +92,24 @@ def _sample(pipe_dir: str, prompts: list[str], s: DemoSettings, unet_dir: str | 
 
 
 def _unet_latency_ms(unet, repeats: int = 5) -> float:
-    """Median ms of one U-Net forward (batch 2 = cfg pair) at the shapes latent size."""
+    """Median ms of one U-Net forward (batch 2 = cfg pair) at the shapes latent size, on one CPU thread (at this
+    size a second thread only adds overhead)."""
     c = unet.config
     pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
     x = torch.randn(2, c.in_channels, c.sample_size, c.sample_size)
     kw = dict(encoder_hidden_states=torch.randn(2, 8, c.cross_attention_dim),
               added_cond_kwargs={"text_embeds": torch.randn(2, pooled), "time_ids": torch.zeros(2, 6)})
-    times = []
-    with torch.no_grad():
-        unet(x, torch.tensor([500, 500]), **kw)
-        for _ in range(repeats):
-            t0 = time.perf_counter()
+    times, threads = [], torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
             unet(x, torch.tensor([500, 500]), **kw)
-            times.append(1000 * (time.perf_counter() - t0))
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                unet(x, torch.tensor([500, 500]), **kw)
+                times.append(1000 * (time.perf_counter() - t0))
+    finally:
+        torch.set_num_threads(threads)
     return float(np.median(times))
 
 
@@ -137,7 +137,8 @@ def _grid(rows: list[tuple[str, list]], path: str, prompts: list[str] | None = N
 
 
 def prepare(s: DemoSettings, log=print) -> tuple[str, str, str]:
-    """Fresh ``s.out`` with the compressed student and the shapes training data: (teacher, student_init, data)."""
+    """Fresh ``s.out`` with the compressed student and the shapes training data: (teacher, student_init, data), the
+    data being the image folder or (``s.cache``) the cache encoded from it."""
     import shutil
 
     from ..compress import compress
@@ -161,7 +162,27 @@ def prepare(s: DemoSettings, log=print) -> tuple[str, str, str]:
     log(f"      U-Net params {comp.teacher_params:,} -> {comp.student_params:,} ({100 * comp.kept:.1f}% kept)")
     data_dir = write_shapes_dataset(os.path.join(out, "data"), num_train=s.num_train, num_val=0, seed=s.seed,
                                     size=IMAGE_SIZE, progress=s.progress)
-    return teacher_dir, student_init, os.path.join(data_dir, "train")
+    train_dir = os.path.join(data_dir, "train")
+    if s.cache:
+        cache_dir = os.path.join(out, "cache")
+        log(f"      encode the {s.num_train} training images once (VAE latents, text conditioning) into {cache_dir}")
+        return teacher_dir, student_init, encode_training_data(s, teacher_dir, train_dir, cache_dir)
+    return teacher_dir, student_init, train_dir
+
+
+def encode_training_data(s: DemoSettings, teacher_dir: str, train_dir: str, cache_dir: str) -> str:
+    """The demo's image folder encoded by the teacher's VAE and text encoders into a koala.data cache (fp32, the
+    loader's center crop, no flips); returns ``cache_dir``."""
+    from ..data import build_cache
+    from .models import IMAGE_SIZE
+
+    build_cache(data_source(train_dir), teacher_dir, cache_dir, resolution=IMAGE_SIZE, batch_size=50, dtype="fp32",
+                seed=s.seed, progress=s.progress)
+    return cache_dir
+
+
+def data_source(train_dir: str) -> dict:
+    return {"type": "folder", "path": train_dir, "random_flip": False, "center_crop": True}
 
 
 def distill(s: DemoSettings, teacher_dir: str, student_init: str, train_dir: str, run_name: str = "distill",
@@ -178,17 +199,19 @@ def distill(s: DemoSettings, teacher_dir: str, student_init: str, train_dir: str
     overrides = [
         f"teacher.pipeline={teacher_dir}", "teacher.dtype=fp32",
         f"student.path={student_init}" if not kd_selection else f"student.preset={s.preset}",
-        f"kd.features={features}", f"loss.feat={1.0 if spec else 0.0}",
+        f"kd.features={features}", f"loss.feat={s.loss_feat if spec else 0.0}",
         f"loss.out={s.loss_out if out_kd else 0.0}",
         f"train.max_grad_norm={s.max_grad_norm}", f"train.weight_decay={s.weight_decay}",
-        "data.type=folder", f"data.path={train_dir}", "data.random_flip=false", "data.center_crop=true",
+        *data_overrides(train_dir),
         "train.caption_dropout=0.1",
         f"train.output_dir={os.path.join(os.path.abspath(s.out), run_name)}", f"train.resolution={IMAGE_SIZE}",
         f"train.batch_size={s.batch_size}", f"train.max_steps={s.steps}", f"train.lr={s.lr}",
+        f"train.lr_schedule={s.lr_schedule}", f"train.lr_warmup_steps={s.warmup}",
+        f"train.fused_optimizer={str(s.fused_optimizer).lower()}",
         f"train.checkpoint_every={s.steps}", "train.keep_checkpoints=1",
         f"train.ema.enabled={str(s.ema > 0).lower()}", *([f"train.ema.decay={s.ema}"] if s.ema > 0 else []),
         f"train.seed={s.seed if seed is None else seed}", f"train.progress={str(s.progress).lower()}",
-        "train.log_every=50", "validation.every=0", f"train.cpu_threads={s.threads}",
+        "train.log_every=50", "validation.every=0", f"train.cpu_threads={threads_for(s, training=True)}",
     ]
     if kd_selection:
         overrides.append(f"kd.layer_selection={kd_selection}")
@@ -199,6 +222,22 @@ def distill(s: DemoSettings, teacher_dir: str, student_init: str, train_dir: str
     else:
         checkpoint = train(cfg)["checkpoint"]
     return model_subdir(checkpoint, ema=s.ema > 0)
+
+
+def data_overrides(train_dir: str) -> list[str]:
+    """The ``data.*`` overrides for the demo's training data: an image folder, or a cache built from one."""
+    if os.path.isfile(os.path.join(train_dir, "cache_config.json")):
+        return ["data.type=cache", f"data.path={train_dir}"]
+    return [f"data.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in data_source(train_dir).items()]
+
+
+def threads_for(s: DemoSettings, training: bool) -> int:
+    """torch CPU threads: ``s.threads`` when set; else each training process gets its share of the cores and
+    scoring (in the main process, after training) all of them."""
+    if s.threads:
+        return s.threads
+    cores = os.cpu_count() or 1
+    return max(1, cores // s.processes) if training else cores
 
 
 def model_subdir(checkpoint: str, ema: bool = False) -> str:
@@ -274,17 +313,27 @@ def _quiet_libraries() -> None:
 
 def run_demo(s: DemoSettings, log=print) -> dict:
     """Run the demo into ``s.out``; returns the results table (also written to ``results.json``)."""
+    t_start, threads_before = time.time(), torch.get_num_threads()
+    torch.set_num_threads(threads_for(s, training=s.processes == 1))
+    try:
+        return _run_demo(s, t_start, log)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run_demo(s: DemoSettings, t_start: float, log) -> dict:
     from ..utils import count_params
 
-    t_start = time.time()
-    torch.set_num_threads(s.threads)
     _quiet_libraries()
     teacher_dir, student_init, train_dir = prepare(s, log)
     out_w = "" if s.loss_out == 1 else f"{s.loss_out:g} x "
-    log(f"[2/4] distill {s.steps} steps, batch {s.batch_size}, lr {s.lr:g} (task + {out_w}outKD + featKD {s.features}"
-        f"{f'; EMA {s.ema:g}' if s.ema else ''}) on {s.num_train} shapes images, {s.processes} process"
+    feat_w = "" if s.loss_feat == 1 else f"{s.loss_feat:g} x "
+    sched = "" if s.lr_schedule == "constant" else f", {s.lr_schedule} decay"
+    log(f"[2/4] distill {s.steps} steps, batch {s.batch_size}, lr {s.lr:g}{sched} (task + {out_w}outKD + {feat_w}featKD "
+        f"{s.features}{f'; EMA {s.ema:g}' if s.ema else ''}) on {s.num_train} shapes images, {s.processes} process"
         f"{'es' if s.processes > 1 else ''}")
     student_dir = distill(s, teacher_dir, student_init, train_dir)
+    torch.set_num_threads(threads_for(s, training=False))
 
     log(f"[3/4] generate and score {s.num_eval} val prompts per model ({s.sample_steps} Euler steps, cfg {s.guidance})")
     prompts = eval_prompts(s)
