@@ -70,3 +70,10 @@ def test_demo_trains_on_two_processes(tmp_path, capfd):
     init = UNet2DConditionModel.from_pretrained(str(out / "student-init" / "unet")).state_dict()
     trained = UNet2DConditionModel.from_pretrained(res["student"]).state_dict()
     assert max(float((init[k] - trained[k]).abs().max()) for k in init) > 1e-6
+
+
+@pytest.mark.parametrize("option", [["--processes", "0"], ["--threads", "-1"]])
+def test_demo_refuses_bad_process_and_thread_counts(tmp_path, capsys, option):
+    out = tmp_path / "demo"
+    assert main(["demo", "--fast", "--out", str(out), *option]) == 2
+    assert option[0].lstrip("-") in capsys.readouterr().err and not out.exists()

@@ -313,8 +313,10 @@ def _quiet_libraries() -> None:
 
 def run_demo(s: DemoSettings, log=print) -> dict:
     """Run the demo into ``s.out``; returns the results table (also written to ``results.json``)."""
+    if s.threads < 0:
+        raise KoalaError(f"threads must be 0 (automatic) or more, got {s.threads}", option="threads")
     t_start, threads_before = time.time(), torch.get_num_threads()
-    torch.set_num_threads(threads_for(s, training=s.processes == 1))
+    torch.set_num_threads(threads_for(s, training=False))  # the training processes set their own
     try:
         return _run_demo(s, t_start, log)
     finally:
@@ -333,7 +335,7 @@ def _run_demo(s: DemoSettings, t_start: float, log) -> dict:
         f"{s.features}{f'; EMA {s.ema:g}' if s.ema else ''}) on {s.num_train} shapes images, {s.processes} process"
         f"{'es' if s.processes > 1 else ''}")
     student_dir = distill(s, teacher_dir, student_init, train_dir)
-    torch.set_num_threads(threads_for(s, training=False))
+    torch.set_num_threads(threads_for(s, training=False))  # one in-process training run set its own
 
     log(f"[3/4] generate and score {s.num_eval} val prompts per model ({s.sample_steps} Euler steps, cfg {s.guidance})")
     prompts = eval_prompts(s)
