@@ -2,11 +2,11 @@
 
 Each call trains one configuration from the demo's compressed KOALA-700M student (the same data and held-out
 prompts as `koala demo`) and prints one JSON line per checkpoint (colour / shape / binding / spatial accuracy) and,
-at the end, the whole curve with the training time; ``--json`` keeps it. Settings are DemoSettings fields, and
-any further ``key=value`` is a distillation override::
+at the end, the whole curve with the training time; ``--json`` keeps it. Settings are DemoSettings fields (their
+defaults are the demo's), and any further ``key=value`` is a distillation override::
 
-    python benchmarks/bench_demo_curve.py --name lr3e-4 --steps 1200 --every 200 --lr 3e-4
-    python benchmarks/bench_demo_curve.py --name out4 --steps 1200 --every 400 --loss-out 4 --json out4.json
+    python benchmarks/bench_demo_curve.py --name demo --steps 800 --every 400 --processes 2
+    python benchmarks/bench_demo_curve.py --name feat1 --steps 800 --every 400 --loss-feat 1 --json feat1.json
 """
 
 from __future__ import annotations
@@ -61,10 +61,11 @@ def main() -> None:
 
     torch.set_num_threads(1)
     _quiet_libraries()
-    given = {k: v for k, v in (("lr", a.lr), ("batch_size", a.batch_size), ("loss_out", a.loss_out), ("loss_feat", a.loss_feat),
-                               ("max_grad_norm", a.max_grad_norm), ("weight_decay", a.weight_decay),
-                               ("features", a.features), ("ema", a.ema),
-                               ("lr_schedule", a.lr_schedule), ("warmup", a.warmup), ("num_train", a.num_train)) if v is not None}
+    given = {k: v for k, v in (("lr", a.lr), ("batch_size", a.batch_size), ("loss_out", a.loss_out),
+                               ("loss_feat", a.loss_feat), ("max_grad_norm", a.max_grad_norm),
+                               ("weight_decay", a.weight_decay), ("features", a.features), ("ema", a.ema),
+                               ("lr_schedule", a.lr_schedule), ("warmup", a.warmup), ("num_train", a.num_train))
+             if v is not None}
     s = DemoSettings(out=a.base, steps=a.steps, progress=False, processes=a.processes, threads=a.threads, cache=a.cache,
                      fused_optimizer=a.fused, **given)
     teacher = s.teacher or shapes_teacher_dir()
@@ -81,7 +82,8 @@ def main() -> None:
         with open(marker, "w") as f:
             json.dump(prep, f)
     t0 = time.time()
-    distill(s, teacher, os.path.join(a.base, prep["student_init"]), os.path.join(a.base, prep["cache" if a.cache else "train"]),
+    data = os.path.join(a.base, prep["cache" if a.cache else "train"])
+    distill(s, teacher, os.path.join(a.base, prep["student_init"]), data,
             run_name=f"run-{a.name}", seed=a.seed,
             extra=[*a.overrides, f"train.checkpoint_every={a.every}", "train.keep_checkpoints=0"])
     res = {"name": a.name, "settings": {k: v for k, v in s.__dict__.items() if k not in ("out", "progress")},
