@@ -37,7 +37,8 @@ def main() -> None:
     ap.add_argument("--processes", type=int, default=1, help="training processes (koala demo: 2)")
     ap.add_argument("--num-train", type=int, default=None, help="shapes training images (a new --base for each)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per training process (0: the demo's rule)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0,
+                    help="distillation seed (noise, timesteps, data order); the held-out prompts stay the demo's")
     ap.add_argument("--no-cache", dest="cache", action="store_false",
                     help="train on the image folder, encoding every batch (koala demo encodes the images once)")
     ap.add_argument("--no-fused", dest="fused", action="store_false", help="torch's foreach AdamW, not the fused one")
@@ -87,7 +88,7 @@ def main() -> None:
             run_name=f"run-{a.name}", seed=a.seed,
             extra=[*a.overrides, f"train.checkpoint_every={a.every}", "train.keep_checkpoints=0"])
     res = {"name": a.name, "settings": {k: v for k, v in s.__dict__.items() if k not in ("out", "progress")},
-           "overrides": a.overrides, "train_s": round(time.time() - t0, 1), "curve": []}
+           "train_seed": a.seed, "overrides": a.overrides, "train_s": round(time.time() - t0, 1), "curve": []}
     prompts = eval_prompts(s)
     for ck in sorted(glob.glob(os.path.join(a.base, f"run-{a.name}", "checkpoints", "step-*"))):
         scores, _ = score_model(s, teacher, model_subdir(ck, ema=s.ema > 0), prompts)

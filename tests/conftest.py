@@ -12,6 +12,12 @@ import torch  # noqa: E402
 torch.set_num_threads(1)  # tiny models: 1 thread is far faster than 2 on a busy 2-core machine
 
 
+def pytest_collection_modifyitems(config, items):
+    """The ``slow`` tests first (stable order otherwise): the parallel workers (pytest-xdist) then end on short
+    tests instead of one worker finishing a long one alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def tiny_pipe_dir(tmp_path_factory):
     """A saved tiny SDXL pipeline (random weights, U-Net depth pattern [1, 2, 10])."""

@@ -43,6 +43,7 @@ def test_paper_presets_match_table2(name):
     assert round(n / 1e6) == round(PRESETS[name].paper_params / 1e6) or abs(n - PRESETS[name].paper_params) < 1e6
 
 
+@pytest.mark.slow
 def test_presets_json_cli(capsys):
     assert main(["presets", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)

@@ -94,6 +94,7 @@ def test_cli_bench_train(tmp_path, capsys):
     assert "option --teacher" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compile_mode,scope,teacher_scope", [("student", "full", None), ("both", "blocks", None),
                                                               ("both", "full", "blocks")])
 def test_compiled_student_keeps_hooks_and_loss(tiny_pipe_dir, tmp_path, compile_mode, scope, teacher_scope):

@@ -33,6 +33,7 @@ def test_live_tensor_bytes_follows_allocations_and_frees():
     assert tr.live == 0
 
 
+@pytest.mark.slow
 def test_real_size_plan_arithmetic_and_switches():
     p = plan_memory(_cfg("train.mixed_precision=bf16", "teacher.dtype=bf16", bs=2), teacher="sdxl-base")
     assert p["params"]["student"] == 782_822_724 and p["params"]["teacher"] == 2_567_463_684  # Table 2
@@ -91,6 +92,7 @@ MEASURE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS via /proc")
 def test_plan_within_25_percent_of_measured_cpu_peak():
     """The trainer's own step (tiny SDXL teacher -> KOALA-700M student, 256px x 4, fp32) in a fresh process
