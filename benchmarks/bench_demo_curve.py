@@ -17,6 +17,8 @@ import json
 import os
 import time
 
+from koala.distill.config import LR_SCHEDULES
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -25,7 +27,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--every", type=int, default=200, help="score a checkpoint every this many steps")
     ap.add_argument("--lr", type=float, default=None)
-    ap.add_argument("--lr-schedule", default=None, choices=["constant", "linear", "cosine"])
+    ap.add_argument("--lr-schedule", default=None, choices=LR_SCHEDULES)
     ap.add_argument("--warmup", type=int, default=None, help="learning-rate warmup steps")
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--loss-out", type=float, default=None)

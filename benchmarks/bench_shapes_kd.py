@@ -33,7 +33,7 @@ import statistics
 import torch
 
 from koala.families import model_dir
-from koala.lab.demo import DemoSettings, distill, eval_prompts, prepare, score_model
+from koala.lab.demo import PAPER_TRAINING, DemoSettings, distill, eval_prompts, prepare, score_model
 
 METHODS = {
     "task-only": dict(features="none", out_kd=False),
@@ -80,9 +80,7 @@ def main() -> None:
     base = DemoSettings(out=args.out, steps=args.steps, batch_size=args.batch_size, num_eval=args.num_eval,
                         num_train=args.num_train, overwrite=True, progress=False, teacher=args.teacher,
                         threads=args.threads, preset=args.preset,
-                        lr=1e-4, max_grad_norm=1.0, weight_decay=0.01, loss_out=1.0, processes=1,
-                        # the rest as those tables ran, whatever the demo's defaults are now
-                        loss_feat=1.0, lr_schedule="constant", warmup=0, cache=False, fused_optimizer=False)
+                        lr=1e-4, max_grad_norm=1.0, weight_decay=0.01, processes=1, **PAPER_TRAINING)
     teacher_dir, student_init, train_dir = prepare(base)
     prompts = eval_prompts(base)
     teacher_scores, _ = score_model(base, teacher_dir, None, prompts)

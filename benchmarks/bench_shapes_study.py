@@ -87,6 +87,7 @@ def cmd_run(args) -> None:
 
     from koala.families import model_dir
     from koala.lab.demo import (
+        PAPER_TRAINING,
         DemoSettings,
         _quiet_libraries,
         distill,
@@ -99,9 +100,8 @@ def cmd_run(args) -> None:
     _quiet_libraries()
     base = DemoSettings(out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, num_eval=args.num_eval,
                         num_train=args.num_train, progress=False, preset=args.preset, threads=args.threads,
-                        max_grad_norm=args.max_grad_norm, weight_decay=args.weight_decay, loss_out=1.0, processes=1,
-                        overwrite=True, cache=False, fused_optimizer=False, lr_schedule="constant", warmup=0,
-                        loss_feat=1.0)  # the paper's objective and optimiser, as the committed study ran
+                        max_grad_norm=args.max_grad_norm, weight_decay=args.weight_decay, processes=1,
+                        overwrite=True, **PAPER_TRAINING)  # the paper's objective and optimiser, as the study ran
     marker = os.path.join(args.out, "prepared.json")
     if not os.path.isfile(marker):
         teacher_dir, student_init, train_dir = prepare(base)

@@ -66,6 +66,10 @@ class DemoSettings:
         return cls(**base)
 
 
+# DemoSettings that undo the demo's short-budget tuning: the paper's loss weights and constant learning rate, the
+# images encoded at every step, torch's foreach AdamW -- what the shapes study and research tables ran with
+PAPER_TRAINING = dict(loss_out=1.0, loss_feat=1.0, lr_schedule="constant", warmup=0, cache=False, fused_optimizer=False)
+
 GRID_PROMPTS = [
     "a red circle",
     "a blue square to the left of a yellow triangle",
