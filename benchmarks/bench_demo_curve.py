@@ -5,7 +5,7 @@ prompts as `koala demo`) and prints one JSON line per checkpoint (colour / shape
 at the end, the whole curve with the training time; ``--json`` keeps it. Settings are DemoSettings fields (their
 defaults are the demo's), and any further ``key=value`` is a distillation override::
 
-    python benchmarks/bench_demo_curve.py --name demo --steps 800 --every 400 --processes 2
+    python benchmarks/bench_demo_curve.py --name demo --steps 1000 --every 500
     python benchmarks/bench_demo_curve.py --name feat1 --steps 800 --every 400 --loss-feat 1 --json feat1.json
 """
 
@@ -36,13 +36,16 @@ def main() -> None:
     ap.add_argument("--weight-decay", type=float, default=None)
     ap.add_argument("--features", default=None)
     ap.add_argument("--ema", type=float, default=None, help="EMA decay (scores the EMA weights)")
-    ap.add_argument("--processes", type=int, default=1, help="training processes (koala demo: 2)")
+    ap.add_argument("--processes", type=int, default=None,
+                    help="data-parallel training processes (default: koala demo's rule; 1 with the teacher worker on 2 cores)")
     ap.add_argument("--num-train", type=int, default=None, help="shapes training images (a new --base for each)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per training process (0: the demo's rule)")
     ap.add_argument("--seed", type=int, default=0,
                     help="distillation seed (noise, timesteps, data order); the held-out prompts stay the demo's")
     ap.add_argument("--no-cache", dest="cache", action="store_false",
                     help="train on the image folder, encoding every batch (koala demo encodes the images once)")
+    ap.add_argument("--teacher-worker", action=argparse.BooleanOptionalAction, default=None,
+                    help="the teacher in a second process (koala demo's default: on with 2 or more cores)")
     ap.add_argument("--no-fused", dest="fused", action="store_false", help="torch's foreach AdamW, not the fused one")
     ap.add_argument("--json", default=None)
     ap.add_argument("overrides", nargs="*", help="distillation key=value overrides")
@@ -67,7 +70,8 @@ def main() -> None:
     given = {k: v for k, v in (("lr", a.lr), ("batch_size", a.batch_size), ("loss_out", a.loss_out),
                                ("loss_feat", a.loss_feat), ("max_grad_norm", a.max_grad_norm),
                                ("weight_decay", a.weight_decay), ("features", a.features), ("ema", a.ema),
-                               ("lr_schedule", a.lr_schedule), ("warmup", a.warmup), ("num_train", a.num_train))
+                               ("lr_schedule", a.lr_schedule), ("warmup", a.warmup), ("num_train", a.num_train),
+                               ("teacher_worker", a.teacher_worker))
              if v is not None}
     s = DemoSettings(out=a.base, steps=a.steps, progress=False, processes=a.processes, threads=a.threads, cache=a.cache,
                      fused_optimizer=a.fused, **given)

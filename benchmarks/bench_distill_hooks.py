@@ -132,7 +132,7 @@ def main(argv=None):
             for name in order:
                 times[name].append(step(name, i))
         for _, d in variants.values():
-            d.s_rec.remove(), d.t_rec.remove()
+            d.close()
 
     base, feat = statistics.median(times["outkd"]), statistics.median(times["featkd"])
     overhead = 100 * (feat / base - 1)

@@ -41,6 +41,10 @@ def test_demo_fast_end_to_end(tmp_path, capsys):
     assert index["complete"] and index["num_samples"] == res["settings"]["num_train"]
     recipe = yaml.safe_load((out / "distill" / "config.yaml").read_text())
     assert recipe["data"]["type"] == "cache" and recipe["train"]["fused_optimizer"] is True
+    # with 2 or more cores the teacher ran in a process of its own (train.teacher_worker), one core each
+    two_cores = (os.cpu_count() or 1) >= 2
+    assert recipe["train"]["teacher_worker"] is two_cores and res["settings"]["teacher_worker"] is two_cores
+    assert recipe["train"]["cpu_threads"] == max(1, (os.cpu_count() or 1) // (2 if two_cores else 1))
     student = UNet2DConditionModel.from_pretrained(res["student"])
     assert student.mid_block is None  # KOALA-700M topology
     teacher_unet = UNet2DConditionModel.from_pretrained(os.path.join(teacher, "unet"))

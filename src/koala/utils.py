@@ -337,3 +337,14 @@ def compile_module(module: torch.nn.Module, scope: str = "full", backend: str = 
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return sum(_compile_region(m, {**kw, "dynamic": False}) for m in blocks)
+
+
+def attention_context(backend: str):
+    """``train.attention``: a context forcing one SDPA backend (diffusers' attention calls
+    ``F.scaled_dot_product_attention``), or nothing for ``auto``."""
+    if backend == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                        "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[backend])

@@ -167,6 +167,10 @@ def run_train_bench(settings: TrainBenchSettings, log=print) -> dict:
     with tempfile.TemporaryDirectory(prefix="koala-bench-train-") as tmp:
         cfg = _config(s, tmp, preset_mode)
         tcfg = cfg["train"]
+        if tcfg["teacher_worker"]:  # the phases are timed one after the other in this process
+            log("train.teacher_worker ignored: koala bench train times each phase in one process (the worker's "
+                "effect shows in a distillation run's samples/s)")
+            tcfg["teacher_worker"] = False
         if tcfg["cpu_threads"]:
             torch.set_num_threads(int(tcfg["cpu_threads"]))
         acc = Accelerator(cpu=s.device == "cpu", mixed_precision=tcfg["mixed_precision"])
@@ -237,8 +241,7 @@ def run_train_bench(settings: TrainBenchSettings, log=print) -> dict:
                     one_step(i, True)
             log(f"timed {s.steps} steps: median {statistics.median(totals):.1f} ms/step")
         finally:
-            d.s_rec.remove()
-            d.t_rec.remove()
+            d.close()
         flops = step_flops(d, latent)
         result = _result(s, cfg, d, device, latent, phases, totals, losses_seen, flops, mem)
     return result

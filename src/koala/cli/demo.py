@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 
 def register(sub) -> None:
     from ..lab.features import FEATURES
@@ -14,7 +16,7 @@ def register(sub) -> None:
     )
     p.add_argument("--out", default="koala-demo", help="output directory (default: koala-demo)")
     p.add_argument("--fast", action="store_true", help="seconds-long smoke run (tiny budgets; numbers meaningless)")
-    p.add_argument("--steps", type=int, default=None, help="distillation steps (default 800; --fast: 4)")
+    p.add_argument("--steps", type=int, default=None, help="distillation steps (default 950; --fast: 4)")
     p.add_argument("--features", default="SA+LF", choices=list(FEATURES),
                    help="feature KD: SA+LF (paper: SA-bottom + LF at DW-1/UP-3), one feature type at every stage "
                    "(SA, CA, FFN, Res), LF-all (BK), none")
@@ -25,7 +27,11 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: each training process "
                    "gets its share of the cores, scoring all of them)")
     p.add_argument("--processes", type=int, default=None, help="data-parallel training processes, each taking its "
-                   "share of every batch (default: 2 when the machine has 2 or more CPU cores, else 1)")
+                   "share of every batch (default: as many as the cores hold, up to 2: a core each, two with the "
+                   "teacher worker; so 1 on a 2-core machine)")
+    p.add_argument("--teacher-worker", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the teacher's forwards in a second process, a micro-batch ahead of the student "
+                   "(train.teacher_worker; default: on with 2 or more CPU cores)")
     p.add_argument("--no-cache", dest="cache", action="store_false", default=None,
                    help="encode the training images at every step instead of once up front")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
@@ -37,7 +43,7 @@ def run(args) -> int:
 
     kw = {k: v for k, v in (("out", args.out), ("steps", args.steps), ("features", args.features),
                             ("preset", args.preset), ("num_eval", args.num_eval), ("seed", args.seed), ("teacher", args.teacher), ("threads", args.threads),
-                            ("processes", args.processes), ("cache", args.cache),
+                            ("processes", args.processes), ("cache", args.cache), ("teacher_worker", args.teacher_worker),
                             ("overwrite", args.overwrite)) if v is not None}
     settings = DemoSettings.fast(**kw) if args.fast else DemoSettings(**kw)
     result = run_demo(settings)

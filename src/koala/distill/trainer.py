@@ -12,11 +12,13 @@ Logging goes through ``Accelerator(log_with=...)`` (``train.log_with``: tensorbo
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import json
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +28,7 @@ from diffusers.training_utils import EMAModel
 from ..data import make_dataloader
 from ..errors import KoalaError
 from ..recipes import dump_recipe
-from ..utils import StopRequest, compile_module, existing_parent, require
+from ..utils import StopRequest, attention_context, compile_module, existing_parent, require
 from .checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from .config import resolve_grad_accum
 from .hooks import FeatureRecorder, feature_pairs, unwrap
@@ -133,17 +135,6 @@ def is_sharded(optimizer) -> bool:
     return type(inner_optimizer(optimizer)).__name__ == "ZeroRedundancyOptimizer"
 
 
-def attention_context(backend: str):
-    """``train.attention``: a context forcing one SDPA backend (diffusers' attention calls
-    ``F.scaled_dot_product_attention``), or nothing for ``auto``."""
-    if backend == "auto":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                        "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[backend])
-
-
 def infinite(loader):
     """The loader's batches forever (koala.data loaders with ``repeat: true`` already are; this guards the rest)."""
     while True:
@@ -209,13 +200,25 @@ class Distiller:
                                 model_config=student.config, foreach=True)
             self.ema.to(accelerator.device)
         optimizer = make_optimizer(student.parameters(), tcfg, accelerator.num_processes)
+        scopes = {"student": tcfg["compile_scope"], "teacher": tcfg["teacher_compile_scope"] or tcfg["compile_scope"]}
+        compile_teacher = tcfg["compile"] in ("teacher", "both")
+        # train.teacher_worker: the teacher's KD forwards run in a second process, a micro-batch ahead (it gets the
+        # teacher before any hook; this process keeps the module for validation images only)
+        self.worker = None
+        if tcfg["teacher_worker"] and self.need_teacher:
+            from .teacher_worker import TeacherWorker
+
+            self.worker = TeacherWorker(self.teacher, self.family.name, [p.teacher for p in self.pairs],
+                                        self.frozen.weight_dtype, tcfg["cpu_threads"], tcfg["attention"],
+                                        scopes["teacher"] if compile_teacher else None, tcfg["compile_backend"])
         # hooks first, compile second: torch.compile traces the registered forward hooks into the graph
         self.s_rec = FeatureRecorder(student, [p.student for p in self.pairs], "student")
         self.t_rec = FeatureRecorder(self.teacher, [p.teacher for p in self.pairs], "teacher")
-        scopes = {"student": tcfg["compile_scope"], "teacher": tcfg["teacher_compile_scope"] or tcfg["compile_scope"]}
-        for name, model in (("student", student), ("teacher", self.teacher)):
-            if tcfg["compile"] in (name, "both"):  # in place: the module, its hooks and state_dict keys stay
-                compile_module(model, scopes[name], tcfg["compile_backend"])
+        # in place: the module, its hooks and state_dict keys stay (the worker compiles its own teacher)
+        if tcfg["compile"] in ("student", "both"):
+            compile_module(student, scopes["student"], tcfg["compile_backend"])
+        if compile_teacher and self.worker is None:
+            compile_module(self.teacher, scopes["teacher"], tcfg["compile_backend"])
         if self.fsdp:  # not prepared: accelerate would wrap the sharded student in DDP (koala.distill.sharding)
             self.student, self.optimizer = student, accelerator.prepare(optimizer, device_placement=[False])
         else:  # a ZeroRedundancyOptimizer is built on the device already (accelerate's placement would ask it for
@@ -273,21 +276,51 @@ class Distiller:
         return Prepared(noisy, t, cond, prediction_target(sched, latents, noise, t))
 
     def teacher_forward(self, p: Prepared) -> torch.Tensor | None:
-        """The frozen teacher (``teacher.dtype``, no grad) under feature capture; None when no loss needs it."""
+        """The frozen teacher (``teacher.dtype``, no grad) under feature capture, in this process; None when no
+        loss needs it."""
         if not self.need_teacher:
             return None
         td = self.frozen.weight_dtype
         with torch.no_grad(), self.t_rec.capture(), attention_context(self.attention):
             return self.family.forward(self.teacher, p.noisy, p.t, p.cond, dtype=td)
 
+    def teacher_targets(self, p: Prepared) -> tuple[torch.Tensor | None, dict]:
+        """``(output, features)`` of the teacher for ``p``: from the teacher worker when there is one (waiting for
+        it), else :meth:`teacher_forward`."""
+        if self.worker is not None:
+            self.worker.submit(p.noisy, p.t, p.cond)
+            return self.worker.result()
+        return self.teacher_forward(p), self.t_rec.pop()
+
+    def kd_stream(self, items: Iterable[tuple[dict, list[torch.Generator]]]):
+        """``(prepared, teacher output, teacher features)`` for each ``(batch, generators)`` of ``items``, in
+        order. With the teacher worker, micro-batch k+1 is prepared and handed to it before k is yielded, so the
+        worker computes it while the caller trains on k."""
+        if self.worker is None:
+            for batch, gens in items:
+                p = self.prepare(batch, gens)
+                yield (p, *self.teacher_targets(p))
+            return
+        ahead: collections.deque[Prepared] = collections.deque()
+        for batch, gens in items:
+            p = self.prepare(batch, gens)
+            self.worker.submit(p.noisy, p.t, p.cond)
+            ahead.append(p)
+            if len(ahead) > 1:
+                yield (ahead.popleft(), *self.worker.result())
+        while ahead:
+            yield (ahead.popleft(), *self.worker.result())
+
     def student_forward(self, p: Prepared) -> torch.Tensor:
         """The student (autocast per ``train.mixed_precision``) under feature capture."""
         with self.acc.autocast(), self.s_rec.capture(), attention_context(self.attention):
             return self.family.forward(self.student, p.noisy, p.t, p.cond)
 
-    def losses(self, p: Prepared, s_out: torch.Tensor, t_out: torch.Tensor | None):
-        """:class:`Losses` (fp32) from the two outputs and the captured features."""
-        s_feats, t_feats = self.s_rec.pop(), self.t_rec.pop()
+    def losses(self, p: Prepared, s_out: torch.Tensor, t_out: torch.Tensor | None, t_feats: dict | None = None):
+        """:class:`Losses` (fp32) from the two outputs and the captured features (the teacher's: ``t_feats``, or
+        what its recorder holds)."""
+        s_feats = self.s_rec.pop()
+        t_feats = self.t_rec.pop() if t_feats is None else t_feats
         if self.pairs and self.student.training and torch.is_grad_enabled():
             dead = [n for n, f in s_feats.items() if not f.requires_grad]
             if dead:
@@ -298,11 +331,18 @@ class Distiller:
 
     def step_losses(self, batch: dict, gens: list[torch.Generator]):
         """The KD step's forward: encode, noise, run teacher (no grad) and student, return :class:`Losses` (fp32).
-        The only KD step: the trainer, tests and benchmarks all call it (or its phases in this order)."""
+        The one KD step: tests and benchmarks call it (or its phases in this order); the trainer runs the same
+        phases through :meth:`kd_stream` (which lets the teacher worker run a micro-batch ahead) and :meth:`losses`."""
         p = self.prepare(batch, gens)
-        t_out = self.teacher_forward(p)
-        s_out = self.student_forward(p)
-        return self.losses(p, s_out, t_out)
+        t_out, t_feats = self.teacher_targets(p)
+        return self.losses(p, self.student_forward(p), t_out, t_feats)
+
+    def close(self) -> None:
+        """Remove the feature hooks and stop the teacher worker."""
+        self.s_rec.remove()
+        self.t_rec.remove()
+        if self.worker is not None:
+            self.worker.close()
 
 
 def _check_finite(acc: Accelerator, losses, step: int, output_dir: str) -> None:
@@ -380,15 +420,18 @@ def train(cfg: dict) -> dict:
     preempted = None
     if acc.is_main_process:
         warn_low_space(out_dir, d, tcfg["keep_checkpoints"], bar.write)
+    # the micro-batches to come with their generators, lazily (the teacher worker takes one ahead)
+    stream = d.kd_stream((next(data), sample_generators(tcfg["seed"], st, micro, bs, accum, acc.process_index, world))
+                         for st in range(step, tcfg["max_steps"]) for micro in range(accum))
     try:
         with StopRequest() as stop:
             while step < tcfg["max_steps"]:
                 logs: dict[str, float] = {}
                 for micro in range(accum):
-                    gens = sample_generators(tcfg["seed"], step, micro, bs, accum, acc.process_index, world)
                     sync = acc.no_sync(d.student) if micro < accum - 1 else contextlib.nullcontext()
                     with sync:
-                        losses = d.step_losses(next(data), gens)
+                        p, t_out, t_feats = next(stream)
+                        losses = d.losses(p, d.student_forward(p), t_out, t_feats)
                         _check_finite(acc, losses, step + 1, out_dir)
                         d.backward(losses.total / accum)
                     for k, v in losses.scalars(d.pairs).items():
@@ -429,8 +472,7 @@ def train(cfg: dict) -> dict:
                     t0 = time.perf_counter()
     finally:
         bar.close()
-        d.s_rec.remove()
-        d.t_rec.remove()
+        d.close()
     ckpts = list_checkpoints(out_dir)
     acc.end_training()
     return {"step": step, "output_dir": out_dir, "checkpoint": last_ckpt or (ckpts[-1][1] if ckpts else None),

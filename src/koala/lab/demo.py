@@ -3,7 +3,7 @@
 1. compress the packaged shapes teacher (SDXL topology, depth [., 2, 10]) to KOALA-700M topology,
 2. distill it with the paper's objective (task + outKD + SA-bottom featKD + LF at DW-1/UP-3; for the short CPU
    budget outKD weighted 4x, featKD 0.3x, lr 2e-3 with a cosine decay: benchmarks/results/shapes-demo-tuning.md) on
-   the images encoded once, on 2 processes when there are 2 cores,
+   the images encoded once, the teacher's forwards in a second process (a core each) when there are 2 cores,
 3. generate a teacher / student-before-KD / student-after-KD grid for fixed prompts,
 4. print params, U-Net latency and the shapes scorer's accuracies for each.
 """
@@ -27,7 +27,7 @@ from .features import FEATURES, feature_spec
 @dataclass
 class DemoSettings:
     out: str = "koala-demo"
-    steps: int = 800            # distillation steps
+    steps: int = 950            # distillation steps
     batch_size: int = 16        # global: split over the processes
     lr: float = 2e-3            # AdamW peak learning rate (the tuning curve: benchmarks/results/shapes-demo-tuning.md)
     lr_schedule: str = "cosine"  # constant (the paper's) | linear | cosine: a decay to 0 at the last step
@@ -51,12 +51,23 @@ class DemoSettings:
     overwrite: bool = False
     progress: bool = True
     teacher: str | None = None  # a shapes teacher pipeline dir; default: the packaged one
-    threads: int = 0            # torch CPU threads; 0: each training process gets cores // processes, scoring all cores
+    threads: int = 0            # torch CPU threads; 0: each training process (and its teacher worker) gets its share
+                                # of the cores, scoring all of them
     fused_optimizer: bool = True  # torch's fused AdamW (one kernel per step: ~5 % of a demo step saved)
     cache: bool = True          # encode the training images once (VAE latents + text conditioning, koala.data's
                                 # cache) instead of at every step; each image then keeps one VAE latent sample
-    # data-parallel training processes (accelerate launch on CPU; the batch is split): one per core, up to 2
-    processes: int = field(default_factory=lambda: max(1, min(2, os.cpu_count() or 1)))
+    # the teacher's forwards in a second process, a micro-batch ahead of the student (train.teacher_worker): with
+    # a core each, a step costs about the student's part alone (shapes-demo-tuning.md, round 4); on by default
+    # with 2 or more cores
+    teacher_worker: bool = field(default_factory=lambda: (os.cpu_count() or 1) >= 2)
+    # data-parallel training processes (accelerate launch on CPU; the batch is split); None: as many as the cores
+    # hold (a core each, two with the teacher worker), up to 2
+    processes: int | None = None
+
+    def __post_init__(self):
+        if self.processes is None:
+            per_process = 2 if self.teacher_worker else 1
+            self.processes = max(1, min(2, (os.cpu_count() or 1) // per_process))
 
     @classmethod
     def fast(cls, **kw) -> "DemoSettings":
@@ -216,6 +227,7 @@ def distill(s: DemoSettings, teacher_dir: str, student_init: str, train_dir: str
         f"train.ema.enabled={str(s.ema > 0).lower()}", *([f"train.ema.decay={s.ema}"] if s.ema > 0 else []),
         f"train.seed={s.seed if seed is None else seed}", f"train.progress={str(s.progress).lower()}",
         "train.log_every=50", "validation.every=0", f"train.cpu_threads={threads_for(s, training=True)}",
+        f"train.teacher_worker={str(s.teacher_worker).lower()}",
     ]
     if kd_selection:
         overrides.append(f"kd.layer_selection={kd_selection}")
@@ -236,12 +248,12 @@ def data_overrides(train_dir: str) -> list[str]:
 
 
 def threads_for(s: DemoSettings, training: bool) -> int:
-    """torch CPU threads: ``s.threads`` when set; else each training process gets its share of the cores and
-    scoring (in the main process, after training) all of them."""
+    """torch CPU threads: ``s.threads`` when set; else each training process and its teacher worker get their
+    share of the cores, and scoring (in the main process, after training) all of them."""
     if s.threads:
         return s.threads
     cores = os.cpu_count() or 1
-    return max(1, cores // s.processes) if training else cores
+    return max(1, cores // (s.processes * (2 if s.teacher_worker else 1))) if training else cores
 
 
 def model_subdir(checkpoint: str, ema: bool = False) -> str:
@@ -336,8 +348,9 @@ def _run_demo(s: DemoSettings, t_start: float, log) -> dict:
     feat_w = "" if s.loss_feat == 1 else f"{s.loss_feat:g} x "
     sched = "" if s.lr_schedule == "constant" else f", {s.lr_schedule} decay"
     log(f"[2/4] distill {s.steps} steps, batch {s.batch_size}, lr {s.lr:g}{sched} (task + {out_w}outKD + {feat_w}featKD "
-        f"{s.features}{f'; EMA {s.ema:g}' if s.ema else ''}) on {s.num_train} shapes images, {s.processes} process"
-        f"{'es' if s.processes > 1 else ''}")
+        f"{s.features}{f'; EMA {s.ema:g}' if s.ema else ''}) on {s.num_train} shapes images, {s.processes} training process"
+        f"{'es' if s.processes > 1 else ''}{' + its teacher process' if s.teacher_worker and s.processes == 1 else ''}"
+        f"{' + a teacher process each' if s.teacher_worker and s.processes > 1 else ''}")
     student_dir = distill(s, teacher_dir, student_init, train_dir)
     torch.set_num_threads(threads_for(s, training=False))  # one in-process training run set its own
 
