@@ -114,8 +114,9 @@ class TrainConfig:
     # fast paths (each a switch; measured by `koala bench train`, see benchmarks/results/)
     fused_optimizer: bool = False    # torch AdamW(fused=True): one kernel per parameter group (adamw only)
     channels_last: bool = False      # teacher, student and latents in channels_last memory format
-    # CPU: the teacher's forwards in a second process (a core of its own), one micro-batch ahead of the student,
-    # so a step costs about max(teacher, student) instead of their sum (koala.distill.teacher_worker)
+    # CPU: the teacher's forwards in a second process, one micro-batch ahead of the student, so a step costs about
+    # max(teacher, student) instead of their sum (koala.distill.teacher_worker); both processes use cpu_threads
+    # threads (null: half of torch's default each)
     teacher_worker: bool = False
     attention: str = "auto"          # one of ATTENTION: force an SDPA backend for teacher and student forwards
     compile: str = "none"            # one of COMPILE: torch.compile the student / teacher / both (hooks still capture)

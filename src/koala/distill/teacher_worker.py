@@ -15,7 +15,6 @@ its checkpoint) and exits when the training process closes the pipe or dies.
 from __future__ import annotations
 
 import atexit
-import collections
 import signal
 import traceback
 
@@ -71,11 +70,11 @@ class TeacherWorker:
         if next(teacher.parameters()).device.type != "cpu":
             raise KoalaError("train.teacher_worker runs the teacher in a second CPU process; on a GPU keep it in the "
                              "training process (train.teacher_worker=false)", option="train.teacher_worker")
-        if teacher._forward_hooks or any(m._forward_hooks for m in teacher.modules()):
+        if any(m._forward_hooks for m in teacher.modules()):
             raise RuntimeError("start the teacher worker before registering hooks on the teacher")
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self._pending = collections.deque()
+        self._pending = 0  # inputs sent whose result has not been read
         # not daemonic: torch.compile's inductor may start compile workers of its own. The teacher goes through
         # the pipe, not the process arguments: a child that fails while starting then breaks the pipe instead of
         # leaving this process blocked on writing them (multiprocessing's spawn keeps the other end open meanwhile)
@@ -97,7 +96,7 @@ class TeacherWorker:
             self._conn.send((noisy, t, cond))
         except (BrokenPipeError, OSError) as err:
             raise self._died() from err
-        self._pending.append(None)
+        self._pending += 1
 
     def result(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if not self._pending:
@@ -109,7 +108,7 @@ class TeacherWorker:
             status, value = self._conn.recv()
         except (EOFError, OSError) as err:
             raise self._died() from err
-        self._pending.popleft()
+        self._pending -= 1
         if status != "ok":
             raise KoalaError(f"the teacher worker process (train.teacher_worker) failed:\n{value}",
                              option="train.teacher_worker")
@@ -146,4 +145,4 @@ class TeacherWorker:
                 self.process.terminate()
                 self.process.join(5)
         self._conn.close()
-        self._pending.clear()
+        self._pending = 0

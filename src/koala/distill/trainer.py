@@ -380,6 +380,8 @@ def train(cfg: dict) -> dict:
     tcfg = cfg["train"]
     out_dir = os.path.abspath(tcfg["output_dir"])
     cfg["train"]["output_dir"] = out_dir
+    if tcfg["teacher_worker"] and not tcfg["cpu_threads"]:  # the process and its teacher worker share the cores
+        tcfg["cpu_threads"] = max(1, torch.get_num_threads() // 2)
     if tcfg["cpu_threads"]:
         torch.set_num_threads(int(tcfg["cpu_threads"]))
     trackers = _trackers(tcfg)
