@@ -78,8 +78,10 @@ class DemoSettings:
 
 
 # DemoSettings that undo the demo's short-budget tuning: the paper's loss weights and constant learning rate, the
-# images encoded at every step, torch's foreach AdamW -- what the shapes study and research tables ran with
-PAPER_TRAINING = dict(loss_out=1.0, loss_feat=1.0, lr_schedule="constant", warmup=0, cache=False, fused_optimizer=False)
+# images encoded at every step, torch's foreach AdamW, the teacher in the training process -- what the shapes study
+# and research tables ran with
+PAPER_TRAINING = dict(loss_out=1.0, loss_feat=1.0, lr_schedule="constant", warmup=0, cache=False, fused_optimizer=False,
+                      teacher_worker=False)
 
 GRID_PROMPTS = [
     "a red circle",
