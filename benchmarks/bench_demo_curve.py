@@ -37,7 +37,8 @@ def main() -> None:
     ap.add_argument("--features", default=None)
     ap.add_argument("--ema", type=float, default=None, help="EMA decay (scores the EMA weights)")
     ap.add_argument("--processes", type=int, default=None,
-                    help="data-parallel training processes (default: koala demo's rule; 1 with the teacher worker on 2 cores)")
+                    help="data-parallel training processes (default: koala demo's rule; 1 with the teacher worker "
+                    "on 2 cores)")
     ap.add_argument("--num-train", type=int, default=None, help="shapes training images (a new --base for each)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per training process (0: the demo's rule)")
     ap.add_argument("--seed", type=int, default=0,

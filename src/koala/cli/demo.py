@@ -43,7 +43,8 @@ def run(args) -> int:
 
     kw = {k: v for k, v in (("out", args.out), ("steps", args.steps), ("features", args.features),
                             ("preset", args.preset), ("num_eval", args.num_eval), ("seed", args.seed), ("teacher", args.teacher), ("threads", args.threads),
-                            ("processes", args.processes), ("cache", args.cache), ("teacher_worker", args.teacher_worker),
+                            ("processes", args.processes), ("cache", args.cache),
+                            ("teacher_worker", args.teacher_worker),
                             ("overwrite", args.overwrite)) if v is not None}
     settings = DemoSettings.fast(**kw) if args.fast else DemoSettings(**kw)
     result = run_demo(settings)

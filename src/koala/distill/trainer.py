@@ -211,20 +211,25 @@ class Distiller:
             self.worker = TeacherWorker(self.teacher, self.family.name, [p.teacher for p in self.pairs],
                                         self.frozen.weight_dtype, tcfg["cpu_threads"], tcfg["attention"],
                                         scopes["teacher"] if compile_teacher else None, tcfg["compile_backend"])
-        # hooks first, compile second: torch.compile traces the registered forward hooks into the graph
-        self.s_rec = FeatureRecorder(student, [p.student for p in self.pairs], "student")
-        self.t_rec = FeatureRecorder(self.teacher, [p.teacher for p in self.pairs], "teacher")
-        # in place: the module, its hooks and state_dict keys stay (the worker compiles its own teacher)
-        if tcfg["compile"] in ("student", "both"):
-            compile_module(student, scopes["student"], tcfg["compile_backend"])
-        if compile_teacher and self.worker is None:
-            compile_module(self.teacher, scopes["teacher"], tcfg["compile_backend"])
-        if self.fsdp:  # not prepared: accelerate would wrap the sharded student in DDP (koala.distill.sharding)
-            self.student, self.optimizer = student, accelerator.prepare(optimizer, device_placement=[False])
-        else:  # a ZeroRedundancyOptimizer is built on the device already (accelerate's placement would ask it for
-            # a state_dict, which needs a consolidation first)
-            self.student, self.optimizer = accelerator.prepare(student, optimizer,
-                                                               device_placement=[True, not is_sharded(optimizer)])
+        try:  # a failure from here on stops the worker again
+            # hooks first, compile second: torch.compile traces the registered forward hooks into the graph
+            self.s_rec = FeatureRecorder(student, [p.student for p in self.pairs], "student")
+            self.t_rec = FeatureRecorder(self.teacher, [p.teacher for p in self.pairs], "teacher")
+            # in place: the module, its hooks and state_dict keys stay (the worker compiles its own teacher)
+            if tcfg["compile"] in ("student", "both"):
+                compile_module(student, scopes["student"], tcfg["compile_backend"])
+            if compile_teacher and self.worker is None:
+                compile_module(self.teacher, scopes["teacher"], tcfg["compile_backend"])
+            if self.fsdp:  # not prepared: accelerate would wrap the sharded student in DDP (koala.distill.sharding)
+                self.student, self.optimizer = student, accelerator.prepare(optimizer, device_placement=[False])
+            else:  # a ZeroRedundancyOptimizer is built on the device already (accelerate's placement would ask it for
+                # a state_dict, which needs a consolidation first)
+                self.student, self.optimizer = accelerator.prepare(student, optimizer,
+                                                                   device_placement=[True, not is_sharded(optimizer)])
+        except BaseException:
+            if self.worker is not None:
+                self.worker.close()
+            raise
         self.attention = tcfg["attention"]
 
     def backward(self, loss: torch.Tensor) -> None:

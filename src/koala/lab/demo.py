@@ -249,6 +249,13 @@ def data_overrides(train_dir: str) -> list[str]:
     return [f"data.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in data_source(train_dir).items()]
 
 
+def _processes_text(s: DemoSettings) -> str:
+    text = f"{s.processes} training process{'es' if s.processes > 1 else ''}"
+    if s.teacher_worker:
+        text += " + its teacher process" if s.processes == 1 else " + a teacher process each"
+    return text
+
+
 def threads_for(s: DemoSettings, training: bool) -> int:
     """torch CPU threads: ``s.threads`` when set; else each training process and its teacher worker get their
     share of the cores, and scoring (in the main process, after training) all of them."""
@@ -350,9 +357,7 @@ def _run_demo(s: DemoSettings, t_start: float, log) -> dict:
     feat_w = "" if s.loss_feat == 1 else f"{s.loss_feat:g} x "
     sched = "" if s.lr_schedule == "constant" else f", {s.lr_schedule} decay"
     log(f"[2/4] distill {s.steps} steps, batch {s.batch_size}, lr {s.lr:g}{sched} (task + {out_w}outKD + {feat_w}featKD "
-        f"{s.features}{f'; EMA {s.ema:g}' if s.ema else ''}) on {s.num_train} shapes images, {s.processes} training process"
-        f"{'es' if s.processes > 1 else ''}{' + its teacher process' if s.teacher_worker and s.processes == 1 else ''}"
-        f"{' + a teacher process each' if s.teacher_worker and s.processes > 1 else ''}")
+        f"{s.features}{f'; EMA {s.ema:g}' if s.ema else ''}) on {s.num_train} shapes images, {_processes_text(s)}")
     student_dir = distill(s, teacher_dir, student_init, train_dir)
     torch.set_num_threads(threads_for(s, training=False))  # one in-process training run set its own
 
