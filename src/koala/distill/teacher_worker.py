@@ -60,6 +60,11 @@ def _serve(conn, family_name: str, names: list[str], dtype, threads: int, attent
             conn.send(("error", traceback.format_exc()))
 
 
+def _failed(trace: str) -> KoalaError:
+    return KoalaError(f"the teacher worker process (train.teacher_worker) failed:\n{trace}",
+                      option="train.teacher_worker")
+
+
 class TeacherWorker:
     """A teacher process. :meth:`submit` inputs in order, :meth:`result` returns ``(output, features)`` for the
     oldest submitted input (first in, first out); :meth:`close` stops the process."""
@@ -110,8 +115,7 @@ class TeacherWorker:
             raise self._died() from err
         self._pending -= 1
         if status != "ok":
-            raise KoalaError(f"the teacher worker process (train.teacher_worker) failed:\n{value}",
-                             option="train.teacher_worker")
+            raise _failed(value)
         return value
 
     def _died(self) -> KoalaError:
@@ -120,8 +124,7 @@ class TeacherWorker:
             if self._conn.poll(0):
                 status, value = self._conn.recv()
                 if status == "error":
-                    return KoalaError(f"the teacher worker process (train.teacher_worker) failed:\n{value}",
-                                      option="train.teacher_worker")
+                    return _failed(value)
         except (EOFError, OSError):
             pass
         return KoalaError(f"the teacher worker process (train.teacher_worker) ended unexpectedly (exit code "

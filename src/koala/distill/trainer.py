@@ -293,7 +293,7 @@ class Distiller:
         """``(output, features)`` of the teacher for ``p``: from the teacher worker when there is one (waiting for
         it), else :meth:`teacher_forward`."""
         if self.worker is not None:
-            self.worker.submit(p.noisy, p.t, p.cond)
+            self._submit(p)
             return self.worker.result()
         return self.teacher_forward(p), self.t_rec.pop()
 
@@ -309,12 +309,15 @@ class Distiller:
         ahead: collections.deque[Prepared] = collections.deque()
         for batch, gens in items:
             p = self.prepare(batch, gens)
-            self.worker.submit(p.noisy, p.t, p.cond)
+            self._submit(p)
             ahead.append(p)
             if len(ahead) > 1:
                 yield (ahead.popleft(), *self.worker.result())
         while ahead:
             yield (ahead.popleft(), *self.worker.result())
+
+    def _submit(self, p: Prepared) -> None:
+        self.worker.submit(p.noisy, p.t, p.cond)
 
     def student_forward(self, p: Prepared) -> torch.Tensor:
         """The student (autocast per ``train.mixed_precision``) under feature capture."""
