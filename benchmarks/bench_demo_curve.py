@@ -36,17 +36,32 @@ def main() -> None:
     ap.add_argument("--weight-decay", type=float, default=None)
     ap.add_argument("--features", default=None)
     ap.add_argument("--ema", type=float, default=None, help="EMA decay (scores the EMA weights)")
-    ap.add_argument("--processes", type=int, default=None,
-                    help="data-parallel training processes (default: koala demo's rule; 1 with the teacher worker "
-                    "on 2 cores)")
+    ap.add_argument(
+        "--processes",
+        type=int,
+        default=None,
+        help="data-parallel training processes (default: koala demo's rule; 1 with the teacher worker on 2 cores)",
+    )
     ap.add_argument("--num-train", type=int, default=None, help="shapes training images (a new --base for each)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per training process (0: the demo's rule)")
-    ap.add_argument("--seed", type=int, default=0,
-                    help="distillation seed (noise, timesteps, data order); the held-out prompts stay the demo's")
-    ap.add_argument("--no-cache", dest="cache", action="store_false",
-                    help="train on the image folder, encoding every batch (koala demo encodes the images once)")
-    ap.add_argument("--teacher-worker", action=argparse.BooleanOptionalAction, default=None,
-                    help="the teacher in a second process (koala demo's default: on with 2 or more cores)")
+    ap.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="distillation seed (noise, timesteps, data order); the held-out prompts stay the demo's",
+    )
+    ap.add_argument(
+        "--no-cache",
+        dest="cache",
+        action="store_false",
+        help="train on the image folder, encoding every batch (koala demo encodes the images once)",
+    )
+    ap.add_argument(
+        "--teacher-worker",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the teacher in a second process (koala demo's default: on with 2 or more cores)",
+    )
     ap.add_argument("--no-fused", dest="fused", action="store_false", help="torch's foreach AdamW, not the fused one")
     ap.add_argument("--json", default=None)
     ap.add_argument("overrides", nargs="*", help="distillation key=value overrides")
@@ -68,14 +83,34 @@ def main() -> None:
 
     torch.set_num_threads(1)
     _quiet_libraries()
-    given = {k: v for k, v in (("lr", a.lr), ("batch_size", a.batch_size), ("loss_out", a.loss_out),
-                               ("loss_feat", a.loss_feat), ("max_grad_norm", a.max_grad_norm),
-                               ("weight_decay", a.weight_decay), ("features", a.features), ("ema", a.ema),
-                               ("lr_schedule", a.lr_schedule), ("warmup", a.warmup), ("num_train", a.num_train),
-                               ("teacher_worker", a.teacher_worker))
-             if v is not None}
-    s = DemoSettings(out=a.base, steps=a.steps, progress=False, processes=a.processes, threads=a.threads, cache=a.cache,
-                     fused_optimizer=a.fused, **given)
+    given = {
+        k: v
+        for k, v in (
+            ("lr", a.lr),
+            ("batch_size", a.batch_size),
+            ("loss_out", a.loss_out),
+            ("loss_feat", a.loss_feat),
+            ("max_grad_norm", a.max_grad_norm),
+            ("weight_decay", a.weight_decay),
+            ("features", a.features),
+            ("ema", a.ema),
+            ("lr_schedule", a.lr_schedule),
+            ("warmup", a.warmup),
+            ("num_train", a.num_train),
+            ("teacher_worker", a.teacher_worker),
+        )
+        if v is not None
+    }
+    s = DemoSettings(
+        out=a.base,
+        steps=a.steps,
+        progress=False,
+        processes=a.processes,
+        threads=a.threads,
+        cache=a.cache,
+        fused_optimizer=a.fused,
+        **given,
+    )
     teacher = s.teacher or shapes_teacher_dir()
     marker = os.path.join(a.base, "prepared.json")
     if not os.path.isfile(marker):
@@ -91,11 +126,23 @@ def main() -> None:
             json.dump(prep, f)
     t0 = time.time()
     data = os.path.join(a.base, prep["cache" if a.cache else "train"])
-    distill(s, teacher, os.path.join(a.base, prep["student_init"]), data,
-            run_name=f"run-{a.name}", seed=a.seed,
-            extra=[*a.overrides, f"train.checkpoint_every={a.every}", "train.keep_checkpoints=0"])
-    res = {"name": a.name, "settings": {k: v for k, v in s.__dict__.items() if k not in ("out", "progress")},
-           "train_seed": a.seed, "overrides": a.overrides, "train_s": round(time.time() - t0, 1), "curve": []}
+    distill(
+        s,
+        teacher,
+        os.path.join(a.base, prep["student_init"]),
+        data,
+        run_name=f"run-{a.name}",
+        seed=a.seed,
+        extra=[*a.overrides, f"train.checkpoint_every={a.every}", "train.keep_checkpoints=0"],
+    )
+    res = {
+        "name": a.name,
+        "settings": {k: v for k, v in s.__dict__.items() if k not in ("out", "progress")},
+        "train_seed": a.seed,
+        "overrides": a.overrides,
+        "train_s": round(time.time() - t0, 1),
+        "curve": [],
+    }
     prompts = eval_prompts(s)
     for ck in sorted(glob.glob(os.path.join(a.base, f"run-{a.name}", "checkpoints", "step-*"))):
         scores, _ = score_model(s, teacher, model_subdir(ck, ema=s.ema > 0), prompts)

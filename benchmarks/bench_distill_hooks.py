@@ -56,11 +56,24 @@ def build(args, pipe_dir: str, out_dir: str, featkd: bool, acc):
     from koala.distill import load_config
     from koala.distill.trainer import Distiller
 
-    feats = ["kd.features={SA: all, LF: [DW-1, UP-3]}", "loss.feat=1.0"] if featkd else ["kd.features={}", "loss.feat=0"]
-    cfg = load_config("tiny", [f"teacher.pipeline={pipe_dir}", f"train.output_dir={out_dir}",
-                               f"train.resolution={args.resolution}", f"train.batch_size={args.batch}",
-                               "train.grad_accum=1", f"train.cpu_threads={args.threads}", "train.progress=false",
-                               "validation.every=0", "train.log_with=none", *feats])
+    feats = (
+        ["kd.features={SA: all, LF: [DW-1, UP-3]}", "loss.feat=1.0"] if featkd else ["kd.features={}", "loss.feat=0"]
+    )
+    cfg = load_config(
+        "tiny",
+        [
+            f"teacher.pipeline={pipe_dir}",
+            f"train.output_dir={out_dir}",
+            f"train.resolution={args.resolution}",
+            f"train.batch_size={args.batch}",
+            "train.grad_accum=1",
+            f"train.cpu_threads={args.threads}",
+            "train.progress=false",
+            "validation.every=0",
+            "train.log_with=none",
+            *feats,
+        ],
+    )
     return cfg, Distiller(cfg, acc)
 
 
@@ -75,8 +88,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--data", choices=("cache", "raw"), default="cache")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                  "distill-hooks.json"))
+    ap.add_argument(
+        "--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "distill-hooks.json")
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -86,8 +100,14 @@ def main(argv=None):
     from koala.distill.trainer import _check_finite, make_dataloader, sample_generators
     from koala.testing.tiny import RANDOM, save_tiny_pipeline
 
-    spec = dataclasses.replace(RANDOM, channels=args.channels, text_dim=args.text_dim, projection_dim=args.text_dim,
-                               intermediate_size=4 * args.text_dim, image_size=args.resolution)
+    spec = dataclasses.replace(
+        RANDOM,
+        channels=args.channels,
+        text_dim=args.text_dim,
+        projection_dim=args.text_dim,
+        intermediate_size=4 * args.text_dim,
+        image_size=args.resolution,
+    )
     acc = Accelerator(cpu=args.device == "cpu")
     sync = torch.cuda.synchronize if acc.device.type == "cuda" else (lambda: None)
     with tempfile.TemporaryDirectory() as tmp:
@@ -98,8 +118,15 @@ def main(argv=None):
         cfg, ref = variants["outkd"]
         torch.set_num_threads(args.threads)
         n_batches = 4
-        loader = iter(make_dataloader(cfg["data"], batch_size=args.batch, resolution=args.resolution,
-                                      seed=cfg["train"]["seed"], pipeline_dir=pipe))
+        loader = iter(
+            make_dataloader(
+                cfg["data"],
+                batch_size=args.batch,
+                resolution=args.resolution,
+                seed=cfg["train"]["seed"],
+                pipeline_dir=pipe,
+            )
+        )
         batches = [next(loader) for _ in range(n_batches)]
         if args.data == "cache":  # what koala.data's cache stores: scaled latents + conditioning, no encoding per step
             cached = []
@@ -142,33 +169,64 @@ def main(argv=None):
     lat = args.resolution // 2
     pairs = [p.name for p in d.pairs]
     device = torch.cuda.get_device_name(0) if acc.device.type == "cuda" else cpu_name()
-    print(f"teacher U-Net {n_t:.2f}M params, student (koala-700m) {n_s:.2f}M, channels {','.join(map(str, args.channels))}, "
-          f"latents {args.batch}x4x{lat}x{lat}, data {args.data}, {acc.device.type} {args.threads} thread(s), "
-          f"{len(pairs)} feature pairs")
+    print(
+        f"teacher U-Net {n_t:.2f}M params, student (koala-700m) {n_s:.2f}M, channels "
+        f"{','.join(map(str, args.channels))}, "
+        f"latents {args.batch}x4x{lat}x{lat}, data {args.data}, {acc.device.type} {args.threads} thread(s), "
+        f"{len(pairs)} feature pairs"
+    )
     print(f"outKD only          : {1000 * base:8.1f} ms/step (median of {args.steps})")
     print(f"outKD + featKD hooks: {1000 * feat:8.1f} ms/step")
-    print(f"overhead            : {overhead:+.1f}%  (goal <= 5%); on the fastest steps "
-          f"{100 * (min(times['featkd']) / min(times['outkd']) - 1):+.1f}%")
+    print(
+        f"overhead            : {overhead:+.1f}%  (goal <= 5%); on the fastest steps "
+        f"{100 * (min(times['featkd']) / min(times['outkd']) - 1):+.1f}%"
+    )
     print()
-    print("| step (Distiller.step_losses + backward + scalars + clip + AdamW + EMA) | outKD only ms | + featKD ms | overhead |")
+    print(
+        "| step (Distiller.step_losses + backward + scalars + clip + AdamW + EMA) "
+        "| outKD only ms | + featKD ms | overhead |"
+    )
     print("|---|---|---|---|")
-    print(f"| {args.device}, {args.threads} thr, ch {','.join(map(str, args.channels))}, latents {args.batch}x4x{lat}x{lat}, "
-          f"{len(pairs)} pairs | {1000 * base:.1f} | {1000 * feat:.1f} | {overhead:+.1f}% |")
+    print(
+        f"| {args.device}, {args.threads} thr, ch {','.join(map(str, args.channels))}, latents "
+        f"{args.batch}x4x{lat}x{lat}, {len(pairs)} pairs | {1000 * base:.1f} | {1000 * feat:.1f} | {overhead:+.1f}% |"
+    )
     result = {
         "command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
-        "device": acc.device.type, "device_name": device, "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "device": acc.device.type,
+        "device_name": device,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
         "load_avg_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "unet_channels": list(args.channels), "text_dim": args.text_dim, "resolution": args.resolution,
-        "latents": [args.batch, 4, lat, lat], "data": args.data,
-        "teacher_params_m": round(n_t, 3), "student_params_m": round(n_s, 3), "feature_pairs": pairs,
-        "step_includes": ["Distiller.step_losses", "finite check", "backward", "Losses.scalars(d.pairs)",
-                          "clip_grad_norm", "AdamW step", "zero_grad", "EMA step"],
-        "warmup_steps": args.warmup, "timed_steps": args.steps,
-        "outkd_ms_median": round(1000 * base, 2), "featkd_ms_median": round(1000 * feat, 2),
+        "unet_channels": list(args.channels),
+        "text_dim": args.text_dim,
+        "resolution": args.resolution,
+        "latents": [args.batch, 4, lat, lat],
+        "data": args.data,
+        "teacher_params_m": round(n_t, 3),
+        "student_params_m": round(n_s, 3),
+        "feature_pairs": pairs,
+        "step_includes": [
+            "Distiller.step_losses",
+            "finite check",
+            "backward",
+            "Losses.scalars(d.pairs)",
+            "clip_grad_norm",
+            "AdamW step",
+            "zero_grad",
+            "EMA step",
+        ],
+        "warmup_steps": args.warmup,
+        "timed_steps": args.steps,
+        "outkd_ms_median": round(1000 * base, 2),
+        "featkd_ms_median": round(1000 * feat, 2),
         "overhead_pct": round(overhead, 2),
-        "outkd_ms_min": round(1000 * min(times["outkd"]), 2), "featkd_ms_min": round(1000 * min(times["featkd"]), 2),
-        "overhead_pct_min": round(100 * (min(times["featkd"]) / min(times["outkd"]) - 1), 2), "goal_pct": 5.0, "meets_goal": overhead <= 5.0,
+        "outkd_ms_min": round(1000 * min(times["outkd"]), 2),
+        "featkd_ms_min": round(1000 * min(times["featkd"]), 2),
+        "overhead_pct_min": round(100 * (min(times["featkd"]) / min(times["outkd"]) - 1), 2),
+        "goal_pct": 5.0,
+        "meets_goal": overhead <= 5.0,
         "outkd_ms": [round(1000 * t, 2) for t in times["outkd"]],
         "featkd_ms": [round(1000 * t, 2) for t in times["featkd"]],
     }

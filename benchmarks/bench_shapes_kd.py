@@ -18,8 +18,10 @@ then score each student with the shapes scorer (colour / shape / binding / spati
 --family pixart``) instead: the student keeps the bottom half of the DiT's blocks (``--preset``), trained with
 L_task + L_outKD + featKD at every block on SA / CA / FFN / LF (BK's block output), plus out-KD only.
 
-    python benchmarks/bench_shapes_kd.py --steps 150 --seeds 0 1 2 --out runs/shapes-kd --json benchmarks/results/shapes-kd.json
-    python benchmarks/bench_shapes_kd.py --table table8 --teacher runs/shapes-dit-teacher --preset '{"num_layers": 6}' \
+    python benchmarks/bench_shapes_kd.py --steps 150 --seeds 0 1 2 --out runs/shapes-kd --json
+    benchmarks/results/shapes-kd.json
+    python benchmarks/bench_shapes_kd.py --table table8 --teacher runs/shapes-dit-teacher --preset '{"num_layers": 6}'
+    \
         --steps 300 --seeds 0 1 2 --out runs/shapes-dit --json benchmarks/results/shapes-dit-table8.json
 """
 
@@ -61,8 +63,12 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--num-eval", type=int, default=64)
     ap.add_argument("--num-train", type=int, default=2000)
-    ap.add_argument("--table", default="table10", choices=list(TABLES),
-                    help="table10: the U-Net objectives (default); table8: feature types of a DiT teacher")
+    ap.add_argument(
+        "--table",
+        default="table10",
+        choices=list(TABLES),
+        help="table10: the U-Net objectives (default); table8: feature types of a DiT teacher",
+    )
     ap.add_argument("--methods", nargs="+", default=None, help="a subset of the table's methods (default: all)")
     ap.add_argument("--teacher", default=None, help="shapes teacher pipeline dir (default: the packaged one)")
     ap.add_argument("--preset", default="koala-700m", help="student preset or JSON spec (default koala-700m)")
@@ -77,10 +83,23 @@ def main() -> None:
     unknown = [m for m in args.methods if m not in methods]
     if unknown:
         ap.error(f"--methods {unknown}: choose from {list(methods)}")
-    base = DemoSettings(out=args.out, steps=args.steps, batch_size=args.batch_size, num_eval=args.num_eval,
-                        num_train=args.num_train, overwrite=True, progress=False, teacher=args.teacher,
-                        threads=args.threads, preset=args.preset,
-                        lr=1e-4, max_grad_norm=1.0, weight_decay=0.01, processes=1, **PAPER_TRAINING)
+    base = DemoSettings(
+        out=args.out,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        num_eval=args.num_eval,
+        num_train=args.num_train,
+        overwrite=True,
+        progress=False,
+        teacher=args.teacher,
+        threads=args.threads,
+        preset=args.preset,
+        lr=1e-4,
+        max_grad_norm=1.0,
+        weight_decay=0.01,
+        processes=1,
+        **PAPER_TRAINING,
+    )
     teacher_dir, student_init, train_dir = prepare(base)
     prompts = eval_prompts(base)
     teacher_scores, _ = score_model(base, teacher_dir, None, prompts)
@@ -90,8 +109,9 @@ def main() -> None:
         for method in args.methods:
             spec = dict(methods[method])
             s = DemoSettings(**{**base.__dict__, "features": spec.pop("features")})
-            unet_dir = distill(s, teacher_dir, student_init, train_dir, run_name=f"{method.split()[0]}-s{seed}",
-                               seed=seed, **spec)
+            unet_dir = distill(
+                s, teacher_dir, student_init, train_dir, run_name=f"{method.split()[0]}-s{seed}", seed=seed, **spec
+            )
             scores, _ = score_model(s, teacher_dir, unet_dir, prompts)
             runs[method].append(scores)
             print(json.dumps({"method": method, "seed": seed, **scores}), flush=True)

@@ -72,12 +72,14 @@ TITLES = {
 
 def method_key(spec: dict) -> str:
     """Runs with the same objective share one key (3a's SA run is 10c's SA-bottom run)."""
-    return json.dumps({"features": spec["features"], "out_kd": spec["out_kd"],
-                       "kd_selection": spec.get("kd_selection")}, sort_keys=True)
+    return json.dumps(
+        {"features": spec["features"], "out_kd": spec["out_kd"], "kd_selection": spec.get("kd_selection")},
+        sort_keys=True,
+    )
 
 
 def read_runs(paths: list[str]) -> list[dict]:
-    from koala.utils import read_jsonl
+    from koala.utils.files import read_jsonl
 
     return [r for p in paths if os.path.isfile(p) for r in read_jsonl(p)]
 
@@ -98,10 +100,22 @@ def cmd_run(args) -> None:
 
     torch.set_num_threads(args.threads)
     _quiet_libraries()
-    base = DemoSettings(out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, num_eval=args.num_eval,
-                        num_train=args.num_train, progress=False, preset=args.preset, threads=args.threads,
-                        max_grad_norm=args.max_grad_norm, weight_decay=args.weight_decay, processes=1,
-                        overwrite=True, **PAPER_TRAINING)  # the paper's objective and optimiser, as the study ran
+    base = DemoSettings(
+        out=args.out,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        num_eval=args.num_eval,
+        num_train=args.num_train,
+        progress=False,
+        preset=args.preset,
+        threads=args.threads,
+        max_grad_norm=args.max_grad_norm,
+        weight_decay=args.weight_decay,
+        processes=1,
+        overwrite=True,
+        **PAPER_TRAINING,
+    )  # the paper's objective and optimiser, as the study ran
     marker = os.path.join(args.out, "prepared.json")
     if not os.path.isfile(marker):
         teacher_dir, student_init, train_dir = prepare(base)
@@ -137,22 +151,38 @@ def cmd_run(args) -> None:
         s = DemoSettings(**{**base.__dict__, "features": spec.pop("features")})
         run_name = f"run-s{seed}-{zlib.crc32(key.encode()):08x}"
         t0 = time.time()
-        distill(s, teacher_dir, student_init, train_dir, run_name=run_name, seed=seed,
-                extra=[f"train.checkpoint_every={every}", "train.keep_checkpoints=0"],
-                **spec)
+        distill(
+            s,
+            teacher_dir,
+            student_init,
+            train_dir,
+            run_name=run_name,
+            seed=seed,
+            extra=[f"train.checkpoint_every={every}", "train.keep_checkpoints=0"],
+            **spec,
+        )
         train_s = time.time() - t0
         for step in args.eval_at:
             ck = os.path.join(args.out, run_name, "checkpoints", f"step-{step:07d}")
             scores, _ = score_model(s, teacher_dir, os.path.join(ck, "unet"), prompts)
-            row = {"key": key, "seed": seed, "step": step, **scores, "train_s": round(train_s, 1), "settings": settings}
+            row = {
+                "key": key,
+                "seed": seed,
+                "step": step,
+                **scores,
+                "train_s": round(train_s, 1),
+                "settings": settings,
+            }
             record(row)
             print(json.dumps({k: v for k, v in row.items() if k != "settings"}), flush=True)
         shutil.rmtree(os.path.join(args.out, run_name), ignore_errors=True)
 
 
 def _stats(rows: list[dict]) -> dict:
-    return {m: (statistics.mean(r[m] for r in rows), statistics.pstdev(r[m] for r in rows) if len(rows) > 1 else 0.0)
-            for m in METRICS}
+    return {
+        m: (statistics.mean(r[m] for r in rows), statistics.pstdev(r[m] for r in rows) if len(rows) > 1 else 0.0)
+        for m in METRICS
+    }
 
 
 def _ranks(means: dict[str, float]) -> list[str]:
@@ -165,7 +195,10 @@ def kendall_tau(a: dict[str, float], b: dict[str, float]) -> float:
     pairs = list(itertools.combinations(keys, 2))
     if not pairs:
         return float("nan")
-    sign = lambda x: (x > 0) - (x < 0)
+
+    def sign(x):
+        return (x > 0) - (x < 0)
+
     return sum(sign(a[i] - a[j]) * sign(b[i] - b[j]) for i, j in pairs) / len(pairs)
 
 
@@ -177,11 +210,14 @@ def cmd_report(args) -> None:
     final = steps[-1]
     out: dict = {"settings": settings, "steps": steps, "reference": ref, "tables": {}}
     md = ["# Shapes-world study of the paper's KD ablations (benchmarks/bench_shapes_study.py)", ""]
-    md += [f"KOALA-1B-topology student ({settings.get('preset')}) compressed from the packaged shapes teacher, distilled "
-           f"{final} steps at batch {settings.get('batch_size')}, lr {settings.get('lr')} (AdamW, constant, no clipping, "
-           f"no weight decay, no EMA: the paper's settings), on {settings.get('num_train')} shapes images. Scored on "
-           f"{settings.get('num_eval')} held-out prompts (Euler 20 steps, cfg 5; the same prompts and noise for every "
-           "model) with the shapes scorer. Mean ± std (population) over training seeds; accuracies in %.", ""]
+    md += [
+        f"KOALA-1B-topology student ({settings.get('preset')}) compressed from the packaged shapes teacher, distilled "
+        f"{final} steps at batch {settings.get('batch_size')}, lr {settings.get('lr')} (AdamW, constant, no clipping, "
+        f"no weight decay, no EMA: the paper's settings), on {settings.get('num_train')} shapes images. Scored on "
+        f"{settings.get('num_eval')} held-out prompts (Euler 20 steps, cfg 5; the same prompts and noise for every "
+        "model) with the shapes scorer. Mean ± std (population) over training seeds; accuracies in %.",
+        "",
+    ]
     if ref:
         md += ["| reference | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
         md += [f"| {k} | " + " | ".join(f"{100 * r[m]:.1f}" for m in METRICS) + " |" for k, r in ref.items()]
@@ -190,9 +226,12 @@ def cmd_report(args) -> None:
         methods = TABLES[table]
         tout: dict = {}
         notes = out["tables"][table] = {"methods": tout}
-        md += [f"## {TITLES[table]}", "",
-               "| method | seeds | " + " | ".join(METRICS) + f" | binding @ {steps[0]} | paper |",
-               "|---|---|" + "---|" * len(METRICS) + "---|---|"]
+        md += [
+            f"## {TITLES[table]}",
+            "",
+            "| method | seeds | " + " | ".join(METRICS) + f" | binding @ {steps[0]} | paper |",
+            "|---|---|" + "---|" * len(METRICS) + "---|---|",
+        ]
         per_step: dict[int, dict[str, float]] = {st: {} for st in steps}
         for name, spec in methods.items():
             key = method_key(spec)
@@ -204,26 +243,38 @@ def cmd_report(args) -> None:
             for st in steps:
                 if by_step[st]:
                     per_step[st][name] = _stats(by_step[st])["binding"][0]
-            tout[name] = {"seeds": sorted(r["seed"] for r in by_step[final]),
-                          **{m: {"mean": a, "std": b} for m, (a, b) in st_final.items()},
-                          "runs": by_step[final], "paper": PAPER[table].get(name)}
-            md.append(f"| {name} | {len(by_step[final])} | "
-                      + " | ".join(f"{100 * a:.1f} ± {100 * b:.1f}" for a, b in st_final.values())
-                      + (f" | {100 * early['binding'][0]:.1f}" if early else " | -") + f" | {PAPER[table].get(name, '-')} |")
+            tout[name] = {
+                "seeds": sorted(r["seed"] for r in by_step[final]),
+                **{m: {"mean": a, "std": b} for m, (a, b) in st_final.items()},
+                "runs": by_step[final],
+                "paper": PAPER[table].get(name),
+            }
+            md.append(
+                f"| {name} | {len(by_step[final])} | "
+                + " | ".join(f"{100 * a:.1f} ± {100 * b:.1f}" for a, b in st_final.values())
+                + (f" | {100 * early['binding'][0]:.1f}" if early else " | -")
+                + f" | {PAPER[table].get(name, '-')} |"
+            )
         md.append("")
         if len(tout) > 1:
             md.append(f"Ordering by binding at {final} steps: " + " > ".join(_ranks(per_step[final])) + ".  ")
             if len(steps) > 1:
                 tau = kendall_tau(per_step[steps[0]], per_step[final])
                 notes["kendall_tau_binding_first_vs_final"] = tau
-                md.append(f"At {steps[0]} steps: " + " > ".join(_ranks(per_step[steps[0]]))
-                          + f" (Kendall tau with the final ordering: {tau:+.2f}).  ")
+                md.append(
+                    f"At {steps[0]} steps: "
+                    + " > ".join(_ranks(per_step[steps[0]]))
+                    + f" (Kendall tau with the final ordering: {tau:+.2f}).  "
+                )
             paper_nums = {k: v for k, v in PAPER[table].items() if isinstance(v, float) and k in tout}
             if paper_nums:
                 tau = kendall_tau(paper_nums, per_step[final])
                 notes["kendall_tau_binding_vs_paper"] = tau
-                md.append("Paper's ordering (HPSv2): " + " > ".join(_ranks(paper_nums))
-                          + f" (Kendall tau with ours: {tau:+.2f}).  ")
+                md.append(
+                    "Paper's ordering (HPSv2): "
+                    + " > ".join(_ranks(paper_nums))
+                    + f" (Kendall tau with ours: {tau:+.2f}).  "
+                )
             sig = []
             for a, b in itertools.combinations(tout, 2):
                 if min(len(tout[a]["seeds"]), len(tout[b]["seeds"])) < 2:
@@ -235,8 +286,11 @@ def cmd_report(args) -> None:
                         sig.append(f"{hi} > {lo} on {m} ({100 * abs(d):.1f} points)")
             notes["exceeds_2std"] = sig
             notes["ordering_binding"] = _ranks(per_step[final])
-            md.append("Differences larger than 2 std (the larger of the two methods' stds): "
-                      + ("; ".join(sig) if sig else "none") + ".")
+            md.append(
+                "Differences larger than 2 std (the larger of the two methods' stds): "
+                + ("; ".join(sig) if sig else "none")
+                + "."
+            )
             md.append("")
     if args.md:
         with open(args.md, "w") as f:
@@ -264,8 +318,12 @@ def main() -> None:
     r.add_argument("--preset", default="koala-1b")
     r.add_argument("--out", default="runs/shapes-study")
     r.add_argument("--runs", default="runs/shapes-study/runs.jsonl", help="JSON-lines file of finished scores")
-    r.add_argument("--no-reference", dest="reference", action="store_false",
-                   help="do not score the teacher and the student before KD (another process does)")
+    r.add_argument(
+        "--no-reference",
+        dest="reference",
+        action="store_false",
+        help="do not score the teacher and the student before KD (another process does)",
+    )
     r.add_argument("--threads", type=int, default=1)
     p = sub.add_parser("report", help="tables (markdown + JSON) from one or more --runs files")
     p.add_argument("runs", nargs="+")

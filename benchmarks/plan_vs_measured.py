@@ -36,7 +36,9 @@ def main(argv=None):
         planned = (b["total"] - b["frozen_encoders_vae"]) / GIB
         measured = r["memory"]["peak_bytes"] / GIB
         sw = ", ".join(f"{k}={v}" for k, v in active_switches(r["switches"]).items())
-        lines.append(f"| {os.path.basename(path)} | {sw} | {measured:.2f} | {planned:.2f} | {planned / measured:.2f} |")
+        lines.append(
+            f"| {os.path.basename(path)} | {sw} | {measured:.2f} | {planned:.2f} | {planned / measured:.2f} |"
+        )
     table = "\n".join(lines) + "\n"
     print(table)
     if args.markdown:

@@ -25,8 +25,10 @@ def student_dir(tiny_pipe_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def slots(tiny_pipe_dir, student_dir):
-    specs = [ModelSpec("teacher", model=tiny_pipe_dir), ModelSpec("student", unet=os.path.join(student_dir, "unet"),
-                                                                  base=tiny_pipe_dir, note="untrained")]
+    specs = [
+        ModelSpec("teacher", model=tiny_pipe_dir),
+        ModelSpec("student", unet=os.path.join(student_dir, "unet"), base=tiny_pipe_dir, note="untrained"),
+    ]
     return load_models(specs, device="cpu", log=lambda *_: None)
 
 
@@ -34,11 +36,14 @@ def test_compare_equals_koala_generate_per_model(slots, tiny_pipe_dir, student_d
     req = Request(prompt="a red circle", seed=5, steps=2, cfg=2.0, images=2)
     results = compare(slots, req, out_dir=str(tmp_path), score=True)
     assert [r.label for r in results] == ["teacher", "student (untrained)"]
-    refs = [load_pipeline(tiny_pipe_dir, device="cpu"),
-            load_pipeline(unet=os.path.join(student_dir, "unet"), base=tiny_pipe_dir, device="cpu")]
+    refs = [
+        load_pipeline(tiny_pipe_dir, device="cpu"),
+        load_pipeline(unet=os.path.join(student_dir, "unet"), base=tiny_pipe_dir, device="cpu"),
+    ]
     for r, ref in zip(results, refs):
-        want = generate(ref, "a red circle", seed=5, steps=2, cfg=2.0, images_per_prompt=2, progress=False,
-                        log=lambda *_: None)
+        want = generate(
+            ref, "a red circle", seed=5, steps=2, cfg=2.0, images_per_prompt=2, progress=False, log=lambda *_: None
+        )
         assert len(r.images) == len(r.files) == 2
         for got, exp in zip(r.images, want.images):
             assert np.array_equal(np.asarray(got), np.asarray(exp))
@@ -58,22 +63,28 @@ def test_random_seed_is_reported_and_shared(slots, tmp_path):
     assert len(seeds) == 1 and next(iter(seeds)) >= 0
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(prompt="  "), "prompt is empty"),
-    (dict(steps=0), "steps 0"),
-    (dict(steps=1000), "steps 1000"),
-    (dict(cfg=-1), "guidance scale -1"),
-    (dict(width=100), "width 100: must be a multiple of 8"),
-    (dict(images=9), "images per prompt 9"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(prompt="  "), "prompt is empty"),
+        (dict(steps=0), "steps 0"),
+        (dict(steps=1000), "steps 1000"),
+        (dict(cfg=-1), "guidance scale -1"),
+        (dict(width=100), "width 100: must be a multiple of 8"),
+        (dict(images=9), "images per prompt 9"),
+    ],
+)
 def test_bad_input_is_a_clear_message(slots, kw, match):
     with pytest.raises(KoalaError, match=match):
         compare(slots, Request(**{"prompt": "a red circle", **kw}))
 
 
 def test_a_model_that_fails_to_load_is_reported_not_raised(tiny_pipe_dir, tmp_path):
-    slots = load_models([ModelSpec("good", model=tiny_pipe_dir), ModelSpec("bad", model=str(tmp_path / "nope"))],
-                        device="cpu", log=lambda *_: None)
+    slots = load_models(
+        [ModelSpec("good", model=tiny_pipe_dir), ModelSpec("bad", model=str(tmp_path / "nope"))],
+        device="cpu",
+        log=lambda *_: None,
+    )
     assert slots[0].ok and not slots[1].ok and "could not load" in slots[1].error
     results = compare(slots, Request(prompt="a red circle", steps=1), out_dir=str(tmp_path / "out"))
     assert results[0].images and results[1].error and "bad" in results[1].summary()
@@ -123,8 +134,10 @@ def test_app_without_gradio_names_the_extra(monkeypatch, capsys):
 
 # ------------------------------------------------------------------------------------------ real browser ------
 def _chromium():
-    for browser, driver in (("/usr/bin/chromium", "/usr/bin/chromedriver"),
-                            (shutil.which("chromium") or "", shutil.which("chromedriver") or "")):
+    for browser, driver in (
+        ("/usr/bin/chromium", "/usr/bin/chromedriver"),
+        (shutil.which("chromium") or "", shutil.which("chromedriver") or ""),
+    ):
         if browser and driver and os.path.exists(browser) and os.path.exists(driver):
             return browser, driver
     return None
@@ -155,8 +168,10 @@ def test_page_in_a_real_browser(tiny_pipe_dir, student_dir, tmp_path):
     from koala.app.ui import serve
 
     port = _free_port()
-    specs = [ModelSpec("teacher", model=tiny_pipe_dir),
-             ModelSpec("student", unet=os.path.join(student_dir, "unet"), base=tiny_pipe_dir, note="untrained")]
+    specs = [
+        ModelSpec("teacher", model=tiny_pipe_dir),
+        ModelSpec("student", unet=os.path.join(student_dir, "unet"), base=tiny_pipe_dir, note="untrained"),
+    ]
     app = serve(specs, port=port, device="cpu", score=True, block=False, log=lambda *_: None)
     opts = webdriver.ChromeOptions()
     opts.binary_location = found[0]
@@ -202,8 +217,12 @@ def test_page_in_a_real_browser(tiny_pipe_dir, student_dir, tmp_path):
         steps.clear()
         steps.send_keys("1000")
         driver.find_element(By.CSS_SELECTOR, "#koala-generate").click()
-        msg = wait.until(lambda d: "steps 1000" in d.find_element(By.ID, "koala-status").text
-                         and d.find_element(By.ID, "koala-status").text)
+        msg = wait.until(
+            lambda d: (
+                "steps 1000" in d.find_element(By.ID, "koala-status").text
+                and d.find_element(By.ID, "koala-status").text
+            )
+        )
         assert "Error" in msg and "choose 1 to 200" in msg
         driver.save_screenshot(os.path.join(artifacts, "koala-app-error.png"))
     finally:

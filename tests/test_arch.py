@@ -12,11 +12,12 @@ from koala.arch import LAYER_MAP_FILE, LayerMap, UNetSpec, build_unet, select_la
 from koala.cli import main
 from koala.compress import compress
 from koala.families import get_family
+from koala.testing.tiny import tiny_unet
+from koala.testing.tiny import unet_config as tiny_unet_config
 
 SDXL = get_family("sdxl")
 PRESETS, SDXL_BASE_UNET_CONFIG = SDXL.presets, SDXL.reference_config
 compress_unet, student_config, teacher_spec = SDXL.compress, SDXL.student_config, SDXL.teacher_spec
-from koala.testing.tiny import tiny_unet, unet_config as tiny_unet_config
 
 # Table 2 of the paper, exact counts from the diffusers configs.
 TABLE2 = {"sdxl-base": 2_567_463_684, "bk-sdxl": 1_717_277_764, "koala-1b": 1_161_184_324, "koala-700m": 782_822_724}
@@ -30,8 +31,10 @@ def _unet_inputs(unet, batch=2, size=8, seed=0):
         sample=torch.randn(batch, 4, size, size, generator=g),
         timestep=torch.tensor([10, 500][:batch]),
         encoder_hidden_states=torch.randn(batch, 7, c.cross_attention_dim, generator=g),
-        added_cond_kwargs={"text_embeds": torch.randn(batch, pooled, generator=g),
-                           "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * batch)},
+        added_cond_kwargs={
+            "text_embeds": torch.randn(batch, pooled, generator=g),
+            "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * batch),
+        },
     )
 
 
@@ -117,7 +120,11 @@ def test_custom_spec_and_interleave_selection(tiny_teacher):
     spec = UNetSpec([1, 2, 1], [0, 1, 3], [3, [2, 1, 2], 0], False)
     student, lmap = compress_unet(tiny_teacher, spec, layer_selection="interleave")
     assert [len(a.transformer_blocks) for a in student.up_blocks[1].attentions] == [2, 1, 2]
-    assert [e.teacher_layer for e in lmap.of_kind("transformer_layer") if e.student.startswith("down_blocks.2.attentions.0")] == [0, 4, 8]
+    assert [
+        e.teacher_layer
+        for e in lmap.of_kind("transformer_layer")
+        if e.student.startswith("down_blocks.2.attentions.0")
+    ] == [0, 4, 8]
 
 
 def test_bad_specs_are_refused(tiny_teacher):
@@ -131,9 +138,15 @@ def test_bad_specs_are_refused(tiny_teacher):
 
 def test_sdxl_preset_for_sd15_teacher_is_refused(tmp_path):
     sd15 = UNet2DConditionModel(
-        block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8, norm_num_groups=4,
-        layers_per_block=1, attention_head_dim=2, sample_size=8)
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8,
+        norm_num_groups=4,
+        layers_per_block=1,
+        attention_head_dim=2,
+        sample_size=8,
+    )
     sd15.save_pretrained(tmp_path / "sd15")
     out = tmp_path / "out"
     assert main(["compress", "--teacher", str(tmp_path / "sd15"), "--student", "koala-700m", "--out", str(out)]) == 2
@@ -160,8 +173,22 @@ def test_existing_output_needs_overwrite(tmp_path, tiny_teacher):
 def test_unet_dir_round_trip(tmp_path, tiny_teacher):
     tiny_teacher.save_pretrained(tmp_path / "teacher")
     out = tmp_path / "student"
-    assert main(["compress", "--teacher", str(tmp_path / "teacher"), "--student", "koala-1b", "--out", str(out),
-                 "--dtype", "fp16"]) == 0
+    assert (
+        main(
+            [
+                "compress",
+                "--teacher",
+                str(tmp_path / "teacher"),
+                "--student",
+                "koala-1b",
+                "--out",
+                str(out),
+                "--dtype",
+                "fp16",
+            ]
+        )
+        == 0
+    )
     assert (out / "diffusion_pytorch_model.safetensors").exists() and (out / LAYER_MAP_FILE).exists()
     student = UNet2DConditionModel.from_pretrained(out)
     lmap = LayerMap.load(str(out))
@@ -185,8 +212,14 @@ def test_pipeline_compress_loads_and_generates(tmp_path, tiny_pipe_dir):
     pipe = StableDiffusionXLPipeline.from_pretrained(out)
     assert pipe.unet.mid_block is None
     assert (out / "unet" / LAYER_MAP_FILE).exists()
-    img = pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="np",
-               generator=torch.Generator().manual_seed(0)).images
+    img = pipe(
+        "a red circle",
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     assert img.shape == (1, 32, 32, 3) and (img >= 0).all() and (img <= 1).all()
     teacher = StableDiffusionXLPipeline.from_pretrained(tiny_pipe_dir)
     # Everything but the U-Net is the teacher's, byte for byte.
@@ -206,14 +239,42 @@ def test_teacher_unet_as_single_safetensors_file(tmp_path, tiny_pipe_dir):
     other = tiny_unet(seed=7)
     save_file(other.state_dict(), str(tmp_path / "lightning_unet.safetensors"))
     out = tmp_path / "k"
-    assert main(["compress", "--teacher", tiny_pipe_dir, "--teacher-unet", str(tmp_path / "lightning_unet.safetensors"),
-                 "--student", "koala-700m", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "compress",
+                "--teacher",
+                tiny_pipe_dir,
+                "--teacher-unet",
+                str(tmp_path / "lightning_unet.safetensors"),
+                "--student",
+                "koala-700m",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     student = UNet2DConditionModel.from_pretrained(out / "unet")
     lmap = LayerMap.load(str(out))
     o_state = other.state_dict()
     assert all(torch.equal(t, o_state[lmap.teacher_name(n)]) for n, t in student.state_dict().items())
     bad = tiny_unet(seed=0, channels=(16, 32, 48))
     save_file(bad.state_dict(), str(tmp_path / "bad.safetensors"))
-    assert main(["compress", "--teacher", tiny_pipe_dir, "--teacher-unet", str(tmp_path / "bad.safetensors"),
-                 "--student", "koala-700m", "--out", str(tmp_path / "k2")]) == 2
+    assert (
+        main(
+            [
+                "compress",
+                "--teacher",
+                tiny_pipe_dir,
+                "--teacher-unet",
+                str(tmp_path / "bad.safetensors"),
+                "--student",
+                "koala-700m",
+                "--out",
+                str(tmp_path / "k2"),
+            ]
+        )
+        == 2
+    )
     assert not (tmp_path / "k2").exists()

@@ -7,12 +7,11 @@ import torch
 
 from koala.bench import BenchSettings, load_json, markdown_table, materialize, plot, run_bench
 from koala.bench.models import SDXL_VAE
+from koala.errors import KoalaError
 from koala.families import get_family
+from koala.utils.weights import count_params
 
 CLIP_L_TEXT, CLIP_BIGG_TEXT = get_family("sdxl").real_text_towers
-from koala.errors import KoalaError
-from koala.utils import count_params
-
 
 
 def test_real_size_text_encoders_and_vae_match_table1():
@@ -21,7 +20,8 @@ def test_real_size_text_encoders_and_vae_match_table1():
 
     with torch.device("meta"):
         te = count_params(CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT))) + count_params(
-            CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG_TEXT)))
+            CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG_TEXT))
+        )
         vae = count_params(AutoencoderKL(**SDXL_VAE))
     assert round(te / 1e6) == 818 and round(vae / 1e6) == 84  # Table 1: 817M text encoders, 83M VAE
 
@@ -29,8 +29,9 @@ def test_real_size_text_encoders_and_vae_match_table1():
 def test_materialize_fills_weights_and_position_ids():
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    cfg = dict(CLIP_L_TEXT, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-               vocab_size=100)
+    cfg = dict(
+        CLIP_L_TEXT, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=100
+    )
     m = materialize(lambda: CLIPTextModel(CLIPTextConfig(**cfg)), "cpu", torch.bfloat16)
     pos = next(b for n, b in m.named_buffers() if n.endswith("position_ids"))
     assert pos.dtype == torch.long and pos.flatten().tolist() == list(range(77))
@@ -42,8 +43,15 @@ def test_materialize_fills_weights_and_position_ids():
 
 
 def _tiny(**kw):
-    base = dict(models=["tiny-sdxl-base", "tiny-koala-700m"], resolution=64, steps=2, device="cpu", dtype="fp32",
-                warmup=0, repeats=2)
+    base = dict(
+        models=["tiny-sdxl-base", "tiny-koala-700m"],
+        resolution=64,
+        steps=2,
+        device="cpu",
+        dtype="fp32",
+        warmup=0,
+        repeats=2,
+    )
     return BenchSettings(**{**base, **kw})
 
 
@@ -73,21 +81,26 @@ def test_bench_schema_and_sanity(tmp_path):
 
 
 def test_bench_pipeline_dir_unet_only_one_at_a_time(tiny_pipe_dir):
-    r = run_bench(_tiny(models=[tiny_pipe_dir, "tiny-koala-700m"], components=["unet"], keep_loaded=False, steps=1,
-                        cfg=1.0), log=lambda *_: None)
+    r = run_bench(
+        _tiny(models=[tiny_pipe_dir, "tiny-koala-700m"], components=["unet"], keep_loaded=False, steps=1, cfg=1.0),
+        log=lambda *_: None,
+    )
     m = r["models"][0]
     assert m["source"].endswith("pipe") and set(m["times_ms"]) == {"unet_step", "unet_total"}
     assert set(m["params"]) == {"unet"}
     assert r["relative"][1]["unet_flops_ratio"] > 1
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(models=["no-such-model"]), "neither a preset"),
-    (dict(components=["vae"]), "must include unet"),
-    (dict(dtype="fp16"), "fp16"),
-    (dict(resolution=100), "multiple of 64"),
-    (dict(compile_mode="reduce-overhead"), "compile_mode needs something to compile"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(models=["no-such-model"]), "neither a preset"),
+        (dict(components=["vae"]), "must include unet"),
+        (dict(dtype="fp16"), "fp16"),
+        (dict(resolution=100), "multiple of 64"),
+        (dict(compile_mode="reduce-overhead"), "compile_mode needs something to compile"),
+    ],
+)
 def test_bench_errors(kw, match):
     with pytest.raises(KoalaError, match=match):
         run_bench(_tiny(**kw), log=lambda *_: None)
@@ -105,8 +118,12 @@ def test_bench_compile_switches_compile_each_component_in_place():
     assert all(getattr(e, "_compiled_call_impl", None) is None for e in m.text_encoders)  # not asked for
     apply_speed_modes(m, _tiny(compile_text=True))
     assert m.text_encoders and all(e._compiled_call_impl is not None for e in m.text_encoders)
-    r = {"settings": {**vars(_tiny(compile=True, compile_vae=True, channels_last=True)), "compile_mode": None},
-         "environment": {"cpu": "x", "threads": 2, "torch": "t"}, "models": [], "relative": []}
+    r = {
+        "settings": {**vars(_tiny(compile=True, compile_vae=True, channels_last=True)), "compile_mode": None},
+        "environment": {"cpu": "x", "threads": 2, "torch": "t"},
+        "models": [],
+        "relative": [],
+    }
     assert "channels_last U-Net, compiled U-Net, compiled VAE decoder." in markdown_table(r).splitlines()[0]
 
 
@@ -114,8 +131,27 @@ def test_cli_bench(tmp_path, capsys):
     from koala.cli import main
 
     j, md = tmp_path / "r.json", tmp_path / "r.md"
-    rc = main(["bench", "--models", "tiny-sdxl-base,tiny-koala-1b", "--resolution", "64", "--steps", "1",
-               "--device", "cpu", "--warmup", "0", "--repeats", "1", "--json", str(j), "--markdown", str(md)])
+    rc = main(
+        [
+            "bench",
+            "--models",
+            "tiny-sdxl-base,tiny-koala-1b",
+            "--resolution",
+            "64",
+            "--steps",
+            "1",
+            "--device",
+            "cpu",
+            "--warmup",
+            "0",
+            "--repeats",
+            "1",
+            "--json",
+            str(j),
+            "--markdown",
+            str(md),
+        ]
+    )
     assert rc == 0
     r = load_json(str(j))
     assert r["settings"]["components"] == ["unet"]  # CPU default: U-Net only

@@ -42,10 +42,24 @@ def test_bench_train_schema_phases_and_mfu():
 
 
 def test_bench_train_switches_and_student_preset():
-    r = run_train_bench(_settings(steps=1, warmup=0, overrides=[
-        "student.preset=koala-1b", "train.gradient_checkpointing=true", "train.fused_optimizer=true",
-        "train.channels_last=true", "train.attention=math", "train.mixed_precision=no", "teacher.dtype=bf16",
-        "kd.features={SA: all}", "train.ema.enabled=false"]), log=lambda *_: None)
+    r = run_train_bench(
+        _settings(
+            steps=1,
+            warmup=0,
+            overrides=[
+                "student.preset=koala-1b",
+                "train.gradient_checkpointing=true",
+                "train.fused_optimizer=true",
+                "train.channels_last=true",
+                "train.attention=math",
+                "train.mixed_precision=no",
+                "teacher.dtype=bf16",
+                "kd.features={SA: all}",
+                "train.ema.enabled=false",
+            ],
+        ),
+        log=lambda *_: None,
+    )
     sw = r["switches"]
     assert sw["gradient_checkpointing"] and sw["fused_optimizer"] and sw["channels_last"]
     assert sw["attention"] == "math" and sw["teacher_dtype"] == "bf16" and sw["mixed_precision"] == "no"
@@ -53,21 +67,26 @@ def test_bench_train_switches_and_student_preset():
 
 
 def test_bench_train_pipeline_dir_encodes_raw_data(tiny_pipe_dir):
-    r = run_train_bench(_settings(teacher=tiny_pipe_dir, steps=1, warmup=0, resolution=64,
-                                  overrides=["teacher.dtype=fp32"]), log=lambda *_: None)
+    r = run_train_bench(
+        _settings(teacher=tiny_pipe_dir, steps=1, warmup=0, resolution=64, overrides=["teacher.dtype=fp32"]),
+        log=lambda *_: None,
+    )
     assert r["times_ms"]["phases_median"]["data_encode"] > 0 and r["models"]["latent"] == [2, 4, 32, 32]
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(teacher="no-such-preset"), "neither a preset"),
-    (dict(resolution=100), "multiple of 64"),
-    (dict(steps=0), ">= 1"),
-    (dict(device="tpu"), "cpu, cuda"),
-    (dict(peak_tflops=-1.0), "peak_tflops"),
-    (dict(overrides=["train.compile=everything"]), "train.compile"),
-    (dict(overrides=["train.compile_scope=layers"]), "train.compile_scope"),
-    (dict(overrides=["train.fused_optimizer=true", "train.optimizer=adamw8bit"]), "fused_optimizer"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(teacher="no-such-preset"), "neither a preset"),
+        (dict(resolution=100), "multiple of 64"),
+        (dict(steps=0), ">= 1"),
+        (dict(device="tpu"), "cpu, cuda"),
+        (dict(peak_tflops=-1.0), "peak_tflops"),
+        (dict(overrides=["train.compile=everything"]), "train.compile"),
+        (dict(overrides=["train.compile_scope=layers"]), "train.compile_scope"),
+        (dict(overrides=["train.fused_optimizer=true", "train.optimizer=adamw8bit"]), "fused_optimizer"),
+    ],
+)
 def test_bench_train_errors(kw, match):
     with pytest.raises(KoalaError, match=match):
         run_train_bench(_settings(**kw), log=lambda *_: None)
@@ -84,19 +103,44 @@ def test_cli_bench_train(tmp_path, capsys):
     from koala.cli import main
 
     j = tmp_path / "t.json"
-    rc = main(["bench", "train", "--teacher", "tiny-sdxl-base", "--resolution", "64", "--batch", "1", "--steps", "1",
-               "--warmup", "0", "--device", "cpu", "--threads", "1", "--json", str(j), "train.mixed_precision=no",
-               "teacher.dtype=fp32"])
-    assert rc == 0 and json.loads(j.read_text())["settings"]["overrides"] == ["train.mixed_precision=no",
-                                                                              "teacher.dtype=fp32"]
+    rc = main(
+        [
+            "bench",
+            "train",
+            "--teacher",
+            "tiny-sdxl-base",
+            "--resolution",
+            "64",
+            "--batch",
+            "1",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--json",
+            str(j),
+            "train.mixed_precision=no",
+            "teacher.dtype=fp32",
+        ]
+    )
+    assert rc == 0 and json.loads(j.read_text())["settings"]["overrides"] == [
+        "train.mixed_precision=no",
+        "teacher.dtype=fp32",
+    ]
     assert "MFU" in capsys.readouterr().out
     assert main(["bench", "train", "--teacher", "nope", "--device", "cpu"]) == 2
     assert "option --teacher" in capsys.readouterr().err
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("compile_mode,scope,teacher_scope", [("student", "full", None), ("both", "blocks", None),
-                                                              ("both", "full", "blocks")])
+@pytest.mark.parametrize(
+    "compile_mode,scope,teacher_scope",
+    [("student", "full", None), ("both", "blocks", None), ("both", "full", "blocks")],
+)
 def test_compiled_student_keeps_hooks_and_loss(tiny_pipe_dir, tmp_path, compile_mode, scope, teacher_scope):
     """torch.compile (dynamo + AOT autograd; the aot_eager backend skips code generation so the test stays
     fast) traces the feature hooks into the graph: the compiled student gives the eager student's losses and
@@ -108,23 +152,37 @@ def test_compiled_student_keeps_hooks_and_loss(tiny_pipe_dir, tmp_path, compile_
     from koala.distill.trainer import Distiller, make_dataloader, sample_generators
 
     def build(compile_mode):
-        cfg = load_config("tiny", [f"teacher.pipeline={tiny_pipe_dir}", f"train.output_dir={tmp_path / compile_mode}",
-                                   "train.resolution=64", "train.batch_size=2", "teacher.dtype=fp32",
-                                   f"train.compile={compile_mode}", "train.compile_backend=aot_eager",
-                                   f"train.compile_scope={scope}", f"train.teacher_compile_scope={teacher_scope or 'null'}"])
+        cfg = load_config(
+            "tiny",
+            [
+                f"teacher.pipeline={tiny_pipe_dir}",
+                f"train.output_dir={tmp_path / compile_mode}",
+                "train.resolution=64",
+                "train.batch_size=2",
+                "teacher.dtype=fp32",
+                f"train.compile={compile_mode}",
+                "train.compile_backend=aot_eager",
+                f"train.compile_scope={scope}",
+                f"train.teacher_compile_scope={teacher_scope or 'null'}",
+            ],
+        )
         return cfg, Distiller(cfg, Accelerator(cpu=True))
 
     cfg, eager = build("none")
     _, compiled = build(compile_mode)
-    regional = [m for m, sc in ((compiled.plain_student, scope), (compiled.teacher, teacher_scope or scope))
-                if sc == "blocks"]
+    regional = [
+        m for m, sc in ((compiled.plain_student, scope), (compiled.teacher, teacher_scope or scope)) if sc == "blocks"
+    ]
     for m in regional:  # regions compiled in place, the models themselves not; hooked modules stay outside
         assert getattr(m, "_compiled_call_impl", None) is None
         resnets = [b for b in m.modules() if type(b).__name__ == "ResnetBlock2D"]
         assert resnets and all(b._compiled_call_impl is not None for b in resnets)
         hooked = [b for b in m.modules() if b._forward_hooks]
-        assert hooked and all(b._compiled_call_impl is None and hasattr(b.forward, "_torchdynamo_orig_callable")
-                              for b in hooked if type(b).__name__ == "Attention")
+        assert hooked and all(
+            b._compiled_call_impl is None and hasattr(b.forward, "_torchdynamo_orig_callable")
+            for b in hooked
+            if type(b).__name__ == "Attention"
+        )
     batch = next(iter(make_dataloader(cfg["data"], batch_size=2, resolution=64, seed=0, pipeline_dir=tiny_pipe_dir)))
     out = []
     for d in (eager, compiled):

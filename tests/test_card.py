@@ -11,8 +11,10 @@ def test_compress_writes_a_card_with_the_teachers_license(tiny_pipe_dir, tmp_pat
 
     teacher = tmp_path / "teacher"
     shutil.copytree(tiny_pipe_dir, teacher)
-    (teacher / "README.md").write_text("---\nlicense: openrail++\nbase_model: stabilityai/stable-diffusion-xl-base-1.0"
-                                       "\n---\n# the teacher's own card\n")
+    (teacher / "README.md").write_text(
+        "---\nlicense: openrail++\nbase_model: stabilityai/stable-diffusion-xl-base-1.0"
+        "\n---\n# the teacher's own card\n"
+    )
     res = compress(str(teacher), "koala-700m", str(tmp_path / "student"))
     meta, body = read_card(str(tmp_path / "student" / "README.md"))
     assert meta["library_name"] == "diffusers" and meta["pipeline_tag"] == "text-to-image"
@@ -31,9 +33,19 @@ def test_distill_checkpoints_carry_a_card(tiny_pipe_dir, tmp_path):
     from koala.distill import load_config
     from koala.distill.trainer import train
 
-    out = train(load_config("tiny", [f"teacher.pipeline={tiny_pipe_dir}", f"train.output_dir={tmp_path / 'run'}",
-                                     "train.max_steps=2", "train.batch_size=2", "train.progress=false",
-                                     "validation.every=0"]))
+    out = train(
+        load_config(
+            "tiny",
+            [
+                f"teacher.pipeline={tiny_pipe_dir}",
+                f"train.output_dir={tmp_path / 'run'}",
+                "train.max_steps=2",
+                "train.batch_size=2",
+                "train.progress=false",
+                "validation.every=0",
+            ],
+        )
+    )
     meta, body = read_card(os.path.join(out["checkpoint"], "README.md"))
     assert meta["pipeline_tag"] == "text-to-image"
     assert "for 2 steps at a global batch of 4" in body and "feature KD: SA at" in body  # 2 x grad_accum 2

@@ -9,9 +9,9 @@ import torch
 from safetensors import safe_open
 
 from koala.data import build_cache, check_cache_compatible, encode_batch, make_dataloader
+from koala.errors import KoalaError
 from koala.families import family_of
 from koala.testing.images import odd_images, write_folder
-from koala.errors import KoalaError
 
 RES = 16
 
@@ -31,13 +31,24 @@ def _cfg(folder, **kw):
 
 def test_cache_roundtrip_equals_on_the_fly(folder, tmp_path, tiny_pipe_dir):
     out = str(tmp_path / "cache")
-    idx = build_cache(_cfg(folder), tiny_pipe_dir, out, resolution=RES, batch_size=3, shard_size=4, latent="mean",
-                      dtype="fp32", seed=7, progress=False)
+    idx = build_cache(
+        _cfg(folder),
+        tiny_pipe_dir,
+        out,
+        resolution=RES,
+        batch_size=3,
+        shard_size=4,
+        latent="mean",
+        dtype="fp32",
+        seed=7,
+        progress=False,
+    )
     assert idx["complete"] and idx["num_samples"] == 9 and idx["skipped"] == {"truncated": 1}
     assert len(idx["shards"]) == 3  # 10 rows / shard_size 4
     cached = {}
-    for b in make_dataloader({"type": "cache", "path": out, "repeat": False}, batch_size=4, resolution=RES,
-                             pipeline_dir=tiny_pipe_dir):
+    for b in make_dataloader(
+        {"type": "cache", "path": out, "repeat": False}, batch_size=4, resolution=RES, pipeline_dir=tiny_pipe_dir
+    ):
         assert b["latents"].shape[1:] == (4, RES // 2, RES // 2) and b["add_time_ids"].shape[1:] == (6,)
         for i, k in enumerate(b["keys"]):
             cached[k] = {n: b[n][i] for n in ("latents", "prompt_embeds", "pooled_prompt_embeds", "add_time_ids")}
@@ -64,14 +75,19 @@ def test_resume_fp16_and_two_ranks(folder, tmp_path, tiny_pipe_dir):
     out = str(tmp_path / "cache")
     kw = dict(resolution=RES, batch_size=4, shard_size=3, dtype="fp16", seed=1, progress=False)
     idx = build_cache(_cfg(folder), tiny_pipe_dir, out, rank=0, world_size=2, **kw)
-    assert not idx["complete"] and [s["file"] for s in idx["shards"]] == ["shards/00000.safetensors",
-                                                                          "shards/00002.safetensors"]
+    assert not idx["complete"] and [s["file"] for s in idx["shards"]] == [
+        "shards/00000.safetensors",
+        "shards/00002.safetensors",
+    ]
     # simulate an interrupted rank 1: a leftover temp file and one shard done
     open(os.path.join(out, "shards", ".00001.safetensors.tmp-999"), "wb").write(b"partial")
     idx = build_cache(_cfg(folder), tiny_pipe_dir, out, rank=1, world_size=2, limit_units=1, **kw)
     assert not idx["complete"] and len(idx["shards"]) == 3
-    mtimes = {f: os.path.getmtime(os.path.join(out, "shards", f)) for f in os.listdir(os.path.join(out, "shards"))
-              if not f.startswith(".")}
+    mtimes = {
+        f: os.path.getmtime(os.path.join(out, "shards", f))
+        for f in os.listdir(os.path.join(out, "shards"))
+        if not f.startswith(".")
+    }
     idx = build_cache(_cfg(folder), tiny_pipe_dir, out, rank=1, world_size=2, **kw)  # resume: only 00003 left
     assert idx["complete"] and idx["num_samples"] == 9 and len(idx["shards"]) == 4
     for f, t in mtimes.items():
@@ -79,9 +95,14 @@ def test_resume_fp16_and_two_ranks(folder, tmp_path, tiny_pipe_dir):
     with safe_open(os.path.join(out, "shards", "00000.safetensors"), "pt") as f:
         assert f.get_tensor(f"{RES}x{RES}/latents").dtype == torch.float16
         assert f.get_tensor(f"{RES}x{RES}/add_time_ids").dtype == torch.float32
-    keys = [k for r in range(2) for b in make_dataloader({"type": "cache", "path": out, "repeat": False},
-                                                         batch_size=2, resolution=RES, rank=r, world_size=2)
-            for k in b["keys"]]
+    keys = [
+        k
+        for r in range(2)
+        for b in make_dataloader(
+            {"type": "cache", "path": out, "repeat": False}, batch_size=2, resolution=RES, rank=r, world_size=2
+        )
+        for k in b["keys"]
+    ]
     assert len(keys) == 9 == len(set(keys))
     with pytest.raises(KoalaError, match="other settings"):
         build_cache(_cfg(folder), tiny_pipe_dir, out, **{**kw, "seed": 2})
@@ -91,8 +112,9 @@ def test_fingerprint_mismatch_and_resolution(folder, tmp_path, tiny_pipe_dir):
     from koala.testing.tiny import save_tiny_pipeline
 
     out = str(tmp_path / "cache")
-    build_cache(_cfg(folder, buckets=[[16, 16], [16, 24]]), tiny_pipe_dir, out, resolution=RES, shard_size=100,
-                progress=False)
+    build_cache(
+        _cfg(folder, buckets=[[16, 16], [16, 24]]), tiny_pipe_dir, out, resolution=RES, shard_size=100, progress=False
+    )
     check_cache_compatible(out, tiny_pipe_dir)
     other = str(tmp_path / "other_pipe")
     shutil.copytree(tiny_pipe_dir, other)
@@ -127,19 +149,42 @@ def test_cli_cache_from_webdataset(tmp_path, tiny_pipe_dir, capsys):
     rows = write_folder(str(tmp_path / "img"), 5, sidecar=False)
     for s in range(2):
         with wds.TarWriter(str(tmp_path / f"s{s}.tar")) as w:
-            for r in rows[s * 3:(s + 1) * 3]:
-                w.write({"__key__": r["file_name"][:-4], "jpg": (tmp_path / "img" / r["file_name"]).read_bytes(),
-                         "txt": r["text"], "syncap.txt": r["syncap"]})
+            for r in rows[s * 3 : (s + 1) * 3]:
+                w.write(
+                    {
+                        "__key__": r["file_name"][:-4],
+                        "jpg": (tmp_path / "img" / r["file_name"]).read_bytes(),
+                        "txt": r["text"],
+                        "syncap.txt": r["syncap"],
+                    }
+                )
     p = argparse.ArgumentParser()
     cli_data.register(p.add_subparsers())
     out = str(tmp_path / "cache")
-    args = p.parse_args(["cache", str(tmp_path / "s{0..1}.tar"), "--pipeline", tiny_pipe_dir, "--out", out,
-                         "--resolution", str(RES), "--syncap-column", "syncap", "--device", "cpu"])
+    args = p.parse_args(
+        [
+            "cache",
+            str(tmp_path / "s{0..1}.tar"),
+            "--pipeline",
+            tiny_pipe_dir,
+            "--out",
+            out,
+            "--resolution",
+            str(RES),
+            "--syncap-column",
+            "syncap",
+            "--device",
+            "cpu",
+        ]
+    )
     assert args.func(args) == 0
     idx = json.load(open(os.path.join(out, "index.json")))
     assert idx["complete"] and idx["num_samples"] == 5 and len(idx["shards"]) == 2  # one cache shard per tar
-    caps = [c for b in make_dataloader({"type": "cache", "path": out, "repeat": False}, batch_size=8,
-                                       resolution=RES) for c in b["captions"]]
+    caps = [
+        c
+        for b in make_dataloader({"type": "cache", "path": out, "repeat": False}, batch_size=8, resolution=RES)
+        for c in b["captions"]
+    ]
     assert sorted(caps) == sorted(f"{r['text']}, {r['syncap']}" for r in rows)
     capsys.readouterr()
     args = p.parse_args(["data", "stats", out, "--json"])
@@ -154,13 +199,33 @@ def test_cache_made_before_families_reads_as_sdxl(folder, tmp_path, tiny_pipe_di
     build_cache(_cfg(folder), tiny_pipe_dir, out, resolution=RES, shard_size=100, progress=False)
     path = os.path.join(out, "cache_config.json")
     cfg = json.load(open(path))
-    new = next(iter(make_dataloader({"type": "cache", "path": out, "shuffle": False}, batch_size=2, resolution=RES,
-                                    pipeline_dir=tiny_pipe_dir)))
-    old = {**cfg, "format": "koala-cache/1", "fingerprint": {k: v for k, v in cfg["fingerprint"].items() if k != "family"}}
+    new = next(
+        iter(
+            make_dataloader(
+                {"type": "cache", "path": out, "shuffle": False},
+                batch_size=2,
+                resolution=RES,
+                pipeline_dir=tiny_pipe_dir,
+            )
+        )
+    )
+    old = {
+        **cfg,
+        "format": "koala-cache/1",
+        "fingerprint": {k: v for k, v in cfg["fingerprint"].items() if k != "family"},
+    }
     del old["tensors"]
     json.dump(old, open(path, "w"))
-    again = next(iter(make_dataloader({"type": "cache", "path": out, "shuffle": False}, batch_size=2, resolution=RES,
-                                      pipeline_dir=tiny_pipe_dir)))
+    again = next(
+        iter(
+            make_dataloader(
+                {"type": "cache", "path": out, "shuffle": False},
+                batch_size=2,
+                resolution=RES,
+                pipeline_dir=tiny_pipe_dir,
+            )
+        )
+    )
     assert set(again) == set(new) and all(torch.equal(again[k], new[k]) for k in ("latents", "add_time_ids"))
     old["format"] = "koala-cache/0"
     json.dump(old, open(path, "w"))

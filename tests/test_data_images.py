@@ -7,13 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
-from koala.families.sdxl import time_ids
 from koala.data.buckets import make_buckets, nearest_bucket, parse_buckets
 from koala.data.captions import CaptionBuilder, CaptionLengths
 from koala.data.images import SkipSample, decode_image
-from koala.testing.images import odd_images, random_image
 from koala.data.transforms import SDXLTransform, resize_to_cover, sample_rng, sdxl_crop, to_tensor
 from koala.errors import KoalaError
+from koala.families.sdxl import time_ids
+from koala.testing.images import odd_images, random_image
 
 
 def test_odd_images_convert_or_skip():
@@ -63,7 +63,7 @@ def test_crop_flip_bookkeeping_matches_pixels():
             resized = resized.transpose(Image.FLIP_LEFT_RIGHT)  # flip happens before the crop
         top, left = c.crop_top_left
         assert top == 0 and 0 <= left <= 16
-        ref = np.asarray(resized)[top:top + 32, left:left + 32]
+        ref = np.asarray(resized)[top : top + 32, left : left + 32]
         assert np.array_equal(np.asarray(c.image), ref)
     flips = {sdxl_crop(img, target, random.Random(s), random_flip=True).flipped for s in range(20)}
     assert flips == {True, False}
@@ -91,7 +91,7 @@ def test_to_tensor_range_and_time_ids():
 
 def test_buckets():
     b = make_buckets(1024)
-    assert (1024, 1024) in b and all(h % 64 == 0 and w % 64 == 0 and h * w <= 1024 ** 2 for h, w in b)
+    assert (1024, 1024) in b and all(h % 64 == 0 and w % 64 == 0 and h * w <= 1024**2 for h, w in b)
     assert nearest_bucket(1457, 1274, b) == (1088, 960)  # LAION-POP's average image (portrait)
     assert nearest_bucket(500, 1000, b) == (704, 1472)
     assert parse_buckets(False, 512) is None and parse_buckets([[16, 32]], 16) == [(16, 32)]

@@ -111,9 +111,14 @@ def test_skip_webdataset_without_decoding(tmp_path, monkeypatch):
     rows = write_folder(str(tmp_path / "img"), 12, sidecar=False)
     for s in range(3):
         with wds.TarWriter(str(tmp_path / f"shard-{s:03d}.tar")) as w:
-            for r in rows[s * 4:(s + 1) * 4]:
-                w.write({"__key__": r["file_name"][:-4], "jpg": (tmp_path / "img" / r["file_name"]).read_bytes(),
-                         "txt": r["text"]})
+            for r in rows[s * 4 : (s + 1) * 4]:
+                w.write(
+                    {
+                        "__key__": r["file_name"][:-4],
+                        "jpg": (tmp_path / "img" / r["file_name"]).read_bytes(),
+                        "txt": r["text"],
+                    }
+                )
     cfg = {"type": "webdataset", "path": str(tmp_path / "shard-{000..002}.tar"), "shuffle_buffer": 5}
     full = _take(cfg, 12)
     calls = _counting(monkeypatch)
@@ -125,8 +130,17 @@ def test_skip_webdataset_without_decoding(tmp_path, monkeypatch):
 
 def test_skip_cache_reads_no_skipped_tensors(folder, tmp_path, tiny_pipe_dir, monkeypatch):
     out = str(tmp_path / "cache")
-    build_cache({"type": "folder", "path": folder, "buckets": BUCKETS}, tiny_pipe_dir, out, resolution=RES,
-                batch_size=4, shard_size=3, latent="mean", dtype="fp32", progress=False)
+    build_cache(
+        {"type": "folder", "path": folder, "buckets": BUCKETS},
+        tiny_pipe_dir,
+        out,
+        resolution=RES,
+        batch_size=4,
+        shard_size=3,
+        latent="mean",
+        dtype="fp32",
+        progress=False,
+    )
     cfg = {"type": "cache", "path": out}
     fields = ("latents", "prompt_embeds", "pooled_prompt_embeds", "add_time_ids", "crop_top_left", "target_size")
     for nw in (0, 2):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from koala.data import data_stats, make_dataloader
-from koala.testing.images import odd_images, write_folder
 from koala.errors import KoalaError
+from koala.testing.images import odd_images, write_folder
 
 RES = 16
 
@@ -62,23 +62,40 @@ def test_metadata_jsonl_syncap_and_filters(tmp_path):
 
 def test_parquet_and_csv_sources(tmp_path):
     rows = write_folder(str(tmp_path / "img"), 5, sidecar=False)
-    df = pd.DataFrame({"path": ["img/" + r["file_name"] for r in rows], "caption": [r["text"] for r in rows],
-                       "syn": [r["syncap"] for r in rows]})
+    df = pd.DataFrame(
+        {
+            "path": ["img/" + r["file_name"] for r in rows],
+            "caption": [r["text"] for r in rows],
+            "syn": [r["syncap"] for r in rows],
+        }
+    )
     df.loc[2, "caption"] = None
     df.to_parquet(tmp_path / "data.parquet")
     df.to_csv(tmp_path / "data.csv", index=False)
     for kind in ("parquet", "csv"):
-        cfg = {"type": kind, "path": str(tmp_path / f"data.{kind}"), "image_column": "path", "caption_column": "caption",
-               "repeat": False, "shuffle": False}
+        cfg = {
+            "type": kind,
+            "path": str(tmp_path / f"data.{kind}"),
+            "image_column": "path",
+            "caption_column": "caption",
+            "repeat": False,
+            "shuffle": False,
+        }
         batches, keys, caps = _all(make_dataloader(cfg, batch_size=3, resolution=RES))
-        assert keys == ["img/00000.jpg", "img/00001.jpg", "img/00003.jpg", "img/00004.jpg"], kind  # no caption: skipped
+        assert keys == ["img/00000.jpg", "img/00001.jpg", "img/00003.jpg", "img/00004.jpg"], (
+            kind
+        )  # no caption: skipped
         assert caps[0] == rows[0]["text"]
-        _, _, caps = _all(make_dataloader({**cfg, "syncap": "replace", "syncap_column": "syn"}, batch_size=8,
-                                          resolution=RES))
+        _, _, caps = _all(
+            make_dataloader({**cfg, "syncap": "replace", "syncap_column": "syn"}, batch_size=8, resolution=RES)
+        )
         assert caps[2] == rows[2]["syncap"] and len(caps) == 5
     with pytest.raises(KoalaError, match="image_column"):
-        make_dataloader({"type": "parquet", "path": str(tmp_path / "data.parquet"), "image_column": "nope"},
-                        batch_size=1, resolution=RES)
+        make_dataloader(
+            {"type": "parquet", "path": str(tmp_path / "data.parquet"), "image_column": "nope"},
+            batch_size=1,
+            resolution=RES,
+        )
 
 
 def test_laion_pop_recipe_appends_the_lmm_description(tmp_path):
@@ -86,14 +103,24 @@ def test_laion_pop_recipe_appends_the_lmm_description(tmp_path):
     from koala.distill import load_config
 
     rows = write_folder(str(tmp_path / "img"), 4, sidecar=False)
-    df = pd.DataFrame({"url": ["img/" + r["file_name"] for r in rows],
-                       "alt_txt": ["alt 0", "alt 1", None, "alt 3"],
-                       "cogvlm_caption": ["cog 0", None, "cog 2", ""],
-                       "llava_caption": ["llava 0", "llava 1", "llava 2", None]})
+    df = pd.DataFrame(
+        {
+            "url": ["img/" + r["file_name"] for r in rows],
+            "alt_txt": ["alt 0", "alt 1", None, "alt 3"],
+            "cogvlm_caption": ["cog 0", None, "cog 2", ""],
+            "llava_caption": ["llava 0", "llava 1", "llava 2", None],
+        }
+    )
     df.to_parquet(tmp_path / "pop.parquet")
     data = load_config("koala-lightning-700m", [])["data"]
-    cfg = {**data, "type": "parquet", "path": str(tmp_path / "pop.parquet"), "image_column": "url",
-           "repeat": False, "shuffle": False}
+    cfg = {
+        **data,
+        "type": "parquet",
+        "path": str(tmp_path / "pop.parquet"),
+        "image_column": "url",
+        "repeat": False,
+        "shuffle": False,
+    }
     _, keys, caps = _all(make_dataloader(cfg, batch_size=4, resolution=RES))
     assert caps == ["alt 0, cog 0", "alt 1, llava 1", "cog 2", "alt 3"]
     st = data_stats(cfg, progress=False)
@@ -104,8 +131,9 @@ def test_hf_load_from_disk(tmp_path):
     import datasets
 
     rows = write_folder(str(tmp_path / "img"), 4, sidecar=False)
-    ds = datasets.Dataset.from_dict({"image": [str(tmp_path / "img" / r["file_name"]) for r in rows],
-                                     "text": [r["text"] for r in rows]}).cast_column("image", datasets.Image())
+    ds = datasets.Dataset.from_dict(
+        {"image": [str(tmp_path / "img" / r["file_name"]) for r in rows], "text": [r["text"] for r in rows]}
+    ).cast_column("image", datasets.Image())
     datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "ds"))
     cfg = {"path": str(tmp_path / "ds"), "repeat": False, "shuffle": False}  # type guessed: hf_disk
     batches, keys, caps = _all(make_dataloader(cfg, batch_size=4, resolution=RES))
@@ -118,7 +146,7 @@ def test_webdataset_roundtrip_split_and_repeat(tmp_path):
     rows = write_folder(str(tmp_path / "img"), 12, sidecar=False)
     for s in range(3):
         with wds.TarWriter(str(tmp_path / f"shard-{s:03d}.tar")) as w:
-            for r in rows[s * 4:(s + 1) * 4]:
+            for r in rows[s * 4 : (s + 1) * 4]:
                 sample = {"__key__": r["file_name"][:-4], "jpg": (tmp_path / "img" / r["file_name"]).read_bytes()}
                 if s == 0:
                     sample["txt"] = r["text"]
@@ -134,8 +162,11 @@ def test_webdataset_roundtrip_split_and_repeat(tmp_path):
     # two ranks x two workers: disjoint, complete
     seen = []
     for rank in range(2):
-        _, k, _ = _all(make_dataloader({**cfg, "shuffle": False}, batch_size=2, resolution=RES, rank=rank,
-                                       world_size=2, num_workers=2))
+        _, k, _ = _all(
+            make_dataloader(
+                {**cfg, "shuffle": False}, batch_size=2, resolution=RES, rank=rank, world_size=2, num_workers=2
+            )
+        )
         seen.append(k)
     assert not set(seen[0]) & set(seen[1]) and len(seen[0]) + len(seen[1]) == 12
     inf = iter(make_dataloader({**cfg, "repeat": True}, batch_size=5, resolution=RES))
@@ -145,7 +176,9 @@ def test_webdataset_roundtrip_split_and_repeat(tmp_path):
 def test_indexed_rank_split_disjoint_and_buckets(tmp_path):
     write_folder(str(tmp_path), 10, sizes=((32, 64), (64, 32), (32, 32)))
     cfg = {"type": "folder", "path": str(tmp_path), "repeat": False, "buckets": [[16, 32], [32, 16], [16, 16]]}
-    keys = [_all(make_dataloader(cfg, batch_size=2, resolution=RES, rank=r, world_size=3, seed=5))[1] for r in range(3)]
+    keys = [
+        _all(make_dataloader(cfg, batch_size=2, resolution=RES, rank=r, world_size=3, seed=5))[1] for r in range(3)
+    ]
     assert sum(map(len, keys)) == 10 and len(set().union(*map(set, keys))) == 10
     batches, _, _ = _all(make_dataloader(cfg, batch_size=2, resolution=RES))
     for b in batches:  # every batch is one bucket; target_size is the bucket
@@ -192,7 +225,9 @@ def test_optional_packages_are_named_by_their_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "webdataset", None)
     monkeypatch.setitem(sys.modules, "webdataset.shardlists", None)
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with pytest.raises(KoalaError, match=r"reading parquet needs the pyarrow package: pip install 'koala-diffusion\[data\]'"):
+    with pytest.raises(
+        KoalaError, match=r"reading parquet needs the pyarrow package: pip install 'koala-diffusion\[data\]'"
+    ):
         make_dataloader({"type": "parquet", "path": str(tmp_path / "t.parquet")}, batch_size=1, resolution=16)
     (tmp_path / "s.tar").write_bytes(b"")
     with pytest.raises(KoalaError, match=r"koala-diffusion\[data\]"):
@@ -202,6 +237,7 @@ def test_optional_packages_are_named_by_their_extra(tmp_path, monkeypatch):
     folder = tmp_path / "f"
     write_folder(str(folder), 2, sidecar=False)
     (folder / "metadata.csv").write_text("file_name,text\n00000.jpg,a red circle\n00001.jpg,\n")
-    batch = next(iter(make_dataloader({"type": "folder", "path": str(folder), "repeat": False}, batch_size=1,
-                                      resolution=16)))
+    batch = next(
+        iter(make_dataloader({"type": "folder", "path": str(folder), "repeat": False}, batch_size=1, resolution=16))
+    )
     assert batch["captions"] == ["a red circle"]  # the empty caption is skipped, as before

@@ -53,11 +53,14 @@ def test_captions_resume_and_equal_direct_generation(vlm, folder, tmp_path):
     assert len(open(out).readlines()) == 5  # nothing captioned twice
     # a caption is what the model says greedily to the instruction, decoded after the prompt
     model, proc = load_vlm(vlm)
-    inputs = proc(images=[Image.open(os.path.join(folder, "4.png")).convert("RGB")],
-                  text=[chat_prompt(proc, DEFAULT_PROMPT)], return_tensors="pt")
+    inputs = proc(
+        images=[Image.open(os.path.join(folder, "4.png")).convert("RGB")],
+        text=[chat_prompt(proc, DEFAULT_PROMPT)],
+        return_tensors="pt",
+    )
     with torch.no_grad():
         ids = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-    direct = proc.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+    direct = proc.batch_decode(ids[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0]
     assert caps["4.png"] == " ".join(direct.split())
 
 
@@ -68,7 +71,11 @@ def test_syncap_file_joins_by_key_in_every_mode(vlm, folder, tmp_path, capsys):
     caps = read_syncap_file(out)
     source = make_source({"path": folder, "type": "folder"})
     rec = source.get(0)
-    for mode, expected in (("append", f"photo 0, {caps['0.png']}"), ("replace", caps["0.png"]), ("original", "photo 0")):
+    for mode, expected in (
+        ("append", f"photo 0, {caps['0.png']}"),
+        ("replace", caps["0.png"]),
+        ("original", "photo 0"),
+    ):
         from koala.data.config import normalize_data_cfg
 
         prep = SamplePreparer(normalize_data_cfg({"path": folder, "syncap_file": out, "syncap": mode}))

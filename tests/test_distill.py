@@ -22,10 +22,15 @@ def _inputs(unet, batch=2, size=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     c = unet.config
     pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
-    return dict(sample=torch.randn(batch, 4, size, size, generator=g), timestep=torch.tensor([10, 700][:batch]),
-                encoder_hidden_states=torch.randn(batch, 7, c.cross_attention_dim, generator=g),
-                added_cond_kwargs={"text_embeds": torch.randn(batch, pooled, generator=g),
-                                   "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]] * batch)})
+    return dict(
+        sample=torch.randn(batch, 4, size, size, generator=g),
+        timestep=torch.tensor([10, 700][:batch]),
+        encoder_hidden_states=torch.randn(batch, 7, c.cross_attention_dim, generator=g),
+        added_cond_kwargs={
+            "text_embeds": torch.randn(batch, pooled, generator=g),
+            "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]] * batch),
+        },
+    )
 
 
 def _run(student, teacher, pairs, inputs):
@@ -35,8 +40,9 @@ def _run(student, teacher, pairs, inputs):
         t_out = teacher(**inputs).sample
     with s_rec.capture():
         s_out = student(**inputs).sample
-    losses = kd_losses(s_out, torch.zeros_like(s_out), t_out, pairs, s_rec.pop(), t_rec.pop(),
-                       {"task": 1.0, "out": 1.0, "feat": 1.0})
+    losses = kd_losses(
+        s_out, torch.zeros_like(s_out), t_out, pairs, s_rec.pop(), t_rec.pop(), {"task": 1.0, "out": 1.0, "feat": 1.0}
+    )
     s_rec.remove(), t_rec.remove()
     return losses
 
@@ -78,7 +84,14 @@ def test_default_pairs_are_sa_bottom_plus_lf_at_dw1_up3(tiny_teacher):
     # the features have the shapes the losses need, and the loss is finite and positive
     losses = _run(student, tiny_teacher, pairs, _inputs(tiny_teacher))
     assert torch.isfinite(losses.total) and float(losses.feat) > 0
-    assert {k[5:] for k in losses.scalars(pairs) if k.startswith("feat/")} == {"DW-1", "DW-2", "DW-3", "UP-1", "UP-2", "UP-3"}
+    assert {k[5:] for k in losses.scalars(pairs) if k.startswith("feat/")} == {
+        "DW-1",
+        "DW-2",
+        "DW-3",
+        "UP-1",
+        "UP-2",
+        "UP-3",
+    }
     # per-layer normalisation divides each pair's MSE by the teacher feature's mean square
     s_rec, t_rec = FeatureRecorder(student, [pairs[0].student]), FeatureRecorder(tiny_teacher, [pairs[0].teacher])
     x = _inputs(tiny_teacher)
@@ -138,9 +151,19 @@ def test_prediction_targets():
 
 # --------------------------------------------------------------------------- trainer (tiny pipeline) ------
 def _cfg(pipe_dir, out, *extra):
-    return load_config("tiny", [f"teacher.pipeline={pipe_dir}", f"train.output_dir={out}",
-                                "train.progress=false", "validation.every=0", "train.checkpoint_every=0",
-                                "data.num_samples=4", "train.log_every=1", *extra])
+    return load_config(
+        "tiny",
+        [
+            f"teacher.pipeline={pipe_dir}",
+            f"train.output_dir={out}",
+            "train.progress=false",
+            "validation.every=0",
+            "train.checkpoint_every=0",
+            "data.num_samples=4",
+            "train.log_every=1",
+            *extra,
+        ],
+    )
 
 
 def test_overfit_one_batch_loss_falls_teacher_frozen_and_dropout(tiny_pipe_dir, tmp_path):
@@ -176,8 +199,15 @@ def test_overfit_one_batch_loss_falls_teacher_frozen_and_dropout(tiny_pipe_dir, 
     ref_pe, _, ref_pooled, _ = pipe.encode_prompt(batch["captions"], do_classifier_free_guidance=False)
     with torch.no_grad():
         post = pipe.vae.encode(batch["pixel_values"]).latent_dist
-    ref_lat = torch.cat([post.mean[i:i + 1] + post.std[i:i + 1] * torch.randn(post.mean.shape[1:], generator=g)
-                         for i, g in enumerate(gens(3))]) * pipe.vae.config.scaling_factor
+    ref_lat = (
+        torch.cat(
+            [
+                post.mean[i : i + 1] + post.std[i : i + 1] * torch.randn(post.mean.shape[1:], generator=g)
+                for i, g in enumerate(gens(3))
+            ]
+        )
+        * pipe.vae.config.scaling_factor
+    )
     assert lat.dtype == pe.dtype == torch.float32
     assert torch.allclose(lat, ref_lat, atol=1e-6) and torch.equal(pe, ref_pe) and torch.equal(pooled, ref_pooled)
     ref_ids = torch.cat([batch["original_size"], batch["crop_top_left"], batch["target_size"]], 1).float()
@@ -240,12 +270,20 @@ def test_lr_schedules_warm_up_decay_and_resume_exactly(tiny_pipe_dir, tmp_path):
     with pytest.raises(KoalaError, match="train.lr_schedule"):
         _cfg(tiny_pipe_dir, tmp_path / "x", "train.lr_schedule=step")
 
-    common = ("train.max_steps=8", "train.lr=1e-3", "train.lr_schedule=cosine", "train.lr_warmup_steps=2",
-              "train.batch_size=1", "train.keep_checkpoints=0", "train.checkpoint_every=4")
+    common = (
+        "train.max_steps=8",
+        "train.lr=1e-3",
+        "train.lr_schedule=cosine",
+        "train.lr_warmup_steps=2",
+        "train.batch_size=1",
+        "train.keep_checkpoints=0",
+        "train.checkpoint_every=4",
+    )
     full = train(_cfg(tiny_pipe_dir, tmp_path / "a", *common))
     logged = [json.loads(line)["lr"] for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
-    assert logged == pytest.approx([1e-3 * lr_factor(s, {"max_steps": 8, "lr_warmup_steps": 2,
-                                                          "lr_schedule": "cosine"}) for s in range(8)])
+    assert logged == pytest.approx(
+        [1e-3 * lr_factor(s, {"max_steps": 8, "lr_warmup_steps": 2, "lr_schedule": "cosine"}) for s in range(8)]
+    )
     mid = dict(list_checkpoints(str(tmp_path / "a")))[4]
     resumed = train(_cfg(tiny_pipe_dir, tmp_path / "b", *common, f"train.resume={mid}"))
     wa, wb = _weights(full["checkpoint"]), _weights(resumed["checkpoint"])
@@ -255,8 +293,15 @@ def test_lr_schedules_warm_up_decay_and_resume_exactly(tiny_pipe_dir, tmp_path):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_pipe_dir, tmp_path):
     from koala.distill.trainer import train
 
-    cfg = _cfg(tiny_pipe_dir, tmp_path / "run", "train.max_steps=6", "train.checkpoint_every=1", "train.lr=1e30",
-               "train.max_grad_norm=null", "train.ema.enabled=false")
+    cfg = _cfg(
+        tiny_pipe_dir,
+        tmp_path / "run",
+        "train.max_steps=6",
+        "train.checkpoint_every=1",
+        "train.lr=1e30",
+        "train.max_grad_norm=null",
+        "train.ema.enabled=false",
+    )
     with pytest.raises(KoalaError, match="non-finite loss") as err:
         train(cfg)
     ckpts = sorted(os.listdir(tmp_path / "run" / "checkpoints"))
@@ -281,8 +326,17 @@ def test_layer_map_that_does_not_fit_is_refused(tiny_pipe_dir, tmp_path):
 def test_cli_tiny_runs_and_8bit_adam_error(tiny_pipe_dir, tmp_path, capsys):
     from koala.cli import main
 
-    args = ["distill", "--config", "tiny", f"teacher.pipeline={tiny_pipe_dir}", f"train.output_dir={tmp_path / 'r'}",
-            "train.max_steps=2", "train.progress=false", "validation.every=2", "validation.steps=1"]
+    args = [
+        "distill",
+        "--config",
+        "tiny",
+        f"teacher.pipeline={tiny_pipe_dir}",
+        f"train.output_dir={tmp_path / 'r'}",
+        "train.max_steps=2",
+        "train.progress=false",
+        "validation.every=2",
+        "validation.steps=1",
+    ]
     assert main(args) == 0
     assert "finished at step 2" in capsys.readouterr().out
     assert len(os.listdir(tmp_path / "r" / "samples" / "step-0000002")) == 2
@@ -307,17 +361,46 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_pipe_di
 
     from koala.distill.trainer import train
 
-    common = [f"teacher.pipeline={tiny_pipe_dir}", "train.max_steps=2", "train.checkpoint_every=1",
-              "train.grad_accum=2", "data.num_samples=8", "train.progress=false", "validation.every=0",
-              "train.caption_dropout=0.5",
-              # Adam divides by sqrt(v): for near-zero gradients float summation order can flip an update's sign
-              # (a difference of lr); with eps >> |g| the step is linear in the gradient and differences stay ~1e-7
-              "train.adam_eps=1.0", "train.lr=0.05"]
+    common = [
+        f"teacher.pipeline={tiny_pipe_dir}",
+        "train.max_steps=2",
+        "train.checkpoint_every=1",
+        "train.grad_accum=2",
+        "data.num_samples=8",
+        "train.progress=false",
+        "validation.every=0",
+        "train.caption_dropout=0.5",
+        # Adam divides by sqrt(v): for near-zero gradients float summation order can flip an update's sign
+        # (a difference of lr); with eps >> |g| the step is linear in the gradient and differences stay ~1e-7
+        "train.adam_eps=1.0",
+        "train.lr=0.05",
+    ]
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     out2 = tmp_path / "two"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
-           "-m", "koala.cli", "distill", "--config", "tiny", f"train.output_dir={out2}", "train.batch_size=1", *common]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29533",
+        "-m",
+        "koala.cli",
+        "distill",
+        "--config",
+        "tiny",
+        f"train.output_dir={out2}",
+        "train.batch_size=1",
+        *common,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
@@ -364,8 +447,19 @@ def test_cli_distill_on_image_folder(tiny_pipe_dir, tmp_path, capsys):
 
     folder = _image_folder(tmp_path / "images")
     out = tmp_path / "r"
-    args = ["distill", "--config", "tiny", f"teacher.pipeline={tiny_pipe_dir}", f"train.output_dir={out}", "train.max_steps=3", "train.grad_accum=1", "train.progress=false",
-            "validation.every=0", "data.type=folder", f"data.path={folder}"]  # tiny's num_samples: ignored
+    args = [
+        "distill",
+        "--config",
+        "tiny",
+        f"teacher.pipeline={tiny_pipe_dir}",
+        f"train.output_dir={out}",
+        "train.max_steps=3",
+        "train.grad_accum=1",
+        "train.progress=false",
+        "validation.every=0",
+        "data.type=folder",
+        f"data.path={folder}",
+    ]  # tiny's num_samples: ignored
     assert main(args) == 0
     assert "finished at step 3" in capsys.readouterr().out
     assert os.listdir(out / "checkpoints") == ["step-0000003"]
@@ -384,8 +478,16 @@ def test_train_from_cache_and_refuse_other_pipelines_cache(tiny_pipe_dir, tmp_pa
 
     folder = _image_folder(tmp_path / "images")
     cache = str(tmp_path / "cache")
-    idx = build_cache({"type": "folder", "path": folder}, tiny_pipe_dir, cache, resolution=32, batch_size=3,
-                      shard_size=4, dtype="fp16", progress=False)
+    idx = build_cache(
+        {"type": "folder", "path": folder},
+        tiny_pipe_dir,
+        cache,
+        resolution=32,
+        batch_size=3,
+        shard_size=4,
+        dtype="fp16",
+        progress=False,
+    )
     assert idx["complete"] and idx["num_samples"] == 6
     data = ["data.type=cache", f"data.path={cache}", "train.caption_dropout=0.5"]
     cfg = _cfg(tiny_pipe_dir, tmp_path / "run", "train.max_steps=2", *data)
@@ -416,8 +518,14 @@ def test_resume_equivalence_on_image_folder_skips_without_decoding(tiny_pipe_dir
     from koala.distill.trainer import train
 
     folder = _image_folder(tmp_path / "images")  # 6 images, batch 1 x accum 2: epochs end inside the run
-    common = ("train.grad_accum=2", "train.batch_size=1", "train.ema.enabled=false", "data.type=folder",
-              f"data.path={folder}", "train.caption_dropout=0.0")
+    common = (
+        "train.grad_accum=2",
+        "train.batch_size=1",
+        "train.ema.enabled=false",
+        "data.type=folder",
+        f"data.path={folder}",
+        "train.caption_dropout=0.0",
+    )
     full = train(_cfg(tiny_pipe_dir, tmp_path / "a", "train.max_steps=8", *common))
     train(_cfg(tiny_pipe_dir, tmp_path / "b", "train.max_steps=4", *common))
     decoded, decode = [], records.decode_image
@@ -430,9 +538,14 @@ def test_resume_equivalence_on_image_folder_skips_without_decoding(tiny_pipe_dir
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sharding,port", [(["train.shard_optimizer=true"], 29541),
-                                           (["train.fsdp=grad_op", "train.max_grad_norm=0.5"], 29543),
-                                           (["train.fsdp=full"], 29545)])
+@pytest.mark.parametrize(
+    "sharding,port",
+    [
+        (["train.shard_optimizer=true"], 29541),
+        (["train.fsdp=grad_op", "train.max_grad_norm=0.5"], 29543),
+        (["train.fsdp=full"], 29545),
+    ],
+)
 def test_sharded_optimizer_two_processes_resume_exactly(tiny_pipe_dir, tmp_path, sharding, port):
     """Sharded training over 2 gloo processes -- train.shard_optimizer (ZeRO-1: each process keeps half of the
     AdamW states), train.fsdp=grad_op (ZeRO-2 with FSDP2: gradients, optimizer states and EMA sharded; here with
@@ -446,15 +559,45 @@ def test_sharded_optimizer_two_processes_resume_exactly(tiny_pipe_dir, tmp_path,
 
     from koala.distill.trainer import train
 
-    common = [f"teacher.pipeline={tiny_pipe_dir}", "train.checkpoint_every=1", "data.num_samples=8",
-              "train.progress=false", "validation.every=0", "train.adam_eps=1.0", "train.lr=0.05"]
+    common = [
+        f"teacher.pipeline={tiny_pipe_dir}",
+        "train.checkpoint_every=1",
+        "data.num_samples=8",
+        "train.progress=false",
+        "validation.every=0",
+        "train.adam_eps=1.0",
+        "train.lr=0.05",
+    ]
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
 
     def launch(out, steps, port):
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               str(port), "-m", "koala.cli", "distill", "--config", "tiny", f"train.output_dir={out}",
-               "train.batch_size=1", *sharding, "train.resume=latest", f"train.max_steps={steps}", *common]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(port),
+            "-m",
+            "koala.cli",
+            "distill",
+            "--config",
+            "tiny",
+            f"train.output_dir={out}",
+            "train.batch_size=1",
+            *sharding,
+            "train.resume=latest",
+            f"train.max_steps={steps}",
+            *common,
+        ]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
         return proc.stdout + proc.stderr
@@ -475,15 +618,29 @@ def test_sharded_optimizer_two_processes_resume_exactly(tiny_pipe_dir, tmp_path,
     assert set(ema_a) == set(a) and all(torch.equal(ema_a[k], ema_b[k]) for k in a)
     from diffusers import UNet2DConditionModel
 
-    UNet2DConditionModel.from_pretrained(str(full / "checkpoints" / "step-0000003" / "unet"))  # a plain diffusers U-Net
+    UNet2DConditionModel.from_pretrained(
+        str(full / "checkpoints" / "step-0000003" / "unet")
+    )  # a plain diffusers U-Net
     clip = [x for x in sharding if "max_grad_norm" in x]
-    one = train(load_config("tiny", [f"train.output_dir={tmp_path / 'one'}", "train.batch_size=2",
-                                     "train.max_steps=3", *clip, *common]))
+    one = train(
+        load_config(
+            "tiny", [f"train.output_dir={tmp_path / 'one'}", "train.batch_size=2", "train.max_steps=3", *clip, *common]
+        )
+    )
     c, ema_c = _weights(one["checkpoint"]), _weights(one["checkpoint"], "unet_ema")
     assert max(float((a[k] - c[k]).abs().max()) for k in a) < 1e-5
     assert max(float((ema_a[k] - ema_c[k]).abs().max()) for k in a) < 1e-5
     if any(x.startswith("train.fsdp") for x in sharding):  # optimizer state by parameter name: same train.fsdp only
-        resume = load_config("tiny", [f"train.output_dir={full}", "train.batch_size=2", "train.resume=latest",
-                                      "train.allow_world_size_change=true", "train.max_steps=4", *common])
+        resume = load_config(
+            "tiny",
+            [
+                f"train.output_dir={full}",
+                "train.batch_size=2",
+                "train.resume=latest",
+                "train.allow_world_size_change=true",
+                "train.max_steps=4",
+                *common,
+            ],
+        )
         with pytest.raises(KoalaError, match="resume it with the same train.fsdp setting"):
             train(resume)

@@ -42,10 +42,11 @@ def test_clip_score_equals_torchmetrics(clip_dir):
 
     wrapped = Features(model)
     for img, prompt, s in zip(images, PROMPTS, ours):
-        ref = tm.clip_score(torch.from_numpy(np.asarray(img)).permute(2, 0, 1), prompt,
-                            model_name_or_path=lambda: (wrapped, processor))
+        ref = tm.clip_score(
+            torch.from_numpy(np.asarray(img)).permute(2, 0, 1), prompt, model_name_or_path=lambda: (wrapped, processor)
+        )
         assert abs(float(ref) - s) < 1e-3, (prompt, float(ref), s)
-    assert all(0 < s <= 100 for s in ours) and len(set(round(s, 4) for s in ours)) == 4
+    assert all(0 < s <= 100 for s in ours) and len({round(s, 4) for s in ours}) == 4
 
 
 def test_folder_with_png_prompts_and_an_unreadable_image(clip_dir, tmp_path, capsys):
@@ -59,8 +60,9 @@ def test_folder_with_png_prompts_and_an_unreadable_image(clip_dir, tmp_path, cap
     png_only = score_folder(str(folder), clip_dir)  # prompts from the PNG 'prompt' chunks
     assert png_only["n_images"] == 4 and not png_only["skipped"]
     (folder / "9.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")  # unreadable: skipped and counted
-    rows = [{"file_name": f"{i}.png", "text": p} for i, p in enumerate(PROMPTS)] + [{"file_name": "9.png",
-                                                                                     "text": "a red circle"}]
+    rows = [{"file_name": f"{i}.png", "text": p} for i, p in enumerate(PROMPTS)] + [
+        {"file_name": "9.png", "text": "a red circle"}
+    ]
     (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     res = score_folder(str(folder), clip_dir)
     assert res["n_images"] == 4 and len(res["skipped"]) == 1 and res["skipped"][0]["file_name"] == "9.png"

@@ -13,8 +13,27 @@ from koala.cli import main
 from koala.errors import KoalaError
 from koala.eval import compbench as cb
 
-WORDS = ["a", "green", "bench", "blue", "bowl", "red", "car", "dog", "on", "the", "left", "of", "yes", "no", "photo",
-         "round", "cookie", "square", "container"]
+WORDS = [
+    "a",
+    "green",
+    "bench",
+    "blue",
+    "bowl",
+    "red",
+    "car",
+    "dog",
+    "on",
+    "the",
+    "left",
+    "of",
+    "yes",
+    "no",
+    "photo",
+    "round",
+    "cookie",
+    "square",
+    "container",
+]
 
 
 @pytest.fixture(scope="module")
@@ -26,14 +45,32 @@ def blip_dir(tmp_path_factory):
     (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
     tok = BertTokenizer(str(d / "vocab.txt"), bos_token="[DEC]")
     torch.manual_seed(0)
-    cfg = BlipConfig(text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=2, bos_token_id=vocab.index("[DEC]"), pad_token_id=0,
-                                      sep_token_id=3, encoder_hidden_size=32),
-                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                        image_size=32, patch_size=8))
+    cfg = BlipConfig(
+        text_config=dict(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            bos_token_id=vocab.index("[DEC]"),
+            pad_token_id=0,
+            sep_token_id=3,
+            encoder_hidden_size=32,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+    )
     out = str(d / "blip-vqa")
     BlipForQuestionAnswering(cfg).save_pretrained(out)
-    BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok).save_pretrained(out)
+    BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok).save_pretrained(
+        out
+    )
     return out
 
 
@@ -46,17 +83,35 @@ def owl_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("owl")
     tok = build_clip_tokenizer(str(d / "tok"), WORDS)
     torch.manual_seed(0)
-    cfg = OwlViTConfig(text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=2, max_position_embeddings=16, bos_token_id=tok.bos_token_id,
-                                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
-                       vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                          num_attention_heads=2, image_size=32, patch_size=8), projection_dim=32)
+    cfg = OwlViTConfig(
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=32,
+    )
     out = str(d / "owl")
     OwlViTForObjectDetection(cfg).save_pretrained(out)
     tok.model_max_length = 16
-    OwlViTProcessor(image_processor=OwlViTImageProcessor(size={"height": 32, "width": 32},
-                                                         crop_size={"height": 32, "width": 32}),
-                    tokenizer=tok).save_pretrained(out)
+    OwlViTProcessor(
+        image_processor=OwlViTImageProcessor(size={"height": 32, "width": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tok,
+    ).save_pretrained(out)
     return out
 
 
@@ -87,8 +142,9 @@ def test_yes_probability_equals_generate_scores_and_bvqa_is_the_product(blip_dir
     for im, q, g in zip(images, ["a green bench?", "a blue bowl?"], got):
         inputs = proc(images=im, text=q, return_tensors="pt")
         with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=1, output_scores=True, return_dict_in_generate=True,
-                                 do_sample=False)
+            out = model.generate(
+                **inputs, max_new_tokens=1, output_scores=True, return_dict_in_generate=True, do_sample=False
+            )
         logits = out.scores[0][0]
         ref = 1 / (1 + math.exp(float(logits[vqa.no] - logits[vqa.yes])))  # P(yes) / (P(yes) + P(no))
         assert g == pytest.approx(ref, rel=1e-4)
@@ -98,17 +154,20 @@ def test_yes_probability_equals_generate_scores_and_bvqa_is_the_product(blip_dir
     assert b == pytest.approx([p[0] * p[1], p[2]], rel=1e-5)
 
 
-@pytest.mark.parametrize("relation,box2,expected", [
-    ("on the left of", (300, 0, 400, 100), 1.0),    # object 2 to the right: object 1 is on its left
-    ("on the left of", (-300, 0, -200, 100), 0.0),
-    ("on the right of", (-300, 0, -200, 100), 1.0),
-    ("on the top of", (0, 300, 100, 400), 1.0),     # y grows downwards: object 2 below
-    ("on the bottom of", (0, -300, 100, -200), 1.0),
-    ("on the left of", (40, 0, 140, 100), 0.1 / (60 * 100 / (2 * 100 * 100 - 60 * 100))),  # overlapping: 0.1 / IoU
-    ("near", (100, 0, 200, 100), 1.0),
-    ("next to", (400, 400, 500, 500), 150 / 400),
-    ("on top of", (0, 300, 100, 400), 0.0),         # the benchmark never scores 'on top of' (kept)
-])
+@pytest.mark.parametrize(
+    "relation,box2,expected",
+    [
+        ("on the left of", (300, 0, 400, 100), 1.0),  # object 2 to the right: object 1 is on its left
+        ("on the left of", (-300, 0, -200, 100), 0.0),
+        ("on the right of", (-300, 0, -200, 100), 1.0),
+        ("on the top of", (0, 300, 100, 400), 1.0),  # y grows downwards: object 2 below
+        ("on the bottom of", (0, -300, 100, -200), 1.0),
+        ("on the left of", (40, 0, 140, 100), 0.1 / (60 * 100 / (2 * 100 * 100 - 60 * 100))),  # overlapping: 0.1 / IoU
+        ("near", (100, 0, 200, 100), 1.0),
+        ("next to", (400, 400, 500, 500), 150 / 400),
+        ("on top of", (0, 300, 100, 400), 0.0),  # the benchmark never scores 'on top of' (kept)
+    ],
+)
 def test_position_rule(relation, box2, expected):
     assert cb.position_score((0, 0, 100, 100), box2, relation) == pytest.approx(expected)
 
@@ -148,8 +207,22 @@ def test_cli_folder_and_bad_input(blip_dir, tmp_path, capsys):
     with open(folder / "metadata.jsonl", "w") as f:
         for i, t in enumerate(["a green bench and a blue bowl", "a red car"]):
             f.write(json.dumps({"file_name": f"{i}.png", "text": t}) + "\n")
-    assert main(["eval", "compbench", str(folder), "--category", "color", "--vqa", blip_dir,
-                 "--json", str(tmp_path / "r.json")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "compbench",
+                str(folder),
+                "--category",
+                "color",
+                "--vqa",
+                blip_dir,
+                "--json",
+                str(tmp_path / "r.json"),
+            ]
+        )
+        == 0
+    )
     res = json.load(open(tmp_path / "r.json"))
     assert res["n_images"] == 2 and 0 < res["score"] < 1
     assert main(["eval", "compbench", str(folder), "--category", "spatial", "--vqa", blip_dir]) == 2
@@ -170,13 +243,19 @@ def test_eval_run_with_a_compbench_scorer(blip_dir, tiny_pipe_dir, tmp_path):
     prompts = tmp_path / "color_val.txt"
     prompts.write_text("a green bench and a blue bowl\na red car\n")
     bench = cb.CompBench(vqa=blip_dir)
-    res = ev.run_eval([ev.EvalModel("teacher", model=tiny_pipe_dir)], ev.read_prompt_set(str(prompts)),
-                      ev.make_scorers(["compbench-color"], compbench=bench), str(tmp_path / "out"),
-                      ev.EvalSettings(steps=1), progress=False)
+    res = ev.run_eval(
+        [ev.EvalModel("teacher", model=tiny_pipe_dir)],
+        ev.read_prompt_set(str(prompts)),
+        ev.make_scorers(["compbench-color"], compbench=bench),
+        str(tmp_path / "out"),
+        ev.EvalSettings(steps=1),
+        progress=False,
+    )
     folder = tmp_path / "out" / "images" / "teacher"
     index = [json.loads(x) for x in open(folder / "index.jsonl")]
-    direct = bench.score("color", [Image.open(folder / r["file"]).convert("RGB") for r in index],
-                         [r["prompt"] for r in index])
+    direct = bench.score(
+        "color", [Image.open(folder / r["file"]).convert("RGB") for r in index], [r["prompt"] for r in index]
+    )
     assert res["models"][0]["scores"]["compbench-color"]["score"] == pytest.approx(np.mean(direct))
     with pytest.raises(KoalaError, match="needs a BLIP VQA checkpoint"):
         ev.make_scorers(["compbench-shape"])

@@ -35,7 +35,9 @@ def _folder(path, n, seed, hi=256):
     os.makedirs(path, exist_ok=True)
     rng = np.random.default_rng(seed)
     for i in range(n):
-        Image.fromarray(rng.integers(0, hi, (40, 40 + 4 * (i % 3), 3), dtype=np.uint8)).save(os.path.join(path, f"{i}.png"))
+        Image.fromarray(rng.integers(0, hi, (40, 40 + 4 * (i % 3), 3), dtype=np.uint8)).save(
+            os.path.join(path, f"{i}.png")
+        )
     return str(path)
 
 
@@ -70,7 +72,10 @@ def test_cli_and_bad_input(inception, tmp_path, capsys):
     gen = _folder(tmp_path / "gen", 6, 1)
     ref = _folder(tmp_path / "ref", 6, 2)
     (tmp_path / "gen" / "broken.png").write_bytes(b"nope")
-    assert main(["eval", "fid", gen, "--reference", ref, "--inception", inception, "--json", str(tmp_path / "f.json")]) == 0
+    assert (
+        main(["eval", "fid", gen, "--reference", ref, "--inception", inception, "--json", str(tmp_path / "f.json")])
+        == 0
+    )
     assert "1 unreadable skipped" in capsys.readouterr().out
     assert json.load(open(tmp_path / "f.json"))["skipped"]["generated"][0]["file_name"] == "broken.png"
     with pytest.raises(KoalaError, match="no such file"):
@@ -90,8 +95,13 @@ def test_eval_run_reports_fid_per_model_and_caches_it(inception, tiny_pipe_dir, 
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\na blue square\na red square\n")
     ref = _folder(tmp_path / "ref", 8, 4)
-    args = ([ev.EvalModel("teacher", model=tiny_pipe_dir)], ev.read_prompt_set(str(prompts)), [], str(tmp_path / "out"),
-            ev.EvalSettings(steps=1, seeds=(0, 1)))
+    args = (
+        [ev.EvalModel("teacher", model=tiny_pipe_dir)],
+        ev.read_prompt_set(str(prompts)),
+        [],
+        str(tmp_path / "out"),
+        ev.EvalSettings(steps=1, seeds=(0, 1)),
+    )
     res = ev.run_eval(*args, progress=False, fid_reference=ref, inception=inception)
     value = res["models"][0]["scores"]["fid"]["fid"]
     assert value == pytest.approx(fid(str(tmp_path / "out" / "images" / "teacher"), ref, inception)["fid"])

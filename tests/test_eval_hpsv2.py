@@ -19,11 +19,22 @@ VW, TW, LAYERS, PATCH, IMG, EMBED = 128, 128, 2, 8, 32, 32  # 2 heads of 64 in e
 
 def _block(sd, p, w, rng):
     t = lambda *s: torch.tensor(rng.normal(0, 0.05, s), dtype=torch.float32)  # noqa: E731
-    sd.update({p + "ln_1.weight": 1 + t(w), p + "ln_1.bias": t(w), p + "ln_2.weight": 1 + t(w), p + "ln_2.bias": t(w),
-               p + "attn.in_proj_weight": t(3 * w, w), p + "attn.in_proj_bias": t(3 * w),
-               p + "attn.out_proj.weight": t(w, w), p + "attn.out_proj.bias": t(w),
-               p + "mlp.c_fc.weight": t(4 * w, w), p + "mlp.c_fc.bias": t(4 * w),
-               p + "mlp.c_proj.weight": t(w, 4 * w), p + "mlp.c_proj.bias": t(w)})
+    sd.update(
+        {
+            p + "ln_1.weight": 1 + t(w),
+            p + "ln_1.bias": t(w),
+            p + "ln_2.weight": 1 + t(w),
+            p + "ln_2.bias": t(w),
+            p + "attn.in_proj_weight": t(3 * w, w),
+            p + "attn.in_proj_bias": t(3 * w),
+            p + "attn.out_proj.weight": t(w, w),
+            p + "attn.out_proj.bias": t(w),
+            p + "mlp.c_fc.weight": t(4 * w, w),
+            p + "mlp.c_fc.bias": t(4 * w),
+            p + "mlp.c_proj.weight": t(w, 4 * w),
+            p + "mlp.c_proj.bias": t(w),
+        }
+    )
 
 
 def openclip_state(vocab: int, seed: int = 0) -> dict:
@@ -31,11 +42,22 @@ def openclip_state(vocab: int, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     t = lambda *s: torch.tensor(rng.normal(0, 0.05, s), dtype=torch.float32)  # noqa: E731
     g = IMG // PATCH
-    sd = {"visual.class_embedding": t(VW), "visual.positional_embedding": t(g * g + 1, VW),
-          "visual.conv1.weight": t(VW, 3, PATCH, PATCH), "visual.ln_pre.weight": 1 + t(VW), "visual.ln_pre.bias": t(VW),
-          "visual.ln_post.weight": 1 + t(VW), "visual.ln_post.bias": t(VW), "visual.proj": t(VW, EMBED),
-          "token_embedding.weight": t(vocab, TW), "positional_embedding": t(77, TW), "ln_final.weight": 1 + t(TW),
-          "ln_final.bias": t(TW), "text_projection": t(TW, EMBED), "logit_scale": torch.tensor(4.6052)}
+    sd = {
+        "visual.class_embedding": t(VW),
+        "visual.positional_embedding": t(g * g + 1, VW),
+        "visual.conv1.weight": t(VW, 3, PATCH, PATCH),
+        "visual.ln_pre.weight": 1 + t(VW),
+        "visual.ln_pre.bias": t(VW),
+        "visual.ln_post.weight": 1 + t(VW),
+        "visual.ln_post.bias": t(VW),
+        "visual.proj": t(VW, EMBED),
+        "token_embedding.weight": t(vocab, TW),
+        "positional_embedding": t(77, TW),
+        "ln_final.weight": 1 + t(TW),
+        "ln_final.bias": t(TW),
+        "text_projection": t(TW, EMBED),
+        "logit_scale": torch.tensor(4.6052),
+    }
     for n in range(LAYERS):
         _block(sd, f"visual.transformer.resblocks.{n}.", VW, rng)
         _block(sd, f"transformer.resblocks.{n}.", TW, rng)
@@ -45,6 +67,7 @@ def openclip_state(vocab: int, seed: int = 0) -> dict:
 def reference_scores(sd, pixels, ids):
     """open_clip's CLIP forward (VisionTransformer + text Transformer, nn.MultiheadAttention, GELU), then HPSv2's
     score: 100 * diag(normalise(image) @ normalise(text).T)."""
+
     def ln(x, p):
         return F.layer_norm(x, x.shape[-1:], sd[p + ".weight"], sd[p + ".bias"])
 
@@ -54,11 +77,28 @@ def reference_scores(sd, pixels, ids):
             p = f"{prefix}.{n}."
             h = ln(x, p + "ln_1")
             a, _ = F.multi_head_attention_forward(
-                h, h, h, w, w // 64, sd[p + "attn.in_proj_weight"], sd[p + "attn.in_proj_bias"], None, None, False,
-                0.0, sd[p + "attn.out_proj.weight"], sd[p + "attn.out_proj.bias"], need_weights=False, attn_mask=mask)
+                h,
+                h,
+                h,
+                w,
+                w // 64,
+                sd[p + "attn.in_proj_weight"],
+                sd[p + "attn.in_proj_bias"],
+                None,
+                None,
+                False,
+                0.0,
+                sd[p + "attn.out_proj.weight"],
+                sd[p + "attn.out_proj.bias"],
+                need_weights=False,
+                attn_mask=mask,
+            )
             x = x + a
-            h = F.linear(F.gelu(F.linear(ln(x, p + "ln_2"), sd[p + "mlp.c_fc.weight"], sd[p + "mlp.c_fc.bias"])),
-                         sd[p + "mlp.c_proj.weight"], sd[p + "mlp.c_proj.bias"])
+            h = F.linear(
+                F.gelu(F.linear(ln(x, p + "ln_2"), sd[p + "mlp.c_fc.weight"], sd[p + "mlp.c_fc.bias"])),
+                sd[p + "mlp.c_proj.weight"],
+                sd[p + "mlp.c_proj.bias"],
+            )
             x = x + h
         return x
 
@@ -122,8 +162,11 @@ def test_folder_styles_cli_and_bad_input(hps, tmp_path, capsys):
     sd, ckpt, tok_dir, _ = hps
     folder = tmp_path / "imgs"
     folder.mkdir()
-    rows = [("a.png", "a red circle", "anime"), ("b.png", "a blue square", "anime"), ("c.png", "a photo of a red square",
-                                                                                       "photo")]
+    rows = [
+        ("a.png", "a red circle", "anime"),
+        ("b.png", "a blue square", "anime"),
+        ("c.png", "a photo of a red square", "photo"),
+    ]
     for im, (name, _, _) in zip(_images(3), rows):
         im.save(folder / name)
     (folder / "bad.png").write_bytes(b"not a png")
@@ -134,8 +177,22 @@ def test_folder_styles_cli_and_bad_input(hps, tmp_path, capsys):
     assert res["n_images"] == 3 and len(res["skipped"]) == 1
     assert set(res["styles"]) == {"anime", "photo"}
     assert res["hpsv2"] == pytest.approx((res["styles"]["anime"]["hpsv2"] + res["styles"]["photo"]["hpsv2"]) / 2)
-    assert main(["eval", "hpsv2", str(folder), "--checkpoint", ckpt, "--tokenizer", tok_dir, "--markdown",
-                 str(tmp_path / "t.md")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "hpsv2",
+                str(folder),
+                "--checkpoint",
+                ckpt,
+                "--tokenizer",
+                tok_dir,
+                "--markdown",
+                str(tmp_path / "t.md"),
+            ]
+        )
+        == 0
+    )
     assert "| average |" in (tmp_path / "t.md").read_text()
     assert "| anime |" in capsys.readouterr().out
 
@@ -162,14 +219,22 @@ def test_eval_run_with_the_hpsv2_scorer(hps, tiny_pipe_dir, tmp_path):
     (styles / "anime.txt").write_text("a red circle\n")
     (styles / "photo.txt").write_text("a photo of a blue square\n")
     out = tmp_path / "out"
-    res = ev.run_eval([ev.EvalModel("teacher", model=tiny_pipe_dir)], ev.read_prompt_set(str(styles)),
-                      ev.make_scorers(["hpsv2"], hps_checkpoint=ckpt, hps_tokenizer=tok_dir), str(out),
-                      ev.EvalSettings(steps=1), progress=False)
+    res = ev.run_eval(
+        [ev.EvalModel("teacher", model=tiny_pipe_dir)],
+        ev.read_prompt_set(str(styles)),
+        ev.make_scorers(["hpsv2"], hps_checkpoint=ckpt, hps_tokenizer=tok_dir),
+        str(out),
+        ev.EvalSettings(steps=1),
+        progress=False,
+    )
     hps_row = res["models"][0]["scores"]["hpsv2"]
     folder = out / "images" / "teacher"
     index = [json.loads(x) for x in open(folder / "index.jsonl")]
-    direct = HPSv2(ckpt, tok_dir).scores([Image.open(folder / r["file"]).convert("RGB") for r in index],
-                                         [r["prompt"] for r in index])
+    direct = HPSv2(ckpt, tok_dir).scores(
+        [Image.open(folder / r["file"]).convert("RGB") for r in index], [r["prompt"] for r in index]
+    )
     by_style = {r["style"]: s for r, s in zip(index, direct)}
-    assert hps_row["anime"] == pytest.approx(by_style["anime"]) and hps_row["photo"] == pytest.approx(by_style["photo"])
+    assert hps_row["anime"] == pytest.approx(by_style["anime"]) and hps_row["photo"] == pytest.approx(
+        by_style["photo"]
+    )
     assert hps_row["average"] == pytest.approx(np.mean(direct))

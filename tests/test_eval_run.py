@@ -100,8 +100,25 @@ def test_styles_cli_and_bad_input(models, clip_dir, tmp_path, capsys):
     (styles / "anime.txt").write_text("a red circle\na blue square\n")
     (styles / "photo.txt").write_text("a photo of a red square\n")
     out = tmp_path / "out"
-    rc = main(["eval", "run", "--model", f"koala={models[1].model}", "--prompts", str(styles), "--scorers", "clip",
-               "--clip", clip_dir, "--steps", "1", "--out", str(out), "--no-progress"])
+    rc = main(
+        [
+            "eval",
+            "run",
+            "--model",
+            f"koala={models[1].model}",
+            "--prompts",
+            str(styles),
+            "--scorers",
+            "clip",
+            "--clip",
+            clip_dir,
+            "--steps",
+            "1",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     row = json.load(open(out / "results.json"))["models"][0]
     clip = row["scores"]["clip"]
@@ -117,8 +134,23 @@ def test_styles_cli_and_bad_input(models, clip_dir, tmp_path, capsys):
         ev.make_scorers(["clip"])
     assert main(["eval", "run", "--unet", "s=x", "--prompts", str(styles), "--out", str(out)]) == 2
     assert "--base" in capsys.readouterr().err
-    assert main(["eval", "run", "--model", f"a={models[0].model}", "--model", f"a={models[1].model}", "--prompts",
-                 str(styles), "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "run",
+                "--model",
+                f"a={models[0].model}",
+                "--model",
+                f"a={models[1].model}",
+                "--prompts",
+                str(styles),
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
 
 
 def test_pickscore_scorer_is_the_scaled_cosine(models, clip_dir, tmp_path):
@@ -129,13 +161,20 @@ def test_pickscore_scorer_is_the_scaled_cosine(models, clip_dir, tmp_path):
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\na blue square\n")
-    res = ev.run_eval(models[:1], ev.read_prompt_set(str(prompts)), ev.make_scorers(["pickscore"], pickscore=clip_dir),
-                      str(tmp_path / "out"), ev.EvalSettings(steps=1), progress=False)
+    res = ev.run_eval(
+        models[:1],
+        ev.read_prompt_set(str(prompts)),
+        ev.make_scorers(["pickscore"], pickscore=clip_dir),
+        str(tmp_path / "out"),
+        ev.EvalSettings(steps=1),
+        progress=False,
+    )
     folder = tmp_path / "out" / "images" / "teacher"
     index = [json.loads(x) for x in open(folder / "index.jsonl")]
     model, proc = load_clip(clip_dir)
-    cos = clip_cosines([Image.open(folder / r["file"]).convert("RGB") for r in index], [r["prompt"] for r in index],
-                       model, proc)
+    cos = clip_cosines(
+        [Image.open(folder / r["file"]).convert("RGB") for r in index], [r["prompt"] for r in index], model, proc
+    )
     scale = float(torch.exp(model.logit_scale))
     assert res["models"][0]["scores"]["pickscore"]["average"] == pytest.approx(scale * float(np.mean(cos)))
     with pytest.raises(KoalaError, match="PickScore"):
@@ -151,9 +190,31 @@ def test_several_benchmarks_in_one_run_share_images(models, clip_dir, tmp_path, 
     main_set.write_text("a red circle\na red square\n")
     calls = _counting(monkeypatch)
     out = tmp_path / "out"
-    rc = main(["eval", "run", "--model", f"teacher={models[0].model}", "--prompts", str(main_set), "--scorers", "shapes",
-               "--benchmark", f"clip={styles}", "--benchmark", f"pickscore={main_set}", "--clip", clip_dir,
-               "--pickscore", clip_dir, "--steps", "1", "--out", str(out), "--no-progress"])
+    rc = main(
+        [
+            "eval",
+            "run",
+            "--model",
+            f"teacher={models[0].model}",
+            "--prompts",
+            str(main_set),
+            "--scorers",
+            "shapes",
+            "--benchmark",
+            f"clip={styles}",
+            "--benchmark",
+            f"pickscore={main_set}",
+            "--clip",
+            clip_dir,
+            "--pickscore",
+            clip_dir,
+            "--steps",
+            "1",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     res = json.load(open(out / "results.json"))
     row = res["models"][0]

@@ -33,9 +33,14 @@ def test_noise_and_mismatched_prompts_score_near_chance():
 
 
 def test_parse_prompt():
-    e = parse_prompt("a small red circle to the left of a large blue square, and a green triangle above the blue square")
+    e = parse_prompt(
+        "a small red circle to the left of a large blue square, and a green triangle above the blue square"
+    )
     assert [(o["color"], o["shape"], o["size"]) for o in e.objects] == [
-        ("red", "circle", "small"), ("blue", "square", "large"), ("green", "triangle", None)]
+        ("red", "circle", "small"),
+        ("blue", "square", "large"),
+        ("green", "triangle", None),
+    ]
     assert e.relations == [{"a": 0, "relation": "left of", "b": 1}, {"a": 2, "relation": "above", "b": 1}]
     assert parse_prompt("a picture of a yellow square").objects[0]["shape"] == "square"
     assert parse_prompt("a red circle and a blue square").relations == []

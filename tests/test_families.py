@@ -58,7 +58,9 @@ def test_sd_every_student_tensor_equals_its_teacher_tensor(preset):
     assert len(student.down_blocks) == (spec.stages or 4) and (student.mid_block is None) == (not spec.mid_block)
     assert [len(b.resnets) for b in student.up_blocks] == [2] * len(student.up_blocks)
     x = torch.randn(2, 4, 16, 16)
-    out = student(x, torch.tensor([10, 500]), encoder_hidden_states=torch.randn(2, 7, teacher.config.cross_attention_dim))
+    out = student(
+        x, torch.tensor([10, 500]), encoder_hidden_states=torch.randn(2, 7, teacher.config.cross_attention_dim)
+    )
     assert out.sample.shape == x.shape and torch.isfinite(out.sample).all()
 
 
@@ -80,15 +82,23 @@ def test_sd_pipeline_compress_loads_and_generates(tmp_path, tiny_sd_pipe_dir):
     assert family_of(str(out)).name == "sd"
     pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
     assert pipe.unet.mid_block is None and len(pipe.unet.down_blocks[0].resnets) == 1
-    img = pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="np",
-               generator=torch.Generator().manual_seed(0)).images
+    img = pipe(
+        "a red circle",
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     assert img.shape == (1, 32, 32, 3)
     teacher = UNet2DConditionModel.from_pretrained(os.path.join(tiny_sd_pipe_dir, "unet"))
     lmap = LayerMap.load(str(out))
     t_state = teacher.state_dict()
     assert all(torch.equal(t, t_state[lmap.teacher_name(n)]) for n, t in pipe.unet.state_dict().items())
     # an SDXL preset for this SD teacher is refused and writes nothing
-    assert main(["compress", "--teacher", tiny_sd_pipe_dir, "--student", "koala-700m", "--out", str(tmp_path / "x")]) == 2
+    assert (
+        main(["compress", "--teacher", tiny_sd_pipe_dir, "--student", "koala-700m", "--out", str(tmp_path / "x")]) == 2
+    )
     assert not (tmp_path / "x").exists()
 
 
@@ -97,10 +107,21 @@ def test_sd_distill_tiny_run_features_and_resume_refusal(tiny_sd_pipe_dir, tmp_p
     from koala.distill import load_config
     from koala.distill.trainer import train
 
-    cfg = load_config("tiny", [f"teacher.pipeline={tiny_sd_pipe_dir}", "student.preset=bk-sdm-small",
-                               "kd.features={SA: all, LF: [DW-1, UP-4]}", f"train.output_dir={tmp_path / 'r'}",
-                               "train.max_steps=3", "train.progress=false", "validation.every=3",
-                               "validation.steps=1", "train.caption_dropout=0.5", "train.log_every=1"])
+    cfg = load_config(
+        "tiny",
+        [
+            f"teacher.pipeline={tiny_sd_pipe_dir}",
+            "student.preset=bk-sdm-small",
+            "kd.features={SA: all, LF: [DW-1, UP-4]}",
+            f"train.output_dir={tmp_path / 'r'}",
+            "train.max_steps=3",
+            "train.progress=false",
+            "validation.every=3",
+            "validation.steps=1",
+            "train.caption_dropout=0.5",
+            "train.log_every=1",
+        ],
+    )
     res = train(cfg)
     assert res["step"] == 3 and res["feature_pairs"] > 0
     rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
@@ -110,8 +131,16 @@ def test_sd_distill_tiny_run_features_and_resume_refusal(tiny_sd_pipe_dir, tmp_p
     student = UNet2DConditionModel.from_pretrained(os.path.join(res["checkpoint"], "unet"))
     assert student.mid_block is None and LayerMap.load(os.path.join(res["checkpoint"], "unet")).meta["family"] == "sd"
     # a stage the SD student lacks is named in the error
-    bad = load_config("tiny", [f"teacher.pipeline={tiny_sd_pipe_dir}", "student.preset=bk-sdm-small",
-                               "kd.features={LF: [MID]}", f"train.output_dir={tmp_path / 'bad'}", "train.max_steps=1"])
+    bad = load_config(
+        "tiny",
+        [
+            f"teacher.pipeline={tiny_sd_pipe_dir}",
+            "student.preset=bk-sdm-small",
+            "kd.features={LF: [MID]}",
+            f"train.output_dir={tmp_path / 'bad'}",
+            "train.max_steps=1",
+        ],
+    )
     with pytest.raises(KoalaError, match="no LF features there"):
         train(bad)
 
@@ -120,13 +149,29 @@ def test_sd_cache_stores_the_family_tensors(tiny_sd_pipe_dir, tmp_path):
     from koala.data import build_cache, encode_batch, make_dataloader
 
     data = {"type": "synthetic", "num_samples": 4, "size": 40, "random_flip": False, "center_crop": True}
-    build_cache(data, tiny_sd_pipe_dir, str(tmp_path / "c"), resolution=32, batch_size=2, shard_size=4,
-                latent="mean", dtype="fp32", progress=False)
+    build_cache(
+        data,
+        tiny_sd_pipe_dir,
+        str(tmp_path / "c"),
+        resolution=32,
+        batch_size=2,
+        shard_size=4,
+        latent="mean",
+        dtype="fp32",
+        progress=False,
+    )
     meta = json.loads((tmp_path / "c" / "cache_config.json").read_text())
     assert meta["fingerprint"]["family"] == "sd" and "pooled_prompt_embeds" not in meta["tensors"]
     parts = SD.load_parts(tiny_sd_pipe_dir)
-    cached = next(iter(make_dataloader({"type": "cache", "path": str(tmp_path / "c"), "repeat": False,
-                                        "shuffle": False}, batch_size=4, resolution=32)))
+    cached = next(
+        iter(
+            make_dataloader(
+                {"type": "cache", "path": str(tmp_path / "c"), "repeat": False, "shuffle": False},
+                batch_size=4,
+                resolution=32,
+            )
+        )
+    )
     raw = next(iter(make_dataloader({**data, "repeat": False, "shuffle": False}, batch_size=4, resolution=32)))
     ref = encode_batch(raw, parts, latent="mean")
     assert set(ref) == {"latents", "prompt_embeds"}

@@ -52,8 +52,17 @@ def test_export_loads_back_with_diffusers_from_single_file(students, preset, tmp
     assert res.components["unet"] > 0 and set(res.components) == set(COMPONENTS)
     layout = detect_layout(str(out))
     assert layout.family == "sdxl" and set(layout.components) == set(COMPONENTS)
-    assert all(k.startswith(("model.diffusion_model.", "first_stage_model.", "conditioner.embedders.0.transformer.",
-                             "conditioner.embedders.1.model.")) for k in layout.shapes)
+    assert all(
+        k.startswith(
+            (
+                "model.diffusion_model.",
+                "first_stage_model.",
+                "conditioner.embedders.0.transformer.",
+                "conditioner.embedders.1.model.",
+            )
+        )
+        for k in layout.shapes
+    )
     if preset == "koala-700m":  # no mid block
         assert not any(".middle_block." in k for k in layout.shapes)
     loaded = StableDiffusionXLPipeline.from_single_file(str(out), config=student, local_files_only=True)
@@ -61,7 +70,9 @@ def test_export_loads_back_with_diffusers_from_single_file(students, preset, tmp
     # the U-Net alone
     unet_file = tmp_path / "unet.safetensors"
     export_single_file(student, str(unet_file), unet_only=True)
-    unet = UNet2DConditionModel.from_single_file(str(unet_file), config=student, subfolder="unet", local_files_only=True)
+    unet = UNet2DConditionModel.from_single_file(
+        str(unet_file), config=student, subfolder="unet", local_files_only=True
+    )
     ref = UNet2DConditionModel.from_pretrained(student, subfolder="unet")
     assert all(torch.equal(v, ref.state_dict()[k]) for k, v in unet.state_dict().items())
 
@@ -81,8 +92,15 @@ def test_import_is_the_exact_inverse_and_reads_structure_from_the_file(students,
         sa, sb = getattr(back, c).state_dict(), getattr(ref, c).state_dict()
         assert set(sa) == set(sb)
         assert all(sa[k].dtype == torch.float16 and torch.equal(sa[k], sb[k].half()) for k in sa), c
-    for k in ("layers_per_block", "transformer_layers_per_block", "reverse_transformer_layers_per_block",
-              "mid_block_type", "block_out_channels", "attention_head_dim", "cross_attention_dim"):
+    for k in (
+        "layers_per_block",
+        "transformer_layers_per_block",
+        "reverse_transformer_layers_per_block",
+        "mid_block_type",
+        "block_out_channels",
+        "attention_head_dim",
+        "cross_attention_dim",
+    ):
         assert back.unet.config[k] == ref.unet.config[k], k
     # the student's layer map travels in the file's metadata: the converted directory is a koala student again
     from koala.arch.layer_map import LayerMap
@@ -100,8 +118,9 @@ def test_sd_family_round_trip(tiny_sd_pipe_dir, tmp_path):
     f = tmp_path / "sd.safetensors"
     export_single_file(student, str(f))
     assert detect_layout(str(f)).family == "sd"
-    loaded = StableDiffusionPipeline.from_single_file(str(f), config=student, local_files_only=True,
-                                                      safety_checker=None)
+    loaded = StableDiffusionPipeline.from_single_file(
+        str(f), config=student, local_files_only=True, safety_checker=None
+    )
     ref = StableDiffusionPipeline.from_pretrained(student)
     _same(loaded, ref, ("unet", "vae", "text_encoder"))
     single_file_to_diffusers(str(f), str(tmp_path / "back"), config=student)
@@ -113,6 +132,7 @@ def comfy_detect(shapes: dict, p: str = UNET_PREFIX) -> dict:
     """ComfyUI's U-Net structure detection rules (comfy/model_detection.py, detect_unet_config), written from its
     description: a per-input-resnet transformer depth list, the middle block's depth (-2: none, -1: resnets only),
     context and adm widths, linear projections."""
+
     def count(fmt):
         n = 0
         while any(k.startswith(fmt.format(n)) for k in shapes):
@@ -122,8 +142,10 @@ def comfy_detect(shapes: dict, p: str = UNET_PREFIX) -> dict:
     def depth(prefix):
         return count(prefix + "1.transformer_blocks.{}.") if any(k.startswith(prefix + "1.") for k in shapes) else 0
 
-    cfg = {"model_channels": shapes[f"{p}input_blocks.0.0.weight"][0],
-           "adm_in_channels": shapes.get(f"{p}label_emb.0.0.weight", (None, None))[1]}
+    cfg = {
+        "model_channels": shapes[f"{p}input_blocks.0.0.weight"][0],
+        "adm_in_channels": shapes.get(f"{p}label_emb.0.0.weight", (None, None))[1],
+    }
     n_in = count(p + "input_blocks.{}.")
     td, num_res, res = [], [], 0
     for n in range(1, n_in):
@@ -166,16 +188,28 @@ def test_comfyui_detection_and_config_inference_at_real_size(preset):
     assert len(shapes) == len(unet.state_dict())
     got = comfy_detect(shapes)
     assert {k: got[k] for k in COMFY[preset]} == COMFY[preset]
-    assert (got["model_channels"], got["context_dim"], got["adm_in_channels"], got["use_linear_in_transformer"]) == \
-        (320, 2048, 2816, True)
+    assert (got["model_channels"], got["context_dim"], got["adm_in_channels"], got["use_linear_in_transformer"]) == (
+        320,
+        2048,
+        2816,
+        True,
+    )
     # the offline importer rebuilds the student's structure from the keys with only SDXL-Base's config to go on
     inferred = infer_unet_config(shapes, fam.reference_config)
-    for k in ("layers_per_block", "transformer_layers_per_block", "reverse_transformer_layers_per_block",
-              "mid_block_type", "block_out_channels", "down_block_types", "up_block_types"):
+    for k in (
+        "layers_per_block",
+        "transformer_layers_per_block",
+        "reverse_transformer_layers_per_block",
+        "mid_block_type",
+        "block_out_channels",
+        "down_block_types",
+        "up_block_types",
+    ):
         assert inferred[k] == cfg[k], k
     rebuilt = fam.build_model(inferred, "meta")
-    assert {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()} == \
-        {k: tuple(v.shape) for k, v in unet.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()} == {
+        k: tuple(v.shape) for k, v in unet.state_dict().items()
+    }
 
 
 # ---------------------------------------------------------------------------------- single-file teachers
@@ -186,8 +220,19 @@ def test_single_file_teacher_compresses_like_its_directory(teacher, students, tm
 
     f = tmp_path / "teacher.safetensors"
     assert main(["export", teacher, "--out", str(f)]) == 0
-    rc = main(["compress", "--teacher", str(f), "--teacher-config", teacher, "--student", "koala-700m",
-               "--out", str(tmp_path / "from_file")])
+    rc = main(
+        [
+            "compress",
+            "--teacher",
+            str(f),
+            "--teacher-config",
+            teacher,
+            "--student",
+            "koala-700m",
+            "--out",
+            str(tmp_path / "from_file"),
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     a = UNet2DConditionModel.from_pretrained(str(tmp_path / "from_file"), subfolder="unet").state_dict()
     b = UNet2DConditionModel.from_pretrained(students["koala-700m"], subfolder="unet").state_dict()
@@ -284,8 +329,14 @@ def test_real_size_sdxl_layout_is_what_diffusers_and_checkpoints_know():
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 
     from koala.families import get_family
-    from koala.formats.ldm import (SDXL_CLIP_PREFIX, SDXL_OPENCLIP_PREFIX, VAE_PREFIX, clip_rules, openclip_rules,
-                                   vae_rules)
+    from koala.formats.ldm import (
+        SDXL_CLIP_PREFIX,
+        SDXL_OPENCLIP_PREFIX,
+        VAE_PREFIX,
+        clip_rules,
+        openclip_rules,
+        vae_rules,
+    )
     from koala.formats.single_file import _shipped_configs
 
     fam = get_family("sdxl")
@@ -295,19 +346,23 @@ def test_real_size_sdxl_layout_is_what_diffusers_and_checkpoints_know():
         vae = diffusers.AutoencoderKL.from_config(cfgs["vae"])
         te1 = transformers.CLIPTextModel(transformers.CLIPTextConfig.from_dict(cfgs["text_encoder"]))
         te2 = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig.from_dict(cfgs["text_encoder_2"]))
-    sd = {**to_ldm(unet.state_dict(), unet_rules(unet), UNET_PREFIX),
-          **to_ldm(vae.state_dict(), vae_rules(vae), VAE_PREFIX),
-          **to_ldm(te1.state_dict(), clip_rules(te1), SDXL_CLIP_PREFIX),
-          **to_ldm(te2.state_dict(), openclip_rules(te2), SDXL_OPENCLIP_PREFIX)}
+    sd = {
+        **to_ldm(unet.state_dict(), unet_rules(unet), UNET_PREFIX),
+        **to_ldm(vae.state_dict(), vae_rules(vae), VAE_PREFIX),
+        **to_ldm(te1.state_dict(), clip_rules(te1), SDXL_CLIP_PREFIX),
+        **to_ldm(te2.state_dict(), openclip_rules(te2), SDXL_OPENCLIP_PREFIX),
+    }
     assert infer_diffusers_model_type(sd) == "xl_base"
-    known = {"conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight": (3840, 1280),
-             "conditioner.embedders.1.model.text_projection": (1280, 1280),
-             "conditioner.embedders.1.model.positional_embedding": (77, 1280),
-             "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight": (77, 768),
-             "first_stage_model.encoder.mid.attn_1.q.weight": (512, 512, 1, 1),
-             "first_stage_model.decoder.up.0.block.0.nin_shortcut.weight": (128, 256, 1, 1),
-             "model.diffusion_model.label_emb.0.0.weight": (1280, 2816),
-             "model.diffusion_model.output_blocks.1.2.conv.weight": (1280, 1280, 3, 3)}  # 2 resnets per decoder stage
+    known = {
+        "conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight": (3840, 1280),
+        "conditioner.embedders.1.model.text_projection": (1280, 1280),
+        "conditioner.embedders.1.model.positional_embedding": (77, 1280),
+        "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight": (77, 768),
+        "first_stage_model.encoder.mid.attn_1.q.weight": (512, 512, 1, 1),
+        "first_stage_model.decoder.up.0.block.0.nin_shortcut.weight": (128, 256, 1, 1),
+        "model.diffusion_model.label_emb.0.0.weight": (1280, 2816),
+        "model.diffusion_model.output_blocks.1.2.conv.weight": (1280, 1280, 3, 3),
+    }  # 2 resnets per decoder stage
     assert {k: tuple(sd[k].shape) for k in known} == known
 
 

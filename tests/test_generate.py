@@ -10,7 +10,6 @@ from koala.inference import NSFWFilter, generate, load_pipeline, read_png_params
 FAST = dict(steps=2, progress=False, log=lambda *_: None)
 
 
-
 @pytest.fixture(scope="module")
 def loaded(tiny_pipe_dir):
     return load_pipeline(tiny_pipe_dir, device="cpu")
@@ -52,8 +51,9 @@ def test_equals_plain_diffusers(loaded, tiny_pipe_dir):
     ref.set_progress_bar_config(disable=True)
     kw = dict(prompt="a photo of a red circle", negative_prompt="blue", num_inference_steps=3, guidance_scale=3.5)
     expected = ref(**kw, generator=torch.Generator().manual_seed(11), output_type="np").images[0]
-    ours = generate(loaded, kw["prompt"], negative_prompt="blue", steps=3, cfg=3.5, seed=11, progress=False,
-                    log=lambda *_: None).images[0]
+    ours = generate(
+        loaded, kw["prompt"], negative_prompt="blue", steps=3, cfg=3.5, seed=11, progress=False, log=lambda *_: None
+    ).images[0]
     assert np.array_equal(np.asarray(ours), (expected * 255).round().astype("uint8"))
 
 
@@ -88,20 +88,32 @@ def test_unet_plus_base(tiny_pipe_dir, tmp_path):
     lp = load_pipeline(unet=student, base=tiny_pipe_dir, device="cpu")
     assert lp.pipe.unet.config.mid_block_type is None and "student" in lp.model
     assert generate(lp, "a red circle", steps=1, progress=False, log=lambda *_: None).images[0].size == (32, 32)
-    with pytest.raises(KoalaError, match="is a model \(U-Net / transformer\) directory") as err:
+    with pytest.raises(KoalaError, match=r"is a model \(U-Net / transformer\) directory") as err:
         load_pipeline(student, device="cpu")  # a U-Net dir is not a pipeline
     assert err.value.option == "model"
 
 
 def test_nsfw_filter_withholds_and_reports(loaded, nsfw_dir, tmp_path):
     logs = []
-    res = generate(loaded, ["a red circle", "a blue square"], safety=NSFWFilter(nsfw_dir, threshold=0.5),
-                   steps=1, progress=False, log=logs.append)
+    res = generate(
+        loaded,
+        ["a red circle", "a blue square"],
+        safety=NSFWFilter(nsfw_dir, threshold=0.5),
+        steps=1,
+        progress=False,
+        log=logs.append,
+    )
     assert len(res.withheld) == 2 and res.images == [] and res.withheld[0].nsfw_score > 0.9
     assert sum("withheld" in m for m in logs) == 2 and not any("no NSFW filter" in m for m in logs)
     assert save_images(res, str(tmp_path)) == []
-    kept = generate(loaded, "a red circle", safety=NSFWFilter(nsfw_dir, threshold=0.999), steps=1, progress=False,
-                    log=lambda *_: None)
+    kept = generate(
+        loaded,
+        "a red circle",
+        safety=NSFWFilter(nsfw_dir, threshold=0.999),
+        steps=1,
+        progress=False,
+        log=lambda *_: None,
+    )
     assert len(kept.images) == 1 and not kept.withheld
     with pytest.raises(KoalaError, match="id2label"):
         NSFWFilter(nsfw_dir, label="porn")
@@ -113,8 +125,27 @@ def test_cli_generate(tiny_pipe_dir, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n# comment\n\na blue square\n")
     out = tmp_path / "imgs"
-    rc = main(["generate", "--prompts-file", str(prompts), "--model", tiny_pipe_dir, "--steps", "1", "--seed", "5",
-               "--device", "cpu", "--offload", "sequential", "--vae-slicing", "--out", str(out), "--no-progress"])
+    rc = main(
+        [
+            "generate",
+            "--prompts-file",
+            str(prompts),
+            "--model",
+            tiny_pipe_dir,
+            "--steps",
+            "1",
+            "--seed",
+            "5",
+            "--device",
+            "cpu",
+            "--offload",
+            "sequential",
+            "--vae-slicing",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     text = capsys.readouterr().out
     assert rc == 0 and "does not apply" in text
     files = sorted(p.name for p in out.iterdir())
@@ -143,9 +174,31 @@ def test_sd_pipeline_generates_equal_to_plain_diffusers(tiny_sd_pipe_dir, tmp_pa
     ref = StableDiffusionPipeline.from_pretrained(tiny_sd_pipe_dir, safety_checker=None, requires_safety_checker=False)
     ref.scheduler = EulerDiscreteScheduler.from_config(ref.scheduler.config)
     ref.set_progress_bar_config(disable=True)
-    expected = ref("a red circle", num_inference_steps=3, guidance_scale=3.5, height=ours.size[1], width=ours.size[0],
-                   generator=torch.Generator().manual_seed(4), output_type="np").images[0]
+    expected = ref(
+        "a red circle",
+        num_inference_steps=3,
+        guidance_scale=3.5,
+        height=ours.size[1],
+        width=ours.size[0],
+        generator=torch.Generator().manual_seed(4),
+        output_type="np",
+    ).images[0]
     assert ours.size == (32, 32) and np.array_equal(np.asarray(ours), (expected * 255).round().astype("uint8"))
-    assert main(["generate", "a blue square", "--model", tiny_sd_pipe_dir, "--steps", "1", "--out",
-                 str(tmp_path / "o"), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "a blue square",
+                "--model",
+                tiny_sd_pipe_dir,
+                "--steps",
+                "1",
+                "--out",
+                str(tmp_path / "o"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert read_png_params(str(next((tmp_path / "o").glob("*.png"))))["prompt"] == "a blue square"

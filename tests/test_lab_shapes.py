@@ -130,8 +130,26 @@ def test_cli_train_teacher_tiny_end_to_end(tmp_path, capsys):
     from koala.cli import main
 
     out = tmp_path / "teacher"
-    args = ["lab", "train-teacher", "--out", str(out), "--num-train", "8", "--num-val", "2", "--vae-steps", "2",
-            "--steps", "3", "--batch-size", "4", "--save-every", "2", "--threads", "1"]
+    args = [
+        "lab",
+        "train-teacher",
+        "--out",
+        str(out),
+        "--num-train",
+        "8",
+        "--num-val",
+        "2",
+        "--vae-steps",
+        "2",
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--save-every",
+        "2",
+        "--threads",
+        "1",
+    ]
     assert main(args) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["step"] == 3 and 0.0 <= res["color"] <= 1.0
@@ -162,9 +180,29 @@ def test_cli_train_dit_teacher_with_the_packaged_vae(tmp_path, capsys):
     from koala.lab.models import build_shapes_pipeline, shapes_teacher_dir
 
     out = tmp_path / "dit-teacher"
-    args = ["lab", "train-teacher", "--family", "pixart", "--vae-from", shapes_teacher_dir(), "--out", str(out),
-            "--num-train", "8", "--num-val", "2", "--steps", "3", "--batch-size", "4", "--save-every", "0",
-            "--threads", "1", "--fp32"]
+    args = [
+        "lab",
+        "train-teacher",
+        "--family",
+        "pixart",
+        "--vae-from",
+        shapes_teacher_dir(),
+        "--out",
+        str(out),
+        "--num-train",
+        "8",
+        "--num-val",
+        "2",
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--save-every",
+        "0",
+        "--threads",
+        "1",
+        "--fp32",
+    ]
     assert main(args) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["step"] == 3 and 0.0 <= res["color"] <= 1.0

@@ -40,9 +40,12 @@ def setup(tiny_pipe_dir, tmp_path_factory):
     tcfg = LoraConfig(r=2, lora_alpha=2, init_lora_weights=False, target_modules=["q_proj", "v_proj"])
     inject_adapter_in_model(tcfg, pipe.text_encoder)
     StableDiffusionXLPipeline.save_lora_weights(
-        str(root / "teacher_lora"), unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+        str(root / "teacher_lora"),
+        unet_lora_layers=get_peft_model_state_dict(pipe.unet),
         text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder),
-        unet_lora_adapter_metadata=ucfg.to_dict(), text_encoder_lora_adapter_metadata=tcfg.to_dict())
+        unet_lora_adapter_metadata=ucfg.to_dict(),
+        text_encoder_lora_adapter_metadata=tcfg.to_dict(),
+    )
     student = compress(tiny_pipe_dir, "koala-700m", str(root / "student")).out_dir
     return pipe, str(root / "teacher_lora" / "pytorch_lora_weights.safetensors"), student
 
@@ -58,7 +61,9 @@ def _check_deltas(teacher_pipe, student_dir, lora_file, adapter="x"):
     assert s_layers
     for name, layer in s_layers.items():
         t = t_layers[lmap.teacher_name(name)]
-        torch.testing.assert_close(layer.get_delta_weight(adapter), t.get_delta_weight("default"), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(
+            layer.get_delta_weight(adapter), t.get_delta_weight("default"), rtol=1e-6, atol=1e-7
+        )
     # every student module whose teacher module has a LoRA got it
     expected = [n for n, _ in spipe.unet.named_modules() if n and lmap.entry(n) and lmap.teacher_name(n) in t_layers]
     assert sorted(expected) == sorted(s_layers)
@@ -113,8 +118,10 @@ def test_transfer_kohya_lora_equals_the_diffusers_one(setup, tmp_path):
     r = transfer_lora(str(kohya), student, str(tmp_path / "from_kohya.safetensors"))
     assert r.source_format == "kohya"
     transfer_lora(lora_file, student, str(tmp_path / "from_diffusers.safetensors"))
-    with safe_open(str(tmp_path / "from_kohya.safetensors"), "pt") as a, \
-            safe_open(str(tmp_path / "from_diffusers.safetensors"), "pt") as b:
+    with (
+        safe_open(str(tmp_path / "from_kohya.safetensors"), "pt") as a,
+        safe_open(str(tmp_path / "from_diffusers.safetensors"), "pt") as b,
+    ):
         assert set(a.keys()) == set(b.keys())
         for k in a.keys():
             torch.testing.assert_close(a.get_tensor(k), b.get_tensor(k))
@@ -179,8 +186,13 @@ def test_alphas_from_diffusers_metadata_with_patterns():
 
     from koala.formats.lora import _peft_alpha
 
-    alpha = _peft_alpha({"lora_adapter_metadata": json.dumps(
-        {"unet.lora_alpha": 8, "unet.r": 4, "unet.alpha_pattern": {"attn1.to_q": 2, "[not a regex": 3}})})
+    alpha = _peft_alpha(
+        {
+            "lora_adapter_metadata": json.dumps(
+                {"unet.lora_alpha": 8, "unet.r": 4, "unet.alpha_pattern": {"attn1.to_q": 2, "[not a regex": 3}}
+            )
+        }
+    )
     assert alpha("unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q") == 2.0
     assert alpha("unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k") == 8.0
     assert alpha("text_encoder", "text_model.encoder.layers.0.self_attn.q_proj") is None  # nothing said: alpha = rank

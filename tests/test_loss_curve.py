@@ -2,7 +2,8 @@
 
 Any change to what one KD step computes -- data order, per-sample noise/timesteps/caption dropout, conditioning,
 compression/initialisation of the student, hook placement, the loss formulas or weights, the optimizer
-update -- moves these numbers (EMA is on as in the recipe but does not feed the logged losses). If the change is intended, regenerate the constants and say why in the commit:
+update -- moves these numbers (EMA is on as in the recipe but does not feed the logged losses). If the change is
+intended, regenerate the constants and say why in the commit:
 
     KOALA_REGEN_LOSS_CURVE=1 python -m pytest -q -s tests/test_loss_curve.py
 
@@ -30,9 +31,24 @@ REL_TOL = 1e-3
 
 # Recorded with torch threads 1 (and checked with 2); regenerate as described in the module docstring.
 EXPECTED = {
-    1: {'loss/total': 2.1207516193389893, 'loss/task': 1.1543443202972412, 'loss/out': 0.1016361266374588, 'loss/feat': 0.8647711277008057},
-    4: {'loss/total': 1.7464836835861206, 'loss/task': 1.1709407567977905, 'loss/out': 0.08526744693517685, 'loss/feat': 0.49027547240257263},
-    8: {'loss/total': 1.5738298892974854, 'loss/task': 1.1287853717803955, 'loss/out': 0.09092716127634048, 'loss/feat': 0.3541174530982971},
+    1: {
+        "loss/total": 2.1207516193389893,
+        "loss/task": 1.1543443202972412,
+        "loss/out": 0.1016361266374588,
+        "loss/feat": 0.8647711277008057,
+    },
+    4: {
+        "loss/total": 1.7464836835861206,
+        "loss/task": 1.1709407567977905,
+        "loss/out": 0.08526744693517685,
+        "loss/feat": 0.49027547240257263,
+    },
+    8: {
+        "loss/total": 1.5738298892974854,
+        "loss/task": 1.1287853717803955,
+        "loss/out": 0.09092716127634048,
+        "loss/feat": 0.3541174530982971,
+    },
 }
 
 
@@ -41,11 +57,24 @@ def run_curve(pipe_dir, out_dir, threads: int = 1, *extra: str) -> dict[int, dic
     no validation, one checkpoint at the end) and return metrics.jsonl by step."""
     from koala.distill.trainer import train
 
-    cfg = load_config("tiny", [f"teacher.pipeline={pipe_dir}", f"train.output_dir={out_dir}",
-                               "train.max_steps=8", "train.batch_size=2", "train.grad_accum=1",
-                               "train.log_every=1", "train.checkpoint_every=0", "train.ema.enabled=true",
-                               "validation.every=0", "train.progress=false", "train.log_with=none",
-                               f"train.cpu_threads={threads}", *extra])
+    cfg = load_config(
+        "tiny",
+        [
+            f"teacher.pipeline={pipe_dir}",
+            f"train.output_dir={out_dir}",
+            "train.max_steps=8",
+            "train.batch_size=2",
+            "train.grad_accum=1",
+            "train.log_every=1",
+            "train.checkpoint_every=0",
+            "train.ema.enabled=true",
+            "validation.every=0",
+            "train.progress=false",
+            "train.log_with=none",
+            f"train.cpu_threads={threads}",
+            *extra,
+        ],
+    )
     if not extra:
         assert cfg["train"]["caption_dropout"] == 0.1 and cfg["train"]["seed"] == 0  # the recipe's values
     res = train(cfg)
@@ -71,8 +100,12 @@ def test_tiny_recipe_loss_curve_is_pinned(tiny_pipe_dir, tmp_path):
         lines.append("}")
         print("\n" + "\n".join(lines))
         pytest.skip("KOALA_REGEN_LOSS_CURVE is set: printed the new EXPECTED instead of checking")
-    bad = [f"step {s} {k}: got {got[s][k]!r}, recorded {EXPECTED[s][k]!r}"
-           for s in STEPS_CHECKED for k in KEYS if got[s][k] != pytest.approx(EXPECTED[s][k], rel=REL_TOL, abs=1e-9)]
+    bad = [
+        f"step {s} {k}: got {got[s][k]!r}, recorded {EXPECTED[s][k]!r}"
+        for s in STEPS_CHECKED
+        for k in KEYS
+        if got[s][k] != pytest.approx(EXPECTED[s][k], rel=REL_TOL, abs=1e-9)
+    ]
     assert not bad, "loss curve moved (regenerate with KOALA_REGEN_LOSS_CURVE=1 if intended):\n" + "\n".join(bad)
     # every component is live (a silently dropped term would pin zeros) and training made progress
     assert all(got[s][k] > 0 for s in STEPS_CHECKED for k in KEYS)

@@ -56,8 +56,12 @@ def test_every_student_tensor_equals_its_teacher_tensor(selection, picked):
     assert [e.teacher_layer for e in lmap.of_kind("transformer_layer")] == picked
     assert lmap.stages() == ["B-1", "B-2", "B-3"] and lmap.meta["family"] == "pixart"
     x, text = torch.randn(2, 4, 16, 16), torch.randn(2, 5, RANDOM.text_dim)
-    out = student(x, encoder_hidden_states=text, timestep=torch.tensor([10, 500]),
-                  added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+    out = student(
+        x,
+        encoder_hidden_states=text,
+        timestep=torch.tensor([10, 500]),
+        added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+    ).sample
     assert out.shape == (2, 8, 16, 16) and torch.isfinite(out).all()  # learned sigma: eps + variance channels
 
 
@@ -73,7 +77,9 @@ def test_pipeline_compress_writes_a_loadable_pixart_pipeline(tmp_path, tiny_pixa
     assert all(torch.equal(t, t_state[lmap.teacher_name(n)]) for n, t in pipe.transformer.state_dict().items())
     # bad input: deeper than the teacher, an SDXL preset, a pipeline without its T5: refused, nothing written
     for student in ('{"num_layers": 9}', "koala-700m"):
-        assert main(["compress", "--teacher", tiny_pixart_dir, "--student", student, "--out", str(tmp_path / "x")]) == 2
+        assert (
+            main(["compress", "--teacher", tiny_pixart_dir, "--student", student, "--out", str(tmp_path / "x")]) == 2
+        )
         assert not (tmp_path / "x").exists()
     broken = tmp_path / "no-t5"
     shutil.copytree(tiny_pixart_dir, broken)
@@ -85,7 +91,9 @@ def test_pipeline_compress_writes_a_loadable_pixart_pipeline(tmp_path, tiny_pixa
 
 def test_conditioning_equals_the_pipelines_encode_prompt(tiny_pixart_dir):
     parts = PIXART.load_parts(tiny_pixart_dir)
-    pipe = PIXART.make_pipeline(parts, PixArtTransformer2DModel.from_pretrained(tiny_pixart_dir, subfolder="transformer"))
+    pipe = PIXART.make_pipeline(
+        parts, PixArtTransformer2DModel.from_pretrained(tiny_pixart_dir, subfolder="transformer")
+    )
     prompts = ["  A Red CIRCLE ", "a photo of a blue square"]
     with torch.no_grad():
         cond = PIXART.encode_prompts(prompts, parts.tokenizers, parts.text_encoders)
@@ -93,7 +101,9 @@ def test_conditioning_equals_the_pipelines_encode_prompt(tiny_pixart_dir):
         uncond = PIXART.uncond(parts)
     assert cond["prompt_embeds"].shape == (2, 300, RANDOM.text_dim)  # PixArt-Σ: max_sequence_length 300
     assert torch.equal(cond["prompt_embeds"], ref) and torch.equal(cond["prompt_attention_mask"], ref_mask)
-    assert torch.equal(uncond["prompt_embeds"][0], neg[0]) and torch.equal(uncond["prompt_attention_mask"][0], neg_mask[0])
+    assert torch.equal(uncond["prompt_embeds"][0], neg[0]) and torch.equal(
+        uncond["prompt_attention_mask"][0], neg_mask[0]
+    )
     assert cond["prompt_attention_mask"].sum(1).tolist()[0] < 10  # the mask marks the few real tokens
 
 
@@ -109,8 +119,13 @@ def test_alpha_pipeline_uses_its_120_tokens_and_micro_conditions(tiny_pixart_dir
         cond = PIXART.encode_prompts(["a red circle"], parts.tokenizers, parts.text_encoders)
         ref, ref_mask, _, _ = pipe.encode_prompt("a red circle", device="cpu")
     assert cond["prompt_embeds"].shape[1] == 120 and torch.equal(cond["prompt_embeds"], ref)
-    micro = PIXART.micro_conditions({"original_size": torch.tensor([[600, 400]]), "crop_top_left": torch.tensor([[0, 0]]),
-                                     "target_size": torch.tensor([[512, 256]])})
+    micro = PIXART.micro_conditions(
+        {
+            "original_size": torch.tensor([[600, 400]]),
+            "crop_top_left": torch.tensor([[0, 0]]),
+            "target_size": torch.tensor([[512, 256]]),
+        }
+    )
     assert micro["resolution"].tolist() == [[600.0, 400.0]] and micro["aspect_ratio"].tolist() == [[2.0]]
 
 
@@ -144,15 +159,31 @@ def test_distill_featkd_is_zero_for_the_teacher_itself_and_falls(tiny_pixart_dir
 
     base = [f"teacher.pipeline={tiny_pixart_dir}", "train.progress=false", "train.log_every=1", "validation.every=0"]
     # a student with all 6 teacher blocks is the teacher: every featKD term (Table 8's SA, CA, FFN, LF) and outKD are 0
-    same = load_config("tiny-dit", base + ["student.preset={num_layers: 6}", "train.max_steps=1",
-                                           "kd.features={SA: all, CA: all, FFN: all, LF: all}",
-                                           f"train.output_dir={tmp_path / 'same'}"])
+    same = load_config(
+        "tiny-dit",
+        base
+        + [
+            "student.preset={num_layers: 6}",
+            "train.max_steps=1",
+            "kd.features={SA: all, CA: all, FFN: all, LF: all}",
+            f"train.output_dir={tmp_path / 'same'}",
+        ],
+    )
     res = train(same)
     row = _metrics(tmp_path / "same")[0]
     assert res["feature_pairs"] == 24 and row["loss/feat"] == 0.0 and row["loss/out"] == 0.0 and row["loss/task"] > 0
     # DiT-M style: the bottom 3 blocks, SA matched against the teacher's top 3 (a real gap): featKD falls
-    cfg = load_config("tiny-dit", base + ["train.max_steps=30", "kd.layer_selection=up", "kd.features={SA: all}",
-                                          "loss.task=0.1", f"train.output_dir={tmp_path / 'r'}"])
+    cfg = load_config(
+        "tiny-dit",
+        base
+        + [
+            "train.max_steps=30",
+            "kd.layer_selection=up",
+            "kd.features={SA: all}",
+            "loss.task=0.1",
+            f"train.output_dir={tmp_path / 'r'}",
+        ],
+    )
     res = train(cfg)
     feat = [r["loss/feat"] for r in _metrics(tmp_path / "r")]
     assert feat[0] > 0 and np.mean(feat[-5:]) < 0.5 * np.mean(feat[:5])
@@ -176,13 +207,29 @@ def test_cache_stores_t5_embeddings_and_mask(tiny_pixart_dir, tmp_path):
     from koala.data import build_cache, encode_batch, make_dataloader
 
     data = {"type": "synthetic", "num_samples": 4, "size": 40, "random_flip": False, "center_crop": True}
-    build_cache(data, tiny_pixart_dir, str(tmp_path / "c"), resolution=32, batch_size=2, shard_size=4,
-                latent="mean", dtype="fp16", progress=False)
+    build_cache(
+        data,
+        tiny_pixart_dir,
+        str(tmp_path / "c"),
+        resolution=32,
+        batch_size=2,
+        shard_size=4,
+        latent="mean",
+        dtype="fp16",
+        progress=False,
+    )
     meta = json.loads((tmp_path / "c" / "cache_config.json").read_text())
     assert meta["fingerprint"]["family"] == "pixart"
     assert {"prompt_embeds", "prompt_attention_mask", "resolution", "aspect_ratio"} <= set(meta["tensors"])
-    cached = next(iter(make_dataloader({"type": "cache", "path": str(tmp_path / "c"), "repeat": False,
-                                        "shuffle": False}, batch_size=4, resolution=32)))
+    cached = next(
+        iter(
+            make_dataloader(
+                {"type": "cache", "path": str(tmp_path / "c"), "repeat": False, "shuffle": False},
+                batch_size=4,
+                resolution=32,
+            )
+        )
+    )
     raw = next(iter(make_dataloader({**data, "repeat": False, "shuffle": False}, batch_size=4, resolution=32)))
     ref = encode_batch(raw, PIXART.load_parts(tiny_pixart_dir), latent="mean")
     assert torch.equal(cached["prompt_attention_mask"].float(), ref["prompt_attention_mask"])  # 0/1: exact in fp16
@@ -200,22 +247,59 @@ def test_generate_equals_plain_pixart_sigma_pipeline(tiny_pixart_dir, tmp_path):
     ref = PixArtSigmaPipeline.from_pretrained(out)
     ref.scheduler = EulerDiscreteScheduler.from_config(ref.scheduler.config)
     ref.set_progress_bar_config(disable=True)
-    expected = ref("a red circle", negative_prompt="blue", num_inference_steps=3, guidance_scale=3.5, height=32,
-                   width=32, generator=torch.Generator().manual_seed(4), output_type="np",
-                   clean_caption=False, use_resolution_binning=False).images[0]
+    expected = ref(
+        "a red circle",
+        negative_prompt="blue",
+        num_inference_steps=3,
+        guidance_scale=3.5,
+        height=32,
+        width=32,
+        generator=torch.Generator().manual_seed(4),
+        output_type="np",
+        clean_caption=False,
+        use_resolution_binning=False,
+    ).images[0]
     assert ours.size == (32, 32) and np.array_equal(np.asarray(ours), (expected * 255).round().astype("uint8"))
     # the CLI: a student transformer dropped into the teacher pipeline
-    assert main(["generate", "a blue square", "--unet", str(out / "transformer"), "--base", tiny_pixart_dir,
-                 "--steps", "1", "--out", str(tmp_path / "o"), "--device", "cpu", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "a blue square",
+                "--unet",
+                str(out / "transformer"),
+                "--base",
+                tiny_pixart_dir,
+                "--steps",
+                "1",
+                "--out",
+                str(tmp_path / "o"),
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert read_png_params(str(next((tmp_path / "o").glob("*.png"))))["prompt"] == "a blue square"
 
 
 def test_bench_times_pixart_components():
     from koala.bench import BenchSettings, run_bench
 
-    res = run_bench(BenchSettings(models=["tiny-pixart-sigma-xl", "tiny-dit-m"], resolution=64, steps=1, device="cpu",
-                                  dtype="fp32", components=["text", "unet", "vae"], warmup=0, repeats=1),
-                    log=lambda *_: None)
+    res = run_bench(
+        BenchSettings(
+            models=["tiny-pixart-sigma-xl", "tiny-dit-m"],
+            resolution=64,
+            steps=1,
+            device="cpu",
+            dtype="fp32",
+            components=["text", "unet", "vae"],
+            warmup=0,
+            repeats=1,
+        ),
+        log=lambda *_: None,
+    )
     a, b = res["models"]
     assert a["denoiser"] == "transformer" and a["params"]["unet"] > b["params"]["unet"]
     assert {"text_encoders", "vae_decode", "end_to_end"} <= set(a["times_ms"])
@@ -229,14 +313,27 @@ def test_came_optimizer_trains_and_resumes_bit_exact(tiny_pixart_dir, tmp_path):
     from koala.distill import load_config
     from koala.distill.trainer import train
 
-    common = [f"teacher.pipeline={tiny_pixart_dir}", "train.progress=false", "train.log_every=1", "validation.every=0",
-              "train.optimizer=came", "train.weight_decay=0", "train.lr=1e-3", "train.checkpoint_every=3"]
+    common = [
+        f"teacher.pipeline={tiny_pixart_dir}",
+        "train.progress=false",
+        "train.log_every=1",
+        "validation.every=0",
+        "train.optimizer=came",
+        "train.weight_decay=0",
+        "train.lr=1e-3",
+        "train.checkpoint_every=3",
+    ]
     full = train(load_config("tiny-dit", common + ["train.max_steps=6", f"train.output_dir={tmp_path / 'a'}"]))
     train(load_config("tiny-dit", common + ["train.max_steps=3", f"train.output_dir={tmp_path / 'b'}"]))
-    resumed = train(load_config("tiny-dit", common + ["train.max_steps=6", f"train.output_dir={tmp_path / 'b'}",
-                                                      "train.resume=latest"]))
-    a, b = (load_file(os.path.join(r["checkpoint"], "transformer", "diffusion_pytorch_model.safetensors"))
-            for r in (full, resumed))
+    resumed = train(
+        load_config(
+            "tiny-dit", common + ["train.max_steps=6", f"train.output_dir={tmp_path / 'b'}", "train.resume=latest"]
+        )
+    )
+    a, b = (
+        load_file(os.path.join(r["checkpoint"], "transformer", "diffusion_pytorch_model.safetensors"))
+        for r in (full, resumed)
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(KoalaError, match="came_betas needs 3 numbers"):
         load_config("tiny-dit", ["train.came_betas=[0.9, 0.99]"])
@@ -248,12 +345,29 @@ def test_plan_and_train_bench_know_dits():
     from koala.bench.train import TrainBenchSettings, run_train_bench
     from koala.distill import load_config
 
-    cfg = load_config(None, ["teacher.pipeline=x", "student.preset=dit-m", "kd.features={SA: all}",
-                             "train.resolution=512", "train.batch_size=2"])
+    cfg = load_config(
+        None,
+        [
+            "teacher.pipeline=x",
+            "student.preset=dit-m",
+            "kd.features={SA: all}",
+            "train.resolution=512",
+            "train.batch_size=2",
+        ],
+    )
     p = plan_memory(cfg, teacher="pixart-sigma-xl")
     assert p["params"]["student"] == COUNTS["dit-m"] and p["params"]["teacher"] == COUNTS["pixart-sigma-xl"]
     assert p["feature_pairs"] == 14 and p["bytes"]["step_activations_and_grads"] > 0
-    r = run_train_bench(TrainBenchSettings(teacher="tiny-pixart-sigma-xl", resolution=64, batch=2, steps=1, warmup=0,
-                                           device="cpu", overrides=["student.preset=dit-m", "teacher.dtype=fp32",
-                                                                    "kd.features={SA: all}"]), log=lambda *_: None)
+    r = run_train_bench(
+        TrainBenchSettings(
+            teacher="tiny-pixart-sigma-xl",
+            resolution=64,
+            batch=2,
+            steps=1,
+            warmup=0,
+            device="cpu",
+            overrides=["student.preset=dit-m", "teacher.dtype=fp32", "kd.features={SA: all}"],
+        ),
+        log=lambda *_: None,
+    )
     assert r["models"]["student"] == "dit-m" and r["times_ms"]["phases_median"]["student_forward"] > 0

@@ -21,12 +21,12 @@ def _cfg(*ov, res=1024, bs=1):
 def test_live_tensor_bytes_follows_allocations_and_frees():
     tr = LiveTensorBytes()
     with tr:
-        a = torch.empty(1024, device="meta")          # 4 KiB
-        b = a * 2                                      # +4 KiB
-        v = b.view(32, 32)                             # a view: no new storage
+        a = torch.empty(1024, device="meta")  # 4 KiB
+        b = a * 2  # +4 KiB
+        v = b.view(32, 32)  # a view: no new storage
         del a
         c = torch.empty(256, dtype=torch.float16, device="meta")  # +512 B
-        v.add_(1)                                      # in place: nothing new
+        v.add_(1)  # in place: nothing new
     assert tr.peak == 4096 * 2  # a and b together; a is freed before c
     assert tr.live == 4096 + 512  # b (held by the view) and c
     del b, v, c
@@ -41,11 +41,13 @@ def test_real_size_plan_arithmetic_and_switches():
     assert b["student_weights"] == 4 * 782_822_724 and b["optimizer_states"] == 8 * 782_822_724
     assert b["ema"] == b["student_weights"] and b["teacher_weights"] == 2 * 2_567_463_684
     assert round(p["params"]["text_encoder"] / 1e6) + round(p["params"]["text_encoder_2"] / 1e6) == 818
-    assert b["total"] == sum(b[k] for k in ("student_weights", "optimizer_states", "ema", "teacher_weights",
-                                            "frozen_encoders_vae")) + max(b["step_activations_and_grads"],
-                                                                          b["optimizer_step"])
-    gc = plan_memory(_cfg("train.mixed_precision=bf16", "teacher.dtype=bf16", "train.gradient_checkpointing=true",
-                          bs=2), teacher="sdxl-base")
+    assert b["total"] == sum(
+        b[k] for k in ("student_weights", "optimizer_states", "ema", "teacher_weights", "frozen_encoders_vae")
+    ) + max(b["step_activations_and_grads"], b["optimizer_step"])
+    gc = plan_memory(
+        _cfg("train.mixed_precision=bf16", "teacher.dtype=bf16", "train.gradient_checkpointing=true", bs=2),
+        teacher="sdxl-base",
+    )
     assert gc["bytes"]["step_activations_and_grads"] < 0.6 * b["step_activations_and_grads"]
     big = plan_memory(_cfg("train.mixed_precision=bf16", "teacher.dtype=bf16", bs=4), teacher="sdxl-base")
     extra = big["bytes"]["step_activations_and_grads"] - b["step_activations_and_grads"]
@@ -59,8 +61,10 @@ def test_real_size_plan_arithmetic_and_switches():
     assert z2["bytes"]["optimizer_states"] == 782_822_724 and z2["bytes"]["ema"] == 4 * 782_822_724 // 8
     assert z2["bytes"]["student_weights"] == 4 * 782_822_724 and z3["bytes"]["student_weights"] == 782_822_724 // 2
     # the fp32 gradients are sharded too: 7/8 of 4 bytes per parameter less than ZeRO-1 in the step
-    assert zero["bytes"]["step_activations_and_grads"] - z2["bytes"]["step_activations_and_grads"] == \
-        4 * 782_822_724 - 4 * 782_822_724 // 8
+    assert (
+        zero["bytes"]["step_activations_and_grads"] - z2["bytes"]["step_activations_and_grads"]
+        == 4 * 782_822_724 - 4 * 782_822_724 // 8
+    )
     assert z3["bytes"]["total"] < z2["bytes"]["total"] < zero["bytes"]["total"]
     assert "1/8 per process" in plan_markdown(z3)
     fit = plan_memory(_cfg(bs=1), teacher="sdxl-base", device_gib=1000)
@@ -102,7 +106,7 @@ def test_plan_within_25_percent_of_measured_cpu_peak():
     out = subprocess.run([sys.executable, "-c", MEASURE], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    assert r["measured"] > 300 * 2 ** 20  # the step is big enough for the comparison to mean something
+    assert r["measured"] > 300 * 2**20  # the step is big enough for the comparison to mean something
     assert 0.75 <= r["planned"] / r["measured"] <= 1.25, r
 
 
@@ -110,15 +114,21 @@ def test_cli_plan_and_distill_plan(tiny_pipe_dir, tmp_path, capsys):
     from koala.cli import main
 
     j = tmp_path / "plan.json"
-    assert main(["plan", "--teacher", "tiny-sdxl-base", "--device-gib", "80", "--plan-json", str(j),
-                 "train.resolution=64"]) == 0
+    assert (
+        main(
+            ["plan", "--teacher", "tiny-sdxl-base", "--device-gib", "80", "--plan-json", str(j), "train.resolution=64"]
+        )
+        == 0
+    )
     plan = json.loads(j.read_text())
     assert plan["schema"] == "koala-plan/1" and plan["fits"] and plan["latent"] == [1, 4, 32, 32]
     assert "fits a 80 GiB device" in capsys.readouterr().out
     assert main(["plan", "--teacher", "sdxl-base", "--device-gib", "8"]) == 1  # SDXL teacher + 700M: not on 8 GiB
     out = capsys.readouterr().out
     assert "does NOT fit" in out and "train.gradient_checkpointing=true" in out
-    assert main(["distill", "--config", "tiny", f"teacher.pipeline={tiny_pipe_dir}", "--plan", "--device-gib", "80"]) == 0
+    assert (
+        main(["distill", "--config", "tiny", f"teacher.pipeline={tiny_pipe_dir}", "--plan", "--device-gib", "80"]) == 0
+    )
     assert "text encoders + VAE" in capsys.readouterr().out
     assert main(["plan"]) == 2 and "--teacher" in capsys.readouterr().err
     assert main(["plan", "--teacher", "nope"]) == 2

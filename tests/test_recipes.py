@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from koala import KoalaError
-from koala.distill.config import DEFAULTS, load_config
-from koala.distill.config import resolve_grad_accum
+from koala.distill.config import DEFAULTS, load_config, resolve_grad_accum
 from koala.recipes import dump_recipe, read_recipe, shipped_recipes
 
 PIPE = "teacher.pipeline=x"
@@ -20,8 +19,11 @@ REPO = Path(__file__).resolve().parents[1]
 def test_defaults_are_the_paper_recipe():
     cfg = load_config(None, [PIPE])
     assert cfg == {**DEFAULTS, "teacher": {**DEFAULTS["teacher"], "pipeline": "x"}}
-    assert cfg["kd"] == {"features": {"SA": "all", "LF": ["first", "last"]}, "layer_selection": None,
-                         "feature_loss": "mse"}
+    assert cfg["kd"] == {
+        "features": {"SA": "all", "LF": ["first", "last"]},
+        "layer_selection": None,
+        "feature_loss": "mse",
+    }
     assert cfg["data"] == {"type": "synthetic"} and cfg["loss"] == {"task": 1.0, "out": 1.0, "feat": 1.0}
     t = cfg["train"]
     assert t["lr"] == 1e-5 and t["adam_betas"] == [0.9, 0.999] and t["ema"] == {"enabled": True, "decay": 0.9999}
@@ -31,8 +33,18 @@ def test_defaults_are_the_paper_recipe():
 
 
 def test_overrides_are_typed(tmp_path):
-    cfg = load_config("tiny", ["train.lr=1e-5", "train.max_steps=7", "train.resume=null", "train.ema.enabled=false",
-                               "validation.prompts=[a, b]", "train.cpu_threads=2", "data.path=x.csv"])
+    cfg = load_config(
+        "tiny",
+        [
+            "train.lr=1e-5",
+            "train.max_steps=7",
+            "train.resume=null",
+            "train.ema.enabled=false",
+            "validation.prompts=[a, b]",
+            "train.cpu_threads=2",
+            "data.path=x.csv",
+        ],
+    )
     t = cfg["train"]
     assert isinstance(t["lr"], float) and t["lr"] == 1e-5 and t["max_steps"] == 7 and t["resume"] is None
     assert t["ema"]["enabled"] is False and t["cpu_threads"] == 2 and cfg["validation"]["prompts"] == ["a", "b"]
@@ -41,9 +53,13 @@ def test_overrides_are_typed(tmp_path):
     assert load_config("tiny", ["train.output_dir=runs/${train.resolution}px"])["train"]["output_dir"] == "runs/32px"
     with pytest.raises(KoalaError, match="tiny: data.path: Interpolation key 'train.nope' not found"):
         load_config("tiny", ["data.path=${train.nope}"])
-    for override, key in (("train.lr=abc", "train.lr"), ("train.grad_accum=1.5", "train.grad_accum"),
-                          ("train.ema.enabled=maybe", "train.ema.enabled"), ("train.fsdp=zero2", "train.fsdp"),
-                          ("train.compile_scope=layers", "train.compile_scope")):
+    for override, key in (
+        ("train.lr=abc", "train.lr"),
+        ("train.grad_accum=1.5", "train.grad_accum"),
+        ("train.ema.enabled=maybe", "train.ema.enabled"),
+        ("train.fsdp=zero2", "train.fsdp"),
+        ("train.compile_scope=layers", "train.compile_scope"),
+    ):
         with pytest.raises(KoalaError, match=key):
             load_config("tiny", [override])
     with pytest.raises(KoalaError, match="train.fsdp already shards the optimizer states"):
@@ -85,11 +101,18 @@ def test_unknown_keys_name_the_file_key_and_closest(tmp_path):
         load_config(str(tmp_path / "broken.yaml"))
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("teacher.make_tiny", "true", "teacher.make_tiny was removed: create the pipeline once with `koala lab make-tiny"),
-    ("kd.normalize", "teacher", "kd.normalize was replaced by kd.feature_loss: mse | mse_teacher_norm | cosine"),
-    ("data.caption_dropout", "0.1", "data.caption_dropout moved to train.caption_dropout"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        (
+            "teacher.make_tiny",
+            "true",
+            "teacher.make_tiny was removed: create the pipeline once with `koala lab make-tiny",
+        ),
+        ("kd.normalize", "teacher", "kd.normalize was replaced by kd.feature_loss: mse | mse_teacher_norm | cosine"),
+        ("data.caption_dropout", "0.1", "data.caption_dropout moved to train.caption_dropout"),
+    ],
+)
 def test_removed_keys_name_their_replacement(tmp_path, key, value, message):
     with pytest.raises(KoalaError, match=f"override .*{message}"):
         load_config("tiny", [f"{key}={value}"])
@@ -102,11 +125,21 @@ def test_removed_keys_name_their_replacement(tmp_path, key, value, message):
 def test_extends_chain_merges_and_loops_are_refused(tmp_path, monkeypatch):
     (tmp_path / "base.yaml").write_text("extends: tiny\ntrain: {lr: 2.0e-5}\nkd: {features: {SA: all, CA: all}}\n")
     (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / "child.yaml").write_text("extends: ../base.yaml\ntrain: {max_steps: 3}\ndata: {num_samples: 4}\n")
+    (tmp_path / "sub" / "child.yaml").write_text(
+        "extends: ../base.yaml\ntrain: {max_steps: 3}\ndata: {num_samples: 4}\n"
+    )
     cfg = load_config(str(tmp_path / "sub" / "child.yaml"), ["train.batch_size=1"])
     t = cfg["train"]
-    assert (t["lr"], t["max_steps"], t["batch_size"], t["resolution"]) == (2e-5, 3, 1, 32)  # child, base, override, tiny
-    assert cfg["data"] == {"type": "synthetic", "num_samples": 4} and cfg["kd"]["features"] == {"SA": "all", "CA": "all"}
+    assert (t["lr"], t["max_steps"], t["batch_size"], t["resolution"]) == (
+        2e-5,
+        3,
+        1,
+        32,
+    )  # child, base, override, tiny
+    assert cfg["data"] == {"type": "synthetic", "num_samples": 4} and cfg["kd"]["features"] == {
+        "SA": "all",
+        "CA": "all",
+    }
     (tmp_path / "turbo.yaml").write_text("extends: koala-turbo-700m\nstudent: {preset: koala-1b}\n")
     assert load_config(str(tmp_path / "turbo.yaml"))["train"]["resolution"] == 512  # a shipped parent by name
     (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
@@ -133,7 +166,10 @@ def test_kd_features_are_replaced_as_a_whole(tmp_path):
     assert load_config("tiny", ["kd.features={CA: all}"])["kd"]["features"] == {"CA": "all"}
     assert load_config("tiny", ["kd={features: {CA: all}}"])["kd"]["features"] == {"CA": "all"}
     # a single feature type given as a dotted key edits the mapping
-    assert load_config("tiny", ["kd.features.SA=[UP-1]"])["kd"]["features"] == {"SA": ["UP-1"], "LF": ["first", "last"]}
+    assert load_config("tiny", ["kd.features.SA=[UP-1]"])["kd"]["features"] == {
+        "SA": ["UP-1"],
+        "LF": ["first", "last"],
+    }
     # stage names depend on the family (DW-4 exists for SD-1.x): not checked here
     assert load_config("tiny", ["kd.features={LF: [DW-4]}"])["kd"]["features"] == {"LF": ["DW-4"]}
     assert load_config("tiny", ["kd.features={LF: UP-3}"])["kd"]["features"] == {"LF": "UP-3"}
@@ -141,14 +177,28 @@ def test_kd_features_are_replaced_as_a_whole(tmp_path):
 
 def test_shipped_recipes_resolve_by_name_and_match_paper():
     names = shipped_recipes()
-    assert set(names) == {"tiny", "bk-baseline", "koala-lightning-700m", "koala-lightning-1b", "koala-turbo-700m",
-                          "koala-turbo-1b", "pixart-sigma-dit-m", "tiny-dit", "koala-base-1b", "table3-ablation",
-                          "table7-koala-1b"}
+    assert set(names) == {
+        "tiny",
+        "bk-baseline",
+        "koala-lightning-700m",
+        "koala-lightning-1b",
+        "koala-turbo-700m",
+        "koala-turbo-1b",
+        "pixart-sigma-dit-m",
+        "tiny-dit",
+        "koala-base-1b",
+        "table3-ablation",
+        "table7-koala-1b",
+    }
     for name in names:
         cfg = load_config(name)
         assert set(cfg) == set(DEFAULTS) and load_config(f"{name}.yaml") == cfg
-    for name, preset, res in (("koala-lightning-700m", "koala-700m", 1024), ("koala-lightning-1b", "koala-1b", 1024),
-                              ("koala-turbo-700m", "koala-700m", 512), ("koala-turbo-1b", "koala-1b", 512)):
+    for name, preset, res in (
+        ("koala-lightning-700m", "koala-700m", 1024),
+        ("koala-lightning-1b", "koala-1b", 1024),
+        ("koala-turbo-700m", "koala-700m", 512),
+        ("koala-turbo-1b", "koala-1b", 512),
+    ):
         cfg = load_config(name)
         t = cfg["train"]
         assert cfg["student"]["preset"] == preset and t["resolution"] == res
@@ -170,8 +220,9 @@ def test_shipped_recipes_resolve_by_name_and_match_paper():
     assert ab["loss"]["out"] == 0 and ab["train"]["max_steps"] == 30_000 and ab["train"]["global_batch"] == 32
     assert ab["student"]["preset"] == "koala-1b" and ab["teacher"]["kind"] == "base"
     ours, bk = load_config("table7-koala-1b"), load_config("bk-baseline")  # Table 7: same setup, 50K
-    assert {k: v for k, v in ours.items() if k not in ("kd", "train")} == \
-        {k: v for k, v in bk.items() if k not in ("kd", "train")}
+    assert {k: v for k, v in ours.items() if k not in ("kd", "train")} == {
+        k: v for k, v in bk.items() if k not in ("kd", "train")
+    }
     assert ours["train"]["max_steps"] == bk["train"]["max_steps"] == 50_000 and bk["kd"]["features"] == {"LF": "all"}
     assert load_config("koala-base-1b")["teacher"]["unet_path"] is None
     assert load_config("koala-lightning-700m")["teacher"]["unet_path"]
@@ -192,19 +243,26 @@ def test_print_config_round_trips(tmp_path):
 def test_config_checks_name_the_field():
     with pytest.raises(KoalaError, match="teacher.pipeline is required.*teacher.pipeline="):
         load_config(None)
-    for override, field in (("kd.features={XA: all}", "XA"), ("kd.features={SA: [1]}", "kd.features.SA"),
-                            ("kd.features=[SA]", "kd.features must map"),
-                            ("loss.feat=-1", "loss.feat"), ("train.lr=.nan", "train.lr"),
-                            ("train.mixed_precision=fp8", "mixed_precision must be one of no, fp16, bf16"),
-                            ("train.optimizer=sgd", "optimizer must be one of adamw, adamw8bit, came"),
-                            ("teacher.kind=distilled", "teacher.kind must be one of base, turbo, lightning"),
-                            ("train.global_batch=0", "global_batch"),
-                            ("train.caption_dropout=2", "caption_dropout"), ("kd.layer_selection=top", "layer_selection"),
-                            ("student.layer_selection=top", "student.layer_selection"),
-                            ("kd.feature_loss=l1", "kd.feature_loss must be one of mse"),
-                            ("train.grad_accum=0", "grad_accum"), ("train.grad_accum=1.5", "grad_accum"),
-                            ("data.repeat=false", "data.repeat: false is not supported"),
-                            ("data.type=folder", "path"), ("data.colour=red", "colour")):
+    for override, field in (
+        ("kd.features={XA: all}", "XA"),
+        ("kd.features={SA: [1]}", "kd.features.SA"),
+        ("kd.features=[SA]", "kd.features must map"),
+        ("loss.feat=-1", "loss.feat"),
+        ("train.lr=.nan", "train.lr"),
+        ("train.mixed_precision=fp8", "mixed_precision must be one of no, fp16, bf16"),
+        ("train.optimizer=sgd", "optimizer must be one of adamw, adamw8bit, came"),
+        ("teacher.kind=distilled", "teacher.kind must be one of base, turbo, lightning"),
+        ("train.global_batch=0", "global_batch"),
+        ("train.caption_dropout=2", "caption_dropout"),
+        ("kd.layer_selection=top", "layer_selection"),
+        ("student.layer_selection=top", "student.layer_selection"),
+        ("kd.feature_loss=l1", "kd.feature_loss must be one of mse"),
+        ("train.grad_accum=0", "grad_accum"),
+        ("train.grad_accum=1.5", "grad_accum"),
+        ("data.repeat=false", "data.repeat: false is not supported"),
+        ("data.type=folder", "path"),
+        ("data.colour=red", "colour"),
+    ):
         with pytest.raises(KoalaError, match=field):
             load_config("tiny", [override])
 
@@ -220,19 +278,27 @@ def test_wheel_ships_recipes_and_assets(tmp_path):
     for f in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / f, src / f)
     out = tmp_path / "wheel"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out),
-                    str(src)], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(src)],
+        check=True,
+        capture_output=True,
+    )
     (wheel,) = out.glob("koala_diffusion-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "koala/configs/tiny.yaml" in names and "koala/assets/shapes-teacher/model_index.json" in names
     assert {f"koala/configs/{n}.yaml" for n in shipped_recipes()} <= names
     target, empty = tmp_path / "site", tmp_path / "elsewhere"
     empty.mkdir()
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
-                   check=True, capture_output=True)
-    code = ("import koala; from koala.distill.config import load_config; "
-            "assert koala.__file__.startswith(%r), koala.__file__; "
-            "print(load_config('tiny')['train']['resolution'])" % str(target))
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+    )
+    code = (
+        "import koala; from koala.distill.config import load_config; "
+        "assert koala.__file__.startswith(%r), koala.__file__; "
+        "print(load_config('tiny')['train']['resolution'])" % str(target)
+    )
     env = {**os.environ, "PYTHONPATH": str(target)}
     res = subprocess.run([sys.executable, "-c", code], cwd=empty, env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr

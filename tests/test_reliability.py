@@ -58,45 +58,133 @@ def broken(tmp_path_factory, tiny_pipe_dir):
 
 # (case, argv with {B}=broken root / {P}=tiny pipeline / {O}=an output path, what the message must name)
 CASES = [
-    ("compress truncated U-Net", ["compress", "--teacher", "{B}/truncated_unet", "--student", "koala-700m", "--out", "{O}"],
-     "truncated_unet/unet/diffusion_pytorch_model.safetensors"),
-    ("compress corrupt text encoder", ["compress", "--teacher", "{B}/corrupt_text_encoder", "--student", "koala-700m",
-                                       "--out", "{O}"], "corrupt_text_encoder/text_encoder/"),
-    ("compress bad config", ["compress", "--teacher", "{B}/bad_config_json", "--student", "koala-700m", "--out", "{O}"],
-     "bad_config_json/unet/config.json"),
-    ("compress missing vae", ["compress", "--teacher", "{B}/no_vae", "--student", "koala-700m", "--out", "{O}"], "no vae/"),
-    ("compress out is a file", ["compress", "--teacher", "{P}", "--student", "koala-700m", "--out", "{B}/a_file"],
-     "a_file"),
-    ("compress corrupt single-file teacher U-Net", ["compress", "--teacher", "{P}", "--teacher-unet",
-                                                    "{B}/lightning_unet.safetensors", "--student", "koala-700m",
-                                                    "--out", "{O}"], "lightning_unet.safetensors"),
-    ("compress out not writable", ["compress", "--teacher", "{P}", "--student", "koala-700m", "--out",
-                                   "{B}/a_file/sub"], "a_file"),
-    ("compress wrong family preset", ["compress", "--teacher", "{P}", "--student", "bk-sdm-small", "--out", "{O}"],
-     "bk-sdm-small"),
-    ("generate truncated U-Net", ["generate", "a cat", "--model", "{B}/truncated_unet", "--device", "cpu", "--steps", "1",
-                                  "--out", "{O}"], "truncated_unet/unet/"),
-    ("generate corrupt text encoder", ["generate", "a cat", "--model", "{B}/corrupt_text_encoder", "--device", "cpu",
-                                       "--out", "{O}"], "corrupt_text_encoder/text_encoder/"),
+    (
+        "compress truncated U-Net",
+        ["compress", "--teacher", "{B}/truncated_unet", "--student", "koala-700m", "--out", "{O}"],
+        "truncated_unet/unet/diffusion_pytorch_model.safetensors",
+    ),
+    (
+        "compress corrupt text encoder",
+        ["compress", "--teacher", "{B}/corrupt_text_encoder", "--student", "koala-700m", "--out", "{O}"],
+        "corrupt_text_encoder/text_encoder/",
+    ),
+    (
+        "compress bad config",
+        ["compress", "--teacher", "{B}/bad_config_json", "--student", "koala-700m", "--out", "{O}"],
+        "bad_config_json/unet/config.json",
+    ),
+    (
+        "compress missing vae",
+        ["compress", "--teacher", "{B}/no_vae", "--student", "koala-700m", "--out", "{O}"],
+        "no vae/",
+    ),
+    (
+        "compress out is a file",
+        ["compress", "--teacher", "{P}", "--student", "koala-700m", "--out", "{B}/a_file"],
+        "a_file",
+    ),
+    (
+        "compress corrupt single-file teacher U-Net",
+        [
+            "compress",
+            "--teacher",
+            "{P}",
+            "--teacher-unet",
+            "{B}/lightning_unet.safetensors",
+            "--student",
+            "koala-700m",
+            "--out",
+            "{O}",
+        ],
+        "lightning_unet.safetensors",
+    ),
+    (
+        "compress out not writable",
+        ["compress", "--teacher", "{P}", "--student", "koala-700m", "--out", "{B}/a_file/sub"],
+        "a_file",
+    ),
+    (
+        "compress wrong family preset",
+        ["compress", "--teacher", "{P}", "--student", "bk-sdm-small", "--out", "{O}"],
+        "bk-sdm-small",
+    ),
+    (
+        "generate truncated U-Net",
+        ["generate", "a cat", "--model", "{B}/truncated_unet", "--device", "cpu", "--steps", "1", "--out", "{O}"],
+        "truncated_unet/unet/",
+    ),
+    (
+        "generate corrupt text encoder",
+        ["generate", "a cat", "--model", "{B}/corrupt_text_encoder", "--device", "cpu", "--out", "{O}"],
+        "corrupt_text_encoder/text_encoder/",
+    ),
     ("generate unknown device", ["generate", "a cat", "--model", "{P}", "--device", "tpu", "--out", "{O}"], "tpu"),
     ("generate cuda absent", ["generate", "a cat", "--model", "{P}", "--device", "cuda:3", "--out", "{O}"], "cuda:3"),
-    ("generate out is a file", ["generate", "a cat", "--model", "{P}", "--device", "cpu", "--out", "{B}/a_file"],
-     "a_file"),
-    ("distill corrupt text encoder", ["distill", "--config", "tiny", "teacher.pipeline={B}/corrupt_text_encoder",
-                                      "train.output_dir={O}"], "corrupt_text_encoder/text_encoder/"),
+    (
+        "generate out is a file",
+        ["generate", "a cat", "--model", "{P}", "--device", "cpu", "--out", "{B}/a_file"],
+        "a_file",
+    ),
+    (
+        "distill corrupt text encoder",
+        ["distill", "--config", "tiny", "teacher.pipeline={B}/corrupt_text_encoder", "train.output_dir={O}"],
+        "corrupt_text_encoder/text_encoder/",
+    ),
     ("distill recipe not YAML", ["distill", "--config", "{B}/bad.yaml", "teacher.pipeline={P}"], "bad.yaml"),
-    ("distill unknown key", ["distill", "--config", "tiny", "teacher.pipeline={P}", "train.learning_rate=1"],
-     "train.learning_rate"),
-    ("distill wrong type", ["distill", "--config", "tiny", "teacher.pipeline={P}", "train.max_steps=many"],
-     "train.max_steps"),
-    ("distill missing data", ["distill", "--config", "tiny", "teacher.pipeline={P}", "data.type=folder",
-                              "data.path={B}/nope", "train.output_dir={O}"], "nope"),
-    ("distill empty data", ["distill", "--config", "tiny", "teacher.pipeline={P}", "data.type=folder",
-                            "data.path={B}/empty_images", "train.output_dir={O}"], "empty_images"),
-    ("distill nothing usable in the data", ["distill", "--config", "tiny", "teacher.pipeline={P}", "data.type=folder",
-                                            "data.path={B}/corrupt_images", "train.output_dir={O}"], "corrupt_images"),
-    ("cache corrupt encoder", ["cache", "{B}/images", "--type", "folder", "--pipeline",
-                               "{B}/corrupt_text_encoder", "--out", "{O}"], "corrupt_text_encoder/text_encoder/"),
+    (
+        "distill unknown key",
+        ["distill", "--config", "tiny", "teacher.pipeline={P}", "train.learning_rate=1"],
+        "train.learning_rate",
+    ),
+    (
+        "distill wrong type",
+        ["distill", "--config", "tiny", "teacher.pipeline={P}", "train.max_steps=many"],
+        "train.max_steps",
+    ),
+    (
+        "distill missing data",
+        [
+            "distill",
+            "--config",
+            "tiny",
+            "teacher.pipeline={P}",
+            "data.type=folder",
+            "data.path={B}/nope",
+            "train.output_dir={O}",
+        ],
+        "nope",
+    ),
+    (
+        "distill empty data",
+        [
+            "distill",
+            "--config",
+            "tiny",
+            "teacher.pipeline={P}",
+            "data.type=folder",
+            "data.path={B}/empty_images",
+            "train.output_dir={O}",
+        ],
+        "empty_images",
+    ),
+    (
+        "distill nothing usable in the data",
+        [
+            "distill",
+            "--config",
+            "tiny",
+            "teacher.pipeline={P}",
+            "data.type=folder",
+            "data.path={B}/corrupt_images",
+            "train.output_dir={O}",
+        ],
+        "corrupt_images",
+    ),
+    (
+        "cache corrupt encoder",
+        ["cache", "{B}/images", "--type", "folder", "--pipeline", "{B}/corrupt_text_encoder", "--out", "{O}"],
+        "corrupt_text_encoder/text_encoder/",
+    ),
     ("bench unknown model", ["bench", "--models", "no-such-model", "--device", "cpu"], "no-such-model"),
     ("bench unknown device", ["bench", "--models", "tiny-koala-700m", "--device", "tpu"], "tpu"),
     ("bench train unknown device", ["bench", "train", "--teacher", "tiny-sdxl-base", "--device", "npu"], "npu"),
@@ -124,11 +212,21 @@ def test_bad_input_matrix(case, argv, names, broken, tiny_pipe_dir, tmp_path, ca
 def test_error_boundary_in_a_real_process_and_debug_flag(broken):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     bad = str(broken / "truncated_unet")
-    p = subprocess.run([sys.executable, "-m", "koala.cli", "generate", "x", "--model", bad, "--device", "cpu"],
-                       capture_output=True, text=True, env=env, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "koala.cli", "generate", "x", "--model", bad, "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert p.returncode == 2 and "Traceback" not in p.stderr and "truncated or corrupt" in p.stderr
-    p = subprocess.run([sys.executable, "-m", "koala.cli", "--debug", "generate", "x", "--model", bad, "--device", "cpu"],
-                       capture_output=True, text=True, env=env, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "koala.cli", "--debug", "generate", "x", "--model", bad, "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert p.returncode != 0 and "Traceback" in p.stderr and "KoalaError" in p.stderr
 
 
@@ -147,7 +245,7 @@ def test_unexpected_errors_are_one_line_with_a_debug_hint(monkeypatch, capsys):
 def test_safetensors_header_check(tmp_path):
     from safetensors.torch import save_file
 
-    from koala.utils import check_safetensors
+    from koala.utils.weights import check_safetensors
 
     good = tmp_path / "w.safetensors"
     save_file({"a": torch.zeros(100), "b": torch.ones(3, 3)}, str(good))
@@ -165,8 +263,14 @@ def _weights(ckpt):
     return load_file(os.path.join(ckpt, "unet", "diffusion_pytorch_model.safetensors"))
 
 
-COMMON = ["train.checkpoint_every=1000", "train.log_every=1", "data.num_samples=64", "validation.every=0",
-          "train.log_with=none", "train.progress=false"]
+COMMON = [
+    "train.checkpoint_every=1000",
+    "train.log_every=1",
+    "data.num_samples=64",
+    "validation.every=0",
+    "train.log_with=none",
+    "train.progress=false",
+]
 
 
 @pytest.mark.slow
@@ -178,8 +282,18 @@ def test_signal_saves_a_checkpoint_and_resume_is_exact(sig, tiny_pipe_dir, tmp_p
 
     out = tmp_path / "run"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "koala.cli", "distill", "--config", "tiny", f"teacher.pipeline={tiny_pipe_dir}",
-           f"train.output_dir={out}", "train.max_steps=100000", *COMMON]
+    cmd = [
+        sys.executable,
+        "-m",
+        "koala.cli",
+        "distill",
+        "--config",
+        "tiny",
+        f"teacher.pipeline={tiny_pipe_dir}",
+        f"train.output_dir={out}",
+        "train.max_steps=100000",
+        *COMMON,
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 240
@@ -196,10 +310,29 @@ def test_signal_saves_a_checkpoint_and_resume_is_exact(sig, tiny_pipe_dir, tmp_p
     k = int(ckpts[0].split("-")[1])
     assert k >= 2
     target = k + 2
-    resumed = train(load_config("tiny", [f"teacher.pipeline={tiny_pipe_dir}", f"train.output_dir={out}",
-                                         "train.resume=latest", f"train.max_steps={target}", *COMMON]))
-    straight = train(load_config("tiny", [f"teacher.pipeline={tiny_pipe_dir}", f"train.output_dir={tmp_path / 'ref'}",
-                                          f"train.max_steps={target}", *COMMON]))
+    resumed = train(
+        load_config(
+            "tiny",
+            [
+                f"teacher.pipeline={tiny_pipe_dir}",
+                f"train.output_dir={out}",
+                "train.resume=latest",
+                f"train.max_steps={target}",
+                *COMMON,
+            ],
+        )
+    )
+    straight = train(
+        load_config(
+            "tiny",
+            [
+                f"teacher.pipeline={tiny_pipe_dir}",
+                f"train.output_dir={tmp_path / 'ref'}",
+                f"train.max_steps={target}",
+                *COMMON,
+            ],
+        )
+    )
     a, b = _weights(resumed["checkpoint"]), _weights(straight["checkpoint"])
     assert resumed["step"] == target and all(torch.equal(a[n], b[n]) for n in a)
 
@@ -210,9 +343,18 @@ def test_failed_checkpoint_write_keeps_the_last_good_one(tiny_pipe_dir, tmp_path
     from koala.distill.trainer import train
 
     out = tmp_path / "run"
-    cfg = load_config("tiny", [f"teacher.pipeline={tiny_pipe_dir}", f"train.output_dir={out}", "train.max_steps=3",
-                               "train.checkpoint_every=1", "validation.every=0", "train.log_with=none",
-                               "train.progress=false"])
+    cfg = load_config(
+        "tiny",
+        [
+            f"teacher.pipeline={tiny_pipe_dir}",
+            f"train.output_dir={out}",
+            "train.max_steps=3",
+            "train.checkpoint_every=1",
+            "validation.every=0",
+            "train.log_with=none",
+            "train.progress=false",
+        ],
+    )
     real_save, calls = torch.save, []
 
     def full_disk(obj, f, *a, **kw):
@@ -223,8 +365,11 @@ def test_failed_checkpoint_write_keeps_the_last_good_one(tiny_pipe_dir, tmp_path
         return real_save(obj, f, *a, **kw)
 
     monkeypatch.setattr(ck.torch, "save", full_disk)
-    with pytest.raises(KoalaError, match=r"step-2 checkpoint failed \(No space left on device.*last good checkpoint "
-                                         r"is .*step-0000001"):
+    with pytest.raises(
+        KoalaError,
+        match=r"step-2 checkpoint failed \(No space left on device.*last good checkpoint "
+        r"is .*step-0000001",
+    ):
         train(cfg)
     root = out / "checkpoints"
     assert sorted(os.listdir(root)) == ["step-0000001"]  # no step-2 folder, no temporary left behind
@@ -236,12 +381,24 @@ def test_failed_checkpoint_write_keeps_the_last_good_one(tiny_pipe_dir, tmp_path
 def test_low_disk_space_is_refused_before_writing(tiny_pipe_dir, tmp_path, monkeypatch):
     from koala.distill import trainer
 
-    cfg = load_config("tiny", [f"teacher.pipeline={tiny_pipe_dir}", f"train.output_dir={tmp_path / 'run'}",
-                               "train.max_steps=2", "train.checkpoint_every=1", "validation.every=0",
-                               "train.log_with=none", "train.progress=false"])
+    cfg = load_config(
+        "tiny",
+        [
+            f"teacher.pipeline={tiny_pipe_dir}",
+            f"train.output_dir={tmp_path / 'run'}",
+            "train.max_steps=2",
+            "train.checkpoint_every=1",
+            "validation.every=0",
+            "train.log_with=none",
+            "train.progress=false",
+        ],
+    )
     monkeypatch.setattr(trainer, "_free_bytes", lambda path: 1000)
-    with pytest.raises(KoalaError, match=r"not enough disk space for the step-1 checkpoint.*last good checkpoint is "
-                                         r"none yet"):
+    with pytest.raises(
+        KoalaError,
+        match=r"not enough disk space for the step-1 checkpoint.*last good checkpoint is "
+        r"none yet",
+    ):
         trainer.train(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists()
 
@@ -297,8 +454,24 @@ def test_cache_stops_after_the_current_shard_on_sigterm_and_resumes(tiny_pipe_di
 
     monkeypatch.setattr(cache_mod, "_build_shard", shard_then_signal)
     out = tmp_path / "cache"
-    argv = ["cache", str(src), "--type", "folder", "--pipeline", tiny_pipe_dir, "--out", str(out), "--resolution", "32",
-            "--shard-size", "2", "--batch-size", "2", "--device", "cpu"]
+    argv = [
+        "cache",
+        str(src),
+        "--type",
+        "folder",
+        "--pipeline",
+        tiny_pipe_dir,
+        "--out",
+        str(out),
+        "--resolution",
+        "32",
+        "--shard-size",
+        "2",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+    ]
     assert main(argv) == 3
     assert "stopped by SIGTERM" in capsys.readouterr().out
     assert sorted(os.listdir(out / "shards")) == ["00000.safetensors"]

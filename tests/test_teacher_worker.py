@@ -12,9 +12,19 @@ from koala.distill import FeatureRecorder, load_config
 
 
 def _cfg(pipe_dir, out, *extra):
-    return load_config("tiny", [f"teacher.pipeline={pipe_dir}", f"train.output_dir={out}", "train.progress=false",
-                                "validation.every=0", "data.num_samples=4", "train.log_every=1",
-                                "train.cpu_threads=1", *extra])
+    return load_config(
+        "tiny",
+        [
+            f"teacher.pipeline={pipe_dir}",
+            f"train.output_dir={out}",
+            "train.progress=false",
+            "validation.every=0",
+            "data.num_samples=4",
+            "train.log_every=1",
+            "train.cpu_threads=1",
+            *extra,
+        ],
+    )
 
 
 def _weights(ckpt):
@@ -22,8 +32,10 @@ def _weights(ckpt):
 
 
 def _losses(out):
-    return [{k: v for k, v in json.loads(line).items() if k.startswith(("loss", "feat"))}
-            for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(line).items() if k.startswith(("loss", "feat"))}
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 @pytest.mark.slow
@@ -32,8 +44,15 @@ def test_teacher_worker_trains_the_same_weights_and_resumes_exactly(tiny_pipe_di
     on the same weights as the in-process teacher, bit for bit; stopped and resumed, it ends there too."""
     from koala.distill.trainer import train
 
-    common = ("train.max_steps=4", "train.grad_accum=2", "train.batch_size=1", "train.caption_dropout=0.5",
-              "train.checkpoint_every=2", "train.keep_checkpoints=0", "train.ema.decay=0.9")
+    common = (
+        "train.max_steps=4",
+        "train.grad_accum=2",
+        "train.batch_size=1",
+        "train.caption_dropout=0.5",
+        "train.checkpoint_every=2",
+        "train.keep_checkpoints=0",
+        "train.ema.decay=0.9",
+    )
     plain = train(_cfg(tiny_pipe_dir, tmp_path / "plain", *common))
     worker = train(_cfg(tiny_pipe_dir, tmp_path / "worker", *common, "train.teacher_worker=true"))
     assert plain["step"] == worker["step"] == 4 and plain["feature_pairs"] == worker["feature_pairs"] > 0
@@ -42,8 +61,9 @@ def test_teacher_worker_trains_the_same_weights_and_resumes_exactly(tiny_pipe_di
     wa, wb = _weights(plain["checkpoint"]), _weights(worker["checkpoint"])
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     mid = os.path.join(tmp_path / "worker", "checkpoints", "step-0000002")
-    resumed = train(_cfg(tiny_pipe_dir, tmp_path / "resumed", *common, "train.teacher_worker=true",
-                         f"train.resume={mid}"))
+    resumed = train(
+        _cfg(tiny_pipe_dir, tmp_path / "resumed", *common, "train.teacher_worker=true", f"train.resume={mid}")
+    )
     wr = _weights(resumed["checkpoint"])
     assert resumed["step"] == 4 and all(torch.equal(wa[k], wr[k]) for k in wa)
 
@@ -54,8 +74,11 @@ def test_teacher_worker_reports_failures(tiny_teacher):
 
     c = tiny_teacher.config
     pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
-    cond = {"prompt_embeds": torch.randn(1, 7, c.cross_attention_dim), "pooled_prompt_embeds": torch.randn(1, pooled),
-            "add_time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]])}
+    cond = {
+        "prompt_embeds": torch.randn(1, 7, c.cross_attention_dim),
+        "pooled_prompt_embeds": torch.randn(1, pooled),
+        "add_time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]]),
+    }
     names = ["down_blocks.1.attentions.0.transformer_blocks.0.attn1"]
     w = TeacherWorker(tiny_teacher, "sdxl", names, torch.float32, threads=1)
     try:
@@ -65,9 +88,12 @@ def test_teacher_worker_reports_failures(tiny_teacher):
         # what the worker computed is the in-process forward, features included (one thread in both)
         rec = FeatureRecorder(tiny_teacher, names, "teacher")
         with torch.no_grad(), rec.capture():
-            ref = tiny_teacher(x, t, encoder_hidden_states=cond["prompt_embeds"],
-                               added_cond_kwargs={"text_embeds": cond["pooled_prompt_embeds"],
-                                                  "time_ids": cond["add_time_ids"]}).sample
+            ref = tiny_teacher(
+                x,
+                t,
+                encoder_hidden_states=cond["prompt_embeds"],
+                added_cond_kwargs={"text_embeds": cond["pooled_prompt_embeds"], "time_ids": cond["add_time_ids"]},
+            ).sample
         ref_feats = rec.pop()
         assert torch.equal(out, ref) and set(feats) == set(names) and torch.equal(feats[names[0]], ref_feats[names[0]])
         rec.remove()
@@ -95,10 +121,12 @@ def test_unclosed_teacher_worker_does_not_hold_up_exit():
     import subprocess
     import sys
 
-    code = ("import torch\nfrom koala import KoalaError\nfrom koala.distill.teacher_worker import TeacherWorker\n"
-            "w = TeacherWorker(torch.nn.Linear(2, 2), 'sdxl', [], torch.float32, threads=1)\n"
-            "w.submit(torch.zeros(1, 2), torch.zeros(1), {})\n"
-            "try:\n    w.result()\nexcept KoalaError:\n    print('started', flush=True)\n")
+    code = (
+        "import torch\nfrom koala import KoalaError\nfrom koala.distill.teacher_worker import TeacherWorker\n"
+        "w = TeacherWorker(torch.nn.Linear(2, 2), 'sdxl', [], torch.float32, threads=1)\n"
+        "w.submit(torch.zeros(1, 2), torch.zeros(1), {})\n"
+        "try:\n    w.result()\nexcept KoalaError:\n    print('started', flush=True)\n"
+    )
     # the worker has answered once (a failed forward), so it is up and waiting for the next input
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "started" in done.stdout, done.stderr[-2000:]

@@ -9,11 +9,28 @@ import torch
 from safetensors.torch import load_file
 
 from koala.errors import KoalaError
-from koala.testing.tiny import (RANDOM, SHAPES, sdxl_scheduler, text_encoder_config, tiny_pipeline,
-                                tiny_text_encoders, tiny_unet, tiny_vae, unet_config)
+from koala.testing.tiny import (
+    RANDOM,
+    SHAPES,
+    sdxl_scheduler,
+    text_encoder_config,
+    tiny_pipeline,
+    tiny_text_encoders,
+    tiny_unet,
+    tiny_vae,
+    unet_config,
+)
 
-_META = {"_name_or_path", "_diffusers_version", "_class_name", "_use_default_values", "transformers_version",
-         "architectures", "dtype", "torch_dtype"}
+_META = {
+    "_name_or_path",
+    "_diffusers_version",
+    "_class_name",
+    "_use_default_values",
+    "transformers_version",
+    "architectures",
+    "dtype",
+    "torch_dtype",
+}
 
 
 def _clean(cfg: dict, drop=()) -> dict:
@@ -42,7 +59,9 @@ def test_shapes_builder_matches_the_packaged_teacher():
 
     unet = tiny_unet(SHAPES)
     assert _clean(dict(unet.config)) == _clean(json.load(open(_asset("unet", "config.json"))))
-    unet.load_state_dict({k: v.float() for k, v in load_file(_asset("unet", "diffusion_pytorch_model.safetensors")).items()})
+    unet.load_state_dict(
+        {k: v.float() for k, v in load_file(_asset("unet", "diffusion_pytorch_model.safetensors")).items()}
+    )
 
     vae = tiny_vae(SHAPES)
     drop = ("scaling_factor",)  # trained: 1 / std of the latents
@@ -78,8 +97,14 @@ def test_tiny_sd_pipeline_loads_and_generates(tiny_sd_pipe_dir):
     assert cfg.addition_embed_type is None and cfg.cross_attention_dim == pipe.text_encoder.config.hidden_size
     assert pipe.safety_checker is None and pipe.vae_scale_factor == 2
     pipe.set_progress_bar_config(disable=True)
-    img = pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="np",
-               generator=torch.Generator().manual_seed(0)).images[0]
+    img = pipe(
+        "a red circle",
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
     assert img.shape == (32, 32, 3) and np.isfinite(img).all()
 
 

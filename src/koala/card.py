@@ -15,7 +15,7 @@ import yaml
 from . import __version__
 from .arch.layer_map import LayerMap
 from .families.sampling import SPACING
-from .utils import atomic_write_text
+from .utils.files import atomic_write_text
 
 CARD = "README.md"
 
@@ -28,7 +28,7 @@ def read_card(path: str) -> tuple[dict, str]:
         end = text.find("\n---", 4)
         if end > 0:
             meta = yaml.safe_load(text[4:end]) or {}
-            return (meta if isinstance(meta, dict) else {}), text[end + 4:].lstrip("\n")
+            return (meta if isinstance(meta, dict) else {}), text[end + 4 :].lstrip("\n")
     return {}, text
 
 
@@ -55,13 +55,20 @@ def _stage_table(lmap: LayerMap) -> list[str]:
         picked.setdefault(e.stage, set()).add(e.teacher_layer)
     for stage in lmap.stages():
         src = sorted(x for x in picked.get(stage, ()) if x is not None)
-        rows.append(f"| {stage} | {blocks.get(stage, 0)} | {layers.get(stage, 0)} | "
-                    f"{', '.join(map(str, src)) or '-'} |")
+        rows.append(
+            f"| {stage} | {blocks.get(stage, 0)} | {layers.get(stage, 0)} | {', '.join(map(str, src)) or '-'} |"
+        )
     return rows
 
 
-def model_card(lmap: LayerMap, student_params: int, teacher_params: int | None = None,
-               training: dict | None = None, name: str | None = None, layout: str = "pipeline") -> str:
+def model_card(
+    lmap: LayerMap,
+    student_params: int,
+    teacher_params: int | None = None,
+    training: dict | None = None,
+    name: str | None = None,
+    layout: str = "pipeline",
+) -> str:
     """The card's text. ``training``: ``{"step", "global_batch", "features", "loss"}`` for a checkpoint;
     ``layout``: what the folder holds (``pipeline``, ``model``: a U-Net / DiT alone, ``checkpoint``: a distill
     checkpoint), for the usage line. Measured results are added later with :func:`add_results`."""
@@ -78,39 +85,74 @@ def model_card(lmap: LayerMap, student_params: int, teacher_params: int | None =
     front["tags"] = ["koala", "knowledge-distillation", "text-to-image", family]
     kind = meta.get("teacher_kind", "base")
     preset = meta.get("preset") or "custom"
-    lines = [f"# {name or preset}", "",
-             f"A KOALA student ({preset}, {family} family) compressed from `{teacher or 'the teacher'}` by koala "
-             f"{__version__} (Lee et al., NeurIPS 2024): blocks and transformer layers removed, every kept tensor "
-             "initialised from the teacher tensor at the same place (`koala_layer_map.json` lists them).", "",
-             "| | student | teacher |", "|---|---|---|",
-             f"| denoiser parameters | {student_params:,} | {f'{teacher_params:,}' if teacher_params else '-'} |"]
+    lines = [
+        f"# {name or preset}",
+        "",
+        f"A KOALA student ({preset}, {family} family) compressed from `{teacher or 'the teacher'}` by koala "
+        f"{__version__} (Lee et al., NeurIPS 2024): blocks and transformer layers removed, every kept tensor "
+        "initialised from the teacher tensor at the same place (`koala_layer_map.json` lists them).",
+        "",
+        "| | student | teacher |",
+        "|---|---|---|",
+        f"| denoiser parameters | {student_params:,} | {f'{teacher_params:,}' if teacher_params else '-'} |",
+    ]
     if teacher_params:
         lines.append(f"| kept | {100 * student_params / teacher_params:.1f}% | 100% |")
-    lines += ["", "## Layer map", "", f"Layer selection: {lmap.layer_selection}; teacher kind: {kind}.", "",
-              *_stage_table(lmap), ""]
+    lines += [
+        "",
+        "## Layer map",
+        "",
+        f"Layer selection: {lmap.layer_selection}; teacher kind: {kind}.",
+        "",
+        *_stage_table(lmap),
+        "",
+    ]
     spacing = SPACING.get(kind) or "the pipeline's own (leading for SDXL)"
     sub = "transformer" if family == "pixart" else "unet"
-    how = {"pipeline": "--model THIS_DIR", "model": "--unet THIS_DIR --base TEACHER_PIPELINE",
-           "checkpoint": f"--unet THIS_DIR/{sub} --base TEACHER_PIPELINE"}[layout]
-    lines += ["## Sampling (the paper's defaults)", "",
-              f"Euler, 10 steps, guidance scale 3.5, timestep spacing: {spacing}. With koala: "
-              f"`koala generate \"a photo of a koala\" {how}`.", ""]
+    how = {
+        "pipeline": "--model THIS_DIR",
+        "model": "--unet THIS_DIR --base TEACHER_PIPELINE",
+        "checkpoint": f"--unet THIS_DIR/{sub} --base TEACHER_PIPELINE",
+    }[layout]
+    lines += [
+        "## Sampling (the paper's defaults)",
+        "",
+        f"Euler, 10 steps, guidance scale 3.5, timestep spacing: {spacing}. With koala: "
+        f'`koala generate "a photo of a koala" {how}`.',
+        "",
+    ]
     if training:
-        lines += ["## Training", "",
-                  f"Distilled with `koala distill` for {training.get('step')} steps at a global batch of "
-                  f"{training.get('global_batch')} (the whole resolved recipe: `state.json` beside this card, and the "
-                  "run's `config.yaml`).",
-                  f"Losses: {training.get('loss')}; feature KD: {training.get('features')}.", ""]
+        lines += [
+            "## Training",
+            "",
+            f"Distilled with `koala distill` for {training.get('step')} steps at a global batch of "
+            f"{training.get('global_batch')} (the whole resolved recipe: `state.json` beside this card, and the "
+            "run's `config.yaml`).",
+            f"Losses: {training.get('loss')}; feature KD: {training.get('features')}.",
+            "",
+        ]
     else:
-        lines += ["## Training", "", "Not trained yet: this is the compressed initialisation (`koala compress`). "
-                  "Distill it with `koala distill`.", ""]
+        lines += [
+            "## Training",
+            "",
+            "Not trained yet: this is the compressed initialisation (`koala compress`). "
+            "Distill it with `koala distill`.",
+            "",
+        ]
     return "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n\n" + "\n".join(lines)
 
 
-def write_model_card(folder: str, lmap: LayerMap, student_params: int, teacher_params: int | None = None,
-                     training: dict | None = None, layout: str = "pipeline") -> str:
-    return atomic_write_text(os.path.join(folder, CARD), model_card(lmap, student_params, teacher_params, training,
-                                                                     layout=layout))
+def write_model_card(
+    folder: str,
+    lmap: LayerMap,
+    student_params: int,
+    teacher_params: int | None = None,
+    training: dict | None = None,
+    layout: str = "pipeline",
+) -> str:
+    return atomic_write_text(
+        os.path.join(folder, CARD), model_card(lmap, student_params, teacher_params, training, layout=layout)
+    )
 
 
 def add_results(folder: str, rows: list[dict], columns: list[str], how: str) -> str:

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import torch
 
 from .card import write_model_card
-from .errors import KoalaError
 from .families import family_of, model_dir_kind
-from .formats.single_file import load_denoiser
 from .families.sampling import SPACING, check_kind, sampling_scheduler
-from .utils import atomic_output_dir, count_params, read_json
+from .formats.single_file import load_denoiser
+from .utils.files import atomic_output_dir, read_json, refuse_existing
+from .utils.weights import count_params
 
 
 @dataclass
@@ -36,9 +36,19 @@ class CompressResult:
         return self.student_params / self.teacher_params
 
 
-def compress(teacher_path: str, preset, out_dir: str, dtype: str | torch.dtype | None = None, overwrite: bool = False,
-             layer_selection: str = "bottom", teacher_unet: str | None = None, family: str | None = None,
-             teacher_kind: str = "base", teacher_config: str | None = None, _source: str | None = None) -> CompressResult:
+def compress(
+    teacher_path: str,
+    preset,
+    out_dir: str,
+    dtype: str | torch.dtype | None = None,
+    overwrite: bool = False,
+    layer_selection: str = "bottom",
+    teacher_unet: str | None = None,
+    family: str | None = None,
+    teacher_kind: str = "base",
+    teacher_config: str | None = None,
+    _source: str | None = None,
+) -> CompressResult:
     """Compress ``teacher_path`` (model dir or pipeline dir) into ``out_dir`` atomically.
 
     For a pipeline, ``out_dir`` becomes a full pipeline directory with the student in the denoiser's folder.
@@ -53,27 +63,35 @@ def compress(teacher_path: str, preset, out_dir: str, dtype: str | torch.dtype |
     if os.path.isfile(teacher_path):  # a single-file checkpoint (SDXL fine-tunes ship so): converted offline first
         from .formats.single_file import single_file_to_diffusers
 
-        if os.path.exists(out_dir) and not overwrite:
-            raise KoalaError(f"{out_dir} already exists; overwrite it or choose another output directory",
-                             option="overwrite")
+        refuse_existing(out_dir, overwrite)
         parent = os.path.dirname(os.path.abspath(out_dir))
         os.makedirs(parent, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".koala-teacher-", dir=parent) as tmp:
             converted = single_file_to_diffusers(teacher_path, os.path.join(tmp, "teacher"), config=teacher_config)
-            return compress(converted.out, preset, out_dir, dtype, overwrite, layer_selection, teacher_unet, family,
-                            teacher_kind, _source=os.path.abspath(teacher_path))
+            return compress(
+                converted.out,
+                preset,
+                out_dir,
+                dtype,
+                overwrite,
+                layer_selection,
+                teacher_unet,
+                family,
+                teacher_kind,
+                _source=os.path.abspath(teacher_path),
+            )
     kind = model_dir_kind(teacher_path)
     fam = family_of(teacher_path, family)
     spec = fam.resolve_spec(preset)  # refuse a wrong preset before loading gigabytes
-    if os.path.exists(out_dir) and not overwrite:
-        raise KoalaError(f"{out_dir} already exists; overwrite it or choose another output directory", option="overwrite")
+    refuse_existing(out_dir, overwrite)
     if kind == "pipeline":  # the other components are copied into the output: refuse a broken pipeline first
         fam.check_pipeline_dir(teacher_path, "teacher")
     teacher, fam = load_denoiser(teacher_unet or teacher_path, dtype, config_from=teacher_path, family=fam)
     student, lmap = fam.compress(teacher, spec, layer_selection, dtype)
     recorded = os.path.abspath(teacher_unet) if teacher_unet else (_source or os.path.abspath(teacher_path))
-    lmap.meta.update({"teacher_path": recorded,
-                      "preset": preset if isinstance(preset, str) else None, "teacher_kind": teacher_kind})
+    lmap.meta.update(
+        {"teacher_path": recorded, "preset": preset if isinstance(preset, str) else None, "teacher_kind": teacher_kind}
+    )
     with atomic_output_dir(out_dir, overwrite) as tmp:
         model_out = tmp
         if kind == "pipeline":
@@ -88,12 +106,24 @@ def compress(teacher_path: str, preset, out_dir: str, dtype: str | torch.dtype |
             model_out = os.path.join(tmp, fam.model_subfolder)
             sched_dir = os.path.join(tmp, "scheduler")
             if SPACING[teacher_kind] and os.path.isfile(os.path.join(sched_dir, "scheduler_config.json")):
-                sampling_scheduler(read_json(os.path.join(sched_dir, "scheduler_config.json")),
-                                   teacher_kind).save_config(sched_dir)
+                sampling_scheduler(
+                    read_json(os.path.join(sched_dir, "scheduler_config.json")), teacher_kind
+                ).save_config(sched_dir)
         student.save_pretrained(model_out, safe_serialization=True)
         lmap.save(model_out)
         # the student's model card replaces the teacher's (copied with the pipeline) at the top of the output
-        write_model_card(tmp, lmap, count_params(student), count_params(teacher),
-                         layout="pipeline" if kind == "pipeline" else "model")
-    return CompressResult(os.path.abspath(out_dir), "pipeline" if kind == "pipeline" else "unet", fam.name,
-                          count_params(teacher), count_params(student), len(student.state_dict()))
+        write_model_card(
+            tmp,
+            lmap,
+            count_params(student),
+            count_params(teacher),
+            layout="pipeline" if kind == "pipeline" else "model",
+        )
+    return CompressResult(
+        os.path.abspath(out_dir),
+        "pipeline" if kind == "pipeline" else "unet",
+        fam.name,
+        count_params(teacher),
+        count_params(student),
+        len(student.state_dict()),
+    )

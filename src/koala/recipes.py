@@ -43,8 +43,9 @@ def resolve_recipe(name: str):
         for cand in (Path.cwd() / "configs" / f"{stem}.yaml", package_configs() / f"{stem}.yaml"):
             if cand.is_file():
                 return cand
-    raise KoalaError(f"recipe {name!r} not found: give a YAML file path or a shipped recipe name: "
-                     f"{', '.join(shipped_recipes())}")
+    raise KoalaError(
+        f"recipe {name!r} not found: give a YAML file path or a shipped recipe name: {', '.join(shipped_recipes())}"
+    )
 
 
 def _read(src) -> dict:
@@ -128,8 +129,14 @@ def _suggest(cfg: DictConfig, full_key: str) -> str:
     return f" (did you mean {prefix}{close[0]}?)" if close else f" (known: {', '.join(known)})" if known else ""
 
 
-def load(schema: type, recipe: str | None, overrides: Iterable[str] = (), *, whole: Iterable[str] = (),
-         removed: Mapping[str, str] | None = None) -> DictConfig:
+def load(
+    schema: type,
+    recipe: str | None,
+    overrides: Iterable[str] = (),
+    *,
+    whole: Iterable[str] = (),
+    removed: Mapping[str, str] | None = None,
+) -> DictConfig:
     """``schema`` defaults <- ``recipe`` (``extends`` chain first) <- ``key=value`` overrides.
 
     Keys in ``whole`` (dotted) are replaced as a whole by any layer that sets them, never merged key by key.
@@ -151,7 +158,7 @@ def load(schema: type, recipe: str | None, overrides: Iterable[str] = (), *, who
             if _has(data, old):
                 raise KoalaError(f"{where}: {message}")
         for w in whole:  # a recipe setting it, or an override of it (or of a section holding it) replaces it
-            if (_has(data, w) if key is None else (w == key or w.startswith(key + "."))):
+            if _has(data, w) if key is None else (w == key or w.startswith(key + ".")):
                 OmegaConf.update(cfg, w, None, merge=False)
         cfg = _merge(cfg, data, where)
     return _resolved(cfg, recipe or "config")

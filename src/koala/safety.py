@@ -21,20 +21,26 @@ class NSFWFilter:
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 
         if not os.path.isdir(path):
-            raise KoalaError(f"NSFW model {path}: no such directory (give a local image-classification model)",
-                             option="nsfw_model")
+            raise KoalaError(
+                f"NSFW model {path}: no such directory (give a local image-classification model)", option="nsfw_model"
+            )
         if not 0.0 <= threshold <= 1.0:
             raise KoalaError(f"NSFW threshold {threshold}: must be between 0 and 1", option="nsfw_threshold")
         try:
             self.model = AutoModelForImageClassification.from_pretrained(path).to(device).eval()
             self.processor = AutoImageProcessor.from_pretrained(path)
         except (OSError, ValueError) as err:
-            raise KoalaError(f"NSFW model {path}: cannot load an image classifier and its image processor ({err})",
-                             option="nsfw_model") from err
+            raise KoalaError(
+                f"NSFW model {path}: cannot load an image classifier and its image processor ({err})",
+                option="nsfw_model",
+            ) from err
         labels = {str(v).lower(): int(k) for k, v in self.model.config.id2label.items()}
         if label.lower() not in labels:
-            raise KoalaError(f"NSFW label {label!r} is not a class of {path}/config.json (id2label has "
-                             f"{sorted(self.model.config.id2label.values())}); choose one of those", option="nsfw_label")
+            raise KoalaError(
+                f"NSFW label {label!r} is not a class of {path}/config.json (id2label has "
+                f"{sorted(self.model.config.id2label.values())}); choose one of those",
+                option="nsfw_label",
+            )
         self.index = labels[label.lower()]
         self.label, self.threshold, self.path, self.device = label, threshold, path, device
 

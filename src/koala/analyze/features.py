@@ -49,6 +49,7 @@ class _Recorder:
         def hook(_m, _a, output):
             if self.active:
                 self.out[name] = _first(output).detach().float()
+
         return hook
 
     def remove(self):
@@ -68,8 +69,17 @@ def _generate(loaded, prompts, steps, cfg, seed):
 
 
 @torch.no_grad()
-def layer_similarity(loaded, prompts: list[str], lmap: LayerMap, student=None, student_lmap: LayerMap | None = None,
-                     steps: int = 10, cfg: float = 3.5, seed: int = 0, progress: bool = True) -> dict:
+def layer_similarity(
+    loaded,
+    prompts: list[str],
+    lmap: LayerMap,
+    student=None,
+    student_lmap: LayerMap | None = None,
+    steps: int = 10,
+    cfg: float = 3.5,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
     """Mean cosine similarity between the outputs of every pair of transformer layers of each group (Fig. 11),
     over prompts, sampling steps and the batch (each sample's output flattened to one vector). With ``student``
     (and its layer map), also the mean cosine between each student layer's output and its mapped teacher layer's,
@@ -112,11 +122,14 @@ def layer_similarity(loaded, prompts: list[str], lmap: LayerMap, student=None, s
         if s_rec is not None:
             s_rec.remove()
     n = max(calls[0], 1)
-    out = {"forwards": calls[0], "groups": {k: {"layers": [e.student for e in groups[k]],
-                                                  "matrix": (sums[k] / n).tolist()} for k in groups}}
+    out = {
+        "forwards": calls[0],
+        "groups": {k: {"layers": [e.student for e in groups[k]], "matrix": (sums[k] / n).tolist()} for k in groups},
+    }
     if s_rec is not None:
-        out["student_vs_teacher"] = {e.student: {"teacher": e.teacher, "stage": e.stage, "cosine": pair_sums[e.student] / n}
-                                     for e in pairs}
+        out["student_vs_teacher"] = {
+            e.student: {"teacher": e.teacher, "stage": e.stage, "cosine": pair_sums[e.student] / n} for e in pairs
+        }
     return out
 
 
@@ -142,13 +155,14 @@ def pca_rgb(tokens: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor
     n = tokens.shape[0]
     h = max(1, round(math.sqrt(n * height / width)))
     w = n // h
-    var = (s ** 2 / (s ** 2).sum()).tolist()[:3]
+    var = (s**2 / (s**2).sum()).tolist()[:3]
     return img[: h * w].reshape(h, w, 3), var
 
 
 @torch.no_grad()
-def sa_pca(loaded, prompt: str, lmap: LayerMap, timestep: float = 500, steps: int = 10, cfg: float = 3.5,
-           seed: int = 0) -> dict:
+def sa_pca(
+    loaded, prompt: str, lmap: LayerMap, timestep: float = 500, steps: int = 10, cfg: float = 3.5, seed: int = 0
+) -> dict:
     """Generate ``prompt`` and take, at the sampling step whose timestep is nearest ``timestep``, each stage's
     self-attention output (the conditional sample of the CFG batch) as a PCA RGB image. Returns the generated
     image, the step's timestep and per stage the PCA image and explained-variance ratios."""
@@ -182,6 +196,11 @@ def sa_pca(loaded, prompt: str, lmap: LayerMap, timestep: float = 500, steps: in
     for stage, tokens in taken.items():
         tokens = tokens.reshape(-1, tokens.shape[-1]) if tokens.ndim > 2 else tokens
         rgb, var = pca_rgb(tokens, image.size[1], image.size[0])
-        stages[stage] = {"module": mods[stage], "tokens": list(tokens.shape), "grid": list(rgb.shape[:2]),
-                         "explained_variance": var, "rgb": rgb}
+        stages[stage] = {
+            "module": mods[stage],
+            "tokens": list(tokens.shape),
+            "grid": list(rgb.shape[:2]),
+            "explained_variance": var,
+            "rgb": rgb,
+        }
     return {"image": image, "timestep": chosen, "stages": stages}

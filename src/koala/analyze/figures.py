@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..utils import require
+from ..utils.extras import require
 
 
 def _plt():
@@ -33,8 +33,16 @@ def params_figure(numbers: dict, path: str) -> str:
         bottom = [0.0] * len(stages)
         for c, comp in enumerate(comps):
             vals = [rows["params"].get(s, {}).get(comp, 0) / 1e6 for s in stages]
-            ax1.bar(xs, vals, width, bottom=bottom, color=colours(c), edgecolor="black" if m else "none",
-                    linewidth=0.4, label=comp if m == 0 else None)
+            ax1.bar(
+                xs,
+                vals,
+                width,
+                bottom=bottom,
+                color=colours(c),
+                edgecolor="black" if m else "none",
+                linewidth=0.4,
+                label=comp if m == 0 else None,
+            )
             bottom = [b + v for b, v in zip(bottom, vals)]
         ax2.bar(xs, [rows["flops"].get(s, 0) / 1e9 for s in stages], width, label=name)
     for ax, title in ((ax1, "parameters (M) per stage"), (ax2, f"GFLOPs per stage at {numbers['resolution']}²")):
@@ -53,8 +61,11 @@ def latency_figure(numbers: dict, path: str) -> str:
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(ms) + 3), 4))
     ax.bar(list(ms), list(ms.values()))
     ax.set_ylabel("ms (median)")
-    ax.set_title(f"{numbers['model']}: forward time per stage, {numbers['resolution']}² batch {numbers['batch']} "
-                 f"({numbers['device']}, {numbers['dtype']}); total {numbers['ms']['total']:.1f} ms", fontsize=9)
+    ax.set_title(
+        f"{numbers['model']}: forward time per stage, {numbers['resolution']}² batch {numbers['batch']} "
+        f"({numbers['device']}, {numbers['dtype']}); total {numbers['ms']['total']:.1f} ms",
+        fontsize=9,
+    )
     ax.tick_params(axis="x", rotation=45 if len(ms) > 10 else 0)
     return _save(plt, fig, path)
 
@@ -93,8 +104,9 @@ def pca_figure(rows: dict, prompt: str, path: str) -> str:
     """Per row (teacher / student): the generated image, then each stage's SA-output PCA as RGB (Fig. 3)."""
     plt = _plt()
     stages = list(dict.fromkeys(s for r in rows.values() for s in r["stages"]))
-    fig, axes = plt.subplots(len(rows), len(stages) + 1, figsize=(1.9 * (len(stages) + 1), 2.1 * len(rows)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(rows), len(stages) + 1, figsize=(1.9 * (len(stages) + 1), 2.1 * len(rows)), squeeze=False
+    )
     for r, (name, row) in enumerate(rows.items()):
         axes[r][0].imshow(row["image"])
         axes[r][0].set_title(f"{name} (t={row['timestep']:.0f})", fontsize=7)

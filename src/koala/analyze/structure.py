@@ -14,8 +14,16 @@ import torch
 from ..arch.layer_map import LayerMap
 from ..families import Family
 
-COMPONENTS = ("resnets", "self-attention", "cross-attention", "feed-forward", "norms", "attention proj / modulation",
-              "up/downsamplers", "embeddings & IO")
+COMPONENTS = (
+    "resnets",
+    "self-attention",
+    "cross-attention",
+    "feed-forward",
+    "norms",
+    "attention proj / modulation",
+    "up/downsamplers",
+    "embeddings & IO",
+)
 
 
 def component_of(name: str) -> str:
@@ -62,14 +70,18 @@ class Dissection:
     """Parameters per stage and component, and forward FLOPs per stage."""
 
     params: dict[str, dict[str, int]]  # stage -> component -> count
-    flops: dict[str, int]              # stage -> FLOPs of one forward (the inputs given)
+    flops: dict[str, int]  # stage -> FLOPs of one forward (the inputs given)
     total_params: int
     total_flops: int
 
     def to_dict(self) -> dict:
-        return {"params": self.params, "flops": self.flops, "total_params": self.total_params,
-                "total_flops": self.total_flops,
-                "params_per_stage": {s: sum(c.values()) for s, c in self.params.items()}}
+        return {
+            "params": self.params,
+            "flops": self.flops,
+            "total_params": self.total_params,
+            "total_flops": self.total_flops,
+            "params_per_stage": {s: sum(c.values()) for s, c in self.params.items()},
+        }
 
 
 def param_table(model: torch.nn.Module, lmap: LayerMap) -> dict[str, dict[str, int]]:
@@ -89,8 +101,11 @@ def flop_table(model: torch.nn.Module, lmap: LayerMap, inputs: dict) -> dict[str
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(**inputs)
     root = type(model).__name__
-    inclusive = {k[len(root) + 1:] if k != root else "": sum(v.values())
-                 for k, v in counter.get_flop_counts().items() if k == root or k.startswith(root + ".")}
+    inclusive = {
+        k[len(root) + 1 :] if k != root else "": sum(v.values())
+        for k, v in counter.get_flop_counts().items()
+        if k == root or k.startswith(root + ".")
+    }
     children: dict[str, int] = {}
     for name, flops in inclusive.items():  # each module's count includes its children's: subtract them once
         if name:  # from the nearest ancestor that ran (a ModuleList never runs, so it has no count)
@@ -100,7 +115,7 @@ def flop_table(model: torch.nn.Module, lmap: LayerMap, inputs: dict) -> dict[str
                 if parent in inclusive:
                     break
             children[parent] = children.get(parent, 0) + flops
-    out = {s: 0 for s in stage_order(lmap)}
+    out = dict.fromkeys(stage_order(lmap), 0)
     for name, flops in inclusive.items():
         own = flops - children.get(name, 0)
         if own:
@@ -109,8 +124,9 @@ def flop_table(model: torch.nn.Module, lmap: LayerMap, inputs: dict) -> dict[str
     return out
 
 
-def dissect(family: Family, model: torch.nn.Module, lmap: LayerMap | None = None, inputs: dict | None = None
-            ) -> Dissection:
+def dissect(
+    family: Family, model: torch.nn.Module, lmap: LayerMap | None = None, inputs: dict | None = None
+) -> Dissection:
     """Parameters (always) and FLOPs (when ``inputs`` are given) of ``model`` per stage of ``lmap``."""
     lmap = lmap or self_map(family, model)
     params = param_table(model, lmap)

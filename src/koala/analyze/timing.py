@@ -41,8 +41,9 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def stage_latency(model: torch.nn.Module, lmap: LayerMap, inputs: dict, repeats: int = 5, warmup: int = 1,
-                  progress: bool = False) -> dict:
+def stage_latency(
+    model: torch.nn.Module, lmap: LayerMap, inputs: dict, repeats: int = 5, warmup: int = 1, progress: bool = False
+) -> dict:
     """Median milliseconds per stage (and ``total``) of ``model(**inputs)``, over ``repeats`` timed forwards."""
     from tqdm.auto import tqdm
 
@@ -55,18 +56,23 @@ def stage_latency(model: torch.nn.Module, lmap: LayerMap, inputs: dict, repeats:
         def hook(_m, _a):
             _sync(device)
             starts[stage] = time.perf_counter()
+
         return hook
 
     def post(stage):
         def hook(_m, _a, _o):
             _sync(device)
             run[stage] = run.get(stage, 0.0) + 1000 * (time.perf_counter() - starts.pop(stage))
+
         return hook
 
     handles = []
     for stage, names in stage_modules(lmap, model).items():
         for n in names:
-            handles += [modules[n].register_forward_pre_hook(pre(stage)), modules[n].register_forward_hook(post(stage))]
+            handles += [
+                modules[n].register_forward_pre_hook(pre(stage)),
+                modules[n].register_forward_hook(post(stage)),
+            ]
     samples: dict[str, list[float]] = {}
     try:
         for i in tqdm(range(warmup + repeats), desc="forwards", disable=not progress):

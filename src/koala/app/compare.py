@@ -61,7 +61,7 @@ class Request:
     seed: int = 0  # -1: a random seed (reported)
     steps: int = 10
     cfg: float = 3.5
-    width: int | None = None   # None: the model's default size
+    width: int | None = None  # None: the model's default size
     height: int | None = None
     images: int = 1
 
@@ -83,7 +83,7 @@ class Request:
 @dataclass
 class ModelResult:
     label: str
-    images: list = field(default_factory=list)   # PIL images
+    images: list = field(default_factory=list)  # PIL images
     files: list[str] = field(default_factory=list)  # PNGs with koala generate's metadata
     params: list[dict] = field(default_factory=list)
     latency_s: float = 0.0  # per image
@@ -100,11 +100,13 @@ class ModelResult:
         if self.error:
             return f"**{self.label}**: {self.error}"
         s = self.settings
-        lines = [f"**{self.label}** - U-Net params {self.unet_params / 1e6:.2f}M",
-                 f"latency {self.latency_s:.3f} s / image - peak memory {self.peak_gib:.2f} GiB ({self.memory_kind}; "
-                 f"+{self.added_gib:.2f} GiB during this generation)",
-                 f"{s['scheduler']} ({s['timestep_spacing']} spacing), {s['steps']} steps, cfg {s['cfg']}, "
-                 f"{s['width']}x{s['height']}, {s['dtype']}, seed {s['seed']}"]
+        lines = [
+            f"**{self.label}** - U-Net params {self.unet_params / 1e6:.2f}M",
+            f"latency {self.latency_s:.3f} s / image - peak memory {self.peak_gib:.2f} GiB ({self.memory_kind}; "
+            f"+{self.added_gib:.2f} GiB during this generation)",
+            f"{s['scheduler']} ({s['timestep_spacing']} spacing), {s['steps']} steps, cfg {s['cfg']}, "
+            f"{s['width']}x{s['height']}, {s['dtype']}, seed {s['seed']}",
+        ]
         if self.scores:
             lines.append("shapes scorer: " + " | ".join(_verdict(sc) for sc in self.scores))
         return "  \n".join(lines)
@@ -137,7 +139,7 @@ def compare(slots: list[Slot], req: Request, out_dir: str | None = None, score: 
     ``score``: add the shapes-world scorer's verdict (colour / shape / binding / spatial) per image.
     """
     req.check()
-    seed = random.randint(0, 2 ** 31 - 1) if int(req.seed) < 0 else int(req.seed)
+    seed = random.randint(0, 2**31 - 1) if int(req.seed) < 0 else int(req.seed)
     out_dir = out_dir or tempfile.mkdtemp(prefix="koala-app-")
     results = []
     for i, slot in enumerate(slots):
@@ -149,10 +151,19 @@ def compare(slots: list[Slot], req: Request, out_dir: str | None = None, score: 
         lp = slot.pipe
         with PeakMemory(lp.pipe.device) as mem:
             t0 = time.perf_counter()
-            gen = generate(lp, req.prompt, negative_prompt=req.negative_prompt or None, steps=int(req.steps),
-                           cfg=float(req.cfg), seed=seed, images_per_prompt=int(req.images),
-                           width=int(req.width) if req.width else None,
-                           height=int(req.height) if req.height else None, progress=False, log=lambda *_: None)
+            gen = generate(
+                lp,
+                req.prompt,
+                negative_prompt=req.negative_prompt or None,
+                steps=int(req.steps),
+                cfg=float(req.cfg),
+                seed=seed,
+                images_per_prompt=int(req.images),
+                width=int(req.width) if req.width else None,
+                height=int(req.height) if req.height else None,
+                progress=False,
+                log=lambda *_: None,
+            )
             elapsed = time.perf_counter() - t0
         folder = os.path.join(out_dir, f"{i:02d}")
         os.makedirs(folder, exist_ok=True)
@@ -162,20 +173,33 @@ def compare(slots: list[Slot], req: Request, out_dir: str | None = None, score: 
             res.files.append(path)
         res.images, res.params = gen.images, gen.params
         res.latency_s = elapsed / max(1, len(gen.items))
-        res.peak_gib, res.added_gib = mem.peak / 2 ** 30, mem.delta / 2 ** 30
+        res.peak_gib, res.added_gib = mem.peak / 2**30, mem.delta / 2**30
         res.memory_kind = "CUDA max allocated" if mem.kind.startswith("cuda") else "process peak RSS"
         res.unet_params = slot.params
         res.settings = {**gen.params[0], "seed": seed} if gen.params else {}
         if score:
             from ..lab.score import score_image
 
-            res.scores = [{k: v for k, v in score_image(np.asarray(img.convert("RGB")), req.prompt).items()
-                           if k != "detected"} for img in gen.images]
+            res.scores = [
+                {k: v for k, v in score_image(np.asarray(img.convert("RGB")), req.prompt).items() if k != "detected"}
+                for img in gen.images
+            ]
         results.append(res)
     return results
 
 
 def results_json(results: list[ModelResult]) -> str:
     """The numbers of a comparison (no images), as shown on the page."""
-    keep = ("label", "files", "latency_s", "peak_gib", "added_gib", "memory_kind", "unet_params", "settings", "scores", "error")
+    keep = (
+        "label",
+        "files",
+        "latency_s",
+        "peak_gib",
+        "added_gib",
+        "memory_kind",
+        "unet_params",
+        "settings",
+        "scores",
+        "error",
+    )
     return json.dumps([{k: v for k, v in asdict(r).items() if k in keep} for r in results], indent=1)

@@ -42,8 +42,10 @@ def default_specs(demo_dir: str = "koala-demo", log=print) -> list[ModelSpec]:
 
 
 def _status(slots: list[Slot]) -> str:
-    parts = [f"{s.spec.label}: loaded ({s.pipe.device}, {s.pipe.dtype})" if s.ok else f"{s.spec.label}: {s.error}"
-             for s in slots]
+    parts = [
+        f"{s.spec.label}: loaded ({s.pipe.device}, {s.pipe.dtype})" if s.ok else f"{s.spec.label}: {s.error}"
+        for s in slots
+    ]
     return "Models - " + "; ".join(parts)
 
 
@@ -53,12 +55,19 @@ def build_app(slots: list[Slot], score: bool = False, out_dir: str | None = None
 
     out_dir = out_dir or tempfile.mkdtemp(prefix="koala-app-")
     with gr.Blocks(title="koala: teacher and students side by side") as app:
-        gr.Markdown("# koala: teacher and students side by side\n"
-                    "Same prompt, same seed, each model with its own sampling defaults (Euler, the paper's "
-                    "timestep spacing per teacher kind). " + _status(slots))
+        gr.Markdown(
+            "# koala: teacher and students side by side\n"
+            "Same prompt, same seed, each model with its own sampling defaults (Euler, the paper's "
+            "timestep spacing per teacher kind). " + _status(slots)
+        )
         with gr.Row():
-            prompt = gr.Textbox(label="prompt", lines=2, elem_id="koala-prompt", scale=3,
-                                value="a red circle to the left of a blue square" if score else "")
+            prompt = gr.Textbox(
+                label="prompt",
+                lines=2,
+                elem_id="koala-prompt",
+                scale=3,
+                value="a red circle to the left of a blue square" if score else "",
+            )
             negative = gr.Textbox(label="negative prompt", lines=2, elem_id="koala-negative", scale=2)
         with gr.Row():
             seed = gr.Number(label="seed", value=0, precision=0, elem_id="koala-seed")
@@ -67,27 +76,38 @@ def build_app(slots: list[Slot], score: bool = False, out_dir: str | None = None
             cfg = gr.Number(label="guidance scale (cfg)", value=3.5, elem_id="koala-cfg")
             width = gr.Number(label="width (0: model default)", value=0, precision=0, elem_id="koala-width")
             height = gr.Number(label="height (0: model default)", value=0, precision=0, elem_id="koala-height")
-            images = gr.Number(label=f"images per prompt (1-{MAX_IMAGES})", value=1, precision=0,
-                               elem_id="koala-images")
+            images = gr.Number(
+                label=f"images per prompt (1-{MAX_IMAGES})", value=1, precision=0, elem_id="koala-images"
+            )
         button = gr.Button("Generate", variant="primary", elem_id="koala-generate")
         status = gr.Markdown("", elem_id=STATUS_ID)
         outputs = [status]
         with gr.Row():
             for i, slot in enumerate(slots):
                 with gr.Column():
-                    gallery = gr.Gallery(label=slot.spec.label, elem_id=f"koala-gallery-{i}", columns=2,
-                                         height="auto", format="png")
+                    gallery = gr.Gallery(
+                        label=slot.spec.label, elem_id=f"koala-gallery-{i}", columns=2, height="auto", format="png"
+                    )
                     stats = gr.Markdown(_status([slot]), elem_id=f"koala-stats-{i}")
-                    files = gr.File(label="PNG downloads (with generation metadata)", file_count="multiple",
-                                    elem_id=f"koala-files-{i}")
+                    files = gr.File(
+                        label="PNG downloads (with generation metadata)",
+                        file_count="multiple",
+                        elem_id=f"koala-files-{i}",
+                    )
                     outputs += [gallery, stats, files]
 
         def run(prompt_v, negative_v, seed_v, random_v, steps_v, cfg_v, width_v, height_v, images_v):
             try:
-                req = Request(prompt=prompt_v, negative_prompt=negative_v or "",
-                              seed=-1 if random_v else int(seed_v or 0), steps=int(steps_v or 0),
-                              cfg=float(cfg_v if cfg_v is not None else -1), width=int(width_v or 0) or None,
-                              height=int(height_v or 0) or None, images=int(images_v or 0))
+                req = Request(
+                    prompt=prompt_v,
+                    negative_prompt=negative_v or "",
+                    seed=-1 if random_v else int(seed_v or 0),
+                    steps=int(steps_v or 0),
+                    cfg=float(cfg_v if cfg_v is not None else -1),
+                    width=int(width_v or 0) or None,
+                    height=int(height_v or 0) or None,
+                    images=int(images_v or 0),
+                )
                 results = compare(slots, req, out_dir=tempfile.mkdtemp(dir=out_dir), score=score)
             except (KoalaError, ValueError, TypeError) as err:
                 return [f"**Error:** {err}"] + [gr.update()] * (len(outputs) - 1)
@@ -97,14 +117,24 @@ def build_app(slots: list[Slot], score: bool = False, out_dir: str | None = None
                 values += [r.files, r.summary(), r.files]
             return values
 
-        button.click(run, [prompt, negative, seed, random_seed, steps, cfg, width, height, images], outputs,
-                     concurrency_limit=1)
+        button.click(
+            run, [prompt, negative, seed, random_seed, steps, cfg, width, height, images], outputs, concurrency_limit=1
+        )
     app.queue(default_concurrency_limit=1, max_size=16)
     return app
 
 
-def serve(specs: list[ModelSpec], host: str = "127.0.0.1", port: int = 7860, share: bool = False,
-          device: str | None = None, dtype: str | None = None, score: bool = False, block: bool = True, log=print):
+def serve(
+    specs: list[ModelSpec],
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    share: bool = False,
+    device: str | None = None,
+    dtype: str | None = None,
+    score: bool = False,
+    block: bool = True,
+    log=print,
+):
     """Load the models once and start the page; returns the Gradio app (``block=False``: the server runs in a
     background thread until ``app.close()``)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -112,6 +142,7 @@ def serve(specs: list[ModelSpec], host: str = "127.0.0.1", port: int = 7860, sha
     if not any(s.ok for s in slots):
         raise KoalaError("no model could be loaded: " + "; ".join(f"{s.spec.label}: {s.error}" for s in slots))
     app = build_app(slots, score=score)
-    app.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=True,
-               inbrowser=False)
+    app.launch(
+        server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=True, inbrowser=False
+    )
     return app

@@ -6,6 +6,15 @@ from .layer_map import LAYER_MAP_FILE, SELECTIONS, LayerMap, MapEntry, select_la
 from .unet import UNetSpec, build_unet, build_unet_layer_map, unet_student_config, unet_teacher_spec
 
 __all__ = [
-    "init_from_teacher", "LAYER_MAP_FILE", "SELECTIONS", "LayerMap", "MapEntry", "select_layers",
-    "UNetSpec", "build_unet", "build_unet_layer_map", "unet_student_config", "unet_teacher_spec",
+    "init_from_teacher",
+    "LAYER_MAP_FILE",
+    "SELECTIONS",
+    "LayerMap",
+    "MapEntry",
+    "select_layers",
+    "UNetSpec",
+    "build_unet",
+    "build_unet_layer_map",
+    "unet_student_config",
+    "unet_teacher_spec",
 ]

@@ -9,8 +9,9 @@ from ..errors import KoalaError
 from .layer_map import LayerMap
 
 
-def init_from_teacher(teacher: torch.nn.Module, student: torch.nn.Module, lmap: LayerMap,
-                      dtype: torch.dtype | None = None) -> torch.nn.Module:
+def init_from_teacher(
+    teacher: torch.nn.Module, student: torch.nn.Module, lmap: LayerMap, dtype: torch.dtype | None = None
+) -> torch.nn.Module:
     """Fill ``student`` (built on ``meta`` or anywhere) with copies of the mapped teacher tensors, in place."""
     t_state = teacher.state_dict()
     dtype = dtype or next(teacher.parameters()).dtype
@@ -19,8 +20,10 @@ def init_from_teacher(teacher: torch.nn.Module, student: torch.nn.Module, lmap: 
         tname = lmap.teacher_name(name)
         src = t_state.get(tname)
         if src is None or tuple(src.shape) != tuple(p.shape):  # a bug in a family's map builder; never copy silently
-            raise KoalaError(f"cannot copy {tname} -> {name}: "
-                             + ("no such teacher tensor" if src is None else f"{tuple(src.shape)} vs {tuple(p.shape)}"))
+            raise KoalaError(
+                f"cannot copy {tname} -> {name}: "
+                + ("no such teacher tensor" if src is None else f"{tuple(src.shape)} vs {tuple(p.shape)}")
+            )
         state[name] = src.detach().to(dtype=dtype, copy=True)
     student.load_state_dict(state, strict=True, assign=True)
     # non-persistent buffers (not in a state_dict; e.g. a DiT's sin-cos position table) come from the teacher too
@@ -30,7 +33,8 @@ def init_from_teacher(teacher: torch.nn.Module, student: torch.nn.Module, lmap: 
         if src is not None and tuple(src.shape) == tuple(b.shape):
             mod_name, _, attr = name.rpartition(".")
             student.get_submodule(mod_name)._buffers[attr] = src.detach().to(
-                dtype=dtype if src.is_floating_point() else src.dtype, copy=True)
+                dtype=dtype if src.is_floating_point() else src.dtype, copy=True
+            )
     leftover = [n for n, b in student.named_buffers() if b.is_meta]
     if leftover:
         raise KoalaError(f"student buffers left uninitialised: {leftover[:5]}")

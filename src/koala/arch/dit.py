@@ -36,8 +36,10 @@ class DiTSpec:
     def from_dict(cls, d: dict[str, Any]) -> "DiTSpec":
         unknown = sorted(set(d) - {"num_layers", "description", "paper_params"})
         if unknown:
-            raise KoalaError(f"spec: unknown field(s) {', '.join(unknown)}; a DiT spec has only num_layers "
-                             "(e.g. '{\"num_layers\": 14}')")
+            raise KoalaError(
+                f"spec: unknown field(s) {', '.join(unknown)}; a DiT spec has only num_layers "
+                "(e.g. '{\"num_layers\": 14}')"
+            )
         if "num_layers" not in d:
             raise KoalaError("spec: missing field num_layers (a DiT student is described by its depth)")
         n = d["num_layers"]
@@ -72,7 +74,9 @@ def dit_topology_problems(config: dict[str, Any]) -> list[str]:
         problems.append("no num_layers / attention_head_dim: not a transformer config")
         return problems
     if config.get("norm_type") != "ada_norm_single":
-        problems.append(f"norm_type is {config.get('norm_type')!r}, expected 'ada_norm_single' (PixArt's adaLN-single)")
+        problems.append(
+            f"norm_type is {config.get('norm_type')!r}, expected 'ada_norm_single' (PixArt's adaLN-single)"
+        )
     if not config.get("caption_channels"):
         problems.append("caption_channels is not set (PixArt projects T5 embeddings with a caption projection)")
     if config.get("num_vector_embeds") is not None:
@@ -84,8 +88,9 @@ def dit_student_config(teacher_config: dict[str, Any], spec: DiTSpec) -> dict[st
     """The teacher's config with ``num_layers`` = the spec's; refuses a student deeper than its teacher."""
     n_t = int(teacher_config["num_layers"])
     if not 1 <= spec.num_layers <= n_t:
-        raise KoalaError(f"spec num_layers={spec.num_layers} must be between 1 and the teacher's {n_t} transformer "
-                         "blocks")
+        raise KoalaError(
+            f"spec num_layers={spec.num_layers} must be between 1 and the teacher's {n_t} transformer blocks"
+        )
     cfg = copy.deepcopy(dict(teacher_config))
     for k in list(cfg):
         if k.startswith("_") and k != "_class_name":
@@ -97,14 +102,19 @@ def dit_student_config(teacher_config: dict[str, Any], spec: DiTSpec) -> dict[st
 def build_dit_layer_map(teacher: torch.nn.Module, student: torch.nn.Module, selection: str = "bottom") -> LayerMap:
     """Map every student module of a DiT to the teacher module it is copied from: stem, head and the top-level
     ``scale_shift_table`` to themselves, student block k to the teacher block ``selection`` picks (stage B-(k+1))."""
-    entries = [MapEntry(name, name, "IO", "io") for name, _ in student.named_children() if name != "transformer_blocks"]
+    entries = [
+        MapEntry(name, name, "IO", "io") for name, _ in student.named_children() if name != "transformer_blocks"
+    ]
     entries += [MapEntry(name, name, "IO", "io") for name, _ in student.named_parameters(recurse=False)]
     n_s, n_t = len(student.transformer_blocks), len(teacher.transformer_blocks)
     if n_s > n_t:
         raise KoalaError(f"student has {n_s} transformer blocks but the teacher only {n_t}")
     for k, tk in enumerate(select_layers(n_t, n_s, selection)):
-        entries.append(MapEntry(f"transformer_blocks.{k}", f"transformer_blocks.{tk}", stage_name(k),
-                                "transformer_layer", k, tk, k, tk))
+        entries.append(
+            MapEntry(
+                f"transformer_blocks.{k}", f"transformer_blocks.{tk}", stage_name(k), "transformer_layer", k, tk, k, tk
+            )
+        )
     return LayerMap(entries, selection, dict(teacher.config), dict(student.config))
 
 
@@ -113,8 +123,10 @@ def dit_transformer_pairs(lmap: LayerMap, student, teacher, selection: str | Non
     if selection is None:
         return [(e.stage, e.student, e.teacher) for e in lmap.of_kind("transformer_layer")]
     n_s, n_t = len(student.transformer_blocks), len(teacher.transformer_blocks)
-    return [(stage_name(k), f"transformer_blocks.{k}", f"transformer_blocks.{tk}")
-            for k, tk in enumerate(select_layers(n_t, n_s, selection))]
+    return [
+        (stage_name(k), f"transformer_blocks.{k}", f"transformer_blocks.{tk}")
+        for k, tk in enumerate(select_layers(n_t, n_s, selection))
+    ]
 
 
 def dit_stage_modules(lmap: LayerMap) -> dict[str, tuple[str, str]]:

@@ -40,7 +40,7 @@ def select_layers(n_teacher: int, n_student: int, strategy: str = "bottom") -> l
         if n_student == 0:
             return []
         stride = max(1, math.ceil(n_teacher / n_student))
-        picked = [i for i in range(0, n_teacher, stride)][:n_student]
+        picked = list(range(0, n_teacher, stride))[:n_student]
         top = n_teacher - 1
         while len(picked) < n_student:
             if top not in picked:
@@ -90,7 +90,7 @@ class LayerMap:
         e = self.entry(student_name)
         if e is None:
             raise KoalaError(f"student module {student_name!r} is not covered by the layer map")
-        return e.teacher + student_name[len(e.student):]
+        return e.teacher + student_name[len(e.student) :]
 
     def of_kind(self, kind: str) -> list[MapEntry]:
         return [e for e in self.entries if e.kind == kind]
@@ -122,7 +122,8 @@ class LayerMap:
                 break
         if problems:
             raise KoalaError(
-                "the layer map does not fit this teacher/student pair:\n  " + "\n  ".join(problems[:8])
+                "the layer map does not fit this teacher/student pair:\n  "
+                + "\n  ".join(problems[:8])
                 + "\nRe-create the student with `koala compress` from this teacher."
             )
 
@@ -146,8 +147,13 @@ class LayerMap:
             entries = [MapEntry(**e) for e in d["entries"]]
         except (KeyError, TypeError) as err:
             raise KoalaError(f"{where}: malformed 'entries' ({err})") from err
-        return cls(entries, d.get("layer_selection", "bottom"), d.get("teacher_config", {}),
-                   d.get("student_config", {}), d.get("meta", {}))
+        return cls(
+            entries,
+            d.get("layer_selection", "bottom"),
+            d.get("teacher_config", {}),
+            d.get("student_config", {}),
+            d.get("meta", {}),
+        )
 
     def save(self, directory: str | os.PathLike) -> str:
         path = os.path.join(directory, LAYER_MAP_FILE)
@@ -162,15 +168,23 @@ class LayerMap:
         path = str(path)
         if not os.path.isdir(path):
             return path if os.path.isfile(path) else None
-        return next((c for c in (os.path.join(path, d, LAYER_MAP_FILE) for d in ("", "unet", "transformer"))
-                     if os.path.isfile(c)), None)
+        return next(
+            (
+                c
+                for c in (os.path.join(path, d, LAYER_MAP_FILE) for d in ("", "unet", "transformer"))
+                if os.path.isfile(c)
+            ),
+            None,
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "LayerMap":
         found = LayerMap.find(path)
         if found is None:
-            raise KoalaError(f"{path}: no {LAYER_MAP_FILE} here or in unet/ or transformer/ (was this student made "
-                             "by `koala compress`?)")
+            raise KoalaError(
+                f"{path}: no {LAYER_MAP_FILE} here or in unet/ or transformer/ (was this student made "
+                "by `koala compress`?)"
+            )
         path = found
         try:
             with open(path) as f:

@@ -23,8 +23,16 @@ DOWN_TYPES = {"DownBlock2D", "CrossAttnDownBlock2D"}
 UP_TYPES = {"UpBlock2D", "CrossAttnUpBlock2D"}
 MID_TYPES = {"UNetMidBlock2DCrossAttn", None}
 # config fields that hold one value per stage (outermost first) and are cut when a spec drops inner stages
-PER_STAGE_FIELDS = ("down_block_types", "block_out_channels", "attention_head_dim", "num_attention_heads",
-                    "cross_attention_dim", "only_cross_attention", "layers_per_block", "transformer_layers_per_block")
+PER_STAGE_FIELDS = (
+    "down_block_types",
+    "block_out_channels",
+    "attention_head_dim",
+    "num_attention_heads",
+    "cross_attention_dim",
+    "only_cross_attention",
+    "layers_per_block",
+    "transformer_layers_per_block",
+)
 
 
 @dataclass
@@ -88,7 +96,9 @@ def unet_topology_problems(config: dict[str, Any]) -> list[str]:
         problems.append(f"down_block_types {downs} must use only {sorted(DOWN_TYPES)}")
     if not ups or any(t not in UP_TYPES for t in ups):
         problems.append(f"up_block_types {ups} must use only {sorted(UP_TYPES)}")
-    if len(downs) != len(ups) or [t.replace("Down", "") for t in downs] != [t.replace("Up", "") for t in reversed(ups)]:
+    if len(downs) != len(ups) or [t.replace("Down", "") for t in downs] != [
+        t.replace("Up", "") for t in reversed(ups)
+    ]:
         problems.append(f"up_block_types {ups} do not mirror down_block_types {downs}")
     if config.get("mid_block_type", "UNetMidBlock2DCrossAttn") not in MID_TYPES:
         problems.append(f"mid_block_type {config.get('mid_block_type')!r} is not supported")
@@ -106,7 +116,9 @@ def unet_teacher_spec(config: dict[str, Any]) -> UNetSpec:
     rev = config.get("reverse_transformer_layers_per_block")
     up_src = list(reversed(depth)) if rev is None else [list(r) if isinstance(r, (list, tuple)) else r for r in rev]
     up = [up_src[i] if config["up_block_types"][i].startswith("CrossAttn") else 0 for i in range(n)]
-    return UNetSpec(lpb, down, up, config.get("mid_block_type", "UNetMidBlock2DCrossAttn") is not None, None, "teacher")
+    return UNetSpec(
+        lpb, down, up, config.get("mid_block_type", "UNetMidBlock2DCrossAttn") is not None, None, "teacher"
+    )
 
 
 def _depth_le(student, teacher) -> bool:
@@ -134,19 +146,28 @@ def unet_student_config(teacher_config: dict[str, Any], spec: UNetSpec) -> dict[
     off = n_t - n  # the student's decoder stage i is the teacher's stage i + off
     for name in ("encoder_layers", "down_depth", "up_depth"):
         if len(getattr(spec, name)) != n:
-            raise KoalaError(f"spec field {name} has {len(getattr(spec, name))} stages but the student keeps {n} "
-                             f"(teacher: {n_t})")
+            raise KoalaError(
+                f"spec field {name} has {len(getattr(spec, name))} stages but the student keeps {n} (teacher: {n_t})"
+            )
     for i in range(n):
         if spec.encoder_layers[i] < 1 or spec.encoder_layers[i] > t.encoder_layers[i]:
-            raise KoalaError(f"spec encoder_layers[{i}]={spec.encoder_layers[i]} must be between 1 and the "
-                             f"teacher's {t.encoder_layers[i]}")
+            raise KoalaError(
+                f"spec encoder_layers[{i}]={spec.encoder_layers[i]} must be between 1 and the "
+                f"teacher's {t.encoder_layers[i]}"
+            )
         if not _depth_le(spec.down_depth[i], t.down_depth[i]):
-            raise KoalaError(f"spec down_depth[{i}]={spec.down_depth[i]} is deeper than the teacher's {t.down_depth[i]}")
+            raise KoalaError(
+                f"spec down_depth[{i}]={spec.down_depth[i]} is deeper than the teacher's {t.down_depth[i]}"
+            )
         if not _depth_le(spec.up_depth[i], t.up_depth[i + off]):
-            raise KoalaError(f"spec up_depth[{i}]={spec.up_depth[i]} is deeper than the teacher's {t.up_depth[i + off]}")
+            raise KoalaError(
+                f"spec up_depth[{i}]={spec.up_depth[i]} is deeper than the teacher's {t.up_depth[i + off]}"
+            )
         if isinstance(spec.up_depth[i], list) and len(spec.up_depth[i]) != spec.encoder_layers[n - 1 - i] + 1:
-            raise KoalaError(f"spec up_depth[{i}] lists {len(spec.up_depth[i])} layers but decoder stage {i + 1} has "
-                             f"{spec.encoder_layers[n - 1 - i] + 1} resnets")
+            raise KoalaError(
+                f"spec up_depth[{i}] lists {len(spec.up_depth[i])} layers but decoder stage {i + 1} has "
+                f"{spec.encoder_layers[n - 1 - i] + 1} resnets"
+            )
     if spec.mid_block and not t.mid_block:
         raise KoalaError("spec keeps the mid block but the teacher has none")
 
@@ -178,8 +199,16 @@ def _attn_entries(prefix_s, prefix_t, stage, idx_s, idx_t, a_s, a_t, selection) 
     yield MapEntry(prefix_s, prefix_t, stage, "attention", idx_s, idx_t)
     sel = select_layers(len(a_t.transformer_blocks), len(a_s.transformer_blocks), selection)
     for k, tk in enumerate(sel):
-        yield MapEntry(f"{prefix_s}.transformer_blocks.{k}", f"{prefix_t}.transformer_blocks.{tk}", stage,
-                       "transformer_layer", idx_s, idx_t, k, tk)
+        yield MapEntry(
+            f"{prefix_s}.transformer_blocks.{k}",
+            f"{prefix_t}.transformer_blocks.{tk}",
+            stage,
+            "transformer_layer",
+            idx_s,
+            idx_t,
+            k,
+            tk,
+        )
 
 
 def build_unet_layer_map(teacher: torch.nn.Module, student: torch.nn.Module, selection: str = "bottom") -> LayerMap:
@@ -202,22 +231,44 @@ def build_unet_layer_map(teacher: torch.nn.Module, student: torch.nn.Module, sel
     for i, (bs, bt) in enumerate(zip(student.down_blocks, teacher.down_blocks)):
         stage = f"DW-{i + 1}"
         if len(bs.resnets) > len(bt.resnets):
-            raise KoalaError(f"{stage}: student has more resnets ({len(bs.resnets)}) than the teacher ({len(bt.resnets)})")
+            raise KoalaError(
+                f"{stage}: student has more resnets ({len(bs.resnets)}) than the teacher ({len(bt.resnets)})"
+            )
         for j in range(len(bs.resnets)):
-            entries.append(MapEntry(f"down_blocks.{i}.resnets.{j}", f"down_blocks.{i}.resnets.{j}", stage, "resnet", j, j))
+            entries.append(
+                MapEntry(f"down_blocks.{i}.resnets.{j}", f"down_blocks.{i}.resnets.{j}", stage, "resnet", j, j)
+            )
             if getattr(bs, "attentions", None) is not None:
-                entries += _attn_entries(f"down_blocks.{i}.attentions.{j}", f"down_blocks.{i}.attentions.{j}", stage,
-                                         j, j, bs.attentions[j], bt.attentions[j], selection)
+                entries += _attn_entries(
+                    f"down_blocks.{i}.attentions.{j}",
+                    f"down_blocks.{i}.attentions.{j}",
+                    stage,
+                    j,
+                    j,
+                    bs.attentions[j],
+                    bt.attentions[j],
+                    selection,
+                )
         if bs.downsamplers is not None:
-            entries.append(MapEntry(f"down_blocks.{i}.downsamplers", f"down_blocks.{i}.downsamplers", stage, "downsampler"))
+            entries.append(
+                MapEntry(f"down_blocks.{i}.downsamplers", f"down_blocks.{i}.downsamplers", stage, "downsampler")
+            )
     if student.mid_block is not None:
         if teacher.mid_block is None or off:
             raise KoalaError("student has a mid block but the teacher has none at that resolution")
         for j in range(len(student.mid_block.resnets)):
             entries.append(MapEntry(f"mid_block.resnets.{j}", f"mid_block.resnets.{j}", "MID", "resnet", j, j))
         for j in range(len(student.mid_block.attentions)):
-            entries += _attn_entries(f"mid_block.attentions.{j}", f"mid_block.attentions.{j}", "MID", j, j,
-                                     student.mid_block.attentions[j], teacher.mid_block.attentions[j], selection)
+            entries += _attn_entries(
+                f"mid_block.attentions.{j}",
+                f"mid_block.attentions.{j}",
+                "MID",
+                j,
+                j,
+                student.mid_block.attentions[j],
+                teacher.mid_block.attentions[j],
+                selection,
+            )
     for i, bs in enumerate(student.up_blocks):
         ti = i + off
         bt, stage = teacher.up_blocks[ti], f"UP-{ti + 1}"
@@ -226,16 +277,28 @@ def build_unet_layer_map(teacher: torch.nn.Module, student: torch.nn.Module, sel
             raise KoalaError(f"{stage}: student has more resnets ({ns}) than the teacher ({nt})")
         for j in range(ns):
             tj = j if j < ns - 1 else nt - 1
-            entries.append(MapEntry(f"up_blocks.{i}.resnets.{j}", f"up_blocks.{ti}.resnets.{tj}", stage, "resnet", j, tj))
+            entries.append(
+                MapEntry(f"up_blocks.{i}.resnets.{j}", f"up_blocks.{ti}.resnets.{tj}", stage, "resnet", j, tj)
+            )
             if getattr(bs, "attentions", None) is not None:
-                entries += _attn_entries(f"up_blocks.{i}.attentions.{j}", f"up_blocks.{ti}.attentions.{tj}", stage,
-                                         j, tj, bs.attentions[j], bt.attentions[tj], selection)
+                entries += _attn_entries(
+                    f"up_blocks.{i}.attentions.{j}",
+                    f"up_blocks.{ti}.attentions.{tj}",
+                    stage,
+                    j,
+                    tj,
+                    bs.attentions[j],
+                    bt.attentions[tj],
+                    selection,
+                )
         if bs.upsamplers is not None:
             entries.append(MapEntry(f"up_blocks.{i}.upsamplers", f"up_blocks.{ti}.upsamplers", stage, "upsampler"))
     return LayerMap(entries, selection, dict(teacher.config), dict(student.config))
 
 
-def unet_stage_modules(lmap: LayerMap, student: torch.nn.Module, teacher: torch.nn.Module) -> dict[str, tuple[str, str]]:
+def unet_stage_modules(
+    lmap: LayerMap, student: torch.nn.Module, teacher: torch.nn.Module
+) -> dict[str, tuple[str, str]]:
     """Stage name -> (student block, teacher block) whose outputs are the stage's last feature (LF).
 
     A student encoder stage that lost its downsampler (its inner stages were dropped) has no output of the
@@ -245,7 +308,11 @@ def unet_stage_modules(lmap: LayerMap, student: torch.nn.Module, teacher: torch.
     for e in lmap.entries:
         if e.stage == "IO" or e.stage in out:
             continue
-        pair = ("mid_block", "mid_block") if e.stage == "MID" else tuple(".".join(n.split(".")[:2]) for n in (e.student, e.teacher))
+        pair = (
+            ("mid_block", "mid_block")
+            if e.stage == "MID"
+            else tuple(".".join(n.split(".")[:2]) for n in (e.student, e.teacher))
+        )
         s_block, t_block = s_mods[pair[0]], t_mods[pair[1]]
         if (getattr(s_block, "downsamplers", None) is None) != (getattr(t_block, "downsamplers", None) is None):
             continue

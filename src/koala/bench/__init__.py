@@ -6,6 +6,17 @@ from .report import load_json, markdown_table, plot, write_json
 from .timing import SCHEMA, BenchSettings, run_bench
 
 __all__ = [
-    "PeakMemory", "BenchModel", "build_bench_model", "materialize", "preset_unet_config", "random_fill_",
-    "load_json", "markdown_table", "plot", "write_json", "SCHEMA", "BenchSettings", "run_bench",
+    "PeakMemory",
+    "BenchModel",
+    "build_bench_model",
+    "materialize",
+    "preset_unet_config",
+    "random_fill_",
+    "load_json",
+    "markdown_table",
+    "plot",
+    "write_json",
+    "SCHEMA",
+    "BenchSettings",
+    "run_bench",
 ]

@@ -17,7 +17,8 @@ from diffusers import AutoencoderKL
 from ..errors import KoalaError
 from ..families import Family, all_presets, family_of, model_dir_kind
 from ..families.sdxl import SDXL_VAE_CONFIG
-from ..utils import count_params, read_json
+from ..utils.files import read_json
+from ..utils.weights import count_params
 
 SDXL_VAE = SDXL_VAE_CONFIG
 
@@ -92,8 +93,10 @@ def real_text_encoder_factories(family: Family) -> list:
     import transformers
 
     config_cls = getattr(transformers, family.text_config_class_name)
-    return [lambda cls=cls, tower=tower: getattr(transformers, cls)(config_cls(**tower))
-            for (_, _, cls), tower in zip(family.text_encoders, family.real_text_towers)]
+    return [
+        lambda cls=cls, tower=tower: getattr(transformers, cls)(config_cls(**tower))
+        for (_, _, cls), tower in zip(family.text_encoders, family.real_text_towers)
+    ]
 
 
 def real_text_encoders(family: Family, device, dtype):
@@ -108,11 +111,14 @@ def sdxl_vae(device, dtype):  # SD-1.x's and PixArt's VAEs have the same archite
 def preset_unet_config(name: str) -> tuple[Family, dict]:
     """``(family, denoiser config)`` of a preset (``koala-700m``) or tiny preset (``tiny-koala-700m``; a tiny PixArt
     teacher has the real one's 28 blocks, so ``tiny-dit-m`` keeps 14 as DiT-M does)."""
-    base = name[len(TINY_PREFIX):] if name.startswith(TINY_PREFIX) else name
+    base = name[len(TINY_PREFIX) :] if name.startswith(TINY_PREFIX) else name
     fam = all_presets().get(base)
     if fam is None:
-        raise KoalaError(f"models: {name!r} is neither a preset ({', '.join(all_presets())}; prefix 'tiny-' for "
-                         "test-size versions) nor an existing pipeline directory", option="models")
+        raise KoalaError(
+            f"models: {name!r} is neither a preset ({', '.join(all_presets())}; prefix 'tiny-' for "
+            "test-size versions) nor an existing pipeline directory",
+            option="models",
+        )
     if name.startswith(TINY_PREFIX):
         from ..testing.tiny import RANDOM, denoiser_config
 
@@ -148,12 +154,20 @@ def _to(module, device, dtype):
 
 def _from_pipeline_dir(path, device, dtype, want_text, want_vae) -> BenchModel:
     if model_dir_kind(path) != "pipeline":
-        raise KoalaError(f"models: {path} is a U-Net directory; give a full pipeline directory (model_index.json)",
-                         option="models")
+        raise KoalaError(
+            f"models: {path} is a U-Net directory; give a full pipeline directory (model_index.json)", option="models"
+        )
     fam = family_of(path)
     unet = fam.load_model(os.path.join(path, fam.model_subfolder), dtype).to(device).eval()
     parts = fam.load_parts(path, dtype, dtype, device) if (want_text or want_vae) else None
     vae_cfg = read_json(os.path.join(path, "vae", "config.json"))
     scale = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
-    return BenchModel(os.path.basename(os.path.normpath(path)), os.path.abspath(path), unet,
-                      parts.text_encoders if want_text else [], parts.vae if want_vae else None, scale, fam.name)
+    return BenchModel(
+        os.path.basename(os.path.normpath(path)),
+        os.path.abspath(path),
+        unet,
+        parts.text_encoders if want_text else [],
+        parts.vae if want_vae else None,
+        scale,
+        fam.name,
+    )

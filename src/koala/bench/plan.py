@@ -6,7 +6,8 @@ VAE. The training step itself (teacher forward with the feature hooks, student f
 activation, saved tensor, feature buffer and gradient) is *run* on the ``meta`` device under a dispatch mode
 that follows every tensor the step allocates and when it is freed, so its peak is counted, not guessed, at the
 recipe's resolution, batch, features and gradient checkpointing. Attention is counted as a fused kernel
-(flash / memory-efficient: output and logsumexp saved) unless ``train.attention=math``. Under ``train.mixed_precision`` the student
+(flash / memory-efficient: output and logsumexp saved) unless ``train.attention=math``. Under
+``train.mixed_precision`` the student
 is simulated in the low-precision dtype and the fp32 gradients and the autocast weight copies are added.
 
 Not counted: the CUDA context and the caching allocator's fragmentation (``fits`` keeps ``HEADROOM`` for them),
@@ -25,12 +26,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from ..errors import KoalaError
-from ..utils import parse_dtype, read_json
+from ..utils.devices import parse_dtype
+from ..utils.files import read_json
 from .models import SDXL_VAE, TINY_PREFIX, preset_unet_config, real_text_encoder_factories
 
 SCHEMA = "koala-plan/1"
 HEADROOM = 0.10  # fraction of the device kept free for the CUDA context, allocator cache and fragmentation
-GIB = 2 ** 30
+GIB = 2**30
 
 
 class LiveTensorBytes(TorchDispatchMode):
@@ -69,8 +71,9 @@ class LiveTensorBytes(TorchDispatchMode):
 def _fused_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
     """Memory-efficient attention (saves output + logsumexp, as flash / efficient / CPU-flash kernels do); on
     meta the plain SDPA call would take the math path, which materialises the attention matrix."""
-    return torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, attn_mask, True, dropout_p,
-                                                                  is_causal, scale=scale)[0]
+    return torch.ops.aten._scaled_dot_product_efficient_attention(
+        query, key, value, attn_mask, True, dropout_p, is_causal, scale=scale
+    )[0]
 
 
 @contextlib.contextmanager
@@ -141,8 +144,10 @@ def _frozen_from_preset(fam, tiny: bool, dtype: torch.dtype, vae_dtype) -> tuple
             encs = [make() for make in real_text_encoder_factories(fam)]
             vae = AutoencoderKL(**SDXL_VAE)
         scale = 8
-    out = {f"text_encoder{'_' + str(i + 1) if i else ''}": (sum(p.numel() for p in e.parameters()), dtype)
-           for i, e in enumerate(encs)}
+    out = {
+        f"text_encoder{'_' + str(i + 1) if i else ''}": (sum(p.numel() for p in e.parameters()), dtype)
+        for i, e in enumerate(encs)
+    }
     out["vae"] = (sum(p.numel() for p in vae.parameters()), vae_dtype or torch.float32)  # SDXL VAE: force_upcast
     return out, scale
 
@@ -160,15 +165,22 @@ def _models(cfg: dict, teacher: str | None) -> _Models:
         frozen, scale = _frozen_from_pipeline(fam, source, dtype, vae_dtype)
     else:
         if not source:
-            raise KoalaError("nothing to plan for: give a teacher preset (e.g. sdxl-base) or set teacher.pipeline",
-                             option="teacher")
+            raise KoalaError(
+                "nothing to plan for: give a teacher preset (e.g. sdxl-base) or set teacher.pipeline", option="teacher"
+            )
         try:
             fam, t_config = preset_unet_config(source)
         except KoalaError:
-            hint = ("; for a single-file teacher give the preset of its architecture (--teacher sdxl-base)"
-                    if os.path.isfile(source) else "")
-            raise KoalaError(f"teacher {source!r} is neither a pipeline directory nor a preset (e.g. sdxl-base, "
-                             f"sd-v1; tiny-<preset> for test sizes){hint}", option="teacher") from None
+            hint = (
+                "; for a single-file teacher give the preset of its architecture (--teacher sdxl-base)"
+                if os.path.isfile(source)
+                else ""
+            )
+            raise KoalaError(
+                f"teacher {source!r} is neither a pipeline directory nor a preset (e.g. sdxl-base, "
+                f"sd-v1; tiny-<preset> for test sizes){hint}",
+                option="teacher",
+            ) from None
         frozen, scale = _frozen_from_preset(fam, source.startswith(TINY_PREFIX), dtype, vae_dtype)
     s = cfg["student"]
     if s["path"]:
@@ -206,8 +218,11 @@ def simulate_step(cfg: dict, models: _Models) -> dict:
     tracker = LiveTensorBytes()
     from unittest import mock
 
-    attention = mock.patch("torch.nn.functional.scaled_dot_product_attention", _fused_sdpa) \
-        if tcfg["attention"] != "math" else contextlib.nullcontext()
+    attention = (
+        mock.patch("torch.nn.functional.scaled_dot_product_attention", _fused_sdpa)
+        if tcfg["attention"] != "math"
+        else contextlib.nullcontext()
+    )
     try:
         with tracker, attention:
             noisy = torch.empty(b, c, lat, lat, device="meta")
@@ -222,16 +237,30 @@ def simulate_step(cfg: dict, models: _Models) -> dict:
             with _autocast_like() if sim_dtype != torch.float32 else contextlib.nullcontext():
                 with s_rec.capture():
                     s_out = fam.forward(student, noisy, t, cond)
-                losses = kd_losses(s_out, target, t_out if w["out"] > 0 else None, pairs, s_rec.pop(), t_rec.pop(),
-                                   w, cfg["kd"]["feature_loss"], prediction=fam.prediction(s_out, c))
+                losses = kd_losses(
+                    s_out,
+                    target,
+                    t_out if w["out"] > 0 else None,
+                    pairs,
+                    s_rec.pop(),
+                    t_rec.pop(),
+                    w,
+                    cfg["kd"]["feature_loss"],
+                    prediction=fam.prediction(s_out, c),
+                )
                 losses.total.backward()
             del losses, s_out, t_out
     finally:
         s_rec.remove()
         t_rec.remove()
-    return {"peak_bytes": tracker.peak, "teacher_params": sum(p.numel() for p in teacher.parameters()),
-            "student_params": sum(p.numel() for p in student.parameters()), "feature_pairs": len(pairs),
-            "need_teacher": need_teacher, "sim_dtype": str(sim_dtype).replace("torch.", "")}
+    return {
+        "peak_bytes": tracker.peak,
+        "teacher_params": sum(p.numel() for p in teacher.parameters()),
+        "student_params": sum(p.numel() for p in student.parameters()),
+        "feature_pairs": len(pairs),
+        "need_teacher": need_teacher,
+        "sim_dtype": str(sim_dtype).replace("torch.", ""),
+    }
 
 
 def plan_memory(cfg: dict, teacher: str | None = None, device_gib: float | None = None, processes: int = 1) -> dict:
@@ -263,8 +292,9 @@ def plan_memory(cfg: dict, teacher: str | None = None, device_gib: float | None 
         "optimizer_states": shard(opt_bytes),
         "ema": (shard(4 * p_s) if fsdp != "none" else 4 * p_s) if tcfg["ema"]["enabled"] else 0,
         "teacher_weights": p_t * t_bytes if sim["need_teacher"] else 0,
-        "frozen_encoders_vae": sum(n * torch.empty((), dtype=dt).element_size()
-                                   for n, dt in models.frozen_params.values()),
+        "frozen_encoders_vae": sum(
+            n * torch.empty((), dtype=dt).element_size() for n, dt in models.frozen_params.values()
+        ),
     }
     # the simulated step holds gradients in the simulation dtype; mixed precision keeps fp32 gradients and
     # autocast keeps a low-precision copy of each weight for the backward
@@ -276,13 +306,29 @@ def plan_memory(cfg: dict, teacher: str | None = None, device_gib: float | None 
     total = sum(state.values()) + max(step, opt_step)
     plan = {
         "schema": SCHEMA,
-        "teacher": teacher or cfg["teacher"]["pipeline"], "student": cfg["student"]["path"] or cfg["student"]["preset"],
-        "family": models.family.name, "resolution": tcfg["resolution"], "batch_size": tcfg["batch_size"],
-        "latent": [tcfg["batch_size"], models.teacher_config["in_channels"], tcfg["resolution"] // models.vae_scale,
-                   tcfg["resolution"] // models.vae_scale],
+        "teacher": teacher or cfg["teacher"]["pipeline"],
+        "student": cfg["student"]["path"] or cfg["student"]["preset"],
+        "family": models.family.name,
+        "resolution": tcfg["resolution"],
+        "batch_size": tcfg["batch_size"],
+        "latent": [
+            tcfg["batch_size"],
+            models.teacher_config["in_channels"],
+            tcfg["resolution"] // models.vae_scale,
+            tcfg["resolution"] // models.vae_scale,
+        ],
         "processes": processes,
-        "switches": {k: tcfg[k] for k in ("mixed_precision", "gradient_checkpointing", "optimizer", "fused_optimizer",
-                                          "shard_optimizer", "fsdp")}
+        "switches": {
+            k: tcfg[k]
+            for k in (
+                "mixed_precision",
+                "gradient_checkpointing",
+                "optimizer",
+                "fused_optimizer",
+                "shard_optimizer",
+                "fsdp",
+            )
+        }
         | {"teacher_dtype": cfg["teacher"]["dtype"], "ema": tcfg["ema"]["enabled"]},
         "params": {"student": p_s, "teacher": p_t, **{k: n for k, (n, _) in models.frozen_params.items()}},
         "feature_pairs": sim["feature_pairs"],
@@ -303,29 +349,48 @@ def plan_markdown(plan: dict) -> str:
     fsdp = sw.get("fsdp", "none") if n > 1 else "none"
     part = f", 1/{n} per process"
     shard = part if (sw["shard_optimizer"] or fsdp != "none") and n > 1 else ""
-    rows = [("student weights (fp32)" + (part if fsdp == "full" else ""), b["student_weights"]),
-            (f"optimizer states{shard}", b["optimizer_states"]), ("EMA" + (part if fsdp != "none" else ""), b["ema"]), (f"teacher ({plan['switches']['teacher_dtype']})", b["teacher_weights"]),
-            ("text encoders + VAE", b["frozen_encoders_vae"]),
-            ("step: activations, features, gradients (peak)", b["step_activations_and_grads"]),
-            ("total", b["total"])]
-    lines = [f"Memory plan: {plan['teacher']} -> {plan['student']} ({plan['family']}), {plan['resolution']}px x "
-             f"batch {plan['batch_size']}, " + ", ".join(f"{k}={v}" for k, v in plan["switches"].items()), "",
-             "| part | GiB |", "|---|---|"]
+    rows = [
+        ("student weights (fp32)" + (part if fsdp == "full" else ""), b["student_weights"]),
+        (f"optimizer states{shard}", b["optimizer_states"]),
+        ("EMA" + (part if fsdp != "none" else ""), b["ema"]),
+        (f"teacher ({plan['switches']['teacher_dtype']})", b["teacher_weights"]),
+        ("text encoders + VAE", b["frozen_encoders_vae"]),
+        ("step: activations, features, gradients (peak)", b["step_activations_and_grads"]),
+        ("total", b["total"]),
+    ]
+    lines = [
+        f"Memory plan: {plan['teacher']} -> {plan['student']} ({plan['family']}), {plan['resolution']}px x "
+        f"batch {plan['batch_size']}, " + ", ".join(f"{k}={v}" for k, v in plan["switches"].items()),
+        "",
+        "| part | GiB |",
+        "|---|---|",
+    ]
     lines += [f"| {name} | {v / GIB:.2f} |" for name, v in rows]
     if "fits" in plan:
         verdict = "fits" if plan["fits"] else "does NOT fit"
-        lines += ["", f"{verdict} a {plan['device_gib']:g} GiB device ({100 * plan['headroom']:.0f}% kept for the CUDA "
-                  f"context and allocator; margin {plan['margin_gib']:+.2f} GiB)"]
+        lines += [
+            "",
+            f"{verdict} a {plan['device_gib']:g} GiB device ({100 * plan['headroom']:.0f}% kept for the CUDA "
+            f"context and allocator; margin {plan['margin_gib']:+.2f} GiB)",
+        ]
         if not plan["fits"]:
             sw = plan["switches"]
-            tips = [tip for cond, tip in (
-                (not sw["gradient_checkpointing"], "train.gradient_checkpointing=true"),
-                (plan["batch_size"] > 1, "a smaller train.batch_size with a larger train.grad_accum"),
-                (sw["mixed_precision"] == "no", "train.mixed_precision=bf16"),
-                (sw["optimizer"] != "adamw8bit", "train.optimizer=adamw8bit"),
-                (sw.get("fsdp", "none") == "none", "train.fsdp=grad_op over several processes (ZeRO-2: gradients, "
-                 "optimizer states and EMA sharded; train.fsdp=full shards the weights too)"),
-                (sw["teacher_dtype"] in ("fp32", "float32"), "teacher.dtype=bf16"),
-                (sw["ema"], "train.ema.enabled=false (or keep EMA on another device)")) if cond]
+            tips = [
+                tip
+                for cond, tip in (
+                    (not sw["gradient_checkpointing"], "train.gradient_checkpointing=true"),
+                    (plan["batch_size"] > 1, "a smaller train.batch_size with a larger train.grad_accum"),
+                    (sw["mixed_precision"] == "no", "train.mixed_precision=bf16"),
+                    (sw["optimizer"] != "adamw8bit", "train.optimizer=adamw8bit"),
+                    (
+                        sw.get("fsdp", "none") == "none",
+                        "train.fsdp=grad_op over several processes (ZeRO-2: gradients, "
+                        "optimizer states and EMA sharded; train.fsdp=full shards the weights too)",
+                    ),
+                    (sw["teacher_dtype"] in ("fp32", "float32"), "teacher.dtype=bf16"),
+                    (sw["ema"], "train.ema.enabled=false (or keep EMA on another device)"),
+                )
+                if cond
+            ]
             lines.append("to fit, try: " + "; ".join(tips or ["a device with more memory"]))
     return "\n".join(lines) + "\n"

@@ -6,7 +6,7 @@ import json
 import os
 
 from ..errors import KoalaError
-from ..utils import require
+from ..utils.extras import require
 
 
 def _ms(times: dict, key: str) -> str:
@@ -31,20 +31,30 @@ def markdown_table(result: dict) -> str:
     mem_kind = next((m["memory"].get("kind") for m in result["models"] if m["memory"]), "")
     mem_label = "Peak CUDA alloc. (GiB)" if mem_kind == "cuda_max_allocated" else "Peak RSS (GiB)"
     dn = "U-Net" if all(m.get("denoiser", "unet") == "unet" for m in result["models"]) else "Denoiser"
-    modes = [name for key, name in (("channels_last", "channels_last U-Net"), ("compile", "compiled U-Net"),
-                                     ("compile_vae", "compiled VAE decoder"), ("compile_text", "compiled text encoders"),
-                                     ("vae_tiling", "VAE tiling")) if s.get(key)]
+    modes = [
+        name
+        for key, name in (
+            ("channels_last", "channels_last U-Net"),
+            ("compile", "compiled U-Net"),
+            ("compile_vae", "compiled VAE decoder"),
+            ("compile_text", "compiled text encoders"),
+            ("vae_tiling", "VAE tiling"),
+        )
+        if s.get(key)
+    ]
     if s.get("compile_mode"):
         modes.append(f"compile mode {s['compile_mode']}")
     if s.get("memory_cap_gib"):
         modes.append(f"memory capped at {s['memory_cap_gib']} GiB")
     lines = [
-        f"Device: {where}; dtype {s['dtype']}; batch {s['batch']} ({dn} batch {s['batch'] * (2 if s['cfg'] > 1 else 1)}, "
+        f"Device: {where}; dtype {s['dtype']}; batch {s['batch']} ({dn} batch "
+        f"{s['batch'] * (2 if s['cfg'] > 1 else 1)}, "
         f"cfg {s['cfg']}); components: {', '.join(s['components'])}; warm-up {s['warmup']}, {s['repeats']} rounds "
         f"interleaved, medians; torch {env.get('torch')}" + (f"; {', '.join(modes)}." if modes else "."),
         "",
         f"| Model | Resolution | Steps | Latency (s) | Text Enc. (ms) | {dn} / step (ms) | {dn} total (ms) "
-        f"| VAE Dec. (ms) | {dn} Param. | TFLOPs / step | Weights (GiB) | {mem_label} | Speed-up ({dn}) | FLOPs ratio |",
+        f"| VAE Dec. (ms) | {dn} Param. | TFLOPs / step | Weights (GiB) | {mem_label} | Speed-up ({dn}) | FLOPs "
+        "ratio |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     rel = {r["name"]: r for r in result.get("relative", [])}
@@ -54,18 +64,26 @@ def markdown_table(result: dict) -> str:
         r = rel.get(m["name"], {})
         lines.append(
             f"| {m['name']} | {s['resolution']}² | {s['steps']} | {latency} | {_ms(t, 'text_encoders')} "
-            f"| {_ms(t, 'unet_step')} | {_ms(t, 'unet_total')} | {_ms(t, 'vae_decode')} | {_params(m['params']['unet'])} "
-            f"| {m['unet_tflops_per_step']:.3g} | {_gib(m.get('weights_bytes'))} | {_gib(m['memory'].get('peak_bytes'))} "
+            f"| {_ms(t, 'unet_step')} | {_ms(t, 'unet_total')} | {_ms(t, 'vae_decode')} | "
+            f"{_params(m['params']['unet'])} "
+            f"| {m['unet_tflops_per_step']:.3g} | {_gib(m.get('weights_bytes'))} | "
+            f"{_gib(m['memory'].get('peak_bytes'))} "
             f"| {r.get('unet_step_speedup', 1.0):.2f}x | {r.get('unet_flops_ratio', 1.0):.2f}x |"
         )
     if len(result["models"]) > 1:
         ref = result["models"][0]["name"]
-        lines += ["", f"Speed-up and FLOPs ratio are {ref} / model (higher = the model is cheaper than {ref}). "
-                  f"Median of same-round {dn} ratios: "
-                  + ", ".join(f"{r['name']} {r['unet_speedup_paired_median']:.2f}x" for r in result["relative"][1:]) + "."]
+        lines += [
+            "",
+            f"Speed-up and FLOPs ratio are {ref} / model (higher = the model is cheaper than {ref}). "
+            f"Median of same-round {dn} ratios: "
+            + ", ".join(f"{r['name']} {r['unet_speedup_paired_median']:.2f}x" for r in result["relative"][1:])
+            + ".",
+        ]
     if mem_kind == "cpu_peak_rss":
-        lines += ["Peak RSS is the whole process (every model kept loaded is counted); Weights is the model's own "
-                  "share (the components benchmarked)."]
+        lines += [
+            "Peak RSS is the whole process (every model kept loaded is counted); Weights is the model's own "
+            "share (the components benchmarked)."
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -104,13 +122,13 @@ def plot(result: dict, path: str) -> str:
 
 
 def write_json(result: dict, path: str) -> str:
-    from ..utils import atomic_write_text
+    from ..utils.files import atomic_write_text
 
     return atomic_write_text(path, json.dumps(result, indent=2) + "\n")
 
 
 def load_json(path: str) -> dict:
-    from ..utils import read_json
+    from ..utils.files import read_json
 
     data = read_json(path)
     if data.get("schema") != "koala-bench/1":

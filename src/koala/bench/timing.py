@@ -2,7 +2,8 @@
 
 One *run* mirrors the family's pipeline (``StableDiffusionXLPipeline``, ``PixArtSigmaPipeline``, ...): encode the
 prompt batch with the text encoder(s), then ``steps`` Euler steps (the denoiser, U-Net or DiT, on the CFG-doubled
-batch when ``cfg > 1``), then VAE decode. The component called ``unet`` is the denoiser, whatever its kind. Each component is
+batch when ``cfg > 1``), then VAE decode. The component called ``unet`` is the denoiser, whatever its kind. Each
+component is
 timed with a device sync at its boundaries; the whole run is the end-to-end latency. Models are measured
 in rounds A, B, A, B, ... so that background load (other processes on a shared CPU) hits all of them
 alike; medians are reported.
@@ -20,9 +21,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..arch.stats import forward_flops
-from ..families import get_family
 from ..errors import KoalaError
-from ..utils import check_dtype_on_device, compile_module, parse_device, parse_dtype, tree_to
+from ..families import get_family
+from ..utils.compile import compile_module
+from ..utils.devices import check_dtype_on_device, parse_device, parse_dtype, tree_to
 from .memory import PeakMemory
 from .models import BenchModel, build_bench_model, preset_unet_config
 
@@ -44,12 +46,16 @@ class BenchSettings:
     repeats: int = 3
     keep_loaded: bool = True  # False: build each model anew every round (only one in memory at a time)
     text_len: int | None = None  # tokens per prompt; None: the family's (CLIP 77, PixArt-Σ's T5 300)
-    channels_last: bool = False  # U-Net in channels_last memory format (the VAE decoder is slower so: see results/h200)
-    compile: bool = False        # torch.compile the U-Net (warm-up runs absorb the compilation)
-    compile_vae: bool = False    # torch.compile the VAE decoder too
-    compile_text: bool = False   # torch.compile the text encoders too
-    compile_mode: str | None = None  # torch.compile mode: None (default), reduce-overhead (CUDA graphs), max-autotune...
-    vae_tiling: bool = False     # decode in tiles (diffusers enable_tiling): less memory at 1024^2 and above
+    channels_last: bool = (
+        False  # U-Net in channels_last memory format (the VAE decoder is slower so: see results/h200)
+    )
+    compile: bool = False  # torch.compile the U-Net (warm-up runs absorb the compilation)
+    compile_vae: bool = False  # torch.compile the VAE decoder too
+    compile_text: bool = False  # torch.compile the text encoders too
+    compile_mode: str | None = (
+        None  # torch.compile mode: None (default), reduce-overhead (CUDA graphs), max-autotune...
+    )
+    vae_tiling: bool = False  # decode in tiles (diffusers enable_tiling): less memory at 1024^2 and above
     memory_cap_gib: float | None = None  # CUDA: cap this process's GPU memory (e.g. 8 for an 8 GB card)
 
     def check(self) -> None:
@@ -62,7 +68,9 @@ class BenchSettings:
         if bad or not self.components:
             raise KoalaError(f"components: unknown {bad}; choose from {', '.join(COMPONENTS)}", option="components")
         if "unet" not in self.components:
-            raise KoalaError("components must include unet (its output feeds the VAE and the report)", option="components")
+            raise KoalaError(
+                "components must include unet (its output feeds the VAE and the report)", option="components"
+            )
         if self.resolution % 64:
             raise KoalaError(f"resolution {self.resolution} must be a multiple of 64", option="resolution")
         if self.steps < 1 or self.batch < 1 or self.repeats < 1 or self.warmup < 0:
@@ -71,10 +79,13 @@ class BenchSettings:
         if self.memory_cap_gib is not None and (not self.device.startswith("cuda") or not self.memory_cap_gib > 0):
             raise KoalaError("memory_cap_gib needs a cuda device and a positive size", option="memory_cap_gib")
         if self.compile_mode and not (self.compile or self.compile_vae or self.compile_text):
-            raise KoalaError("compile_mode needs something to compile (compile, compile_vae or compile_text)",
-                             option="compile_mode")
+            raise KoalaError(
+                "compile_mode needs something to compile (compile, compile_vae or compile_text)", option="compile_mode"
+            )
         if self.device == "cpu" and parse_dtype(self.dtype) == torch.float16:
-            raise KoalaError("dtype fp16 on the cpu device is very slow or unsupported; use fp32 or bf16 on CPU", option="dtype")
+            raise KoalaError(
+                "dtype fp16 on the cpu device is very slow or unsupported; use fp32 or bf16 on CPU", option="dtype"
+            )
 
     @property
     def unet_batch(self) -> int:
@@ -99,13 +110,19 @@ class _Inputs:
         lat = s.resolution // m.vae_scale
         text_len = s.text_len or fam.default_text_len
         vocab = m.text_encoders[0].config.vocab_size if m.text_encoders else 1000
-        self.ids = [fam.token_batch(torch.randint(0, vocab, (s.batch, text_len), generator=g).to(device))
-                    for _ in m.text_encoders]
+        self.ids = [
+            fam.token_batch(torch.randint(0, vocab, (s.batch, text_len), generator=g).to(device))
+            for _ in m.text_encoders
+        ]
         # denoiser conditioning when the text encoders are not run (or do not fit a custom model): random, right shapes
         self.cond = tree_to(fam.dummy_cond(c, s.unet_batch, text_len, device="cpu", dtype=dtype), device)
         size = torch.tensor([[s.resolution, s.resolution]] * s.unet_batch)
-        self.micro = {k: v.to(device, dtype) for k, v in fam.micro_conditions(
-            {"original_size": size, "crop_top_left": torch.zeros_like(size), "target_size": size}).items()}
+        self.micro = {
+            k: v.to(device, dtype)
+            for k, v in fam.micro_conditions(
+                {"original_size": size, "crop_top_left": torch.zeros_like(size), "target_size": size}
+            ).items()
+        }
         self.latents = torch.randn(s.batch, c["in_channels"], lat, lat, generator=g).to(device, dtype)
 
 
@@ -139,8 +156,11 @@ def _one_run(m: BenchModel, s: BenchSettings, x: _Inputs, device) -> dict:
         t0 = time.perf_counter()
         cond = fam.encode_tokens(x.ids, m.text_encoders)
         if s.cfg > 1:  # the negative prompt: zeros (SDXL, force_zeros_for_empty_prompt) or encoded again (SD-1.x)
-            neg = {k: torch.zeros_like(v) for k, v in cond.items()} if fam.zero_uncond else \
-                fam.encode_tokens(x.ids, m.text_encoders)
+            neg = (
+                {k: torch.zeros_like(v) for k, v in cond.items()}
+                if fam.zero_uncond
+                else fam.encode_tokens(x.ids, m.text_encoders)
+            )
             cond = {k: torch.cat([neg[k], v]) for k, v in cond.items()}
         _sync(device)
         out["text_encoders"] = 1000 * (time.perf_counter() - t0)
@@ -179,8 +199,12 @@ def _summary(values: list[float]) -> dict:
 
 
 def _environment(device: torch.device) -> dict:
-    env = {"torch": torch.__version__, "platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
-           "threads": torch.get_num_threads()}
+    env = {
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
     try:
         import diffusers
 
@@ -204,7 +228,7 @@ def run_bench(settings: BenchSettings, log=print) -> dict:
     rows: dict[str, dict] = {}
     if s.memory_cap_gib is not None:  # what an N-GiB card leaves PyTorch (tensors only; CUDA context aside)
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, s.memory_cap_gib * 2 ** 30 / total), device.index or 0)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, s.memory_cap_gib * 2**30 / total), device.index or 0)
 
     def get(name):
         if name in loaded:
@@ -248,34 +272,52 @@ def run_bench(settings: BenchSettings, log=print) -> dict:
                 row["memory"]["kind"] = mem.kind
                 row["memory"]["peak_bytes"] = max(row["memory"].get("peak_bytes", 0), mem.peak)
                 row["memory"]["peak_delta_bytes"] = max(row["memory"].get("peak_delta_bytes", 0), mem.delta)
-                log(f"round {r + 1}/{s.repeats} {name}: U-Net step {statistics.median(res['unet_steps']):.1f} ms"
-                    + (f", end-to-end {res['end_to_end']:.0f} ms" if "end_to_end" in res else ""))
+                log(
+                    f"round {r + 1}/{s.repeats} {name}: U-Net step {statistics.median(res['unet_steps']):.1f} ms"
+                    + (f", end-to-end {res['end_to_end']:.0f} ms" if "end_to_end" in res else "")
+                )
                 if not s.keep_loaded:
                     del m, x
                     release()
     except torch.OutOfMemoryError as err:
         cap = f" under the {s.memory_cap_gib:g} GiB cap" if s.memory_cap_gib else ""
-        peak = torch.cuda.max_memory_allocated(device) / 2 ** 30
-        raise KoalaError(f"{current}: CUDA out of memory{cap} (peak allocated {peak:.2f} GiB before failing); try "
-                         "vae_tiling, a smaller resolution or batch, or benchmark one model at a time") from err
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        raise KoalaError(
+            f"{current}: CUDA out of memory{cap} (peak allocated {peak:.2f} GiB before failing); try "
+            "vae_tiling, a smaller resolution or batch, or benchmark one model at a time"
+        ) from err
     models = [_finish(rows[n]) for n in s.models]
-    return {"schema": SCHEMA, "settings": asdict(s), "environment": _environment(device), "models": models,
-            "relative": _relative(models)}
+    return {
+        "schema": SCHEMA,
+        "settings": asdict(s),
+        "environment": _environment(device),
+        "models": models,
+        "relative": _relative(models),
+    }
 
 
 def _static_row(name: str, m: BenchModel, s: BenchSettings) -> dict:
     fam, cfg = get_family(m.family), dict(m.unet.config)
     meta_unet = fam.build_model(cfg, "meta")
     flops = forward_flops(meta_unet, fam.dummy_inputs(cfg, s.resolution // m.vae_scale, s.unet_batch, s.text_len))
-    return {"name": name, "source": m.source, "denoiser": fam.model_subfolder, "params": m.params(),
-            "weights_bytes": m.weight_bytes(),
-            "unet_tflops_per_step": flops / 1e12, "memory": {}, "_runs": []}
+    return {
+        "name": name,
+        "source": m.source,
+        "denoiser": fam.model_subfolder,
+        "params": m.params(),
+        "weights_bytes": m.weight_bytes(),
+        "unet_tflops_per_step": flops / 1e12,
+        "memory": {},
+        "_runs": [],
+    }
 
 
 def _finish(row: dict) -> dict:
     runs = row.pop("_runs")
-    times = {"unet_step": _summary([t for r in runs for t in r["unet_steps"]]),
-             "unet_total": _summary([r["unet_total"] for r in runs])}
+    times = {
+        "unet_step": _summary([t for r in runs for t in r["unet_steps"]]),
+        "unet_total": _summary([r["unet_total"] for r in runs]),
+    }
     for key in ("text_encoders", "vae_decode", "end_to_end"):
         vals = [r[key] for r in runs if key in r]
         if vals:
@@ -291,12 +333,15 @@ def _relative(models: list[dict]) -> list[dict]:
     for m in models:
         # Same-round pairs saw the same background load: the median of per-round ratios is the robust figure.
         paired = [a / b for a, b in zip(ref["times_ms"]["unet_total"]["runs"], m["times_ms"]["unet_total"]["runs"])]
-        out.append({
-            "name": m["name"], "reference": ref["name"],
-            "unet_step_speedup": ref["times_ms"]["unet_step"]["median"] / m["times_ms"]["unet_step"]["median"],
-            "unet_speedup_per_round": paired,
-            "unet_speedup_paired_median": statistics.median(paired),
-            "unet_params_ratio": ref["params"]["unet"] / m["params"]["unet"],
-            "unet_flops_ratio": ref["unet_tflops_per_step"] / m["unet_tflops_per_step"],
-        })
+        out.append(
+            {
+                "name": m["name"],
+                "reference": ref["name"],
+                "unet_step_speedup": ref["times_ms"]["unet_step"]["median"] / m["times_ms"]["unet_step"]["median"],
+                "unet_speedup_per_round": paired,
+                "unet_speedup_paired_median": statistics.median(paired),
+                "unet_params_ratio": ref["params"]["unet"] / m["params"]["unet"],
+                "unet_flops_ratio": ref["unet_tflops_per_step"] / m["unet_tflops_per_step"],
+            }
+        )
     return out

@@ -34,7 +34,7 @@ import torch
 
 from ..arch.stats import forward_flops
 from ..errors import KoalaError
-from ..utils import parse_device, parse_dtype
+from ..utils.devices import parse_device, parse_dtype
 from .memory import PeakMemory
 from .models import TINY_PREFIX, materialize, preset_unet_config
 from .timing import _environment, _sync
@@ -44,23 +44,35 @@ PHASES = ("data_encode", "teacher_forward", "student_forward", "backward", "log_
 
 # Dense (no sparsity) bf16/fp16 tensor-core peaks in TFLOP/s, from the vendors' data sheets; the first name
 # contained in torch.cuda.get_device_name() wins (SXM figures for H100/H200; PCIe H100 is lower: give --peak-tflops).
-GPU_PEAK_TFLOPS = (("H200", 989.4), ("H100", 989.4), ("H800", 989.4), ("GH200", 989.4), ("A100", 312.0),
-                   ("A800", 312.0), ("L40S", 362.1), ("L40", 181.0), ("RTX 4090", 165.2), ("L4", 121.0),
-                   ("A10G", 70.0), ("RTX 3090", 71.0), ("V100", 125.0))
+GPU_PEAK_TFLOPS = (
+    ("H200", 989.4),
+    ("H100", 989.4),
+    ("H800", 989.4),
+    ("GH200", 989.4),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.1),
+    ("L40", 181.0),
+    ("RTX 4090", 165.2),
+    ("L4", 121.0),
+    ("A10G", 70.0),
+    ("RTX 3090", 71.0),
+    ("V100", 125.0),
+)
 
 
 @dataclass
 class TrainBenchSettings:
-    teacher: str = "sdxl-base"       # preset (real size, random weights), tiny-<preset>, or a pipeline directory
-    config: str | None = None        # recipe name or YAML path (kd, loss and train switches); None: the defaults
+    teacher: str = "sdxl-base"  # preset (real size, random weights), tiny-<preset>, or a pipeline directory
+    config: str | None = None  # recipe name or YAML path (kd, loss and train switches); None: the defaults
     overrides: list[str] = field(default_factory=list)  # key=value, as for `koala distill`
     resolution: int = 1024
-    batch: int = 1                   # per device (train.batch_size)
-    steps: int = 5                   # timed steps
-    warmup: int = 2                  # untimed steps first (compilation, allocator warm-up)
+    batch: int = 1  # per device (train.batch_size)
+    steps: int = 5  # timed steps
+    warmup: int = 2  # untimed steps first (compilation, allocator warm-up)
     device: str = "cuda"
     peak_tflops: float | None = None  # the device's peak; None: known-GPU table, else a measured matmul
-    threads: int | None = None       # CPU intra-op threads
+    threads: int | None = None  # CPU intra-op threads
 
     def check(self) -> None:
         if self.steps < 1 or self.warmup < 0 or self.batch < 1:
@@ -85,7 +97,9 @@ def gpu_peak_tflops(name: str) -> float | None:
     return None
 
 
-def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, size: int | None = None, repeats: int = 5) -> float:
+def measure_matmul_tflops(
+    device: torch.device, dtype: torch.dtype, size: int | None = None, repeats: int = 5
+) -> float:
     """Achieved TFLOP/s of a square matrix product in ``dtype`` (best of ``repeats``): the practical peak."""
     n = size or (8192 if device.type == "cuda" else 1024)
     a = torch.randn(n, n, device=device).to(dtype)
@@ -99,16 +113,23 @@ def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, size: int | 
         a @ b
         sync()
         best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best / 1e12
+    return 2 * n**3 / best / 1e12
 
 
 def _config(s: TrainBenchSettings, out_dir: str, preset_mode: bool) -> dict:
     from ..distill import load_config
 
     pipeline = f"(random {s.teacher})" if preset_mode else s.teacher
-    base = [f"teacher.pipeline={pipeline}", f"train.output_dir={out_dir}", f"train.resolution={s.resolution}",
-            f"train.batch_size={s.batch}", "train.grad_accum=1", "train.progress=false", "train.log_with=none",
-            "validation.every=0"]
+    base = [
+        f"teacher.pipeline={pipeline}",
+        f"train.output_dir={out_dir}",
+        f"train.resolution={s.resolution}",
+        f"train.batch_size={s.batch}",
+        "train.grad_accum=1",
+        "train.progress=false",
+        "train.log_with=none",
+        "validation.every=0",
+    ]
     if s.threads:
         base.append(f"train.cpu_threads={s.threads}")
     if preset_mode:
@@ -168,8 +189,10 @@ def run_train_bench(settings: TrainBenchSettings, log=print) -> dict:
         cfg = _config(s, tmp, preset_mode)
         tcfg = cfg["train"]
         if tcfg["teacher_worker"]:  # the phases are timed one after the other in this process
-            log("train.teacher_worker ignored: koala bench train times each phase in one process (the worker's "
-                "effect shows in a distillation run's samples/s)")
+            log(
+                "train.teacher_worker ignored: koala bench train times each phase in one process (the worker's "
+                "effect shows in a distillation run's samples/s)"
+            )
             tcfg["teacher_worker"] = False
         if tcfg["cpu_threads"]:
             torch.set_num_threads(int(tcfg["cpu_threads"]))
@@ -188,9 +211,16 @@ def run_train_bench(settings: TrainBenchSettings, log=print) -> dict:
             d = Distiller(cfg, acc)
             vae = d.frozen.parts.vae
             latent = s.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
-            data = infinite(make_dataloader(cfg["data"], batch_size=s.batch, resolution=s.resolution,
-                                            seed=tcfg["seed"], num_workers=tcfg["num_workers"],
-                                            pipeline_dir=s.teacher))
+            data = infinite(
+                make_dataloader(
+                    cfg["data"],
+                    batch_size=s.batch,
+                    resolution=s.resolution,
+                    seed=tcfg["seed"],
+                    num_workers=tcfg["num_workers"],
+                    pipeline_dir=s.teacher,
+                )
+            )
         log(f"built teacher + student on {device} in {time.perf_counter() - t0:.1f}s")
         sync = functools.partial(_sync, device)
         phases: dict[str, list[float]] = {p: [] for p in PHASES}
@@ -265,8 +295,18 @@ def _result(s, cfg, d, device, latent, phases, totals, losses_seen, flops, mem) 
         peak, source = measure_matmul_tflops(device, dt), f"measured {str(dt).replace('torch.', '')} matmul"
     n_t = sum(p.numel() for p in d.teacher.parameters())
     n_s = sum(p.numel() for p in d.plain_student.parameters())
-    switches = {k: tcfg[k] for k in ("mixed_precision", "gradient_checkpointing", "optimizer", "fused_optimizer",
-                                     "channels_last", "attention", "compile")}
+    switches = {
+        k: tcfg[k]
+        for k in (
+            "mixed_precision",
+            "gradient_checkpointing",
+            "optimizer",
+            "fused_optimizer",
+            "channels_last",
+            "attention",
+            "compile",
+        )
+    }
     switches["teacher_dtype"] = cfg["teacher"]["dtype"]
     if tcfg["compile"] != "none":
         switches["compile_scope"] = tcfg["compile_scope"]
@@ -277,15 +317,34 @@ def _result(s, cfg, d, device, latent, phases, totals, losses_seen, flops, mem) 
         "schema": SCHEMA,
         "settings": asdict(s),
         "environment": _environment(device),
-        "models": {"teacher": s.teacher, "student": cfg["student"]["preset"], "family": d.family.name,
-                   "teacher_params": n_t, "student_params": n_s, "feature_pairs": len(d.pairs),
-                   "features": cfg["kd"]["features"], "latent": [s.batch, 4, latent, latent]},
+        "models": {
+            "teacher": s.teacher,
+            "student": cfg["student"]["preset"],
+            "family": d.family.name,
+            "teacher_params": n_t,
+            "student_params": n_s,
+            "feature_pairs": len(d.pairs),
+            "features": cfg["kd"]["features"],
+            "latent": [s.batch, 4, latent, latent],
+        },
         "switches": switches,
-        "times_ms": {"step_median": step_ms, "step_min": min(totals), "steps": totals, "phases_median": phase_ms,
-                     "phase_sum_median": sum(phase_ms.values()), "phases": phases},
+        "times_ms": {
+            "step_median": step_ms,
+            "step_min": min(totals),
+            "steps": totals,
+            "phases_median": phase_ms,
+            "phase_sum_median": sum(phase_ms.values()),
+            "phases": phases,
+        },
         "samples_per_s": samples_per_s,
-        "flops": {**flops, "per_step": flops["per_sample"] * s.batch, "achieved_tflops": achieved,
-                  "peak_tflops": peak, "peak_source": source, "mfu": achieved / peak},
+        "flops": {
+            **flops,
+            "per_step": flops["per_sample"] * s.batch,
+            "achieved_tflops": achieved,
+            "peak_tflops": peak,
+            "peak_source": source,
+            "mfu": achieved / peak,
+        },
         "memory": {"kind": mem.kind, "peak_bytes": mem.peak, "peak_delta_bytes": mem.delta},
         "losses": losses_seen,
     }
@@ -298,8 +357,11 @@ def active_switches(switches: dict) -> dict:
 
 def train_markdown(results: list[dict]) -> str:
     """One row per result: the switches that differ, samples/s, step and phase times, MFU, peak memory."""
-    lines = ["| teacher -> student | res x batch | switches | samples/s | step ms | teacher fwd | student fwd | "
-             "backward | optim+EMA | MFU | peak GiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| teacher -> student | res x batch | switches | samples/s | step ms | teacher fwd | student fwd | "
+        "backward | optim+EMA | MFU | peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         on = [f"{k}={v}" for k, v in active_switches(r["switches"]).items()]
         ph = r["times_ms"]["phases_median"]
@@ -308,5 +370,6 @@ def train_markdown(results: list[dict]) -> str:
             f"{r['settings']['batch']} | {', '.join(on) or 'fp32'} | {r['samples_per_s']:.2f} | "
             f"{r['times_ms']['step_median']:.1f} | {ph['teacher_forward']:.1f} | {ph['student_forward']:.1f} | "
             f"{ph['backward']:.1f} | {ph['optimizer'] + ph['ema']:.1f} | {100 * r['flops']['mfu']:.1f}% | "
-            f"{r['memory']['peak_bytes'] / 2 ** 30:.2f} |")
+            f"{r['memory']['peak_bytes'] / 2**30:.2f} |"
+        )
     return "\n".join(lines) + "\n"

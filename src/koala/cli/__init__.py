@@ -14,19 +14,35 @@ import sys
 from .. import __version__
 from ..errors import KoalaError
 
-COMMANDS = ["presets", "compress", "distill", "plan", "data", "generate", "bench", "analyze", "lab", "eval", "export", "lora", "demo", "app"]
+COMMANDS = [
+    "presets",
+    "compress",
+    "distill",
+    "plan",
+    "data",
+    "generate",
+    "bench",
+    "analyze",
+    "lab",
+    "eval",
+    "export",
+    "lora",
+    "demo",
+    "app",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="koala",
-        description="KOALA: compress text-to-image U-Nets and DiTs (SDXL, SD-1.x, PixArt families) and distill them with "
-        "self-attention KD "
+        description="KOALA: compress text-to-image U-Nets and DiTs (SDXL, SD-1.x, PixArt families) and distill "
+        "them with self-attention KD "
         "(Lee et al., NeurIPS 2024). Run `koala COMMAND --help` for each command.",
     )
     parser.add_argument("--version", action="version", version=f"koala {__version__}")
-    parser.add_argument("--debug", action="store_true",
-                        help="show Python tracebacks instead of one-line errors (also: KOALA_DEBUG=1)")
+    parser.add_argument(
+        "--debug", action="store_true", help="show Python tracebacks instead of one-line errors (also: KOALA_DEBUG=1)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"{__name__}.{name}").register(sub)
@@ -68,16 +84,22 @@ def describe_error(err: BaseException) -> tuple[int, str]:
         import errno
 
         where = f"{err.filename}: " if err.filename else ""
-        tip = {errno.ENOSPC: "; free some space or write elsewhere", errno.EACCES: "; check the permissions",
-               errno.EROFS: "; write elsewhere"}.get(err.errno, "")
+        tip = {
+            errno.ENOSPC: "; free some space or write elsewhere",
+            errno.EACCES: "; check the permissions",
+            errno.EROFS: "; write elsewhere",
+        }.get(err.errno, "")
         return 2, _one_line(f"{where}{err.strerror or err}{tip}")
     if type(err).__name__ in ("OutOfMemoryError",):
-        return 2, _one_line(f"out of memory ({err}); try a smaller batch or resolution, or the memory options of this "
-                            "command")
+        return 2, _one_line(
+            f"out of memory ({err}); try a smaller batch or resolution, or the memory options of this command"
+        )
     if type(err).__name__ == "SafetensorError":
         return 2, _one_line(f"a safetensors file is corrupt or truncated ({err}); run with --debug to see which")
-    return 1, _one_line(f"unexpected {type(err).__name__}: {err} (run with --debug or KOALA_DEBUG=1 for the "
-                        "traceback, and please report it)")
+    return 1, _one_line(
+        f"unexpected {type(err).__name__}: {err} (run with --debug or KOALA_DEBUG=1 for the "
+        "traceback, and please report it)"
+    )
 
 
 def _one_line(text: str) -> str:

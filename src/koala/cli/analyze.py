@@ -20,11 +20,16 @@ examples:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("analyze", help="look inside a teacher or student: params/FLOPs, latency, similarity, SA PCA",
-                       description="The paper's analysis instruments (Table 1, Figs. 3, 11, 13) for any supported "
-                       "model: where the parameters, FLOPs and time are, stage by stage; how similar consecutive "
-                       "transformer layers are (and a student's layers to its teacher's); what the self-attention "
-                       "outputs encode (PCA).", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "analyze",
+        help="look inside a teacher or student: params/FLOPs, latency, similarity, SA PCA",
+        description="The paper's analysis instruments (Table 1, Figs. 3, 11, 13) for any supported "
+        "model: where the parameters, FLOPs and time are, stage by stage; how similar consecutive "
+        "transformer layers are (and a student's layers to its teacher's); what the self-attention "
+        "outputs encode (PCA).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     kinds = p.add_subparsers(dest="analysis", metavar="ANALYSIS", required=True)
 
     def common(q, help_model: str):
@@ -46,19 +51,27 @@ def register(sub) -> None:
     q.add_argument("--repeats", type=int, default=5, help="timed forwards (default 5; one warm-up first)")
     q.set_defaults(func=run_latency)
 
-    for name, func, helptext in (("similarity", run_similarity, "cosine similarity between transformer layers"),
-                                 ("sa-pca", run_pca, "PCA of self-attention outputs per stage, as RGB")):
+    for name, func, helptext in (
+        ("similarity", run_similarity, "cosine similarity between transformer layers"),
+        ("sa-pca", run_pca, "PCA of self-attention outputs per stage, as RGB"),
+    ):
         q = kinds.add_parser(name, help=helptext)
         common(q, "pipeline directory")
-        q.add_argument("--prompt", action="append", required=True,
-                       help="prompt (similarity: repeat for several; they are averaged)")
+        q.add_argument(
+            "--prompt",
+            action="append",
+            required=True,
+            help="prompt (similarity: repeat for several; they are averaged)",
+        )
         q.add_argument("--student", default=None, help="a student U-Net / transformer directory with its layer map")
         q.add_argument("--steps", type=int, default=10, help="sampling steps (default 10)")
         q.add_argument("--cfg", type=float, default=3.5, help="guidance scale (default 3.5)")
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--device", default="cpu")
         if name == "sa-pca":
-            q.add_argument("--timestep", type=float, default=500, help="use the sampling step nearest this (default 500)")
+            q.add_argument(
+                "--timestep", type=float, default=500, help="use the sampling step nearest this (default 500)"
+            )
         q.set_defaults(func=func)
 
 
@@ -80,8 +93,15 @@ def run_params(args) -> int:
 def run_latency(args) -> int:
     from ..analyze import analyze_latency
 
-    res = analyze_latency(args.model, args.out, resolution=args.resolution, batch=args.batch, device=args.device,
-                          dtype=args.dtype, repeats=args.repeats)
+    res = analyze_latency(
+        args.model,
+        args.out,
+        resolution=args.resolution,
+        batch=args.batch,
+        device=args.device,
+        dtype=args.dtype,
+        repeats=args.repeats,
+    )
     print(", ".join(f"{s} {ms:.1f} ms" for s, ms in res["ms"].items()))
     return _done(res)
 
@@ -89,8 +109,16 @@ def run_latency(args) -> int:
 def run_similarity(args) -> int:
     from ..analyze import analyze_similarity
 
-    res = analyze_similarity(args.model, args.out, args.prompt, student=args.student, steps=args.steps, cfg=args.cfg,
-                             seed=args.seed, device=args.device)
+    res = analyze_similarity(
+        args.model,
+        args.out,
+        args.prompt,
+        student=args.student,
+        steps=args.steps,
+        cfg=args.cfg,
+        seed=args.seed,
+        device=args.device,
+    )
     for key, g in res["groups"].items():
         m = g["matrix"]
         nxt = [m[i][i + 1] for i in range(len(m) - 1)]
@@ -105,9 +133,22 @@ def run_similarity(args) -> int:
 def run_pca(args) -> int:
     from ..analyze import analyze_sa_pca
 
-    res = analyze_sa_pca(args.model, args.out, args.prompt[0], student=args.student, timestep=args.timestep,
-                         steps=args.steps, cfg=args.cfg, seed=args.seed, device=args.device)
-    print(f"timestep {res['timestep']:.0f}: " + "; ".join(
-        f"{row_name} " + ", ".join(f"{s} {v['grid'][0]}x{v['grid'][1]}" for s, v in row.items())
-        for row_name, row in res["rows"].items()))
+    res = analyze_sa_pca(
+        args.model,
+        args.out,
+        args.prompt[0],
+        student=args.student,
+        timestep=args.timestep,
+        steps=args.steps,
+        cfg=args.cfg,
+        seed=args.seed,
+        device=args.device,
+    )
+    print(
+        f"timestep {res['timestep']:.0f}: "
+        + "; ".join(
+            f"{row_name} " + ", ".join(f"{s} {v['grid'][0]}x{v['grid'][1]}" for s, v in row.items())
+            for row_name, row in res["rows"].items()
+        )
+    )
     return _done(res)

@@ -19,18 +19,35 @@ examples:
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "app", help="local web page: teacher and students side by side (Gradio; pip install 'koala-diffusion[app]')",
+        "app",
+        help="local web page: teacher and students side by side (Gradio; pip install 'koala-diffusion[app]')",
         description="Load a teacher and one or more students once, then generate a prompt with each of them (same "
         "seed, the paper's sampling defaults per model) and show the images side by side with U-Net parameters, "
         "latency per image, peak memory and the settings used. One generation at a time. Listens on localhost.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", action="append", default=[], metavar="DIR",
-                   help="a pipeline directory (teacher or student); repeat for more models")
-    p.add_argument("--unet", action="append", default=[], metavar="DIR",
-                   help="a student U-Net / DiT directory, dropped into --base; repeat for more students")
-    p.add_argument("--base", action="append", default=[], metavar="DIR",
-                   help="the teacher pipeline for --unet: once for all of them, or once per --unet")
+    p.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a pipeline directory (teacher or student); repeat for more models",
+    )
+    p.add_argument(
+        "--unet",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a student U-Net / DiT directory, dropped into --base; repeat for more students",
+    )
+    p.add_argument(
+        "--base",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="the teacher pipeline for --unet: once for all of them, or once per --unet",
+    )
     p.add_argument("--demo-dir", default="koala-demo", help="where `koala demo` wrote its student (no-argument mode)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on GPU, fp32 on CPU")
@@ -47,8 +64,11 @@ def specs_from_args(args):
     specs = [ModelSpec(os.path.basename(os.path.normpath(m)) or m, model=m) for m in args.model]
     if args.unet:
         if len(args.base) not in (1, len(args.unet)):
-            raise KoalaError(f"give --base once (for every --unet) or once per --unet ({len(args.unet)} --unet, "
-                             f"{len(args.base)} --base)", option="base")
+            raise KoalaError(
+                f"give --base once (for every --unet) or once per --unet ({len(args.unet)} --unet, "
+                f"{len(args.base)} --base)",
+                option="base",
+            )
         bases = args.base * len(args.unet) if len(args.base) == 1 else args.base
         for u, b in zip(args.unet, bases):
             norm = os.path.normpath(u)
@@ -60,7 +80,7 @@ def specs_from_args(args):
 
 
 def run(args) -> int:
-    from ..utils import require
+    from ..utils.extras import require
 
     require("gradio", "app", "koala app")
     from ..app.ui import default_specs, serve
@@ -70,6 +90,14 @@ def run(args) -> int:
     if shapes:
         specs = default_specs(args.demo_dir)
     print(f"koala app: http://{args.host}:{args.port} (Ctrl+C stops it)")
-    serve(specs, host=args.host, port=args.port, share=args.share, device=args.device, dtype=args.dtype,
-          score=shapes, block=True)
+    serve(
+        specs,
+        host=args.host,
+        port=args.port,
+        share=args.share,
+        device=args.device,
+        dtype=args.dtype,
+        score=shapes,
+        block=True,
+    )
     return 0

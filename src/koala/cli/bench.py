@@ -27,42 +27,74 @@ examples:
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "bench", help="time text encoders, denoiser (U-Net / DiT) and VAE of presets or pipelines; memory, params, FLOPs",
-        description="Benchmark models of any supported family component by component (text encoders, denoiser per step "
-        "and in total, VAE decode) and end to end, with warm-up, interleaved repeats and medians, peak memory "
-        "(CUDA max allocated, or CPU peak RSS), parameters and FLOPs. Prints a markdown table like the paper's "
+        "bench",
+        help="time text encoders, denoiser (U-Net / DiT) and VAE of presets or pipelines; memory, params, FLOPs",
+        description="Benchmark models of any supported family component by component (text encoders, denoiser "
+        "per step and in total, VAE decode) and end to end, with warm-up, interleaved repeats and medians, peak "
+        "memory (CUDA max allocated, or CPU peak RSS), parameters and FLOPs. Prints a markdown table like the paper's "
         "Tables 1/6 and can write JSON and a Fig. 7-style plot.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--models", default="sdxl-base,koala-1b,koala-700m",
-                   help="comma-separated presets, tiny-<preset>, or pipeline directories; the first is the "
-                   "reference for speed-up ratios (default: sdxl-base,koala-1b,koala-700m)")
+    p.add_argument(
+        "--models",
+        default="sdxl-base,koala-1b,koala-700m",
+        help="comma-separated presets, tiny-<preset>, or pipeline directories; the first is the "
+        "reference for speed-up ratios (default: sdxl-base,koala-1b,koala-700m)",
+    )
     p.add_argument("--resolution", type=int, default=1024, help="square image size in pixels (default 1024)")
     p.add_argument("--steps", type=int, default=10, help="denoising steps per run (default 10, the paper's)")
     p.add_argument("--batch", type=int, default=1, help="images per run (default 1)")
-    p.add_argument("--cfg", type=float, default=3.5,
-                   help="guidance scale; > 1 doubles the denoiser batch as in the pipeline (default 3.5)")
+    p.add_argument(
+        "--cfg",
+        type=float,
+        default=3.5,
+        help="guidance scale; > 1 doubles the denoiser batch as in the pipeline (default 3.5)",
+    )
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
-                   help="weight/activation dtype (default: fp16 on cuda, fp32 on cpu)")
-    p.add_argument("--components", default=None,
-                   help="comma-separated subset of text,unet,vae; unet = the denoiser (default: all on cuda, unet on cpu)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["fp32", "fp16", "bf16"],
+        help="weight/activation dtype (default: fp16 on cuda, fp32 on cpu)",
+    )
+    p.add_argument(
+        "--components",
+        default=None,
+        help="comma-separated subset of text,unet,vae; unet = the denoiser (default: all on cuda, unet on cpu)",
+    )
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per model before measuring (default 1)")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds; each round runs every model once (default 3)")
-    p.add_argument("--one-at-a-time", action="store_true",
-                   help="keep only one model in memory: rebuild it every round (for machines that cannot hold "
-                   "all models at once; adds build time but not to the measurements)")
+    p.add_argument(
+        "--one-at-a-time",
+        action="store_true",
+        help="keep only one model in memory: rebuild it every round (for machines that cannot hold "
+        "all models at once; adds build time but not to the measurements)",
+    )
     p.add_argument("--channels-last", action="store_true", help="U-Net in channels_last memory format")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the U-Net (the warm-up runs absorb compilation; give --warmup >= 1)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the U-Net (the warm-up runs absorb compilation; give --warmup >= 1)",
+    )
     p.add_argument("--compile-vae", action="store_true", help="torch.compile the VAE decoder too")
     p.add_argument("--compile-text", action="store_true", help="torch.compile the text encoders too")
-    p.add_argument("--compile-mode", default=None,
-                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
-                   help="torch.compile mode (reduce-overhead: CUDA graphs; max-autotune: slow to compile)")
-    p.add_argument("--vae-tiling", action="store_true", help="decode the VAE in tiles (less memory at high resolution)")
-    p.add_argument("--memory-cap-gib", type=float, default=None, metavar="GIB",
-                   help="CUDA only: cap this process's GPU memory, e.g. 8 to check that a model runs on an 8 GB card")
+    p.add_argument(
+        "--compile-mode",
+        default=None,
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        help="torch.compile mode (reduce-overhead: CUDA graphs; max-autotune: slow to compile)",
+    )
+    p.add_argument(
+        "--vae-tiling", action="store_true", help="decode the VAE in tiles (less memory at high resolution)"
+    )
+    p.add_argument(
+        "--memory-cap-gib",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="CUDA only: cap this process's GPU memory, e.g. 8 to check that a model runs on an 8 GB card",
+    )
     p.add_argument("--json", default=None, metavar="FILE", help="write the full result (schema koala-bench/1)")
     p.add_argument("--markdown", default=None, metavar="FILE", help="write the markdown table")
     p.add_argument("--plot", default=None, metavar="FILE", help="write a latency/memory bar chart (PNG)")
@@ -98,27 +130,46 @@ examples:
 
 def register_train(modes) -> None:
     t = modes.add_parser(
-        "train", help="time the real KD training step phase by phase: samples/s, peak memory, MFU",
+        "train",
+        help="time the real KD training step phase by phase: samples/s, peak memory, MFU",
         description="Benchmark one real KOALA distillation step (the trainer's Distiller: teacher forward with "
         "feature hooks, student forward, losses, backward, AdamW, EMA) at any size, resolution, batch and "
-        "precision, phase by phase.", epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    t.add_argument("--teacher", default="sdxl-base",
-                   help="teacher preset (random real-size weights), tiny-<preset>, or a pipeline directory "
-                   "(default sdxl-base); the student is student.preset (default koala-700m)")
-    t.add_argument("--config", default=None, help="recipe name or YAML file for kd/loss/train settings "
-                   "(default: the schema's defaults, i.e. the paper's recipe)")
+        "precision, phase by phase.",
+        epilog=TRAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    t.add_argument(
+        "--teacher",
+        default="sdxl-base",
+        help="teacher preset (random real-size weights), tiny-<preset>, or a pipeline directory "
+        "(default sdxl-base); the student is student.preset (default koala-700m)",
+    )
+    t.add_argument(
+        "--config",
+        default=None,
+        help="recipe name or YAML file for kd/loss/train settings "
+        "(default: the schema's defaults, i.e. the paper's recipe)",
+    )
     t.add_argument("--resolution", type=int, default=1024, help="image size in pixels (default 1024)")
     t.add_argument("--batch", type=int, default=1, help="samples per step on the device (default 1)")
     t.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
     t.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2; compile happens here)")
     t.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available, else cpu)")
     t.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    t.add_argument("--peak-tflops", type=float, default=None,
-                   help="the device's peak TFLOP/s for MFU (default: data sheet for known GPUs, else measured)")
+    t.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the device's peak TFLOP/s for MFU (default: data sheet for known GPUs, else measured)",
+    )
     t.add_argument("--json", default=None, metavar="FILE", help="write the full result (schema koala-bench-train/1)")
     t.add_argument("--markdown", default=None, metavar="FILE", help="write the one-row markdown table")
-    t.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides as for `koala distill`, e.g. train.mixed_precision=bf16 student.preset=koala-1b")
+    t.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides as for `koala distill`, e.g. train.mixed_precision=bf16 student.preset=koala-1b",
+    )
     t.set_defaults(func=run_train)
 
 
@@ -128,20 +179,30 @@ def run_train(args) -> int:
     import torch
 
     from ..bench.train import TrainBenchSettings, run_train_bench, train_markdown
-    from ..utils import atomic_write_text
+    from ..utils.files import atomic_write_text
 
     settings = TrainBenchSettings(
-        teacher=args.teacher, config=args.config, overrides=list(args.overrides), resolution=args.resolution,
-        batch=args.batch, steps=args.steps, warmup=args.warmup,
-        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), peak_tflops=args.peak_tflops,
-        threads=args.threads)
+        teacher=args.teacher,
+        config=args.config,
+        overrides=list(args.overrides),
+        resolution=args.resolution,
+        batch=args.batch,
+        steps=args.steps,
+        warmup=args.warmup,
+        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        peak_tflops=args.peak_tflops,
+        threads=args.threads,
+    )
     result = run_train_bench(settings)
     table = train_markdown([result])
     ph = result["times_ms"]["phases_median"]
     print()
     print("phases (median ms): " + ", ".join(f"{k} {v:.1f}" for k, v in ph.items()))
-    print(f"FLOPs/sample {result['flops']['per_sample'] / 1e12:.3f} T, achieved {result['flops']['achieved_tflops']:.2f} "
-          f"TFLOP/s of {result['flops']['peak_tflops']:.1f} ({result['flops']['peak_source']})")
+    print(
+        f"FLOPs/sample {result['flops']['per_sample'] / 1e12:.3f} T, achieved "
+        f"{result['flops']['achieved_tflops']:.2f} "
+        f"TFLOP/s of {result['flops']['peak_tflops']:.1f} ({result['flops']['peak_source']})"
+    )
     print(table)
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=1) + "\n")
@@ -161,12 +222,24 @@ def run(args) -> int:
     dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
     comps = args.components or ("text,unet,vae" if device.startswith("cuda") else "unet")
     settings = BenchSettings(
-        models=[m.strip() for m in args.models.split(",") if m.strip()], resolution=args.resolution,
-        steps=args.steps, batch=args.batch, cfg=args.cfg, device=device, dtype=dtype,
-        components=[c.strip() for c in comps.split(",") if c.strip()], warmup=args.warmup, repeats=args.repeats,
-        keep_loaded=not args.one_at_a_time, channels_last=args.channels_last, compile=args.compile,
-        compile_vae=args.compile_vae, compile_text=args.compile_text, compile_mode=args.compile_mode,
-        vae_tiling=args.vae_tiling, memory_cap_gib=args.memory_cap_gib,
+        models=[m.strip() for m in args.models.split(",") if m.strip()],
+        resolution=args.resolution,
+        steps=args.steps,
+        batch=args.batch,
+        cfg=args.cfg,
+        device=device,
+        dtype=dtype,
+        components=[c.strip() for c in comps.split(",") if c.strip()],
+        warmup=args.warmup,
+        repeats=args.repeats,
+        keep_loaded=not args.one_at_a_time,
+        channels_last=args.channels_last,
+        compile=args.compile,
+        compile_vae=args.compile_vae,
+        compile_text=args.compile_text,
+        compile_mode=args.compile_mode,
+        vae_tiling=args.vae_tiling,
+        memory_cap_gib=args.memory_cap_gib,
     )
     result = run_bench(settings)
     table = markdown_table(result)

@@ -5,38 +5,68 @@ from __future__ import annotations
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "compress", help="compress a teacher U-Net or DiT into a KOALA student initialised from the teacher",
-        description="Remove blocks and transformer layers from a teacher U-Net (KOALA, Sec. 3.1.1; BK-SDM) or transformer "
-        "blocks from a PixArt DiT (DiT-XL -> DiT-M, App. A.4), and initialise every kept tensor from the teacher at the "
-        "same location. The teacher's family (sdxl: SDXL-Base/Turbo/Lightning; sd: SD-1.x/2.x; pixart: PixArt-Σ/α) is "
-        "detected from its config; `koala presets` lists each family's presets. Writes the student with "
-        "koala_layer_map.json next to its config. A pipeline teacher gives a full pipeline directory that the family's "
-        "diffusers pipeline (StableDiffusionXLPipeline / StableDiffusionPipeline / PixArtSigmaPipeline) loads as is.",
+        "compress",
+        help="compress a teacher U-Net or DiT into a KOALA student initialised from the teacher",
+        description="Remove blocks and transformer layers from a teacher U-Net (KOALA, Sec. 3.1.1; BK-SDM) or "
+        "transformer blocks from a PixArt DiT (DiT-XL -> DiT-M, App. A.4), and initialise every kept tensor from the "
+        "teacher at the same location. The teacher's family (sdxl: SDXL-Base/Turbo/Lightning; sd: SD-1.x/2.x; "
+        "pixart: PixArt-Σ/α) is detected from its config; `koala presets` lists each family's presets. Writes the "
+        "student with koala_layer_map.json next to its config. A pipeline teacher gives a full pipeline directory "
+        "that the family's diffusers pipeline (StableDiffusionXLPipeline / StableDiffusionPipeline / "
+        "PixArtSigmaPipeline) loads as is.",
     )
-    p.add_argument("--teacher", required=True, help="teacher model directory (U-Net / transformer) or pipeline directory "
-                   "(local), or a single-file SDXL / SD-1.x checkpoint (.safetensors, as A1111 / ComfyUI use)")
-    p.add_argument("--teacher-config", default=None, metavar="DIR",
-                   help="single-file teacher: a pipeline directory of its architecture whose configs and tokenizers are "
-                   "used (not its weights); default for SDXL: koala's SDXL-Base-1.0 configs, tokenizers from the local "
-                   "Hugging Face cache")
-    p.add_argument("--teacher-unet", default=None,
-                   help="use this denoiser (U-Net / transformer directory, or a .safetensors checkpoint such as "
-                   "SDXL-Lightning's U-Net) as the teacher instead of the pipeline's")
-    p.add_argument("--student", required=True,
-                   help="preset name (sdxl: koala-700m, koala-1b, bk-sdxl, sdxl-base, ssd-1b, segmind-vega; sd: "
-                   "bk-sdm-base, bk-sdm-small, bk-sdm-tiny, sd-v1; pixart: dit-m, pixart-sigma-xl) or a JSON spec such as "
-                   '\'{"encoder_layers":[1,1,1],"down_depth":[0,2,4],"up_depth":[4,2,0],"mid_block":false}\' '
-                   '(optional "stages": N keeps only the N outermost stages) or, for a DiT, \'{"num_layers": 10}\'')
-    p.add_argument("--family", default=None, metavar="NAME",
-                   help="the teacher's model family, sdxl, sd or pixart (default: detected from its config)")
+    p.add_argument(
+        "--teacher",
+        required=True,
+        help="teacher model directory (U-Net / transformer) or pipeline directory "
+        "(local), or a single-file SDXL / SD-1.x checkpoint (.safetensors, as A1111 / ComfyUI use)",
+    )
+    p.add_argument(
+        "--teacher-config",
+        default=None,
+        metavar="DIR",
+        help="single-file teacher: a pipeline directory of its architecture whose configs and tokenizers are "
+        "used (not its weights); default for SDXL: koala's SDXL-Base-1.0 configs, tokenizers from the local "
+        "Hugging Face cache",
+    )
+    p.add_argument(
+        "--teacher-unet",
+        default=None,
+        help="use this denoiser (U-Net / transformer directory, or a .safetensors checkpoint such as "
+        "SDXL-Lightning's U-Net) as the teacher instead of the pipeline's",
+    )
+    p.add_argument(
+        "--student",
+        required=True,
+        help="preset name (sdxl: koala-700m, koala-1b, bk-sdxl, sdxl-base, ssd-1b, segmind-vega; sd: "
+        "bk-sdm-base, bk-sdm-small, bk-sdm-tiny, sd-v1; pixart: dit-m, pixart-sigma-xl) or a JSON spec such as "
+        '\'{"encoder_layers":[1,1,1],"down_depth":[0,2,4],"up_depth":[4,2,0],"mid_block":false}\' '
+        '(optional "stages": N keeps only the N outermost stages) or, for a DiT, \'{"num_layers": 10}\'',
+    )
+    p.add_argument(
+        "--family",
+        default=None,
+        metavar="NAME",
+        help="the teacher's model family, sdxl, sd or pixart (default: detected from its config)",
+    )
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
-    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="student weight dtype (default: fp32)")
-    p.add_argument("--layer-selection", default="bottom", choices=["bottom", "interleave", "up"],
-                   help="which teacher transformer layers initialise the student's (default: bottom, the paper's SA-bottom)")
-    p.add_argument("--teacher-kind", default="base", choices=["base", "turbo", "lightning"],
-                   help="what the teacher is: base (SDXL-Base, SD, PixArt), turbo (SDXL-Turbo) or lightning "
-                   "(SDXL-Lightning); recorded in the layer map, and a turbo/lightning student pipeline gets the Euler "
-                   "trailing-spacing scheduler it is sampled with (default: base)")
+    p.add_argument(
+        "--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="student weight dtype (default: fp32)"
+    )
+    p.add_argument(
+        "--layer-selection",
+        default="bottom",
+        choices=["bottom", "interleave", "up"],
+        help="which teacher transformer layers initialise the student's (default: bottom, the paper's SA-bottom)",
+    )
+    p.add_argument(
+        "--teacher-kind",
+        default="base",
+        choices=["base", "turbo", "lightning"],
+        help="what the teacher is: base (SDXL-Base, SD, PixArt), turbo (SDXL-Turbo) or lightning "
+        "(SDXL-Lightning); recorded in the layer map, and a turbo/lightning student pipeline gets the Euler "
+        "trailing-spacing scheduler it is sampled with (default: base)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=run)
 
@@ -47,9 +77,18 @@ def run(args) -> int:
 
     from ..compress import compress
 
-    res = compress(args.teacher, args.student, args.out, dtype=args.dtype, overwrite=args.overwrite,
-                   layer_selection=args.layer_selection, teacher_unet=args.teacher_unet, family=args.family,
-                   teacher_kind=args.teacher_kind, teacher_config=args.teacher_config)
+    res = compress(
+        args.teacher,
+        args.student,
+        args.out,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        layer_selection=args.layer_selection,
+        teacher_unet=args.teacher_unet,
+        family=args.family,
+        teacher_kind=args.teacher_kind,
+        teacher_config=args.teacher_config,
+    )
     t = Table(title=f"koala compress ({res.family}) -> {res.out_dir}")
     for c in ("", "teacher", "student"):
         t.add_column(c, justify="right")

@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 
 
-def _scorer_args(p, dir_help: str = "folder of images with metadata.jsonl or PNG 'prompt' chunks",
-                 limit: bool = True) -> None:
+def _scorer_args(
+    p, dir_help: str = "folder of images with metadata.jsonl or PNG 'prompt' chunks", limit: bool = True
+) -> None:
     """What every folder scorer takes: the folder, the device, --limit, and where the JSON / markdown go."""
     p.add_argument("dir", metavar="DIR", help=dir_help)
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -22,7 +23,8 @@ def register(sub) -> None:
     ev = p.add_subparsers(dest="eval_command", metavar="SUBCOMMAND")
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
     s = ev.add_parser(
-        "shapes", help="score shapes images for colour, shape, binding and spatial accuracy",
+        "shapes",
+        help="score shapes images for colour, shape, binding and spatial accuracy",
         description="Score a folder of images against their prompts, T2I-CompBench style but with no learned model: "
         "objects are found by nearest-palette-colour segmentation and connected components, shapes by bounding-box "
         "fill ratio and top/bottom asymmetry, relations by centroids. Prompts come from DIR/metadata.jsonl "
@@ -34,73 +36,113 @@ def register(sub) -> None:
     s.add_argument("--json", action="store_true", help="print the aggregate scores as JSON instead of a table")
     s.add_argument("--per-image", default=None, metavar="FILE", help="also write per-image scores as JSON lines")
     s.add_argument("--limit", type=int, default=None, help="score only the first N images")
-    s.add_argument("--held-out", default=None, metavar="PAIRS",
-                   help="also report binding separately for these colour:shape pairs, e.g. red:triangle,blue:circle")
+    s.add_argument(
+        "--held-out",
+        default=None,
+        metavar="PAIRS",
+        help="also report binding separately for these colour:shape pairs, e.g. red:triangle,blue:circle",
+    )
     s.set_defaults(func=run_shapes)
     c = ev.add_parser(
-        "clip", help="CLIP score of images against their prompts (local transformers CLIP checkpoint)",
+        "clip",
+        help="CLIP score of images against their prompts (local transformers CLIP checkpoint)",
         description="CLIP score = 100 * max(cos(image, text), 0) with a CLIP model's projected embeddings (as "
         "torchmetrics' CLIPScore; T2I-CompBench's non-spatial category uses it with CLIP ViT-B/32). Prompts come from "
         "DIR/metadata.jsonl or each PNG's 'prompt' chunk (koala generate writes them). Unreadable images are "
         "skipped and counted.",
     )
     _scorer_args(c)
-    c.add_argument("--checkpoint", required=True, metavar="CLIP_DIR",
-                   help="local transformers CLIP directory (e.g. a download of openai/clip-vit-base-patch32)")
+    c.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="CLIP_DIR",
+        help="local transformers CLIP directory (e.g. a download of openai/clip-vit-base-patch32)",
+    )
     c.add_argument("--batch-size", type=int, default=16)
     c.set_defaults(func=run_clip)
     h = ev.add_parser(
-        "hpsv2", help="HPSv2 human-preference score of images for their prompts (local HPS checkpoint)",
+        "hpsv2",
+        help="HPSv2 human-preference score of images for their prompts (local HPS checkpoint)",
         description="HPSv2 x100 (the paper's Table 5 metric): the cosine of the L2-normalised image and prompt "
         "embeddings of the HPSv2 model (OpenCLIP ViT-H/14 fine-tuned on human preferences), from HPS_v2_compressed.pt "
-        "(or HPS_v2.1_compressed.pt), run through transformers (the architecture is read from the checkpoint). Prompts "
+        "(or HPS_v2.1_compressed.pt), run through transformers (the architecture is read from the checkpoint). "
+        "Prompts "
         "come from DIR/metadata.jsonl or each PNG's 'prompt' chunk; a 'style' field in metadata.jsonl gives per-style "
-        "means and their average (HPSv2's benchmark styles: anime, concept-art, paintings, photo).")
+        "means and their average (HPSv2's benchmark styles: anime, concept-art, paintings, photo).",
+    )
     _scorer_args(h)
     h.add_argument("--checkpoint", required=True, metavar="FILE", help="HPS_v2_compressed.pt (open_clip state dict)")
-    h.add_argument("--tokenizer", required=True, metavar="DIR",
-                   help="CLIP tokenizer directory (e.g. an SDXL pipeline directory or its tokenizer/)")
-    h.add_argument("--act", default="gelu", choices=["gelu", "quick_gelu"],
-                   help="MLP activation of the checkpoint's architecture (ViT-H-14: gelu; OpenAI CLIPs: quick_gelu)")
+    h.add_argument(
+        "--tokenizer",
+        required=True,
+        metavar="DIR",
+        help="CLIP tokenizer directory (e.g. an SDXL pipeline directory or its tokenizer/)",
+    )
+    h.add_argument(
+        "--act",
+        default="gelu",
+        choices=["gelu", "quick_gelu"],
+        help="MLP activation of the checkpoint's architecture (ViT-H-14: gelu; OpenAI CLIPs: quick_gelu)",
+    )
     h.set_defaults(func=run_hpsv2)
     k = ev.add_parser(
-        "pickscore", help="PickScore of images for their prompts (local PickScore checkpoint)",
+        "pickscore",
+        help="PickScore of images for their prompts (local PickScore checkpoint)",
         description="PickScore (Kirstain et al. 2023): exp(logit_scale) * cos(image, prompt) with the PickScore CLIP "
         "(yuvalkirstain/PickScore_v1, with the processor of laion/CLIP-ViT-H-14-laion2B-s32B-b79K). Prompts come from "
-        "DIR/metadata.jsonl or each PNG's 'prompt' chunk; unreadable images are skipped and counted.")
+        "DIR/metadata.jsonl or each PNG's 'prompt' chunk; unreadable images are skipped and counted.",
+    )
     _scorer_args(k)
     k.add_argument("--checkpoint", required=True, metavar="DIR", help="PickScore checkpoint directory")
     k.add_argument("--processor", default=None, metavar="DIR", help="its CLIP processor (default: the checkpoint dir)")
     k.set_defaults(func=run_pickscore)
     f = ev.add_parser(
-        "fid", help="FID of generated images against a reference folder (local Inception TorchScript)",
+        "fid",
+        help="FID of generated images against a reference folder (local Inception TorchScript)",
         description="Frechet Inception Distance (torchmetrics) between the images of DIR and --reference, with the "
         "standard FID Inception-v3 from a local TorchScript file (inception-2015-12-05.pt, as StyleGAN2-ADA and "
         "clean-fid distribute it). Images are resized to 299x299 with PIL bicubic. Unreadable images are skipped "
-        "and counted.")
+        "and counted.",
+    )
     _scorer_args(f, "folder of generated images", limit=False)
     f.add_argument("--reference", required=True, metavar="REF_DIR", help="folder of reference images (e.g. COCO val)")
-    f.add_argument("--inception", required=True, metavar="FILE", help="FID Inception TorchScript (inception-2015-12-05.pt)")
+    f.add_argument(
+        "--inception", required=True, metavar="FILE", help="FID Inception TorchScript (inception-2015-12-05.pt)"
+    )
     f.add_argument("--batch-size", type=int, default=32)
     f.set_defaults(func=run_fid)
     b = ev.add_parser(
-        "compbench", help="T2I-CompBench category score (B-VQA, spatial, non-spatial CLIP, 3-in-1) from local checkpoints",
+        "compbench",
+        help="T2I-CompBench category score (B-VQA, spatial, non-spatial CLIP, 3-in-1) from local checkpoints",
         description="T2I-CompBench: color / shape / texture by B-VQA (BLIP VQA: the product over the prompt's noun "
         "phrases of P(yes) / (P(yes) + P(no))), spatial by the benchmark's box rule on an open-vocabulary detector's "
-        "boxes (OWL-ViT / OWLv2 through transformers, where the benchmark uses UniDet), non_spatial by the CLIP cosine "
+        "boxes (OWL-ViT / OWLv2 through transformers, where the benchmark uses UniDet), non_spatial by the CLIP "
+        "cosine "
         "(ViT-B/32 in the benchmark), complex by the 3-in-1 mix. Prompts come from DIR/metadata.jsonl or PNG 'prompt' "
-        "chunks; point koala eval run or koala generate at the benchmark's <category>_val.txt to make the images.")
+        "chunks; point koala eval run or koala generate at the benchmark's <category>_val.txt to make the images.",
+    )
     _scorer_args(b)
-    b.add_argument("--category", required=True, choices=["color", "shape", "texture", "spatial", "non_spatial", "complex"])
-    b.add_argument("--vqa", default=None, metavar="DIR", help="BLIP VQA checkpoint (Salesforce/blip-vqa-capfilt-large)")
+    b.add_argument(
+        "--category", required=True, choices=["color", "shape", "texture", "spatial", "non_spatial", "complex"]
+    )
+    b.add_argument(
+        "--vqa", default=None, metavar="DIR", help="BLIP VQA checkpoint (Salesforce/blip-vqa-capfilt-large)"
+    )
     b.add_argument("--detector", default=None, metavar="DIR", help="OWL-ViT / OWLv2 checkpoint (spatial, complex)")
-    b.add_argument("--detector-threshold", type=float, default=0.1, help="detection confidence threshold (default 0.1)")
+    b.add_argument(
+        "--detector-threshold", type=float, default=0.1, help="detection confidence threshold (default 0.1)"
+    )
     b.add_argument("--clip", default=None, metavar="DIR", help="CLIP checkpoint (openai/clip-vit-base-patch32)")
-    b.add_argument("--complex-lists", default=None, metavar="DIR",
-                   help="folder with the benchmark's complex_val_spatial.txt and complex_val_action.txt")
+    b.add_argument(
+        "--complex-lists",
+        default=None,
+        metavar="DIR",
+        help="folder with the benchmark's complex_val_spatial.txt and complex_val_action.txt",
+    )
     b.set_defaults(func=run_compbench)
     r = ev.add_parser(
-        "run", help="the paper's Table 5 in one command: generate with every model, score, write a table",
+        "run",
+        help="the paper's Table 5 in one command: generate with every model, score, write a table",
         description="Generate every prompt x seed with every model under the paper's sampling (Euler, 10 steps, cfg "
         "3.5; trailing spacing for students of turbo / lightning teachers, from their layer map), score the images "
         "with each scorer and write OUT/results.md, OUT/results.json and OUT/results.png (score vs latency): per "
@@ -108,34 +150,77 @@ def register(sub) -> None:
         "has styles). Resumable: images and scores already in OUT are reused (keyed by model, prompt, seed and "
         "sampler settings), so a killed run continues where it stopped.",
         epilog="example: koala eval run --model teacher=sdxl-base --model koala=out/koala-700m --prompts hps_prompts/ "
-        "--scorers clip --clip clip-vit-base-patch32 --seeds 0 --out eval-table5")
-    r.add_argument("--model", action="append", default=[], metavar="NAME=DIR", help="a pipeline directory (repeatable)")
-    r.add_argument("--unet", action="append", default=[], metavar="NAME=DIR",
-                   help="a student U-Net / DiT directory to drop into --base (repeatable)")
+        "--scorers clip --clip clip-vit-base-patch32 --seeds 0 --out eval-table5",
+    )
+    r.add_argument(
+        "--model", action="append", default=[], metavar="NAME=DIR", help="a pipeline directory (repeatable)"
+    )
+    r.add_argument(
+        "--unet",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="a student U-Net / DiT directory to drop into --base (repeatable)",
+    )
     r.add_argument("--base", default=None, help="teacher pipeline directory for every --unet")
-    r.add_argument("--prompts", default=None, metavar="FILE|DIR",
-                   help="the prompt set --scorers score: a text file (one prompt per line) or a directory of STYLE.txt "
-                   "files (e.g. HPSv2's anime.txt, concept-art.txt, paintings.txt, photo.txt)")
-    r.add_argument("--benchmark", action="append", default=[], metavar="SCORER=FILE|DIR",
-                   help="one more prompt set with the scorer that scores it (repeatable), e.g. hpsv2=hps_prompts/ "
-                   "compbench-color=color_val.txt compbench-spatial=spatial_val.txt: Table 5 in one run")
+    r.add_argument(
+        "--prompts",
+        default=None,
+        metavar="FILE|DIR",
+        help="the prompt set --scorers score: a text file (one prompt per line) or a directory of STYLE.txt "
+        "files (e.g. HPSv2's anime.txt, concept-art.txt, paintings.txt, photo.txt)",
+    )
+    r.add_argument(
+        "--benchmark",
+        action="append",
+        default=[],
+        metavar="SCORER=FILE|DIR",
+        help="one more prompt set with the scorer that scores it (repeatable), e.g. hpsv2=hps_prompts/ "
+        "compbench-color=color_val.txt compbench-spatial=spatial_val.txt: Table 5 in one run",
+    )
     r.add_argument("--limit", type=int, default=None, help="the first N prompts (per style for a directory)")
     r.add_argument("--scorers", default="shapes", help=f"comma-separated: {', '.join(SCORERS)} (default shapes)")
     r.add_argument("--clip", default=None, metavar="CLIP_DIR", help="local transformers CLIP checkpoint (scorer clip)")
     r.add_argument("--hps-checkpoint", default=None, metavar="FILE", help="HPS_v2_compressed.pt (scorer hpsv2)")
-    r.add_argument("--hps-tokenizer", default=None, metavar="DIR",
-                   help="CLIP tokenizer directory for HPSv2 (e.g. an SDXL pipeline or its tokenizer/)")
-    r.add_argument("--pickscore", default=None, metavar="DIR", help="PickScore checkpoint (yuvalkirstain/PickScore_v1)")
-    r.add_argument("--pickscore-processor", default=None, metavar="DIR",
-                   help="its CLIP processor (laion/CLIP-ViT-H-14-laion2B-s32B-b79K; default: the checkpoint dir)")
-    r.add_argument("--vqa", default=None, metavar="DIR", help="BLIP VQA checkpoint (compbench-color/shape/texture/complex)")
-    r.add_argument("--detector", default=None, metavar="DIR", help="OWL-ViT / OWLv2 checkpoint (compbench-spatial/complex)")
-    r.add_argument("--complex-lists", default=None, metavar="DIR",
-                   help="T2I-CompBench's complex_val_spatial.txt / complex_val_action.txt folder (compbench-complex)")
-    r.add_argument("--fid-reference", default=None, metavar="DIR",
-                   help="also report FID of each model's images against this folder (needs --inception)")
-    r.add_argument("--inception", default=None, metavar="FILE", help="FID Inception TorchScript (inception-2015-12-05.pt)")
-    r.add_argument("--seeds", default="0", help="comma-separated seeds, each prompt generated once per seed (default 0)")
+    r.add_argument(
+        "--hps-tokenizer",
+        default=None,
+        metavar="DIR",
+        help="CLIP tokenizer directory for HPSv2 (e.g. an SDXL pipeline or its tokenizer/)",
+    )
+    r.add_argument(
+        "--pickscore", default=None, metavar="DIR", help="PickScore checkpoint (yuvalkirstain/PickScore_v1)"
+    )
+    r.add_argument(
+        "--pickscore-processor",
+        default=None,
+        metavar="DIR",
+        help="its CLIP processor (laion/CLIP-ViT-H-14-laion2B-s32B-b79K; default: the checkpoint dir)",
+    )
+    r.add_argument(
+        "--vqa", default=None, metavar="DIR", help="BLIP VQA checkpoint (compbench-color/shape/texture/complex)"
+    )
+    r.add_argument(
+        "--detector", default=None, metavar="DIR", help="OWL-ViT / OWLv2 checkpoint (compbench-spatial/complex)"
+    )
+    r.add_argument(
+        "--complex-lists",
+        default=None,
+        metavar="DIR",
+        help="T2I-CompBench's complex_val_spatial.txt / complex_val_action.txt folder (compbench-complex)",
+    )
+    r.add_argument(
+        "--fid-reference",
+        default=None,
+        metavar="DIR",
+        help="also report FID of each model's images against this folder (needs --inception)",
+    )
+    r.add_argument(
+        "--inception", default=None, metavar="FILE", help="FID Inception TorchScript (inception-2015-12-05.pt)"
+    )
+    r.add_argument(
+        "--seeds", default="0", help="comma-separated seeds, each prompt generated once per seed (default 0)"
+    )
     r.add_argument("--steps", type=int, default=10)
     r.add_argument("--cfg", type=float, default=3.5)
     r.add_argument("--width", type=int, default=None)
@@ -156,8 +241,13 @@ def _compbench(args):
         return None
     from ..eval.compbench import CompBench
 
-    return CompBench(vqa=args.vqa, detector=args.detector, clip=args.clip, complex_lists=args.complex_lists,
-                     device="cuda" if (args.device or "").startswith("cuda") else "cpu")
+    return CompBench(
+        vqa=args.vqa,
+        detector=args.detector,
+        clip=args.clip,
+        complex_lists=args.complex_lists,
+        device="cuda" if (args.device or "").startswith("cuda") else "cpu",
+    )
 
 
 def run_run(args) -> int:
@@ -166,8 +256,9 @@ def run_run(args) -> int:
 
     models = [EvalModel(n, model=p) for n, p in map(parse_model, args.model)]
     if args.unet and not args.base:
-        raise KoalaError("--unet needs --base (the teacher pipeline supplying text encoders, VAE, scheduler)",
-                         option="base")
+        raise KoalaError(
+            "--unet needs --base (the teacher pipeline supplying text encoders, VAE, scheduler)", option="base"
+        )
     models += [EvalModel(n, unet=p, base=args.base) for n, p in (parse_model(u, "unet") for u in args.unet)]
     if not models:
         raise KoalaError("no model: give --model NAME=DIR and/or --unet NAME=DIR --base DIR", option="model")
@@ -181,9 +272,16 @@ def run_run(args) -> int:
     bench = _compbench(args)
 
     def scorers_for(names):
-        return make_scorers(names, args.clip, device, hps_checkpoint=args.hps_checkpoint,
-                            hps_tokenizer=args.hps_tokenizer, compbench=bench, pickscore=args.pickscore,
-                            pickscore_processor=args.pickscore_processor)
+        return make_scorers(
+            names,
+            args.clip,
+            device,
+            hps_checkpoint=args.hps_checkpoint,
+            hps_tokenizer=args.hps_tokenizer,
+            compbench=bench,
+            pickscore=args.pickscore,
+            pickscore_processor=args.pickscore_processor,
+        )
 
     prompts = read_prompt_set(args.prompts, args.limit) if args.prompts else []
     scorers = scorers_for([x.strip() for x in args.scorers.split(",") if x.strip()]) if args.prompts else []
@@ -193,12 +291,28 @@ def run_run(args) -> int:
         if not sep or not path:
             raise KoalaError(f"--benchmark {b!r}: give SCORER=FILE|DIR", option="benchmark")
         benchmarks.append((name, read_prompt_set(path, args.limit), scorers_for([name])))
-    settings = EvalSettings(steps=args.steps, cfg=args.cfg, seeds=seeds or (0,), width=args.width, height=args.height,
-                            device=args.device, dtype=args.dtype)
+    settings = EvalSettings(
+        steps=args.steps,
+        cfg=args.cfg,
+        seeds=seeds or (0,),
+        width=args.width,
+        height=args.height,
+        device=args.device,
+        dtype=args.dtype,
+    )
     if bool(args.fid_reference) != bool(args.inception):
         raise KoalaError("FID needs both --fid-reference DIR and --inception FILE", option="fid_reference")
-    res = run_eval(models, prompts, scorers, args.out, settings, progress=not args.no_progress,
-                   fid_reference=args.fid_reference, inception=args.inception, benchmarks=benchmarks)
+    res = run_eval(
+        models,
+        prompts,
+        scorers,
+        args.out,
+        settings,
+        progress=not args.no_progress,
+        fid_reference=args.fid_reference,
+        inception=args.inception,
+        benchmarks=benchmarks,
+    )
     import os
 
     from ..eval.run import markdown
@@ -226,7 +340,7 @@ def _skips(skipped) -> str:
 
 def _emit(args, lines: list[str], res: dict) -> int:
     """Print the markdown table; write it (--markdown) and the result with per-image rows (--json)."""
-    from ..utils import atomic_write_text
+    from ..utils.files import atomic_write_text
 
     table = "\n".join(lines) + "\n"
     print(table, end="")
@@ -240,31 +354,57 @@ def _emit(args, lines: list[str], res: dict) -> int:
 def run_compbench(args) -> int:
     from ..eval.compbench import CompBench, score_folder
 
-    bench = CompBench(vqa=args.vqa, detector=args.detector, clip=args.clip, device=args.device,
-                      complex_lists=args.complex_lists, detector_threshold=args.detector_threshold)
+    bench = CompBench(
+        vqa=args.vqa,
+        detector=args.detector,
+        clip=args.clip,
+        device=args.device,
+        complex_lists=args.complex_lists,
+        detector_threshold=args.detector_threshold,
+    )
     for kind in bench.needs(args.category):  # every checkpoint this category needs, before any work
         bench._get(kind)
     res = score_folder(args.dir, args.category, bench, args.limit)
-    return _emit(args, ["| folder | T2I-CompBench category | score | images |", "|---|---|---|---|",
-                        f"| {args.dir} | {args.category} | {res['score']:.4f} | {res['n_images']}"
-                        f"{_skips(res['skipped'])} |"], res)
+    return _emit(
+        args,
+        [
+            "| folder | T2I-CompBench category | score | images |",
+            "|---|---|---|---|",
+            f"| {args.dir} | {args.category} | {res['score']:.4f} | {res['n_images']}{_skips(res['skipped'])} |",
+        ],
+        res,
+    )
 
 
 def run_pickscore(args) -> int:
     from ..eval.clip_score import pickscore_folder
 
     res = pickscore_folder(args.dir, args.checkpoint, args.processor, device=args.device, limit=args.limit)
-    return _emit(args, ["| folder | PickScore | images |", "|---|---|---|",
-                        f"| {args.dir} | {res['pickscore']:.3f} | {res['n_images']}{_skips(res['skipped'])} |"], res)
+    return _emit(
+        args,
+        [
+            "| folder | PickScore | images |",
+            "|---|---|---|",
+            f"| {args.dir} | {res['pickscore']:.3f} | {res['n_images']}{_skips(res['skipped'])} |",
+        ],
+        res,
+    )
 
 
 def run_fid(args) -> int:
     from ..eval.fid import fid
 
     res = fid(args.dir, args.reference, args.inception, device=args.device, batch_size=args.batch_size)
-    return _emit(args, ["| generated | reference | FID | images |", "|---|---|---|---|",
-                        f"| {args.dir} | {args.reference} | {res['fid']:.3f} | {res['n_generated']} vs "
-                        f"{res['n_reference']}{_skips(res['skipped'])} |"], res)
+    return _emit(
+        args,
+        [
+            "| generated | reference | FID | images |",
+            "|---|---|---|---|",
+            f"| {args.dir} | {args.reference} | {res['fid']:.3f} | {res['n_generated']} vs "
+            f"{res['n_reference']}{_skips(res['skipped'])} |",
+        ],
+        res,
+    )
 
 
 def run_clip(args) -> int:
@@ -301,7 +441,10 @@ def run_shapes(args) -> int:
     if args.held_out:
         for k in ("held_out", "seen"):
             v = agg[f"binding_{k}_objects"]
-            t.add_row(f"binding ({k.replace('_', '-')} pairs)", "-" if v is None else f"{100 * v:.1f}%",
-                      f"{agg[f'n_{k}_objects']} obj")
+            t.add_row(
+                f"binding ({k.replace('_', '-')} pairs)",
+                "-" if v is None else f"{100 * v:.1f}%",
+                f"{agg[f'n_{k}_objects']} obj",
+            )
     Console().print(t)
     return 0

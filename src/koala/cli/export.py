@@ -21,25 +21,47 @@ ComfyUI's checkpoint loader recognises KOALA-700M / KOALA-1B from their transfor
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "export", help="write a model as one single-file checkpoint (ComfyUI / A1111), or convert one to diffusers",
+        "export",
+        help="write a model as one single-file checkpoint (ComfyUI / A1111), or convert one to diffusers",
         description="--format single-file: a diffusers pipeline directory (a KOALA student, or any SDXL / SD-1.x "
-        "pipeline) -> one .safetensors in the original LDM/SGM key layout (model.diffusion_model.*, first_stage_model.*, "
+        "pipeline) -> one .safetensors in the original LDM/SGM key layout (model.diffusion_model.*, "
+        "first_stage_model.*, "
         "conditioner.embedders.0/1.*), with the U-Net's key map derived from its own blocks (any transformer depth, "
         "with or without mid block). --format diffusers: a single-file SDXL / SD-1.x checkpoint -> a diffusers "
         "directory (offline; configs from --config or koala's SDXL-Base configs); given a directory it rewrites it in "
         "diffusers' format (e.g. in another --dtype), layer map and model card kept. Output is written atomically.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("src", metavar="SRC", help="pipeline or U-Net directory, or (with --format diffusers) a single-file .safetensors")
-    p.add_argument("--format", default="single-file", choices=["single-file", "diffusers"],
-                   help="what to write (default single-file)")
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "src",
+        metavar="SRC",
+        help="pipeline or U-Net directory, or (with --format diffusers) a single-file .safetensors",
+    )
+    p.add_argument(
+        "--format",
+        default="single-file",
+        choices=["single-file", "diffusers"],
+        help="what to write (default single-file)",
+    )
     p.add_argument("--out", required=True, help="output .safetensors file (single-file) or directory (diffusers)")
-    p.add_argument("--base", default=None, help="single-file from a U-Net directory: the pipeline supplying VAE and "
-                   "text encoders")
+    p.add_argument(
+        "--base", default=None, help="single-file from a U-Net directory: the pipeline supplying VAE and text encoders"
+    )
     p.add_argument("--unet-only", action="store_true", help="write / convert the U-Net alone")
-    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="weight dtype (default: each component as it is stored)")
-    p.add_argument("--config", default=None, metavar="DIR",
-                   help="diffusers: a pipeline directory of the file's architecture whose configs and tokenizers are used "
-                   "(not its weights); default: koala's SDXL-Base-1.0 configs, tokenizers from the local HF cache")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["fp32", "fp16", "bf16"],
+        help="weight dtype (default: each component as it is stored)",
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        metavar="DIR",
+        help="diffusers: a pipeline directory of the file's architecture whose configs and tokenizers are used "
+        "(not its weights); default: koala's SDXL-Base-1.0 configs, tokenizers from the local HF cache",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.set_defaults(func=run)
 
@@ -52,10 +74,14 @@ def run(args) -> int:
 
     if args.format == "single-file":
         if os.path.isfile(args.src):
-            raise KoalaError(f"{args.src} is a file; single-file export reads a diffusers directory (to convert a single "
-                             "file to diffusers use --format diffusers)", option="format")
-        res = export_single_file(args.src, args.out, base=args.base, dtype=args.dtype, unet_only=args.unet_only,
-                                 overwrite=args.overwrite)
+            raise KoalaError(
+                f"{args.src} is a file; single-file export reads a diffusers directory (to convert a single "
+                "file to diffusers use --format diffusers)",
+                option="format",
+            )
+        res = export_single_file(
+            args.src, args.out, base=args.base, dtype=args.dtype, unet_only=args.unet_only, overwrite=args.overwrite
+        )
         parts = ", ".join(f"{k} {v} tensors" for k, v in res.components.items())
         print(f"wrote {res.out} ({res.family}, {res.dtype}, {res.bytes / 2**20:.1f} MiB): {parts}")
         return 0
@@ -65,11 +91,18 @@ def run(args) -> int:
         return 0
     if not os.path.isfile(args.src):
         raise KoalaError(f"{args.src}: no such file or directory")
-    res = single_file_to_diffusers(args.src, args.out, config=args.config, dtype=args.dtype,
-                                   overwrite=args.overwrite, unet_only=args.unet_only)
+    res = single_file_to_diffusers(
+        args.src, args.out, config=args.config, dtype=args.dtype, overwrite=args.overwrite, unet_only=args.unet_only
+    )
     cfg = res.unet_config
-    print(f"wrote {res.out}: {res.family} {res.kind} ({', '.join(res.components)}); configs: {res.config_source}; U-Net "
-          f"resnets per stage {cfg['layers_per_block']}, transformer depth {cfg['transformer_layers_per_block']}, "
-          f"mid block {'yes' if cfg.get('mid_block_type') else 'no'}"
-          + (f"; {len(res.ignored)} key(s) of the file used by no component (e.g. {res.ignored[0]})" if res.ignored else ""))
+    print(
+        f"wrote {res.out}: {res.family} {res.kind} ({', '.join(res.components)}); configs: {res.config_source}; U-Net "
+        f"resnets per stage {cfg['layers_per_block']}, transformer depth {cfg['transformer_layers_per_block']}, "
+        f"mid block {'yes' if cfg.get('mid_block_type') else 'no'}"
+        + (
+            f"; {len(res.ignored)} key(s) of the file used by no component (e.g. {res.ignored[0]})"
+            if res.ignored
+            else ""
+        )
+    )
     return 0

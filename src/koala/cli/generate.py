@@ -23,31 +23,52 @@ examples:
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "generate", help="generate images with a KOALA / BK student or teacher pipeline (SDXL or SD-1.x)",
+        "generate",
+        help="generate images with a KOALA / BK student or teacher pipeline (SDXL or SD-1.x)",
         description="Generate PNG images; each PNG carries its prompt, seed, steps, cfg, scheduler and model as "
         "tEXt metadata. Image i gets seed --seed + i, so any image can be regenerated alone.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("prompt", nargs="*", help="one or more prompts (or use --prompts-file)")
     p.add_argument("--prompts-file", default=None, help="text file with one prompt per line ('#' lines skipped)")
     src = p.add_argument_group("model")
-    src.add_argument("--model", default=None, help="pipeline directory, SDXL or SD-1.x (e.g. written by koala compress)")
-    src.add_argument("--unet", default=None, help="student U-Net (or DiT transformer) directory to drop into --base (e.g. koala distill's "
-                     "OUT/checkpoints/step-N/unet, or .../transformer for a PixArt student)")
+    src.add_argument(
+        "--model", default=None, help="pipeline directory, SDXL or SD-1.x (e.g. written by koala compress)"
+    )
+    src.add_argument(
+        "--unet",
+        default=None,
+        help="student U-Net (or DiT transformer) directory to drop into --base (e.g. koala distill's "
+        "OUT/checkpoints/step-N/unet, or .../transformer for a PixArt student)",
+    )
     src.add_argument("--base", default=None, help="teacher pipeline directory supplying text encoders, VAE, scheduler")
     src.add_argument("--vae", default=None, help="fp16-safe VAE directory (e.g. sdxl-vae-fp16-fix)")
-    src.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
-                     help="apply a LoRA (.safetensors; repeatable; scale default 1.0). For a KOALA student, transfer an "
-                     "SDXL LoRA first: koala lora transfer")
+    src.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="apply a LoRA (.safetensors; repeatable; scale default 1.0). For a KOALA student, transfer an "
+        "SDXL LoRA first: koala lora transfer",
+    )
     g = p.add_argument_group("sampling")
     g.add_argument("--steps", type=int, default=10, help="denoising steps (default 10)")
     g.add_argument("--cfg", type=float, default=3.5, help="classifier-free guidance scale (default 3.5)")
     g.add_argument("--negative-prompt", default=None, help="negative prompt (default: none, zeroed embedding)")
-    g.add_argument("--scheduler", default="euler", choices=["euler", "euler_a", "ddim", "dpmpp_2m"],
-                   help="sampler (default euler: EulerDiscreteScheduler, as in the paper)")
-    g.add_argument("--timestep-spacing", default=None, choices=["leading", "trailing", "linspace"],
-                   help="timestep spacing (default: trailing for a student of a turbo/lightning teacher, per its "
-                   "koala_layer_map.json; else the pipeline's)")
+    g.add_argument(
+        "--scheduler",
+        default="euler",
+        choices=["euler", "euler_a", "ddim", "dpmpp_2m"],
+        help="sampler (default euler: EulerDiscreteScheduler, as in the paper)",
+    )
+    g.add_argument(
+        "--timestep-spacing",
+        default=None,
+        choices=["leading", "trailing", "linspace"],
+        help="timestep spacing (default: trailing for a student of a turbo/lightning teacher, per its "
+        "koala_layer_map.json; else the pipeline's)",
+    )
     g.add_argument("--seed", type=int, default=0, help="base seed; image i uses seed+i (default 0)")
     g.add_argument("--batch-size", type=int, default=1, help="images per pipeline call (default 1)")
     g.add_argument("--images-per-prompt", type=int, default=1, help="images for each prompt (default 1)")
@@ -55,21 +76,42 @@ def register(sub) -> None:
     g.add_argument("--height", type=int, default=None, help="image height (default: the model's native size)")
     m = p.add_argument_group("memory and speed")
     m.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
-    m.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on cuda, fp32 on cpu")
+    m.add_argument(
+        "--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on cuda, fp32 on cpu"
+    )
     m.add_argument("--vae-slicing", action="store_true", help="decode a batch one image at a time")
     m.add_argument("--vae-tiling", action="store_true", help="decode in overlapping tiles (lowest VAE memory)")
-    m.add_argument("--offload", default=None, choices=["model", "sequential"],
-                   help="CPU offload (CUDA + accelerate only): 'model' moves whole components to the GPU in turn; "
-                   "'sequential' moves sub-modules (least memory, much slower)")
-    m.add_argument("--attention", default="sdpa", choices=["sdpa", "classic"],
-                   help="attention kernel: PyTorch scaled_dot_product_attention (default) or the classic one")
-    m.add_argument("--channels-last", action="store_true", help="channels_last memory format for the U-Net (not the VAE: slower there on GPU)")
-    m.add_argument("--compile", action="store_true", help="torch.compile the U-Net / DiT, the VAE decoder and the text encoders (first image is slow)")
+    m.add_argument(
+        "--offload",
+        default=None,
+        choices=["model", "sequential"],
+        help="CPU offload (CUDA + accelerate only): 'model' moves whole components to the GPU in turn; "
+        "'sequential' moves sub-modules (least memory, much slower)",
+    )
+    m.add_argument(
+        "--attention",
+        default="sdpa",
+        choices=["sdpa", "classic"],
+        help="attention kernel: PyTorch scaled_dot_product_attention (default) or the classic one",
+    )
+    m.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="channels_last memory format for the U-Net (not the VAE: slower there on GPU)",
+    )
+    m.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the U-Net / DiT, the VAE decoder and the text encoders (first image is slow)",
+    )
     s = p.add_argument_group("safety")
-    s.add_argument("--nsfw-model", default=None,
-                   help="local image-classification model directory; flagged images are withheld")
+    s.add_argument(
+        "--nsfw-model", default=None, help="local image-classification model directory; flagged images are withheld"
+    )
     s.add_argument("--nsfw-label", default="nsfw", help="class name of the classifier to filter on (default nsfw)")
-    s.add_argument("--nsfw-threshold", type=float, default=0.5, help="withhold when the label's probability exceeds this")
+    s.add_argument(
+        "--nsfw-threshold", type=float, default=0.5, help="withhold when the label's probability exceeds this"
+    )
     o = p.add_argument_group("output")
     o.add_argument("--out", default="koala-images", help="output directory (default koala-images)")
     o.add_argument("--grid", action="store_true", help="also write grid.png with all kept images")
@@ -80,26 +122,46 @@ def register(sub) -> None:
 def run(args) -> int:
     from ..errors import KoalaError
     from ..inference import NSFWFilter, generate, load_pipeline, read_prompts, save_images
-    from ..utils import check_output_folder
+    from ..utils.files import check_output_folder
 
     prompts = list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file else [])
     if not prompts:
         raise KoalaError("no prompt: give one or more prompts as arguments or --prompts-file FILE")
     check_output_folder(args.out, "--out (the images)")
     loaded = load_pipeline(
-        args.model, unet=args.unet, base=args.base, vae=args.vae, device=args.device, dtype=args.dtype,
-        scheduler=args.scheduler, timestep_spacing=args.timestep_spacing, vae_slicing=args.vae_slicing,
-        vae_tiling=args.vae_tiling, offload=args.offload, attention=args.attention,
-        channels_last=args.channels_last, compile=args.compile, lora=args.lora,
+        args.model,
+        unet=args.unet,
+        base=args.base,
+        vae=args.vae,
+        device=args.device,
+        dtype=args.dtype,
+        scheduler=args.scheduler,
+        timestep_spacing=args.timestep_spacing,
+        vae_slicing=args.vae_slicing,
+        vae_tiling=args.vae_tiling,
+        offload=args.offload,
+        attention=args.attention,
+        channels_last=args.channels_last,
+        compile=args.compile,
+        lora=args.lora,
     )
     print(f"model: {loaded.model} on {loaded.device} ({loaded.dtype}); {', '.join(loaded.modes)}")
     safety = None
     if args.nsfw_model:
         safety = NSFWFilter(args.nsfw_model, args.nsfw_label, args.nsfw_threshold)
     result = generate(
-        loaded, prompts, negative_prompt=args.negative_prompt, steps=args.steps, cfg=args.cfg, seed=args.seed,
-        batch_size=args.batch_size, images_per_prompt=args.images_per_prompt, width=args.width,
-        height=args.height, safety=safety, progress=not args.no_progress,
+        loaded,
+        prompts,
+        negative_prompt=args.negative_prompt,
+        steps=args.steps,
+        cfg=args.cfg,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        images_per_prompt=args.images_per_prompt,
+        width=args.width,
+        height=args.height,
+        safety=safety,
+        progress=not args.no_progress,
     )
     paths = save_images(result, args.out, grid=args.grid)
     if loaded.device.startswith("cuda"):

@@ -7,7 +7,8 @@ import json
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "lab", help="synthetic shapes data and a tiny CPU-trainable SDXL-topology teacher",
+        "lab",
+        help="synthetic shapes data and a tiny CPU-trainable SDXL-topology teacher",
         description="A small world where the whole KOALA method runs on a CPU: images of 1-3 coloured shapes with "
         "captions whose ground truth is known, and a tiny SDXL-architecture teacher trained on them.",
     )
@@ -15,7 +16,8 @@ def register(sub) -> None:
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
 
     m = lab.add_parser(
-        "make-data", help="write shapes train/val image folders (PNG + metadata.jsonl)",
+        "make-data",
+        help="write shapes train/val image folders (PNG + metadata.jsonl)",
         description="Write OUT/train and OUT/val image folders of seeded synthetic scenes: PNGs plus metadata.jsonl "
         "rows {file_name, text, objects, relations}. The same seed gives byte-identical files. The train split never "
         "contains the --held-out colour:shape pairs; val draws from all pairs.",
@@ -25,24 +27,38 @@ def register(sub) -> None:
     m.add_argument("--num-val", type=int, default=200, help="validation images (default 200)")
     m.add_argument("--size", type=int, default=64, help="image side in pixels (default 64; the teacher uses 32)")
     m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--colors", default="red,green,blue,yellow",
-                   help="comma-separated colours (known: red, green, blue, yellow, purple, orange)")
-    m.add_argument("--held-out", default="red:triangle,blue:circle",
-                   help="colour:shape pairs kept out of train, comma-separated ('' for none)")
+    m.add_argument(
+        "--colors",
+        default="red,green,blue,yellow",
+        help="comma-separated colours (known: red, green, blue, yellow, purple, orange)",
+    )
+    m.add_argument(
+        "--held-out",
+        default="red:triangle,blue:circle",
+        help="colour:shape pairs kept out of train, comma-separated ('' for none)",
+    )
     m.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     m.set_defaults(func=run_make_data)
 
     t = lab.add_parser(
-        "train-teacher", help="train the tiny shapes teacher (VAE, then U-Net / DiT + text encoders) on CPU",
+        "train-teacher",
+        help="train the tiny shapes teacher (VAE, then U-Net / DiT + text encoders) on CPU",
         description="Train a tiny SDXL-topology pipeline on 32x32 shapes images: first the VAE (reconstruction), then "
         "the U-Net and both CLIP text encoders with the diffusion loss under SDXL's noise schedule and conditioning. "
         "--family pixart trains a PixArt-topology teacher instead (a 12-block DiT and its T5 encoder; --vae-from "
         "reuses a trained shapes VAE). Writes a pipeline directory that the family's diffusers pipeline loads, "
-        "checkpointing every --save-every steps (EMA weights) and printing val scores from `koala eval shapes`' scorer.",
+        "checkpointing every --save-every steps (EMA weights) and printing val scores from `koala eval shapes`' "
+        "scorer.",
     )
-    t.add_argument("--out", required=True, help="output pipeline directory, replaced atomically at each checkpoint; an existing directory that "
-                   "is not a koala teacher is refused unless --overwrite")
-    t.add_argument("--data", default=None, help="image folder (metadata.jsonl) to train on; default: generate in memory")
+    t.add_argument(
+        "--out",
+        required=True,
+        help="output pipeline directory, replaced atomically at each checkpoint; an existing directory that "
+        "is not a koala teacher is refused unless --overwrite",
+    )
+    t.add_argument(
+        "--data", default=None, help="image folder (metadata.jsonl) to train on; default: generate in memory"
+    )
     t.add_argument("--num-train", type=int, default=20000, help="generated training images (default 20000)")
     t.add_argument("--num-val", type=int, default=64, help="val prompts scored at each checkpoint (default 64)")
     t.add_argument("--vae-steps", type=int, default=600)
@@ -55,13 +71,18 @@ def register(sub) -> None:
     t.add_argument("--fp32", action="store_true", help="store fp32 weights (default: fp16, half the size)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--family", default="sdxl", metavar="NAME", help="teacher topology: sdxl (default) or pixart")
-    t.add_argument("--vae-from", default=None, metavar="DIR",
-                   help="take the VAE of this trained shapes pipeline (e.g. the packaged teacher) and skip VAE training")
+    t.add_argument(
+        "--vae-from",
+        default=None,
+        metavar="DIR",
+        help="take the VAE of this trained shapes pipeline (e.g. the packaged teacher) and skip VAE training",
+    )
     t.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     t.set_defaults(func=run_train_teacher)
 
     s = lab.add_parser(
-        "sample", help="generate images for the shapes val prompts (for `koala eval shapes`)",
+        "sample",
+        help="generate images for the shapes val prompts (for `koala eval shapes`)",
         description="Generate one image per shapes prompt (scenes 0..N-1 of a split) with a shapes pipeline, default "
         "sampler (Euler, 20 steps, guidance 5, 32x32). Writes PNGs with a 'prompt' text chunk and metadata.jsonl; "
         "score them with `koala eval shapes OUT`.",
@@ -76,16 +97,22 @@ def register(sub) -> None:
     s.set_defaults(func=run_sample)
 
     k = lab.add_parser(
-        "make-tiny", help="write a tiny random-weight pipeline (SDXL, SD-1.x or PixArt topology) for tests and smoke runs",
-        description="Write a tiny pipeline with random weights to OUT: --family sdxl gives a StableDiffusionXLPipeline "
-        "(two CLIP text encoders, text_time conditioning, transformer depths [1, 2, 10]), --family sd a "
-        "StableDiffusionPipeline with SD-1.x's four-stage U-Net and one CLIP text encoder, --family pixart a "
-        "PixArtSigmaPipeline (T5 encoder with attention mask, 6-block DiT with adaLN-single and learned sigma). "
-        "32x32 images, CPU, seconds. Written atomically; an existing OUT is refused unless --overwrite.",
+        "make-tiny",
+        help="write a tiny random-weight pipeline (SDXL, SD-1.x or PixArt topology) for tests and smoke runs",
+        description="Write a tiny pipeline with random weights to OUT: --family sdxl gives a "
+        "StableDiffusionXLPipeline (two CLIP text encoders, text_time conditioning, transformer depths [1, 2, 10]), "
+        "--family sd a StableDiffusionPipeline with SD-1.x's four-stage U-Net and one CLIP text encoder, "
+        "--family pixart a PixArtSigmaPipeline (T5 encoder with attention mask, 6-block DiT with adaLN-single and "
+        "learned sigma). 32x32 images, CPU, seconds. Written atomically; an existing OUT is refused unless "
+        "--overwrite.",
     )
     k.add_argument("out", metavar="OUT", help="output pipeline directory")
-    k.add_argument("--family", default="sdxl", metavar="NAME",
-                   help="pipeline topology: a model family of koala.families, sdxl, sd or pixart (default sdxl)")
+    k.add_argument(
+        "--family",
+        default="sdxl",
+        metavar="NAME",
+        help="pipeline topology: a model family of koala.families, sdxl, sd or pixart (default sdxl)",
+    )
     k.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")
     k.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     k.set_defaults(func=run_make_tiny)
@@ -95,7 +122,7 @@ def run_make_data(args) -> int:
     import os
 
     from ..lab.shapes import parse_pairs, write_shapes_dataset
-    from ..utils import atomic_output_dir
+    from ..utils.files import atomic_output_dir
 
     colors = [c.strip() for c in args.colors.split(",") if c.strip()]
     held = parse_pairs(args.held_out)
@@ -108,10 +135,24 @@ def run_make_data(args) -> int:
 def run_train_teacher(args) -> int:
     from ..lab.train_teacher import TeacherConfig, train_teacher
 
-    cfg = TeacherConfig(out=args.out, data=args.data, num_train=args.num_train, num_val=args.num_val, seed=args.seed,
-                        vae_steps=args.vae_steps, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                        save_every=args.save_every, max_minutes=args.max_minutes, threads=args.threads,
-                        half=not args.fp32, overwrite=args.overwrite, family=args.family, vae_from=args.vae_from)
+    cfg = TeacherConfig(
+        out=args.out,
+        data=args.data,
+        num_train=args.num_train,
+        num_val=args.num_val,
+        seed=args.seed,
+        vae_steps=args.vae_steps,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        save_every=args.save_every,
+        max_minutes=args.max_minutes,
+        threads=args.threads,
+        half=not args.fp32,
+        overwrite=args.overwrite,
+        family=args.family,
+        vae_from=args.vae_from,
+    )
     res = train_teacher(cfg)
     print(json.dumps(res))
     return 0
@@ -122,7 +163,7 @@ def run_make_tiny(args) -> int:
 
     from ..testing.images import WORDS
     from ..testing.tiny import save_tiny_pipeline
-    from ..utils import atomic_output_dir
+    from ..utils.files import atomic_output_dir
 
     with atomic_output_dir(args.out, overwrite=args.overwrite) as tmp:
         save_tiny_pipeline(tmp, seed=args.seed, words=WORDS, family=args.family)

@@ -23,12 +23,18 @@ examples:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("plan", help="how much memory a distillation recipe needs per device, before training",
-                       description="Estimate the per-device memory of `koala distill` with a recipe: weights, "
-                       "gradients, optimizer states, EMA, teacher, encoders, and the training step's activations "
-                       "and feature buffers, and whether it fits a device.", epilog=EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, help="recipe YAML file or shipped recipe name (default: the schema's defaults)")
+    p = sub.add_parser(
+        "plan",
+        help="how much memory a distillation recipe needs per device, before training",
+        description="Estimate the per-device memory of `koala distill` with a recipe: weights, "
+        "gradients, optimizer states, EMA, teacher, encoders, and the training step's activations "
+        "and feature buffers, and whether it fits a device.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--config", default=None, help="recipe YAML file or shipped recipe name (default: the schema's defaults)"
+    )
     add_plan_arguments(p, teacher=True)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.batch_size=8")
     p.set_defaults(func=run)
@@ -36,15 +42,28 @@ def register(sub) -> None:
 
 def add_plan_arguments(p, teacher: bool) -> None:
     if teacher:
-        p.add_argument("--teacher", default=None,
-                       help="teacher preset (sdxl-base, sd-v1, ...; no weights needed) or pipeline directory; "
-                       "default: the recipe's teacher.pipeline")
-    p.add_argument("--device-gib", type=float, default=None, metavar="GIB",
-                   help="device memory in GiB (e.g. 80 for an H100/A100-80GB, 24 for a 4090): say whether it fits")
-    p.add_argument("--processes", type=int, default=1, metavar="N",
-                   help="data-parallel processes (with train.shard_optimizer=true each keeps 1/N of the optimizer "
-                   "states; with train.fsdp=grad_op also of the gradients and EMA, with train.fsdp=full of the "
-                   "weights too; default 1)")
+        p.add_argument(
+            "--teacher",
+            default=None,
+            help="teacher preset (sdxl-base, sd-v1, ...; no weights needed) or pipeline directory; "
+            "default: the recipe's teacher.pipeline",
+        )
+    p.add_argument(
+        "--device-gib",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="device memory in GiB (e.g. 80 for an H100/A100-80GB, 24 for a 4090): say whether it fits",
+    )
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="data-parallel processes (with train.shard_optimizer=true each keeps 1/N of the optimizer "
+        "states; with train.fsdp=grad_op also of the gradients and EMA, with train.fsdp=full of the "
+        "weights too; default 1)",
+    )
     p.add_argument("--plan-json", default=None, metavar="FILE", help="write the plan (schema koala-plan/1)")
 
 
@@ -52,7 +71,7 @@ def show_plan(cfg: dict, teacher, args) -> int:
     import json
 
     from ..bench.plan import plan_markdown, plan_memory
-    from ..utils import atomic_write_text
+    from ..utils.files import atomic_write_text
 
     plan = plan_memory(cfg, teacher=teacher, device_gib=args.device_gib, processes=args.processes)
     print(plan_markdown(plan), end="")
@@ -73,7 +92,10 @@ def run(args) -> int:
         cfg = load_config(args.config, overrides)
     except KoalaError as err:
         if "teacher.pipeline is required" in str(err):
-            raise KoalaError("no teacher: give a preset (e.g. --teacher sdxl-base; no weights needed) or a pipeline "
-                             "directory, or a recipe that sets teacher.pipeline", option="teacher") from None
+            raise KoalaError(
+                "no teacher: give a preset (e.g. --teacher sdxl-base; no weights needed) or a pipeline "
+                "directory, or a recipe that sets teacher.pipeline",
+                option="teacher",
+            ) from None
         raise
     return show_plan(cfg, args.teacher, args)

@@ -6,12 +6,15 @@ import json
 
 
 def register(sub) -> None:
-    p = sub.add_parser("presets", help="list the denoiser presets (U-Net / DiT) with parameter and FLOP counts",
-                       description="List the denoiser presets of every family (sdxl: SDXL-Base, BK-SDXL, KOALA-1B, "
-                       "KOALA-700M, SSD-1B, Segmind-Vega; sd: SD-v1, BK-SDM-Base/Small/Tiny; pixart: PixArt-Σ DiT-XL, "
-                       "DiT-M) with exact parameter counts and TFLOPs of one denoiser forward at batch 1, computed on "
-                       "the meta device (no weights, no memory). Students are derived from each family's reference "
-                       "teacher (SDXL-Base-1.0, SD-v1.5, PixArt-Sigma-XL-2-512-MS).")
+    p = sub.add_parser(
+        "presets",
+        help="list the denoiser presets (U-Net / DiT) with parameter and FLOP counts",
+        description="List the denoiser presets of every family (sdxl: SDXL-Base, BK-SDXL, KOALA-1B, "
+        "KOALA-700M, SSD-1B, Segmind-Vega; sd: SD-v1, BK-SDM-Base/Small/Tiny; pixart: PixArt-Σ DiT-XL, "
+        "DiT-M) with exact parameter counts and TFLOPs of one denoiser forward at batch 1, computed on "
+        "the meta device (no weights, no memory). Students are derived from each family's reference "
+        "teacher (SDXL-Base-1.0, SD-v1.5, PixArt-Sigma-XL-2-512-MS).",
+    )
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     p.add_argument("--no-flops", action="store_true", help="skip FLOP counting (faster)")
     p.set_defaults(func=run)
@@ -34,16 +37,41 @@ def run(args) -> int:
     from rich.table import Table
 
     t = Table(title="Denoiser presets (teachers: SDXL-Base-1.0, SD-v1.5, PixArt-Σ-XL-2-512)")
-    cols = ["preset", "family", "params", "paper", "TFLOPs 1024²", "TFLOPs 512²", "enc", "Tx DW", "Tx UP", "mid",
-            "DiT blocks"]
+    cols = [
+        "preset",
+        "family",
+        "params",
+        "paper",
+        "TFLOPs 1024²",
+        "TFLOPs 512²",
+        "enc",
+        "Tx DW",
+        "Tx UP",
+        "mid",
+        "DiT blocks",
+    ]
     for c in cols:
         t.add_column(c, justify="right" if c not in ("preset", "family") else "left")
     for r in rows:
         unet = "encoder_layers" in r
-        t.add_row(r["name"], r["family"], f"{r['params'] / 1e6:,.1f}M",
-                  f"{r['paper_params'] / 1e6:,.0f}M" if r["paper_params"] else "-",
-                  str(r.get("tflops_1024", "-")), str(r.get("tflops_512", "-")),
-                  *((_fmt(r["encoder_layers"]), _fmt(r["transformer_depth"]), _fmt(r["decoder_transformer_depth"]),
-                     "yes" if r["mid_block"] else "no", "-") if unet else ("-", "-", "-", "-", str(r["layers"]))))
+        t.add_row(
+            r["name"],
+            r["family"],
+            f"{r['params'] / 1e6:,.1f}M",
+            f"{r['paper_params'] / 1e6:,.0f}M" if r["paper_params"] else "-",
+            str(r.get("tflops_1024", "-")),
+            str(r.get("tflops_512", "-")),
+            *(
+                (
+                    _fmt(r["encoder_layers"]),
+                    _fmt(r["transformer_depth"]),
+                    _fmt(r["decoder_transformer_depth"]),
+                    "yes" if r["mid_block"] else "no",
+                    "-",
+                )
+                if unet
+                else ("-", "-", "-", "-", str(r["layers"]))
+            ),
+        )
     Console().print(t)
     return 0

@@ -9,5 +9,12 @@ from .config import DEFAULTS as DATA_CFG_DEFAULTS
 from .loader import make_dataloader
 from .stats import data_stats
 
-__all__ = ["make_dataloader", "check_cache_compatible", "build_cache", "encode_batch",
-           "pipeline_fingerprint", "data_stats", "DATA_CFG_DEFAULTS"]
+__all__ = [
+    "make_dataloader",
+    "check_cache_compatible",
+    "build_cache",
+    "encode_batch",
+    "pipeline_fingerprint",
+    "data_stats",
+    "DATA_CFG_DEFAULTS",
+]

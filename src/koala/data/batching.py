@@ -73,8 +73,15 @@ def collate_raw(samples: list[dict]) -> dict:
 def prepare_sample(preparer: SamplePreparer, transform: SDXLTransform, rec: dict, seed: int, epoch: int) -> dict:
     img, caption = preparer.load(rec)
     c = transform(img, sample_rng(seed, epoch, rec["key"]))
-    return {"pixel_values": to_tensor(c.image), "caption": caption, "original_size": c.original_size,
-            "crop_top_left": c.crop_top_left, "target_size": c.target_size, "flipped": c.flipped, "key": rec["key"]}
+    return {
+        "pixel_values": to_tensor(c.image),
+        "caption": caption,
+        "original_size": c.original_size,
+        "crop_top_left": c.crop_top_left,
+        "target_size": c.target_size,
+        "flipped": c.flipped,
+        "key": rec["key"],
+    }
 
 
 class BucketBatcher:

@@ -13,7 +13,8 @@ from ..errors import KoalaError
 
 
 def make_buckets(resolution: int, step: int = 64, max_aspect: float = 4.0) -> list[tuple[int, int]]:
-    """All (h, w) with h, w multiples of ``step``, h*w <= resolution**2, max/min side <= max_aspect, each side maximal."""
+    """All (h, w) with h, w multiples of ``step``, h*w <= resolution**2, max/min side <= max_aspect, each side
+    maximal."""
     if resolution % step:
         raise KoalaError(f"buckets: resolution {resolution} must be a multiple of bucket_step {step}")
     area = resolution * resolution
@@ -44,4 +45,6 @@ def parse_buckets(spec, resolution: int) -> list[tuple[int, int]] | None:
     try:
         return sorted((int(h), int(w)) for h, w in spec)
     except (TypeError, ValueError):
-        raise KoalaError(f"buckets: expected true, {{step, max_aspect}} or a list of [h, w] pairs, got {spec!r}") from None
+        raise KoalaError(
+            f"buckets: expected true, {{step, max_aspect}} or a list of [h, w] pairs, got {spec!r}"
+        ) from None

@@ -33,7 +33,9 @@ from torch.utils.data import IterableDataset
 
 from ..errors import KoalaError
 from ..families import Family, Parts, family_of, get_family
-from ..utils import StopRequest, check_output_folder, parse_dtype
+from ..utils.devices import parse_dtype
+from ..utils.files import atomic_write_json, check_output_folder
+from ..utils.signals import StopRequest
 from .batching import BatchSkipper, BucketBatcher, collate_raw, prepare_sample, worker_plan
 from .buckets import parse_buckets
 from .config import normalize_data_cfg
@@ -81,7 +83,9 @@ def pipeline_fingerprint(pipeline_dir: str) -> dict:
     for comp in fam.components:
         d = os.path.join(pipeline_dir, comp)
         if not os.path.isdir(d):
-            raise KoalaError(f"{pipeline_dir}: no {comp}/ folder; give a {fam.label} pipeline directory (save_pretrained)")
+            raise KoalaError(
+                f"{pipeline_dir}: no {comp}/ folder; give a {fam.label} pipeline directory (save_pretrained)"
+            )
         h = hashlib.sha256()
         for f in sorted(os.listdir(d)):
             if os.path.isfile(os.path.join(d, f)):
@@ -98,8 +102,12 @@ def read_cache_config(cache_dir: str) -> dict:
         cfg = json.load(f)
     if cfg.get("format") == "koala-cache/1":  # made before families: SDXL, the same tensors as /2 records
         fam = get_family("sdxl")
-        cfg = {**cfg, "format": FORMAT, "tensors": list(tensor_names(fam)),
-               "fingerprint": {**cfg["fingerprint"], "family": fam.name}}
+        cfg = {
+            **cfg,
+            "format": FORMAT,
+            "tensors": list(tensor_names(fam)),
+            "fingerprint": {**cfg["fingerprint"], "family": fam.name},
+        }
     if cfg.get("format") != FORMAT:
         raise KoalaError(f"{path}: format {cfg.get('format')!r}, expected {FORMAT!r}; rebuild the cache")
     return cfg
@@ -111,9 +119,11 @@ def check_cache_compatible(cache_dir: str, pipeline_dir: str) -> dict:
     made, now = cfg["fingerprint"]["components"], pipeline_fingerprint(pipeline_dir)["components"]
     bad = sorted(c for c in set(made) | set(now) if made.get(c) != now.get(c))
     if bad:
-        raise KoalaError(f"{cache_dir} was built with different {', '.join(bad)} than {pipeline_dir} "
-                         f"(cache made from {cfg['fingerprint']['pipeline_dir']}); rebuild it with "
-                         f"this pipeline ({pipeline_dir}) or train with the pipeline that made it")
+        raise KoalaError(
+            f"{cache_dir} was built with different {', '.join(bad)} than {pipeline_dir} "
+            f"(cache made from {cfg['fingerprint']['pipeline_dir']}); rebuild it with "
+            f"this pipeline ({pipeline_dir}) or train with the pipeline that made it"
+        )
     return cfg
 
 
@@ -130,7 +140,9 @@ def encode_batch(batch: dict, parts: Parts, latent: str = "sample", generator: t
     if shift is not None:
         lat = lat - shift
     out = {"latents": (lat * vae.config.scaling_factor).float()}
-    out.update({k: v.float() for k, v in fam.encode_prompts(batch["captions"], parts.tokenizers, parts.text_encoders).items()})
+    out.update(
+        {k: v.float() for k, v in fam.encode_prompts(batch["captions"], parts.tokenizers, parts.text_encoders).items()}
+    )
     out.update({k: v.float() for k, v in fam.micro_conditions(batch).items()})
     return out
 
@@ -151,21 +163,40 @@ def _shard_path(out_dir: str, k: int) -> str:
     return os.path.join(out_dir, "shards", f"{k:05d}.safetensors")
 
 
-def _write_json_atomic(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+_COMPARED = (
+    "format",
+    "fingerprint",
+    "resolution",
+    "buckets",
+    "center_crop",
+    "random_flip",
+    "latent",
+    "dtype",
+    "seed",
+    "shard_size",
+    "num_units",
+    "source",
+)
 
 
-_COMPARED = ("format", "fingerprint", "resolution", "buckets", "center_crop", "random_flip", "latent", "dtype",
-             "seed", "shard_size", "num_units", "source")
-
-
-def build_cache(data_cfg: dict, pipeline_dir: str, out_dir: str, *, resolution: int, batch_size: int = 8,
-                shard_size: int = 256, latent: str = "sample", dtype: str = "fp16", seed: int = 0, rank: int = 0,
-                world_size: int = 1, device: str = "cpu", vae_dtype: str = "fp32", limit_units: int | None = None,
-                progress: bool = True) -> dict:
+def build_cache(
+    data_cfg: dict,
+    pipeline_dir: str,
+    out_dir: str,
+    *,
+    resolution: int,
+    batch_size: int = 8,
+    shard_size: int = 256,
+    latent: str = "sample",
+    dtype: str = "fp16",
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    device: str = "cpu",
+    vae_dtype: str = "fp32",
+    limit_units: int | None = None,
+    progress: bool = True,
+) -> dict:
     """Encode ``data_cfg`` into ``out_dir`` (resumable, multi-process safe); returns the index (see module doc).
 
     Crops/flips are drawn per sample from ``seed`` exactly as ``make_dataloader(..., seed=seed)`` draws them
@@ -184,15 +215,39 @@ def build_cache(data_cfg: dict, pipeline_dir: str, out_dir: str, *, resolution: 
     buckets = parse_buckets(cfg["buckets"], resolution)
     fingerprint = pipeline_fingerprint(pipeline_dir)
     fam = get_family(fingerprint["family"])
-    meta = {"format": FORMAT, "fingerprint": fingerprint, "tensors": list(tensor_names(fam)), "resolution": resolution,
-            "buckets": buckets, "center_crop": cfg["center_crop"], "random_flip": cfg["random_flip"],
-            "latent": latent, "dtype": str(store).replace("torch.", ""), "seed": seed,
-            "shard_size": shard_size if source.kind == "indexed" else None, "num_units": len(units),
-            "source": {**{k: cfg[k] for k in ("type", "path", "caption_column", "syncap_column", "syncap",
-                                               "image_column", "image_root", "split", "min_size", "max_aspect")},
-                       **({"syncap_file": os.path.abspath(cfg["syncap_file"])} if cfg.get("syncap_file") else {}),
-                       **({k: cfg[k] for k in ("nsfw_model", "nsfw_label", "nsfw_threshold")}
-                          if cfg.get("nsfw_model") else {})}}
+    meta = {
+        "format": FORMAT,
+        "fingerprint": fingerprint,
+        "tensors": list(tensor_names(fam)),
+        "resolution": resolution,
+        "buckets": buckets,
+        "center_crop": cfg["center_crop"],
+        "random_flip": cfg["random_flip"],
+        "latent": latent,
+        "dtype": str(store).replace("torch.", ""),
+        "seed": seed,
+        "shard_size": shard_size if source.kind == "indexed" else None,
+        "num_units": len(units),
+        "source": {
+            **{
+                k: cfg[k]
+                for k in (
+                    "type",
+                    "path",
+                    "caption_column",
+                    "syncap_column",
+                    "syncap",
+                    "image_column",
+                    "image_root",
+                    "split",
+                    "min_size",
+                    "max_aspect",
+                )
+            },
+            **({"syncap_file": os.path.abspath(cfg["syncap_file"])} if cfg.get("syncap_file") else {}),
+            **({k: cfg[k] for k in ("nsfw_model", "nsfw_label", "nsfw_threshold")} if cfg.get("nsfw_model") else {}),
+        },
+    }
     fam.check_pipeline_dir(pipeline_dir)  # missing or corrupt components: refused before anything is written
     check_output_folder(out_dir, "the cache")
     os.makedirs(os.path.join(out_dir, "shards"), exist_ok=True)
@@ -205,10 +260,12 @@ def build_cache(data_cfg: dict, pipeline_dir: str, out_dir: str, *, resolution: 
         new_cmp["fingerprint"] = new_cmp["fingerprint"]["components"]
         diff = [k for k in _COMPARED if old_cmp[k] != new_cmp[k]]
         if diff:
-            raise KoalaError(f"{out_dir} holds a cache made with other settings ({', '.join(diff)}); "
-                             "resume with the same settings, or choose another output folder")
+            raise KoalaError(
+                f"{out_dir} holds a cache made with other settings ({', '.join(diff)}); "
+                "resume with the same settings, or choose another output folder"
+            )
     else:
-        _write_json_atomic(cfg_path, meta)
+        atomic_write_json(cfg_path, meta)
 
     enc = fam.load_parts(pipeline_dir, "fp32", vae_dtype, device)
     preparer = SamplePreparer(cfg)
@@ -222,8 +279,9 @@ def build_cache(data_cfg: dict, pipeline_dir: str, out_dir: str, *, resolution: 
     bar = tqdm(todo, desc=f"cache rank {rank}", unit="shard", disable=not progress)
     with StopRequest() as stop:
         for k in bar:
-            skips = _build_shard(k, units[k], source, preparer, transform, enc, out_dir, batch_size, latent, store,
-                                 seed)
+            skips = _build_shard(
+                k, units[k], source, preparer, transform, enc, out_dir, batch_size, latent, store, seed
+            )
             total_skips.update(skips)
             bar.set_postfix_str(total_skips.summary())
             if stop.requested:
@@ -233,8 +291,10 @@ def build_cache(data_cfg: dict, pipeline_dir: str, out_dir: str, *, resolution: 
     if stop.requested:
         index = {**index, "stopped_by": stop.requested}
     if progress:
-        print(f"cache {out_dir}: {index['num_samples']} samples in {len(index['shards'])}/{index['num_units']} "
-              f"shards ({'complete' if index['complete'] else 'incomplete'}); {SkipCounter(index['skipped']).summary()}")
+        print(
+            f"cache {out_dir}: {index['num_samples']} samples in {len(index['shards'])}/{index['num_units']} "
+            f"shards ({'complete' if index['complete'] else 'incomplete'}); {SkipCounter(index['skipped']).summary()}"
+        )
     return index
 
 
@@ -255,7 +315,9 @@ def _build_shard(k, unit, source, preparer, transform, enc, out_dir, batch_size,
 
     def encode(batch):
         out = encode_batch(batch, enc, latent, gen if latent == "sample" else None)
-        g = groups.setdefault("%dx%d" % tuple(batch["target_size"][0].tolist()), {n: [] for n in names + ("captions", "keys")})
+        g = groups.setdefault(
+            "%dx%d" % tuple(batch["target_size"][0].tolist()), {n: [] for n in names + ("captions", "keys")}
+        )
         for name, t in out.items():
             g[name].append(t.cpu() if name in full_precision else t.to(store).cpu())
         for name in BOOKKEEPING:
@@ -277,9 +339,12 @@ def _build_shard(k, unit, source, preparer, transform, enc, out_dir, batch_size,
         encode(b)
     skips.update(getattr(source, "skips", {}))
     tensors = {f"{g}/{n}": torch.cat(v[n]).contiguous() for g, v in groups.items() for n in names}
-    metadata = {"captions": json.dumps({g: v["captions"] for g, v in groups.items()}),
-                "keys": json.dumps({g: v["keys"] for g, v in groups.items()}),
-                "skipped": json.dumps(dict(skips)), "unit": str(k)}
+    metadata = {
+        "captions": json.dumps({g: v["captions"] for g, v in groups.items()}),
+        "keys": json.dumps({g: v["keys"] for g, v in groups.items()}),
+        "skipped": json.dumps(dict(skips)),
+        "unit": str(k),
+    }
     final = _shard_path(out_dir, k)
     tmp = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.tmp-{os.getpid()}")
     try:
@@ -288,8 +353,10 @@ def _build_shard(k, unit, source, preparer, transform, enc, out_dir, batch_size,
     except OSError as err:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise KoalaError(f"writing cache shard {final} failed ({err.strerror or err}); the finished shards are kept: "
-                         "free some space (or fix the folder) and run the same command again to resume") from err
+        raise KoalaError(
+            f"writing cache shard {final} failed ({err.strerror or err}); the finished shards are kept: "
+            "free some space (or fix the folder) and run the same command again to resume"
+        ) from err
     return dict(skips)
 
 
@@ -303,12 +370,24 @@ def write_index(out_dir: str) -> dict:
             counts = {g: len(v) for g, v in json.loads(md.get("keys", "{}")).items()}
         sk = json.loads(md.get("skipped", "{}"))
         skipped.update(sk)
-        shards.append({"file": os.path.relpath(path, out_dir), "num_samples": sum(counts.values()), "groups": counts,
-                       "skipped": sk})
+        shards.append(
+            {
+                "file": os.path.relpath(path, out_dir),
+                "num_samples": sum(counts.values()),
+                "groups": counts,
+                "skipped": sk,
+            }
+        )
         total += sum(counts.values())
-    index = {"format": FORMAT, "num_units": cfg["num_units"], "complete": len(shards) == cfg["num_units"],
-             "num_samples": total, "skipped": dict(skipped), "shards": shards}
-    _write_json_atomic(os.path.join(out_dir, "index.json"), index)
+    index = {
+        "format": FORMAT,
+        "num_units": cfg["num_units"],
+        "complete": len(shards) == cfg["num_units"],
+        "num_samples": total,
+        "skipped": dict(skipped),
+        "shards": shards,
+    }
+    atomic_write_json(os.path.join(out_dir, "index.json"), index)
     return index
 
 
@@ -324,18 +403,33 @@ def read_index(cache_dir: str) -> dict:
 class CachedBatches(IterableDataset):
     """Batches from cache shards; one shard in memory at a time (plus partial per-size batches)."""
 
-    def __init__(self, cfg: dict, batch_size: int, resolution: int, seed: int, rank: int, world_size: int,
-                 pipeline_dir: str | None = None, skip_batches: int = 0):
+    def __init__(
+        self,
+        cfg: dict,
+        batch_size: int,
+        resolution: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        pipeline_dir: str | None = None,
+        skip_batches: int = 0,
+    ):
         self.dir = cfg["path"]
         self.meta = check_cache_compatible(self.dir, pipeline_dir) if pipeline_dir else read_cache_config(self.dir)
         self.tensors = tuple(self.meta["tensors"])
         if self.meta["resolution"] != resolution:
-            raise KoalaError(f"{self.dir} was built at resolution {self.meta['resolution']}, the trainer asks for "
-                             f"{resolution}; rebuild the cache or change the resolution")
+            raise KoalaError(
+                f"{self.dir} was built at resolution {self.meta['resolution']}, the trainer asks for "
+                f"{resolution}; rebuild the cache or change the resolution"
+            )
         self.index = read_index(self.dir)
         if not self.index["complete"]:
-            log.warning("%s: cache is incomplete (%d of %d shards); training on what exists", self.dir,
-                        len(self.index["shards"]), self.index["num_units"])
+            log.warning(
+                "%s: cache is incomplete (%d of %d shards); training on what exists",
+                self.dir,
+                len(self.index["shards"]),
+                self.index["num_units"],
+            )
         self.shards = [s["file"] for s in self.index["shards"] if s["num_samples"]]
         if not self.shards:
             raise KoalaError(f"{self.dir}: the cache holds no samples")

@@ -106,7 +106,9 @@ class CaptionLengths:
             "avg_caption_words": round(self.words / self.n, 2) if self.n else 0.0,
             "captions_over_77_tokens": self.over,
             "captions_over_77_tokens_pct": round(100.0 * self.over / self.n, 2) if self.n else 0.0,
-            "token_count_method": "tokenizer" if self.tokenizer is not None else f"estimate ({WORDS_TO_TOKENS} tokens/word)",
+            "token_count_method": "tokenizer"
+            if self.tokenizer is not None
+            else f"estimate ({WORDS_TO_TOKENS} tokens/word)",
         }
 
 
@@ -114,6 +116,6 @@ def read_syncap_file(path: str) -> dict[str, str]:
     """key -> caption of a synCap file (a line cut by a kill is ignored)."""
     if not os.path.isfile(path):
         raise KoalaError(f"syncap_file {path}: no such file (write it with koala data syncap)", option="syncap_file")
-    from ..utils import read_jsonl
+    from ..utils.files import read_jsonl
 
     return {str(r["key"]): str(r.get(SYNCAP_FIELD, "")) for r in read_jsonl(path) if "key" in r}

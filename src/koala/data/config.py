@@ -7,32 +7,32 @@ from ..errors import KoalaError
 TYPES = ("folder", "parquet", "csv", "webdataset", "hf_disk", "cache", "synthetic")
 
 DEFAULTS = {
-    "type": None,             # one of TYPES; guessed from path when None
-    "path": None,             # folder / file / glob / brace pattern (list allowed for webdataset) / cache dir
-    "caption_column": None,   # str or list (first non-empty wins); None: text, caption, prompt, TEXT, alt, txt,
-                              # alt_txt, alt_text
-    "syncap_column": None,    # field(s) with the synthetic (LMM) caption, str or list (first non-empty wins);
-                              # LAION-POP: [cogvlm_caption, llava_caption]
-    "syncap": None,           # append (default when syncap_column is set; KOALA's choice) | replace | original
-    "syncap_file": None,      # captions written by `koala data syncap` (key -> caption), joined to the source by key
-    "nsfw_model": None,       # local image classifier (App. E): images it flags are skipped, counted as "nsfw"
-    "nsfw_label": "nsfw",     # the classifier's class to filter on
-    "nsfw_threshold": 0.5,    # skip when that class's probability exceeds this
-    "image_column": None,     # parquet/csv/hf_disk: image path (or datasets.Image) column; guessed if None
-    "image_root": None,       # base folder for relative image paths (default: the table's folder)
-    "split": "train",         # hf_disk: split of a DatasetDict
-    "min_size": 0,            # skip images whose short side is smaller (e.g. 1024 for Lightning recipes)
-    "max_aspect": None,       # skip images with long/short side above this (e.g. 2.0)
-    "center_crop": False,     # False: random crop (SDXL default)
-    "random_flip": True,      # horizontal flip with p=0.5, applied before the crop
-    "buckets": False,         # False | True | {step: 64, max_aspect: 4.0} | [[h, w], ...]
+    "type": None,  # one of TYPES; guessed from path when None
+    "path": None,  # folder / file / glob / brace pattern (list allowed for webdataset) / cache dir
+    "caption_column": None,  # str or list (first non-empty wins); None: text, caption, prompt, TEXT, alt, txt,
+    # alt_txt, alt_text
+    "syncap_column": None,  # field(s) with the synthetic (LMM) caption, str or list (first non-empty wins);
+    # LAION-POP: [cogvlm_caption, llava_caption]
+    "syncap": None,  # append (default when syncap_column is set; KOALA's choice) | replace | original
+    "syncap_file": None,  # captions written by `koala data syncap` (key -> caption), joined to the source by key
+    "nsfw_model": None,  # local image classifier (App. E): images it flags are skipped, counted as "nsfw"
+    "nsfw_label": "nsfw",  # the classifier's class to filter on
+    "nsfw_threshold": 0.5,  # skip when that class's probability exceeds this
+    "image_column": None,  # parquet/csv/hf_disk: image path (or datasets.Image) column; guessed if None
+    "image_root": None,  # base folder for relative image paths (default: the table's folder)
+    "split": "train",  # hf_disk: split of a DatasetDict
+    "min_size": 0,  # skip images whose short side is smaller (e.g. 1024 for Lightning recipes)
+    "max_aspect": None,  # skip images with long/short side above this (e.g. 2.0)
+    "center_crop": False,  # False: random crop (SDXL default)
+    "random_flip": True,  # horizontal flip with p=0.5, applied before the crop
+    "buckets": False,  # False | True | {step: 64, max_aspect: 4.0} | [[h, w], ...]
     "shuffle": True,
-    "repeat": True,           # True: infinite iterator (count steps); False: one pass per iter()
-    "drop_last": False,       # repeat=False: drop the last partial batch(es)
-    "shuffle_buffer": 64,     # webdataset / cache: samples mixed across the stream
-    "num_samples": 8,         # synthetic: how many generated images (smooth random colour fields, no files)
-    "captions": None,         # synthetic: captions cycled over the images (None: a few built-in ones)
-    "size": 64,               # synthetic: side of the generated images in pixels (then resized/cropped as usual)
+    "repeat": True,  # True: infinite iterator (count steps); False: one pass per iter()
+    "drop_last": False,  # repeat=False: drop the last partial batch(es)
+    "shuffle_buffer": 64,  # webdataset / cache: samples mixed across the stream
+    "num_samples": 8,  # synthetic: how many generated images (smooth random colour fields, no files)
+    "captions": None,  # synthetic: captions cycled over the images (None: a few built-in ones)
+    "size": 64,  # synthetic: side of the generated images in pixels (then resized/cropped as usual)
 }
 
 

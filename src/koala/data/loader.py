@@ -26,9 +26,9 @@ import logging
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..errors import KoalaError
+from .batching import BatchSkipper, BucketBatcher, collate_raw, prepare_sample, worker_plan
 from .buckets import parse_buckets
 from .config import normalize_data_cfg
-from .batching import BatchSkipper, BucketBatcher, collate_raw, prepare_sample, worker_plan
 from .images import SkipCounter, SkipSample
 from .records import SamplePreparer, iter_split
 from .sources import make_source
@@ -38,13 +38,15 @@ log = logging.getLogger("koala.data")
 
 
 class RawBatches(IterableDataset):
-    def __init__(self, cfg: dict, batch_size: int, resolution: int, seed: int, rank: int, world_size: int,
-                 skip_batches: int = 0):
+    def __init__(
+        self, cfg: dict, batch_size: int, resolution: int, seed: int, rank: int, world_size: int, skip_batches: int = 0
+    ):
         self.cfg, self.batch_size, self.seed, self.rank, self.world_size = cfg, batch_size, seed, rank, world_size
         self.source = make_source(cfg)
         self.preparer = SamplePreparer(cfg)
-        self.transform = SDXLTransform(resolution, cfg["center_crop"], cfg["random_flip"],
-                                       parse_buckets(cfg["buckets"], resolution))
+        self.transform = SDXLTransform(
+            resolution, cfg["center_crop"], cfg["random_flip"], parse_buckets(cfg["buckets"], resolution)
+        )
         self.skips = SkipCounter()
         self.epoch = 0
         self.skip_batches = int(skip_batches)  # applies to the first iter() (per worker) only
@@ -66,8 +68,9 @@ class RawBatches(IterableDataset):
         epoch = 0
         while True:
             used = 0
-            for rec in iter_split(self.source, split, nsplits, epoch, self.cfg["shuffle"], self.seed,
-                                  self.cfg["shuffle_buffer"]):
+            for rec in iter_split(
+                self.source, split, nsplits, epoch, self.cfg["shuffle"], self.seed, self.cfg["shuffle_buffer"]
+            ):
                 try:
                     if skipper.active:  # no decode: only what decides whether and where the sample goes
                         hw = self.preparer.probe(rec, need_size)
@@ -86,8 +89,10 @@ class RawBatches(IterableDataset):
             self.skips.update(getattr(self.source, "skips", {}))
             log.info("data split %d/%d epoch %d: %d samples, %s", split, nsplits, epoch, used, self.skips.summary())
             if used == 0 and self.cfg["repeat"]:  # an infinite loop over nothing would hang the trainer
-                raise KoalaError(f"{self.cfg['path']}: split {split} of {nsplits} produced no usable samples "
-                                 f"({self.skips.summary()}); check filters, captions and shard count")
+                raise KoalaError(
+                    f"{self.cfg['path']}: split {split} of {nsplits} produced no usable samples "
+                    f"({self.skips.summary()}); check filters, captions and shard count"
+                )
             epoch += 1
             self.epoch = epoch
             if not self.cfg["repeat"]:
@@ -97,9 +102,18 @@ class RawBatches(IterableDataset):
                 return
 
 
-def make_dataloader(data_cfg: dict, *, batch_size: int, resolution: int, seed: int = 0, num_workers: int = 0,
-                    rank: int = 0, world_size: int = 1, pipeline_dir: str | None = None,
-                    skip_batches: int = 0) -> DataLoader:
+def make_dataloader(
+    data_cfg: dict,
+    *,
+    batch_size: int,
+    resolution: int,
+    seed: int = 0,
+    num_workers: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    pipeline_dir: str | None = None,
+    skip_batches: int = 0,
+) -> DataLoader:
     """A DataLoader of dict batches (see module doc); infinite unless ``data_cfg['repeat']`` is false.
 
     Each of the ``world_size`` ranks and each of its ``num_workers`` workers reads a disjoint part of the
@@ -119,5 +133,10 @@ def make_dataloader(data_cfg: dict, *, batch_size: int, resolution: int, seed: i
         ds = CachedBatches(cfg, batch_size, resolution, seed, rank, world_size, pipeline_dir, skip_batches)
     else:
         ds = RawBatches(cfg, batch_size, resolution, seed, rank, world_size, skip_batches)
-    return DataLoader(ds, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
-                      prefetch_factor=2 if num_workers > 0 else None)
+    return DataLoader(
+        ds,
+        batch_size=None,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=2 if num_workers > 0 else None,
+    )

@@ -12,8 +12,15 @@ from .captions import CaptionBuilder
 from .images import SkipSample, _open, _upright_size, decode_image, skip_on_decode_error
 
 
-def iter_split(source, split: int = 0, nsplits: int = 1, epoch: int = 0, shuffle: bool = False, seed: int = 0,
-               shuffle_buffer: int = 64) -> Iterator[dict]:
+def iter_split(
+    source,
+    split: int = 0,
+    nsplits: int = 1,
+    epoch: int = 0,
+    shuffle: bool = False,
+    seed: int = 0,
+    shuffle_buffer: int = 64,
+) -> Iterator[dict]:
     """Records of one split (``split`` of ``nsplits`` = rank * num_workers + worker) for one epoch.
 
     Indexed sources split by (shuffled) index; webdataset splits by shard, or by sample when there are
@@ -59,8 +66,9 @@ class SamplePreparer:
         if cfg.get("nsfw_model"):  # App. E: NSFW training images are filtered out (counted as skips)
             from ..safety import NSFWFilter
 
-            self.nsfw = NSFWFilter(cfg["nsfw_model"], cfg.get("nsfw_label") or "nsfw",
-                                   float(cfg.get("nsfw_threshold", 0.5)))
+            self.nsfw = NSFWFilter(
+                cfg["nsfw_model"], cfg.get("nsfw_label") or "nsfw", float(cfg.get("nsfw_threshold", 0.5))
+            )
         self.min_size = int(cfg.get("min_size") or 0)
         self.max_aspect = float(cfg["max_aspect"]) if cfg.get("max_aspect") else None
 

@@ -14,7 +14,7 @@ import os
 from typing import Iterable, Iterator
 
 from ..errors import KoalaError
-from ..utils import require
+from ..utils.extras import require
 from .captions import DEFAULT_CAPTION_COLUMNS, _as_list
 from .images import IMAGE_EXTS, SkipCounter
 
@@ -71,13 +71,17 @@ class IndexedSource:
 def _pick_image_column(columns, wanted: str | None, where: str) -> str:
     if wanted:
         if wanted not in columns:
-            raise KoalaError(f"{where}: no column {wanted!r} (columns: {', '.join(map(str, columns))}); set image_column")
+            raise KoalaError(
+                f"{where}: no column {wanted!r} (columns: {', '.join(map(str, columns))}); set image_column"
+            )
         return wanted
     for c in IMAGE_COLUMN_GUESSES:
         if c in columns:
             return c
-    raise KoalaError(f"{where}: cannot tell which column holds the image path (columns: {', '.join(map(str, columns))}); "
-                     "set image_column")
+    raise KoalaError(
+        f"{where}: cannot tell which column holds the image path (columns: {', '.join(map(str, columns))}); "
+        "set image_column"
+    )
 
 
 def _wanted_columns(cfg: dict, image_column: str | None) -> list[str]:
@@ -104,8 +108,11 @@ class FolderSource(IndexedSource):
             files = []
             for dirpath, dirnames, filenames in os.walk(path):
                 dirnames.sort()
-                files += [os.path.relpath(os.path.join(dirpath, f), path) for f in sorted(filenames)
-                          if f.lower().endswith(IMAGE_EXTS)]
+                files += [
+                    os.path.relpath(os.path.join(dirpath, f), path)
+                    for f in sorted(filenames)
+                    if f.lower().endswith(IMAGE_EXTS)
+                ]
             rows = [{"file_name": f} for f in files]
         if not rows:
             raise KoalaError(f"{path}: no images found (extensions: {', '.join(IMAGE_EXTS)})")
@@ -189,8 +196,9 @@ class WebDatasetSource:
             self.shards += expand_urls(p)
         missing = [s for s in self.shards if "://" not in s and not s.startswith("pipe:") and not os.path.isfile(s)]
         if not self.shards or missing:
-            raise KoalaError(f"webdataset: shard(s) not found: {', '.join(missing[:3]) or path}"
-                             f"{' ...' if len(missing) > 3 else ''}")
+            raise KoalaError(
+                f"webdataset: shard(s) not found: {', '.join(missing[:3]) or path}{' ...' if len(missing) > 3 else ''}"
+            )
         self.skips = SkipCounter()
 
     def _handler(self, err: Exception) -> bool:
@@ -233,7 +241,9 @@ def guess_type(path: str) -> str:
     for ext, kind in ((".parquet", "parquet"), (".csv", "csv"), (".tar", "webdataset"), (".tar}", "webdataset")):
         if p.endswith(ext) or (ext == ".tar" and ".tar" in p and "{" in p):
             return kind
-    raise KoalaError(f"{path}: cannot guess the source type; set type (folder, parquet, csv, webdataset, hf_disk, cache)")
+    raise KoalaError(
+        f"{path}: cannot guess the source type; set type (folder, parquet, csv, webdataset, hf_disk, cache)"
+    )
 
 
 class SyntheticSource(IndexedSource):

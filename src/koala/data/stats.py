@@ -10,7 +10,8 @@ from .sources import make_source
 
 
 def data_stats(data_cfg: dict, tokenizer=None, limit: int | None = None, progress: bool = True) -> dict:
-    """Decode every sample (as training would, with the same filters) and summarise; ``limit`` caps the records read."""
+    """Decode every sample (as training would, with the same filters) and summarise; ``limit`` caps the records
+    read."""
     from tqdm.auto import tqdm
 
     cfg = normalize_data_cfg(data_cfg)
@@ -18,8 +19,15 @@ def data_stats(data_cfg: dict, tokenizer=None, limit: int | None = None, progres
         from .cache import read_cache_config, read_index
 
         idx, meta = read_index(cfg["path"]), read_cache_config(cfg["path"])
-        return {"source": cfg["path"], "type": "cache", "images": idx["num_samples"], "complete": idx["complete"],
-                "resolution": meta["resolution"], "skipped": idx["skipped"], "skipped_total": sum(idx["skipped"].values())}
+        return {
+            "source": cfg["path"],
+            "type": "cache",
+            "images": idx["num_samples"],
+            "complete": idx["complete"],
+            "resolution": meta["resolution"],
+            "skipped": idx["skipped"],
+            "skipped_total": sum(idx["skipped"].values()),
+        }
     source = make_source(cfg)
     preparer = SamplePreparer(cfg)
     lengths, skips = CaptionLengths(tokenizer), SkipCounter()
@@ -42,8 +50,14 @@ def data_stats(data_cfg: dict, tokenizer=None, limit: int | None = None, progres
         lengths.add(caption)
     bar.close()
     skips.update(getattr(source, "skips", {}))
-    out = {"source": str(cfg["path"]), "type": cfg["type"], "images": n,
-           "avg_resolution": [round(sum_h / n, 1), round(sum_w / n, 1)] if n else [0, 0],
-           **lengths.as_dict(), "skipped": dict(skips), "skipped_total": sum(skips.values()),
-           "caption_notes": dict(preparer.captions.notes)}
+    out = {
+        "source": str(cfg["path"]),
+        "type": cfg["type"],
+        "images": n,
+        "avg_resolution": [round(sum_h / n, 1), round(sum_w / n, 1)] if n else [0, 0],
+        **lengths.as_dict(),
+        "skipped": dict(skips),
+        "skipped_total": sum(skips.values()),
+        "caption_notes": dict(preparer.captions.notes),
+    }
     return out

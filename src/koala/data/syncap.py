@@ -15,7 +15,6 @@ import os
 import torch
 
 from ..errors import KoalaError
-
 from .captions import SYNCAP_FIELD, read_syncap_file  # noqa: F401  (read_syncap_file: part of this module's API)
 
 DEFAULT_PROMPT = "Describe this image in detail."
@@ -26,13 +25,17 @@ def load_vlm(path: str, device: str = "cpu", dtype=None):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     if not os.path.isfile(os.path.join(path or "", "config.json")):
-        raise KoalaError(f"VLM {path}: no config.json; give a local transformers vision-language model directory "
-                         "(e.g. llava-hf/llava-1.5-7b-hf)", option="vlm")
+        raise KoalaError(
+            f"VLM {path}: no config.json; give a local transformers vision-language model directory "
+            "(e.g. llava-hf/llava-1.5-7b-hf)",
+            option="vlm",
+        )
     try:
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype or torch.float32).to(device).eval()
     except ValueError as err:
-        raise KoalaError(f"VLM {path}: not an image-text-to-text model ({str(err).splitlines()[0][:200]})",
-                         option="vlm") from None
+        raise KoalaError(
+            f"VLM {path}: not an image-text-to-text model ({str(err).splitlines()[0][:200]})", option="vlm"
+        ) from None
     return model, AutoProcessor.from_pretrained(path)
 
 
@@ -41,13 +44,23 @@ def chat_prompt(processor, instruction: str) -> str:
     if getattr(processor, "chat_template", None):
         return processor.apply_chat_template(
             [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}],
-            add_generation_prompt=True)
+            add_generation_prompt=True,
+        )
     return f"USER: <image>\n{instruction} ASSISTANT:"
 
 
-def caption_source(data_cfg: dict, vlm: str, out: str, prompt: str = DEFAULT_PROMPT, batch_size: int = 4,
-                   max_new_tokens: int = 160, limit: int | None = None, device: str = "cpu", dtype=None,
-                   progress: bool = True) -> dict:
+def caption_source(
+    data_cfg: dict,
+    vlm: str,
+    out: str,
+    prompt: str = DEFAULT_PROMPT,
+    batch_size: int = 4,
+    max_new_tokens: int = 160,
+    limit: int | None = None,
+    device: str = "cpu",
+    dtype=None,
+    progress: bool = True,
+) -> dict:
     """Caption every sample of a data source with the VLM; resumable. Returns counts."""
     from tqdm.auto import tqdm
 
@@ -58,7 +71,9 @@ def caption_source(data_cfg: dict, vlm: str, out: str, prompt: str = DEFAULT_PRO
 
     cfg = normalize_data_cfg(dict(data_cfg))
     if cfg["type"] == "cache":
-        raise KoalaError("a koala cache holds latents, not images: caption the source it was made from", option="source")
+        raise KoalaError(
+            "a koala cache holds latents, not images: caption the source it was made from", option="source"
+        )
     source = make_source(cfg)
     done = read_syncap_file(out) if os.path.isfile(out) else {}
     model, processor = load_vlm(vlm, device, dtype)
@@ -76,7 +91,7 @@ def caption_source(data_cfg: dict, vlm: str, out: str, prompt: str = DEFAULT_PRO
         inputs = {k: v.to(device) for k, v in inputs.items()}
         with torch.no_grad():
             ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        caps = processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        caps = processor.batch_decode(ids[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         with open(out, "a", encoding="utf-8") as f:
             for (key, _), cap in zip(batch, caps):
                 f.write(json.dumps({"key": key, SYNCAP_FIELD: " ".join(cap.split())}) + "\n")
@@ -85,8 +100,9 @@ def caption_source(data_cfg: dict, vlm: str, out: str, prompt: str = DEFAULT_PRO
         counts["captioned"] += len(batch)
         batch.clear()
 
-    bar = tqdm(total=min(total, limit) if total and limit else total or limit, desc="syncap", unit="img",
-               disable=not progress)
+    bar = tqdm(
+        total=min(total, limit) if total and limit else total or limit, desc="syncap", unit="img", disable=not progress
+    )
     for n, rec in enumerate(iter_split(source)):
         if limit is not None and n >= limit:
             break

@@ -43,8 +43,9 @@ def resize_to_cover(img: Image.Image, target: tuple[int, int]) -> Image.Image:
     return img.resize((nw, nh), Image.BICUBIC)
 
 
-def sdxl_crop(img: Image.Image, target: tuple[int, int], rng: random.Random, center_crop: bool = False,
-              random_flip: bool = True) -> Cropped:
+def sdxl_crop(
+    img: Image.Image, target: tuple[int, int], rng: random.Random, center_crop: bool = False, random_flip: bool = True
+) -> Cropped:
     original_size = (img.height, img.width)
     img = resize_to_cover(img, target)
     flipped = bool(random_flip and rng.random() < 0.5)
@@ -68,8 +69,13 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 class SDXLTransform:
     """Decoded RGB image -> :class:`Cropped` for a square ``resolution`` or the nearest aspect bucket."""
 
-    def __init__(self, resolution: int, center_crop: bool = False, random_flip: bool = True,
-                 buckets: list[tuple[int, int]] | None = None):
+    def __init__(
+        self,
+        resolution: int,
+        center_crop: bool = False,
+        random_flip: bool = True,
+        buckets: list[tuple[int, int]] | None = None,
+    ):
         self.resolution = resolution
         self.center_crop = center_crop
         self.random_flip = random_flip

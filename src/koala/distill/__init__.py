@@ -5,8 +5,18 @@ from .hooks import FEATURE_TYPES, FeaturePair, FeatureRecorder, feature_pairs, u
 from .losses import FEATURE_LOSSES, Losses, feature_losses, kd_losses, prediction_target
 
 __all__ = [
-    "load_config", "FEATURE_TYPES", "FeaturePair", "FeatureRecorder", "feature_pairs", "unwrap",
-    "FEATURE_LOSSES", "Losses", "feature_losses", "kd_losses", "prediction_target", "train",
+    "load_config",
+    "FEATURE_TYPES",
+    "FeaturePair",
+    "FeatureRecorder",
+    "feature_pairs",
+    "unwrap",
+    "FEATURE_LOSSES",
+    "Losses",
+    "feature_losses",
+    "kd_losses",
+    "prediction_target",
+    "train",
 ]
 
 

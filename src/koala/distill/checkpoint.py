@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from ..card import write_model_card
 from ..errors import KoalaError
-from ..utils import atomic_output_dir
+from ..utils.files import atomic_output_dir
 
 STEP_RE = re.compile(r"^step-(\d+)$")
 
@@ -50,8 +50,10 @@ def resolve_resume(resume: str | None, output_dir: str) -> str | None:
         ckpts = list_checkpoints(output_dir)
         return ckpts[-1][1] if ckpts else None
     if not os.path.isfile(os.path.join(resume, "state.json")):
-        raise KoalaError(f"train.resume {resume}: not a koala distill checkpoint (no state.json); use 'latest' or a "
-                         f"path like {checkpoint_root(output_dir)}/step-0001000")
+        raise KoalaError(
+            f"train.resume {resume}: not a koala distill checkpoint (no state.json); use 'latest' or a "
+            f"path like {checkpoint_root(output_dir)}/step-0001000"
+        )
     return resume
 
 
@@ -62,8 +64,19 @@ def model_folder(lmap) -> str:
     return get_family(lmap.meta.get("family", "sdxl")).model_subfolder
 
 
-def save_checkpoint(output_dir: str, step: int, student, lmap, ema, optimizer, scaler, cfg: dict, keep: int = 0,
-                    world_size: int = 1, states: dict | None = None) -> str:
+def save_checkpoint(
+    output_dir: str,
+    step: int,
+    student,
+    lmap,
+    ema,
+    optimizer,
+    scaler,
+    cfg: dict,
+    keep: int = 0,
+    world_size: int = 1,
+    states: dict | None = None,
+) -> str:
     """``states``: the full student / optimizer / EMA states gathered from a sharded (FSDP) run
     (:func:`koala.distill.sharding.gather_states`); written in the same layout as an unsharded run's."""
     final = os.path.join(checkpoint_root(output_dir), f"step-{step:07d}")
@@ -73,13 +86,26 @@ def save_checkpoint(output_dir: str, step: int, student, lmap, ema, optimizer, s
             _save_gathered(tmp, sub, student, lmap, states, scaler)
         else:
             _save_plain(tmp, sub, student, lmap, ema, optimizer, scaler)
-        write_model_card(tmp, lmap, sum(p.numel() for p in student.parameters()),
-                         training=training_summary(cfg, step, world_size), layout="checkpoint")
+        write_model_card(
+            tmp,
+            lmap,
+            sum(p.numel() for p in student.parameters()),
+            training=training_summary(cfg, step, world_size),
+            layout="checkpoint",
+        )
         with open(os.path.join(tmp, "state.json"), "w") as f:
             tcfg = cfg["train"]
-            json.dump({"step": step, "world_size": world_size,
-                       "global_batch": tcfg["batch_size"] * tcfg["grad_accum"] * world_size,
-                       "optimizer_layout": "names" if states is not None else "indices", "config": cfg}, f, indent=1)
+            json.dump(
+                {
+                    "step": step,
+                    "world_size": world_size,
+                    "global_batch": tcfg["batch_size"] * tcfg["grad_accum"] * world_size,
+                    "optimizer_layout": "names" if states is not None else "indices",
+                    "config": cfg,
+                },
+                f,
+                indent=1,
+            )
     if keep and keep > 0:
         for _, old in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -89,11 +115,20 @@ def save_checkpoint(output_dir: str, step: int, student, lmap, ema, optimizer, s
 def training_summary(cfg: dict, step: int, world_size: int) -> dict:
     """What a checkpoint's model card says about its training."""
     t = cfg["train"]
-    feats = ", ".join(f"{k} at {v if isinstance(v, str) else ', '.join(map(str, v))}"
-                      for k, v in (cfg["kd"]["features"] or {}).items()) or "none"
+    feats = (
+        ", ".join(
+            f"{k} at {v if isinstance(v, str) else ', '.join(map(str, v))}"
+            for k, v in (cfg["kd"]["features"] or {}).items()
+        )
+        or "none"
+    )
     loss = cfg["loss"]
-    return {"step": step, "global_batch": t["batch_size"] * t["grad_accum"] * world_size,
-            "features": feats, "loss": f"task {loss['task']} + out {loss['out']} + feat {loss['feat']}"}
+    return {
+        "step": step,
+        "global_batch": t["batch_size"] * t["grad_accum"] * world_size,
+        "features": feats,
+        "loss": f"task {loss['task']} + out {loss['out']} + feat {loss['feat']}",
+    }
 
 
 def _save_gathered(tmp: str, sub: str, student, lmap, states: dict, scaler) -> None:
@@ -107,24 +142,29 @@ def _save_gathered(tmp: str, sub: str, student, lmap, states: dict, scaler) -> N
         weights = {**states["student"], **dict(zip(names, ema["shadow_params"]))}
         save_model_dir(student, weights, os.path.join(tmp, f"{sub}_ema"))
         lmap.save(os.path.join(tmp, f"{sub}_ema"))
-    torch.save({"optimizer": states["optimizer"], "ema": ema, "scaler": scaler.state_dict() if scaler is not None
-                else None}, os.path.join(tmp, "trainer_state.pt"))
+    torch.save(
+        {"optimizer": states["optimizer"], "ema": ema, "scaler": scaler.state_dict() if scaler is not None else None},
+        os.path.join(tmp, "trainer_state.pt"),
+    )
 
 
 def _save_plain(tmp: str, sub: str, student, lmap, ema, optimizer, scaler) -> None:
     student.save_pretrained(os.path.join(tmp, sub), safe_serialization=True)
     lmap.save(os.path.join(tmp, sub))
     if ema is not None:
-            params = list(student.parameters())
-            ema.store(params)
-            ema.copy_to(params)
-            try:
-                student.save_pretrained(os.path.join(tmp, f"{sub}_ema"), safe_serialization=True)
-            finally:
-                ema.restore(params)
-            lmap.save(os.path.join(tmp, f"{sub}_ema"))
-    state = {"optimizer": optimizer.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-             "scaler": scaler.state_dict() if scaler is not None else None}
+        params = list(student.parameters())
+        ema.store(params)
+        ema.copy_to(params)
+        try:
+            student.save_pretrained(os.path.join(tmp, f"{sub}_ema"), safe_serialization=True)
+        finally:
+            ema.restore(params)
+        lmap.save(os.path.join(tmp, f"{sub}_ema"))
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "ema": ema.state_dict() if ema is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+    }
     torch.save(state, os.path.join(tmp, "trainer_state.pt"))
 
 
@@ -137,10 +177,12 @@ def load_checkpoint(path: str, student, ema, optimizer, scaler) -> int:
         meta = json.load(f)
     step, layout = int(meta["step"]), meta.get("optimizer_layout", "indices")
     if (layout == "names") != is_fsdp(student):
-        raise KoalaError(f"{path} was written by a run with train.fsdp={meta['config']['train'].get('fsdp', 'none')}"
-                         f" and its optimizer state is keyed by parameter {layout}; resume it with the same "
-                         "train.fsdp setting (sharded runs keep the optimizer state by parameter name)",
-                         option="train.fsdp")
+        raise KoalaError(
+            f"{path} was written by a run with train.fsdp={meta['config']['train'].get('fsdp', 'none')}"
+            f" and its optimizer state is keyed by parameter {layout}; resume it with the same "
+            "train.fsdp setting (sharded runs keep the optimizer state by parameter name)",
+            option="train.fsdp",
+        )
     cands = [os.path.join(path, d, "diffusion_pytorch_model.safetensors") for d in ("unet", "transformer")]
     weights = next((c for c in cands if os.path.isfile(c)), None)
     if weights is None:
@@ -148,12 +190,20 @@ def load_checkpoint(path: str, student, ema, optimizer, scaler) -> int:
     state = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=True)
     try:
         if layout == "names":
-            load_states(student, getattr(optimizer, "optimizer", optimizer), ema, load_file(weights, device="cpu"),
-                        state["optimizer"], state.get("ema"))
+            load_states(
+                student,
+                getattr(optimizer, "optimizer", optimizer),
+                ema,
+                load_file(weights, device="cpu"),
+                state["optimizer"],
+                state.get("ema"),
+            )
         else:
             student.load_state_dict(load_file(weights, device="cpu"), strict=True)
     except RuntimeError as err:
-        raise KoalaError(f"{path}: checkpoint does not fit this student (different preset?): {str(err)[:300]}") from err
+        raise KoalaError(
+            f"{path}: checkpoint does not fit this student (different preset?): {str(err)[:300]}"
+        ) from err
     if layout != "names":
         optimizer.load_state_dict(state["optimizer"])
         if ema is not None and state.get("ema") is not None:

@@ -18,40 +18,40 @@ from ..data.config import normalize_data_cfg
 from ..errors import KoalaError
 from ..families.sampling import TEACHER_KINDS
 from ..recipes import load
-from ..utils import COMPILE_SCOPES
-from .sharding import FSDP_MODES
+from ..utils.attention import SDPA_BACKENDS
+from ..utils.compile import COMPILE_SCOPES
 from .losses import FEATURE_LOSSES  # name -> loss function: the allowed kd.feature_loss values
+from .sharding import FSDP_MODES
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit", "came")
 LR_SCHEDULES = ("constant", "linear", "cosine")
-ATTENTION = ("auto", "flash", "efficient", "cudnn", "math")  # SDPA backends (auto: PyTorch picks per call)
 COMPILE = ("none", "student", "teacher", "both")
 from .hooks import FEATURE_TYPES  # noqa: E402  (the feature-type registry: the allowed kd.features keys)
 
 
 @dataclass
 class TeacherConfig:
-    pipeline: Optional[str] = None   # local pipeline dir: text encoder(s), tokenizer(s), VAE, scheduler, U-Net; or an
-                                     # SDXL single-file .safetensors (converted once into OUTPUT_DIR/teacher)
-    config: Optional[str] = None     # converting a single-file teacher: a pipeline dir of its architecture (configs,
-                                     # tokenizers); null = koala's SDXL-Base configs + cached tokenizers
+    pipeline: Optional[str] = None  # local pipeline dir: text encoder(s), tokenizer(s), VAE, scheduler, U-Net; or an
+    # SDXL single-file .safetensors (converted once into OUTPUT_DIR/teacher)
+    config: Optional[str] = None  # converting a single-file teacher: a pipeline dir of its architecture (configs,
+    # tokenizers); null = koala's SDXL-Base configs + cached tokenizers
     unet_path: Optional[str] = None  # replace the pipeline's U-Net (e.g. SDXL-Lightning): U-Net dir or .safetensors
-    family: Optional[str] = None     # null = detect from the pipeline; 'sdxl', 'sd' or 'pixart'
-    kind: str = "base"               # base | turbo | lightning: how students are sampled (Euler; trailing for turbo /
-                                     # lightning), recorded in the student's layer map for koala generate
-    dtype: str = "fp16"              # weight dtype of the frozen teacher U-Net and text encoders
+    family: Optional[str] = None  # null = detect from the pipeline; 'sdxl', 'sd' or 'pixart'
+    kind: str = "base"  # base | turbo | lightning: how students are sampled (Euler; trailing for turbo /
+    # lightning), recorded in the student's layer map for koala generate
+    dtype: str = "fp16"  # weight dtype of the frozen teacher U-Net and text encoders
     vae_dtype: Optional[str] = None  # null: fp32 if the VAE config says force_upcast, else teacher.dtype
 
 
 @dataclass
 class StudentConfig:
-    path: Optional[str] = None       # compressed student U-Net dir (or pipeline dir) with koala_layer_map.json
+    path: Optional[str] = None  # compressed student U-Net dir (or pipeline dir) with koala_layer_map.json
     # when path is null: compress the teacher in memory with this preset, or a custom spec (a mapping, e.g.
     # {num_layers: 10} for a DiT, or {encoder_layers: [1,1,1], down_depth: [0,2,4], up_depth: [4,2,0]} for a U-Net)
     preset: Any = "koala-700m"
     layer_selection: str = "bottom"  # which teacher transformer layers initialise the student (compression);
-                                     # kd.layer_selection, when set, takes its place
+    # kd.layer_selection, when set, takes its place
 
 
 @dataclass
@@ -63,7 +63,7 @@ class KDConfig:
     # teacher layers a shallower student is initialised from AND matched with (Table 10c: bottom | interleave | up);
     # null = student.layer_selection initialises, featKD matches the pairs the layer map names
     layer_selection: Optional[str] = None
-    feature_loss: str = "mse"              # one of FEATURE_LOSSES
+    feature_loss: str = "mse"  # one of FEATURE_LOSSES
 
 
 @dataclass
@@ -83,45 +83,49 @@ class EMAConfig:
 class TrainConfig:
     output_dir: str = "runs/koala"
     resolution: int = 1024
-    batch_size: int = 1              # per process, per micro-step
-    grad_accum: int = 1              # effective batch = batch_size * grad_accum * processes
+    batch_size: int = 1  # per process, per micro-step
+    grad_accum: int = 1  # effective batch = batch_size * grad_accum * processes
     global_batch: Optional[int] = None  # when set: grad_accum = global_batch / (batch_size * processes), exactly
-    max_steps: int = 1000            # optimizer steps
+    max_steps: int = 1000  # optimizer steps
     lr: float = 1.0e-5
-    lr_schedule: str = "constant"    # one of LR_SCHEDULES: constant (the paper's), or a decay to 0 at max_steps
-    lr_warmup_steps: int = 0         # linear warmup from 0 over this many steps (any schedule)
+    lr_schedule: str = "constant"  # one of LR_SCHEDULES: constant (the paper's), or a decay to 0 at max_steps
+    lr_warmup_steps: int = 0  # linear warmup from 0 over this many steps (any schedule)
     weight_decay: float = 1.0e-2
     adam_betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1.0e-8
-    optimizer: str = "adamw"         # one of OPTIMIZERS (adamw8bit needs bitsandbytes, came needs came-pytorch)
+    optimizer: str = "adamw"  # one of OPTIMIZERS (adamw8bit needs bitsandbytes, came needs came-pytorch)
     came_betas: List[float] = field(default_factory=lambda: [0.9, 0.999, 0.9999])  # CAME (PixArt's settings)
     came_eps: List[float] = field(default_factory=lambda: [1.0e-30, 1.0e-16])
-    mixed_precision: str = "no"      # one of MIXED_PRECISION
+    mixed_precision: str = "no"  # one of MIXED_PRECISION
     gradient_checkpointing: bool = False
     max_grad_norm: Optional[float] = 1.0  # null or 0 disables clipping
     ema: EMAConfig = field(default_factory=EMAConfig)
     seed: int = 0
     num_workers: int = 0
     log_every: int = 10
-    log_with: str = "tensorboard"    # tensorboard | wandb (pip install 'koala-diffusion[wandb]') | both, comma separated | none
+    log_with: str = (
+        "tensorboard"  # tensorboard | wandb (pip install 'koala-diffusion[wandb]') | both, comma separated | none
+    )
     checkpoint_every: int = 1000
-    keep_checkpoints: int = 3        # 0 keeps all
-    resume: Optional[str] = None     # null | latest | path to a checkpoint dir
+    keep_checkpoints: int = 3  # 0 keeps all
+    resume: Optional[str] = None  # null | latest | path to a checkpoint dir
     allow_world_size_change: bool = False  # resume a checkpoint written with other processes/batch_size/grad_accum
     progress: bool = True
     cpu_threads: Optional[int] = None  # torch intra-op threads (null: torch's default); 1 is fastest for tiny CPU runs
-    caption_dropout: float = 0.0     # fraction of captions replaced by the family's uncond (SDXL zeros, SD / PixArt "" prompt)
+    caption_dropout: float = (
+        0.0  # fraction of captions replaced by the family's uncond (SDXL zeros, SD / PixArt "" prompt)
+    )
     # fast paths (each a switch; measured by `koala bench train`, see benchmarks/results/)
-    fused_optimizer: bool = False    # torch AdamW(fused=True): one kernel per parameter group (adamw only)
-    channels_last: bool = False      # teacher, student and latents in channels_last memory format
+    fused_optimizer: bool = False  # torch AdamW(fused=True): one kernel per parameter group (adamw only)
+    channels_last: bool = False  # teacher, student and latents in channels_last memory format
     # CPU: the teacher's forwards in a second process, one micro-batch ahead of the student, so a step costs about
     # max(teacher, student) instead of their sum (koala.distill.teacher_worker); both processes use cpu_threads
     # threads (null: half of torch's default each)
     teacher_worker: bool = False
-    attention: str = "auto"          # one of ATTENTION: force an SDPA backend for teacher and student forwards
-    compile: str = "none"            # one of COMPILE: torch.compile the student / teacher / both (hooks still capture)
+    attention: str = "auto"  # one of SDPA_BACKENDS: force an SDPA backend for teacher and student forwards
+    compile: str = "none"  # one of COMPILE: torch.compile the student / teacher / both (hooks still capture)
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager: trace only, no code generation)
-    compile_scope: str = "full"      # full: one graph per model; blocks: regional (each repeated block), faster to compile
+    compile_scope: str = "full"  # full: one graph per model; blocks: regional (each repeated block), faster to compile
     teacher_compile_scope: Optional[str] = None  # the teacher's scope when it differs (null: compile_scope); the
     # fastest measured KD step (H200, results/h200/README.md) compiles the student full and the teacher by blocks
     # ZeRO-1: each of N processes keeps 1/N of the optimizer states (torch ZeroRedundancyOptimizer over DDP);
@@ -134,7 +138,7 @@ class TrainConfig:
 
 @dataclass
 class ValidationConfig:
-    every: int = 0                   # 0 disables; also runs at the end when > 0
+    every: int = 0  # 0 disables; also runs at the end when > 0
     prompts: List[str] = field(default_factory=lambda: ["a photo of an astronaut riding a horse"])
     seeds: List[int] = field(default_factory=lambda: [0])
     steps: int = 25
@@ -160,7 +164,7 @@ DEFAULTS: dict = OmegaConf.to_container(OmegaConf.structured(DistillConfig))  # 
 WHOLE = ("kd.features", "student.preset")  # replaced as a whole by a recipe or override
 REMOVED = {
     "teacher.make_tiny": "teacher.make_tiny was removed: create the pipeline once with `koala lab make-tiny DIR` "
-                         "and set teacher.pipeline=DIR",
+    "and set teacher.pipeline=DIR",
     "kd.normalize": f"kd.normalize was replaced by kd.feature_loss: {' | '.join(FEATURE_LOSSES)}",
     "data.caption_dropout": "data.caption_dropout moved to train.caption_dropout",
 }
@@ -181,7 +185,9 @@ def feature_stages(features) -> dict[str, list[str] | str]:
     if features is None:
         return {}
     if not isinstance(features, dict):
-        raise KoalaError(f"kd.features must map feature types to stages (e.g. {{SA: all, LF: [DW-1, UP-3]}}), got {features!r}")
+        raise KoalaError(
+            f"kd.features must map feature types to stages (e.g. {{SA: all, LF: [DW-1, UP-3]}}), got {features!r}"
+        )
     out: dict[str, list[str] | str] = {}
     for ftype, stages in features.items():
         if ftype not in FEATURE_TYPES:
@@ -189,8 +195,10 @@ def feature_stages(features) -> dict[str, list[str] | str]:
         if isinstance(stages, str) and stages != "all":
             stages = [stages]
         if stages != "all" and (not isinstance(stages, list) or not all(isinstance(s, str) for s in stages)):
-            raise KoalaError(f"kd.features.{ftype}: stages must be 'all' or a list of stage names "
-                             f"(e.g. [DW-1, UP-3]), got {stages!r}")
+            raise KoalaError(
+                f"kd.features.{ftype}: stages must be 'all' or a list of stage names "
+                f"(e.g. [DW-1, UP-3]), got {stages!r}"
+            )
         out[ftype] = stages if stages == "all" else list(stages)
     return out
 
@@ -205,8 +213,13 @@ def _one_of(cfg: dict, key: str, allowed: tuple) -> None:
 def _num(cfg: dict, key: str, lo=None, hi=None) -> None:
     sec, name = key.split(".")
     v = cfg[sec][name]
-    if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
-            or (lo is not None and v < lo) or (hi is not None and v > hi)):
+    if (
+        isinstance(v, bool)
+        or not isinstance(v, (int, float))
+        or not math.isfinite(v)
+        or (lo is not None and v < lo)
+        or (hi is not None and v > hi)
+    ):
         bounds = f" between {lo} and {hi}" if hi is not None else f" >= {lo}" if lo is not None else ""
         raise KoalaError(f"{key} must be a finite number{bounds}, got {v!r}")
 
@@ -221,15 +234,24 @@ def resolve_grad_accum(tcfg: dict, world_size: int) -> int:
     if gb % per_step:
         q = gb // world_size if gb % world_size == 0 else None
         near = sorted((d for d in range(1, q + 1) if q % d == 0), key=lambda d: abs(d - bs))[:3] if q else []
-        raise KoalaError(f"train.global_batch {gb} is not a multiple of batch_size {bs} x {world_size} process(es) = "
-                         f"{per_step}; " + (f"batch sizes that fit: {', '.join(map(str, sorted(near)))}" if near else
-                                            f"{gb} does not split over {world_size} processes")
-                         + " (or change the process count)", option="train.global_batch")
+        raise KoalaError(
+            f"train.global_batch {gb} is not a multiple of batch_size {bs} x {world_size} process(es) = "
+            f"{per_step}; "
+            + (
+                f"batch sizes that fit: {', '.join(map(str, sorted(near)))}"
+                if near
+                else f"{gb} does not split over {world_size} processes"
+            )
+            + " (or change the process count)",
+            option="train.global_batch",
+        )
     derived = gb // per_step
     if accum not in (1, derived):
-        raise KoalaError(f"train.grad_accum={accum} disagrees with train.global_batch {gb} = batch_size {bs} x "
-                         f"{world_size} process(es) x {derived}; drop grad_accum (it is derived) or global_batch",
-                         option="train.grad_accum")
+        raise KoalaError(
+            f"train.grad_accum={accum} disagrees with train.global_batch {gb} = batch_size {bs} x "
+            f"{world_size} process(es) x {derived}; drop grad_accum (it is derived) or global_batch",
+            option="train.grad_accum",
+        )
     return derived
 
 
@@ -246,8 +268,10 @@ def _check(cfg: dict) -> None:
     if not isinstance(data, dict):
         raise KoalaError(f"data must be a mapping (e.g. {{type: folder, path: images/}}), got {data!r}")
     if data.get("repeat", True) is False:
-        raise KoalaError("data.repeat: false is not supported for training (the trainer counts steps over an "
-                         "endless, per-epoch reshuffled stream); remove it")
+        raise KoalaError(
+            "data.repeat: false is not supported for training (the trainer counts steps over an "
+            "endless, per-epoch reshuffled stream); remove it"
+        )
     feature_stages(cfg["kd"]["features"])
     _one_of(cfg, "kd.layer_selection", (None, *LAYER_SELECTIONS))
     _one_of(cfg, "student.layer_selection", LAYER_SELECTIONS)
@@ -264,7 +288,7 @@ def _check(cfg: dict) -> None:
     _one_of(cfg, "train.lr_schedule", LR_SCHEDULES)
     _num(cfg, "train.lr_warmup_steps", 0)
     _one_of(cfg, "teacher.kind", TEACHER_KINDS)
-    _one_of(cfg, "train.attention", ATTENTION)
+    _one_of(cfg, "train.attention", SDPA_BACKENDS)
     _one_of(cfg, "train.compile", COMPILE)
     _one_of(cfg, "train.compile_scope", COMPILE_SCOPES)
     _one_of(cfg, "train.teacher_compile_scope", (None, *COMPILE_SCOPES))
@@ -272,28 +296,41 @@ def _check(cfg: dict) -> None:
     t = cfg["train"]
     if t["fsdp"] != "none":
         if t["shard_optimizer"]:
-            raise KoalaError("train.fsdp already shards the optimizer states; set train.shard_optimizer=false (ZeRO-1 "
-                             "is the DDP alternative)", option="train.fsdp")
+            raise KoalaError(
+                "train.fsdp already shards the optimizer states; set train.shard_optimizer=false (ZeRO-1 "
+                "is the DDP alternative)",
+                option="train.fsdp",
+            )
         if t["mixed_precision"] == "fp16":
-            raise KoalaError("train.fsdp with train.mixed_precision=fp16: the fp16 loss scaler would see only this "
-                             "process's gradient shard and could skip a step on some processes only; use "
-                             "train.mixed_precision=bf16 (no loss scaling) or no", option="train.fsdp")
+            raise KoalaError(
+                "train.fsdp with train.mixed_precision=fp16: the fp16 loss scaler would see only this "
+                "process's gradient shard and could skip a step on some processes only; use "
+                "train.mixed_precision=bf16 (no loss scaling) or no",
+                option="train.fsdp",
+            )
         if t["optimizer"] != "adamw":
-            raise KoalaError(f"train.fsdp works with train.optimizer=adamw (torch AdamW on sharded parameters); "
-                             f"{t['optimizer']} keeps per-tensor statistics that sharding would split",
-                             option="train.fsdp")
+            raise KoalaError(
+                f"train.fsdp works with train.optimizer=adamw (torch AdamW on sharded parameters); "
+                f"{t['optimizer']} keeps per-tensor statistics that sharding would split",
+                option="train.fsdp",
+            )
     if cfg["train"]["fused_optimizer"] and cfg["train"]["optimizer"] != "adamw":
         raise KoalaError("train.fused_optimizer applies to train.optimizer=adamw only")
     for key, n in (("came_betas", 3), ("came_eps", 2)):
         if len(cfg["train"][key]) != n:
-            raise KoalaError(f"train.{key} needs {n} numbers (CAME: betas (b1, b2, b3), eps (eps1, eps2)), got "
-                             f"{cfg['train'][key]}", option=f"train.{key}")
+            raise KoalaError(
+                f"train.{key} needs {n} numbers (CAME: betas (b1, b2, b3), eps (eps1, eps2)), got {cfg['train'][key]}",
+                option=f"train.{key}",
+            )
     preset = cfg["student"]["preset"]
     if not isinstance(preset, (str, dict)):
-        raise KoalaError(f"student.preset must be a preset name or a spec mapping, got {preset!r}",
-                         option="student.preset")
+        raise KoalaError(
+            f"student.preset must be a preset name or a spec mapping, got {preset!r}", option="student.preset"
+        )
     normalize_data_cfg(data)  # unknown keys, missing path, bad type: refuse before loading any model
     if not cfg["teacher"]["pipeline"]:
-        raise KoalaError("teacher.pipeline is required: a local pipeline directory (set it in the recipe or pass "
-                         "teacher.pipeline=/path/to/pipeline; for a tiny test pipeline run "
-                         "`koala lab make-tiny DIR` first)")
+        raise KoalaError(
+            "teacher.pipeline is required: a local pipeline directory (set it in the recipe or pass "
+            "teacher.pipeline=/path/to/pipeline; for a tiny test pipeline run "
+            "`koala lab make-tiny DIR` first)"
+        )

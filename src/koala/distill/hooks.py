@@ -29,10 +29,10 @@ from ..families import Family
 
 @dataclass(frozen=True)
 class FeaturePair:
-    type: str      # SA | CA | FFN | Res | LF
-    stage: str     # DW-1 .. UP-3
-    student: str   # module name in the unwrapped student
-    teacher: str   # module name in the teacher
+    type: str  # SA | CA | FFN | Res | LF
+    stage: str  # DW-1 .. UP-3
+    student: str  # module name in the unwrapped student
+    teacher: str  # module name in the teacher
 
     @property
     def name(self) -> str:
@@ -48,11 +48,13 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def _sublayer(sub: str):
     """Sites of a transformer-layer submodule (attn1 = self-attention, attn2 = cross-attention, ff = FFN)."""
+
     def sites(ctx: "SiteContext") -> dict[str, list[tuple[str, str]]]:
         out: dict[str, list[tuple[str, str]]] = {}
         for stage, s, t in ctx.transformer_pairs:
             out.setdefault(stage, []).append((f"{s}.{sub}", f"{t}.{sub}"))
         return out
+
     return sites
 
 
@@ -93,8 +95,14 @@ FEATURE_TYPES: dict[str, Callable[[SiteContext], dict[str, list[tuple[str, str]]
 }
 
 
-def feature_pairs(lmap: LayerMap, student: torch.nn.Module, teacher: torch.nn.Module, features: dict,
-                  selection: str | None = None, family: Family | str | None = None) -> list[FeaturePair]:
+def feature_pairs(
+    lmap: LayerMap,
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    features: dict,
+    selection: str | None = None,
+    family: Family | str | None = None,
+) -> list[FeaturePair]:
     """The (student, teacher) module pairs whose outputs featKD matches, in a stable order.
 
     ``features`` maps a type of :data:`FEATURE_TYPES` to ``"all"`` (every stage that has it) or a list of stage
@@ -116,12 +124,17 @@ def feature_pairs(lmap: LayerMap, student: torch.nn.Module, teacher: torch.nn.Mo
             raise KoalaError(f"kd.features: unknown feature type {ftype!r}; choose from {', '.join(FEATURE_TYPES)}")
         available = FEATURE_TYPES[ftype](ctx)
         order = lmap.stages()
-        wanted = [s for s in order if s in available] if stages == "all" else expand_stages(
-            [stages] if isinstance(stages, str) else list(stages), order, available, ftype)
+        wanted = (
+            [s for s in order if s in available]
+            if stages == "all"
+            else expand_stages([stages] if isinstance(stages, str) else list(stages), order, available, ftype)
+        )
         for stage in wanted:
             if stage not in available:
-                raise KoalaError(f"kd.features.{ftype} lists stage {stage} but this student has no {ftype} features "
-                                 f"there (stages with {ftype}: {', '.join(available) or 'none'})")
+                raise KoalaError(
+                    f"kd.features.{ftype} lists stage {stage} but this student has no {ftype} features "
+                    f"there (stages with {ftype}: {', '.join(available) or 'none'})"
+                )
             pairs += [FeaturePair(ftype, stage, s, t) for s, t in available[stage]]
     return pairs
 
@@ -136,9 +149,11 @@ def expand_stages(names: list, order: list[str], available: dict, ftype: str) ->
         if ".." in name:
             a, b = (aliases.get(x.strip(), x.strip()) for x in name.split("..", 1))
             if a not in order or b not in order or order.index(a) > order.index(b):
-                raise KoalaError(f"kd.features.{ftype}: range {name!r} needs two stages of this student in order "
-                                 f"(stages: {', '.join(order)})")
-            out += [s for s in order[order.index(a):order.index(b) + 1] if s in available]
+                raise KoalaError(
+                    f"kd.features.{ftype}: range {name!r} needs two stages of this student in order "
+                    f"(stages: {', '.join(order)})"
+                )
+            out += [s for s in order[order.index(a) : order.index(b) + 1] if s in available]
         else:
             out.append(aliases.get(name, name))
     return list(dict.fromkeys(out))
@@ -164,6 +179,7 @@ class FeatureRecorder:
             if name in self.features:
                 raise RuntimeError(f"{self.role} module {name} ran twice in one forward; featKD would double count")
             self.features[name] = output[0] if isinstance(output, (tuple, list)) else output
+
         return hook
 
     @contextlib.contextmanager

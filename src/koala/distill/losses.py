@@ -66,7 +66,9 @@ def _cosine(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 FEATURE_LOSSES = {"mse": mse, "mse_teacher_norm": _mse_teacher_norm, "cosine": _cosine}
 
 
-def feature_losses(pairs: list[FeaturePair], s_feats: dict, t_feats: dict, loss: str = "mse") -> dict[str, torch.Tensor]:
+def feature_losses(
+    pairs: list[FeaturePair], s_feats: dict, t_feats: dict, loss: str = "mse"
+) -> dict[str, torch.Tensor]:
     """One loss per feature pair (fp32), with the :data:`FEATURE_LOSSES` entry named ``loss``."""
     if loss not in FEATURE_LOSSES:
         raise KoalaError(f"kd.feature_loss {loss!r}: choose one of {', '.join(FEATURE_LOSSES)}")
@@ -74,18 +76,30 @@ def feature_losses(pairs: list[FeaturePair], s_feats: dict, t_feats: dict, loss:
     out = {}
     for p in pairs:
         if p.student not in s_feats or p.teacher not in t_feats:
-            raise RuntimeError(f"feature {p.name} was not captured (student {p.student in s_feats}, "
-                               f"teacher {p.teacher in t_feats}); was the forward run inside capture()?")
+            raise RuntimeError(
+                f"feature {p.name} was not captured (student {p.student in s_feats}, "
+                f"teacher {p.teacher in t_feats}); was the forward run inside capture()?"
+            )
         s, t = s_feats[p.student], t_feats[p.teacher].detach()
         if s.shape != t.shape:
-            raise KoalaError(f"feature {p.name}: student shape {tuple(s.shape)} != teacher {p.teacher} {tuple(t.shape)}")
+            raise KoalaError(
+                f"feature {p.name}: student shape {tuple(s.shape)} != teacher {p.teacher} {tuple(t.shape)}"
+            )
         out[p.name] = fn(s, t)
     return out
 
 
-def kd_losses(student_out: torch.Tensor, target: torch.Tensor, teacher_out: torch.Tensor | None,
-              pairs: list[FeaturePair], s_feats: dict, t_feats: dict, weights: dict, feature_loss: str = "mse",
-              prediction: torch.Tensor | None = None) -> Losses:
+def kd_losses(
+    student_out: torch.Tensor,
+    target: torch.Tensor,
+    teacher_out: torch.Tensor | None,
+    pairs: list[FeaturePair],
+    s_feats: dict,
+    t_feats: dict,
+    weights: dict,
+    feature_loss: str = "mse",
+    prediction: torch.Tensor | None = None,
+) -> Losses:
     """L_task on ``prediction`` (the part of the student's raw output the sampler uses; default: all of it, e.g. the
     epsilon half of a learned-sigma DiT's output), L_outKD on the whole raw outputs, L_featKD over ``pairs``."""
     zero = student_out.new_zeros((), dtype=torch.float32)

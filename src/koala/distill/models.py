@@ -14,7 +14,7 @@ from ..data.cache import encode_batch as encode_raw_batch
 from ..errors import KoalaError
 from ..families import Family, Parts, family_of, model_dir, model_dir_kind
 from ..formats.single_file import load_denoiser
-from ..utils import parse_dtype
+from ..utils.devices import parse_dtype
 
 
 @dataclass
@@ -39,14 +39,20 @@ def teacher_pipeline(cfg: dict) -> str:
     if os.path.isfile(pipe_dir):
         from ..formats.single_file import ensure_diffusers
 
-        return ensure_diffusers(pipe_dir, os.path.join(cfg["train"]["output_dir"], "teacher"), cfg["teacher"].get("config"))
+        return ensure_diffusers(
+            pipe_dir, os.path.join(cfg["train"]["output_dir"], "teacher"), cfg["teacher"].get("config")
+        )
     if not os.path.isdir(pipe_dir):
-        raise KoalaError(f"teacher.pipeline {pipe_dir}: no such directory; point it at a local pipeline directory "
-                         f"(for a smoke run, make a random tiny one first: koala lab make-tiny {pipe_dir})",
-                         option="teacher.pipeline")
+        raise KoalaError(
+            f"teacher.pipeline {pipe_dir}: no such directory; point it at a local pipeline directory "
+            f"(for a smoke run, make a random tiny one first: koala lab make-tiny {pipe_dir})",
+            option="teacher.pipeline",
+        )
     if model_dir_kind(pipe_dir) != "pipeline":
-        raise KoalaError(f"teacher.pipeline {pipe_dir}: expected a pipeline directory (with model_index.json)",
-                         option="teacher.pipeline")
+        raise KoalaError(
+            f"teacher.pipeline {pipe_dir}: expected a pipeline directory (with model_index.json)",
+            option="teacher.pipeline",
+        )
     return pipe_dir
 
 
@@ -56,8 +62,11 @@ def init_selection(cfg: dict) -> str:
     ``student.layer_selection``. A conflicting pair is refused."""
     kd_sel, s_sel = cfg["kd"]["layer_selection"], cfg["student"]["layer_selection"]
     if kd_sel and s_sel not in ("bottom", kd_sel):  # bottom is student.layer_selection's default
-        raise KoalaError(f"kd.layer_selection={kd_sel} and student.layer_selection={s_sel} disagree; set one of them "
-                         "(kd.layer_selection initialises and matches alike)", option="kd.layer_selection")
+        raise KoalaError(
+            f"kd.layer_selection={kd_sel} and student.layer_selection={s_sel} disagree; set one of them "
+            "(kd.layer_selection initialises and matches alike)",
+            option="kd.layer_selection",
+        )
     return kd_sel or s_sel
 
 
@@ -66,20 +75,26 @@ def load_models(cfg: dict):
     pipe_dir = teacher_pipeline(cfg)
     fam = family_of(pipe_dir, cfg["teacher"].get("family"))
     weight_dtype = parse_dtype(cfg["teacher"]["dtype"])
-    teacher, fam = load_denoiser(cfg["teacher"]["unet_path"] or pipe_dir, torch.float32, config_from=pipe_dir,
-                                 family=fam)
+    teacher, fam = load_denoiser(
+        cfg["teacher"]["unet_path"] or pipe_dir, torch.float32, config_from=pipe_dir, family=fam
+    )
     s, kd_sel = cfg["student"], cfg["kd"]["layer_selection"]
     if s["path"]:
         path = model_dir(s["path"])
         lmap = LayerMap.load(path)
         if lmap.meta.get("family", fam.name) != fam.name:
-            raise KoalaError(f"student.path {s['path']} was compressed from a {lmap.meta['family']} teacher but "
-                             f"teacher.pipeline is {fam.name}", option="student.path")
+            raise KoalaError(
+                f"student.path {s['path']} was compressed from a {lmap.meta['family']} teacher but "
+                f"teacher.pipeline is {fam.name}",
+                option="student.path",
+            )
         if kd_sel and kd_sel != lmap.layer_selection:  # Table 10c: initialisation and matching go together
-            raise KoalaError(f"kd.layer_selection is {kd_sel} but student.path {s['path']} was initialised from the "
-                             f"{lmap.layer_selection} teacher layers; compress it again with --layer-selection {kd_sel} "
-                             "(or set kd.layer_selection=null to match the layers the map names)",
-                             option="kd.layer_selection")
+            raise KoalaError(
+                f"kd.layer_selection is {kd_sel} but student.path {s['path']} was initialised from the "
+                f"{lmap.layer_selection} teacher layers; compress it again with --layer-selection {kd_sel} "
+                "(or set kd.layer_selection=null to match the layers the map names)",
+                option="kd.layer_selection",
+            )
         student = fam.load_model(path, torch.float32)
     else:
         student, lmap = fam.compress(teacher, s["preset"], init_selection(cfg), torch.float32)
@@ -97,8 +112,14 @@ def load_models(cfg: dict):
 
 
 @torch.no_grad()
-def encode_batch(batch: dict, frozen: Frozen, device, generators: list[torch.Generator], caption_dropout: float = 0.0,
-                 uncond: dict | None = None) -> tuple[torch.Tensor, dict]:
+def encode_batch(
+    batch: dict,
+    frozen: Frozen,
+    device,
+    generators: list[torch.Generator],
+    caption_dropout: float = 0.0,
+    uncond: dict | None = None,
+) -> tuple[torch.Tensor, dict]:
     """``(latents, cond)`` in fp32 on ``device`` from a raw or a cached batch; ``cond`` holds the family's
     conditioning tensors (``frozen.family.cond_keys``).
 

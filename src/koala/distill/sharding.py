@@ -7,7 +7,7 @@
   the EMA copy) are sharded, 1/N per process;
 - ``full`` (ZeRO-3): parameters are sharded too and gathered block by block in forward and backward.
 
-Each repeated block (:data:`koala.utils.REPEATED_BLOCKS`) is one FSDP unit, the rest of the student another.
+Each repeated block (:data:`koala.utils.compile.REPEATED_BLOCKS`) is one FSDP unit, the rest of the student another.
 Module names do not change, so the featKD hooks, the layer map and ``state_dict`` keys work as without sharding.
 The frozen teacher is not sharded (it holds no gradients or optimizer states).
 
@@ -28,7 +28,7 @@ import os
 import torch
 
 from ..errors import KoalaError
-from ..utils import REPEATED_BLOCKS
+from ..utils.compile import REPEATED_BLOCKS
 
 FSDP_MODES = ("none", "grad_op", "full")
 
@@ -79,7 +79,11 @@ def gather_states(student, optimizer, ema, keep: bool = True) -> dict | None:
 
 def load_states(student, optimizer, ema, model_sd: dict, optim_sd: dict, ema_sd: dict | None) -> None:
     """Scatter full states (read by every process) back into the sharded student, optimizer and EMA."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     opts = StateDictOptions(full_state_dict=True)
@@ -89,8 +93,12 @@ def load_states(student, optimizer, ema, model_sd: dict, optim_sd: dict, ema_sd:
         like = list(student.parameters())
         full = ema_sd["shadow_params"]
         ema.load_state_dict(ema_sd)  # decay, step counters; the shadow parameters are re-sharded next
-        ema.shadow_params = [distribute_tensor(t.to(p.device_mesh.device_type), p.device_mesh, p.placements)
-                             if isinstance(p, DTensor) else t.to(p.device) for t, p in zip(full, like)]
+        ema.shadow_params = [
+            distribute_tensor(t.to(p.device_mesh.device_type), p.device_mesh, p.placements)
+            if isinstance(p, DTensor)
+            else t.to(p.device)
+            for t, p in zip(full, like)
+        ]
 
 
 def plain_class_name(model: torch.nn.Module) -> str:
@@ -108,5 +116,8 @@ def save_model_dir(model: torch.nn.Module, state_dict: dict, folder: str) -> Non
     config["_class_name"] = plain_class_name(model)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
-    save_file({k: v.contiguous() for k, v in state_dict.items()},
-              os.path.join(folder, "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in state_dict.items()},
+        os.path.join(folder, "diffusion_pytorch_model.safetensors"),
+        metadata={"format": "pt"},
+    )

@@ -22,12 +22,21 @@ import torch
 import torch.multiprocessing as mp
 
 from ..errors import KoalaError
-from ..utils import attention_context, compile_module
+from ..utils.attention import attention_context
+from ..utils.compile import compile_module
 from .hooks import FeatureRecorder
 
 
-def _serve(conn, family_name: str, names: list[str], dtype, threads: int, attention: str,
-           compile_scope: str | None, compile_backend: str) -> None:
+def _serve(
+    conn,
+    family_name: str,
+    names: list[str],
+    dtype,
+    threads: int,
+    attention: str,
+    compile_scope: str | None,
+    compile_backend: str,
+) -> None:
     """The worker process: receive the teacher, then ``(noisy, t, cond)`` after ``(noisy, t, cond)``, sending
     back ``("ok", (output, features))`` or ``("error", traceback)``; stop on ``None`` or a closed pipe."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -61,20 +70,32 @@ def _serve(conn, family_name: str, names: list[str], dtype, threads: int, attent
 
 
 def _failed(trace: str) -> KoalaError:
-    return KoalaError(f"the teacher worker process (train.teacher_worker) failed:\n{trace}",
-                      option="train.teacher_worker")
+    return KoalaError(
+        f"the teacher worker process (train.teacher_worker) failed:\n{trace}", option="train.teacher_worker"
+    )
 
 
 class TeacherWorker:
     """A teacher process. :meth:`submit` inputs in order, :meth:`result` returns ``(output, features)`` for the
     oldest submitted input (first in, first out); :meth:`close` stops the process."""
 
-    def __init__(self, teacher: torch.nn.Module, family_name: str, names: list[str], dtype: torch.dtype,
-                 threads: int | None = None, attention: str = "auto", compile_scope: str | None = None,
-                 compile_backend: str = "inductor"):
+    def __init__(
+        self,
+        teacher: torch.nn.Module,
+        family_name: str,
+        names: list[str],
+        dtype: torch.dtype,
+        threads: int | None = None,
+        attention: str = "auto",
+        compile_scope: str | None = None,
+        compile_backend: str = "inductor",
+    ):
         if next(teacher.parameters()).device.type != "cpu":
-            raise KoalaError("train.teacher_worker runs the teacher in a second CPU process; on a GPU keep it in the "
-                             "training process (train.teacher_worker=false)", option="train.teacher_worker")
+            raise KoalaError(
+                "train.teacher_worker runs the teacher in a second CPU process; on a GPU keep it in the "
+                "training process (train.teacher_worker=false)",
+                option="train.teacher_worker",
+            )
         if any(m._forward_hooks for m in teacher.modules()):
             raise RuntimeError("start the teacher worker before registering hooks on the teacher")
         ctx = mp.get_context("spawn")
@@ -83,9 +104,21 @@ class TeacherWorker:
         # not daemonic: torch.compile's inductor may start compile workers of its own. The teacher goes through
         # the pipe, not the process arguments: a child that fails while starting then breaks the pipe instead of
         # leaving this process blocked on writing them (multiprocessing's spawn keeps the other end open meanwhile)
-        self.process = ctx.Process(target=_serve, name="koala-teacher", daemon=False,
-                                   args=(child, family_name, list(names), dtype, threads or torch.get_num_threads(),
-                                         attention, compile_scope, compile_backend))
+        self.process = ctx.Process(
+            target=_serve,
+            name="koala-teacher",
+            daemon=False,
+            args=(
+                child,
+                family_name,
+                list(names),
+                dtype,
+                threads or torch.get_num_threads(),
+                attention,
+                compile_scope,
+                compile_backend,
+            ),
+        )
         self.process.start()
         child.close()
         # closed before multiprocessing joins its children at exit (atexit runs last-registered first), also when
@@ -127,11 +160,14 @@ class TeacherWorker:
                     return _failed(value)
         except (EOFError, OSError):
             pass
-        return KoalaError(f"the teacher worker process (train.teacher_worker) ended unexpectedly (exit code "
-                          f"{self.process.exitcode}; its error, if any, is above). Out of memory? Or, calling koala "
-                          "from a script: the worker is started with 'spawn', which imports the script again, so "
-                          "keep its top-level code under `if __name__ == \"__main__\":`. Or run with "
-                          "train.teacher_worker=false", option="train.teacher_worker")
+        return KoalaError(
+            f"the teacher worker process (train.teacher_worker) ended unexpectedly (exit code "
+            f"{self.process.exitcode}; its error, if any, is above). Out of memory? Or, calling koala "
+            "from a script: the worker is started with 'spawn', which imports the script again, so "
+            'keep its top-level code under `if __name__ == "__main__":`. Or run with '
+            "train.teacher_worker=false",
+            option="train.teacher_worker",
+        )
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop the process (results still pending are dropped)."""

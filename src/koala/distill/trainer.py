@@ -28,13 +28,18 @@ from diffusers.training_utils import EMAModel
 from ..data import make_dataloader
 from ..errors import KoalaError
 from ..recipes import dump_recipe
-from ..utils import StopRequest, attention_context, compile_module, existing_parent, require
+from ..utils.attention import attention_context
+from ..utils.compile import compile_module
+from ..utils.extras import require
+from ..utils.files import existing_parent
+from ..utils.signals import StopRequest
 from .checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from .config import resolve_grad_accum
 from .hooks import FeatureRecorder, feature_pairs, unwrap
 from .losses import kd_losses, prediction_target
 from .models import encode_batch, load_models, teacher_pipeline
 from .sharding import gather_states, shard_student
+
 
 def checkpoint_state(path: str) -> dict:
     with open(os.path.join(path, "state.json")) as f:
@@ -49,8 +54,11 @@ def check_resume_layout(state: dict, world_size: int, tcfg: dict, path: str) -> 
         return
     saved = state["config"]["train"]
     now = {"processes": world_size, "train.batch_size": tcfg["batch_size"], "train.grad_accum": tcfg["grad_accum"]}
-    then = {"processes": state["world_size"], "train.batch_size": saved["batch_size"],
-            "train.grad_accum": saved["grad_accum"]}
+    then = {
+        "processes": state["world_size"],
+        "train.batch_size": saved["batch_size"],
+        "train.grad_accum": saved["grad_accum"],
+    }
     diff = [f"{k} {then[k]} -> {now[k]}" for k in now if now[k] != then[k]]
     if diff:
         raise KoalaError(
@@ -58,11 +66,13 @@ def check_resume_layout(state: dict, world_size: int, tcfg: dict, path: str) -> 
             f"{state.get('global_batch', '?')} -> {tcfg['batch_size'] * tcfg['grad_accum'] * world_size}). Resume "
             "with the same number of processes, batch_size and grad_accum, or set train.allow_world_size_change=true "
             "to continue anyway (the data order and noise then differ from an uninterrupted run)",
-            option="train.allow_world_size_change")
+            option="train.allow_world_size_change",
+        )
 
 
-def sample_generators(seed: int, step: int, micro: int, batch_size: int, grad_accum: int, rank: int = 0,
-                      world_size: int = 1) -> list[torch.Generator]:
+def sample_generators(
+    seed: int, step: int, micro: int, batch_size: int, grad_accum: int, rank: int = 0, world_size: int = 1
+) -> list[torch.Generator]:
     """One CPU generator per sample of a micro-batch, seeded by the sample's position in the *global* stream.
 
     Rank ``r``'s sample ``j`` of micro-step ``micro`` at ``step`` is global sample
@@ -75,7 +85,9 @@ def sample_generators(seed: int, step: int, micro: int, batch_size: int, grad_ac
     samples; determinism and exact resume hold for every source.
     """
     first = (step * grad_accum + micro) * batch_size
-    return [torch.Generator().manual_seed(seed * 1_000_003 + (first + j) * world_size + rank) for j in range(batch_size)]
+    return [
+        torch.Generator().manual_seed(seed * 1_000_003 + (first + j) * world_size + rank) for j in range(batch_size)
+    ]
 
 
 def make_optimizer(params, tcfg: dict, world_size: int = 1):
@@ -91,8 +103,11 @@ def make_optimizer(params, tcfg: dict, world_size: int = 1):
         try:
             import bitsandbytes as bnb
         except ImportError as err:
-            raise KoalaError("train.optimizer=adamw8bit needs bitsandbytes (pip install 'koala-diffusion[bnb]'); "
-                             "or use train.optimizer=adamw", option="train.optimizer") from err
+            raise KoalaError(
+                "train.optimizer=adamw8bit needs bitsandbytes (pip install 'koala-diffusion[bnb]'); "
+                "or use train.optimizer=adamw",
+                option="train.optimizer",
+            ) from err
         cls = bnb.optim.AdamW8bit
     else:
         cls = torch.optim.AdamW
@@ -174,8 +189,9 @@ class Distiller:
         self.family = frozen.family
         self.memory_format = torch.channels_last if tcfg["channels_last"] else torch.contiguous_format
         self.teacher = teacher.to(accelerator.device, memory_format=self.memory_format)
-        self.pairs = feature_pairs(self.lmap, student, teacher, cfg["kd"]["features"], cfg["kd"]["layer_selection"],
-                                   self.family)
+        self.pairs = feature_pairs(
+            self.lmap, student, teacher, cfg["kd"]["features"], cfg["kd"]["layer_selection"], self.family
+        )
         self.caption_dropout = tcfg["caption_dropout"]
         # what a dropped caption becomes: the family's unconditional text conditioning (computed once)
         self.uncond = self.family.uncond(self.frozen.parts) if self.caption_dropout > 0 else None
@@ -196,8 +212,13 @@ class Distiller:
         if tcfg["ema"]["enabled"]:
             # foreach: two multi-tensor kernels per update instead of three per parameter (26 -> a few ms on an
             # H200 for KOALA-700M); its temporary copy comes after backward has freed the activations
-            self.ema = EMAModel(student.parameters(), decay=tcfg["ema"]["decay"], model_cls=type(student),
-                                model_config=student.config, foreach=True)
+            self.ema = EMAModel(
+                student.parameters(),
+                decay=tcfg["ema"]["decay"],
+                model_cls=type(student),
+                model_config=student.config,
+                foreach=True,
+            )
             self.ema.to(accelerator.device)
         optimizer = make_optimizer(student.parameters(), tcfg, accelerator.num_processes)
         scopes = {"student": tcfg["compile_scope"], "teacher": tcfg["teacher_compile_scope"] or tcfg["compile_scope"]}
@@ -208,9 +229,16 @@ class Distiller:
         if tcfg["teacher_worker"] and self.need_teacher:
             from .teacher_worker import TeacherWorker
 
-            self.worker = TeacherWorker(self.teacher, self.family.name, [p.teacher for p in self.pairs],
-                                        self.frozen.weight_dtype, tcfg["cpu_threads"], tcfg["attention"],
-                                        scopes["teacher"] if compile_teacher else None, tcfg["compile_backend"])
+            self.worker = TeacherWorker(
+                self.teacher,
+                self.family.name,
+                [p.teacher for p in self.pairs],
+                self.frozen.weight_dtype,
+                tcfg["cpu_threads"],
+                tcfg["attention"],
+                scopes["teacher"] if compile_teacher else None,
+                tcfg["compile_backend"],
+            )
         try:  # a failure from here on stops the worker again
             # hooks first, compile second: torch.compile traces the registered forward hooks into the graph
             self.s_rec = FeatureRecorder(student, [p.student for p in self.pairs], "student")
@@ -224,8 +252,9 @@ class Distiller:
                 self.student, self.optimizer = student, accelerator.prepare(optimizer, device_placement=[False])
             else:  # a ZeroRedundancyOptimizer is built on the device already (accelerate's placement would ask it for
                 # a state_dict, which needs a consolidation first)
-                self.student, self.optimizer = accelerator.prepare(student, optimizer,
-                                                                   device_placement=[True, not is_sharded(optimizer)])
+                self.student, self.optimizer = accelerator.prepare(
+                    student, optimizer, device_placement=[True, not is_sharded(optimizer)]
+                )
         except BaseException:
             if self.worker is not None:
                 self.worker.close()
@@ -333,9 +362,17 @@ class Distiller:
             dead = [n for n, f in s_feats.items() if not f.requires_grad]
             if dead:
                 raise RuntimeError(f"student features {dead[:3]} carry no gradient; featKD would be silently ignored")
-        return kd_losses(s_out, p.target, t_out if self.cfg["loss"]["out"] > 0 else None, self.pairs, s_feats,
-                         t_feats, self.cfg["loss"], self.cfg["kd"]["feature_loss"],
-                         prediction=self.family.prediction(s_out, p.target.shape[1]))
+        return kd_losses(
+            s_out,
+            p.target,
+            t_out if self.cfg["loss"]["out"] > 0 else None,
+            self.pairs,
+            s_feats,
+            t_feats,
+            self.cfg["loss"],
+            self.cfg["kd"]["feature_loss"],
+            prediction=self.family.prediction(s_out, p.target.shape[1]),
+        )
 
     def step_losses(self, batch: dict, gens: list[torch.Generator]):
         """The KD step's forward: encode, noise, run teacher (no grad) and student, return :class:`Losses` (fp32).
@@ -364,7 +401,8 @@ def _check_finite(acc: Accelerator, losses, step: int, output_dir: str) -> None:
             f"non-finite loss at step {step} (total={float(losses.total):.4g}, task={float(losses.task):.4g}, "
             f"out={float(losses.out):.4g}, feat={float(losses.feat):.4g}); stopped before updating the weights. "
             f"Last good checkpoint: {last}. Try a lower train.lr, train.mixed_precision=bf16 instead of fp16, "
-            f"or check the data.")
+            f"or check the data."
+        )
 
 
 def _trackers(tcfg: dict) -> list[str]:
@@ -378,8 +416,9 @@ def _trackers(tcfg: dict) -> list[str]:
             __import__(module)
         except ImportError:
             extra = {"wandb": "koala-diffusion[wandb]"}.get(n, module)
-            raise KoalaError(f"train.log_with={n} needs the {module} package: pip install '{extra}'",
-                             option="train.log_with") from None
+            raise KoalaError(
+                f"train.log_with={n} needs the {module} package: pip install '{extra}'", option="train.log_with"
+            ) from None
     return names
 
 
@@ -403,9 +442,17 @@ def train(cfg: dict) -> dict:
     start = checkpoint_state(resume)["step"] if resume else 0
     # the data first: a bad source or a cache built by other encoders is refused before any model is loaded;
     # a resumed run starts the stream where the checkpoint left it (skipped batches are not decoded)
-    loader = make_dataloader(cfg["data"], batch_size=bs, resolution=tcfg["resolution"], seed=tcfg["seed"],
-                             num_workers=tcfg["num_workers"], rank=acc.process_index, world_size=world,
-                             pipeline_dir=teacher_pipeline(cfg), skip_batches=start * accum)
+    loader = make_dataloader(
+        cfg["data"],
+        batch_size=bs,
+        resolution=tcfg["resolution"],
+        seed=tcfg["seed"],
+        num_workers=tcfg["num_workers"],
+        rank=acc.process_index,
+        world_size=world,
+        pipeline_dir=teacher_pipeline(cfg),
+        skip_batches=start * accum,
+    )
     d = Distiller(cfg, acc)
     scaler = getattr(acc, "scaler", None)
     step = 0
@@ -424,15 +471,24 @@ def train(cfg: dict) -> dict:
     if trackers:
         acc.init_trackers("logs", config=flat_config(cfg))
     from tqdm.auto import tqdm
-    bar = tqdm(total=tcfg["max_steps"], initial=step, disable=not (acc.is_main_process and tcfg["progress"]),
-               desc="distill", dynamic_ncols=True)
+
+    bar = tqdm(
+        total=tcfg["max_steps"],
+        initial=step,
+        disable=not (acc.is_main_process and tcfg["progress"]),
+        desc="distill",
+        dynamic_ncols=True,
+    )
     last_ckpt, vcfg, t0 = None, cfg["validation"], time.perf_counter()
     preempted = None
     if acc.is_main_process:
         warn_low_space(out_dir, d, tcfg["keep_checkpoints"], bar.write)
     # the micro-batches to come with their generators, lazily (the teacher worker takes one ahead)
-    stream = d.kd_stream((next(data), sample_generators(tcfg["seed"], st, micro, bs, accum, acc.process_index, world))
-                         for st in range(step, tcfg["max_steps"]) for micro in range(accum))
+    stream = d.kd_stream(
+        (next(data), sample_generators(tcfg["seed"], st, micro, bs, accum, acc.process_index, world))
+        for st in range(step, tcfg["max_steps"])
+        for micro in range(accum)
+    )
     try:
         with StopRequest() as stop:
             while step < tcfg["max_steps"]:
@@ -452,9 +508,13 @@ def train(cfg: dict) -> dict:
                 t0 = time.perf_counter()
                 logs["samples_per_s"] = global_batch / max(dt, 1e-9)
                 bar.update(1)
-                bar.set_postfix(loss=f"{logs['loss/total']:.4f}", task=f"{logs['loss/task']:.4f}",
-                                out=f"{logs['loss/out']:.4f}", feat=f"{logs['loss/feat']:.4f}",
-                                sps=f"{logs['samples_per_s']:.1f}")
+                bar.set_postfix(
+                    loss=f"{logs['loss/total']:.4f}",
+                    task=f"{logs['loss/task']:.4f}",
+                    out=f"{logs['loss/out']:.4f}",
+                    feat=f"{logs['loss/feat']:.4f}",
+                    sps=f"{logs['samples_per_s']:.1f}",
+                )
                 if step % tcfg["log_every"] == 0 or step == tcfg["max_steps"]:
                     if trackers:
                         acc.log(logs, step=step)
@@ -466,8 +526,11 @@ def train(cfg: dict) -> dict:
                 if (tcfg["checkpoint_every"] and step % tcfg["checkpoint_every"] == 0) or done or stop_now:
                     if is_sharded(d.optimizer):  # every process sends its optimizer shard to the main process
                         inner_optimizer(d.optimizer).consolidate_state_dict(to=0)
-                    states = gather_states(d.student, inner_optimizer(d.optimizer), d.ema,
-                                           keep=acc.is_main_process) if d.fsdp else None
+                    states = (
+                        gather_states(d.student, inner_optimizer(d.optimizer), d.ema, keep=acc.is_main_process)
+                        if d.fsdp
+                        else None
+                    )
                     if acc.is_main_process:
                         last_ckpt = write_checkpoint(out_dir, step, d, cfg, scaler, world, last_ckpt, states)
                         bar.write(f"checkpoint saved: {last_ckpt}")
@@ -485,8 +548,15 @@ def train(cfg: dict) -> dict:
         d.close()
     ckpts = list_checkpoints(out_dir)
     acc.end_training()
-    return {"step": step, "output_dir": out_dir, "checkpoint": last_ckpt or (ckpts[-1][1] if ckpts else None),
-            "feature_pairs": len(d.pairs), "rank": acc.process_index, "world_size": world, "preempted": preempted}
+    return {
+        "step": step,
+        "output_dir": out_dir,
+        "checkpoint": last_ckpt or (ckpts[-1][1] if ckpts else None),
+        "feature_pairs": len(d.pairs),
+        "rank": acc.process_index,
+        "world_size": world,
+        "preempted": preempted,
+    }
 
 
 def _any_process(acc: Accelerator, flag: bool) -> bool:
@@ -501,8 +571,13 @@ def checkpoint_bytes(d: Distiller) -> int:
     weights = sum(p.numel() * p.element_size() for p in d.plain_student.parameters())
     opt = inner_optimizer(d.optimizer)
     states = {} if is_sharded(d.optimizer) else (getattr(opt, "state", None) or {})  # sharded: the full state is saved
-    state = sum(t.numel() * t.element_size() for st in states.values() if isinstance(st, dict)
-                for t in st.values() if torch.is_tensor(t))
+    state = sum(
+        t.numel() * t.element_size()
+        for st in states.values()
+        if isinstance(st, dict)
+        for t in st.values()
+        if torch.is_tensor(t)
+    )
     if not state:  # before the first step (or sharded): AdamW keeps two fp32 moments per parameter
         state = 2 * sum(p.numel() * 4 for p in d.plain_student.parameters())
     return weights * (2 if d.ema is not None else 1) + state
@@ -519,12 +594,15 @@ def warn_low_space(out_dir: str, d: Distiller, keep: int, log=print) -> None:
     need = checkpoint_bytes(d) * ((keep or 1) + 1)
     free = _free_bytes(out_dir)
     if free < need:
-        log(f"warning: {free / 2**30:.2f} GiB free under {out_dir}, but keeping {keep or 'all'} checkpoint(s) of "
-            f"about {checkpoint_bytes(d) / 2**30:.2f} GiB each needs {need / 2**30:.2f} GiB")
+        log(
+            f"warning: {free / 2**30:.2f} GiB free under {out_dir}, but keeping {keep or 'all'} checkpoint(s) of "
+            f"about {checkpoint_bytes(d) / 2**30:.2f} GiB each needs {need / 2**30:.2f} GiB"
+        )
 
 
-def write_checkpoint(out_dir: str, step: int, d: Distiller, cfg: dict, scaler, world: int, last: str | None,
-                     states: dict | None = None) -> str:
+def write_checkpoint(
+    out_dir: str, step: int, d: Distiller, cfg: dict, scaler, world: int, last: str | None, states: dict | None = None
+) -> str:
     """Save a checkpoint; refuse early when the disk is too full, and on a failed write keep the previous one
     (checkpoints are written to a temporary folder and renamed) and say which it is."""
     tcfg = cfg["train"]
@@ -532,16 +610,31 @@ def write_checkpoint(out_dir: str, step: int, d: Distiller, cfg: dict, scaler, w
     good = last or (ckpts[-1][1] if ckpts else "none yet")
     need, free = int(1.05 * checkpoint_bytes(d)), _free_bytes(out_dir)
     if free < need:
-        raise KoalaError(f"not enough disk space for the step-{step} checkpoint under {out_dir}: about "
-                         f"{need / 2**30:.2f} GiB needed, {free / 2**30:.2f} GiB free. Training stopped; the last good "
-                         f"checkpoint is {good} (resume with --resume latest after freeing space)")
+        raise KoalaError(
+            f"not enough disk space for the step-{step} checkpoint under {out_dir}: about "
+            f"{need / 2**30:.2f} GiB needed, {free / 2**30:.2f} GiB free. Training stopped; the last good "
+            f"checkpoint is {good} (resume with --resume latest after freeing space)"
+        )
     try:
-        return save_checkpoint(out_dir, step, d.plain_student, d.lmap, d.ema, d.optimizer, scaler, cfg,
-                               tcfg["keep_checkpoints"], world_size=world, states=states)
+        return save_checkpoint(
+            out_dir,
+            step,
+            d.plain_student,
+            d.lmap,
+            d.ema,
+            d.optimizer,
+            scaler,
+            cfg,
+            tcfg["keep_checkpoints"],
+            world_size=world,
+            states=states,
+        )
     except OSError as err:
-        raise KoalaError(f"writing the step-{step} checkpoint failed ({err.strerror or err}"
-                         f"{': ' + str(err.filename) if err.filename else ''}); nothing partial was kept. Training "
-                         f"stopped; the last good checkpoint is {good}") from err
+        raise KoalaError(
+            f"writing the step-{step} checkpoint failed ({err.strerror or err}"
+            f"{': ' + str(err.filename) if err.filename else ''}); nothing partial was kept. Training "
+            f"stopped; the last good checkpoint is {good}"
+        ) from err
 
 
 def flat_config(cfg: dict, prefix: str = "") -> dict:

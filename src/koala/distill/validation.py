@@ -32,8 +32,15 @@ def render(unet, frozen, vcfg: dict, resolution: int, device, kind: str | None =
             for seed in vcfg["seeds"]:
                 g = torch.Generator("cpu").manual_seed(int(seed))
                 with autocast:
-                    out = pipe(prompt, height=resolution, width=resolution, num_inference_steps=vcfg["steps"],
-                               guidance_scale=vcfg["guidance_scale"], generator=g, **frozen.family.pipeline_call_kwargs)
+                    out = pipe(
+                        prompt,
+                        height=resolution,
+                        width=resolution,
+                        num_inference_steps=vcfg["steps"],
+                        guidance_scale=vcfg["guidance_scale"],
+                        generator=g,
+                        **frozen.family.pipeline_call_kwargs,
+                    )
                 images.append(out.images[0])
     finally:
         unet.train(was_training)
@@ -56,8 +63,9 @@ def save_images(images: list, folder: str, tag: str, step: int, accelerator=None
     return paths
 
 
-def validate(student, teacher, frozen, cfg: dict, step: int, device, accelerator=None, ema=None,
-             write: bool = True) -> list[str]:
+def validate(
+    student, teacher, frozen, cfg: dict, step: int, device, accelerator=None, ema=None, write: bool = True
+) -> list[str]:
     """Render the teacher (once) and the student; ``write=False`` renders without saving (the other processes of
     a sharded student, whose forward needs all of them)."""
     vcfg, kind = cfg["validation"], cfg["teacher"]["kind"]

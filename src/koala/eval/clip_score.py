@@ -27,12 +27,17 @@ def check_model_dir(path: str, what: str, kinds, example: str, option: str | Non
     kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
     cfg_path = os.path.join(path or "", "config.json")
     if not path or not os.path.isfile(cfg_path):
-        raise KoalaError(f"{what} {path}: no config.json; give a local transformers directory ({example})", option=option)
+        raise KoalaError(
+            f"{what} {path}: no config.json; give a local transformers directory ({example})", option=option
+        )
     with open(cfg_path) as f:
         cfg = json.load(f)
     if cfg.get("model_type") not in kinds:
-        raise KoalaError(f"{what} {path}: config.json field model_type is {cfg.get('model_type')!r}, not "
-                         f"{' or '.join(map(repr, kinds))}", option=option)
+        raise KoalaError(
+            f"{what} {path}: config.json field model_type is {cfg.get('model_type')!r}, not "
+            f"{' or '.join(map(repr, kinds))}",
+            option=option,
+        )
     return cfg
 
 
@@ -47,8 +52,11 @@ def load_clip(path: str, device: str | torch.device = "cpu", processor: str | No
     try:
         return model, CLIPProcessor.from_pretrained(proc_dir)
     except (OSError, ValueError) as err:
-        raise KoalaError(f"CLIP processor {proc_dir}: cannot load the tokenizer / image processor ({str(err)[:200]}); "
-                         "give the directory of the model's processor", option="checkpoint") from None
+        raise KoalaError(
+            f"CLIP processor {proc_dir}: cannot load the tokenizer / image processor ({str(err)[:200]}); "
+            "give the directory of the model's processor",
+            option="checkpoint",
+        ) from None
 
 
 def clip_scores(images: list, prompts: list[str], model, processor, batch_size: int = 16) -> list[float]:
@@ -65,8 +73,14 @@ def clip_cosines(images: list, prompts: list[str], model, processor, batch_size:
     device = next(model.parameters()).device
     out: list[float] = []
     for i in range(0, len(images), batch_size):
-        inputs = processor(text=prompts[i:i + batch_size], images=images[i:i + batch_size], return_tensors="pt",
-                           padding=True, truncation=True, max_length=model.config.text_config.max_position_embeddings)
+        inputs = processor(
+            text=prompts[i : i + batch_size],
+            images=images[i : i + batch_size],
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=model.config.text_config.max_position_embeddings,
+        )
         inputs = {k: v.to(device) for k, v in inputs.items()}
         img = model.get_image_features(pixel_values=inputs["pixel_values"])
         txt = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
@@ -76,8 +90,9 @@ def clip_cosines(images: list, prompts: list[str], model, processor, batch_size:
     return out
 
 
-def score_folder(folder: str, checkpoint: str, device: str = "cpu", batch_size: int = 16,
-                 limit: int | None = None) -> dict:
+def score_folder(
+    folder: str, checkpoint: str, device: str = "cpu", batch_size: int = 16, limit: int | None = None
+) -> dict:
     """CLIP score of every (image, prompt) of ``folder``; JSON-ready (schema ``koala-eval-clip/1``)."""
     from .folder import read_prompted_images
 
@@ -85,15 +100,23 @@ def score_folder(folder: str, checkpoint: str, device: str = "cpu", batch_size: 
     model, processor = load_clip(checkpoint, device)
     images, prompts, names, skipped = data.images, data.prompts, data.names, data.skipped
     scores = clip_scores(images, prompts, model, processor, batch_size)
-    return {"schema": SCHEMA, "folder": folder, "checkpoint": checkpoint, "clip_score": sum(scores) / len(scores),
-            "n_images": len(scores), "skipped": skipped,
-            "per_image": [{"file_name": n, "text": t, "clip_score": s} for n, t, s in zip(names, prompts, scores)]}
+    return {
+        "schema": SCHEMA,
+        "folder": folder,
+        "checkpoint": checkpoint,
+        "clip_score": sum(scores) / len(scores),
+        "n_images": len(scores),
+        "skipped": skipped,
+        "per_image": [{"file_name": n, "text": t, "clip_score": s} for n, t, s in zip(names, prompts, scores)],
+    }
 
 
 def markdown(result: dict) -> str:
     skip = f", {len(result['skipped'])} unreadable skipped" if result["skipped"] else ""
-    return (f"| folder | CLIP score | images |\n|---|---|---|\n"
-            f"| {result['folder']} | {result['clip_score']:.2f} | {result['n_images']}{skip} |\n")
+    return (
+        f"| folder | CLIP score | images |\n|---|---|---|\n"
+        f"| {result['folder']} | {result['clip_score']:.2f} | {result['n_images']}{skip} |\n"
+    )
 
 
 def pick_scores(images: list, prompts: list[str], model, processor, batch_size: int = 16) -> list[float]:
@@ -103,14 +126,28 @@ def pick_scores(images: list, prompts: list[str], model, processor, batch_size: 
     return [scale * c for c in clip_cosines(images, prompts, model, processor, batch_size)]
 
 
-def pickscore_folder(folder: str, checkpoint: str, processor: str | None = None, device: str = "cpu",
-                     batch_size: int = 16, limit: int | None = None) -> dict:
+def pickscore_folder(
+    folder: str,
+    checkpoint: str,
+    processor: str | None = None,
+    device: str = "cpu",
+    batch_size: int = 16,
+    limit: int | None = None,
+) -> dict:
     """PickScore of every (image, prompt) of ``folder``; JSON-ready (schema ``koala-eval-pickscore/1``)."""
     from .folder import read_prompted_images
 
     data = read_prompted_images(folder, limit)
     model, proc = load_clip(checkpoint, device, processor)
     scores = pick_scores(data.images, data.prompts, model, proc, batch_size)
-    return {"schema": "koala-eval-pickscore/1", "folder": folder, "checkpoint": checkpoint,
-            "pickscore": sum(scores) / len(scores), "n_images": len(scores), "skipped": data.skipped,
-            "per_image": [{"file_name": n, "text": t, "pickscore": v} for n, t, v in zip(data.names, data.prompts, scores)]}
+    return {
+        "schema": "koala-eval-pickscore/1",
+        "folder": folder,
+        "checkpoint": checkpoint,
+        "pickscore": sum(scores) / len(scores),
+        "n_images": len(scores),
+        "skipped": data.skipped,
+        "per_image": [
+            {"file_name": n, "text": t, "pickscore": v} for n, t, v in zip(data.names, data.prompts, scores)
+        ],
+    }

@@ -39,8 +39,16 @@ from ..errors import KoalaError
 from .clip_score import check_model_dir
 
 CATEGORIES = ("color", "shape", "texture", "spatial", "non_spatial", "complex")
-RELATIONS = ("on side of", "next to", "near", "on the left of", "on the right of", "on the bottom of",
-             "on the top of", "on top of")
+RELATIONS = (
+    "on side of",
+    "next to",
+    "near",
+    "on the left of",
+    "on the right of",
+    "on the bottom of",
+    "on the top of",
+    "on top of",
+)
 DROPPED_CHUNKS = {"top", "the side", "the left", "the right"}
 PERSON = {"girl", "boy", "man", "woman"}
 _DET = {"a", "an", "the", "some", "two", "three", "one"}
@@ -116,9 +124,11 @@ def drop_adjectives(prompt: str) -> str:
     return " ".join(w for w in prompt.split() if w.lower().strip(".,") not in ATTRIBUTE_WORDS)
 
 
-ATTRIBUTE_WORDS = set("""red orange yellow green blue purple pink brown black white gray grey silver gold golden
+ATTRIBUTE_WORDS = set(
+    """red orange yellow green blue purple pink brown black white gray grey silver gold golden
 round square rectangular triangular oval circular cubic spherical cylindrical big small tall short long large tiny huge
-wooden metallic plastic glass leather fabric fluffy rubber furry soft hard smooth rough shiny""".split())
+wooden metallic plastic glass leather fabric fluffy rubber furry soft hard smooth rough shiny""".split()
+)
 
 
 # ------------------------------------------------------------------------------------------- B-VQA
@@ -142,17 +152,29 @@ class BlipVQA:
     @torch.no_grad()
     def yes_prob(self, images: list, questions: list[str]) -> list[float]:
         m = self.model
-        inputs = self.processor(images=images, text=[q.lower() for q in questions], return_tensors="pt",
-                                padding=True, truncation=True, max_length=35, size=self.size)
+        inputs = self.processor(
+            images=images,
+            text=[q.lower() for q in questions],
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=35,
+            size=self.size,
+        )
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         image_embeds = m.vision_model(pixel_values=inputs["pixel_values"]).last_hidden_state
-        q = m.text_encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                           encoder_hidden_states=image_embeds,
-                           encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long,
-                                                             device=image_embeds.device))[0]
+        q = m.text_encoder(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device),
+        )[0]
         bos = torch.full((q.shape[0], 1), m.decoder_start_token_id, dtype=torch.long, device=q.device)
-        logits = m.text_decoder(input_ids=bos, encoder_hidden_states=q,
-                                encoder_attention_mask=inputs["attention_mask"]).logits[:, 0].float()
+        logits = (
+            m.text_decoder(input_ids=bos, encoder_hidden_states=q, encoder_attention_mask=inputs["attention_mask"])
+            .logits[:, 0]
+            .float()
+        )
         p = logits.softmax(-1)
         return (p[:, self.yes] / (p[:, self.yes] + p[:, self.no])).tolist()
 
@@ -161,7 +183,7 @@ class BlipVQA:
         pairs = [(i, f"{ph}?") for i, p in enumerate(prompts) for ph in noun_phrases(p)]
         out = [1.0] * len(images)
         for k in range(0, len(pairs), 16):
-            chunk = pairs[k:k + 16]
+            chunk = pairs[k : k + 16]
             for (i, _), pr in zip(chunk, self.yes_prob([images[i] for i, _ in chunk], [q for _, q in chunk])):
                 out[i] *= pr
         return out
@@ -183,8 +205,12 @@ def position_score(box1, box2, relation: str) -> float:
     dx, dy = c2[0] - c1[0], c2[1] - c1[1]
     if relation in ("near", "next to", "on side of"):
         return 1.0 if abs(dx) < 150 or abs(dy) < 150 else 150 / max(abs(dx), abs(dy))
-    ok = {"on the left of": dx > 0 and abs(dx) > abs(dy), "on the right of": dx < 0 and abs(dx) > abs(dy),
-          "on the bottom of": dy < 0 and abs(dy) > abs(dx), "on the top of": dy > 0 and abs(dy) > abs(dx)}.get(relation)
+    ok = {
+        "on the left of": dx > 0 and abs(dx) > abs(dy),
+        "on the right of": dx < 0 and abs(dx) > abs(dy),
+        "on the bottom of": dy < 0 and abs(dy) > abs(dx),
+        "on the top of": dy > 0 and abs(dy) > abs(dx),
+    }.get(relation)
     if not ok:  # (the benchmark scores 'on top of' 0 always; kept)
         return 0.0
     iou = _box_iou(box1, box2)
@@ -208,8 +234,9 @@ class Detector:
     def __init__(self, path: str, device: str = "cpu", threshold: float = 0.1):
         import transformers
 
-        cfg = check_model_dir(path, "detector checkpoint", ("owlvit", "owlv2"), "e.g. google/owlv2-base-patch16-ensemble",
-                              "detector")
+        cfg = check_model_dir(
+            path, "detector checkpoint", ("owlvit", "owlv2"), "e.g. google/owlv2-base-patch16-ensemble", "detector"
+        )
         arch = {"owlvit": "OwlViT", "owlv2": "Owlv2"}[cfg["model_type"]]
         self.model = getattr(transformers, f"{arch}ForObjectDetection").from_pretrained(path).to(device).eval()
         self.processor = getattr(transformers, f"{arch}Processor").from_pretrained(path)
@@ -225,8 +252,10 @@ class Detector:
         w, h = image.size
         side = max(w, h)  # boxes are relative to the padded square (OWLv2) or to the whole image (OWL-ViT)
         target = [[side, side]] if self.pads_to_square else [[h, w]]
-        post = getattr(self.processor, "post_process_grounded_object_detection", None) or \
-            self.processor.post_process_object_detection
+        post = (
+            getattr(self.processor, "post_process_grounded_object_detection", None)
+            or self.processor.post_process_object_detection
+        )
         res = post(out, threshold=self.threshold, target_sizes=torch.tensor(target))[0]
         scale = min(479 / min(w, h), 480 / max(w, h))
         best: list = [None] * len(names)
@@ -273,8 +302,9 @@ def load_complex_lists(folder: str | None) -> dict | None:
     for kind in ("spatial", "action"):
         f = os.path.join(folder, f"complex_val_{kind}.txt")
         if not os.path.isfile(f):
-            raise KoalaError(f"{folder}: no complex_val_{kind}.txt (T2I-CompBench's examples/dataset/)",
-                             option="complex_lists")
+            raise KoalaError(
+                f"{folder}: no complex_val_{kind}.txt (T2I-CompBench's examples/dataset/)", option="complex_lists"
+            )
         out[kind] = _lines(f)
     return out
 
@@ -282,8 +312,15 @@ def load_complex_lists(folder: str | None) -> dict | None:
 class CompBench:
     """Score images for one category; the models load on first use."""
 
-    def __init__(self, vqa: str | None = None, detector: str | None = None, clip: str | None = None,
-                 device: str = "cpu", complex_lists: str | None = None, detector_threshold: float = 0.1):
+    def __init__(
+        self,
+        vqa: str | None = None,
+        detector: str | None = None,
+        clip: str | None = None,
+        device: str = "cpu",
+        complex_lists: str | None = None,
+        detector_threshold: float = 0.1,
+    ):
         self.paths = {"vqa": vqa, "detector": detector, "clip": clip}
         self.device, self.threshold = device, detector_threshold
         self.lists = load_complex_lists(complex_lists)
@@ -293,8 +330,9 @@ class CompBench:
         if kind not in self._models:
             path = self.paths[kind]
             if not path:
-                raise KoalaError(f"this category needs a {'BLIP VQA' if kind == 'vqa' else kind} checkpoint "
-                                 f"({kind})", option=kind)
+                raise KoalaError(
+                    f"this category needs a {'BLIP VQA' if kind == 'vqa' else kind} checkpoint ({kind})", option=kind
+                )
             if kind == "vqa":
                 self._models[kind] = BlipVQA(path, self.device)
             elif kind == "detector":
@@ -306,8 +344,9 @@ class CompBench:
         return self._models[kind]
 
     def needs(self, category: str) -> tuple[str, ...]:
-        return {"spatial": ("detector",), "non_spatial": ("clip",),
-                "complex": ("vqa", "detector", "clip")}.get(category, ("vqa",))
+        return {"spatial": ("detector",), "non_spatial": ("clip",), "complex": ("vqa", "detector", "clip")}.get(
+            category, ("vqa",)
+        )
 
     def clip(self, images, texts) -> list[float]:
         from .clip_score import clip_cosines
@@ -317,8 +356,9 @@ class CompBench:
 
     def score(self, category: str, images: list, prompts: list[str]) -> list[float]:
         if category not in CATEGORIES:
-            raise KoalaError(f"unknown T2I-CompBench category {category!r}; choose {', '.join(CATEGORIES)}",
-                             option="category")
+            raise KoalaError(
+                f"unknown T2I-CompBench category {category!r}; choose {', '.join(CATEGORIES)}", option="category"
+            )
         if category in ("color", "shape", "texture"):
             return self._get("vqa").bvqa(images, prompts)
         if category == "spatial":
@@ -342,6 +382,12 @@ def score_folder(folder: str, category: str, bench: CompBench, limit: int | None
     data = read_prompted_images(folder, limit)
     images, prompts, names, skipped = data.images, data.prompts, data.names, data.skipped
     scores = bench.score(category, images, prompts)
-    return {"schema": "koala-eval-compbench/1", "folder": folder, "category": category,
-            "score": sum(scores) / len(scores), "n_images": len(scores), "skipped": skipped,
-            "per_image": [{"file_name": n, "text": t, "score": s} for n, t, s in zip(names, prompts, scores)]}
+    return {
+        "schema": "koala-eval-compbench/1",
+        "folder": folder,
+        "category": category,
+        "score": sum(scores) / len(scores),
+        "n_images": len(scores),
+        "skipped": skipped,
+        "per_image": [{"file_name": n, "text": t, "score": s} for n, t, s in zip(names, prompts, scores)],
+    }

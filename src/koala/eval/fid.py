@@ -33,23 +33,30 @@ class InceptionFeatures(torch.nn.Module):
 
 def load_inception(path: str, device: str = "cpu") -> InceptionFeatures:
     if not os.path.isfile(path):
-        raise KoalaError(f"Inception {path}: no such file (the FID Inception as TorchScript, inception-2015-12-05.pt)",
-                         option="inception")
+        raise KoalaError(
+            f"Inception {path}: no such file (the FID Inception as TorchScript, inception-2015-12-05.pt)",
+            option="inception",
+        )
     try:
         net = torch.jit.load(path, map_location=device)
     except (RuntimeError, ValueError) as err:
-        raise KoalaError(f"Inception {path}: not a TorchScript file ({str(err).splitlines()[0][:200]})",
-                         option="inception") from None
+        raise KoalaError(
+            f"Inception {path}: not a TorchScript file ({str(err).splitlines()[0][:200]})", option="inception"
+        ) from None
     feats = InceptionFeatures(net.eval()).to(device)
     try:
         with torch.no_grad():
             out = feats(torch.zeros(1, 3, 299, 299, dtype=torch.uint8, device=device))
     except Exception as err:  # noqa: BLE001 - a TorchScript model with another interface
-        raise KoalaError(f"Inception {path}: calling it as model(images, return_features=True) failed "
-                         f"({str(err).splitlines()[0][:200]})", option="inception") from None
+        raise KoalaError(
+            f"Inception {path}: calling it as model(images, return_features=True) failed "
+            f"({str(err).splitlines()[0][:200]})",
+            option="inception",
+        ) from None
     if out.ndim != 2:
-        raise KoalaError(f"Inception {path}: returned features of shape {tuple(out.shape)}, expected [N, D]",
-                         option="inception")
+        raise KoalaError(
+            f"Inception {path}: returned features of shape {tuple(out.shape)}, expected [N, D]", option="inception"
+        )
     return feats
 
 
@@ -74,8 +81,15 @@ def read_images(folder: str, size: int = 299) -> tuple[list[torch.Tensor], list[
     return out, skipped
 
 
-def fid(generated: str, reference: str, inception: str, device: str = "cpu", batch_size: int = 32,
-        size: int = 299, features=None) -> dict:
+def fid(
+    generated: str,
+    reference: str,
+    inception: str,
+    device: str = "cpu",
+    batch_size: int = 32,
+    size: int = 299,
+    features=None,
+) -> dict:
     """FID between the images of ``generated`` and ``reference``; JSON-ready."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -85,12 +99,21 @@ def fid(generated: str, reference: str, inception: str, device: str = "cpu", bat
     for real, folder in ((True, reference), (False, generated)):
         images, skip = read_images(folder, size)
         if len(images) < 2:
-            raise KoalaError(f"{folder}: FID needs at least 2 readable images, found {len(images)} "
-                             f"({len(skip)} unreadable)")
+            raise KoalaError(
+                f"{folder}: FID needs at least 2 readable images, found {len(images)} ({len(skip)} unreadable)"
+            )
         for i in range(0, len(images), batch_size):
-            metric.update(torch.stack(images[i:i + batch_size]).to(device), real=real)
+            metric.update(torch.stack(images[i : i + batch_size]).to(device), real=real)
         counts["reference" if real else "generated"] = len(images)
         skipped["reference" if real else "generated"] = skip
     value = float(metric.compute())
-    return {"schema": "koala-eval-fid/1", "generated": generated, "reference": reference, "inception": inception,
-            "fid": value, "n_generated": counts["generated"], "n_reference": counts["reference"], "skipped": skipped}
+    return {
+        "schema": "koala-eval-fid/1",
+        "generated": generated,
+        "reference": reference,
+        "inception": inception,
+        "fid": value,
+        "n_generated": counts["generated"],
+        "n_reference": counts["reference"],
+        "skipped": skipped,
+    }

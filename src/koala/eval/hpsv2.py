@@ -31,12 +31,14 @@ def load_openclip_state(path: str) -> dict[str, torch.Tensor]:
     """An open_clip CLIP state dict from ``.pt`` (``torch.load(weights_only=True)``, ``state_dict`` key or plain,
     DDP's ``module.`` stripped) or ``.safetensors``."""
     if not os.path.isfile(path):
-        raise KoalaError(f"HPSv2 checkpoint {path}: no such file (HPS_v2_compressed.pt or HPS_v2.1_compressed.pt)",
-                         option="checkpoint")
+        raise KoalaError(
+            f"HPSv2 checkpoint {path}: no such file (HPS_v2_compressed.pt or HPS_v2.1_compressed.pt)",
+            option="checkpoint",
+        )
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        from ..utils import check_safetensors
+        from ..utils.weights import check_safetensors
 
         check_safetensors(path)
         sd = load_file(path)
@@ -44,17 +46,19 @@ def load_openclip_state(path: str) -> dict[str, torch.Tensor]:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - weights_only refuses anything but tensors and plain values
-            raise KoalaError(f"HPSv2 checkpoint {path}: not a plain tensor checkpoint ({str(err)[:200]})",
-                             option="checkpoint") from None
+            raise KoalaError(
+                f"HPSv2 checkpoint {path}: not a plain tensor checkpoint ({str(err)[:200]})", option="checkpoint"
+            ) from None
         sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
         if not isinstance(sd, dict):
             raise KoalaError(f"HPSv2 checkpoint {path}: expected a state dict", option="checkpoint")
-    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    sd = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in sd.items()}
     need = ("visual.conv1.weight", "visual.proj", "token_embedding.weight", "text_projection")
     missing = [k for k in need if k not in sd]
     if missing:
-        raise KoalaError(f"HPSv2 checkpoint {path}: not an open_clip ViT CLIP (missing {', '.join(missing)})",
-                         option="checkpoint")
+        raise KoalaError(
+            f"HPSv2 checkpoint {path}: not an open_clip ViT CLIP (missing {', '.join(missing)})", option="checkpoint"
+        )
     return sd
 
 
@@ -75,20 +79,39 @@ def clip_config_from_openclip(sd: dict, act: str = "gelu"):
     n_pos = sd["visual.positional_embedding"].shape[0]
     grid = int(round((n_pos - 1) ** 0.5))
     tw = sd["token_embedding.weight"].shape[1]
-    vision = dict(hidden_size=vw, intermediate_size=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-                  num_hidden_layers=_count(sd, "visual.transformer.resblocks.{}.ln_1.weight"),
-                  num_attention_heads=max(1, vw // 64), image_size=grid * patch, patch_size=patch, hidden_act=act,
-                  projection_dim=sd["visual.proj"].shape[1])
-    text = dict(hidden_size=tw, intermediate_size=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-                num_hidden_layers=_count(sd, "transformer.resblocks.{}.ln_1.weight"),
-                num_attention_heads=max(1, tw // 64), vocab_size=sd["token_embedding.weight"].shape[0],
-                max_position_embeddings=sd["positional_embedding"].shape[0], hidden_act=act,
-                projection_dim=sd["text_projection"].shape[1], bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    vision = dict(
+        hidden_size=vw,
+        intermediate_size=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+        num_hidden_layers=_count(sd, "visual.transformer.resblocks.{}.ln_1.weight"),
+        num_attention_heads=max(1, vw // 64),
+        image_size=grid * patch,
+        patch_size=patch,
+        hidden_act=act,
+        projection_dim=sd["visual.proj"].shape[1],
+    )
+    text = dict(
+        hidden_size=tw,
+        intermediate_size=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+        num_hidden_layers=_count(sd, "transformer.resblocks.{}.ln_1.weight"),
+        num_attention_heads=max(1, tw // 64),
+        vocab_size=sd["token_embedding.weight"].shape[0],
+        max_position_embeddings=sd["positional_embedding"].shape[0],
+        hidden_act=act,
+        projection_dim=sd["text_projection"].shape[1],
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+    )
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=sd["text_projection"].shape[1])
 
 
-_VISION_LAYER = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
-                 "attn.out_proj": "self_attn.out_proj"}
+_VISION_LAYER = {
+    "ln_1": "layer_norm1",
+    "ln_2": "layer_norm2",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+    "attn.out_proj": "self_attn.out_proj",
+}
 
 
 def openclip_to_transformers(sd: dict, act: str = "gelu", heads: int | None = None):
@@ -125,16 +148,18 @@ def openclip_to_transformers(sd: dict, act: str = "gelu", heads: int | None = No
         src, dst = f"visual.transformer.resblocks.{n}.", f"{v}encoder.layers.{n}."
         for p in ("weight", "bias"):
             for i, proj in enumerate(("q_proj", "k_proj", "v_proj")):
-                out[f"{dst}self_attn.{proj}.{p}"] = sd[f"{src}attn.in_proj_{p}"][i * w:(i + 1) * w].contiguous()
+                out[f"{dst}self_attn.{proj}.{p}"] = sd[f"{src}attn.in_proj_{p}"][i * w : (i + 1) * w].contiguous()
             for a, b in _VISION_LAYER.items():
                 out[f"{dst}{b}.{p}"] = sd[f"{src}{a}.{p}"]
     out["logit_scale"] = sd.get("logit_scale", torch.tensor(4.6052))
     res = model.load_state_dict(out, strict=False, assign=True)
     left = [k for k in res.missing_keys if not k.endswith("position_ids")]
     if left or res.unexpected_keys:
-        raise KoalaError(f"HPSv2 checkpoint: does not map onto CLIP (missing {left[:3]}, unexpected "
-                         f"{res.unexpected_keys[:3]})", option="checkpoint")
-    from ..utils import materialize_meta_buffers
+        raise KoalaError(
+            f"HPSv2 checkpoint: does not map onto CLIP (missing {left[:3]}, unexpected {res.unexpected_keys[:3]})",
+            option="checkpoint",
+        )
+    from ..utils.weights import materialize_meta_buffers
 
     return materialize_meta_buffers(model).float().eval()  # non-persistent position ids
 
@@ -146,8 +171,11 @@ def load_tokenizer(path: str):
     if path and os.path.isdir(os.path.join(path, "tokenizer")):
         path = os.path.join(path, "tokenizer")
     if not path or not os.path.isdir(path):
-        raise KoalaError(f"HPSv2 tokenizer {path}: give a CLIP tokenizer directory (e.g. an SDXL pipeline or its "
-                         "tokenizer/ folder: the same CLIP BPE open_clip uses)", option="tokenizer")
+        raise KoalaError(
+            f"HPSv2 tokenizer {path}: give a CLIP tokenizer directory (e.g. an SDXL pipeline or its "
+            "tokenizer/ folder: the same CLIP BPE open_clip uses)",
+            option="tokenizer",
+        )
     return CLIPTokenizer.from_pretrained(path)
 
 
@@ -155,8 +183,14 @@ def image_processor(size: int):
     """open_clip's validation transform for a ``size`` model: shortest side bicubic, centre crop, OpenAI stats."""
     from transformers import CLIPImageProcessor
 
-    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                              resample=3, image_mean=OPENAI_MEAN, image_std=OPENAI_STD, do_convert_rgb=True)
+    return CLIPImageProcessor(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        resample=3,
+        image_mean=OPENAI_MEAN,
+        image_std=OPENAI_STD,
+        do_convert_rgb=True,
+    )
 
 
 class HPSv2:
@@ -175,9 +209,12 @@ class HPSv2:
         out = []
         ctx = self.model.config.text_config.max_position_embeddings
         for i in range(0, len(images), batch_size):
-            pix = self.processor(images=images[i:i + batch_size], return_tensors="pt")["pixel_values"].to(self.device)
-            ids = self.tokenizer(prompts[i:i + batch_size], padding="max_length", max_length=ctx, truncation=True,
-                                 return_tensors="pt").input_ids.to(self.device)
+            pix = self.processor(images=images[i : i + batch_size], return_tensors="pt")["pixel_values"].to(
+                self.device
+            )
+            ids = self.tokenizer(
+                prompts[i : i + batch_size], padding="max_length", max_length=ctx, truncation=True, return_tensors="pt"
+            ).input_ids.to(self.device)
             img = self.model.get_image_features(pixel_values=pix)
             txt = self.model.get_text_features(input_ids=ids)
             img = getattr(img, "pooler_output", img)
@@ -188,8 +225,9 @@ class HPSv2:
         return out
 
 
-def score_folder(folder: str, checkpoint: str, tokenizer: str, device: str = "cpu", limit: int | None = None,
-                 act: str = "gelu") -> dict:
+def score_folder(
+    folder: str, checkpoint: str, tokenizer: str, device: str = "cpu", limit: int | None = None, act: str = "gelu"
+) -> dict:
     """HPSv2 x100 of every (image, prompt) of ``folder`` (prompts and optional ``style`` from metadata.jsonl, or
     PNG prompt chunks); per-style means and their average. Unreadable images are skipped and counted."""
     import json
@@ -213,8 +251,16 @@ def score_folder(folder: str, checkpoint: str, tokenizer: str, device: str = "cp
     for n, s in zip(names, scores):
         by_style.setdefault(styles.get(n, "all"), []).append(s)
     per_style = {st: {"hpsv2": sum(v) / len(v), "n_images": len(v)} for st, v in sorted(by_style.items())}
-    return {"schema": "koala-eval-hpsv2/1", "folder": folder, "checkpoint": checkpoint,
-            "hpsv2": sum(v["hpsv2"] for v in per_style.values()) / len(per_style), "n_images": len(scores),
-            "styles": per_style, "skipped": skipped,
-            "per_image": [{"file_name": os.path.relpath(n, folder), "style": styles.get(n, "all"), "text": t,
-                           "hpsv2": s} for n, t, s in zip(names, prompts, scores)]}
+    return {
+        "schema": "koala-eval-hpsv2/1",
+        "folder": folder,
+        "checkpoint": checkpoint,
+        "hpsv2": sum(v["hpsv2"] for v in per_style.values()) / len(per_style),
+        "n_images": len(scores),
+        "styles": per_style,
+        "skipped": skipped,
+        "per_image": [
+            {"file_name": os.path.relpath(n, folder), "style": styles.get(n, "all"), "text": t, "hpsv2": s}
+            for n, t, s in zip(names, prompts, scores)
+        ],
+    }

@@ -25,8 +25,18 @@ from ..errors import KoalaError
 from .folder import open_rgb
 
 SCHEMA = "koala-eval-run/1"
-SCORERS = ("shapes", "clip", "hpsv2", "pickscore", "compbench-color", "compbench-shape", "compbench-texture", "compbench-spatial",
-           "compbench-non_spatial", "compbench-complex")
+SCORERS = (
+    "shapes",
+    "clip",
+    "hpsv2",
+    "pickscore",
+    "compbench-color",
+    "compbench-shape",
+    "compbench-texture",
+    "compbench-spatial",
+    "compbench-non_spatial",
+    "compbench-complex",
+)
 SHAPES_KEYS = ("color", "shape", "binding", "spatial")
 
 
@@ -40,7 +50,9 @@ class EvalModel:
     base: str | None = None
 
     def source(self) -> str:
-        return os.path.abspath(self.model) if self.model else f"{os.path.abspath(self.unet)}+{os.path.abspath(self.base)}"
+        return (
+            os.path.abspath(self.model) if self.model else f"{os.path.abspath(self.unet)}+{os.path.abspath(self.base)}"
+        )
 
 
 @dataclass
@@ -88,6 +100,7 @@ def parse_model(value: str, what: str = "model") -> tuple[str, str]:
 
 def read_prompt_set(path: str, limit: int | None = None) -> list[Prompt]:
     """Prompts from a text file (style 'all') or a directory of STYLE.txt files; '#' lines and blanks skipped."""
+
     def lines(f):
         with open(f, encoding="utf-8") as fh:
             return [ln.strip() for ln in fh if ln.strip() and not ln.lstrip().startswith("#")]
@@ -97,8 +110,9 @@ def read_prompt_set(path: str, limit: int | None = None) -> list[Prompt]:
     elif os.path.isdir(path):
         files = sorted(f for f in os.listdir(path) if f.endswith(".txt"))
         if not files:
-            raise KoalaError(f"prompt set {path}: a directory needs one STYLE.txt file per style (e.g. anime.txt)",
-                             option="prompts")
+            raise KoalaError(
+                f"prompt set {path}: a directory needs one STYLE.txt file per style (e.g. anime.txt)", option="prompts"
+            )
         out = []
         for f in files:
             out += [Prompt(f[:-4], i, t) for i, t in enumerate(lines(os.path.join(path, f))[:limit])]
@@ -112,14 +126,16 @@ def read_prompt_set(path: str, limit: int | None = None) -> list[Prompt]:
 
 
 def image_key(model: EvalModel, prompt: Prompt, seed: int, s: EvalSettings) -> str:
-    blob = json.dumps([model.source(), prompt.style, prompt.text, seed, s.steps, s.cfg, s.scheduler, s.width, s.height,
-                       s.dtype], sort_keys=True)
+    blob = json.dumps(
+        [model.source(), prompt.style, prompt.text, seed, s.steps, s.cfg, s.scheduler, s.width, s.height, s.dtype],
+        sort_keys=True,
+    )
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
 def _read_jsonl(path: str) -> dict[str, dict]:
     """key -> row of an index or score file; a line cut by a kill is skipped (its image is made / scored again)."""
-    from ..utils import read_jsonl
+    from ..utils.files import read_jsonl
 
     return {r["key"]: r for r in read_jsonl(path) if "key" in r}
 
@@ -131,8 +147,9 @@ def _append(path: str, row: dict) -> None:
         os.fsync(f.fileno())
 
 
-def generate_images(model: EvalModel, prompts: list[Prompt], s: EvalSettings, out_dir: str, row: ModelRow,
-                    progress: bool = True) -> list[dict]:
+def generate_images(
+    model: EvalModel, prompts: list[Prompt], s: EvalSettings, out_dir: str, row: ModelRow, progress: bool = True
+) -> list[dict]:
     """Generate what is missing for one model; returns the index rows of all its images (in prompt/seed order)."""
     import torch
 
@@ -149,8 +166,9 @@ def generate_images(model: EvalModel, prompts: list[Prompt], s: EvalSettings, ou
     todo = [j for j in jobs if j[2] not in done or not os.path.isfile(os.path.join(folder, done[j[2]]["file"]))]
     loaded = None
     if todo:
-        loaded = load_pipeline(model.model, unet=model.unet, base=model.base, device=s.device, dtype=s.dtype,
-                               scheduler=s.scheduler)
+        loaded = load_pipeline(
+            model.model, unet=model.unet, base=model.base, device=s.device, dtype=s.dtype, scheduler=s.scheduler
+        )
         row.unet_params = sum(p.numel() for p in denoiser_of(loaded.pipe).parameters())
         times = []
         from tqdm.auto import tqdm
@@ -158,21 +176,37 @@ def generate_images(model: EvalModel, prompts: list[Prompt], s: EvalSettings, ou
         with PeakMemory(loaded.device) as mem:
             for p, seed, key in tqdm(todo, desc=f"generate {model.name}", disable=not progress, unit="img"):
                 t0 = time.perf_counter()
-                res = generate(loaded, p.text, steps=s.steps, cfg=s.cfg, seed=seed, width=s.width, height=s.height,
-                               progress=False, log=lambda *_: None)
+                res = generate(
+                    loaded,
+                    p.text,
+                    steps=s.steps,
+                    cfg=s.cfg,
+                    seed=seed,
+                    width=s.width,
+                    height=s.height,
+                    progress=False,
+                    log=lambda *_: None,
+                )
                 times.append(time.perf_counter() - t0)
                 img, params = res.images[0], res.params[0]
                 name = f"{p.style}-{p.index:05d}-s{seed}-{key}.png"
                 tmp = os.path.join(folder, f".tmp-{name}")
                 img.save(tmp, pnginfo=png_info(params))
                 os.replace(tmp, os.path.join(folder, name))
-                entry = {"key": key, "file": name, "style": p.style, "index": p.index, "prompt": p.text, "seed": seed,
-                         "seconds": times[-1]}
+                entry = {
+                    "key": key,
+                    "file": name,
+                    "style": p.style,
+                    "index": p.index,
+                    "prompt": p.text,
+                    "seed": seed,
+                    "seconds": times[-1],
+                }
                 _append(index_path, entry)
                 done[key] = entry
         row.generated_now = len(todo)
         row.latency_s = statistics.median(times)
-        row.peak_gib = mem.peak / 2 ** 30
+        row.peak_gib = mem.peak / 2**30
         row.memory_kind = "CUDA max allocated" if mem.kind.startswith("cuda") else "process peak RSS"
         del loaded
         if torch.cuda.is_available():
@@ -196,8 +230,10 @@ class ShapesScorer(_Scorer):
     def per_image(self, paths, prompts):
         from ..lab.score import load_rgb, score_image
 
-        return [{k: v for k, v in score_image(load_rgb(p), t).items() if k in SHAPES_KEYS + ("all",)}
-                for p, t in zip(paths, prompts)]
+        return [
+            {k: v for k, v in score_image(load_rgb(p), t).items() if k in SHAPES_KEYS + ("all",)}
+            for p, t in zip(paths, prompts)
+        ]
 
     def aggregate(self, rows, styles):
         from ..lab.score import aggregate
@@ -284,19 +320,27 @@ def _style_means(rows: list[dict], styles: list[str], key: str) -> dict:
     return out
 
 
-def make_scorers(names: list[str], clip_checkpoint: str | None = None, device: str = "cpu",
-                 hps_checkpoint: str | None = None, hps_tokenizer: str | None = None, compbench=None,
-                 pickscore: str | None = None, pickscore_processor: str | None = None) -> list[_Scorer]:
+def make_scorers(
+    names: list[str],
+    clip_checkpoint: str | None = None,
+    device: str = "cpu",
+    hps_checkpoint: str | None = None,
+    hps_tokenizer: str | None = None,
+    compbench=None,
+    pickscore: str | None = None,
+    pickscore_processor: str | None = None,
+) -> list[_Scorer]:
     """Scorers by name; ``compbench``: a :class:`koala.eval.compbench.CompBench` for the compbench-* scorers."""
     out: list[_Scorer] = []
     for n in names:
         if n.startswith("compbench-"):
             from .compbench import CATEGORIES, CompBench
 
-            if n[len("compbench-"):] not in CATEGORIES:
+            if n[len("compbench-") :] not in CATEGORIES:
                 raise KoalaError(f"unknown scorer {n!r}; choose from {', '.join(SCORERS)}", option="scorers")
-            out.append(CompBenchScorer(n[len("compbench-"):], compbench or CompBench(clip=clip_checkpoint,
-                                                                                      device=device)))
+            out.append(
+                CompBenchScorer(n[len("compbench-") :], compbench or CompBench(clip=clip_checkpoint, device=device))
+            )
             continue
         if n == "shapes":
             out.append(ShapesScorer())
@@ -306,13 +350,16 @@ def make_scorers(names: list[str], clip_checkpoint: str | None = None, device: s
             out.append(ClipScorer(clip_checkpoint, device))
         elif n == "pickscore":
             if not pickscore:
-                raise KoalaError("scorer pickscore needs the PickScore checkpoint directory (pickscore)",
-                                 option="pickscore")
+                raise KoalaError(
+                    "scorer pickscore needs the PickScore checkpoint directory (pickscore)", option="pickscore"
+                )
             out.append(PickScoreScorer(pickscore, device, pickscore_processor))
         elif n == "hpsv2":
             if not hps_checkpoint or not hps_tokenizer:
-                raise KoalaError("scorer hpsv2 needs the HPSv2 checkpoint (HPS_v2_compressed.pt) and a CLIP tokenizer "
-                                 "directory", option="hps_checkpoint")
+                raise KoalaError(
+                    "scorer hpsv2 needs the HPSv2 checkpoint (HPS_v2_compressed.pt) and a CLIP tokenizer directory",
+                    option="hps_checkpoint",
+                )
             out.append(HPSv2Scorer(hps_checkpoint, hps_tokenizer, device))
         else:
             raise KoalaError(f"unknown scorer {n!r}; choose from {', '.join(SCORERS)}", option="scorers")
@@ -331,7 +378,7 @@ def score_images(model: EvalModel, images: list[dict], scorer: _Scorer, out_dir:
 
     chunk = 16
     for i in tqdm(range(0, len(todo), chunk), desc=f"{scorer.name} {model.name}", disable=not progress or not todo):
-        part = todo[i:i + chunk]
+        part = todo[i : i + chunk]
         scores = scorer.per_image([os.path.join(img_dir, r["file"]) for r in part], [r["prompt"] for r in part])
         for r, sc in zip(part, scores):
             entry = {"key": r["key"], **sc}
@@ -341,14 +388,16 @@ def score_images(model: EvalModel, images: list[dict], scorer: _Scorer, out_dir:
     return scorer.aggregate(rows, [r["style"] for r in images]) | {"_scored_now": len(todo)}
 
 
-def model_fid(model: EvalModel, images: list[dict], out_dir: str, reference: str, inception: str,
-              device: str = "cpu") -> float:
+def model_fid(
+    model: EvalModel, images: list[dict], out_dir: str, reference: str, inception: str, device: str = "cpu"
+) -> float:
     """FID of one model's images against ``reference`` (cached while the images, reference and network stay)."""
-    from ..utils import atomic_write_text
+    from ..utils.files import atomic_write_text
     from .fid import fid
 
-    key = hashlib.sha1(json.dumps([sorted(r["key"] for r in images), os.path.abspath(reference),
-                                   os.path.abspath(inception)]).encode()).hexdigest()[:16]
+    key = hashlib.sha1(
+        json.dumps([sorted(r["key"] for r in images), os.path.abspath(reference), os.path.abspath(inception)]).encode()
+    ).hexdigest()[:16]
     path = os.path.join(out_dir, "scores", model.name, "fid.json")
     if os.path.isfile(path):
         with open(path) as f:
@@ -361,9 +410,18 @@ def model_fid(model: EvalModel, images: list[dict], out_dir: str, reference: str
     return res["fid"]
 
 
-def run_eval(models: list[EvalModel], prompts: list[Prompt], scorers: list[_Scorer], out_dir: str,
-             settings: EvalSettings | None = None, progress: bool = True, log=print, fid_reference: str | None = None,
-             inception: str | None = None, benchmarks: list[tuple[str, list[Prompt], list[_Scorer]]] = ()) -> dict:
+def run_eval(
+    models: list[EvalModel],
+    prompts: list[Prompt],
+    scorers: list[_Scorer],
+    out_dir: str,
+    settings: EvalSettings | None = None,
+    progress: bool = True,
+    log=print,
+    fid_reference: str | None = None,
+    inception: str | None = None,
+    benchmarks: list[tuple[str, list[Prompt], list[_Scorer]]] = (),
+) -> dict:
     """Generate and score every model; writes ``results.json``, ``results.md`` and (with matplotlib) ``results.png``
     in ``out_dir``. Returns the results dict.
 
@@ -371,7 +429,7 @@ def run_eval(models: list[EvalModel], prompts: list[Prompt], scorers: list[_Scor
     ``benchmarks``: more (name, prompt set, scorers), e.g. ("hpsv2", HPSv2's prompts, [HPSv2]) and
     ("compbench-color", color_val.txt, [B-VQA]): the paper's Table 5 in one run. Images of a prompt that two sets
     share are generated once."""
-    from ..utils import atomic_write_text, check_output_folder
+    from ..utils.files import atomic_write_text, check_output_folder
 
     s = settings or EvalSettings()
     names = [m.name for m in models]
@@ -406,13 +464,24 @@ def run_eval(models: list[EvalModel], prompts: list[Prompt], scorers: list[_Scor
                 label = sc.name if set_name in ("main", sc.name) else f"{set_name}:{sc.name}"
                 row.scores[label] = agg
             if fid_reference and set_name == sets[0][0]:
-                row.scores["fid"] = {"fid": model_fid(m, images, out_dir, fid_reference, inception,
-                                                      "cuda" if (s.device or "").startswith("cuda") else "cpu")}
+                row.scores["fid"] = {
+                    "fid": model_fid(
+                        m,
+                        images,
+                        out_dir,
+                        fid_reference,
+                        inception,
+                        "cuda" if (s.device or "").startswith("cuda") else "cpu",
+                    )
+                }
         rows.append(row)
         log(f"{m.name}: {row.n_images} images ({row.generated_now} generated now)")
-    result = {"schema": SCHEMA, "settings": {**asdict(s), "seeds": list(s.seeds)},
-              "prompts": {name: {"n": len(ps), "styles": sorted({p.style for p in ps})} for name, ps, _ in sets},
-              "models": [asdict(r) for r in rows]}
+    result = {
+        "schema": SCHEMA,
+        "settings": {**asdict(s), "seeds": list(s.seeds)},
+        "prompts": {name: {"n": len(ps), "styles": sorted({p.style for p in ps})} for name, ps, _ in sets},
+        "models": [asdict(r) for r in rows],
+    }
     atomic_write_text(os.path.join(out_dir, "results.json"), json.dumps(result, indent=1))
     atomic_write_text(os.path.join(out_dir, "results.md"), markdown(result))
     plot(result, os.path.join(out_dir, "results.png"), log)
@@ -445,21 +514,33 @@ def markdown(result: dict) -> str:
     head = ["model", "U-Net params", "latency (s/img)", "peak mem (GiB)"] + [f"{sc} {k}" for sc, k in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in result["models"]:
+
         def fmt(sc, k):
             v = m["scores"].get(sc, {}).get(k)
             if v is None:
                 return "-"
-            return f"{100 * v:.1f}%" if sc.endswith("shapes") else f"{v:.3f}" if sc.startswith("compbench") or \
-                ":compbench" in sc else f"{v:.2f}"  # (FID: lower is better)
-        cells = [m["name"], f"{m['unet_params'] / 1e6:.1f}M" if m.get("unet_params") else "-",
-                 f"{m['latency_s']:.3f}" if m.get("latency_s") is not None else "-",
-                 f"{m['peak_gib']:.2f}" if m.get("peak_gib") is not None else "-"] + [fmt(sc, k) for sc, k in cols]
+            return (
+                f"{100 * v:.1f}%"
+                if sc.endswith("shapes")
+                else f"{v:.3f}"
+                if sc.startswith("compbench") or ":compbench" in sc
+                else f"{v:.2f}"
+            )  # (FID: lower is better)
+
+        cells = [
+            m["name"],
+            f"{m['unet_params'] / 1e6:.1f}M" if m.get("unet_params") else "-",
+            f"{m['latency_s']:.3f}" if m.get("latency_s") is not None else "-",
+            f"{m['peak_gib']:.2f}" if m.get("peak_gib") is not None else "-",
+        ] + [fmt(sc, k) for sc, k in cols]
         lines.append("| " + " | ".join(cells) + " |")
     st = result["settings"]
     lines.append("")
     sets = ", ".join(f"{name} {v['n']}" for name, v in result["prompts"].items())
-    lines.append(f"prompts: {sets}; x {len(st['seeds'])} seed(s); {st['scheduler']}, {st['steps']} steps, cfg "
-                 f"{st['cfg']}; latency: median per image in the run that generated the images")
+    lines.append(
+        f"prompts: {sets}; x {len(st['seeds'])} seed(s); {st['scheduler']}, {st['steps']} steps, cfg "
+        f"{st['cfg']}; latency: median per image in the run that generated the images"
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -474,8 +555,10 @@ def plot(result: dict, path: str, log=print) -> str | None:
         log("note: matplotlib is not installed; no plot (pip install 'koala-diffusion[plots]')")
         return None
     first = result["models"][0]["scores"]
-    heads = [(sc, "binding" if "binding" in agg else "average" if "average" in agg else next(iter(agg)))
-             for sc, agg in first.items()]
+    heads = [
+        (sc, "binding" if "binding" in agg else "average" if "average" in agg else next(iter(agg)))
+        for sc, agg in first.items()
+    ]
     if not heads:
         return None
     fig, axes = plt.subplots(1, len(heads), figsize=(4.5 * len(heads), 3.6), squeeze=False)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 from ..errors import KoalaError
-from ..utils import read_json
+from ..utils.files import read_json
 from .base import REGISTRY, Family, Parts, UNetFamily, describe_config, family_of_preset
 from .pixart import PixArtFamily
 from .sd import SDFamily
@@ -60,7 +60,9 @@ def detect_family(config: dict, where: str = "model config") -> Family:
 def model_dir_kind(path: str) -> str:
     """'pipeline' (has model_index.json), 'model' (a denoiser's config.json), else a KoalaError."""
     if not os.path.isdir(path):
-        raise KoalaError(f"{path}: no such directory (give a model directory (U-Net / transformer) or a pipeline directory)")
+        raise KoalaError(
+            f"{path}: no such directory (give a model directory (U-Net / transformer) or a pipeline directory)"
+        )
     if os.path.isfile(os.path.join(path, "model_index.json")):
         return "pipeline"
     if os.path.isfile(os.path.join(path, "config.json")):
@@ -103,15 +105,17 @@ def load_denoiser(path: str, dtype=None, config_from: str | None = None, family:
     """
     import torch
 
-    from ..utils import parse_dtype
+    from ..utils.devices import parse_dtype
 
     if os.path.isfile(path):
         if not path.endswith(".safetensors") or not config_from:
-            raise KoalaError(f"{path}: give a model directory, or a .safetensors checkpoint together with the "
-                             "pipeline whose config it fits")
+            raise KoalaError(
+                f"{path}: give a model directory, or a .safetensors checkpoint together with the "
+                "pipeline whose config it fits"
+            )
         from safetensors.torch import load_file
 
-        from ..utils import check_safetensors
+        from ..utils.weights import check_safetensors
 
         check_safetensors(path)
         fam = family_of(config_from, family)
@@ -129,7 +133,7 @@ def preset_stats(name: str, flops: bool = True) -> dict:
     """Row of the presets table: family, params (exact count of the denoiser; ``unet_params`` is the same number under
     its older name), TFLOPs at 1024² and 512², and the family's structure columns (depths, or DiT blocks)."""
     from ..arch.stats import forward_flops
-    from ..utils import count_params
+    from ..utils.weights import count_params
 
     fam = family_of_preset(name)
     if fam is None:
@@ -137,8 +141,15 @@ def preset_stats(name: str, flops: bool = True) -> dict:
     spec = fam.resolve_spec(name)
     cfg = fam.student_config(fam.reference_config, spec)
     model = fam.build_model(cfg, "meta")
-    row = {"name": name, "family": fam.name, "description": spec.description, "unet_params": count_params(model),
-           "params": count_params(model), "paper_params": spec.paper_params, **fam.spec_summary(spec)}
+    row = {
+        "name": name,
+        "family": fam.name,
+        "description": spec.description,
+        "unet_params": count_params(model),
+        "params": count_params(model),
+        "paper_params": spec.paper_params,
+        **fam.spec_summary(spec),
+    }
     if flops:
         for res in (1024, 512):
             row[f"tflops_{res}"] = round(forward_flops(model, fam.dummy_inputs(cfg, res // 8)) / 1e12, 3)
@@ -149,6 +160,26 @@ def all_preset_stats(flops: bool = True) -> list[dict]:
     return [preset_stats(n, flops=flops) for n in all_presets()]
 
 
-__all__ = ["FAMILIES", "Family", "Parts", "UNetFamily", "SDFamily", "SDXLFamily", "PixArtFamily", "get_family", "family_of_preset",
-           "all_presets", "detect_family", "family_of_pipeline", "denoiser_of", "describe_config", "model_dir_kind", "model_dir", "model_config",
-           "family_of", "load_denoiser", "preset_stats", "all_preset_stats"]
+__all__ = [
+    "FAMILIES",
+    "Family",
+    "Parts",
+    "UNetFamily",
+    "SDFamily",
+    "SDXLFamily",
+    "PixArtFamily",
+    "get_family",
+    "family_of_preset",
+    "all_presets",
+    "detect_family",
+    "family_of_pipeline",
+    "denoiser_of",
+    "describe_config",
+    "model_dir_kind",
+    "model_dir",
+    "model_config",
+    "family_of",
+    "load_denoiser",
+    "preset_stats",
+    "all_preset_stats",
+]

@@ -21,10 +21,20 @@ import torch
 
 from ..arch.compress import init_from_teacher
 from ..arch.layer_map import LayerMap
-from ..arch.unet import (UNetSpec, build_unet, build_unet_layer_map, unet_stage_modules, unet_student_config,
-                         unet_teacher_spec, unet_topology_problems, unet_transformer_pairs)
+from ..arch.unet import (
+    UNetSpec,
+    build_unet,
+    build_unet_layer_map,
+    unet_stage_modules,
+    unet_student_config,
+    unet_teacher_spec,
+    unet_topology_problems,
+    unet_transformer_pairs,
+)
 from ..errors import KoalaError
-from ..utils import check_weights, parse_dtype, read_json, tree_to
+from ..utils.devices import parse_dtype, tree_to
+from ..utils.files import read_json
+from ..utils.weights import check_weights
 
 
 @dataclass
@@ -84,9 +94,9 @@ class Family:
     tokenizer_class_name: str = "CLIPTokenizer"
     pipeline_call_kwargs: dict[str, Any] = {}  # what koala generate passes to every pipeline call
     empty_negative_prompt: Any = None  # negative_prompt when the user gives none (PixArt's pipelines need "")
-    text_cond_keys: tuple[str, ...] = ()   # text conditioning tensors (what caption dropout replaces)
+    text_cond_keys: tuple[str, ...] = ()  # text conditioning tensors (what caption dropout replaces)
     micro_cond_keys: tuple[str, ...] = ()  # added conditions computed from a batch's size/crop bookkeeping
-    reference_config: dict[str, Any] = {}    # the full-size teacher's denoiser config (presets are derived from it)
+    reference_config: dict[str, Any] = {}  # the full-size teacher's denoiser config (presets are derived from it)
     presets: dict[str, Any] = {}  # name -> spec (spec_class)
     real_text_towers: tuple[dict, ...] = ()  # config kwargs of the full-size text encoders (benchmarks)
     text_config_class_name: str = "CLIPTextConfig"  # the transformers config class of real_text_towers
@@ -119,10 +129,15 @@ class Family:
         one of the family's; else the family's default."""
         import diffusers
 
-        name = read_json(os.path.join(pipeline_dir, "model_index.json")).get("_class_name") \
-            if os.path.isfile(os.path.join(pipeline_dir, "model_index.json")) else None
-        return getattr(diffusers, name if name in (self.pipeline_class_names or (self.pipeline_class_name,))
-                       else self.pipeline_class_name)
+        name = (
+            read_json(os.path.join(pipeline_dir, "model_index.json")).get("_class_name")
+            if os.path.isfile(os.path.join(pipeline_dir, "model_index.json"))
+            else None
+        )
+        return getattr(
+            diffusers,
+            name if name in (self.pipeline_class_names or (self.pipeline_class_name,)) else self.pipeline_class_name,
+        )
 
     def problems(self, config: dict) -> list[str]:
         raise NotImplementedError
@@ -146,10 +161,15 @@ class Family:
             return self.spec_class.from_dict(preset)
         if preset not in self.presets:
             other = family_of_preset(preset)
-            why = f"preset {preset!r} belongs to the {other.label} family ({other.name})" if other else \
-                f"unknown preset {preset!r}"
-            raise KoalaError(f"{why}; for this {self.label} teacher choose one of: {', '.join(self.presets)} "
-                             "(or give a custom spec)")
+            why = (
+                f"preset {preset!r} belongs to the {other.label} family ({other.name})"
+                if other
+                else f"unknown preset {preset!r}"
+            )
+            raise KoalaError(
+                f"{why}; for this {self.label} teacher choose one of: {', '.join(self.presets)} "
+                "(or give a custom spec)"
+            )
         return copy.deepcopy(self.presets[preset])
 
     def spec_summary(self, spec) -> dict[str, Any]:
@@ -166,13 +186,16 @@ class Family:
         import diffusers
 
         check_weights(path)
-        return getattr(diffusers, self.model_class_name).from_pretrained(path, dtype=parse_dtype(dtype) or torch.float32)
+        return getattr(diffusers, self.model_class_name).from_pretrained(
+            path, dtype=parse_dtype(dtype) or torch.float32
+        )
 
     def build_layer_map(self, teacher, student, selection: str = "bottom") -> LayerMap:
         raise NotImplementedError
 
     def compress(self, teacher, spec, layer_selection: str = "bottom", dtype=None):
-        """``(student, layer_map)``: a student for ``spec`` whose every tensor is a copy of the mapped teacher tensor."""
+        """``(student, layer_map)``: a student for ``spec`` whose every tensor is a copy of the mapped teacher
+        tensor."""
         spec = self.resolve_spec(spec)
         student = self.build_model(self.student_config(dict(teacher.config), spec), "meta")
         lmap = self.build_layer_map(teacher, student, layer_selection)
@@ -196,8 +219,14 @@ class Family:
         """Keyword arguments of the denoiser's forward besides the sample and ``timestep``."""
         raise NotImplementedError
 
-    def forward(self, model, sample: torch.Tensor, timestep: torch.Tensor, cond: dict[str, torch.Tensor],
-                dtype: torch.dtype | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        model,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        cond: dict[str, torch.Tensor],
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
         """The denoiser's raw output for conditioning ``cond`` (the family's cond keys); inputs cast to ``dtype``
         when given (a frozen fp16 teacher)."""
         kw = self.model_inputs(cond)
@@ -210,14 +239,21 @@ class Family:
         except for learned-sigma models (PixArt), whose second half of the channels is the variance."""
         return output[:, :latent_channels] if output.shape[1] == 2 * latent_channels else output
 
-
     # ------------------------------------------------------------------ conditioning
     zero_uncond: bool = False  # True: the unconditional input is all zeros; False: the empty prompt's encoding
 
     def tokenize(self, prompts: Sequence[str], tokenizers) -> list[torch.Tensor]:
         """Token ids per text encoder, padded to each tokenizer's ``model_max_length`` as the pipeline does."""
-        return [tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids for tok in tokenizers]
+        return [
+            tok(
+                list(prompts),
+                padding="max_length",
+                max_length=tok.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
+            for tok in tokenizers
+        ]
 
     def token_batch(self, ids: torch.Tensor):
         """What :meth:`tokenize` gives per encoder for token ids ``ids`` (benchmarks feed random ids): the ids
@@ -243,28 +279,41 @@ class Family:
             out = self.encode_prompts([""], parts.tokenizers, parts.text_encoders)
         return {k: torch.zeros_like(v) if self.zero_uncond else v for k, v in out.items()}
 
-    def dummy_cond(self, config: dict, batch: int = 1, text_len: int | None = None, device="meta",
-                   dtype=torch.float32) -> dict[str, torch.Tensor]:
+    def dummy_cond(
+        self, config: dict, batch: int = 1, text_len: int | None = None, device="meta", dtype=torch.float32
+    ) -> dict[str, torch.Tensor]:
         """Random conditioning tensors (``cond_keys``) shaped for a denoiser with ``config`` (what a cached batch
         holds besides latents); on ``meta`` by default."""
         raise NotImplementedError
 
-    def dummy_inputs(self, config: dict, latent_size: int, batch: int = 1, text_len: int | None = None,
-                     device="meta", dtype=torch.float32) -> dict[str, Any]:
+    def dummy_inputs(
+        self,
+        config: dict,
+        latent_size: int,
+        batch: int = 1,
+        text_len: int | None = None,
+        device="meta",
+        dtype=torch.float32,
+    ) -> dict[str, Any]:
         """A full forward's inputs (random or meta) for FLOP counting and benchmarks."""
         with torch.device(device):
             sample = torch.randn(batch, config["in_channels"], latent_size, latent_size, dtype=dtype)
             timestep = torch.full((batch,), 500, dtype=torch.long)
-        return {self.sample_arg: sample, "timestep": timestep,
-                **self.model_inputs(self.dummy_cond(config, batch, text_len or self.default_text_len, device, dtype))}
+        return {
+            self.sample_arg: sample,
+            "timestep": timestep,
+            **self.model_inputs(self.dummy_cond(config, batch, text_len or self.default_text_len, device, dtype)),
+        }
 
     # ------------------------------------------------------------------ components and pipelines
     def check_pipeline_dir(self, path: str, what: str = "pipeline") -> None:
         """Every component folder is there and its safetensors files are whole (headers only: fast)."""
         for sub in (self.model_subfolder, *self.components, "scheduler"):
             if not os.path.isdir(os.path.join(path, sub)):
-                raise KoalaError(f"{what} {path} has no {sub}/; a {self.label} pipeline needs "
-                                 f"{', '.join((self.model_subfolder, *self.components, 'scheduler'))}")
+                raise KoalaError(
+                    f"{what} {path} has no {sub}/; a {self.label} pipeline needs "
+                    f"{', '.join((self.model_subfolder, *self.components, 'scheduler'))}"
+                )
         for sub in (self.model_subfolder, *self.components):
             check_weights(os.path.join(path, sub))
 
@@ -278,7 +327,9 @@ class Family:
         dt = parse_dtype(dtype) or torch.float32
         toks, encs = [], []
         for tok_dir, enc_dir, cls in self.text_encoders:
-            toks.append(getattr(transformers, self.tokenizer_class_name).from_pretrained(pipeline_dir, subfolder=tok_dir))
+            toks.append(
+                getattr(transformers, self.tokenizer_class_name).from_pretrained(pipeline_dir, subfolder=tok_dir)
+            )
             encs.append(_freeze(getattr(transformers, cls).from_pretrained(pipeline_dir, subfolder=enc_dir, dtype=dt)))
         upcast = read_json(os.path.join(pipeline_dir, "vae", "config.json")).get("force_upcast", False)
         vdt = parse_dtype(vae_dtype) or (torch.float32 if upcast else dt)
@@ -307,9 +358,13 @@ class UNetFamily(Family):
         return unet_student_config(teacher_config, self.resolve_spec(spec))
 
     def spec_summary(self, spec: UNetSpec) -> dict[str, Any]:
-        return {"encoder_layers": spec.encoder_layers, "transformer_depth": spec.down_depth,
-                "decoder_transformer_depth": spec.up_depth, "mid_block": spec.mid_block,
-                "stages": spec.stages or len(spec.encoder_layers)}
+        return {
+            "encoder_layers": spec.encoder_layers,
+            "transformer_depth": spec.down_depth,
+            "decoder_transformer_depth": spec.up_depth,
+            "mid_block": spec.mid_block,
+            "stages": spec.stages or len(spec.encoder_layers),
+        }
 
     def build_model(self, config: dict, device: str | torch.device = "meta"):
         return build_unet(config, device)

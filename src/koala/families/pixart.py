@@ -21,8 +21,15 @@ from typing import Any, Sequence
 
 import torch
 
-from ..arch.dit import (DiTSpec, build_dit, build_dit_layer_map, dit_stage_modules, dit_student_config,
-                        dit_topology_problems, dit_transformer_pairs)
+from ..arch.dit import (
+    DiTSpec,
+    build_dit,
+    build_dit_layer_map,
+    dit_stage_modules,
+    dit_student_config,
+    dit_topology_problems,
+    dit_transformer_pairs,
+)
 from ..arch.layer_map import LayerMap
 from .base import Family, Parts
 
@@ -61,9 +68,20 @@ PRESETS: dict[str, DiTSpec] = {
 MAX_SEQUENCE_LENGTH = {"PixArtSigmaPipeline": 300, "PixArtAlphaPipeline": 120}  # the pipelines' defaults
 
 # T5 v1.1 XXL encoder (google/t5-v1_1-xxl, PixArt's text encoder): what `koala bench` builds at real size
-T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-              relative_attention_num_buckets=32, relative_attention_max_distance=128, dropout_rate=0.0,
-              feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False)
+T5_XXL = dict(
+    vocab_size=32128,
+    d_model=4096,
+    d_kv=64,
+    d_ff=10240,
+    num_layers=24,
+    num_heads=64,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    dropout_rate=0.0,
+    feed_forward_proj="gated-gelu",
+    is_encoder_decoder=False,
+    use_cache=False,
+)
 
 
 class PixArtFamily(Family):
@@ -121,8 +139,14 @@ class PixArtFamily(Family):
         strip) then T5 tokenization padded to ``model_max_length`` (set to the pipeline's max_sequence_length by
         :meth:`load_parts`)."""
         tok = tokenizers[0]
-        enc = tok([p.lower().strip() for p in prompts], padding="max_length", max_length=tok.model_max_length,
-                  truncation=True, add_special_tokens=True, return_tensors="pt")
+        enc = tok(
+            [p.lower().strip() for p in prompts],
+            padding="max_length",
+            max_length=tok.model_max_length,
+            truncation=True,
+            add_special_tokens=True,
+            return_tensors="pt",
+        )
         return [(enc.input_ids, enc.attention_mask)]
 
     def token_batch(self, ids: torch.Tensor):
@@ -140,17 +164,23 @@ class PixArtFamily(Family):
         return {"resolution": orig, "aspect_ratio": (target[:, 0] / target[:, 1]).unsqueeze(1)}
 
     def model_inputs(self, cond: dict[str, torch.Tensor]) -> dict[str, Any]:
-        return {"encoder_hidden_states": cond["prompt_embeds"], "encoder_attention_mask": cond["prompt_attention_mask"],
-                "added_cond_kwargs": {"resolution": cond.get("resolution"), "aspect_ratio": cond.get("aspect_ratio")}}
+        return {
+            "encoder_hidden_states": cond["prompt_embeds"],
+            "encoder_attention_mask": cond["prompt_attention_mask"],
+            "added_cond_kwargs": {"resolution": cond.get("resolution"), "aspect_ratio": cond.get("aspect_ratio")},
+        }
 
-    def dummy_cond(self, config: dict, batch: int = 1, text_len: int | None = None, device="meta",
-                   dtype=torch.float32) -> dict[str, torch.Tensor]:
+    def dummy_cond(
+        self, config: dict, batch: int = 1, text_len: int | None = None, device="meta", dtype=torch.float32
+    ) -> dict[str, torch.Tensor]:
         n = text_len or self.default_text_len
         with torch.device(device):
-            return {"prompt_embeds": torch.randn(batch, n, config["caption_channels"], dtype=dtype),
-                    "prompt_attention_mask": torch.ones(batch, n, dtype=dtype),
-                    "resolution": torch.tensor([[1024.0, 1024.0]] * batch, dtype=dtype),
-                    "aspect_ratio": torch.tensor([[1.0]] * batch, dtype=dtype)}
+            return {
+                "prompt_embeds": torch.randn(batch, n, config["caption_channels"], dtype=dtype),
+                "prompt_attention_mask": torch.ones(batch, n, dtype=dtype),
+                "resolution": torch.tensor([[1024.0, 1024.0]] * batch, dtype=dtype),
+                "aspect_ratio": torch.tensor([[1.0]] * batch, dtype=dtype),
+            }
 
     # ------------------------------------------------------------------ components and pipelines
     def load_parts(self, pipeline_dir: str, dtype=None, vae_dtype=None, device="cpu") -> Parts:
@@ -162,5 +192,10 @@ class PixArtFamily(Family):
         import diffusers
 
         cls = getattr(diffusers, parts.pipeline_class_name or self.pipeline_class_name)
-        return cls(tokenizer=parts.tokenizers[0], text_encoder=parts.text_encoders[0], vae=parts.vae,
-                   transformer=model, scheduler=scheduler or parts.scheduler)
+        return cls(
+            tokenizer=parts.tokenizers[0],
+            text_encoder=parts.text_encoders[0],
+            vae=parts.vae,
+            transformer=model,
+            scheduler=scheduler or parts.scheduler,
+        )

@@ -18,8 +18,11 @@ SPACING = {"base": None, "turbo": "trailing", "lightning": "trailing"}  # None: 
 
 def check_kind(kind: str, option: str = "teacher.kind") -> str:
     if kind not in TEACHER_KINDS:
-        raise KoalaError(f"{option} {kind!r}: choose one of {', '.join(TEACHER_KINDS)} (base: SDXL-Base and other "
-                         "non-step-distilled teachers; turbo: SDXL-Turbo; lightning: SDXL-Lightning)", option=option)
+        raise KoalaError(
+            f"{option} {kind!r}: choose one of {', '.join(TEACHER_KINDS)} (base: SDXL-Base and other "
+            "non-step-distilled teachers; turbo: SDXL-Turbo; lightning: SDXL-Lightning)",
+            option=option,
+        )
     return kind
 
 
@@ -34,8 +37,9 @@ def sampling_scheduler(scheduler_config: dict, kind: str | None = None):
     spacing for ``kind``: how the paper samples every model."""
     from diffusers import EulerDiscreteScheduler
 
-    return EulerDiscreteScheduler.from_config(dict(scheduler_config),
-                                              timestep_spacing=spacing_for(kind, dict(scheduler_config)))
+    return EulerDiscreteScheduler.from_config(
+        dict(scheduler_config), timestep_spacing=spacing_for(kind, dict(scheduler_config))
+    )
 
 
 def teacher_kind_of(model_dir: str) -> str | None:

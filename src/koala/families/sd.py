@@ -38,13 +38,24 @@ SD_V1_UNET_CONFIG: dict[str, Any] = {
 }
 
 PRESETS: dict[str, UNetSpec] = {
-    "sd-v1": UNetSpec([2, 2, 2, 2], [1, 1, 1, 0], [0, 1, 1, 1], True, None, "SD-v1.4/1.5 U-Net (teacher)", 859_520_964),
-    "bk-sdm-base": UNetSpec([1, 1, 1, 1], [1, 1, 1, 0], [0, 1, 1, 1], True, None,
-                            "BK-SDM-Base: 1 pair per encoder stage, 2 per decoder stage", 579_384_964),
-    "bk-sdm-small": UNetSpec([1, 1, 1, 1], [1, 1, 1, 0], [0, 1, 1, 1], False, None,
-                             "BK-SDM-Small: Base without the mid block", 482_346_884),
-    "bk-sdm-tiny": UNetSpec([1, 1, 1], [1, 1, 1], [1, 1, 1], False, 3,
-                            "BK-SDM-Tiny: Small without the innermost stage", 323_384_964),
+    "sd-v1": UNetSpec(
+        [2, 2, 2, 2], [1, 1, 1, 0], [0, 1, 1, 1], True, None, "SD-v1.4/1.5 U-Net (teacher)", 859_520_964
+    ),
+    "bk-sdm-base": UNetSpec(
+        [1, 1, 1, 1],
+        [1, 1, 1, 0],
+        [0, 1, 1, 1],
+        True,
+        None,
+        "BK-SDM-Base: 1 pair per encoder stage, 2 per decoder stage",
+        579_384_964,
+    ),
+    "bk-sdm-small": UNetSpec(
+        [1, 1, 1, 1], [1, 1, 1, 0], [0, 1, 1, 1], False, None, "BK-SDM-Small: Base without the mid block", 482_346_884
+    ),
+    "bk-sdm-tiny": UNetSpec(
+        [1, 1, 1], [1, 1, 1], [1, 1, 1], False, 3, "BK-SDM-Tiny: Small without the innermost stage", 323_384_964
+    ),
 }
 
 
@@ -56,9 +67,18 @@ class SDFamily(UNetFamily):
     text_cond_keys = ("prompt_embeds",)
     reference_config = SD_V1_UNET_CONFIG
     presets = PRESETS
-    real_text_towers = (dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                             num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-                             projection_dim=768),)  # CLIP ViT-L/14 text tower
+    real_text_towers = (
+        dict(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            projection_dim=768,
+        ),
+    )  # CLIP ViT-L/14 text tower
     # koala never runs SD's safety checker implicitly (generate has an opt-in NSFW filter)
     pipeline_load_kwargs = {"safety_checker": None, "requires_safety_checker": False}
 
@@ -78,13 +98,24 @@ class SDFamily(UNetFamily):
     def model_inputs(self, cond: dict[str, torch.Tensor]) -> dict[str, Any]:
         return {"encoder_hidden_states": cond["prompt_embeds"]}
 
-    def dummy_cond(self, config: dict, batch: int = 1, text_len: int | None = None, device="meta",
-                   dtype=torch.float32) -> dict[str, torch.Tensor]:
+    def dummy_cond(
+        self, config: dict, batch: int = 1, text_len: int | None = None, device="meta", dtype=torch.float32
+    ) -> dict[str, torch.Tensor]:
         with torch.device(device):
-            return {"prompt_embeds": torch.randn(batch, text_len or self.default_text_len, config["cross_attention_dim"], dtype=dtype)}
+            return {
+                "prompt_embeds": torch.randn(
+                    batch, text_len or self.default_text_len, config["cross_attention_dim"], dtype=dtype
+                )
+            }
 
     def make_pipeline(self, parts: Parts, model, scheduler=None):
         return self.pipeline_class(
-            vae=parts.vae, text_encoder=parts.text_encoders[0], tokenizer=parts.tokenizers[0], unet=model,
-            scheduler=scheduler or parts.scheduler, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False)
+            vae=parts.vae,
+            text_encoder=parts.text_encoders[0],
+            tokenizer=parts.tokenizers[0],
+            unet=model,
+            scheduler=scheduler or parts.scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )

@@ -33,11 +33,22 @@ SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
 SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
 SD_CLIP_PREFIX = "cond_stage_model.transformer."
 
-_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
-           "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "time_emb_proj": "emb_layers.1",
+    "conv_shortcut": "skip_connection",
+}
 _VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-_OPENCLIP_LAYER = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
-                   "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+_OPENCLIP_LAYER = {
+    "self_attn.out_proj": "attn.out_proj",
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+}
 
 
 @dataclass(frozen=True)
@@ -89,18 +100,25 @@ def from_ldm(get, rules: list[Rule], shapes: dict[str, tuple], prefix: str = "")
 
 def _params(names: list[str], module_prefix: str) -> list[str]:
     p = module_prefix + "."
-    return [n[len(p):] for n in names if n.startswith(p)]
+    return [n[len(p) :] for n in names if n.startswith(p)]
 
 
 def unet_rules(unet: torch.nn.Module) -> list[Rule]:
     """Rules for a diffusers ``UNet2DConditionModel`` (any structure koala can build), from its modules."""
     names = list(unet.state_dict())
     modules: list[tuple[str, str, dict]] = []  # (diffusers module, ldm module, renames inside)
-    for d, l in (("conv_in", "input_blocks.0.0"), ("time_embedding.linear_1", "time_embed.0"),
-                 ("time_embedding.linear_2", "time_embed.2"), ("add_embedding.linear_1", "label_emb.0.0"),
-                 ("add_embedding.linear_2", "label_emb.0.2"), ("class_embedding.linear_1", "label_emb.0.0"),
-                 ("class_embedding.linear_2", "label_emb.0.2"), ("conv_norm_out", "out.0"), ("conv_out", "out.2")):
-        modules.append((d, l, {}))
+    for d, ldm in (
+        ("conv_in", "input_blocks.0.0"),
+        ("time_embedding.linear_1", "time_embed.0"),
+        ("time_embedding.linear_2", "time_embed.2"),
+        ("add_embedding.linear_1", "label_emb.0.0"),
+        ("add_embedding.linear_2", "label_emb.0.2"),
+        ("class_embedding.linear_1", "label_emb.0.0"),
+        ("class_embedding.linear_2", "label_emb.0.2"),
+        ("conv_norm_out", "out.0"),
+        ("conv_out", "out.2"),
+    ):
+        modules.append((d, ldm, {}))
     slot = 1
     for i, block in enumerate(unet.down_blocks):
         attns = getattr(block, "attentions", None)
@@ -128,31 +146,38 @@ def unet_rules(unet: torch.nn.Module) -> list[Rule]:
             if attns is not None:
                 modules.append((f"up_blocks.{i}.attentions.{j}", f"output_blocks.{slot}.1", {}))
             if j == n - 1 and block.upsamplers is not None:
-                modules.append((f"up_blocks.{i}.upsamplers.0.conv",
-                                f"output_blocks.{slot}.{2 if attns is not None else 1}.conv", {}))
+                modules.append(
+                    (
+                        f"up_blocks.{i}.upsamplers.0.conv",
+                        f"output_blocks.{slot}.{2 if attns is not None else 1}.conv",
+                        {},
+                    )
+                )
             slot += 1
     return _module_rules(names, modules, "U-Net")
 
 
 def _module_rules(names: list[str], modules, what: str, conv: tuple[str, ...] = ()) -> list[Rule]:
     rules, covered = [], set()
-    for d, l, renames in modules:
+    for d, ldm, renames in modules:
         for rest in _params(names, d):
             inner = rest
             for a, b in renames.items():
                 if inner == a or inner.startswith(a + "."):
-                    inner = b + inner[len(a):]
+                    inner = b + inner[len(a) :]
                     break
             key = f"{d}.{rest}"
             op = "conv" if conv and any(f".{a}." in f".{rest}" for a in conv) and rest.endswith("weight") else ""
-            rules.append(Rule(f"{l}.{inner}", (key,), op))
+            rules.append(Rule(f"{ldm}.{inner}", (key,), op))
             covered.add(key)
     left = [n for n in names if n not in covered]
     if left:  # a module this layout has no place for: refuse rather than write a file that loses weights
         from ..errors import KoalaError
 
-        raise KoalaError(f"the single-file layout has no place for these {what} tensors: {', '.join(left[:5])}"
-                         f"{' ...' if len(left) > 5 else ''}")
+        raise KoalaError(
+            f"the single-file layout has no place for these {what} tensors: {', '.join(left[:5])}"
+            f"{' ...' if len(left) > 5 else ''}"
+        )
     return rules
 
 
@@ -160,8 +185,14 @@ def vae_rules(vae: torch.nn.Module) -> list[Rule]:
     """Rules for a diffusers ``AutoencoderKL`` (any number of levels and resnets)."""
     names = list(vae.state_dict())
     modules = []
-    for d in ("encoder.conv_in", "encoder.conv_out", "decoder.conv_in", "decoder.conv_out", "quant_conv",
-              "post_quant_conv"):
+    for d in (
+        "encoder.conv_in",
+        "encoder.conv_out",
+        "decoder.conv_in",
+        "decoder.conv_out",
+        "quant_conv",
+        "post_quant_conv",
+    ):
         modules.append((d, d, {}))
     modules += [("encoder.conv_norm_out", "encoder.norm_out", {}), ("decoder.conv_norm_out", "decoder.norm_out", {})]
     res = {"conv_shortcut": "nin_shortcut"}
@@ -199,10 +230,12 @@ def clip_rules(text_encoder: torch.nn.Module) -> list[Rule]:
 def openclip_rules(text_encoder: torch.nn.Module) -> list[Rule]:
     """Rules for a ``CLIPTextModelWithProjection`` stored as an OpenCLIP text tower (SDXL's second encoder)."""
     names = [k for k in text_encoder.state_dict() if not k.endswith("position_ids")]
-    fixed = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
-             "text_model.embeddings.position_embedding.weight": "positional_embedding",
-             "text_model.final_layer_norm.weight": "ln_final.weight",
-             "text_model.final_layer_norm.bias": "ln_final.bias"}
+    fixed = {
+        "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+        "text_model.embeddings.position_embedding.weight": "positional_embedding",
+        "text_model.final_layer_norm.weight": "ln_final.weight",
+        "text_model.final_layer_norm.bias": "ln_final.bias",
+    }
     rules, qkv = [], {}
     for k in names:
         c = _text_name(k)
@@ -211,7 +244,7 @@ def openclip_rules(text_encoder: torch.nn.Module) -> list[Rule]:
         elif c == "text_projection.weight":
             rules.append(Rule("text_projection", (k,), "T"))
         elif c.startswith("text_model.encoder.layers."):
-            n, rest = c[len("text_model.encoder.layers."):].split(".", 1)
+            n, rest = c[len("text_model.encoder.layers.") :].split(".", 1)
             base = f"transformer.resblocks.{n}."
             if rest.startswith("self_attn.") and rest.split(".")[1] in ("q_proj", "k_proj", "v_proj"):
                 kind = rest.rsplit(".", 1)[1]  # weight / bias
@@ -219,7 +252,7 @@ def openclip_rules(text_encoder: torch.nn.Module) -> list[Rule]:
                 continue
             for a, b in _OPENCLIP_LAYER.items():
                 if rest.startswith(a + "."):
-                    rest = b + rest[len(a):]
+                    rest = b + rest[len(a) :]
                     break
             else:
                 raise ValueError(f"unexpected OpenCLIP text tower tensor {k}")
@@ -227,6 +260,11 @@ def openclip_rules(text_encoder: torch.nn.Module) -> list[Rule]:
         else:
             raise ValueError(f"unexpected OpenCLIP text tower tensor {k}")
     for (n, kind), parts in sorted(qkv.items(), key=lambda x: (int(x[0][0]), x[0][1])):
-        rules.append(Rule(f"transformer.resblocks.{n}.attn.in_proj_{kind}",
-                          tuple(parts[p] for p in ("q_proj", "k_proj", "v_proj")), "cat"))
+        rules.append(
+            Rule(
+                f"transformer.resblocks.{n}.attn.in_proj_{kind}",
+                tuple(parts[p] for p in ("q_proj", "k_proj", "v_proj")),
+                "cat",
+            )
+        )
     return rules

@@ -19,10 +19,15 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import KoalaError
+from ..utils.files import refuse_existing
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2",
-                  "lora_te_": "text_encoder"}
+KOHYA_PREFIXES = {
+    "lora_unet_": "unet",
+    "lora_te1_": "text_encoder",
+    "lora_te2_": "text_encoder_2",
+    "lora_te_": "text_encoder",
+}
 
 
 @dataclass
@@ -59,9 +64,14 @@ _PEFT = re.compile(r"^(?:(unet|text_encoder|text_encoder_2|transformer)\.)?(.+?)
 _OLD = re.compile(r"^(?:(unet|text_encoder|text_encoder_2)\.)?(.+?)\.(?:lora|lora_linear_layer)\.(down|up)\.weight$")
 _PROC = re.compile(r"^(?:(unet)\.)?(.+?)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 _KOHYA = re.compile(r"^(lora_unet_|lora_te1_|lora_te2_|lora_te_)(.+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
-_UNSUPPORTED = (("hada_w1", "LoHa (LyCORIS)"), ("lokr_w1", "LoKr (LyCORIS)"), ("dora_scale", "DoRA"),
-                ("lora_magnitude_vector", "DoRA"), ("lora_mid", "LoCon with a mid tensor (LyCORIS)"),
-                ("diff_b", "a full-weight difference"))
+_UNSUPPORTED = (
+    ("hada_w1", "LoHa (LyCORIS)"),
+    ("lokr_w1", "LoKr (LyCORIS)"),
+    ("dora_scale", "DoRA"),
+    ("lora_magnitude_vector", "DoRA"),
+    ("lora_mid", "LoCon with a mid tensor (LyCORIS)"),
+    ("diff_b", "a full-weight difference"),
+)
 
 
 def read_lora(path: str, resolve_kohya=None) -> LoraFile:
@@ -69,7 +79,7 @@ def read_lora(path: str, resolve_kohya=None) -> LoraFile:
     (dots written as underscores) into a diffusers module name (or None when no module has that name)."""
     from safetensors import safe_open
 
-    from ..utils import check_safetensors
+    from ..utils.weights import check_safetensors
 
     if not path.endswith(".safetensors"):
         raise KoalaError(f"{path}: koala reads LoRA files as .safetensors only (other formats would be unpickled)")
@@ -115,32 +125,41 @@ def read_lora(path: str, resolve_kohya=None) -> LoraFile:
             fmt = fmt or "kohya"
             continue
         if k.endswith(".alpha"):  # an older diffusers file's network alpha
-            comp_mod = k[:-len(".alpha")]
-            comp, _, mod = comp_mod.partition(".") if comp_mod.split(".", 1)[0] in COMPONENTS else ("unet", "", comp_mod)
+            comp_mod = k[: -len(".alpha")]
+            comp, _, mod = (
+                comp_mod.partition(".") if comp_mod.split(".", 1)[0] in COMPONENTS else ("unet", "", comp_mod)
+            )
             pairs.setdefault((comp, mod), {})["alpha"] = tensors[k]
             continue
         unknown.append(k)
     if unknown:
-        raise KoalaError(f"{path}: {len(unknown)} key(s) in no LoRA format koala knows (diffusers/PEFT lora_A/lora_B, "
-                         f"older diffusers lora.down/lora.up, kohya lora_unet_*/lora_te*_ lora_down/lora_up), e.g. "
-                         f"{', '.join(unknown[:3])}")
+        raise KoalaError(
+            f"{path}: {len(unknown)} key(s) in no LoRA format koala knows (diffusers/PEFT lora_A/lora_B, "
+            f"older diffusers lora.down/lora.up, kohya lora_unet_*/lora_te*_ lora_down/lora_up), e.g. "
+            f"{', '.join(unknown[:3])}"
+        )
     modules = []
     for (comp, name), parts in pairs.items():
         if name.startswith("\0"):
             flat = name[1:]
             resolved = resolve_kohya(comp, flat) if resolve_kohya else None
             if resolved is None:
-                raise KoalaError(f"{path}: kohya module lora_{'unet' if comp == 'unet' else comp}_{flat} matches no "
-                                 f"module of the teacher's {comp}: a LoRA for another base model (e.g. SD-1.5 on an "
-                                 "SDXL teacher)?")
+                raise KoalaError(
+                    f"{path}: kohya module lora_{'unet' if comp == 'unet' else comp}_{flat} matches no "
+                    f"module of the teacher's {comp}: a LoRA for another base model (e.g. SD-1.5 on an "
+                    "SDXL teacher)?"
+                )
             name = resolved
         if "down" not in parts or "up" not in parts:
-            raise KoalaError(f"{path}: module {comp}.{name} has {'no up (B)' if 'down' in parts else 'no down (A)'} "
-                             "matrix; the file is incomplete")
+            raise KoalaError(
+                f"{path}: module {comp}.{name} has {'no up (B)' if 'down' in parts else 'no down (A)'} "
+                "matrix; the file is incomplete"
+            )
         down, up = parts["down"], parts["up"]
         if down.shape[0] != up.shape[1]:
-            raise KoalaError(f"{path}: module {comp}.{name}: rank mismatch, A has {down.shape[0]} rows but B "
-                             f"{up.shape[1]} columns")
+            raise KoalaError(
+                f"{path}: module {comp}.{name}: rank mismatch, A has {down.shape[0]} rows but B {up.shape[1]} columns"
+            )
         alpha = parts.get("alpha")
         alpha = float(alpha.float().item()) if alpha is not None else alphas_meta(comp, name)
         modules.append(LoraModule(comp, name, down, up, alpha))
@@ -196,8 +215,10 @@ class TransferReport:
 
     def summary(self) -> str:
         stages = ", ".join(f"{s}: {n}" for s, n in sorted(self.dropped_by_stage.items())) or "none"
-        return (f"{self.source_format} LoRA -> {self.out}: {self.kept} U-Net modules kept, {self.dropped} dropped "
-                f"(removed from the student; by stage: {stages}), {self.text_encoder} text-encoder modules carried over")
+        return (
+            f"{self.source_format} LoRA -> {self.out}: {self.kept} U-Net modules kept, {self.dropped} dropped "
+            f"(removed from the student; by stage: {stages}), {self.text_encoder} text-encoder modules carried over"
+        )
 
 
 def _flat(name: str) -> str:
@@ -213,10 +234,14 @@ def _text_modules(cfgs: dict[str, dict]) -> dict[str, dict[str, str]]:
     for comp, cfg in cfgs.items():
         arch = (cfg.get("architectures") or ["CLIPTextModel"])[0]
         with torch.device("meta"):
-            model = getattr(transformers, arch)(transformers.CLIPTextConfig.from_dict(
-                {k: v for k, v in cfg.items() if k != "architectures"}))
-        out[comp] = {(n if n.startswith(("text_model", "text_projection")) else "text_model." + n): n
-                     for n, _ in model.named_modules() if n}
+            model = getattr(transformers, arch)(
+                transformers.CLIPTextConfig.from_dict({k: v for k, v in cfg.items() if k != "architectures"})
+            )
+        out[comp] = {
+            (n if n.startswith(("text_model", "text_projection")) else "text_model." + n): n
+            for n, _ in model.named_modules()
+            if n
+        }
     return out
 
 
@@ -231,9 +256,9 @@ def _ldm_module_names(unet) -> dict[str, str]:
         clean = UNet2DConditionModel.from_config(dict(unet.config))
     out = {}
     for r in unet_rules(clean):
-        d, l = r.diffusers[0], r.ldm
-        if d.endswith((".weight", ".bias")) and l.endswith((".weight", ".bias")):
-            out[d.rsplit(".", 1)[0]] = l.rsplit(".", 1)[0]
+        d, ldm = r.diffusers[0], r.ldm
+        if d.endswith((".weight", ".bias")) and ldm.endswith((".weight", ".bias")):
+            out[d.rsplit(".", 1)[0]] = ldm.rsplit(".", 1)[0]
     return out
 
 
@@ -244,12 +269,11 @@ def transfer_lora(lora_path: str, student: str, out: str, overwrite: bool = Fals
 
     from ..arch.layer_map import LayerMap
     from ..families import get_family, model_dir
-    from ..utils import read_json
+    from ..utils.files import read_json
 
     if not out.endswith(".safetensors"):
         raise KoalaError(f"{out}: name the output LoRA *.safetensors", option="out")
-    if os.path.exists(out) and not overwrite:
-        raise KoalaError(f"{out} already exists; overwrite it or choose another output file", option="overwrite")
+    refuse_existing(out, overwrite, "file")
     lmap = LayerMap.load(student)
     fam = get_family(lmap.meta.get("family", "sdxl"))
     if fam.name not in ("sdxl", "sd"):
@@ -259,7 +283,9 @@ def transfer_lora(lora_path: str, student: str, out: str, overwrite: bool = Fals
     s_model = fam.build_model(read_json(os.path.join(s_dir, "config.json")), "meta")
     t_mods = dict(teacher.named_modules())
     s_mods = dict(s_model.named_modules())
-    pipe_dir = os.path.dirname(os.path.normpath(s_dir)) if os.path.basename(os.path.normpath(s_dir)) == "unet" else None
+    pipe_dir = (
+        os.path.dirname(os.path.normpath(s_dir)) if os.path.basename(os.path.normpath(s_dir)) == "unet" else None
+    )
     te_cfgs = {}
     if pipe_dir:
         for comp in ("text_encoder", "text_encoder_2"):
@@ -268,10 +294,12 @@ def transfer_lora(lora_path: str, student: str, out: str, overwrite: bool = Fals
                 te_cfgs[comp] = read_json(f)
     # module names of the text encoders (for kohya names): the student pipeline's, else the family's real towers
     classes = {enc: cls for _, enc, cls in fam.text_encoders}
-    te_names = _text_modules(te_cfgs or {enc: {"architectures": [classes[enc]], **tower}
-                                         for enc, tower in zip(classes, fam.real_text_towers)})
+    te_names = _text_modules(
+        te_cfgs
+        or {enc: {"architectures": [classes[enc]], **tower} for enc, tower in zip(classes, fam.real_text_towers)}
+    )
     kohya = {("unet", _flat(n)): n for n in t_mods if n}
-    kohya.update({("unet", _flat(l)): d for d, l in _ldm_module_names(teacher).items()})
+    kohya.update({("unet", _flat(ldm)): d for d, ldm in _ldm_module_names(teacher).items()})
     for comp, names in te_names.items():
         kohya.update({(comp, _flat(c)): c for c in names})
     lora = read_lora(lora_path, lambda comp, flat: kohya.get((comp, flat)))
@@ -286,11 +314,15 @@ def transfer_lora(lora_path: str, student: str, out: str, overwrite: bool = Fals
         if w is None:
             wrong.append(f"{m.module}: no such module in the teacher")
         elif w.shape[0] != m.up.shape[0] or w.shape[1] != m.down.shape[1]:
-            wrong.append(f"{m.module}: LoRA {m.up.shape[0]}x{tuple(m.down.shape[1:])} vs teacher weight {tuple(w.shape)}")
+            wrong.append(
+                f"{m.module}: LoRA {m.up.shape[0]}x{tuple(m.down.shape[1:])} vs teacher weight {tuple(w.shape)}"
+            )
     if wrong:
-        raise KoalaError(f"{lora_path}: {len(wrong)} LoRA module(s) do not fit the student's teacher "
-                         f"({lmap.meta.get('teacher_path', 'from the layer map')}): a LoRA for another base model? e.g. "
-                         + "; ".join(wrong[:3]))
+        raise KoalaError(
+            f"{lora_path}: {len(wrong)} LoRA module(s) do not fit the student's teacher "
+            f"({lmap.meta.get('teacher_path', 'from the layer map')}): a LoRA for another base model? e.g. "
+            + "; ".join(wrong[:3])
+        )
     # teacher module -> student modules initialised from it
     back: dict[str, list[str]] = {}
     for name in s_mods:
@@ -307,7 +339,9 @@ def transfer_lora(lora_path: str, student: str, out: str, overwrite: bool = Fals
         up = (m.up.float() * m.scale).to(m.up.dtype) if m.scale != 1.0 else m.up
         if m.component != "unet":
             if m.component not in classes:
-                raise KoalaError(f"{lora_path}: has {m.component} entries but a {fam.label} model has no {m.component}")
+                raise KoalaError(
+                    f"{lora_path}: has {m.component} entries but a {fam.label} model has no {m.component}"
+                )
             names = te_names[m.component]
             canonical = m.module if m.module in names else "text_model." + m.module
             if canonical not in names:
@@ -319,8 +353,10 @@ def transfer_lora(lora_path: str, student: str, out: str, overwrite: bool = Fals
         targets = back.get(m.module, [])
         if not targets:
             dropped += 1
-            stage = next((e.stage for e in t_entries if m.module == e.teacher or m.module.startswith(e.teacher + ".")),
-                         _stage_of(m.module))
+            stage = next(
+                (e.stage for e in t_entries if m.module == e.teacher or m.module.startswith(e.teacher + ".")),
+                _stage_of(m.module),
+            )
             by_stage[stage] += 1
             continue
         for s in targets:
@@ -328,12 +364,20 @@ def transfer_lora(lora_path: str, student: str, out: str, overwrite: bool = Fals
             tensors[f"unet.{s}.lora_B.weight"] = up.contiguous()
             kept += 1
     if not tensors:
-        raise KoalaError(f"{lora_path}: none of its {len(lora.modules)} modules exist in the student; nothing to write")
-    report = TransferReport(os.path.abspath(out), lora.format, kept, dropped, dict(by_stage), te,
-                            sorted({m.rank for m in lora.modules}))
-    meta = {"format": "pt", "koala.lora_source": os.path.abspath(lora_path), "koala.source_format": lora.format,
-            "koala.student": os.path.abspath(student), "koala.report": report.summary()}
-    from ..utils import atomic_file
+        raise KoalaError(
+            f"{lora_path}: none of its {len(lora.modules)} modules exist in the student; nothing to write"
+        )
+    report = TransferReport(
+        os.path.abspath(out), lora.format, kept, dropped, dict(by_stage), te, sorted({m.rank for m in lora.modules})
+    )
+    meta = {
+        "format": "pt",
+        "koala.lora_source": os.path.abspath(lora_path),
+        "koala.source_format": lora.format,
+        "koala.student": os.path.abspath(student),
+        "koala.report": report.summary(),
+    }
+    from ..utils.files import atomic_file
 
     with atomic_file(out, ".safetensors") as tmp:
         save_file(tensors, tmp, metadata=meta)
@@ -361,7 +405,9 @@ def parse_lora_arg(value: str) -> tuple[str, float]:
         try:
             path, scale = head, float(tail)
         except ValueError:
-            raise KoalaError(f"--lora {value}: the part after ':' must be a number (the LoRA scale)", option="lora") from None
+            raise KoalaError(
+                f"--lora {value}: the part after ':' must be a number (the LoRA scale)", option="lora"
+            ) from None
     if not os.path.isfile(path):
         raise KoalaError(f"--lora {path}: no such file", option="lora")
     return path, scale
@@ -372,15 +418,17 @@ def check_lora_fits(path: str, unet) -> LoraFile:
     mods = dict(unet.named_modules())
     kohya = {_flat(n): n for n in mods if n}
     try:
-        kohya.update({_flat(l): d for d, l in _ldm_module_names(unet).items()})
+        kohya.update({_flat(ldm): d for d, ldm in _ldm_module_names(unet).items()})
     except KoalaError:
         pass
     lora = read_lora(path, lambda comp, flat: kohya.get(flat) if comp == "unet" else flat)
     missing = [m.module for m in lora.modules if m.component == "unet" and m.module not in mods]
     if missing:
-        raise KoalaError(f"{path}: {len(missing)} of its U-Net modules are not in this model (e.g. {missing[0]}); for a "
-                         "KOALA student transfer an SDXL LoRA first: koala lora transfer LORA --student DIR --out FILE",
-                         option="lora")
+        raise KoalaError(
+            f"{path}: {len(missing)} of its U-Net modules are not in this model (e.g. {missing[0]}); for a "
+            "KOALA student transfer an SDXL LoRA first: koala lora transfer LORA --student DIR --out FILE",
+            option="lora",
+        )
     return lora
 
 
@@ -388,7 +436,7 @@ def apply_loras(pipe, loras: list[tuple[str, float]]) -> list[str]:
     """Load LoRA files into a diffusers pipeline with their scales (diffusers' ``load_lora_weights`` +
     ``set_adapters``); returns the adapter names."""
     from ..families import denoiser_of
-    from ..utils import require
+    from ..utils.extras import require
 
     require("peft", "lora", "loading a LoRA")
     names = []

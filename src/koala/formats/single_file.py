@@ -23,9 +23,22 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import KoalaError
-from ..utils import check_safetensors, materialize_meta_buffers, parse_dtype, read_json, safetensors_header
-from .ldm import (SD_CLIP_PREFIX, SDXL_CLIP_PREFIX, SDXL_OPENCLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, clip_rules,
-                  from_ldm, openclip_rules, to_ldm, unet_rules, vae_rules)
+from ..utils.devices import parse_dtype
+from ..utils.files import read_json, refuse_existing
+from ..utils.weights import check_safetensors, materialize_meta_buffers, safetensors_header
+from .ldm import (
+    SD_CLIP_PREFIX,
+    SDXL_CLIP_PREFIX,
+    SDXL_OPENCLIP_PREFIX,
+    UNET_PREFIX,
+    VAE_PREFIX,
+    clip_rules,
+    from_ldm,
+    openclip_rules,
+    to_ldm,
+    unet_rules,
+    vae_rules,
+)
 
 FORMATS = ("single-file", "diffusers")
 SDXL_HUB_ID = "stabilityai/stable-diffusion-xl-base-1.0"  # only looked up in the local cache, never downloaded
@@ -43,8 +56,12 @@ class ExportResult:
 
 def _component_prefixes(family: str) -> list[tuple[str, str]]:
     if family == "sdxl":
-        return [("unet", UNET_PREFIX), ("vae", VAE_PREFIX), ("text_encoder", SDXL_CLIP_PREFIX),
-                ("text_encoder_2", SDXL_OPENCLIP_PREFIX)]
+        return [
+            ("unet", UNET_PREFIX),
+            ("vae", VAE_PREFIX),
+            ("text_encoder", SDXL_CLIP_PREFIX),
+            ("text_encoder_2", SDXL_OPENCLIP_PREFIX),
+        ]
     return [("unet", UNET_PREFIX), ("vae", VAE_PREFIX), ("text_encoder", SD_CLIP_PREFIX)]
 
 
@@ -65,7 +82,8 @@ def _load_component(pipeline_dir: str, name: str, dtype):
     cfg = read_json(os.path.join(pipeline_dir, name, "config.json"))
     if name in ("unet", "vae"):
         return getattr(diffusers, cfg.get("_class_name", "AutoencoderKL")).from_pretrained(
-            pipeline_dir, subfolder=name, dtype=dtype)
+            pipeline_dir, subfolder=name, dtype=dtype
+        )
     arch = (cfg.get("architectures") or ["CLIPTextModel"])[0]
     return getattr(transformers, arch).from_pretrained(pipeline_dir, subfolder=name, dtype=dtype)
 
@@ -86,8 +104,9 @@ def stored_dtype(folder: str) -> torch.dtype | None:
     return None
 
 
-def export_single_file(src: str, out: str, *, base: str | None = None, dtype=None, unet_only: bool = False,
-                       overwrite: bool = False) -> ExportResult:
+def export_single_file(
+    src: str, out: str, *, base: str | None = None, dtype=None, unet_only: bool = False, overwrite: bool = False
+) -> ExportResult:
     """Write ``src`` (a pipeline directory, or a U-Net directory with ``base`` supplying VAE and text encoders,
     or with ``unet_only``) as one original-layout safetensors file at ``out``, atomically."""
     from safetensors.torch import save_file
@@ -95,20 +114,25 @@ def export_single_file(src: str, out: str, *, base: str | None = None, dtype=Non
     from ..families import family_of, model_dir, model_dir_kind
 
     if not out.endswith(".safetensors"):
-        raise KoalaError(f"{out}: a single-file checkpoint is written as .safetensors; name the output *.safetensors",
-                         option="out")
-    if os.path.exists(out) and not overwrite:
-        raise KoalaError(f"{out} already exists; overwrite it or choose another output file", option="overwrite")
+        raise KoalaError(
+            f"{out}: a single-file checkpoint is written as .safetensors; name the output *.safetensors", option="out"
+        )
+    refuse_existing(out, overwrite, "file")
     kind = model_dir_kind(src)
     fam = family_of(src)
     if fam.name not in ("sdxl", "sd"):
-        raise KoalaError(f"{src}: single-file export covers the U-Net families (sdxl, sd); a {fam.label} model has no "
-                         "LDM/SGM single-file layout here (export it with --format diffusers)")
+        raise KoalaError(
+            f"{src}: single-file export covers the U-Net families (sdxl, sd); a {fam.label} model has no "
+            "LDM/SGM single-file layout here (export it with --format diffusers)"
+        )
     pipe_dir = src if kind == "pipeline" else base
     if not unet_only:
         if pipe_dir is None:
-            raise KoalaError(f"{src} is a U-Net directory: give the pipeline it belongs to (base) for the VAE and text "
-                             "encoders, or export the U-Net alone (unet_only)", option="base")
+            raise KoalaError(
+                f"{src} is a U-Net directory: give the pipeline it belongs to (base) for the VAE and text "
+                "encoders, or export the U-Net alone (unet_only)",
+                option="base",
+            )
         fam.check_pipeline_dir(pipe_dir, "base" if kind != "pipeline" else "model")
     dt = parse_dtype(dtype)
     tensors: dict[str, torch.Tensor] = {}
@@ -126,8 +150,12 @@ def export_single_file(src: str, out: str, *, base: str | None = None, dtype=Non
         del module
     if dt is not None:
         tensors = {k: v.to(dt) if v.is_floating_point() else v for k, v in tensors.items()}
-    meta = {"format": "pt", "modelspec.title": os.path.basename(os.path.normpath(src)),
-            "koala.family": fam.name, "koala.components": ",".join(counts)}
+    meta = {
+        "format": "pt",
+        "modelspec.title": os.path.basename(os.path.normpath(src)),
+        "koala.family": fam.name,
+        "koala.components": ",".join(counts),
+    }
     from ..arch.layer_map import LayerMap
 
     lmap_path = LayerMap.find(model_dir(src))
@@ -136,12 +164,14 @@ def export_single_file(src: str, out: str, *, base: str | None = None, dtype=Non
         meta["koala.preset"] = str(lm.meta.get("preset") or "custom")
         meta["koala.teacher_kind"] = str(lm.meta.get("teacher_kind", "base"))
         meta["koala.layer_map"] = json.dumps(lm.to_dict())  # so a conversion back restores the student's layer map
-    from ..utils import atomic_file
+    from ..utils.files import atomic_file
 
     with atomic_file(out, ".safetensors") as tmp:
         save_file(tensors, tmp, metadata=meta)
     some = next(iter(tensors.values()))
-    return ExportResult(os.path.abspath(out), fam.name, counts, os.path.getsize(out), str(some.dtype).replace("torch.", ""))
+    return ExportResult(
+        os.path.abspath(out), fam.name, counts, os.path.getsize(out), str(some.dtype).replace("torch.", "")
+    )
 
 
 def export_diffusers(src: str, out_dir: str, *, dtype=None, overwrite: bool = False) -> str:
@@ -150,7 +180,7 @@ def export_diffusers(src: str, out_dir: str, *, dtype=None, overwrite: bool = Fa
     import shutil
 
     from ..families import family_of, model_dir_kind
-    from ..utils import atomic_output_dir
+    from ..utils.files import atomic_output_dir
 
     kind = model_dir_kind(src)
     fam = family_of(src)
@@ -160,8 +190,11 @@ def export_diffusers(src: str, out_dir: str, *, dtype=None, overwrite: bool = Fa
             fam.check_pipeline_dir(src, "model")
             cls = fam.pipeline_class_of(src)
             if dt is None:  # every component as it is stored (an fp16 U-Net beside an fp32 VAE stays so)
-                stored = {c: stored_dtype(os.path.join(src, c)) for c in read_json(os.path.join(src, "model_index.json"))
-                          if not c.startswith("_")}
+                stored = {
+                    c: stored_dtype(os.path.join(src, c))
+                    for c in read_json(os.path.join(src, "model_index.json"))
+                    if not c.startswith("_")
+                }
                 dt_arg = {"default": torch.float32, **{c: d for c, d in stored.items() if d is not None}}
             else:
                 dt_arg = dt
@@ -194,8 +227,10 @@ def read_header(path: str) -> tuple[dict[str, tuple], dict[str, str]]:
     from safetensors import safe_open
 
     if not path.endswith(".safetensors"):
-        raise KoalaError(f"{path}: koala reads single-file checkpoints as .safetensors only (a .ckpt / .pt file would "
-                         "have to be unpickled, which can run code); convert it to safetensors first")
+        raise KoalaError(
+            f"{path}: koala reads single-file checkpoints as .safetensors only (a .ckpt / .pt file would "
+            "have to be unpickled, which can run code); convert it to safetensors first"
+        )
     if not os.path.isfile(path):
         raise KoalaError(f"{path}: no such file")
     check_safetensors(path)
@@ -205,11 +240,14 @@ def read_header(path: str) -> tuple[dict[str, tuple], dict[str, str]]:
     return shapes, meta
 
 
-_OTHER_FAMILIES = (("double_blocks.", "a FLUX model"), ("joint_blocks.", "an SD3 model"),
-                   ("cond_stage_model.model.", "an SD-2.x model (OpenCLIP-H text encoder)"),
-                   ("conditioner.embedders.0.model.", "an SDXL refiner (OpenCLIP-G only)"),
-                   ("transformer_blocks.0.attn.add_q_proj", "an MM-DiT model"),
-                   ("pos_embed", "a DiT model"))
+_OTHER_FAMILIES = (
+    ("double_blocks.", "a FLUX model"),
+    ("joint_blocks.", "an SD3 model"),
+    ("cond_stage_model.model.", "an SD-2.x model (OpenCLIP-H text encoder)"),
+    ("conditioner.embedders.0.model.", "an SDXL refiner (OpenCLIP-G only)"),
+    ("transformer_blocks.0.attn.add_q_proj", "an MM-DiT model"),
+    ("pos_embed", "a DiT model"),
+)
 
 
 def detect_layout(path: str) -> Layout:
@@ -222,13 +260,20 @@ def detect_layout(path: str) -> Layout:
     elif "input_blocks.0.0.weight" in shapes:
         prefix = ""
     elif "conv_in.weight" in shapes and has("down_blocks."):
-        raise KoalaError(f"{path}: a U-Net in diffusers' key layout (like SDXL-Lightning's U-Net file), not a "
-                         "single-file checkpoint; use it as the teacher's U-Net (teacher_unet) with a pipeline")
+        raise KoalaError(
+            f"{path}: a U-Net in diffusers' key layout (like SDXL-Lightning's U-Net file), not a "
+            "single-file checkpoint; use it as the teacher's U-Net (teacher_unet) with a pipeline"
+        )
     else:
         what = next((name for p, name in _OTHER_FAMILIES if any(p in k for k in keys)), None)
-        raise KoalaError(f"{path}: not an SDXL or SD-1.x single-file checkpoint"
-                         + (f" (it looks like {what})" if what else f" (no {UNET_PREFIX}* U-Net keys; first keys: "
-                            f"{', '.join(keys[:3])})"))
+        raise KoalaError(
+            f"{path}: not an SDXL or SD-1.x single-file checkpoint"
+            + (
+                f" (it looks like {what})"
+                if what
+                else f" (no {UNET_PREFIX}* U-Net keys; first keys: {', '.join(keys[:3])})"
+            )
+        )
     if has("cond_stage_model.model.") or has("conditioner.embedders.0.model."):
         what = next(name for p, name in _OTHER_FAMILIES if has(p))
         raise KoalaError(f"{path}: {what}, not SDXL or SD-1.x; koala converts SDXL and SD-1.x single files")
@@ -237,7 +282,9 @@ def detect_layout(path: str) -> Layout:
     if has(VAE_PREFIX):
         comps.append("vae")
     if sdxl:
-        comps += [c for c, p in (("text_encoder", SDXL_CLIP_PREFIX), ("text_encoder_2", SDXL_OPENCLIP_PREFIX)) if has(p)]
+        comps += [
+            c for c, p in (("text_encoder", SDXL_CLIP_PREFIX), ("text_encoder_2", SDXL_OPENCLIP_PREFIX)) if has(p)
+        ]
     elif has(SD_CLIP_PREFIX):
         comps.append("text_encoder")
     return Layout("sdxl" if sdxl else "sd", prefix, comps, shapes, metadata=meta)
@@ -288,12 +335,16 @@ def infer_unet_config(shapes: dict[str, tuple], base: dict, prefix: str = UNET_P
         up.pop()
     n = len(stages)
     if len(up) != n or any(len(u) != len(s) + 1 for u, s in zip(up, reversed(stages))):
-        raise KoalaError(f"{where}: decoder stages {[len(u) for u in up]} resnets do not mirror the encoder's "
-                         f"{[len(s) for s in stages]} (+1 each): not a U-Net koala can express")
+        raise KoalaError(
+            f"{where}: decoder stages {[len(u) for u in up]} resnets do not mirror the encoder's "
+            f"{[len(s) for s in stages]} (+1 each): not a U-Net koala can express"
+        )
     for i, s in enumerate(stages):
         if len(set(s)) > 1:
-            raise KoalaError(f"{where}: encoder stage {i + 1} has transformer depths {s}; diffusers needs one depth per "
-                             "encoder stage")
+            raise KoalaError(
+                f"{where}: encoder stage {i + 1} has transformer depths {s}; diffusers needs one depth per "
+                "encoder stage"
+            )
     if f"{p}middle_block.1.proj_in.weight" in shapes:
         mid = "UNetMidBlock2DCrossAttn"
     elif f"{p}middle_block.0.in_layers.0.weight" in shapes:
@@ -306,24 +357,29 @@ def infer_unet_config(shapes: dict[str, tuple], base: dict, prefix: str = UNET_P
             cfg.pop(k)
     base_widths = list(base.get("block_out_channels", []))
     if widths != base_widths[:n]:
-        raise KoalaError(f"{where}: U-Net widths {widths} differ from the config's {base_widths}; give a config "
-                         "directory of this architecture (its attention heads cannot be read from the weights)",
-                         option="config")
+        raise KoalaError(
+            f"{where}: U-Net widths {widths} differ from the config's {base_widths}; give a config "
+            "directory of this architecture (its attention heads cannot be read from the weights)",
+            option="config",
+        )
     per_stage = ("attention_head_dim", "num_attention_heads", "cross_attention_dim", "only_cross_attention")
     for k in per_stage:
         if isinstance(cfg.get(k), (list, tuple)):
             cfg[k] = list(cfg[k])[:n]
     lpb = [len(s) for s in stages]
-    cfg.update({
-        "block_out_channels": widths, "in_channels": shapes[f"{p}input_blocks.0.0.weight"][1],
-        "out_channels": shapes.get(f"{p}out.2.weight", (4,))[0],
-        "down_block_types": ["CrossAttnDownBlock2D" if any(s) else "DownBlock2D" for s in stages],
-        "up_block_types": ["CrossAttnUpBlock2D" if any(u) else "UpBlock2D" for u in up],
-        "layers_per_block": lpb[0] if len(set(lpb)) == 1 else lpb,
-        "transformer_layers_per_block": [max(s[0], 1) for s in stages],
-        "reverse_transformer_layers_per_block": [[max(d, 1) for d in u] for u in up],
-        "mid_block_type": mid,
-    })
+    cfg.update(
+        {
+            "block_out_channels": widths,
+            "in_channels": shapes[f"{p}input_blocks.0.0.weight"][1],
+            "out_channels": shapes.get(f"{p}out.2.weight", (4,))[0],
+            "down_block_types": ["CrossAttnDownBlock2D" if any(s) else "DownBlock2D" for s in stages],
+            "up_block_types": ["CrossAttnUpBlock2D" if any(u) else "UpBlock2D" for u in up],
+            "layers_per_block": lpb[0] if len(set(lpb)) == 1 else lpb,
+            "transformer_layers_per_block": [max(s[0], 1) for s in stages],
+            "reverse_transformer_layers_per_block": [[max(d, 1) for d in u] for u in up],
+            "mid_block_type": mid,
+        }
+    )
     if ch0 != widths[0]:
         raise KoalaError(f"{where}: conv_in width {ch0} differs from the first stage's {widths[0]}")
     attn2 = next((s for k, s in shapes.items() if k.startswith(p) and k.endswith("attn2.to_k.weight")), None)
@@ -353,14 +409,20 @@ def _shipped_configs(family: str) -> dict[str, dict]:
     from ..families.sdxl import SDXL_SCHEDULER_CONFIG, SDXL_VAE_CONFIG
 
     if family != "sdxl":
-        raise KoalaError("an SD-1.x single file needs a config directory (any SD-1.x pipeline directory: its configs and "
-                         "tokenizer are used, not its weights)", option="config")
+        raise KoalaError(
+            "an SD-1.x single file needs a config directory (any SD-1.x pipeline directory: its configs and "
+            "tokenizer are used, not its weights)",
+            option="config",
+        )
     fam = get_family("sdxl")
     towers = fam.real_text_towers
-    return {"unet": dict(fam.reference_config), "vae": {"_class_name": "AutoencoderKL", **SDXL_VAE_CONFIG},
-            "text_encoder": {"architectures": ["CLIPTextModel"], **towers[0]},
-            "text_encoder_2": {"architectures": ["CLIPTextModelWithProjection"], **towers[1]},
-            "scheduler": dict(SDXL_SCHEDULER_CONFIG)}
+    return {
+        "unet": dict(fam.reference_config),
+        "vae": {"_class_name": "AutoencoderKL", **SDXL_VAE_CONFIG},
+        "text_encoder": {"architectures": ["CLIPTextModel"], **towers[0]},
+        "text_encoder_2": {"architectures": ["CLIPTextModelWithProjection"], **towers[1]},
+        "scheduler": dict(SDXL_SCHEDULER_CONFIG),
+    }
 
 
 def _config_dir_configs(config: str, family: str) -> dict[str, dict]:
@@ -381,8 +443,13 @@ def _config_dir_configs(config: str, family: str) -> dict[str, dict]:
     return out
 
 
-def convert_single_file(path: str, config: str | None = None, dtype=None, components: tuple[str, ...] | None = None,
-                        layout: Layout | None = None) -> Converted:
+def convert_single_file(
+    path: str,
+    config: str | None = None,
+    dtype=None,
+    components: tuple[str, ...] | None = None,
+    layout: Layout | None = None,
+) -> Converted:
     """Load the components of an SDXL / SD-1.x single file as diffusers / transformers modules (strict: every
     tensor of every component must be in the file with the right shape)."""
     import diffusers
@@ -396,8 +463,10 @@ def convert_single_file(path: str, config: str | None = None, dtype=None, compon
 
         fam = family_of(config)
         if fam.name != layout.family:
-            raise KoalaError(f"{path} is a {layout.family} single file but the config directory {config} is {fam.label}",
-                             option="config")
+            raise KoalaError(
+                f"{path} is a {layout.family} single file but the config directory {config} is {fam.label}",
+                option="config",
+            )
     shipped = _shipped_configs(layout.family) if (not config or len(configs) < 2) and layout.family == "sdxl" else {}
     for k, v in shipped.items():
         configs.setdefault(k, v)
@@ -413,8 +482,10 @@ def convert_single_file(path: str, config: str | None = None, dtype=None, compon
             if name not in layout.components:
                 raise KoalaError(f"{path}: the file has no {name} (it holds {', '.join(layout.components)})")
             if name not in configs:
-                raise KoalaError(f"{path}: no config for its {name}; give a config directory that has {name}/config.json",
-                                 option="config")
+                raise KoalaError(
+                    f"{path}: no config for its {name}; give a config directory that has {name}/config.json",
+                    option="config",
+                )
             cfg = configs[name]
             with torch.device("meta"):
                 if name == "unet":
@@ -424,23 +495,34 @@ def convert_single_file(path: str, config: str | None = None, dtype=None, compon
                     module = diffusers.AutoencoderKL.from_config(cfg)
                 else:
                     arch = (cfg.get("architectures") or ["CLIPTextModel"])[0]
-                    tcfg = transformers.CLIPTextConfig.from_dict({k: v for k, v in cfg.items() if k != "architectures"})
+                    tcfg = transformers.CLIPTextConfig.from_dict(
+                        {k: v for k, v in cfg.items() if k != "architectures"}
+                    )
                     module = getattr(transformers, arch)(tcfg)
             rules = _rules_for(name, module, layout.family)
             sd_shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
             prefix = prefixes[name]
             missing = [prefix + r.ldm for r in rules if prefix + r.ldm not in layout.shapes]
             if missing:
-                raise KoalaError(f"{path}: its {name} lacks {len(missing)} tensor(s) the config needs, e.g. "
-                                 f"{', '.join(missing[:3])}" + ("" if config else "; if this is not SDXL-Base's "
-                                 "architecture, give a config directory"), option="config")
+                raise KoalaError(
+                    f"{path}: its {name} lacks {len(missing)} tensor(s) the config needs, e.g. "
+                    f"{', '.join(missing[:3])}"
+                    + ("" if config else "; if this is not SDXL-Base's architecture, give a config directory"),
+                    option="config",
+                )
             state = from_ldm(lambda k: f.get_tensor(k), rules, sd_shapes, prefix)
             used.update(prefix + r.ldm for r in rules)
-            bad = [f"{k}: file {tuple(v.shape)} vs config {sd_shapes[k]}" for k, v in state.items()
-                   if tuple(v.shape) != sd_shapes[k]]
+            bad = [
+                f"{k}: file {tuple(v.shape)} vs config {sd_shapes[k]}"
+                for k, v in state.items()
+                if tuple(v.shape) != sd_shapes[k]
+            ]
             if bad:
-                raise KoalaError(f"{path}: its {name} does not fit the config ({'; '.join(bad[:3])}); give the config "
-                                 "directory of this architecture", option="config")
+                raise KoalaError(
+                    f"{path}: its {name} does not fit the config ({'; '.join(bad[:3])}); give the config "
+                    "directory of this architecture",
+                    option="config",
+                )
             if dt is not None:
                 state = {k: v.to(dt) if v.is_floating_point() else v for k, v in state.items()}
             res = module.load_state_dict(state, strict=False, assign=True)
@@ -461,14 +543,19 @@ def _tokenizers(config: str | None, family: str, path: str) -> list:
         return [transformers.CLIPTokenizer.from_pretrained(config, subfolder=n) for n in names]
     if family == "sdxl":
         try:
-            return [transformers.CLIPTokenizer.from_pretrained(SDXL_HUB_ID, subfolder=n, local_files_only=True)
-                    for n in names]
+            return [
+                transformers.CLIPTokenizer.from_pretrained(SDXL_HUB_ID, subfolder=n, local_files_only=True)
+                for n in names
+            ]
         except (OSError, ValueError):
             pass
-    raise KoalaError(f"{path}: a single file carries no tokenizers; give a config directory (any "
-                     f"{'SDXL' if family == 'sdxl' else 'SD-1.x'} pipeline directory: its tokenizers and configs are used, "
-                     f"not its weights){'' if family != 'sdxl' else f', or have {SDXL_HUB_ID} tokenizers in the local Hugging Face cache'}",
-                     option="config")
+    raise KoalaError(
+        f"{path}: a single file carries no tokenizers; give a config directory (any "
+        f"{'SDXL' if family == 'sdxl' else 'SD-1.x'} pipeline directory: its tokenizers and configs are used, "
+        "not its "
+        f"weights){'' if family != 'sdxl' else f', or have {SDXL_HUB_ID} tokenizers in the local Hugging Face cache'}",
+        option="config",
+    )
 
 
 @dataclass
@@ -482,22 +569,30 @@ class ImportResult:
     unet_config: dict
 
 
-def single_file_to_diffusers(path: str, out_dir: str, config: str | None = None, dtype=None,
-                             overwrite: bool = False, unet_only: bool = False, stamp: dict | None = None) -> ImportResult:
+def single_file_to_diffusers(
+    path: str,
+    out_dir: str,
+    config: str | None = None,
+    dtype=None,
+    overwrite: bool = False,
+    unet_only: bool = False,
+    stamp: dict | None = None,
+) -> ImportResult:
     """Convert a single file to a diffusers pipeline directory (or, for a U-Net-only file or ``unet_only``, a U-Net
     directory) at ``out_dir``, atomically."""
     import diffusers
 
-    from ..utils import atomic_output_dir
+    from ..utils.files import atomic_output_dir
 
     layout = detect_layout(path)
     file_meta = layout.metadata
     full = not unet_only and {"vae", "text_encoder"} <= set(layout.components)
     if not unet_only and not full and len(layout.components) > 1:
-        raise KoalaError(f"{path}: holds {', '.join(layout.components)} but not a whole pipeline; convert its U-Net "
-                         "alone (unet_only)")
-    if os.path.exists(out_dir) and not overwrite:
-        raise KoalaError(f"{out_dir} already exists; overwrite it or choose another output directory", option="overwrite")
+        raise KoalaError(
+            f"{path}: holds {', '.join(layout.components)} but not a whole pipeline; convert its U-Net "
+            "alone (unet_only)"
+        )
+    refuse_existing(out_dir, overwrite)
     tokenizers = _tokenizers(config, layout.family, path) if full else []  # fail before converting gigabytes
     conv = convert_single_file(path, config, dtype, None if full else ("unet",), layout)
     m = conv.modules
@@ -505,40 +600,73 @@ def single_file_to_diffusers(path: str, out_dir: str, config: str | None = None,
         if not full:
             m["unet"].save_pretrained(tmp, safe_serialization=True)
         else:
-            sched_cfg = (read_json(os.path.join(config, "scheduler", "scheduler_config.json"))
-                         if config and os.path.isfile(os.path.join(config, "scheduler", "scheduler_config.json"))
-                         else _shipped_configs(layout.family)["scheduler"])
+            sched_cfg = (
+                read_json(os.path.join(config, "scheduler", "scheduler_config.json"))
+                if config and os.path.isfile(os.path.join(config, "scheduler", "scheduler_config.json"))
+                else _shipped_configs(layout.family)["scheduler"]
+            )
             scheduler = getattr(diffusers, sched_cfg["_class_name"]).from_config(sched_cfg)
             if layout.family == "sdxl":
                 pipe = diffusers.StableDiffusionXLPipeline(
-                    vae=m["vae"], text_encoder=m["text_encoder"], text_encoder_2=m["text_encoder_2"],
-                    tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=m["unet"], scheduler=scheduler,
-                    force_zeros_for_empty_prompt=True)
+                    vae=m["vae"],
+                    text_encoder=m["text_encoder"],
+                    text_encoder_2=m["text_encoder_2"],
+                    tokenizer=tokenizers[0],
+                    tokenizer_2=tokenizers[1],
+                    unet=m["unet"],
+                    scheduler=scheduler,
+                    force_zeros_for_empty_prompt=True,
+                )
             else:
                 pipe = diffusers.StableDiffusionPipeline(
-                    vae=m["vae"], text_encoder=m["text_encoder"], tokenizer=tokenizers[0], unet=m["unet"],
-                    scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+                    vae=m["vae"],
+                    text_encoder=m["text_encoder"],
+                    tokenizer=tokenizers[0],
+                    unet=m["unet"],
+                    scheduler=scheduler,
+                    safety_checker=None,
+                    feature_extractor=None,
+                    requires_safety_checker=False,
+                )
             pipe.save_pretrained(tmp, safe_serialization=True)
         if file_meta.get("koala.layer_map"):  # a koala student exported to one file: restore its layer map and card
             _restore_student(file_meta["koala.layer_map"], tmp, m["unet"], path, full)
         with open(os.path.join(tmp, "koala_import.json"), "w") as fh:
-            json.dump({"source": os.path.abspath(path), **(stamp or {}), "family": layout.family, "configs": conv.config_source,
-                       "ignored_keys": conv.ignored[:50], "ignored_count": len(conv.ignored)}, fh, indent=1)
-    return ImportResult(os.path.abspath(out_dir), layout.family, "pipeline" if full else "model", list(m),
-                        conv.ignored, conv.config_source, dict(m["unet"].config))
+            json.dump(
+                {
+                    "source": os.path.abspath(path),
+                    **(stamp or {}),
+                    "family": layout.family,
+                    "configs": conv.config_source,
+                    "ignored_keys": conv.ignored[:50],
+                    "ignored_count": len(conv.ignored),
+                },
+                fh,
+                indent=1,
+            )
+    return ImportResult(
+        os.path.abspath(out_dir),
+        layout.family,
+        "pipeline" if full else "model",
+        list(m),
+        conv.ignored,
+        conv.config_source,
+        dict(m["unet"].config),
+    )
 
 
 def _restore_student(raw: str, folder: str, unet, path: str, full: bool) -> None:
     from ..arch.layer_map import LayerMap
     from ..card import write_model_card
-    from ..utils import count_params
+    from ..utils.weights import count_params
 
     try:
         lmap = LayerMap.from_dict(json.loads(raw), f"{path} (metadata koala.layer_map)")
     except (json.JSONDecodeError, KoalaError):
         return  # a broken map is not worth failing the conversion for: the weights are whole
-    if {k: unet.config.get(k) for k in ("layers_per_block", "transformer_layers_per_block", "mid_block_type")} != \
-            {k: lmap.student_config.get(k) for k in ("layers_per_block", "transformer_layers_per_block", "mid_block_type")}:
+    if {k: unet.config.get(k) for k in ("layers_per_block", "transformer_layers_per_block", "mid_block_type")} != {
+        k: lmap.student_config.get(k) for k in ("layers_per_block", "transformer_layers_per_block", "mid_block_type")
+    }:
         return  # the map belongs to another structure (an edited file): leave it out rather than mislead
     lmap.save(os.path.join(folder, "unet") if full else folder)
     write_model_card(folder, lmap, count_params(unet), layout="pipeline" if full else "model")
@@ -588,5 +716,19 @@ def is_single_file(path: str) -> bool:
     return any(k.startswith(UNET_PREFIX) for k in shapes) or "input_blocks.0.0.weight" in shapes
 
 
-__all__ = ["FORMATS", "ExportResult", "export_single_file", "export_diffusers", "Layout", "detect_layout", "infer_unet_config",
-           "convert_single_file", "single_file_to_diffusers", "ensure_diffusers", "load_denoiser", "ImportResult", "is_single_file", "read_header"]
+__all__ = [
+    "FORMATS",
+    "ExportResult",
+    "export_single_file",
+    "export_diffusers",
+    "Layout",
+    "detect_layout",
+    "infer_unet_config",
+    "convert_single_file",
+    "single_file_to_diffusers",
+    "ensure_diffusers",
+    "load_denoiser",
+    "ImportResult",
+    "is_single_file",
+    "read_header",
+]

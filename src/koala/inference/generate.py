@@ -16,8 +16,20 @@ import torch
 from ..errors import KoalaError
 from ..families import denoiser_of, family_of_pipeline
 
-PNG_KEYS = ("prompt", "negative_prompt", "seed", "steps", "cfg", "scheduler", "timestep_spacing", "model",
-            "width", "height", "dtype", "lora")
+PNG_KEYS = (
+    "prompt",
+    "negative_prompt",
+    "seed",
+    "steps",
+    "cfg",
+    "scheduler",
+    "timestep_spacing",
+    "model",
+    "width",
+    "height",
+    "dtype",
+    "lora",
+)
 
 
 @dataclass
@@ -99,7 +111,9 @@ def generate(
     width = width or default * scale
     for name, v in (("width", width), ("height", height)):
         if v <= 0 or v % scale:
-            raise KoalaError(f"{name} {v} must be a positive multiple of {scale} (the VAE's downscaling factor)", option=name)
+            raise KoalaError(
+                f"{name} {v} must be a positive multiple of {scale} (the VAE's downscaling factor)", option=name
+            )
     notes = list(info.notes) if info else []
     if safety is None:
         notes.append("no NSFW filter is active (give an NSFW classifier to withhold flagged images)")
@@ -107,11 +121,14 @@ def generate(
         log(f"note: {n}")
 
     base = {
-        "negative_prompt": negative_prompt or "", "steps": steps, "cfg": cfg,
+        "negative_prompt": negative_prompt or "",
+        "steps": steps,
+        "cfg": cfg,
         "scheduler": info.scheduler if info else type(sd.scheduler).__name__,
         "timestep_spacing": sd.scheduler.config.get("timestep_spacing", ""),
         "model": info.model if info else getattr(sd.config, "_name_or_path", "") or "",
-        "width": width, "height": height,
+        "width": width,
+        "height": height,
         "dtype": info.dtype if info else str(model.dtype).replace("torch.", ""),
     }
     if info and info.lora:
@@ -120,13 +137,18 @@ def generate(
     sd.set_progress_bar_config(disable=not progress, leave=False)
     items: list[GeneratedImage] = []
     for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start:start + batch_size]
+        chunk = jobs[start : start + batch_size]
         if progress:
             log(f"images {start + 1}-{start + len(chunk)} of {len(jobs)}")
         out = sd(
-            prompt=[p for p, _ in chunk], negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else
-            fam.empty_negative_prompt, num_inference_steps=steps, guidance_scale=cfg, width=width, height=height,
-            generator=[torch.Generator("cpu").manual_seed(s) for _, s in chunk], **fam.pipeline_call_kwargs,
+            prompt=[p for p, _ in chunk],
+            negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else fam.empty_negative_prompt,
+            num_inference_steps=steps,
+            guidance_scale=cfg,
+            width=width,
+            height=height,
+            generator=[torch.Generator("cpu").manual_seed(s) for _, s in chunk],
+            **fam.pipeline_call_kwargs,
         )
         flags = safety.flags(out.images) if safety is not None else [(False, None)] * len(chunk)
         for (p, s), img, (bad, score) in zip(chunk, out.images, flags):

@@ -2,7 +2,8 @@
 
 ``load_pipeline(model=DIR)`` loads a full pipeline directory (as written by ``koala compress``/``koala distill``);
 ``load_pipeline(unet=DIR, base=PIPE)`` drops a student denoiser (U-Net or DiT transformer) into a teacher pipeline.
-The family (and so the diffusers pipeline class) is detected from the denoiser config. The paper's inference settings (App. A.3) are the
+The family (and so the diffusers pipeline class) is detected from the denoiser config. The paper's inference settings
+(App. A.3) are the
 defaults: Euler discrete scheduler, fp16 on GPU, fp16-fix VAE when given.
 """
 
@@ -16,7 +17,9 @@ import torch
 from ..errors import KoalaError
 from ..families import Family, denoiser_of, family_of, model_dir, model_dir_kind
 from ..families.sampling import SPACING, teacher_kind_of
-from ..utils import check_dtype_on_device, compile_module, parse_device, parse_dtype, read_json
+from ..utils.compile import compile_module
+from ..utils.devices import check_dtype_on_device, parse_device, parse_dtype
+from ..utils.files import read_json
 
 SCHEDULERS = {
     "euler": "EulerDiscreteScheduler",
@@ -26,7 +29,7 @@ SCHEDULERS = {
 }
 SPACINGS = ("leading", "trailing", "linspace")
 OFFLOAD = (None, "model", "sequential")
-ATTENTION = ("sdpa", "classic")
+ATTENTION_PROCESSORS = ("sdpa", "classic")  # diffusers attention processors (classic: AttnProcessor)
 
 
 @dataclass
@@ -47,8 +50,11 @@ class LoadedPipeline:
 
 def _check_pipeline_dir(path: str, what: str) -> Family:
     if model_dir_kind(path) != "pipeline":
-        raise KoalaError(f"{what} {path} is a model (U-Net / transformer) directory; give a pipeline directory (with "
-                         "model_index.json), or the model together with a base pipeline directory", option=what)
+        raise KoalaError(
+            f"{what} {path} is a model (U-Net / transformer) directory; give a pipeline directory (with "
+            "model_index.json), or the model together with a base pipeline directory",
+            option=what,
+        )
     fam = family_of(path)
     fam.check_pipeline_dir(path, what)
     return fam
@@ -61,9 +67,12 @@ def _check_unet_fits(unet_path: str, base: str, fam: Family) -> None:
     widths = [c.get("hidden_size", c.get("d_model", 0)) for c in enc_cfgs]  # CLIP: hidden_size, T5: d_model
     key = "caption_channels" if "caption_channels" in cfg else "cross_attention_dim"
     if cfg.get(key) != sum(widths):
-        raise KoalaError(f"{unet_path}/config.json: {key} is {cfg.get(key)} but the base pipeline {base} has text "
-                         f"encoders of width {' + '.join(map(str, widths))} = {sum(widths)}; use the base pipeline the "
-                         "student was compressed/distilled from", option="base")
+        raise KoalaError(
+            f"{unet_path}/config.json: {key} is {cfg.get(key)} but the base pipeline {base} has text "
+            f"encoders of width {' + '.join(map(str, widths))} = {sum(widths)}; use the base pipeline the "
+            "student was compressed/distilled from",
+            option="base",
+        )
 
 
 def _scheduler(pipe, name: str, spacing: str | None):
@@ -72,7 +81,9 @@ def _scheduler(pipe, name: str, spacing: str | None):
     if name not in SCHEDULERS:
         raise KoalaError(f"scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}", option="scheduler")
     if spacing is not None and spacing not in SPACINGS:
-        raise KoalaError(f"timestep spacing {spacing!r}: choose one of {', '.join(SPACINGS)}", option="timestep_spacing")
+        raise KoalaError(
+            f"timestep spacing {spacing!r}: choose one of {', '.join(SPACINGS)}", option="timestep_spacing"
+        )
     cls = getattr(diffusers, SCHEDULERS[name])
     kw = {"timestep_spacing": spacing} if spacing else {}
     pipe.scheduler = cls.from_config(pipe.scheduler.config, **kw)
@@ -111,8 +122,10 @@ def load_pipeline(
 
     if offload not in OFFLOAD:
         raise KoalaError(f"offload {offload!r}: choose model or sequential", option="offload")
-    if attention not in ATTENTION:
-        raise KoalaError(f"attention {attention!r}: choose one of {', '.join(ATTENTION)}", option="attention")
+    if attention not in ATTENTION_PROCESSORS:
+        raise KoalaError(
+            f"attention {attention!r}: choose one of {', '.join(ATTENTION_PROCESSORS)}", option="attention"
+        )
     device = str(parse_device(device))
     on_cuda = torch.device(device).type == "cuda"
     dt = parse_dtype(dtype) or (torch.float16 if on_cuda else torch.float32)
@@ -125,8 +138,10 @@ def load_pipeline(
 
     kw = {"dtype": dt}
     if model and (unet or base):
-        raise KoalaError("give either a pipeline directory (model) or a U-Net with a base pipeline (unet + base), not both",
-                         option="model")
+        raise KoalaError(
+            "give either a pipeline directory (model) or a U-Net with a base pipeline (unet + base), not both",
+            option="model",
+        )
     if model:
         fam = _check_pipeline_dir(model, "model")
         src, name = model, os.path.basename(os.path.normpath(model))
@@ -138,10 +153,16 @@ def load_pipeline(
         _check_unet_fits(u, base, fam)
         kw[fam.model_subfolder] = fam.load_model(u, dt)
         src = base
-        name = f"{os.path.basename(os.path.normpath(unet))} ({fam.model_subfolder}) + {os.path.basename(os.path.normpath(base))}"
+        name = (
+            f"{os.path.basename(os.path.normpath(unet))} ({fam.model_subfolder}) + "
+            f"{os.path.basename(os.path.normpath(base))}"
+        )
     else:
-        raise KoalaError("no model: give a pipeline directory (model), or a U-Net directory (unet) together with a base "
-                         "pipeline directory (base)", option="model")
+        raise KoalaError(
+            "no model: give a pipeline directory (model), or a U-Net directory (unet) together with a base "
+            "pipeline directory (base)",
+            option="model",
+        )
     if vae:
         kw["vae"] = AutoencoderKL.from_pretrained(unet_dir_vae(vae), dtype=dt)
     pipe = fam.pipeline_class_of(src).from_pretrained(src, **fam.pipeline_load_kwargs, **kw)
@@ -152,10 +173,14 @@ def load_pipeline(
     elif dt == torch.float16 and fam.vae_upcast:
         pipe.vae.register_to_config(force_upcast=True)  # the SDXL VAE overflows in fp16: decode in fp32
         modes.append("VAE decode upcast to fp32")
-    if timestep_spacing is None and SPACING.get(teacher_kind):  # a turbo / lightning student: sampled as the paper does
+    if timestep_spacing is None and SPACING.get(
+        teacher_kind
+    ):  # a turbo / lightning student: sampled as the paper does
         timestep_spacing = SPACING[teacher_kind]
-        notes.append(f"timestep spacing {timestep_spacing}: the student's teacher is {teacher_kind} "
-                     "(koala_layer_map.json); --timestep-spacing overrides it")
+        notes.append(
+            f"timestep spacing {timestep_spacing}: the student's teacher is {teacher_kind} "
+            "(koala_layer_map.json); --timestep-spacing overrides it"
+        )
     spacing = _scheduler(pipe, scheduler, timestep_spacing)
     lora_desc = ""
     if lora:
@@ -186,15 +211,18 @@ def load_pipeline(
         modes.append("channels_last (U-Net)")
 
     if offload and not on_cuda:
-        notes.append(f"offload {offload} does not apply on {device}: offloading moves weights between CPU and GPU "
-                     "memory, and on CPU everything already lives in CPU memory; running without offload")
+        notes.append(
+            f"offload {offload} does not apply on {device}: offloading moves weights between CPU and GPU "
+            "memory, and on CPU everything already lives in CPU memory; running without offload"
+        )
         offload = None
     if offload:
         try:
             import accelerate  # noqa: F401
         except ImportError:
-            raise KoalaError(f"offload {offload} needs the accelerate package (pip install accelerate)",
-                             option="offload") from None
+            raise KoalaError(
+                f"offload {offload} needs the accelerate package (pip install accelerate)", option="offload"
+            ) from None
         gpu_id = torch.device(device).index or 0
         if offload == "model":
             pipe.enable_model_cpu_offload(gpu_id=gpu_id)
@@ -219,8 +247,9 @@ def unet_dir_vae(path: str) -> str:
         path = os.path.join(path, "vae")
     cfg = os.path.join(path, "config.json")
     if not os.path.isfile(cfg):
-        raise KoalaError(f"VAE {path}: no config.json; give an AutoencoderKL directory (e.g. sdxl-vae-fp16-fix)",
-                         option="vae")
+        raise KoalaError(
+            f"VAE {path}: no config.json; give an AutoencoderKL directory (e.g. sdxl-vae-fp16-fix)", option="vae"
+        )
     cls = read_json(cfg).get("_class_name")
     if cls != "AutoencoderKL":
         raise KoalaError(f"VAE {cfg}: _class_name is {cls!r}, expected 'AutoencoderKL'", option="vae")

@@ -21,41 +21,42 @@ import torch
 
 from ..errors import KoalaError
 from ..families import denoiser_of
+from ..utils.files import refuse_existing
 from .features import FEATURES, feature_spec
 
 
 @dataclass
 class DemoSettings:
     out: str = "koala-demo"
-    steps: int = 950            # distillation steps
-    batch_size: int = 16        # global: split over the processes
-    lr: float = 2e-3            # AdamW peak learning rate (the tuning curve: benchmarks/results/shapes-demo-tuning.md)
+    steps: int = 950  # distillation steps
+    batch_size: int = 16  # global: split over the processes
+    lr: float = 2e-3  # AdamW peak learning rate (the tuning curve: benchmarks/results/shapes-demo-tuning.md)
     lr_schedule: str = "cosine"  # constant (the paper's) | linear | cosine: a decay to 0 at the last step
-    warmup: int = 50            # linear learning-rate warmup steps
+    warmup: int = 50  # linear learning-rate warmup steps
     max_grad_norm: float = 0.0  # 0: no clipping, as in the paper
-    weight_decay: float = 0.0   # as in the paper
-    loss_out: float = 4.0       # weight of L_outKD (the paper: 1): tuned for the demo's short budget, where the
-                                # teacher's output is the least noisy target
-    loss_feat: float = 0.3      # weight of L_featKD (the paper: 1; L_task keeps 1): at 1 and 3 the short run's
-                                # binding was lower (shapes-demo-tuning.md)
-    ema: float = 0.0            # EMA decay of the student's weights, scored instead of the raw weights (0: off, as
-                                # in the paper)
-    num_train: int = 2000       # shapes images to distill on
-    num_eval: int = 64          # val prompts scored per model
-    sample_steps: int = 20      # Euler steps (the teacher's scores were measured with 20 steps, cfg 5)
+    weight_decay: float = 0.0  # as in the paper
+    loss_out: float = 4.0  # weight of L_outKD (the paper: 1): tuned for the demo's short budget, where the
+    # teacher's output is the least noisy target
+    loss_feat: float = 0.3  # weight of L_featKD (the paper: 1; L_task keeps 1): at 1 and 3 the short run's
+    # binding was lower (shapes-demo-tuning.md)
+    ema: float = 0.0  # EMA decay of the student's weights, scored instead of the raw weights (0: off, as
+    # in the paper)
+    num_train: int = 2000  # shapes images to distill on
+    num_eval: int = 64  # val prompts scored per model
+    sample_steps: int = 20  # Euler steps (the teacher's scores were measured with 20 steps, cfg 5)
     guidance: float = 5.0
     seed: int = 0
     preset: str = "koala-700m"  # a preset of the teacher's family, or a JSON spec ('{"num_layers": 6}' for a DiT)
-    features: Any = "SA+LF"     # a key of FEATURES: SA+LF (paper) | SA | CA | FFN | Res | LF-all (BK) | none, or a
-                                # kd.features mapping (e.g. {"SA": ["UP-1"]})
+    features: Any = "SA+LF"  # a key of FEATURES: SA+LF (paper) | SA | CA | FFN | Res | LF-all (BK) | none, or a
+    # kd.features mapping (e.g. {"SA": ["UP-1"]})
     overwrite: bool = False
     progress: bool = True
     teacher: str | None = None  # a shapes teacher pipeline dir; default: the packaged one
-    threads: int = 0            # torch CPU threads; 0: each training process (and its teacher worker) gets its share
-                                # of the cores, scoring all of them
+    threads: int = 0  # torch CPU threads; 0: each training process (and its teacher worker) gets its share
+    # of the cores, scoring all of them
     fused_optimizer: bool = True  # torch's fused AdamW (one kernel per step: ~5 % of a demo step saved)
-    cache: bool = True          # encode the training images once (VAE latents + text conditioning, koala.data's
-                                # cache) instead of at every step; each image then keeps one VAE latent sample
+    cache: bool = True  # encode the training images once (VAE latents + text conditioning, koala.data's
+    # cache) instead of at every step; each image then keeps one VAE latent sample
     # the teacher's forwards in a second process, a micro-batch ahead of the student (train.teacher_worker): with
     # a core each, a step costs about the student's part alone (shapes-demo-tuning.md, round 4); on by default
     # with 2 or more cores
@@ -80,8 +81,15 @@ class DemoSettings:
 # DemoSettings that undo the demo's short-budget tuning: the paper's loss weights and constant learning rate, the
 # images encoded at every step, torch's foreach AdamW, the teacher in the training process -- what the shapes study
 # and research tables ran with
-PAPER_TRAINING = dict(loss_out=1.0, loss_feat=1.0, lr_schedule="constant", warmup=0, cache=False, fused_optimizer=False,
-                      teacher_worker=False)
+PAPER_TRAINING = dict(
+    loss_out=1.0,
+    loss_feat=1.0,
+    lr_schedule="constant",
+    warmup=0,
+    cache=False,
+    fused_optimizer=False,
+    teacher_worker=False,
+)
 
 GRID_PROMPTS = [
     "a red circle",
@@ -103,8 +111,18 @@ def _sample(pipe_dir: str, prompts: list[str], s: DemoSettings, unet_dir: str | 
         loaded = load_pipeline(unet=unet_dir, base=pipe_dir, device="cpu", dtype="fp32")
     else:
         loaded = load_pipeline(pipe_dir, device="cpu", dtype="fp32")
-    res = generate(loaded, prompts, steps=s.sample_steps, cfg=s.guidance, seed=s.seed, batch_size=16,
-                   width=IMAGE_SIZE, height=IMAGE_SIZE, progress=False, log=lambda *_: None)
+    res = generate(
+        loaded,
+        prompts,
+        steps=s.sample_steps,
+        cfg=s.guidance,
+        seed=s.seed,
+        batch_size=16,
+        width=IMAGE_SIZE,
+        height=IMAGE_SIZE,
+        progress=False,
+        log=lambda *_: None,
+    )
     return res.images, denoiser_of(loaded.pipe)
 
 
@@ -114,8 +132,10 @@ def _unet_latency_ms(unet, repeats: int = 5) -> float:
     c = unet.config
     pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
     x = torch.randn(2, c.in_channels, c.sample_size, c.sample_size)
-    kw = dict(encoder_hidden_states=torch.randn(2, 8, c.cross_attention_dim),
-              added_cond_kwargs={"text_embeds": torch.randn(2, pooled), "time_ids": torch.zeros(2, 6)})
+    kw = dict(
+        encoder_hidden_states=torch.randn(2, 8, c.cross_attention_dim),
+        added_cond_kwargs={"text_embeds": torch.randn(2, pooled), "time_ids": torch.zeros(2, 6)},
+    )
     times, threads = [], torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -167,9 +187,8 @@ def prepare(s: DemoSettings, log=print) -> tuple[str, str, str]:
     if isinstance(s.features, str) and s.features not in FEATURES:
         raise KoalaError(f"features {s.features!r}: choose one of {', '.join(FEATURES)}", option="features")
     out = os.path.abspath(s.out)
+    refuse_existing(out, s.overwrite)
     if os.path.exists(out):
-        if not s.overwrite:
-            raise KoalaError(f"{out} already exists; overwrite it or choose another output directory", option="overwrite")
         shutil.rmtree(out)
     os.makedirs(out)
     teacher_dir = s.teacher or shapes_teacher_dir()
@@ -177,8 +196,9 @@ def prepare(s: DemoSettings, log=print) -> tuple[str, str, str]:
     student_init = os.path.join(out, "student-init")
     comp = compress(teacher_dir, s.preset, student_init)
     log(f"      U-Net params {comp.teacher_params:,} -> {comp.student_params:,} ({100 * comp.kept:.1f}% kept)")
-    data_dir = write_shapes_dataset(os.path.join(out, "data"), num_train=s.num_train, num_val=0, seed=s.seed,
-                                    size=IMAGE_SIZE, progress=s.progress)
+    data_dir = write_shapes_dataset(
+        os.path.join(out, "data"), num_train=s.num_train, num_val=0, seed=s.seed, size=IMAGE_SIZE, progress=s.progress
+    )
     train_dir = os.path.join(data_dir, "train")
     if s.cache:
         cache_dir = os.path.join(out, "cache")
@@ -193,8 +213,16 @@ def encode_training_data(s: DemoSettings, teacher_dir: str, train_dir: str, cach
     from ..data import build_cache
     from .models import IMAGE_SIZE
 
-    build_cache(data_source(train_dir), teacher_dir, cache_dir, resolution=IMAGE_SIZE, batch_size=50, dtype="fp32",
-                seed=s.seed, progress=s.progress)
+    build_cache(
+        data_source(train_dir),
+        teacher_dir,
+        cache_dir,
+        resolution=IMAGE_SIZE,
+        batch_size=50,
+        dtype="fp32",
+        seed=s.seed,
+        progress=s.progress,
+    )
     return cache_dir
 
 
@@ -202,9 +230,17 @@ def data_source(train_dir: str) -> dict:
     return {"type": "folder", "path": train_dir, "random_flip": False, "center_crop": True}
 
 
-def distill(s: DemoSettings, teacher_dir: str, student_init: str, train_dir: str, run_name: str = "distill",
-            out_kd: bool = True, kd_selection: str | None = None, seed: int | None = None,
-            extra: list[str] = ()) -> str:
+def distill(
+    s: DemoSettings,
+    teacher_dir: str,
+    student_init: str,
+    train_dir: str,
+    run_name: str = "distill",
+    out_kd: bool = True,
+    kd_selection: str | None = None,
+    seed: int | None = None,
+    extra: list[str] = (),
+) -> str:
     """Distill the compressed student with ``s.features``; returns the final student's directory (its unet/ or
     transformer/). With ``kd_selection`` the student is compressed anew from those teacher layers (Table 10c:
     initialised and matched alike) instead of loaded from ``student_init``."""
@@ -214,21 +250,33 @@ def distill(s: DemoSettings, teacher_dir: str, student_init: str, train_dir: str
     spec = feature_spec(s.features)
     features = json.dumps(spec).replace(" ", "")
     overrides = [
-        f"teacher.pipeline={teacher_dir}", "teacher.dtype=fp32",
+        f"teacher.pipeline={teacher_dir}",
+        "teacher.dtype=fp32",
         f"student.path={student_init}" if not kd_selection else f"student.preset={s.preset}",
-        f"kd.features={features}", f"loss.feat={s.loss_feat if spec else 0.0}",
+        f"kd.features={features}",
+        f"loss.feat={s.loss_feat if spec else 0.0}",
         f"loss.out={s.loss_out if out_kd else 0.0}",
-        f"train.max_grad_norm={s.max_grad_norm}", f"train.weight_decay={s.weight_decay}",
+        f"train.max_grad_norm={s.max_grad_norm}",
+        f"train.weight_decay={s.weight_decay}",
         *data_overrides(train_dir),
         "train.caption_dropout=0.1",
-        f"train.output_dir={os.path.join(os.path.abspath(s.out), run_name)}", f"train.resolution={IMAGE_SIZE}",
-        f"train.batch_size={s.batch_size}", f"train.max_steps={s.steps}", f"train.lr={s.lr}",
-        f"train.lr_schedule={s.lr_schedule}", f"train.lr_warmup_steps={s.warmup}",
+        f"train.output_dir={os.path.join(os.path.abspath(s.out), run_name)}",
+        f"train.resolution={IMAGE_SIZE}",
+        f"train.batch_size={s.batch_size}",
+        f"train.max_steps={s.steps}",
+        f"train.lr={s.lr}",
+        f"train.lr_schedule={s.lr_schedule}",
+        f"train.lr_warmup_steps={s.warmup}",
         f"train.fused_optimizer={str(s.fused_optimizer).lower()}",
-        f"train.checkpoint_every={s.steps}", "train.keep_checkpoints=1",
-        f"train.ema.enabled={str(s.ema > 0).lower()}", *([f"train.ema.decay={s.ema}"] if s.ema > 0 else []),
-        f"train.seed={s.seed if seed is None else seed}", f"train.progress={str(s.progress).lower()}",
-        "train.log_every=50", "validation.every=0", f"train.cpu_threads={threads_for(s, training=True)}",
+        f"train.checkpoint_every={s.steps}",
+        "train.keep_checkpoints=1",
+        f"train.ema.enabled={str(s.ema > 0).lower()}",
+        *([f"train.ema.decay={s.ema}"] if s.ema > 0 else []),
+        f"train.seed={s.seed if seed is None else seed}",
+        f"train.progress={str(s.progress).lower()}",
+        "train.log_every=50",
+        "validation.every=0",
+        f"train.cpu_threads={threads_for(s, training=True)}",
         f"train.teacher_worker={str(s.teacher_worker).lower()}",
     ]
     if kd_selection:
@@ -268,8 +316,11 @@ def threads_for(s: DemoSettings, training: bool) -> int:
 def model_subdir(checkpoint: str, ema: bool = False) -> str:
     """A checkpoint's denoiser folder: unet/ or transformer/ (their _ema twins with ``ema``)."""
     suffix = "_ema" if ema else ""
-    return next(os.path.join(checkpoint, d + suffix) for d in ("unet", "transformer")
-                if os.path.isdir(os.path.join(checkpoint, d + suffix)))
+    return next(
+        os.path.join(checkpoint, d + suffix)
+        for d in ("unet", "transformer")
+        if os.path.isdir(os.path.join(checkpoint, d + suffix))
+    )
 
 
 def _free_port() -> int:
@@ -290,22 +341,46 @@ def _launch(cfg: dict, overrides: list[str], processes: int) -> str:
 
     tcfg = cfg["train"]
     if tcfg["batch_size"] % processes:
-        raise KoalaError(f"batch size {tcfg['batch_size']} does not split over {processes} processes", option="processes")
+        raise KoalaError(
+            f"batch size {tcfg['batch_size']} does not split over {processes} processes", option="processes"
+        )
     per_process = [o for o in overrides if not o.startswith("train.batch_size=")]
     per_process.append(f"train.batch_size={tcfg['batch_size'] // processes}")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), "-m", "koala.cli", "distill", *per_process]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "koala.cli",
+        "distill",
+        *per_process,
+    ]
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS=str(tcfg["cpu_threads"] or 1), HF_HUB_OFFLINE="1")
     proc = subprocess.run(cmd, env=env)
     if proc.returncode != 0:
-        raise KoalaError(f"distillation on {processes} processes failed (exit code {proc.returncode}); its log is "
-                         f"above. Run it on one process with --processes 1", option="processes")
+        raise KoalaError(
+            f"distillation on {processes} processes failed (exit code {proc.returncode}); its log is "
+            f"above. Run it on one process with --processes 1",
+            option="processes",
+        )
     step = tcfg["max_steps"]
     found = [d for st, d in list_checkpoints(tcfg["output_dir"]) if st == step]
     if not found:
-        raise KoalaError(f"distillation on {processes} processes ended without a step-{step} checkpoint in "
-                         f"{tcfg['output_dir']}", option="processes")
+        raise KoalaError(
+            f"distillation on {processes} processes ended without a step-{step} checkpoint in {tcfg['output_dir']}",
+            option="processes",
+        )
     return found[0]
 
 
@@ -349,28 +424,42 @@ def run_demo(s: DemoSettings, log=print) -> dict:
 
 
 def _run_demo(s: DemoSettings, t_start: float, log) -> dict:
-    from ..utils import count_params
+    from ..utils.weights import count_params
 
     _quiet_libraries()
     teacher_dir, student_init, train_dir = prepare(s, log)
     out_w = "" if s.loss_out == 1 else f"{s.loss_out:g} x "
     feat_w = "" if s.loss_feat == 1 else f"{s.loss_feat:g} x "
     sched = "" if s.lr_schedule == "constant" else f", {s.lr_schedule} decay"
-    log(f"[2/4] distill {s.steps} steps, batch {s.batch_size}, lr {s.lr:g}{sched} (task + {out_w}outKD + {feat_w}featKD "
-        f"{s.features}{f'; EMA {s.ema:g}' if s.ema else ''}) on {s.num_train} shapes images, {_processes_text(s)}")
+    log(
+        f"[2/4] distill {s.steps} steps, batch {s.batch_size}, lr {s.lr:g}{sched} (task + {out_w}outKD + "
+        f"{feat_w}featKD "
+        f"{s.features}{f'; EMA {s.ema:g}' if s.ema else ''}) on {s.num_train} shapes images, {_processes_text(s)}"
+    )
     student_dir = distill(s, teacher_dir, student_init, train_dir)
     torch.set_num_threads(threads_for(s, training=False))  # one in-process training run set its own
 
-    log(f"[3/4] generate and score {s.num_eval} val prompts per model ({s.sample_steps} Euler steps, cfg {s.guidance})")
+    log(
+        f"[3/4] generate and score {s.num_eval} val prompts per model ({s.sample_steps} Euler steps, cfg {s.guidance})"
+    )
     prompts = eval_prompts(s)
     rows, grid_rows = [], []
-    for name, unet in (("teacher", None), ("student, before KD", os.path.join(student_init, "unet")),
-                       ("student, after KD", student_dir)):
+    for name, unet in (
+        ("teacher", None),
+        ("student, before KD", os.path.join(student_init, "unet")),
+        ("student, after KD", student_dir),
+    ):
         scores, unet_model = score_model(s, teacher_dir, unet, prompts)
         grid_images, _ = _sample(teacher_dir, GRID_PROMPTS, s, unet)
         grid_rows.append((name, grid_images))
-        rows.append({"model": name, "unet_params": count_params(unet_model),
-                     "unet_ms": round(_unet_latency_ms(unet_model), 2), **scores})
+        rows.append(
+            {
+                "model": name,
+                "unet_params": count_params(unet_model),
+                "unet_ms": round(_unet_latency_ms(unet_model), 2),
+                **scores,
+            }
+        )
     out = os.path.abspath(s.out)
     grid = _grid(grid_rows, os.path.join(out, "grid.png"), GRID_PROMPTS)
     with open(os.path.join(out, "grid_prompts.txt"), "w") as f:
@@ -379,14 +468,24 @@ def _run_demo(s: DemoSettings, t_start: float, log) -> dict:
     log("[4/4] results")
     from ..card import add_results
 
-    pct = [{**r, **{k: f"{100 * r[k]:.1f}%" for k in ("color", "shape", "binding", "spatial") if r.get(k) is not None}}
-           for r in rows]
-    add_results(os.path.dirname(student_dir.rstrip(os.sep)), pct,
-                ["model", "unet_params", "unet_ms", "color", "shape", "binding", "spatial"],
-                f"Shapes world, `koala demo` ({len(prompts)} held-out prompts per model, {s.sample_steps} Euler steps, "
-                f"cfg {s.guidance}; the shapes scorer: colour / shape / colour-shape binding / spatial accuracy).")
-    result = {"settings": s.__dict__, "rows": rows, "grid": grid, "student": student_dir,
-              "minutes": round((time.time() - t_start) / 60, 2)}
+    pct = [
+        {**r, **{k: f"{100 * r[k]:.1f}%" for k in ("color", "shape", "binding", "spatial") if r.get(k) is not None}}
+        for r in rows
+    ]
+    add_results(
+        os.path.dirname(student_dir.rstrip(os.sep)),
+        pct,
+        ["model", "unet_params", "unet_ms", "color", "shape", "binding", "spatial"],
+        f"Shapes world, `koala demo` ({len(prompts)} held-out prompts per model, {s.sample_steps} Euler steps, "
+        f"cfg {s.guidance}; the shapes scorer: colour / shape / colour-shape binding / spatial accuracy).",
+    )
+    result = {
+        "settings": s.__dict__,
+        "rows": rows,
+        "grid": grid,
+        "student": student_dir,
+        "minutes": round((time.time() - t_start) / 60, 2),
+    }
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(result, f, indent=1)
     return result
@@ -401,6 +500,10 @@ def print_results(result: dict) -> None:
     for c in cols:
         t.add_column(c, justify="left" if c == "model" else "right")
     for r in result["rows"]:
-        t.add_row(r["model"], f"{r['unet_params']:,}", f"{r['unet_ms']:.1f}",
-                  *(f"{100 * r[k]:.1f}%" if k in r else "-" for k in ("color", "shape", "binding", "spatial")))
+        t.add_row(
+            r["model"],
+            f"{r['unet_params']:,}",
+            f"{r['unet_ms']:.1f}",
+            *(f"{100 * r[k]:.1f}%" if k in r else "-" for k in ("color", "shape", "binding", "spatial")),
+        )
     Console().print(t)

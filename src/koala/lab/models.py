@@ -30,8 +30,10 @@ def shapes_teacher_dir() -> str:
     """Path of the packaged trained teacher pipeline (``koala/assets/shapes-teacher``)."""
     d = Path(__file__).resolve().parent.parent / "assets" / "shapes-teacher"
     if not (d / "model_index.json").is_file():
-        raise KoalaError(f"{d}: the packaged shapes teacher is missing; regenerate it with `koala lab train-teacher "
-                         f"--out {d}` (see the README there)")
+        raise KoalaError(
+            f"{d}: the packaged shapes teacher is missing; regenerate it with `koala lab train-teacher "
+            f"--out {d}` (see the README there)"
+        )
     return str(d)
 
 

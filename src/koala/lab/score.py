@@ -87,14 +87,16 @@ def classify_shape(component: np.ndarray) -> tuple[str, float, float]:
     """``(shape, fill ratio of bbox, top/bottom mass ratio)`` of a boolean mask cropped to its bbox."""
     h = component.shape[0]
     fill = float(component.mean())
-    top, bottom = component[: h // 2].sum(), component[h - h // 2:].sum()
+    top, bottom = component[: h // 2].sum(), component[h - h // 2 :].sum()
     asym = float(top) / max(float(bottom), 1.0)
     if asym < 0.6 or fill < 0.62:
         return "triangle", fill, asym
     return ("square" if fill >= 0.88 else "circle"), fill, asym
 
 
-def color_labels(image: np.ndarray, colors: Sequence[str] | None = None, max_dist: float = 110.0) -> tuple[np.ndarray, list[str]]:
+def color_labels(
+    image: np.ndarray, colors: Sequence[str] | None = None, max_dist: float = 110.0
+) -> tuple[np.ndarray, list[str]]:
     """Per-pixel index into ``names`` (0 = background/unknown) by nearest palette colour in RGB."""
     names = list(colors or PALETTE)
     ref = np.array([BACKGROUND] + [PALETTE[c] for c in names], np.float32)
@@ -122,10 +124,19 @@ def detect_objects(image: np.ndarray, min_area_frac: float = 0.006, colors: Sequ
             ys, xs = np.nonzero(comps == k)
             if len(ys) < min_area:
                 continue
-            crop = comps[ys.min(): ys.max() + 1, xs.min(): xs.max() + 1] == k
+            crop = comps[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1] == k
             shape, fill, asym = classify_shape(crop)
-            found.append({"color": names[ci], "shape": shape, "area": int(len(ys)), "cx": float(xs.mean() + 0.5),
-                          "cy": float(ys.mean() + 0.5), "fill": round(fill, 3), "asym": round(asym, 3)})
+            found.append(
+                {
+                    "color": names[ci],
+                    "shape": shape,
+                    "area": int(len(ys)),
+                    "cx": float(xs.mean() + 0.5),
+                    "cy": float(ys.mean() + 0.5),
+                    "fill": round(fill, 3),
+                    "asym": round(asym, 3),
+                }
+            )
     return sorted(found, key=lambda o: -o["area"])
 
 
@@ -142,13 +153,14 @@ def score_image(image: np.ndarray, prompt: str | Expected) -> dict:
     by_color: dict[str, dict] = {}
     for o in det:  # largest object of each colour
         by_color.setdefault(o["color"], o)
-    out: dict = {c: None for c in CATEGORIES}
+    out: dict = dict.fromkeys(CATEGORIES)
     if exp.objects:
         out["color"] = float(np.mean([o["color"] in by_color for o in exp.objects]))
         want, have = Counter(o["shape"] for o in exp.objects), Counter(o["shape"] for o in det)
         out["shape"] = sum(min(k, have[s]) for s, k in want.items()) / len(exp.objects)
-        out["binding"] = float(np.mean([o["color"] in by_color and by_color[o["color"]]["shape"] == o["shape"]
-                                        for o in exp.objects]))
+        out["binding"] = float(
+            np.mean([o["color"] in by_color and by_color[o["color"]]["shape"] == o["shape"] for o in exp.objects])
+        )
     if exp.relations:
         ok = []
         for r in exp.relations:
@@ -239,5 +251,9 @@ def held_out_breakdown(per: list[dict], held_out=DEFAULT_HELD_OUT) -> dict:
             det = next((d for d in row["detected"] if d["color"] == o["color"]), None)
             ok = det is not None and det["shape"] == o["shape"]
             (held if (o["color"], o["shape"]) in held_set else seen).append(ok)
-    return {"binding_held_out_objects": float(np.mean(held)) if held else None, "n_held_out_objects": len(held),
-            "binding_seen_objects": float(np.mean(seen)) if seen else None, "n_seen_objects": len(seen)}
+    return {
+        "binding_held_out_objects": float(np.mean(held)) if held else None,
+        "n_held_out_objects": len(held),
+        "binding_seen_objects": float(np.mean(seen)) if seen else None,
+        "n_seen_objects": len(seen),
+    }

@@ -43,8 +43,28 @@ SPLITS = ("train", "val")
 COUNT_WEIGHTS = (0.35, 0.4, 0.25)  # probability of 1, 2, 3 objects
 
 # Word list for a tokenizer: every word a caption can contain.
-VOCAB_WORDS = sorted({"a", "an", "the", "and", "picture", "of", "on", "white", "background", "to", "left", "right",
-                      "above", "below", ",", *PALETTE, *SHAPES, *SIZES})
+VOCAB_WORDS = sorted(
+    {
+        "a",
+        "an",
+        "the",
+        "and",
+        "picture",
+        "of",
+        "on",
+        "white",
+        "background",
+        "to",
+        "left",
+        "right",
+        "above",
+        "below",
+        ",",
+        *PALETTE,
+        *SHAPES,
+        *SIZES,
+    }
+)
 
 
 @dataclass
@@ -128,14 +148,19 @@ def _caption(objs: list[ShapeObject], rng: np.random.Generator, size: int) -> tu
         if r21:
             text += f", and {ph[2]} {r21} {_phrase(objs[1], False, 'the')}"
         else:
-            text = (f"{ph[0]}, {ph[1]} and {ph[2]}" if not r01 else f"{text}, and {ph[2]}")
+            text = f"{ph[0]}, {ph[1]} and {ph[2]}" if not r01 else f"{text}, and {ph[2]}"
     return text, rels
 
 
 # ----------------------------------------------------------------------------------------------- scenes
-def make_scene(rng: np.random.Generator, size: int = 64, colors: Sequence[str] = DEFAULT_COLORS,
-               shapes: Sequence[str] = SHAPES, exclude: Iterable[tuple[str, str]] = (),
-               count_weights: Sequence[float] = COUNT_WEIGHTS) -> Scene:
+def make_scene(
+    rng: np.random.Generator,
+    size: int = 64,
+    colors: Sequence[str] = DEFAULT_COLORS,
+    shapes: Sequence[str] = SHAPES,
+    exclude: Iterable[tuple[str, str]] = (),
+    count_weights: Sequence[float] = COUNT_WEIGHTS,
+) -> Scene:
     """One random scene; colour-shape pairs in ``exclude`` never appear."""
     exclude = {tuple(p) for p in exclude}
     pairs = [(c, s) for c in colors for s in shapes if (c, s) not in exclude]
@@ -168,9 +193,15 @@ def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, SPLITS.index(split), index])
 
 
-def generate_scenes(n: int, split: str = "train", seed: int = 0, size: int = 64,
-                    colors: Sequence[str] = DEFAULT_COLORS, held_out: Iterable[tuple[str, str]] = DEFAULT_HELD_OUT,
-                    count_weights: Sequence[float] = COUNT_WEIGHTS) -> list[Scene]:
+def generate_scenes(
+    n: int,
+    split: str = "train",
+    seed: int = 0,
+    size: int = 64,
+    colors: Sequence[str] = DEFAULT_COLORS,
+    held_out: Iterable[tuple[str, str]] = DEFAULT_HELD_OUT,
+    count_weights: Sequence[float] = COUNT_WEIGHTS,
+) -> list[Scene]:
     """Scenes ``0..n-1`` of a split. ``train`` excludes ``held_out`` pairs; ``val`` uses all pairs."""
     if split not in SPLITS:
         raise KoalaError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
@@ -195,9 +226,16 @@ def write_image_folder(scenes: Sequence[Scene], out_dir: str, size: int = 64, pr
     return out_dir
 
 
-def write_shapes_dataset(out_dir: str, num_train: int = 2000, num_val: int = 200, seed: int = 0, size: int = 64,
-                         colors: Sequence[str] = DEFAULT_COLORS,
-                         held_out: Iterable[tuple[str, str]] = DEFAULT_HELD_OUT, progress: bool = True) -> str:
+def write_shapes_dataset(
+    out_dir: str,
+    num_train: int = 2000,
+    num_val: int = 200,
+    seed: int = 0,
+    size: int = 64,
+    colors: Sequence[str] = DEFAULT_COLORS,
+    held_out: Iterable[tuple[str, str]] = DEFAULT_HELD_OUT,
+    progress: bool = True,
+) -> str:
     """Write ``out_dir/train`` and ``out_dir/val`` image folders and ``out_dir/shapes.json`` (the settings)."""
     held_out = [tuple(p) for p in held_out]
     os.makedirs(out_dir, exist_ok=True)
@@ -205,8 +243,19 @@ def write_shapes_dataset(out_dir: str, num_train: int = 2000, num_val: int = 200
         scenes = generate_scenes(n, split, seed, size, colors, held_out)
         write_image_folder(scenes, os.path.join(out_dir, split), size, progress)
     with open(os.path.join(out_dir, "shapes.json"), "w") as f:
-        json.dump({"seed": seed, "size": size, "colors": list(colors), "shapes": list(SHAPES),
-                   "held_out": [list(p) for p in held_out], "num_train": num_train, "num_val": num_val}, f, indent=1)
+        json.dump(
+            {
+                "seed": seed,
+                "size": size,
+                "colors": list(colors),
+                "shapes": list(SHAPES),
+                "held_out": [list(p) for p in held_out],
+                "num_train": num_train,
+                "num_val": num_val,
+            },
+            f,
+            indent=1,
+        )
     return out_dir
 
 

@@ -41,7 +41,7 @@ from diffusers.training_utils import EMAModel, compute_snr
 
 from ..errors import KoalaError
 from ..families import denoiser_of, family_of, family_of_pipeline, get_family
-from ..utils import atomic_output_dir
+from ..utils.files import atomic_output_dir
 from .models import IMAGE_SIZE, build_shapes_pipeline, default_sampling
 from .score import score_pairs
 from .shapes import DEFAULT_HELD_OUT, generate_scenes, write_image_folder
@@ -81,8 +81,14 @@ def read_folder(folder: str, size: int) -> tuple[torch.Tensor, list[str]]:
     sub = os.path.join(folder, "train")
     if not os.path.isfile(os.path.join(folder, "metadata.jsonl")) and os.path.isdir(sub):
         folder = sub
-    data_cfg = {"type": "folder", "path": folder, "center_crop": True, "random_flip": False, "repeat": False,
-                "shuffle": False}
+    data_cfg = {
+        "type": "folder",
+        "path": folder,
+        "center_crop": True,
+        "random_flip": False,
+        "repeat": False,
+        "shuffle": False,
+    }
     images, captions = [], []
     for batch in make_dataloader(data_cfg, batch_size=256, resolution=size):
         images.append(batch["pixel_values"])
@@ -121,7 +127,9 @@ def train_vae(vae, images: torch.Tensor, cfg: TeacherConfig, log) -> float:
             bar.set_postfix(loss=f"{loss.item():.4f}")
     vae.eval()
     with torch.no_grad():
-        lat = torch.cat([vae.encode(images[i:i + 256]).latent_dist.mean for i in range(0, min(len(images), 2048), 256)])
+        lat = torch.cat(
+            [vae.encode(images[i : i + 256]).latent_dist.mean for i in range(0, min(len(images), 2048), 256)]
+        )
     scale = float(1.0 / lat.std())
     vae.register_to_config(scaling_factor=scale)
     log(f"VAE: final loss {loss.item():.4f}, scaling_factor {scale:.4f}")
@@ -132,7 +140,7 @@ def train_vae(vae, images: torch.Tensor, cfg: TeacherConfig, log) -> float:
 def encode_latents(vae, images: torch.Tensor) -> torch.Tensor:
     from tqdm.auto import tqdm
 
-    out = [vae.encode(images[i:i + 256]).latent_dist.mean for i in tqdm(range(0, len(images), 256), desc="latents")]
+    out = [vae.encode(images[i : i + 256]).latent_dist.mean for i in tqdm(range(0, len(images), 256), desc="latents")]
     return torch.cat(out) * vae.config.scaling_factor
 
 
@@ -151,7 +159,7 @@ def evaluate(pipe, prompts: list[str], seed: int = 0, batch: int = 32) -> dict:
     images = []
     for i in range(0, len(prompts), batch):
         g = torch.Generator().manual_seed(seed + i)
-        out = pipe(prompts[i:i + batch], generator=g, output_type="np", **default_sampling(), **extra).images
+        out = pipe(prompts[i : i + batch], generator=g, output_type="np", **default_sampling(), **extra).images
         images += [(np.clip(im, 0, 1) * 255).round().astype(np.uint8) for im in out]
     agg, _ = score_pairs(images, prompts)
     return agg
@@ -175,9 +183,16 @@ def train_teacher(cfg: TeacherConfig, log=print) -> dict:
         torch.set_num_threads(cfg.threads)
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise KoalaError(f"{cfg.out} exists and is not a directory; choose another output directory", option="out")
-    if os.path.isdir(cfg.out) and not cfg.overwrite and not os.path.isfile(os.path.join(cfg.out, "koala_teacher.json")):
-        raise KoalaError(f"{cfg.out} exists and is not a koala teacher (no koala_teacher.json); overwrite it or choose "
-                         "another output directory", option="overwrite")
+    if (
+        os.path.isdir(cfg.out)
+        and not cfg.overwrite
+        and not os.path.isfile(os.path.join(cfg.out, "koala_teacher.json"))
+    ):
+        raise KoalaError(
+            f"{cfg.out} exists and is not a koala teacher (no koala_teacher.json); overwrite it or choose "
+            "another output directory",
+            option="overwrite",
+        )
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     fam = get_family(cfg.family)
@@ -208,7 +223,11 @@ def train_teacher(cfg: TeacherConfig, log=print) -> dict:
     params = [p for m in modules for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * (0.5 * (1 + math.cos(math.pi * min(s / cfg.steps, 1.0))) * 0.9 + 0.1))
+        opt,
+        lambda s: (
+            min(1.0, (s + 1) / cfg.warmup) * (0.5 * (1 + math.cos(math.pi * min(s / cfg.steps, 1.0))) * 0.9 + 0.1)
+        ),
+    )
     emas = [EMAModel(m.parameters(), decay=cfg.ema_decay) for m in modules]  # warm-up: min(decay, (1+n)/(10+n))
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # same betas; add_noise for training
     size = torch.tensor([[IMAGE_SIZE, IMAGE_SIZE]] * cfg.batch_size)
@@ -222,12 +241,16 @@ def train_teacher(cfg: TeacherConfig, log=print) -> dict:
             comps[name] = ema_copy(m, ema)
         ema_pipe = type(pipe)(**comps)
         scores = evaluate(ema_pipe, val_prompts, cfg.seed)
-        row = {"step": step, "minutes": round((time.time() - t0) / 60, 1),
-               **{k: round(v, 4) for k, v in scores.items() if k in ("color", "shape", "binding", "spatial", "all")}}
+        row = {
+            "step": step,
+            "minutes": round((time.time() - t0) / 60, 1),
+            **{k: round(v, 4) for k, v in scores.items() if k in ("color", "shape", "binding", "spatial", "all")},
+        }
         history.append(row)
         log(f"step {step}: " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "step"))
-        save_pipeline(ema_pipe, cfg.out, cfg.half,
-                      {"config": asdict(cfg), "history": history, "sampling": default_sampling()})
+        save_pipeline(
+            ema_pipe, cfg.out, cfg.half, {"config": asdict(cfg), "history": history, "sampling": default_sampling()}
+        )
         return row
 
     bar = tqdm(range(cfg.steps), desc="U-Net", dynamic_ncols=True)
@@ -241,8 +264,11 @@ def train_teacher(cfg: TeacherConfig, log=print) -> dict:
         cond = fam.encode_prompts([captions[i] for i in idx.tolist()], tokenizers, encoders)  # with gradients
         keep = torch.rand(cfg.batch_size, generator=g) >= cfg.cond_dropout
         # dropped captions get the pipeline's unconditional input: all zeros (SDXL) or the empty prompt's encoding
-        uncond = {k: torch.zeros_like(v[:1]) for k, v in cond.items()} if fam.zero_uncond else \
-            fam.encode_prompts([""], tokenizers, encoders)
+        uncond = (
+            {k: torch.zeros_like(v[:1]) for k, v in cond.items()}
+            if fam.zero_uncond
+            else fam.encode_prompts([""], tokenizers, encoders)
+        )
         cond = {k: torch.where(keep.view(-1, *[1] * (v.ndim - 1)), v, uncond[k].to(v.dtype)) for k, v in cond.items()}
         pred = fam.prediction(fam.forward(unet, xt, t, {**cond, **micro}), x0.shape[1])
         if cfg.snr_gamma:  # min-SNR weighting for epsilon prediction
@@ -283,8 +309,16 @@ def package_teacher(src: str, dst: str, half: bool = True) -> str:
 
 
 @torch.no_grad()
-def sample_folder(pipeline_dir: str, out_dir: str, num: int = 200, seed: int = 0, batch: int = 32,
-                  split: str = "val", steps: int | None = None, guidance: float | None = None) -> str:
+def sample_folder(
+    pipeline_dir: str,
+    out_dir: str,
+    num: int = 200,
+    seed: int = 0,
+    batch: int = 32,
+    split: str = "val",
+    steps: int | None = None,
+    guidance: float | None = None,
+) -> str:
     """Generate one 32x32 image per shapes prompt (``split`` scenes ``0..num-1`` of ``seed``) with the default
     sampler; write PNGs (prompt in a tEXt chunk) and ``metadata.jsonl`` for ``koala eval shapes``."""
     from PIL import PngImagePlugin
@@ -303,8 +337,8 @@ def sample_folder(pipeline_dir: str, out_dir: str, num: int = 200, seed: int = 0
     with open(os.path.join(out_dir, "metadata.jsonl"), "w") as f:
         for i in tqdm(range(0, num, batch), desc="sampling"):
             g = torch.Generator().manual_seed(seed + i)
-            images = pipe(prompts[i:i + batch], generator=g, **kw).images
-            for j, (im, text) in enumerate(zip(images, prompts[i:i + batch])):
+            images = pipe(prompts[i : i + batch], generator=g, **kw).images
+            for j, (im, text) in enumerate(zip(images, prompts[i : i + batch])):
                 name = f"{i + j:06d}.png"
                 info = PngImagePlugin.PngInfo()
                 info.add_text("prompt", text)

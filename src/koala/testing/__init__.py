@@ -9,8 +9,21 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "tiny": ["TinySpec", "RANDOM", "SHAPES", "FAMILIES", "unet_config", "tiny_unet", "tiny_vae", "tiny_text_encoders",
-             "tiny_tokenizer", "sdxl_scheduler", "sd_scheduler", "tiny_pipeline", "save_tiny_pipeline"],
+    "tiny": [
+        "TinySpec",
+        "RANDOM",
+        "SHAPES",
+        "FAMILIES",
+        "unet_config",
+        "tiny_unet",
+        "tiny_vae",
+        "tiny_text_encoders",
+        "tiny_tokenizer",
+        "sdxl_scheduler",
+        "sd_scheduler",
+        "tiny_pipeline",
+        "save_tiny_pipeline",
+    ],
     "tokenizer": ["build_clip_tokenizer"],
     "images": ["WORDS", "random_image", "random_caption", "encode", "write_folder", "odd_images"],
 }

@@ -33,7 +33,9 @@ def encode(img: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
     return buf.getvalue()
 
 
-def write_folder(path: str, n: int, sizes=((40, 56), (64, 48), (36, 36)), sidecar: bool = True, seed: int = 0) -> list[dict]:
+def write_folder(
+    path: str, n: int, sizes=((40, 56), (64, 48), (36, 36)), sidecar: bool = True, seed: int = 0
+) -> list[dict]:
     """n images ``{i:05d}.jpg`` (+ ``.txt``); returns rows {file_name, text, syncap, h, w}."""
     os.makedirs(path, exist_ok=True)
     rows = []

@@ -44,7 +44,7 @@ def build_clip_tokenizer(out_dir: str, words: Iterable[str] = (), model_max_leng
                 i = 0
                 ranks[(parts[0], parts[1])] = len(merges)
                 merges.append((parts[0], parts[1]))
-            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+            parts[i : i + 2] = [parts[i] + parts[i + 1]]
             add(parts[i])
     add(BOS)
     add(EOS)
@@ -55,8 +55,12 @@ def build_clip_tokenizer(out_dir: str, words: Iterable[str] = (), model_max_leng
         f.write("#version: 0.2\n")
         for a, b in merges:
             f.write(f"{a} {b}\n")
-    tok = CLIPTokenizer(os.path.join(out_dir, "vocab.json"), os.path.join(out_dir, "merges.txt"),
-                        model_max_length=model_max_length, pad_token=EOS)
+    tok = CLIPTokenizer(
+        os.path.join(out_dir, "vocab.json"),
+        os.path.join(out_dir, "merges.txt"),
+        model_max_length=model_max_length,
+        pad_token=EOS,
+    )
     tok.save_pretrained(out_dir)
     return CLIPTokenizer.from_pretrained(out_dir)
 
@@ -77,10 +81,17 @@ def build_t5_tokenizer(out_dir: str, words: Iterable[str] = (), model_max_length
     backend = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
     backend.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
-    backend.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                           special_tokens=[("</s>", 1)])
-    tok = T5Tokenizer(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0,
-                      model_max_length=model_max_length)
+    backend.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    tok = T5Tokenizer(
+        tokenizer_object=backend,
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_ids=0,
+        model_max_length=model_max_length,
+    )
     os.makedirs(out_dir, exist_ok=True)
     tok.save_pretrained(out_dir)
     return T5Tokenizer.from_pretrained(out_dir)
