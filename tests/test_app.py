@@ -49,7 +49,7 @@ def test_compare_equals_koala_generate_per_model(slots, tiny_pipe_dir, student_d
             assert np.array_equal(np.asarray(got), np.asarray(exp))
         assert [read_png_params(f)["seed"] for f in r.files] == [5, 6]  # the downloads keep the metadata
         assert read_png_params(r.files[0]) == want.params[0]
-        assert r.latency_s > 0 and r.peak_gib > 0 and r.unet_params == slots[results.index(r)].params > 0
+        assert r.latency_s > 0 and r.peak_gib > 0 and r.params == slots[results.index(r)].params > 0
         assert r.settings["steps"] == 2 and r.settings["scheduler"] == "euler"
         assert len(r.scores) == 2 and set(r.scores[0]) >= {"color", "shape", "binding"}
         assert "latency" in r.summary() and "shapes scorer" in r.summary()

@@ -8,7 +8,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
 from koala import KoalaError
-from koala.arch import LAYER_MAP_FILE, LayerMap, UNetSpec, build_unet, select_layers
+from koala.arch import LAYER_MAP_FILE, LayerMap, UNetSpec, select_layers
 from koala.cli import main
 from koala.compress import compress
 from koala.families import get_family
@@ -41,7 +41,7 @@ def _unet_inputs(unet, batch=2, size=8, seed=0):
 @pytest.mark.parametrize("name", list(TABLE2))
 def test_paper_presets_match_table2(name):
     cfg = student_config(SDXL_BASE_UNET_CONFIG, name)
-    n = sum(p.numel() for p in build_unet(cfg, "meta").parameters())
+    n = sum(p.numel() for p in SDXL.build_model(cfg, "meta").parameters())
     assert n == TABLE2[name]
     assert round(n / 1e6) == round(PRESETS[name].paper_params / 1e6) or abs(n - PRESETS[name].paper_params) < 1e6
 
@@ -54,7 +54,7 @@ def test_presets_json_cli(capsys):
     assert set(TABLE2) <= set(by)
     for name, n in TABLE2.items():
         r = by[name]
-        assert r["unet_params"] == n and isinstance(r["unet_params"], int)
+        assert r["params"] == n and isinstance(r["params"], int)
         assert r["tflops_1024"] > r["tflops_512"] > 0
         assert "transformer_depth" in r and "mid_block" in r
     assert by["koala-700m"]["mid_block"] is False and by["koala-1b"]["transformer_depth"] == [0, 2, 6]

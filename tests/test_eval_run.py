@@ -62,7 +62,7 @@ def test_run_scores_resume_and_table(models, clip_dir, tmp_path, monkeypatch):
     assert calls["shapes"] == calls["clip"] == 12
     rows = {m["name"]: m for m in res["models"]}
     assert set(rows) == {"teacher", "koala"} and all(r["n_images"] == 6 for r in rows.values())
-    assert rows["koala"]["unet_params"] < rows["teacher"]["unet_params"]
+    assert rows["koala"]["params"] < rows["teacher"]["params"]
     assert rows["koala"]["latency_s"] > 0 and rows["teacher"]["peak_gib"] > 0
 
     # the numbers equal an independent scoring of the saved images (their PNGs carry the prompts)

@@ -22,7 +22,7 @@ SD = get_family("sd")
 @pytest.mark.parametrize("name", list(BK_SDM))
 def test_sd_presets_exact_counts(name):
     row = preset_stats(name, flops=False)
-    assert row["family"] == "sd" and row["unet_params"] == BK_SDM[name] == row["paper_params"]
+    assert row["family"] == "sd" and row["params"] == BK_SDM[name] == row["paper_params"]
 
 
 def test_presets_json_lists_every_family(capsys):

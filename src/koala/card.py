@@ -81,7 +81,7 @@ def model_card(
         front["base_model"] = base
     if from_teacher.get("license"):
         front["license"] = from_teacher["license"]
-    family = meta.get("family", "sdxl")
+    family = lmap.family
     front["tags"] = ["koala", "knowledge-distillation", "text-to-image", family]
     kind = meta.get("teacher_kind", "base")
     preset = meta.get("preset") or "custom"

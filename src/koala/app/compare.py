@@ -90,7 +90,7 @@ class ModelResult:
     peak_gib: float = 0.0
     added_gib: float = 0.0  # the peak minus the memory in use before this model's generation
     memory_kind: str = ""
-    unet_params: int = 0
+    params: int = 0  # the denoiser's parameters
     settings: dict = field(default_factory=dict)
     scores: list[dict] | None = None  # shapes-world verdicts, when scored
     error: str | None = None
@@ -101,7 +101,7 @@ class ModelResult:
             return f"**{self.label}**: {self.error}"
         s = self.settings
         lines = [
-            f"**{self.label}** - U-Net params {self.unet_params / 1e6:.2f}M",
+            f"**{self.label}** - denoiser params {self.params / 1e6:.2f}M",
             f"latency {self.latency_s:.3f} s / image - peak memory {self.peak_gib:.2f} GiB ({self.memory_kind}; "
             f"+{self.added_gib:.2f} GiB during this generation)",
             f"{s['scheduler']} ({s['timestep_spacing']} spacing), {s['steps']} steps, cfg {s['cfg']}, "
@@ -175,7 +175,7 @@ def compare(slots: list[Slot], req: Request, out_dir: str | None = None, score: 
         res.latency_s = elapsed / max(1, len(gen.items))
         res.peak_gib, res.added_gib = mem.peak / 2**30, mem.delta / 2**30
         res.memory_kind = "CUDA max allocated" if mem.kind.startswith("cuda") else "process peak RSS"
-        res.unet_params = slot.params
+        res.params = slot.params
         res.settings = {**gen.params[0], "seed": seed} if gen.params else {}
         if score:
             from ..lab.score import score_image
@@ -197,7 +197,7 @@ def results_json(results: list[ModelResult]) -> str:
         "peak_gib",
         "added_gib",
         "memory_kind",
-        "unet_params",
+        "params",
         "settings",
         "scores",
         "error",

@@ -3,7 +3,7 @@
 
 from .compress import init_from_teacher
 from .layer_map import LAYER_MAP_FILE, SELECTIONS, LayerMap, MapEntry, select_layers
-from .unet import UNetSpec, build_unet, build_unet_layer_map, unet_student_config, unet_teacher_spec
+from .unet import UNetSpec, build_unet_layer_map, unet_student_config, unet_teacher_spec
 
 __all__ = [
     "init_from_teacher",
@@ -13,7 +13,6 @@ __all__ = [
     "MapEntry",
     "select_layers",
     "UNetSpec",
-    "build_unet",
     "build_unet_layer_map",
     "unet_student_config",
     "unet_teacher_spec",

@@ -9,13 +9,13 @@ numbering, 1-based), so feature KD can be asked for per block or per range (``B-
 
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
 from ..errors import KoalaError
+from .config import public_config
 from .layer_map import LayerMap, MapEntry, select_layers
 
 DIT_CLASS = "PixArtTransformer2DModel"
@@ -47,21 +47,10 @@ class DiTSpec:
             raise KoalaError(f"spec: num_layers must be a positive integer, got {n!r}")
         return cls(n)
 
-    def summary(self) -> str:
-        return f"{self.num_layers} blocks"
-
 
 def stage_name(k: int) -> str:
     """Stage of student block ``k`` (0-based): ``B-(k+1)``."""
     return f"B-{k + 1}"
-
-
-def build_dit(config: dict, device: str | torch.device = "meta"):
-    """Instantiate a PixArt transformer from a config; on ``meta`` this costs no memory and no init time."""
-    from diffusers import PixArtTransformer2DModel
-
-    with torch.device(device):
-        return PixArtTransformer2DModel.from_config(config)
 
 
 def dit_topology_problems(config: dict[str, Any]) -> list[str]:
@@ -91,10 +80,7 @@ def dit_student_config(teacher_config: dict[str, Any], spec: DiTSpec) -> dict[st
         raise KoalaError(
             f"spec num_layers={spec.num_layers} must be between 1 and the teacher's {n_t} transformer blocks"
         )
-    cfg = copy.deepcopy(dict(teacher_config))
-    for k in list(cfg):
-        if k.startswith("_") and k != "_class_name":
-            cfg.pop(k)
+    cfg = public_config(teacher_config)
     cfg["num_layers"] = spec.num_layers
     return cfg
 

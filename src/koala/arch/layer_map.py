@@ -21,6 +21,7 @@ LAYER_MAP_FILE = "koala_layer_map.json"
 FORMAT = "koala-layer-map"
 VERSION = 1
 SELECTIONS = ("bottom", "interleave", "up")
+DEFAULT_FAMILY = "sdxl"  # the family of a layer map that does not name one (written before families existed)
 
 
 def select_layers(n_teacher: int, n_student: int, strategy: str = "bottom") -> list[int]:
@@ -91,6 +92,15 @@ class LayerMap:
         if e is None:
             raise KoalaError(f"student module {student_name!r} is not covered by the layer map")
         return e.teacher + student_name[len(e.student) :]
+
+    @property
+    def family(self) -> str:
+        """The model family the map was made for (``meta.family``; older maps, which do not say, are SDXL's)."""
+        return self.meta.get("family", DEFAULT_FAMILY)
+
+    @family.setter
+    def family(self, name: str) -> None:
+        self.meta["family"] = name
 
     def of_kind(self, kind: str) -> list[MapEntry]:
         return [e for e in self.entries if e.kind == kind]
@@ -163,26 +173,27 @@ class LayerMap:
 
     @staticmethod
     def find(path: str | os.PathLike) -> str | None:
-        """The layer map file of a student: ``path`` itself, or ``koala_layer_map.json`` in the directory or its
-        unet/ or transformer/; None when there is none."""
+        """The layer map file of a student: ``path`` itself, ``koala_layer_map.json`` in the model directory
+        ``path``, or in the component of the pipeline directory ``path`` that has one (its denoiser: the
+        components are the ones ``model_index.json`` names); None when there is none."""
         path = str(path)
         if not os.path.isdir(path):
             return path if os.path.isfile(path) else None
-        return next(
-            (
-                c
-                for c in (os.path.join(path, d, LAYER_MAP_FILE) for d in ("", "unet", "transformer"))
-                if os.path.isfile(c)
-            ),
-            None,
-        )
+        folders = [path]
+        index = os.path.join(path, "model_index.json")
+        try:
+            with open(index) as f:
+                folders += [os.path.join(path, c) for c in json.load(f) if not c.startswith("_")]
+        except (OSError, ValueError, TypeError):  # no (readable) model_index.json: a model directory
+            pass
+        return next((c for c in (os.path.join(d, LAYER_MAP_FILE) for d in folders) if os.path.isfile(c)), None)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "LayerMap":
         found = LayerMap.find(path)
         if found is None:
             raise KoalaError(
-                f"{path}: no {LAYER_MAP_FILE} here or in unet/ or transformer/ (was this student made "
+                f"{path}: no {LAYER_MAP_FILE} here or in its pipeline's denoiser folder (was this student made "
                 "by `koala compress`?)"
             )
         path = found

@@ -10,13 +10,13 @@ conditioning and pipelines.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
 import torch
 
 from ..errors import KoalaError
+from .config import public_config
 from .layer_map import LayerMap, MapEntry, select_layers
 
 DOWN_TYPES = {"DownBlock2D", "CrossAttnDownBlock2D"}
@@ -70,14 +70,6 @@ class UNetSpec:
         if missing:
             raise KoalaError(f"spec: missing field(s) {', '.join(missing)}")
         return cls(**{k: d[k] for k in known if k in d})
-
-
-def build_unet(config: dict, device: str | torch.device = "meta"):
-    """Instantiate a U-Net from a config; on ``meta`` this costs no memory and no init time."""
-    from diffusers import UNet2DConditionModel
-
-    with torch.device(device):
-        return UNet2DConditionModel.from_config(config)
 
 
 def _per_stage(value, n):
@@ -171,10 +163,7 @@ def unet_student_config(teacher_config: dict[str, Any], spec: UNetSpec) -> dict[
     if spec.mid_block and not t.mid_block:
         raise KoalaError("spec keeps the mid block but the teacher has none")
 
-    cfg = copy.deepcopy(dict(teacher_config))
-    for k in list(cfg):
-        if k.startswith("_") and k != "_class_name":
-            cfg.pop(k)
+    cfg = public_config(teacher_config)
     for k in PER_STAGE_FIELDS:
         if isinstance(cfg.get(k), (list, tuple)):
             cfg[k] = list(cfg[k])[:n]

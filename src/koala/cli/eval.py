@@ -146,7 +146,7 @@ def register(sub) -> None:
         description="Generate every prompt x seed with every model under the paper's sampling (Euler, 10 steps, cfg "
         "3.5; trailing spacing for students of turbo / lightning teachers, from their layer map), score the images "
         "with each scorer and write OUT/results.md, OUT/results.json and OUT/results.png (score vs latency): per "
-        "model U-Net params, median latency per image, peak memory and the scores (per style when the prompt set "
+        "model denoiser params, median latency per image, peak memory and the scores (per style when the prompt set "
         "has styles). Resumable: images and scores already in OUT are reused (keyed by model, prompt, seed and "
         "sampler settings), so a killed run continues where it stopped.",
         epilog="example: koala eval run --model teacher=sdxl-base --model koala=out/koala-700m --prompts hps_prompts/ "

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from ..card import write_model_card
 from ..errors import KoalaError
+from ..families import get_family, model_subfolders
 from ..utils.files import atomic_output_dir
 
 STEP_RE = re.compile(r"^step-(\d+)$")
@@ -59,9 +60,7 @@ def resolve_resume(resume: str | None, output_dir: str) -> str | None:
 
 def model_folder(lmap) -> str:
     """The student's folder in a checkpoint: its family's pipeline subfolder (unet, or transformer for a DiT)."""
-    from ..families import get_family
-
-    return get_family(lmap.meta.get("family", "sdxl")).model_subfolder
+    return get_family(lmap.family).model_subfolder
 
 
 def save_checkpoint(
@@ -183,10 +182,12 @@ def load_checkpoint(path: str, student, ema, optimizer, scaler) -> int:
             "train.fsdp setting (sharded runs keep the optimizer state by parameter name)",
             option="train.fsdp",
         )
-    cands = [os.path.join(path, d, "diffusion_pytorch_model.safetensors") for d in ("unet", "transformer")]
+    cands = [os.path.join(path, d, "diffusion_pytorch_model.safetensors") for d in model_subfolders()]
     weights = next((c for c in cands if os.path.isfile(c)), None)
     if weights is None:
-        raise KoalaError(f"{path}: missing unet/ (or transformer/) diffusion_pytorch_model.safetensors")
+        raise KoalaError(
+            f"{path}: missing {' or '.join(f'{d}/' for d in model_subfolders())} diffusion_pytorch_model.safetensors"
+        )
     state = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=True)
     try:
         if layout == "names":

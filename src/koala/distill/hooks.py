@@ -116,7 +116,7 @@ def feature_pairs(
     from ..families import get_family
 
     student, teacher = unwrap(student), unwrap(teacher)
-    fam = get_family(family or lmap.meta.get("family", "sdxl"))
+    fam = get_family(family or lmap.family)
     ctx = SiteContext(fam, lmap, student, teacher, selection)
     pairs: list[FeaturePair] = []
     for ftype, stages in (features or {}).items():

@@ -82,9 +82,9 @@ def load_models(cfg: dict):
     if s["path"]:
         path = model_dir(s["path"])
         lmap = LayerMap.load(path)
-        if lmap.meta.get("family", fam.name) != fam.name:
+        if lmap.family != fam.name:
             raise KoalaError(
-                f"student.path {s['path']} was compressed from a {lmap.meta['family']} teacher but "
+                f"student.path {s['path']} was compressed from a {lmap.family} teacher but "
                 f"teacher.pipeline is {fam.name}",
                 option="student.path",
             )

@@ -78,14 +78,13 @@ class EvalSettings:
 class ModelRow:
     name: str
     source: str
-    unet_params: int = 0
+    params: int = 0  # the denoiser's parameters
     latency_s: float | None = None  # median seconds per image over the images generated in this run
     peak_gib: float | None = None
     memory_kind: str = ""
     n_images: int = 0
     generated_now: int = 0
     scores: dict = field(default_factory=dict)  # scorer -> {"all": mean, style: mean, ...} or shapes categories
-    error: str | None = None
 
 
 def parse_model(value: str, what: str = "model") -> tuple[str, str]:
@@ -169,7 +168,7 @@ def generate_images(
         loaded = load_pipeline(
             model.model, unet=model.unet, base=model.base, device=s.device, dtype=s.dtype, scheduler=s.scheduler
         )
-        row.unet_params = sum(p.numel() for p in denoiser_of(loaded.pipe).parameters())
+        row.params = sum(p.numel() for p in denoiser_of(loaded.pipe).parameters())
         times = []
         from tqdm.auto import tqdm
 
@@ -453,7 +452,8 @@ def run_eval(
         by_key = {r["key"]: r for r in generate_images(m, list(union.values()), s, out_dir, row, progress)}
         old = previous.get(m.name, {})
         if not row.generated_now and old.get("source") == row.source:  # measured in the run that made the images
-            for k in ("unet_params", "latency_s", "peak_gib", "memory_kind"):
+            row.params = old.get("params", old.get("unet_params"))  # results written before the rename
+            for k in ("latency_s", "peak_gib", "memory_kind"):
                 setattr(row, k, old.get(k))
         row.n_images = len(by_key)
         for set_name, ps, scs in sets:
@@ -511,7 +511,7 @@ def _columns(result: dict) -> list[tuple[str, str]]:
 
 def markdown(result: dict) -> str:
     cols = _columns(result)
-    head = ["model", "U-Net params", "latency (s/img)", "peak mem (GiB)"] + [f"{sc} {k}" for sc, k in cols]
+    head = ["model", "denoiser params", "latency (s/img)", "peak mem (GiB)"] + [f"{sc} {k}" for sc, k in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in result["models"]:
 
@@ -529,7 +529,7 @@ def markdown(result: dict) -> str:
 
         cells = [
             m["name"],
-            f"{m['unet_params'] / 1e6:.1f}M" if m.get("unet_params") else "-",
+            f"{m['params'] / 1e6:.1f}M" if m.get("params") else "-",
             f"{m['latency_s']:.3f}" if m.get("latency_s") is not None else "-",
             f"{m['peak_gib']:.2f}" if m.get("peak_gib") is not None else "-",
         ] + [fmt(sc, k) for sc, k in cols]

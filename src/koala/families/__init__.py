@@ -10,7 +10,7 @@ import os
 
 from ..errors import KoalaError
 from ..utils.files import read_json
-from .base import REGISTRY, Family, Parts, UNetFamily, describe_config, family_of_preset
+from .base import REGISTRY, Family, Parts, UNetFamily, describe_config, family_of_preset, model_subfolders
 from .pixart import PixArtFamily
 from .sd import SDFamily
 from .sdxl import SDXLFamily
@@ -71,12 +71,15 @@ def model_dir_kind(path: str) -> str:
 
 
 def model_dir(path: str) -> str:
-    """The denoiser directory of a pipeline directory (its unet/ or transformer/), or ``path`` itself."""
+    """The denoiser directory of a pipeline directory (its family's ``model_subfolder``: unet/ or transformer/), or
+    ``path`` itself."""
     if model_dir_kind(path) == "pipeline":
-        for sub in ("unet", "transformer"):
+        for sub in model_subfolders():
             if os.path.isfile(os.path.join(path, sub, "config.json")):
                 return os.path.join(path, sub)
-        raise KoalaError(f"{path}: pipeline directory has no unet/config.json or transformer/config.json")
+        raise KoalaError(
+            f"{path}: pipeline directory has no {' or '.join(f'{s}/config.json' for s in model_subfolders())}"
+        )
     return path
 
 
@@ -130,8 +133,8 @@ def load_denoiser(path: str, dtype=None, config_from: str | None = None, family:
 
 
 def preset_stats(name: str, flops: bool = True) -> dict:
-    """Row of the presets table: family, params (exact count of the denoiser; ``unet_params`` is the same number under
-    its older name), TFLOPs at 1024² and 512², and the family's structure columns (depths, or DiT blocks)."""
+    """Row of the presets table: family, params (exact count of the denoiser), TFLOPs at 1024² and 512², and the
+    family's structure columns (depths, or DiT blocks)."""
     from ..arch.stats import forward_flops
     from ..utils.weights import count_params
 
@@ -145,7 +148,6 @@ def preset_stats(name: str, flops: bool = True) -> dict:
         "name": name,
         "family": fam.name,
         "description": spec.description,
-        "unet_params": count_params(model),
         "params": count_params(model),
         "paper_params": spec.paper_params,
         **fam.spec_summary(spec),
@@ -177,6 +179,7 @@ __all__ = [
     "describe_config",
     "model_dir_kind",
     "model_dir",
+    "model_subfolders",
     "model_config",
     "family_of",
     "load_denoiser",

@@ -23,7 +23,6 @@ from ..arch.compress import init_from_teacher
 from ..arch.layer_map import LayerMap
 from ..arch.unet import (
     UNetSpec,
-    build_unet,
     build_unet_layer_map,
     unet_stage_modules,
     unet_student_config,
@@ -60,6 +59,12 @@ class Parts:
 
 
 REGISTRY: dict[str, "Family"] = {}  # name -> family instance; filled by koala.families
+
+
+def model_subfolders() -> tuple[str, ...]:
+    """Every family's denoiser folder name in a pipeline or checkpoint directory (unet, transformer), in registry
+    order."""
+    return tuple(dict.fromkeys(f.model_subfolder for f in REGISTRY.values()))
 
 
 def family_of_preset(preset: str) -> "Family | None":
@@ -179,16 +184,22 @@ class Family:
     def student_config(self, teacher_config: dict, spec) -> dict:
         raise NotImplementedError
 
-    def build_model(self, config: dict, device: str | torch.device = "meta"):
-        raise NotImplementedError
-
-    def load_model(self, path: str, dtype=None):
+    @property
+    def model_class(self):
+        """The diffusers class of the family's denoiser (:attr:`model_class_name`)."""
         import diffusers
 
+        return getattr(diffusers, self.model_class_name)
+
+    def build_model(self, config: dict, device: str | torch.device = "meta"):
+        """The denoiser for ``config`` with freshly initialised weights; on ``meta`` this costs no memory and no
+        init time."""
+        with torch.device(device):
+            return self.model_class.from_config(config)
+
+    def load_model(self, path: str, dtype=None):
         check_weights(path)
-        return getattr(diffusers, self.model_class_name).from_pretrained(
-            path, dtype=parse_dtype(dtype) or torch.float32
-        )
+        return self.model_class.from_pretrained(path, dtype=parse_dtype(dtype) or torch.float32)
 
     def build_layer_map(self, teacher, student, selection: str = "bottom") -> LayerMap:
         raise NotImplementedError
@@ -199,7 +210,7 @@ class Family:
         spec = self.resolve_spec(spec)
         student = self.build_model(self.student_config(dict(teacher.config), spec), "meta")
         lmap = self.build_layer_map(teacher, student, layer_selection)
-        lmap.meta["family"] = self.name
+        lmap.family = self.name
         lmap.meta["spec"] = spec.to_dict()
         init_from_teacher(teacher, student, lmap, parse_dtype(dtype))
         return student, lmap
@@ -365,9 +376,6 @@ class UNetFamily(Family):
             "mid_block": spec.mid_block,
             "stages": spec.stages or len(spec.encoder_layers),
         }
-
-    def build_model(self, config: dict, device: str | torch.device = "meta"):
-        return build_unet(config, device)
 
     def build_layer_map(self, teacher, student, selection: str = "bottom") -> LayerMap:
         return build_unet_layer_map(teacher, student, selection)

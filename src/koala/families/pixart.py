@@ -23,7 +23,6 @@ import torch
 
 from ..arch.dit import (
     DiTSpec,
-    build_dit,
     build_dit_layer_map,
     dit_stage_modules,
     dit_student_config,
@@ -120,9 +119,6 @@ class PixArtFamily(Family):
 
     def spec_summary(self, spec: DiTSpec) -> dict[str, Any]:
         return {"layers": spec.num_layers}
-
-    def build_model(self, config: dict, device: str | torch.device = "meta"):
-        return build_dit(config, device)
 
     def build_layer_map(self, teacher, student, selection: str = "bottom") -> LayerMap:
         return build_dit_layer_map(teacher, student, selection)

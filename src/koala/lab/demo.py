@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import KoalaError
-from ..families import denoiser_of
+from ..families import denoiser_of, model_subfolders
 from ..utils.files import refuse_existing
 from .features import FEATURES, feature_spec
 
@@ -318,7 +318,7 @@ def model_subdir(checkpoint: str, ema: bool = False) -> str:
     suffix = "_ema" if ema else ""
     return next(
         os.path.join(checkpoint, d + suffix)
-        for d in ("unet", "transformer")
+        for d in model_subfolders()
         if os.path.isdir(os.path.join(checkpoint, d + suffix))
     )
 
