@@ -16,7 +16,7 @@ import torch
 
 from ..arch.layer_map import LAYER_MAP_FILE, LayerMap
 from ..errors import KoalaError
-from ..families import Family, all_presets, load_denoiser, model_dir, model_dir_kind
+from ..families import Family, all_presets, load_diffusers_denoiser, model_dir, model_dir_kind
 from ..utils.files import atomic_write_text
 from .structure import COMPONENTS, dissect, self_map
 
@@ -32,7 +32,7 @@ def resolve_model(name: str, device: str = "meta", dtype=torch.float32):
     """``(family, model, layer_map_or_None, teacher_config_or_None)`` for a preset (built on ``device``; random
     weights off meta) or a model / pipeline directory (its weights; its saved layer map when it is a student)."""
     if os.path.exists(name):
-        model, fam = load_denoiser(name, dtype)
+        model, fam = load_diffusers_denoiser(name, dtype)
         lmap = _student_map(name)
         return fam, model.to(device).eval(), lmap, (lmap.teacher_config if lmap is not None else None)
     fam = all_presets().get(name)
@@ -148,7 +148,7 @@ def _student(path: str, family: Family, device: str):
             "is needed to know which teacher layer each of its layers matches)",
             option="student",
         )
-    model, fam = load_denoiser(path, torch.float32, family=family)
+    model, fam = load_diffusers_denoiser(path, torch.float32, family=family)
     return model.to(device).eval(), lmap
 
 

@@ -22,9 +22,9 @@ def read_prompted_images(folder: str, limit: int | None = None) -> PromptedImage
     """Every readable (image, prompt) of ``folder`` (the first ``limit``); a KoalaError when none can be read."""
     from PIL import Image
 
-    from ..lab.score import read_prompts
+    from ..lab.score import image_prompt_pairs
 
-    items = read_prompts(folder)[:limit]
+    items = image_prompt_pairs(folder)[:limit]
     out = PromptedImages(folder)
     for path, text in items:
         try:

@@ -99,8 +99,8 @@ def family_of(path: str, family: str | Family | None = None) -> Family:
     return fam
 
 
-def load_denoiser(path: str, dtype=None, config_from: str | None = None, family: str | Family | None = None):
-    """``(model, family)`` from a model or pipeline directory, after checking its topology.
+def load_diffusers_denoiser(path: str, dtype=None, config_from: str | None = None, family: str | Family | None = None):
+    """``(model, family)`` from a model or pipeline directory, after checking its topology (diffusers' layouts only).
 
     ``path`` may also be a single ``.safetensors`` checkpoint in diffusers' key layout (e.g. SDXL-Lightning's U-Net);
     its config then comes from ``config_from`` (a pipeline or model directory of the same architecture). For the
@@ -182,7 +182,7 @@ __all__ = [
     "model_subfolders",
     "model_config",
     "family_of",
-    "load_denoiser",
+    "load_diffusers_denoiser",
     "preset_stats",
     "all_preset_stats",
 ]

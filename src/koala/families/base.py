@@ -108,6 +108,18 @@ class Family:
     default_text_len: int = 77  # tokens per prompt (the tokenizer's padded length) for dummy inputs
     pipeline_load_kwargs: dict[str, Any] = {}  # extra from_pretrained kwargs for the family's pipeline
     vae_upcast: bool = False  # the pipeline decodes an fp16 VAE in fp32 when vae.config.force_upcast is set
+    # the original single-file layout of the family's checkpoints (koala.formats): "sgm" (Stability's
+    # generative-models, SDXL), "ldm" (CompVis latent-diffusion, SD-1.x); None: koala reads and writes none
+    single_file_layout: str | None = None
+    lora_transfer: bool = False  # koala lora transfer maps the family's LoRAs onto its students
+    reference_name: str = ""  # the model reference_config describes (messages)
+    # the hub repository of that model: tokenizers of a single-file conversion are looked up in the local Hugging
+    # Face cache under it (never downloaded); None: not looked up
+    reference_hub_id: str | None = None
+    # that model's VAE and scheduler configs; with reference_config and real_text_towers, what a single file is
+    # converted with when no config directory is given ({}: koala ships none)
+    reference_vae_config: dict[str, Any] = {}
+    reference_scheduler_config: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ identity
     def __repr__(self) -> str:
@@ -352,6 +364,22 @@ class Family:
     def make_pipeline(self, parts: Parts, model, scheduler=None):
         """A diffusers pipeline from loaded parts and a denoiser (shares the modules; copies nothing)."""
         raise NotImplementedError
+
+    def reference_pipeline_configs(self) -> dict[str, dict]:
+        """Component -> config of the full-size reference pipeline (denoiser, VAE, text encoders, scheduler) from
+        the configs koala ships; {} when the family ships no VAE and scheduler configs."""
+        if not (self.reference_vae_config and self.reference_scheduler_config):
+            return {}
+        encoders = {
+            enc: {"architectures": [cls], **tower}
+            for (_, enc, cls), tower in zip(self.text_encoders, self.real_text_towers)
+        }
+        return {
+            self.model_subfolder: dict(self.reference_config),
+            "vae": {"_class_name": "AutoencoderKL", **self.reference_vae_config},
+            **encoders,
+            "scheduler": dict(self.reference_scheduler_config),
+        }
 
 
 class UNetFamily(Family):

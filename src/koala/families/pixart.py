@@ -105,6 +105,7 @@ class PixArtFamily(Family):
     # user asks for is the size generated (no silent snapping to PixArt's aspect-ratio bins)
     pipeline_call_kwargs = {"clean_caption": False, "use_resolution_binning": False}
     empty_negative_prompt = ""
+    reference_name = "PixArt-Sigma-XL-2-512-MS"
 
     def problems(self, config: dict) -> list[str]:
         return dit_topology_problems(config)

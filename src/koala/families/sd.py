@@ -81,6 +81,9 @@ class SDFamily(UNetFamily):
     )  # CLIP ViT-L/14 text tower
     # koala never runs SD's safety checker implicitly (generate has an opt-in NSFW filter)
     pipeline_load_kwargs = {"safety_checker": None, "requires_safety_checker": False}
+    single_file_layout = "ldm"
+    lora_transfer = True
+    reference_name = "SD-v1.4/v1.5"
 
     def problems(self, config: dict) -> list[str]:
         problems = super().problems(config)

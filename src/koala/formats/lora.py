@@ -77,6 +77,15 @@ _UNSUPPORTED = (
 def read_lora(path: str, resolve_kohya=None) -> LoraFile:
     """Parse a LoRA ``.safetensors`` file. ``resolve_kohya(component, flat_name)`` turns a kohya module name
     (dots written as underscores) into a diffusers module name (or None when no module has that name)."""
+    tensors, meta = _read_lora_tensors(path)
+    pairs, fmt = _lora_pairs(path, tensors)
+    modules = _lora_modules(path, pairs, resolve_kohya, _peft_alpha(meta))
+    return LoraFile(path, fmt or "peft", sorted(modules, key=lambda m: (m.component, m.module)), meta)
+
+
+def _read_lora_tensors(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(key -> tensor, metadata) of a LoRA file; a KoalaError for another file type, an empty file or a LoRA
+    variant koala does not transfer."""
     from safetensors import safe_open
 
     from ..utils.weights import check_safetensors
@@ -87,69 +96,80 @@ def read_lora(path: str, resolve_kohya=None) -> LoraFile:
         raise KoalaError(f"{path}: no such file")
     check_safetensors(path)
     with safe_open(path, "pt") as f:
-        keys = list(f.keys())
         meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in keys}
-    if not keys:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if not tensors:
         raise KoalaError(f"{path}: holds no tensors")
     for marker, what in _UNSUPPORTED:
-        if any(marker in k for k in keys):
+        if any(marker in k for k in tensors):
             raise KoalaError(f"{path}: a {what} file; koala transfers plain LoRA (A/B matrices) only")
+    return tensors, meta
+
+
+def _key_entry(key: str) -> tuple[str, str, str, str | None] | None:
+    """``(component, module, part, format)`` of one key of a LoRA file (part: down / up / alpha; a kohya module is
+    its flat name after a NUL; format None: the key does not tell), or None for a key of no known format."""
+    m = _PEFT.match(key)
+    if m:
+        return m.group(1) or "unet", m.group(2), "down" if m.group(3) == "A" else "up", "peft"
+    m = _OLD.match(key)
+    if m:
+        return m.group(1) or "unet", m.group(2), m.group(3), "diffusers-old"
+    m = _PROC.match(key)
+    if m:
+        return (
+            "unet",
+            f"{m.group(2)}.{m.group(3) if m.group(3) != 'to_out' else 'to_out.0'}",
+            m.group(4),
+            "diffusers-old",
+        )
+    m = _KOHYA.match(key)
+    if m:
+        part = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}[m.group(3)]
+        return KOHYA_PREFIXES[m.group(1)], "\0" + m.group(2), part, "kohya"
+    if key.endswith(".alpha"):  # an older diffusers file's network alpha
+        comp_mod = key[: -len(".alpha")]
+        comp, _, mod = comp_mod.partition(".") if comp_mod.split(".", 1)[0] in COMPONENTS else ("unet", "", comp_mod)
+        return comp, mod, "alpha", None
+    return None
+
+
+def _lora_pairs(path: str, tensors: dict[str, torch.Tensor]) -> tuple[dict[tuple[str, str], dict], str | None]:
+    """``((component, module) -> {down, up, alpha}, format of the first key that tells)``; a KoalaError naming
+    keys of no known format."""
     pairs: dict[tuple[str, str], dict] = {}
     fmt = None
     unknown = []
-    alphas_meta = _peft_alpha(meta)
-    for k in keys:
-        m = _PEFT.match(k)
-        if m:
-            comp = m.group(1) or "unet"
-            pairs.setdefault((comp, m.group(2)), {})["down" if m.group(3) == "A" else "up"] = tensors[k]
-            fmt = fmt or "peft"
+    for k, tensor in tensors.items():
+        entry = _key_entry(k)
+        if entry is None:
+            unknown.append(k)
             continue
-        m = _OLD.match(k)
-        if m:
-            pairs.setdefault((m.group(1) or "unet", m.group(2)), {})[m.group(3)] = tensors[k]
-            fmt = fmt or "diffusers-old"
-            continue
-        m = _PROC.match(k)
-        if m:
-            name = f"{m.group(2)}.{m.group(3) if m.group(3) != 'to_out' else 'to_out.0'}"
-            pairs.setdefault(("unet", name), {})[m.group(4)] = tensors[k]
-            fmt = fmt or "diffusers-old"
-            continue
-        m = _KOHYA.match(k)
-        if m:
-            comp = KOHYA_PREFIXES[m.group(1)]
-            entry = pairs.setdefault((comp, "\0" + m.group(2)), {})
-            entry[{"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}[m.group(3)]] = tensors[k]
-            fmt = fmt or "kohya"
-            continue
-        if k.endswith(".alpha"):  # an older diffusers file's network alpha
-            comp_mod = k[: -len(".alpha")]
-            comp, _, mod = (
-                comp_mod.partition(".") if comp_mod.split(".", 1)[0] in COMPONENTS else ("unet", "", comp_mod)
-            )
-            pairs.setdefault((comp, mod), {})["alpha"] = tensors[k]
-            continue
-        unknown.append(k)
+        comp, name, part, key_fmt = entry
+        pairs.setdefault((comp, name), {})[part] = tensor
+        fmt = fmt or key_fmt
     if unknown:
         raise KoalaError(
             f"{path}: {len(unknown)} key(s) in no LoRA format koala knows (diffusers/PEFT lora_A/lora_B, "
             f"older diffusers lora.down/lora.up, kohya lora_unet_*/lora_te*_ lora_down/lora_up), e.g. "
             f"{', '.join(unknown[:3])}"
         )
+    return pairs, fmt
+
+
+def _lora_modules(path: str, pairs: dict[tuple[str, str], dict], resolve_kohya, alpha_of) -> list[LoraModule]:
+    """One :class:`LoraModule` per (component, module), kohya names resolved, each checked whole."""
     modules = []
     for (comp, name), parts in pairs.items():
         if name.startswith("\0"):
             flat = name[1:]
-            resolved = resolve_kohya(comp, flat) if resolve_kohya else None
-            if resolved is None:
+            name = resolve_kohya(comp, flat) if resolve_kohya else None
+            if name is None:
                 raise KoalaError(
                     f"{path}: kohya module lora_{'unet' if comp == 'unet' else comp}_{flat} matches no "
                     f"module of the teacher's {comp}: a LoRA for another base model (e.g. SD-1.5 on an "
                     "SDXL teacher)?"
                 )
-            name = resolved
         if "down" not in parts or "up" not in parts:
             raise KoalaError(
                 f"{path}: module {comp}.{name} has {'no up (B)' if 'down' in parts else 'no down (A)'} "
@@ -161,9 +181,9 @@ def read_lora(path: str, resolve_kohya=None) -> LoraFile:
                 f"{path}: module {comp}.{name}: rank mismatch, A has {down.shape[0]} rows but B {up.shape[1]} columns"
             )
         alpha = parts.get("alpha")
-        alpha = float(alpha.float().item()) if alpha is not None else alphas_meta(comp, name)
+        alpha = float(alpha.float().item()) if alpha is not None else alpha_of(comp, name)
         modules.append(LoraModule(comp, name, down, up, alpha))
-    return LoraFile(path, fmt or "peft", sorted(modules, key=lambda m: (m.component, m.module)), meta)
+    return modules
 
 
 def _peft_alpha(meta: dict):
@@ -265,10 +285,8 @@ def _ldm_module_names(unet) -> dict[str, str]:
 def transfer_lora(lora_path: str, student: str, out: str, overwrite: bool = False) -> TransferReport:
     """Map the SDXL LoRA ``lora_path`` onto ``student`` (a student pipeline or U-Net directory with its layer map)
     and write the result to ``out`` (diffusers format, atomically)."""
-    from safetensors.torch import save_file
-
     from ..arch.layer_map import LayerMap
-    from ..families import get_family, model_dir
+    from ..families import FAMILIES, get_family, model_dir
     from ..utils.files import read_json
 
     if not out.endswith(".safetensors"):
@@ -276,41 +294,65 @@ def transfer_lora(lora_path: str, student: str, out: str, overwrite: bool = Fals
     refuse_existing(out, overwrite, "file")
     lmap = LayerMap.load(student)
     fam = get_family(lmap.meta.get("family", "sdxl"))
-    if fam.name not in ("sdxl", "sd"):
-        raise KoalaError(f"{student}: LoRA transfer covers U-Net students (sdxl, sd), not {fam.label}")
+    if not fam.lora_transfer:
+        covered = ", ".join(f.name for f in FAMILIES.values() if f.lora_transfer)
+        raise KoalaError(f"{student}: LoRA transfer covers U-Net students ({covered}), not {fam.label}")
     teacher = fam.build_model(lmap.teacher_config, "meta")
     s_dir = model_dir(student)
     s_model = fam.build_model(read_json(os.path.join(s_dir, "config.json")), "meta")
-    t_mods = dict(teacher.named_modules())
-    s_mods = dict(s_model.named_modules())
-    pipe_dir = (
-        os.path.dirname(os.path.normpath(s_dir)) if os.path.basename(os.path.normpath(s_dir)) == "unet" else None
-    )
-    te_cfgs = {}
+    te_names = _text_encoder_modules(fam, s_dir)
+    lora = read_lora(lora_path, _kohya_resolver(teacher, te_names))
+    _check_fits_teacher(lora, teacher, lmap, lora_path)
+    tensors, counts = _student_lora(lora, lmap, s_model, te_names, fam, lora_path)
+    report = TransferReport(os.path.abspath(out), lora.format, *counts, sorted({m.rank for m in lora.modules}))
+    meta = {
+        "format": "pt",
+        "koala.lora_source": os.path.abspath(lora_path),
+        "koala.source_format": lora.format,
+        "koala.student": os.path.abspath(student),
+        "koala.report": report.summary(),
+    }
+    _save_lora(out, tensors, meta)
+    return report
+
+
+def _text_encoder_modules(fam, s_dir: str) -> dict[str, dict[str, str]]:
+    """:func:`_text_modules` of the student pipeline's text encoders (a U-Net directory inside a pipeline), else of
+    the family's real towers."""
+    from ..utils.files import read_json
+
+    s_dir = os.path.normpath(s_dir)
+    pipe_dir = os.path.dirname(s_dir) if os.path.basename(s_dir) == fam.model_subfolder else None
+    classes = {enc: cls for _, enc, cls in fam.text_encoders}
+    cfgs = {}
     if pipe_dir:
-        for comp in ("text_encoder", "text_encoder_2"):
+        for comp in classes:
             f = os.path.join(pipe_dir, comp, "config.json")
             if os.path.isfile(f):
-                te_cfgs[comp] = read_json(f)
-    # module names of the text encoders (for kohya names): the student pipeline's, else the family's real towers
-    classes = {enc: cls for _, enc, cls in fam.text_encoders}
-    te_names = _text_modules(
-        te_cfgs
-        or {enc: {"architectures": [classes[enc]], **tower} for enc, tower in zip(classes, fam.real_text_towers)}
+                cfgs[comp] = read_json(f)
+    return _text_modules(
+        cfgs or {enc: {"architectures": [classes[enc]], **tower} for enc, tower in zip(classes, fam.real_text_towers)}
     )
-    kohya = {("unet", _flat(n)): n for n in t_mods if n}
+
+
+def _kohya_resolver(teacher, te_names: dict[str, dict[str, str]]):
+    """``resolve_kohya`` for :func:`read_lora`: a kohya flat name (of a diffusers or single-file U-Net module, or a
+    text-encoder module) -> the teacher's module name."""
+    kohya = {("unet", _flat(n)): n for n, _ in teacher.named_modules() if n}
     kohya.update({("unet", _flat(ldm)): d for d, ldm in _ldm_module_names(teacher).items()})
     for comp, names in te_names.items():
         kohya.update({(comp, _flat(c)): c for c in names})
-    lora = read_lora(lora_path, lambda comp, flat: kohya.get((comp, flat)))
+    return lambda comp, flat: kohya.get((comp, flat))
 
-    # every U-Net entry must be a teacher module with matching sizes: else it is a LoRA for another base
+
+def _check_fits_teacher(lora: LoraFile, teacher, lmap, lora_path: str) -> None:
+    """Every U-Net entry is a teacher module with matching sizes: else it is a LoRA for another base."""
+    t_mods = dict(teacher.named_modules())
     wrong = []
     for m in lora.modules:
         if m.component != "unet":
             continue
-        mod = t_mods.get(m.module)
-        w = getattr(mod, "weight", None)
+        w = getattr(t_mods.get(m.module), "weight", None)
         if w is None:
             wrong.append(f"{m.module}: no such module in the teacher")
         elif w.shape[0] != m.up.shape[0] or w.shape[1] != m.down.shape[1]:
@@ -323,65 +365,67 @@ def transfer_lora(lora_path: str, student: str, out: str, overwrite: bool = Fals
             f"({lmap.meta.get('teacher_path', 'from the layer map')}): a LoRA for another base model? e.g. "
             + "; ".join(wrong[:3])
         )
-    # teacher module -> student modules initialised from it
-    back: dict[str, list[str]] = {}
-    for name in s_mods:
-        if not name:
-            continue
-        e = lmap.entry(name)
-        if e is not None:
+
+
+def _student_lora(lora: LoraFile, lmap, s_model, te_names, fam, lora_path: str):
+    """``(tensors, (kept, dropped, dropped_by_stage, text_encoder))``: the student's LoRA tensors in diffusers'
+    format (``alpha / rank`` folded into B); each U-Net module goes to every student module initialised from it."""
+    back: dict[str, list[str]] = {}  # teacher module -> student modules initialised from it
+    for name, _ in s_model.named_modules():
+        if name and lmap.entry(name) is not None:
             back.setdefault(lmap.teacher_name(name), []).append(name)
+    t_entries = sorted(lmap.entries, key=lambda e: len(e.teacher), reverse=True)
     tensors: dict[str, torch.Tensor] = {}
     kept = dropped = te = 0
     by_stage: Counter = Counter()
-    t_entries = sorted(lmap.entries, key=lambda e: len(e.teacher), reverse=True)
     for m in lora.modules:
         up = (m.up.float() * m.scale).to(m.up.dtype) if m.scale != 1.0 else m.up
         if m.component != "unet":
-            if m.component not in classes:
-                raise KoalaError(
-                    f"{lora_path}: has {m.component} entries but a {fam.label} model has no {m.component}"
-                )
-            names = te_names[m.component]
-            canonical = m.module if m.module in names else "text_model." + m.module
-            if canonical not in names:
-                raise KoalaError(f"{lora_path}: {m.component} module {m.module} is not in the student's {m.component}")
-            tensors[f"{m.component}.{names[canonical]}.lora_A.weight"] = m.down.contiguous()
-            tensors[f"{m.component}.{names[canonical]}.lora_B.weight"] = up.contiguous()
+            targets = [f"{m.component}.{_text_encoder_module(m, te_names, fam, lora_path)}"]
             te += 1
-            continue
-        targets = back.get(m.module, [])
-        if not targets:
-            dropped += 1
-            stage = next(
-                (e.stage for e in t_entries if m.module == e.teacher or m.module.startswith(e.teacher + ".")),
-                _stage_of(m.module),
-            )
-            by_stage[stage] += 1
-            continue
-        for s in targets:
-            tensors[f"unet.{s}.lora_A.weight"] = m.down.contiguous()
-            tensors[f"unet.{s}.lora_B.weight"] = up.contiguous()
-            kept += 1
+        else:
+            targets = [f"unet.{s}" for s in back.get(m.module, [])]
+            kept += len(targets)
+            if not targets:
+                dropped += 1
+                by_stage[_dropped_stage(m.module, t_entries)] += 1
+        for t in targets:
+            tensors[f"{t}.lora_A.weight"] = m.down.contiguous()
+            tensors[f"{t}.lora_B.weight"] = up.contiguous()
     if not tensors:
         raise KoalaError(
             f"{lora_path}: none of its {len(lora.modules)} modules exist in the student; nothing to write"
         )
-    report = TransferReport(
-        os.path.abspath(out), lora.format, kept, dropped, dict(by_stage), te, sorted({m.rank for m in lora.modules})
+    return tensors, (kept, dropped, dict(by_stage), te)
+
+
+def _text_encoder_module(m: LoraModule, te_names: dict[str, dict[str, str]], fam, lora_path: str) -> str:
+    """The student's name of a text-encoder LoRA module (the student shares its teacher's text encoders)."""
+    if m.component not in {enc for _, enc, _ in fam.text_encoders}:
+        raise KoalaError(f"{lora_path}: has {m.component} entries but a {fam.label} model has no {m.component}")
+    names = te_names[m.component]
+    canonical = m.module if m.module in names else "text_model." + m.module
+    if canonical not in names:
+        raise KoalaError(f"{lora_path}: {m.component} module {m.module} is not in the student's {m.component}")
+    return names[canonical]
+
+
+def _dropped_stage(module: str, t_entries) -> str:
+    """The stage of a teacher module the student does not have: its layer-map entry's (the longest teacher name it
+    is inside), else from its name."""
+    return next(
+        (e.stage for e in t_entries if module == e.teacher or module.startswith(e.teacher + ".")),
+        _stage_of(module),
     )
-    meta = {
-        "format": "pt",
-        "koala.lora_source": os.path.abspath(lora_path),
-        "koala.source_format": lora.format,
-        "koala.student": os.path.abspath(student),
-        "koala.report": report.summary(),
-    }
+
+
+def _save_lora(out: str, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
     from ..utils.files import atomic_file
 
     with atomic_file(out, ".safetensors") as tmp:
         save_file(tensors, tmp, metadata=meta)
-    return report
 
 
 def _stage_of(module: str) -> str:

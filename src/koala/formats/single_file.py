@@ -19,6 +19,7 @@ import copy
 import json
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -40,8 +41,16 @@ from .ldm import (
     vae_rules,
 )
 
+if TYPE_CHECKING:
+    from ..families import Family
+
 FORMATS = ("single-file", "diffusers")
-SDXL_HUB_ID = "stabilityai/stable-diffusion-xl-base-1.0"  # only looked up in the local cache, never downloaded
+
+# the text encoders' key prefixes in each original single-file layout (Family.single_file_layout)
+_TEXT_ENCODER_PREFIXES = {
+    "sgm": (("text_encoder", SDXL_CLIP_PREFIX), ("text_encoder_2", SDXL_OPENCLIP_PREFIX)),
+    "ldm": (("text_encoder", SD_CLIP_PREFIX),),
+}
 
 
 # ----------------------------------------------------------------------------------------------- export
@@ -54,18 +63,19 @@ class ExportResult:
     dtype: str
 
 
-def _component_prefixes(family: str) -> list[tuple[str, str]]:
-    if family == "sdxl":
-        return [
-            ("unet", UNET_PREFIX),
-            ("vae", VAE_PREFIX),
-            ("text_encoder", SDXL_CLIP_PREFIX),
-            ("text_encoder_2", SDXL_OPENCLIP_PREFIX),
-        ]
-    return [("unet", UNET_PREFIX), ("vae", VAE_PREFIX), ("text_encoder", SD_CLIP_PREFIX)]
+def _component_prefixes(fam: Family) -> list[tuple[str, str]]:
+    """(component, key prefix) of every component a single file of the family holds, the U-Net first."""
+    return [("unet", UNET_PREFIX), ("vae", VAE_PREFIX), *_TEXT_ENCODER_PREFIXES[fam.single_file_layout]]
 
 
-def _rules_for(name: str, module, family: str):
+def _family_of_layout(layout: str) -> Family:
+    """The family whose single files are in ``layout`` ("sgm" / "ldm")."""
+    from ..families import FAMILIES
+
+    return next(f for f in FAMILIES.values() if f.single_file_layout == layout)
+
+
+def _rules_for(name: str, module):
     if name == "unet":
         return unet_rules(module)
     if name == "vae":
@@ -111,18 +121,34 @@ def export_single_file(
     or with ``unet_only``) as one original-layout safetensors file at ``out``, atomically."""
     from safetensors.torch import save_file
 
-    from ..families import family_of, model_dir, model_dir_kind
+    from ..utils.files import atomic_file
 
     if not out.endswith(".safetensors"):
         raise KoalaError(
             f"{out}: a single-file checkpoint is written as .safetensors; name the output *.safetensors", option="out"
         )
     refuse_existing(out, overwrite, "file")
+    fam, pipe_dir = _export_source(src, base, unet_only)
+    tensors, counts = _single_file_tensors(src, pipe_dir, fam, parse_dtype(dtype), unet_only)
+    with atomic_file(out, ".safetensors") as tmp:
+        save_file(tensors, tmp, metadata=_export_metadata(src, fam, counts))
+    some = next(iter(tensors.values()))
+    return ExportResult(
+        os.path.abspath(out), fam.name, counts, os.path.getsize(out), str(some.dtype).replace("torch.", "")
+    )
+
+
+def _export_source(src: str, base: str | None, unet_only: bool) -> tuple[Family, str | None]:
+    """The family of ``src`` (one with a single-file layout) and the pipeline directory its VAE and text encoders
+    come from (None with ``unet_only``), checked."""
+    from ..families import FAMILIES, family_of, model_dir_kind
+
     kind = model_dir_kind(src)
     fam = family_of(src)
-    if fam.name not in ("sdxl", "sd"):
+    if fam.single_file_layout is None:
+        covered = ", ".join(f.name for f in FAMILIES.values() if f.single_file_layout)
         raise KoalaError(
-            f"{src}: single-file export covers the U-Net families (sdxl, sd); a {fam.label} model has no "
+            f"{src}: single-file export covers the U-Net families ({covered}); a {fam.label} model has no "
             "LDM/SGM single-file layout here (export it with --format diffusers)"
         )
     pipe_dir = src if kind == "pipeline" else base
@@ -134,44 +160,51 @@ def export_single_file(
                 option="base",
             )
         fam.check_pipeline_dir(pipe_dir, "base" if kind != "pipeline" else "model")
-    dt = parse_dtype(dtype)
+    return fam, pipe_dir
+
+
+def _single_file_tensors(src: str, pipe_dir: str | None, fam: Family, dt, unet_only: bool):
+    """``(tensors, counts)``: every component's tensors under their single-file keys, in ``dt`` when given (else
+    each component as it is stored), and the number of tensors per component."""
+    from ..families import model_dir
+
     tensors: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
-    for name, prefix in _component_prefixes(fam.name):
+    for name, prefix in _component_prefixes(fam):
         if unet_only and name != "unet":
             continue
-        if name == "unet":  # each component in --dtype, else as it is stored
+        if name == "unet":
             module = fam.load_model(model_dir(src), dt or stored_dtype(model_dir(src)))
         else:
             module = _load_component(pipe_dir, name, dt or stored_dtype(os.path.join(pipe_dir, name)))
-        part = to_ldm(module.state_dict(), _rules_for(name, module, fam.name), prefix)
+        part = to_ldm(module.state_dict(), _rules_for(name, module), prefix)
         counts[name] = len(part)
         tensors.update(part)
         del module
     if dt is not None:
         tensors = {k: v.to(dt) if v.is_floating_point() else v for k, v in tensors.items()}
+    return tensors, counts
+
+
+def _export_metadata(src: str, fam: Family, counts: dict[str, int]) -> dict[str, str]:
+    """The single file's safetensors metadata: title, family, components and, for a koala student, its layer map
+    (so a conversion back restores it)."""
+    from ..arch.layer_map import LayerMap
+    from ..families import model_dir
+
     meta = {
         "format": "pt",
         "modelspec.title": os.path.basename(os.path.normpath(src)),
         "koala.family": fam.name,
         "koala.components": ",".join(counts),
     }
-    from ..arch.layer_map import LayerMap
-
     lmap_path = LayerMap.find(model_dir(src))
     if lmap_path:
         lm = LayerMap.load(lmap_path)
         meta["koala.preset"] = str(lm.meta.get("preset") or "custom")
         meta["koala.teacher_kind"] = str(lm.meta.get("teacher_kind", "base"))
-        meta["koala.layer_map"] = json.dumps(lm.to_dict())  # so a conversion back restores the student's layer map
-    from ..utils.files import atomic_file
-
-    with atomic_file(out, ".safetensors") as tmp:
-        save_file(tensors, tmp, metadata=meta)
-    some = next(iter(tensors.values()))
-    return ExportResult(
-        os.path.abspath(out), fam.name, counts, os.path.getsize(out), str(some.dtype).replace("torch.", "")
-    )
+        meta["koala.layer_map"] = json.dumps(lm.to_dict())
+    return meta
 
 
 def export_diffusers(src: str, out_dir: str, *, dtype=None, overwrite: bool = False) -> str:
@@ -277,17 +310,11 @@ def detect_layout(path: str) -> Layout:
     if has("cond_stage_model.model.") or has("conditioner.embedders.0.model."):
         what = next(name for p, name in _OTHER_FAMILIES if has(p))
         raise KoalaError(f"{path}: {what}, not SDXL or SD-1.x; koala converts SDXL and SD-1.x single files")
-    sdxl = has(SDXL_OPENCLIP_PREFIX) or has(SDXL_CLIP_PREFIX) or f"{prefix}label_emb.0.0.weight" in shapes
-    comps = ["unet"]
-    if has(VAE_PREFIX):
-        comps.append("vae")
-    if sdxl:
-        comps += [
-            c for c, p in (("text_encoder", SDXL_CLIP_PREFIX), ("text_encoder_2", SDXL_OPENCLIP_PREFIX)) if has(p)
-        ]
-    elif has(SD_CLIP_PREFIX):
-        comps.append("text_encoder")
-    return Layout("sdxl" if sdxl else "sd", prefix, comps, shapes, metadata=meta)
+    # SGM (SDXL): its text encoders' keys, or (a U-Net alone) the U-Net's added-condition embedding; else LDM
+    sgm = has(SDXL_OPENCLIP_PREFIX) or has(SDXL_CLIP_PREFIX) or f"{prefix}label_emb.0.0.weight" in shapes
+    fam = _family_of_layout("sgm" if sgm else "ldm")
+    comps = ["unet", *(c for c, p in _component_prefixes(fam)[1:] if has(p))]
+    return Layout(fam.name, prefix, comps, shapes, metadata=meta)
 
 
 def _count(shapes, pattern: str) -> int:
@@ -310,62 +337,11 @@ def infer_unet_config(shapes: dict[str, tuple], base: dict, prefix: str = UNET_P
     if f"{p}input_blocks.0.0.weight" not in shapes:
         raise KoalaError(f"{where}: no {p}input_blocks.0.0.weight: not a U-Net single file")
     ch0 = shapes[f"{p}input_blocks.0.0.weight"][0]
-    n_in = _count(shapes, p + "input_blocks.{}.")
-    stages: list[list[int]] = [[]]  # depth per encoder resnet, per stage
-    widths: list[int] = []
-    for n in range(1, n_in):
-        blk = f"{p}input_blocks.{n}."
-        if f"{blk}0.op.weight" in shapes:
-            stages.append([])
-            continue
-        if f"{blk}0.in_layers.0.weight" not in shapes:
-            raise KoalaError(f"{where}: input block {n} is neither a resnet nor a downsampler")
-        stages[-1].append(_depth(shapes, blk))
-        w = shapes[f"{blk}0.out_layers.3.weight"][0]
-        if len(widths) < len(stages):
-            widths.append(w)
-    n_out = _count(shapes, p + "output_blocks.{}.")
-    up: list[list[int]] = [[]]
-    for n in range(n_out):
-        blk = f"{p}output_blocks.{n}."
-        up[-1].append(_depth(shapes, blk))
-        if f"{blk}1.conv.weight" in shapes or f"{blk}2.conv.weight" in shapes:
-            up.append([])
-    if up and not up[-1]:
-        up.pop()
-    n = len(stages)
-    if len(up) != n or any(len(u) != len(s) + 1 for u, s in zip(up, reversed(stages))):
-        raise KoalaError(
-            f"{where}: decoder stages {[len(u) for u in up]} resnets do not mirror the encoder's "
-            f"{[len(s) for s in stages]} (+1 each): not a U-Net koala can express"
-        )
-    for i, s in enumerate(stages):
-        if len(set(s)) > 1:
-            raise KoalaError(
-                f"{where}: encoder stage {i + 1} has transformer depths {s}; diffusers needs one depth per "
-                "encoder stage"
-            )
-    if f"{p}middle_block.1.proj_in.weight" in shapes:
-        mid = "UNetMidBlock2DCrossAttn"
-    elif f"{p}middle_block.0.in_layers.0.weight" in shapes:
-        raise KoalaError(f"{where}: a mid block of resnets without attention (SSD-1B / Vega style) is not supported")
-    else:
-        mid = None
-    cfg = copy.deepcopy(dict(base))
-    for k in list(cfg):
-        if k.startswith("_") and k != "_class_name":
-            cfg.pop(k)
-    base_widths = list(base.get("block_out_channels", []))
-    if widths != base_widths[:n]:
-        raise KoalaError(
-            f"{where}: U-Net widths {widths} differ from the config's {base_widths}; give a config "
-            "directory of this architecture (its attention heads cannot be read from the weights)",
-            option="config",
-        )
-    per_stage = ("attention_head_dim", "num_attention_heads", "cross_attention_dim", "only_cross_attention")
-    for k in per_stage:
-        if isinstance(cfg.get(k), (list, tuple)):
-            cfg[k] = list(cfg[k])[:n]
+    stages, widths = _encoder_stages(shapes, p, where)
+    up = _decoder_stages(shapes, p)
+    _check_stages(stages, up, where)
+    mid = _mid_block_type(shapes, p, where)
+    cfg = _base_config(base, widths, len(stages), where)
     lpb = [len(s) for s in stages]
     cfg.update(
         {
@@ -382,15 +358,98 @@ def infer_unet_config(shapes: dict[str, tuple], base: dict, prefix: str = UNET_P
     )
     if ch0 != widths[0]:
         raise KoalaError(f"{where}: conv_in width {ch0} differs from the first stage's {widths[0]}")
+    cfg.update(_conditioning_sizes(shapes, p))
+    return cfg
+
+
+def _encoder_stages(shapes, p: str, where: str) -> tuple[list[list[int]], list[int]]:
+    """(transformer depth of each encoder resnet, per stage; each stage's width), from the ``input_blocks``."""
+    stages: list[list[int]] = [[]]
+    widths: list[int] = []
+    for n in range(1, _count(shapes, p + "input_blocks.{}.")):
+        blk = f"{p}input_blocks.{n}."
+        if f"{blk}0.op.weight" in shapes:
+            stages.append([])
+            continue
+        if f"{blk}0.in_layers.0.weight" not in shapes:
+            raise KoalaError(f"{where}: input block {n} is neither a resnet nor a downsampler")
+        stages[-1].append(_depth(shapes, blk))
+        w = shapes[f"{blk}0.out_layers.3.weight"][0]
+        if len(widths) < len(stages):
+            widths.append(w)
+    return stages, widths
+
+
+def _decoder_stages(shapes, p: str) -> list[list[int]]:
+    """The transformer depth of each decoder resnet, per stage (lowest resolution first), from the
+    ``output_blocks``."""
+    up: list[list[int]] = [[]]
+    for n in range(_count(shapes, p + "output_blocks.{}.")):
+        blk = f"{p}output_blocks.{n}."
+        up[-1].append(_depth(shapes, blk))
+        if f"{blk}1.conv.weight" in shapes or f"{blk}2.conv.weight" in shapes:
+            up.append([])
+    if up and not up[-1]:
+        up.pop()
+    return up
+
+
+def _check_stages(stages: list[list[int]], up: list[list[int]], where: str) -> None:
+    """The decoder mirrors the encoder (one resnet more per stage) and each encoder stage has one depth."""
+    if len(up) != len(stages) or any(len(u) != len(s) + 1 for u, s in zip(up, reversed(stages))):
+        raise KoalaError(
+            f"{where}: decoder stages {[len(u) for u in up]} resnets do not mirror the encoder's "
+            f"{[len(s) for s in stages]} (+1 each): not a U-Net koala can express"
+        )
+    for i, s in enumerate(stages):
+        if len(set(s)) > 1:
+            raise KoalaError(
+                f"{where}: encoder stage {i + 1} has transformer depths {s}; diffusers needs one depth per "
+                "encoder stage"
+            )
+
+
+def _mid_block_type(shapes, p: str, where: str) -> str | None:
+    if f"{p}middle_block.1.proj_in.weight" in shapes:
+        return "UNetMidBlock2DCrossAttn"
+    if f"{p}middle_block.0.in_layers.0.weight" in shapes:
+        raise KoalaError(f"{where}: a mid block of resnets without attention (SSD-1B / Vega style) is not supported")
+    return None
+
+
+def _base_config(base: dict, widths: list[int], n: int, where: str) -> dict:
+    """A copy of ``base`` without diffusers' private keys, its per-stage lists cut to ``n`` stages; a KoalaError
+    when its widths are not the file's (attention heads cannot be read from the weights)."""
+    cfg = copy.deepcopy(dict(base))
+    for k in list(cfg):
+        if k.startswith("_") and k != "_class_name":
+            cfg.pop(k)
+    base_widths = list(base.get("block_out_channels", []))
+    if widths != base_widths[:n]:
+        raise KoalaError(
+            f"{where}: U-Net widths {widths} differ from the config's {base_widths}; give a config "
+            "directory of this architecture (its attention heads cannot be read from the weights)",
+            option="config",
+        )
+    per_stage = ("attention_head_dim", "num_attention_heads", "cross_attention_dim", "only_cross_attention")
+    for k in per_stage:
+        if isinstance(cfg.get(k), (list, tuple)):
+            cfg[k] = list(cfg[k])[:n]
+    return cfg
+
+
+def _conditioning_sizes(shapes, p: str) -> dict:
+    """The config's text and added-condition sizes the file's tensors tell."""
+    out = {}
     attn2 = next((s for k, s in shapes.items() if k.startswith(p) and k.endswith("attn2.to_k.weight")), None)
     if attn2 is not None:
-        cfg["cross_attention_dim"] = attn2[1]
+        out["cross_attention_dim"] = attn2[1]
     proj = next((s for k, s in shapes.items() if k.startswith(p) and k.endswith(".1.proj_in.weight")), None)
     if proj is not None:
-        cfg["use_linear_projection"] = len(proj) == 2
+        out["use_linear_projection"] = len(proj) == 2
     if f"{p}label_emb.0.0.weight" in shapes:
-        cfg["projection_class_embeddings_input_dim"] = shapes[f"{p}label_emb.0.0.weight"][1]
-    return cfg
+        out["projection_class_embeddings_input_dim"] = shapes[f"{p}label_emb.0.0.weight"][1]
+    return out
 
 
 @dataclass
@@ -404,36 +463,29 @@ class Converted:
     config_source: str
 
 
-def _shipped_configs(family: str) -> dict[str, dict]:
+def _shipped_configs(family: str | Family) -> dict[str, dict]:
+    """The configs a single file of ``family`` is converted with when no config directory is given."""
     from ..families import get_family
-    from ..families.sdxl import SDXL_SCHEDULER_CONFIG, SDXL_VAE_CONFIG
 
-    if family != "sdxl":
+    fam = get_family(family)
+    configs = fam.reference_pipeline_configs()
+    if not configs:
         raise KoalaError(
-            "an SD-1.x single file needs a config directory (any SD-1.x pipeline directory: its configs and "
-            "tokenizer are used, not its weights)",
+            f"{fam.label} single files need a config directory (any {fam.label} pipeline directory: its configs "
+            "and tokenizers are used, not its weights)",
             option="config",
         )
-    fam = get_family("sdxl")
-    towers = fam.real_text_towers
-    return {
-        "unet": dict(fam.reference_config),
-        "vae": {"_class_name": "AutoencoderKL", **SDXL_VAE_CONFIG},
-        "text_encoder": {"architectures": ["CLIPTextModel"], **towers[0]},
-        "text_encoder_2": {"architectures": ["CLIPTextModelWithProjection"], **towers[1]},
-        "scheduler": dict(SDXL_SCHEDULER_CONFIG),
-    }
+    return configs
 
 
-def _config_dir_configs(config: str, family: str) -> dict[str, dict]:
+def _config_dir_configs(config: str, fam: Family) -> dict[str, dict]:
+    """Component -> config of a config directory (a model directory: the U-Net's only)."""
     from ..families import model_dir_kind
 
-    kind = model_dir_kind(config)
+    if model_dir_kind(config) == "model":
+        return {"unet": read_json(os.path.join(config, "config.json"))}
     out = {}
-    if kind == "model":
-        out["unet"] = read_json(os.path.join(config, "config.json"))
-        return out
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+    for name, _ in _component_prefixes(fam):
         f = os.path.join(config, name, "config.json")
         if os.path.isfile(f):
             out[name] = read_json(f)
@@ -441,6 +493,27 @@ def _config_dir_configs(config: str, family: str) -> dict[str, dict]:
     if os.path.isfile(f):
         out["scheduler"] = read_json(f)
     return out
+
+
+def _component_configs(path: str, config: str | None, layout: Layout, fam: Family) -> dict[str, dict]:
+    """Component -> config to convert the single file ``path`` with: the config directory's, completed by the
+    family's shipped configs when the directory gives at most one."""
+    configs = _config_dir_configs(config, fam) if config else {}
+    if config:
+        from ..families import family_of
+
+        other = family_of(config)
+        if other.name != layout.family:
+            raise KoalaError(
+                f"{path} is a {layout.family} single file but the config directory {config} is {other.label}",
+                option="config",
+            )
+    if not config or len(configs) < 2:
+        for k, v in fam.reference_pipeline_configs().items():
+            configs.setdefault(k, v)
+    if "unet" not in configs:
+        raise KoalaError(f"{path}: no U-Net config; give a config directory", option="config")
+    return configs
 
 
 def convert_single_file(
@@ -452,108 +525,107 @@ def convert_single_file(
 ) -> Converted:
     """Load the components of an SDXL / SD-1.x single file as diffusers / transformers modules (strict: every
     tensor of every component must be in the file with the right shape)."""
-    import diffusers
-    import transformers
     from safetensors import safe_open
 
-    layout = layout or detect_layout(path)
-    configs = _config_dir_configs(config, layout.family) if config else {}
-    if config:
-        from ..families import family_of
+    from ..families import get_family
 
-        fam = family_of(config)
-        if fam.name != layout.family:
-            raise KoalaError(
-                f"{path} is a {layout.family} single file but the config directory {config} is {fam.label}",
-                option="config",
-            )
-    shipped = _shipped_configs(layout.family) if (not config or len(configs) < 2) and layout.family == "sdxl" else {}
-    for k, v in shipped.items():
-        configs.setdefault(k, v)
-    if "unet" not in configs:
-        raise KoalaError(f"{path}: no U-Net config; give a config directory", option="config")
-    wanted = components or tuple(layout.components)
+    layout = layout or detect_layout(path)
+    fam = get_family(layout.family)
+    configs = _component_configs(path, config, layout, fam)
+    hint = "" if config else f"; if this is not {fam.reference_name}'s architecture, give a config directory"
     dt = parse_dtype(dtype)
-    prefixes = dict(_component_prefixes(layout.family))
-    prefixes["unet"] = layout.unet_prefix
+    prefixes = {**dict(_component_prefixes(fam)), "unet": layout.unet_prefix}
     modules, used = {}, set()
     with safe_open(path, "pt") as f:
-        for name in wanted:
-            if name not in layout.components:
-                raise KoalaError(f"{path}: the file has no {name} (it holds {', '.join(layout.components)})")
-            if name not in configs:
-                raise KoalaError(
-                    f"{path}: no config for its {name}; give a config directory that has {name}/config.json",
-                    option="config",
-                )
-            cfg = configs[name]
-            with torch.device("meta"):
-                if name == "unet":
-                    cfg = infer_unet_config(layout.shapes, configs["unet"], layout.unet_prefix, path)
-                    module = diffusers.UNet2DConditionModel.from_config(cfg)
-                elif name == "vae":
-                    module = diffusers.AutoencoderKL.from_config(cfg)
-                else:
-                    arch = (cfg.get("architectures") or ["CLIPTextModel"])[0]
-                    tcfg = transformers.CLIPTextConfig.from_dict(
-                        {k: v for k, v in cfg.items() if k != "architectures"}
-                    )
-                    module = getattr(transformers, arch)(tcfg)
-            rules = _rules_for(name, module, layout.family)
-            sd_shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-            prefix = prefixes[name]
-            missing = [prefix + r.ldm for r in rules if prefix + r.ldm not in layout.shapes]
-            if missing:
-                raise KoalaError(
-                    f"{path}: its {name} lacks {len(missing)} tensor(s) the config needs, e.g. "
-                    f"{', '.join(missing[:3])}"
-                    + ("" if config else "; if this is not SDXL-Base's architecture, give a config directory"),
-                    option="config",
-                )
-            state = from_ldm(lambda k: f.get_tensor(k), rules, sd_shapes, prefix)
-            used.update(prefix + r.ldm for r in rules)
-            bad = [
-                f"{k}: file {tuple(v.shape)} vs config {sd_shapes[k]}"
-                for k, v in state.items()
-                if tuple(v.shape) != sd_shapes[k]
-            ]
-            if bad:
-                raise KoalaError(
-                    f"{path}: its {name} does not fit the config ({'; '.join(bad[:3])}); give the config "
-                    "directory of this architecture",
-                    option="config",
-                )
-            if dt is not None:
-                state = {k: v.to(dt) if v.is_floating_point() else v for k, v in state.items()}
-            res = module.load_state_dict(state, strict=False, assign=True)
-            if res.missing_keys or res.unexpected_keys:  # the rules cover every tensor: a bug if this happens
-                raise RuntimeError(f"{name}: missing {res.missing_keys[:3]}, unexpected {res.unexpected_keys[:3]}")
-            modules[name] = materialize_meta_buffers(module).eval()  # non-persistent position ids
-            if name == "unet":
-                configs["unet"] = cfg
+        for name in components or tuple(layout.components):
+            module = _meta_component(path, name, layout, configs)
+            rules = _rules_for(name, module)
+            state = _component_state(path, name, module, rules, prefixes[name], layout.shapes, f, hint)
+            used.update(prefixes[name] + r.ldm for r in rules)
+            modules[name] = _load_state(name, module, state, dt)
     ignored = sorted(k for k in layout.shapes if k not in used and not k.endswith("position_ids"))
-    return Converted(layout, modules, ignored, config or "koala's SDXL-Base-1.0 configs")
+    return Converted(layout, modules, ignored, config or f"koala's {fam.reference_name} configs")
 
 
-def _tokenizers(config: str | None, family: str, path: str) -> list:
+def _meta_component(path: str, name: str, layout: Layout, configs: dict[str, dict]):
+    """The file's component ``name`` built on meta from its config (the U-Net's structure read from the file)."""
+    import diffusers
     import transformers
 
-    names = ["tokenizer", "tokenizer_2"] if family == "sdxl" else ["tokenizer"]
+    if name not in layout.components:
+        raise KoalaError(f"{path}: the file has no {name} (it holds {', '.join(layout.components)})")
+    if name not in configs:
+        raise KoalaError(
+            f"{path}: no config for its {name}; give a config directory that has {name}/config.json",
+            option="config",
+        )
+    cfg = configs[name]
+    with torch.device("meta"):
+        if name == "unet":
+            cfg = infer_unet_config(layout.shapes, cfg, layout.unet_prefix, path)
+            return diffusers.UNet2DConditionModel.from_config(cfg)
+        if name == "vae":
+            return diffusers.AutoencoderKL.from_config(cfg)
+        arch = (cfg.get("architectures") or ["CLIPTextModel"])[0]
+        tcfg = transformers.CLIPTextConfig.from_dict({k: v for k, v in cfg.items() if k != "architectures"})
+        return getattr(transformers, arch)(tcfg)
+
+
+def _component_state(path: str, name: str, module, rules, prefix: str, shapes, f, hint: str) -> dict:
+    """The component's state dict read from the open file ``f`` with ``rules``; a KoalaError (ending in ``hint``)
+    when the file lacks a tensor the config needs, or one naming the mismatches when a tensor has another shape."""
+    sd_shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    missing = [prefix + r.ldm for r in rules if prefix + r.ldm not in shapes]
+    if missing:
+        raise KoalaError(
+            f"{path}: its {name} lacks {len(missing)} tensor(s) the config needs, e.g. {', '.join(missing[:3])}"
+            + hint,
+            option="config",
+        )
+    state = from_ldm(lambda k: f.get_tensor(k), rules, sd_shapes, prefix)
+    bad = [
+        f"{k}: file {tuple(v.shape)} vs config {sd_shapes[k]}"
+        for k, v in state.items()
+        if tuple(v.shape) != sd_shapes[k]
+    ]
+    if bad:
+        raise KoalaError(
+            f"{path}: its {name} does not fit the config ({'; '.join(bad[:3])}); give the config "
+            "directory of this architecture",
+            option="config",
+        )
+    return state
+
+
+def _load_state(name: str, module, state: dict, dt):
+    """``module`` (on meta) holding ``state`` (in ``dt`` when given), in eval mode."""
+    if dt is not None:
+        state = {k: v.to(dt) if v.is_floating_point() else v for k, v in state.items()}
+    res = module.load_state_dict(state, strict=False, assign=True)
+    if res.missing_keys or res.unexpected_keys:  # the rules cover every tensor: a bug if this happens
+        raise RuntimeError(f"{name}: missing {res.missing_keys[:3]}, unexpected {res.unexpected_keys[:3]}")
+    return materialize_meta_buffers(module).eval()  # non-persistent position ids
+
+
+def _tokenizers(config: str | None, fam: Family, path: str) -> list:
+    """The tokenizers of a single file's pipeline: the config directory's, else (when the family names a hub
+    repository) the ones in the local Hugging Face cache."""
+    import transformers
+
+    cls = getattr(transformers, fam.tokenizer_class_name)
+    names = [tok for tok, _, _ in fam.text_encoders]
     if config and all(os.path.isdir(os.path.join(config, n)) for n in names):
-        return [transformers.CLIPTokenizer.from_pretrained(config, subfolder=n) for n in names]
-    if family == "sdxl":
+        return [cls.from_pretrained(config, subfolder=n) for n in names]
+    hub = fam.reference_hub_id  # only looked up in the local cache, never downloaded
+    if hub:
         try:
-            return [
-                transformers.CLIPTokenizer.from_pretrained(SDXL_HUB_ID, subfolder=n, local_files_only=True)
-                for n in names
-            ]
+            return [cls.from_pretrained(hub, subfolder=n, local_files_only=True) for n in names]
         except (OSError, ValueError):
             pass
     raise KoalaError(
-        f"{path}: a single file carries no tokenizers; give a config directory (any "
-        f"{'SDXL' if family == 'sdxl' else 'SD-1.x'} pipeline directory: its tokenizers and configs are used, "
-        "not its "
-        f"weights){'' if family != 'sdxl' else f', or have {SDXL_HUB_ID} tokenizers in the local Hugging Face cache'}",
+        f"{path}: a single file carries no tokenizers; give a config directory (any {fam.label} pipeline "
+        "directory: its tokenizers and configs are used, not its weights)"
+        + (f", or have {hub} tokenizers in the local Hugging Face cache" if hub else ""),
         option="config",
     )
 
@@ -580,12 +652,11 @@ def single_file_to_diffusers(
 ) -> ImportResult:
     """Convert a single file to a diffusers pipeline directory (or, for a U-Net-only file or ``unet_only``, a U-Net
     directory) at ``out_dir``, atomically."""
-    import diffusers
-
+    from ..families import Parts, get_family
     from ..utils.files import atomic_output_dir
 
     layout = detect_layout(path)
-    file_meta = layout.metadata
+    fam = get_family(layout.family)
     full = not unet_only and {"vae", "text_encoder"} <= set(layout.components)
     if not unet_only and not full and len(layout.components) > 1:
         raise KoalaError(
@@ -593,57 +664,19 @@ def single_file_to_diffusers(
             "alone (unet_only)"
         )
     refuse_existing(out_dir, overwrite)
-    tokenizers = _tokenizers(config, layout.family, path) if full else []  # fail before converting gigabytes
+    tokenizers = _tokenizers(config, fam, path) if full else []  # fail before converting gigabytes
     conv = convert_single_file(path, config, dtype, None if full else ("unet",), layout)
     m = conv.modules
     with atomic_output_dir(out_dir, overwrite) as tmp:
-        if not full:
-            m["unet"].save_pretrained(tmp, safe_serialization=True)
+        if full:
+            encoders = [m[enc] for _, enc, _ in fam.text_encoders]
+            parts = Parts(fam, tokenizers, encoders, m["vae"], _scheduler_of(config, fam))
+            fam.make_pipeline(parts, m["unet"]).save_pretrained(tmp, safe_serialization=True)
         else:
-            sched_cfg = (
-                read_json(os.path.join(config, "scheduler", "scheduler_config.json"))
-                if config and os.path.isfile(os.path.join(config, "scheduler", "scheduler_config.json"))
-                else _shipped_configs(layout.family)["scheduler"]
-            )
-            scheduler = getattr(diffusers, sched_cfg["_class_name"]).from_config(sched_cfg)
-            if layout.family == "sdxl":
-                pipe = diffusers.StableDiffusionXLPipeline(
-                    vae=m["vae"],
-                    text_encoder=m["text_encoder"],
-                    text_encoder_2=m["text_encoder_2"],
-                    tokenizer=tokenizers[0],
-                    tokenizer_2=tokenizers[1],
-                    unet=m["unet"],
-                    scheduler=scheduler,
-                    force_zeros_for_empty_prompt=True,
-                )
-            else:
-                pipe = diffusers.StableDiffusionPipeline(
-                    vae=m["vae"],
-                    text_encoder=m["text_encoder"],
-                    tokenizer=tokenizers[0],
-                    unet=m["unet"],
-                    scheduler=scheduler,
-                    safety_checker=None,
-                    feature_extractor=None,
-                    requires_safety_checker=False,
-                )
-            pipe.save_pretrained(tmp, safe_serialization=True)
-        if file_meta.get("koala.layer_map"):  # a koala student exported to one file: restore its layer map and card
-            _restore_student(file_meta["koala.layer_map"], tmp, m["unet"], path, full)
-        with open(os.path.join(tmp, "koala_import.json"), "w") as fh:
-            json.dump(
-                {
-                    "source": os.path.abspath(path),
-                    **(stamp or {}),
-                    "family": layout.family,
-                    "configs": conv.config_source,
-                    "ignored_keys": conv.ignored[:50],
-                    "ignored_count": len(conv.ignored),
-                },
-                fh,
-                indent=1,
-            )
+            m["unet"].save_pretrained(tmp, safe_serialization=True)
+        if layout.metadata.get("koala.layer_map"):  # a koala student exported to one file: restore map and card
+            _restore_student(layout.metadata["koala.layer_map"], tmp, m["unet"], path, full)
+        _write_import_record(tmp, path, stamp, conv)
     return ImportResult(
         os.path.abspath(out_dir),
         layout.family,
@@ -653,6 +686,29 @@ def single_file_to_diffusers(
         conv.config_source,
         dict(m["unet"].config),
     )
+
+
+def _scheduler_of(config: str | None, fam: Family):
+    """The scheduler of the config directory, else of the family's shipped configs."""
+    import diffusers
+
+    f = os.path.join(config, "scheduler", "scheduler_config.json") if config else None
+    sched_cfg = read_json(f) if f and os.path.isfile(f) else _shipped_configs(fam)["scheduler"]
+    return getattr(diffusers, sched_cfg["_class_name"]).from_config(sched_cfg)
+
+
+def _write_import_record(folder: str, path: str, stamp: dict | None, conv: Converted) -> None:
+    """``koala_import.json``: where the conversion came from (``ensure_diffusers`` reuses it by its stamp)."""
+    record = {
+        "source": os.path.abspath(path),
+        **(stamp or {}),
+        "family": conv.layout.family,
+        "configs": conv.config_source,
+        "ignored_keys": conv.ignored[:50],
+        "ignored_count": len(conv.ignored),
+    }
+    with open(os.path.join(folder, "koala_import.json"), "w") as fh:
+        json.dump(record, fh, indent=1)
 
 
 def _restore_student(raw: str, folder: str, unet, path: str, full: bool) -> None:
@@ -696,16 +752,16 @@ def ensure_diffusers(path: str, target: str, config: str | None = None) -> str:
 
 
 def load_denoiser(path: str, dtype=None, config_from: str | None = None, family=None):
-    """:func:`koala.families.load_denoiser`, plus ``.safetensors`` files in the original single-file layout (a U-Net
-    only or a whole checkpoint, e.g. an SGM-layout Lightning file), converted with ``config_from``'s config."""
-    from ..families import family_of
-    from ..families import load_denoiser as load_dir_or_diffusers_file
+    """:func:`koala.families.load_diffusers_denoiser`, plus ``.safetensors`` files in the original single-file
+    layout (a U-Net only or a whole checkpoint, e.g. an SGM-layout Lightning file), converted with ``config_from``'s
+    config."""
+    from ..families import family_of, load_diffusers_denoiser
 
     if config_from and is_single_file(path):
         fam = family_of(config_from, family)
         model = convert_single_file(path, config_from, components=("unet",)).modules["unet"]
         return model.to(parse_dtype(dtype) or torch.float32), fam
-    return load_dir_or_diffusers_file(path, dtype, config_from=config_from, family=family)
+    return load_diffusers_denoiser(path, dtype, config_from=config_from, family=family)
 
 
 def is_single_file(path: str) -> bool:

@@ -1,4 +1,4 @@
-"""Inference: load SDXL-architecture pipelines with memory/speed modes, generate, save PNGs with metadata."""
+"""Inference: load pipelines of any supported family with memory/speed modes, generate, save PNGs with metadata."""
 
 from .generate import (
     GeneratedImage,

@@ -98,15 +98,47 @@ def generate(
 
     info = pipe if isinstance(pipe, LoadedPipeline) else None
     sd = info.pipe if info else pipe
+    prompts = _checked_prompts(prompts, steps, batch_size, images_per_prompt)
+    fam = family_of_pipeline(sd)
+    width, height = _image_size(sd, width, height)
+    notes = list(info.notes) if info else []
+    if safety is None:
+        notes.append("no NSFW filter is active (give an NSFW classifier to withhold flagged images)")
+    for n in notes:
+        log(f"note: {n}")
+    base = _shared_params(sd, info, negative_prompt, steps, cfg, width, height)
+    jobs = [(p, seed + i) for i, p in enumerate(p for p in prompts for _ in range(images_per_prompt))]
+    sd.set_progress_bar_config(disable=not progress, leave=False)
+    items: list[GeneratedImage] = []
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start : start + batch_size]
+        if progress:
+            log(f"images {start + 1}-{start + len(chunk)} of {len(jobs)}")
+        images = _pipeline_call(sd, fam, chunk, base)
+        flags = safety.flags(images) if safety is not None else [(False, None)] * len(chunk)
+        for (p, s), img, (bad, score) in zip(chunk, images, flags):
+            params = {"prompt": p, "seed": s, **base}
+            items.append(GeneratedImage(None if bad else img, params, score, bad))
+    res = GenerationResult(items, notes)
+    for it in res.withheld:
+        log(f"withheld: seed {it.params['seed']} ({safety.label} score {it.nsfw_score:.3f} > {safety.threshold})")
+    return res
+
+
+def _checked_prompts(prompts: str | list[str], steps: int, batch_size: int, images_per_prompt: int) -> list[str]:
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts or any(not isinstance(p, str) for p in prompts):
         raise KoalaError("give at least one prompt (text), or a prompts file", option="prompts_file")
     if steps < 1 or batch_size < 1 or images_per_prompt < 1:
         raise KoalaError("steps, batch_size and images_per_prompt must be >= 1", option="steps")
-    fam = family_of_pipeline(sd)
-    model = denoiser_of(sd)
+    return prompts
+
+
+def _image_size(sd, width: int | None, height: int | None) -> tuple[int, int]:
+    """``(width, height)``: as given, else the pipeline's default size; each a multiple of the VAE's factor."""
     scale = sd.vae_scale_factor
-    default = getattr(sd, "default_sample_size", None) or model.config.sample_size  # SD-1.x, PixArt lack the former
+    # SD-1.x and PixArt pipelines have no default_sample_size: the denoiser's sample size
+    default = getattr(sd, "default_sample_size", None) or denoiser_of(sd).config.sample_size
     height = height or default * scale
     width = width or default * scale
     for name, v in (("width", width), ("height", height)):
@@ -114,12 +146,11 @@ def generate(
             raise KoalaError(
                 f"{name} {v} must be a positive multiple of {scale} (the VAE's downscaling factor)", option=name
             )
-    notes = list(info.notes) if info else []
-    if safety is None:
-        notes.append("no NSFW filter is active (give an NSFW classifier to withhold flagged images)")
-    for n in notes:
-        log(f"note: {n}")
+    return width, height
 
+
+def _shared_params(sd, info, negative_prompt: str | None, steps: int, cfg: float, width: int, height: int) -> dict:
+    """The generation parameters every image of the call shares (its PNG metadata besides prompt and seed)."""
     base = {
         "negative_prompt": negative_prompt or "",
         "steps": steps,
@@ -129,35 +160,27 @@ def generate(
         "model": info.model if info else getattr(sd.config, "_name_or_path", "") or "",
         "width": width,
         "height": height,
-        "dtype": info.dtype if info else str(model.dtype).replace("torch.", ""),
+        "dtype": info.dtype if info else str(denoiser_of(sd).dtype).replace("torch.", ""),
     }
     if info and info.lora:
         base["lora"] = info.lora
-    jobs = [(p, seed + i) for i, p in enumerate(p for p in prompts for _ in range(images_per_prompt))]
-    sd.set_progress_bar_config(disable=not progress, leave=False)
-    items: list[GeneratedImage] = []
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start : start + batch_size]
-        if progress:
-            log(f"images {start + 1}-{start + len(chunk)} of {len(jobs)}")
-        out = sd(
-            prompt=[p for p, _ in chunk],
-            negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else fam.empty_negative_prompt,
-            num_inference_steps=steps,
-            guidance_scale=cfg,
-            width=width,
-            height=height,
-            generator=[torch.Generator("cpu").manual_seed(s) for _, s in chunk],
-            **fam.pipeline_call_kwargs,
-        )
-        flags = safety.flags(out.images) if safety is not None else [(False, None)] * len(chunk)
-        for (p, s), img, (bad, score) in zip(chunk, out.images, flags):
-            params = {"prompt": p, "seed": s, **base}
-            items.append(GeneratedImage(None if bad else img, params, score, bad))
-    res = GenerationResult(items, notes)
-    for it in res.withheld:
-        log(f"withheld: seed {it.params['seed']} ({safety.label} score {it.nsfw_score:.3f} > {safety.threshold})")
-    return res
+    return base
+
+
+def _pipeline_call(sd, fam, chunk: list[tuple[str, int]], params: dict) -> list:
+    """One pipeline call for ``chunk`` ((prompt, seed) per image, each image from its own CPU generator) with the
+    shared ``params`` and the family's own call arguments; returns the images."""
+    negative = params["negative_prompt"]
+    return sd(
+        prompt=[p for p, _ in chunk],
+        negative_prompt=[negative] * len(chunk) if negative else fam.empty_negative_prompt,
+        num_inference_steps=params["steps"],
+        guidance_scale=params["cfg"],
+        width=params["width"],
+        height=params["height"],
+        generator=[torch.Generator("cpu").manual_seed(s) for _, s in chunk],
+        **fam.pipeline_call_kwargs,
+    ).images
 
 
 def png_info(params: dict):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -60,15 +61,15 @@ def _check_pipeline_dir(path: str, what: str) -> Family:
     return fam
 
 
-def _check_unet_fits(unet_path: str, base: str, fam: Family) -> None:
-    cfg = read_json(os.path.join(unet_path, "config.json"))
-    fam.check(cfg, f"{unet_path}/config.json")
+def _check_denoiser_fits(denoiser_dir: str, base: str, fam: Family) -> None:
+    cfg = read_json(os.path.join(denoiser_dir, "config.json"))
+    fam.check(cfg, f"{denoiser_dir}/config.json")
     enc_cfgs = [read_json(os.path.join(base, enc, "config.json")) for _, enc, _ in fam.text_encoders]
     widths = [c.get("hidden_size", c.get("d_model", 0)) for c in enc_cfgs]  # CLIP: hidden_size, T5: d_model
     key = "caption_channels" if "caption_channels" in cfg else "cross_attention_dim"
     if cfg.get(key) != sum(widths):
         raise KoalaError(
-            f"{unet_path}/config.json: {key} is {cfg.get(key)} but the base pipeline {base} has text "
+            f"{denoiser_dir}/config.json: {key} is {cfg.get(key)} but the base pipeline {base} has text "
             f"encoders of width {' + '.join(map(str, widths))} = {sum(widths)}; use the base pipeline the "
             "student was compressed/distilled from",
             option="base",
@@ -118,14 +119,7 @@ def load_pipeline(
     ``lora``: LoRA files, each ``FILE`` or ``FILE:SCALE`` (diffusers / PEFT or kohya format; for a KOALA student,
     transferred with ``koala lora transfer``).
     """
-    from diffusers import AutoencoderKL
-
-    if offload not in OFFLOAD:
-        raise KoalaError(f"offload {offload!r}: choose model or sequential", option="offload")
-    if attention not in ATTENTION_PROCESSORS:
-        raise KoalaError(
-            f"attention {attention!r}: choose one of {', '.join(ATTENTION_PROCESSORS)}", option="attention"
-        )
+    _check_modes(offload, attention)
     device = str(parse_device(device))
     on_cuda = torch.device(device).type == "cuda"
     dt = parse_dtype(dtype) or (torch.float16 if on_cuda else torch.float32)
@@ -135,69 +129,14 @@ def load_pipeline(
     modes: list[str] = []
     if dt == torch.float16 and not on_cuda:
         notes.append("fp16 on CPU is slow and some ops are missing; bf16 or fp32 is the better choice on CPU")
-
-    kw = {"dtype": dt}
-    if model and (unet or base):
-        raise KoalaError(
-            "give either a pipeline directory (model) or a U-Net with a base pipeline (unet + base), not both",
-            option="model",
-        )
-    if model:
-        fam = _check_pipeline_dir(model, "model")
-        src, name = model, os.path.basename(os.path.normpath(model))
-        teacher_kind = teacher_kind_of(model)
-    elif unet and base:
-        fam = _check_pipeline_dir(base, "base")
-        u = model_dir(unet)
-        teacher_kind = teacher_kind_of(u)
-        _check_unet_fits(u, base, fam)
-        kw[fam.model_subfolder] = fam.load_model(u, dt)
-        src = base
-        name = (
-            f"{os.path.basename(os.path.normpath(unet))} ({fam.model_subfolder}) + "
-            f"{os.path.basename(os.path.normpath(base))}"
-        )
-    else:
-        raise KoalaError(
-            "no model: give a pipeline directory (model), or a U-Net directory (unet) together with a base "
-            "pipeline directory (base)",
-            option="model",
-        )
-    if vae:
-        kw["vae"] = AutoencoderKL.from_pretrained(unet_dir_vae(vae), dtype=dt)
-    pipe = fam.pipeline_class_of(src).from_pretrained(src, **fam.pipeline_load_kwargs, **kw)
-    model = denoiser_of(pipe)
-    if vae:
-        pipe.vae.register_to_config(force_upcast=False)
-        modes.append("fp16-fix VAE" if dt == torch.float16 else "custom VAE")
-    elif dt == torch.float16 and fam.vae_upcast:
-        pipe.vae.register_to_config(force_upcast=True)  # the SDXL VAE overflows in fp16: decode in fp32
-        modes.append("VAE decode upcast to fp32")
-    if timestep_spacing is None and SPACING.get(
-        teacher_kind
-    ):  # a turbo / lightning student: sampled as the paper does
-        timestep_spacing = SPACING[teacher_kind]
-        notes.append(
-            f"timestep spacing {timestep_spacing}: the student's teacher is {teacher_kind} "
-            "(koala_layer_map.json); --timestep-spacing overrides it"
-        )
-    spacing = _scheduler(pipe, scheduler, timestep_spacing)
-    lora_desc = ""
-    if lora:
-        from ..formats.lora import apply_loras, parse_lora_arg
-
-        loras = [parse_lora_arg(x) for x in lora]
-        apply_loras(pipe, loras)
-        lora_desc = ", ".join(f"{os.path.basename(p)}:{s:g}" for p, s in loras)
-        modes.append(f"LoRA {lora_desc}")
-
-    if attention == "sdpa":
-        from diffusers.models.attention_processor import AttnProcessor2_0 as proc
-    else:
-        from diffusers.models.attention_processor import AttnProcessor as proc
-    model.set_attn_processor(proc())
-    pipe.vae.set_attn_processor(proc())
-    modes.append(f"attention {attention}")
+    src = _source(model, unet, base, dt)
+    fam = src.family
+    pipe = _from_pretrained(src, vae, dt)
+    denoiser = denoiser_of(pipe)
+    modes += _vae_precision(pipe, fam, bool(vae), dt)
+    spacing = _scheduler(pipe, scheduler, _default_spacing(timestep_spacing, src.teacher_kind, notes))
+    lora_desc = _apply_loras(pipe, lora, modes)
+    modes.append(_set_attention(pipe, denoiser, attention))
     if vae_slicing:
         pipe.vae.enable_slicing()
         modes.append("VAE slicing")
@@ -207,41 +146,158 @@ def load_pipeline(
     if channels_last and fam.model_subfolder != "unet":
         notes.append("channels_last applies to convolutional U-Nets; a DiT works on token sequences: not applied")
     elif channels_last:  # the U-Net only: a channels_last VAE decoded 1.5x slower (H200, fp16, 1024^2; results/h200)
-        model.to(memory_format=torch.channels_last)
+        denoiser.to(memory_format=torch.channels_last)
         modes.append("channels_last (U-Net)")
+    _place(pipe, offload, device, modes, notes)
+    if compile:
+        _compile(pipe, denoiser, fam, modes, notes)
+    return LoadedPipeline(pipe, src.name, device, dtype_name, scheduler, spacing, modes, notes, fam.name, lora_desc)
 
-    if offload and not on_cuda:
+
+def _check_modes(offload: str | None, attention: str) -> None:
+    if offload not in OFFLOAD:
+        raise KoalaError(f"offload {offload!r}: choose model or sequential", option="offload")
+    if attention not in ATTENTION_PROCESSORS:
+        raise KoalaError(
+            f"attention {attention!r}: choose one of {', '.join(ATTENTION_PROCESSORS)}", option="attention"
+        )
+
+
+class _Source(NamedTuple):
+    """What :func:`load_pipeline` loads: the pipeline directory ``path`` of ``family`` with ``from_pretrained``
+    keyword arguments ``kwargs`` (a student denoiser among them), its display ``name`` and the teacher kind of its
+    denoiser (koala_layer_map.json)."""
+
+    family: Family
+    path: str
+    name: str
+    teacher_kind: str | None
+    kwargs: dict
+
+
+def _source(model: str | None, denoiser: str | None, base: str | None, dt: torch.dtype) -> _Source:
+    """A pipeline directory (``model``), or a student ``denoiser`` directory (the ``unet`` argument) in a ``base``
+    pipeline."""
+    if model and (denoiser or base):
+        raise KoalaError(
+            "give either a pipeline directory (model) or a U-Net with a base pipeline (unet + base), not both",
+            option="model",
+        )
+    if model:
+        fam = _check_pipeline_dir(model, "model")
+        return _Source(fam, model, _base_name(model), teacher_kind_of(model), {"dtype": dt})
+    if not (denoiser and base):
+        raise KoalaError(
+            "no model: give a pipeline directory (model), or a U-Net directory (unet) together with a base "
+            "pipeline directory (base)",
+            option="model",
+        )
+    fam = _check_pipeline_dir(base, "base")
+    denoiser_dir = model_dir(denoiser)
+    teacher_kind = teacher_kind_of(denoiser_dir)
+    _check_denoiser_fits(denoiser_dir, base, fam)
+    kwargs = {"dtype": dt, fam.model_subfolder: fam.load_model(denoiser_dir, dt)}
+    name = f"{_base_name(denoiser)} ({fam.model_subfolder}) + {_base_name(base)}"
+    return _Source(fam, base, name, teacher_kind, kwargs)
+
+
+def _base_name(path: str) -> str:
+    return os.path.basename(os.path.normpath(path))
+
+
+def _from_pretrained(src: _Source, vae: str | None, dt: torch.dtype):
+    """The family's diffusers pipeline from ``src``, with the VAE of ``vae`` when given."""
+    from diffusers import AutoencoderKL
+
+    kw = dict(src.kwargs)
+    if vae:
+        kw["vae"] = AutoencoderKL.from_pretrained(vae_dir_of(vae), dtype=dt)
+    fam = src.family
+    return fam.pipeline_class_of(src.path).from_pretrained(src.path, **fam.pipeline_load_kwargs, **kw)
+
+
+def _vae_precision(pipe, fam: Family, custom_vae: bool, dt: torch.dtype) -> list[str]:
+    """A given VAE decodes in the pipeline's dtype; the family's own decodes an fp16 pipeline in fp32 when the
+    family needs it (SDXL's VAE overflows in fp16)."""
+    if custom_vae:
+        pipe.vae.register_to_config(force_upcast=False)
+        return ["fp16-fix VAE" if dt == torch.float16 else "custom VAE"]
+    if dt == torch.float16 and fam.vae_upcast:
+        pipe.vae.register_to_config(force_upcast=True)
+        return ["VAE decode upcast to fp32"]
+    return []
+
+
+def _default_spacing(timestep_spacing: str | None, teacher_kind: str | None, notes: list[str]) -> str | None:
+    """``timestep_spacing``, else the spacing a turbo / lightning student is sampled with (as the paper does)."""
+    if timestep_spacing is None and SPACING.get(teacher_kind):
+        notes.append(
+            f"timestep spacing {SPACING[teacher_kind]}: the student's teacher is {teacher_kind} "
+            "(koala_layer_map.json); --timestep-spacing overrides it"
+        )
+        return SPACING[teacher_kind]
+    return timestep_spacing
+
+
+def _apply_loras(pipe, lora: list[str] | None, modes: list[str]) -> str:
+    """Load the LoRA files (``FILE`` / ``FILE:SCALE``); returns their description for the PNG metadata."""
+    if not lora:
+        return ""
+    from ..formats.lora import apply_loras, parse_lora_arg
+
+    loras = [parse_lora_arg(x) for x in lora]
+    apply_loras(pipe, loras)
+    desc = ", ".join(f"{os.path.basename(p)}:{s:g}" for p, s in loras)
+    modes.append(f"LoRA {desc}")
+    return desc
+
+
+def _set_attention(pipe, denoiser, attention: str) -> str:
+    if attention == "sdpa":
+        from diffusers.models.attention_processor import AttnProcessor2_0 as proc
+    else:
+        from diffusers.models.attention_processor import AttnProcessor as proc
+    denoiser.set_attn_processor(proc())
+    pipe.vae.set_attn_processor(proc())
+    return f"attention {attention}"
+
+
+def _place(pipe, offload: str | None, device: str, modes: list[str], notes: list[str]) -> None:
+    """Move the pipeline to ``device``, or offload it to the CPU (CUDA only; on CPU a note says it does not apply)."""
+    if offload and torch.device(device).type != "cuda":
         notes.append(
             f"offload {offload} does not apply on {device}: offloading moves weights between CPU and GPU "
             "memory, and on CPU everything already lives in CPU memory; running without offload"
         )
         offload = None
-    if offload:
-        try:
-            import accelerate  # noqa: F401
-        except ImportError:
-            raise KoalaError(
-                f"offload {offload} needs the accelerate package (pip install accelerate)", option="offload"
-            ) from None
-        gpu_id = torch.device(device).index or 0
-        if offload == "model":
-            pipe.enable_model_cpu_offload(gpu_id=gpu_id)
-        else:
-            pipe.enable_sequential_cpu_offload(gpu_id=gpu_id)
-        modes.append(f"{offload} CPU offload")
-    else:
+    if not offload:
         pipe.to(device)
-    if compile:  # in place; the VAE decoder and text encoders too (H200, KOALA-700M 1024^2: VAE 85.8 -> 35.3 ms,
-        # text 16.4 -> 10.7 ms, U-Net step 26.1 -> 14.3 ms; benchmarks/results/h200/README.md)
-        encoders = [getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2")]
-        for module in [model, pipe.vae.decoder, *filter(None, encoders)]:
-            compile_module(module)
-        modes.append(f"torch.compile({fam.model_subfolder}, VAE decoder, text encoders)")
-        notes.append("torch.compile: the first image is slow (compilation); later ones are faster")
-    return LoadedPipeline(pipe, name, device, dtype_name, scheduler, spacing, modes, notes, fam.name, lora_desc)
+        return
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        raise KoalaError(
+            f"offload {offload} needs the accelerate package (pip install accelerate)", option="offload"
+        ) from None
+    gpu_id = torch.device(device).index or 0
+    if offload == "model":
+        pipe.enable_model_cpu_offload(gpu_id=gpu_id)
+    else:
+        pipe.enable_sequential_cpu_offload(gpu_id=gpu_id)
+    modes.append(f"{offload} CPU offload")
 
 
-def unet_dir_vae(path: str) -> str:
+def _compile(pipe, denoiser, fam: Family, modes: list[str], notes: list[str]) -> None:
+    """torch.compile in place: the denoiser, the VAE decoder and the text encoders (H200, KOALA-700M 1024^2: VAE
+    85.8 -> 35.3 ms, text 16.4 -> 10.7 ms, U-Net step 26.1 -> 14.3 ms; benchmarks/results/h200/README.md)."""
+    encoders = [getattr(pipe, enc, None) for _, enc, _ in fam.text_encoders]
+    for module in [denoiser, pipe.vae.decoder, *filter(None, encoders)]:
+        compile_module(module)
+    modes.append(f"torch.compile({fam.model_subfolder}, VAE decoder, text encoders)")
+    notes.append("torch.compile: the first image is slow (compilation); later ones are faster")
+
+
+def vae_dir_of(path: str) -> str:
     """A VAE directory, or a pipeline directory's vae/ (the ``vae`` argument)."""
     if os.path.isfile(os.path.join(path, "model_index.json")):
         path = os.path.join(path, "vae")

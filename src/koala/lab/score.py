@@ -185,7 +185,7 @@ def aggregate(scores: Iterable[dict]) -> dict:
     return res
 
 
-def read_prompts(folder: str) -> list[tuple[str, str]]:
+def image_prompt_pairs(folder: str) -> list[tuple[str, str]]:
     """``[(image path, prompt)]`` from ``metadata.jsonl`` (``file_name``, ``text`` or ``prompt``) or, failing
     that, from each PNG's tEXt chunk ``prompt``."""
     from PIL import Image
@@ -234,7 +234,7 @@ def score_pairs(images: Iterable[np.ndarray], prompts: Iterable[str]) -> tuple[d
 
 def score_folder(folder: str, limit: int | None = None) -> tuple[dict, list[dict]]:
     """Score every (image, prompt) of a folder; returns ``(aggregate, per-image rows)``."""
-    items = read_prompts(folder)[:limit]
+    items = image_prompt_pairs(folder)[:limit]
     agg, per = score_pairs((load_rgb(p) for p, _ in items), (t for _, t in items))
     for (path, text), row in zip(items, per):
         row["file_name"] = os.path.relpath(path, folder)
