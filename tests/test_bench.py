@@ -160,3 +160,14 @@ def test_cli_bench(tmp_path, capsys):
     bad.write_text("{}")
     with pytest.raises(KoalaError, match="schema"):
         load_json(str(bad))
+
+
+def test_cli_bench_bare_json_prints_the_result_alone(tmp_path, capsys):
+    from koala.cli import main
+
+    md = tmp_path / "r.md"
+    args = ["bench", "--models", "tiny-koala-700m", "--resolution", "64", "--steps", "1", "--device", "cpu"]
+    assert main([*args, "--warmup", "0", "--repeats", "1", "--markdown", str(md), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["schema"] == "koala-bench/1"  # stdout: the JSON alone
+    assert f"wrote {md}" in captured.err and md.exists()

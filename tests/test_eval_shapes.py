@@ -69,6 +69,9 @@ def test_cli_eval_shapes(tmp_path, capsys):
     assert agg["n_images"] == 6 and agg["binding"] == 1.0
     assert main(["eval", "shapes", f"{d}/val"]) == 0
     assert "binding" in capsys.readouterr().out
+    out = tmp_path / "agg.json"
+    assert main(["eval", "shapes", f"{d}/val", "--json", str(out)]) == 0  # --json FILE: the file and the table
+    assert json.loads(out.read_text()) == agg and "binding" in capsys.readouterr().out
     # PNG tEXt "prompt" instead of metadata.jsonl
     png = tmp_path / "png"
     png.mkdir()

@@ -33,6 +33,17 @@ def test_presets_json_lists_every_family(capsys):
     assert rows["bk-sdm-tiny"]["stages"] == 3 and rows["koala-700m"]["stages"] == 3
 
 
+def test_presets_json_file_or_stdout(tmp_path, capsys):
+    out = tmp_path / "presets.json"
+    assert main(["presets", "--no-flops", "--json", str(out)]) == 0  # --json FILE: the file, and the table as usual
+    table = capsys.readouterr().out
+    assert table.strip() and not table.lstrip().startswith("[")
+    rows = {r["name"]: r for r in json.loads(out.read_text())}
+    assert rows["koala-700m"]["family"] == "sdxl"
+    assert main(["presets", "--json", "-", "--no-flops"]) == 0  # '-' is stdout, as a bare --json
+    assert json.loads(capsys.readouterr().out) == list(rows.values())
+
+
 def test_detection_and_refusals_name_the_family():
     sdxl_cfg = dict(tiny_unet().config)
     sd_cfg = dict(tiny_unet(family="sd").config)

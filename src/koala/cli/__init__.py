@@ -1,7 +1,8 @@
 """The ``koala`` command line. Thin: each subcommand module parses arguments and calls library functions.
 
 Each module listed in ``COMMANDS`` defines ``register(subparsers)``, which adds its parser(s) and sets
-``func`` to a callable taking the parsed ``argparse.Namespace``.
+``func`` to a callable taking the parsed ``argparse.Namespace``. Arguments that several commands share (choices
+from the library, ``--dtype``, ``--json [FILE]``) are in :mod:`koala.cli.options`.
 """
 
 from __future__ import annotations

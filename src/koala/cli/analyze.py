@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .options import add_dtype_argument
+
 EPILOG = """\
 MODEL is a preset (koala presets; built on the meta device for params, with random weights for latency) or a
 local directory: a pipeline, a U-Net / DiT transformer, or a student written by koala compress / koala distill
@@ -47,7 +49,7 @@ def register(sub) -> None:
     q.add_argument("--resolution", type=int, default=512, help="image size (default 512)")
     q.add_argument("--batch", type=int, default=1)
     q.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    q.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    add_dtype_argument(q, default="fp32")
     q.add_argument("--repeats", type=int, default=5, help="timed forwards (default 5; one warm-up first)")
     q.set_defaults(func=run_latency)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from .options import add_dtype_argument
+
 EPILOG = """\
 with no model arguments the page runs offline on the packaged shapes world: the shapes teacher and the
 `koala demo` student (from --demo-dir, default ./koala-demo), or a freshly compressed untrained student when
@@ -50,7 +52,7 @@ def register(sub) -> None:
     )
     p.add_argument("--demo-dir", default="koala-demo", help="where `koala demo` wrote its student (no-argument mode)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on GPU, fp32 on CPU")
+    add_dtype_argument(p, help="default: fp16 on GPU, fp32 on CPU")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--share", action="store_true", help="also open a public Gradio share link (off by default)")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import functools
+
+from .options import STDOUT, add_dtype_argument, add_json_argument, emit_json, human_stream
 
 EPILOG = """\
 models: preset names of any family (sdxl: sdxl-base, bk-sdxl, koala-1b, koala-700m, ssd-1b, segmind-vega; sd:
@@ -52,12 +55,7 @@ def register(sub) -> None:
         help="guidance scale; > 1 doubles the denoiser batch as in the pipeline (default 3.5)",
     )
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available, else cpu)")
-    p.add_argument(
-        "--dtype",
-        default=None,
-        choices=["fp32", "fp16", "bf16"],
-        help="weight/activation dtype (default: fp16 on cuda, fp32 on cpu)",
-    )
+    add_dtype_argument(p, help="weight/activation dtype (default: fp16 on cuda, fp32 on cpu)")
     p.add_argument(
         "--components",
         default=None,
@@ -95,7 +93,7 @@ def register(sub) -> None:
         metavar="GIB",
         help="CUDA only: cap this process's GPU memory, e.g. 8 to check that a model runs on an 8 GB card",
     )
-    p.add_argument("--json", default=None, metavar="FILE", help="write the full result (schema koala-bench/1)")
+    add_json_argument(p, "the full result (schema koala-bench/1)")
     p.add_argument("--markdown", default=None, metavar="FILE", help="write the markdown table")
     p.add_argument("--plot", default=None, metavar="FILE", help="write a latency/memory bar chart (PNG)")
     p.set_defaults(func=run)
@@ -162,7 +160,7 @@ def register_train(modes) -> None:
         default=None,
         help="the device's peak TFLOP/s for MFU (default: data sheet for known GPUs, else measured)",
     )
-    t.add_argument("--json", default=None, metavar="FILE", help="write the full result (schema koala-bench-train/1)")
+    add_json_argument(t, "the full result (schema koala-bench-train/1)")
     t.add_argument("--markdown", default=None, metavar="FILE", help="write the one-row markdown table")
     t.add_argument(
         "overrides",
@@ -174,8 +172,6 @@ def register_train(modes) -> None:
 
 
 def run_train(args) -> int:
-    import json
-
     import torch
 
     from ..bench.train import TrainBenchSettings, run_train_bench, train_markdown
@@ -193,30 +189,31 @@ def run_train(args) -> int:
         peak_tflops=args.peak_tflops,
         threads=args.threads,
     )
-    result = run_train_bench(settings)
+    say = functools.partial(print, file=human_stream(args))  # progress and notes: stderr under a bare --json
+    result = run_train_bench(settings, log=say)
     table = train_markdown([result])
-    ph = result["times_ms"]["phases_median"]
-    print()
-    print("phases (median ms): " + ", ".join(f"{k} {v:.1f}" for k, v in ph.items()))
-    print(
-        f"FLOPs/sample {result['flops']['per_sample'] / 1e12:.3f} T, achieved "
-        f"{result['flops']['achieved_tflops']:.2f} "
-        f"TFLOP/s of {result['flops']['peak_tflops']:.1f} ({result['flops']['peak_source']})"
-    )
-    print(table)
-    if args.json:
-        atomic_write_text(args.json, json.dumps(result, indent=1) + "\n")
-        print(f"wrote {args.json}")
+    if args.json != STDOUT:  # a bare --json prints the result instead
+        ph = result["times_ms"]["phases_median"]
+        print()
+        print("phases (median ms): " + ", ".join(f"{k} {v:.1f}" for k, v in ph.items()))
+        print(
+            f"FLOPs/sample {result['flops']['per_sample'] / 1e12:.3f} T, achieved "
+            f"{result['flops']['achieved_tflops']:.2f} "
+            f"TFLOP/s of {result['flops']['peak_tflops']:.1f} ({result['flops']['peak_source']})"
+        )
+        print(table)
+    if path := emit_json(args.json, result):
+        say(f"wrote {path}")
     if args.markdown:
         atomic_write_text(args.markdown, table)
-        print(f"wrote {args.markdown}")
+        say(f"wrote {args.markdown}")
     return 0
 
 
 def run(args) -> int:
     import torch
 
-    from ..bench import BenchSettings, markdown_table, plot, run_bench, write_json
+    from ..bench import BenchSettings, markdown_table, plot, run_bench
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
@@ -241,16 +238,18 @@ def run(args) -> int:
         vae_tiling=args.vae_tiling,
         memory_cap_gib=args.memory_cap_gib,
     )
-    result = run_bench(settings)
+    say = functools.partial(print, file=human_stream(args))  # progress and notes: stderr under a bare --json
+    result = run_bench(settings, log=say)
     table = markdown_table(result)
-    print()
-    print(table)
-    if args.json:
-        print(f"wrote {write_json(result, args.json)}")
+    if args.json != STDOUT:  # a bare --json prints the result instead
+        print()
+        print(table)
+    if path := emit_json(args.json, result, indent=2):
+        say(f"wrote {path}")
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(table)
-        print(f"wrote {args.markdown}")
+        say(f"wrote {args.markdown}")
     if args.plot:
-        print(f"wrote {plot(result, args.plot)}")
+        say(f"wrote {plot(result, args.plot)}")
     return 0

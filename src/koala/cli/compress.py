@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .options import add_choice_argument, add_dtype_argument
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -50,19 +52,19 @@ def register(sub) -> None:
         help="the teacher's model family, sdxl, sd or pixart (default: detected from its config)",
     )
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
-    p.add_argument(
-        "--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="student weight dtype (default: fp32)"
-    )
-    p.add_argument(
+    add_dtype_argument(p, help="student weight dtype (default: fp32)")
+    add_choice_argument(
+        p,
         "--layer-selection",
         default="bottom",
-        choices=["bottom", "interleave", "up"],
+        choices="koala.arch.layer_map.SELECTIONS",
         help="which teacher transformer layers initialise the student's (default: bottom, the paper's SA-bottom)",
     )
-    p.add_argument(
+    add_choice_argument(
+        p,
         "--teacher-kind",
         default="base",
-        choices=["base", "turbo", "lightning"],
+        choices="koala.families.sampling.TEACHER_KINDS",
         help="what the teacher is: base (SDXL-Base, SD, PixArt), turbo (SDXL-Turbo) or lightning "
         "(SDXL-Lightning); recorded in the layer map, and a turbo/lightning student pipeline gets the Euler "
         "trailing-spacing scheduler it is sampled with (default: base)",

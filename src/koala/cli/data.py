@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 from ..errors import KoalaError
+from .options import STDOUT, add_choice_argument, add_dtype_argument, add_json_argument, emit_json
 
 SOURCE_HELP = (
     "data source: an image folder (sidecar .txt or metadata.jsonl/.csv with file_name), a .parquet/.csv "
@@ -40,9 +40,10 @@ def _source_args(p) -> None:
         help="field(s) with the synthetic (LMM) caption; the first "
         "non-empty one is used (LAION-POP: cogvlm_caption llava_caption; the LAION-POP recipes set them)",
     )
-    g.add_argument(
+    add_choice_argument(
+        g,
         "--syncap",
-        choices=["append", "replace", "original"],
+        choices="koala.data.captions.SYNCAP_MODES",
         help="append: original + ', ' + synthetic (KOALA, default when --syncap-column is set); "
         "replace: synthetic only; original: ignore it",
     )
@@ -104,6 +105,13 @@ def _data_cfg(args) -> dict:
 def register(sub) -> None:
     p = sub.add_parser("data", help="inspect training data", description="Inspect training data sources.")
     dsub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    _add_stats_parser(dsub)
+    _add_syncap_parser(dsub)
+    p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
+    _add_cache_parser(sub)
+
+
+def _add_stats_parser(dsub) -> None:
     s = dsub.add_parser(
         "stats",
         help="images, average resolution, caption length, skipped samples",
@@ -120,8 +128,11 @@ def register(sub) -> None:
         "counts; without it, tokens are estimated from words",
     )
     s.add_argument("--limit", type=int, help="read at most this many records")
-    s.add_argument("--json", action="store_true", help="print JSON")
+    add_json_argument(s, "the statistics")
     s.set_defaults(func=run_stats)
+
+
+def _add_syncap_parser(dsub) -> None:
     y = dsub.add_parser(
         "syncap",
         help="write synthetic captions with a local vision-language model (synCap)",
@@ -142,13 +153,12 @@ def register(sub) -> None:
     y.add_argument("--max-new-tokens", type=int, default=160)
     y.add_argument("--limit", type=int, help="caption at most this many records")
     y.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    y.add_argument(
-        "--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default: fp16 on cuda, fp32 on cpu"
-    )
+    add_dtype_argument(y, help="default: fp16 on cuda, fp32 on cpu")
     y.add_argument("--no-progress", action="store_true")
     y.set_defaults(func=run_syncap)
-    p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
 
+
+def _add_cache_parser(sub) -> None:
     c = sub.add_parser(
         "cache",
         help="precompute VAE latents and text-encoder states into sharded safetensors",
@@ -177,16 +187,17 @@ def register(sub) -> None:
     c.add_argument(
         "--shard-size", type=int, default=256, help="source rows per shard (webdataset: one tar = one shard)"
     )
-    c.add_argument(
+    add_choice_argument(
+        c,
         "--latent",
-        choices=["sample", "mean"],
+        choices="koala.data.cache.LATENTS",
         default="sample",
         help="store latent_dist.sample() (diffusers' SDXL scripts) or its mean",
     )
-    c.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="storage dtype of latents/embeds")
-    c.add_argument(
+    add_dtype_argument(c, default="fp16", help="storage dtype of latents/embeds")
+    add_dtype_argument(
+        c,
         "--vae-dtype",
-        choices=["fp16", "bf16", "fp32"],
         default="fp32",
         help="VAE compute dtype (fp16 only with an fp16-safe VAE such as sdxl-vae-fp16-fix)",
     )
@@ -251,9 +262,9 @@ def run_stats(args) -> int:
             )
         except (OSError, ValueError) as err:
             raise KoalaError(f"{args.tokenizer}: cannot load a CLIP tokenizer ({err})") from err
-    st = data_stats(_data_cfg(args), tokenizer=tok, limit=args.limit, progress=not args.json)
-    if args.json:
-        print(json.dumps(st, indent=1))
+    st = data_stats(_data_cfg(args), tokenizer=tok, limit=args.limit, progress=args.json != STDOUT)
+    emit_json(args.json, st)
+    if args.json == STDOUT:
         return 0
     from rich.console import Console
     from rich.table import Table

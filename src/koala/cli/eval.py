@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+
+from .options import STDOUT, add_choice_argument, add_dtype_argument, add_json_argument, emit_json
 
 
 def _scorer_args(
@@ -14,7 +17,7 @@ def _scorer_args(
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     if limit:
         p.add_argument("--limit", type=int, default=None, help="score only the first N images")
-    p.add_argument("--json", default=None, metavar="FILE", help="write the result (with per-image scores) as JSON")
+    add_json_argument(p, "the result (with per-image scores)")
     p.add_argument("--markdown", default=None, metavar="FILE", help="write the table (markdown)")
 
 
@@ -22,6 +25,16 @@ def register(sub) -> None:
     p = sub.add_parser("eval", help="evaluate generated images", description="Evaluate generated images.")
     ev = p.add_subparsers(dest="eval_command", metavar="SUBCOMMAND")
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
+    _add_shapes_parser(ev)
+    _add_clip_parser(ev)
+    _add_hpsv2_parser(ev)
+    _add_pickscore_parser(ev)
+    _add_fid_parser(ev)
+    _add_compbench_parser(ev)
+    _add_run_parser(ev)
+
+
+def _add_shapes_parser(ev) -> None:
     s = ev.add_parser(
         "shapes",
         help="score shapes images for colour, shape, binding and spatial accuracy",
@@ -33,7 +46,7 @@ def register(sub) -> None:
         "spatial (stated relations hold), all (every fact of the image holds).",
     )
     s.add_argument("dir", metavar="DIR", help="folder of images with metadata.jsonl or PNG 'prompt' chunks")
-    s.add_argument("--json", action="store_true", help="print the aggregate scores as JSON instead of a table")
+    add_json_argument(s, "the aggregate scores")
     s.add_argument("--per-image", default=None, metavar="FILE", help="also write per-image scores as JSON lines")
     s.add_argument("--limit", type=int, default=None, help="score only the first N images")
     s.add_argument(
@@ -43,6 +56,9 @@ def register(sub) -> None:
         help="also report binding separately for these colour:shape pairs, e.g. red:triangle,blue:circle",
     )
     s.set_defaults(func=run_shapes)
+
+
+def _add_clip_parser(ev) -> None:
     c = ev.add_parser(
         "clip",
         help="CLIP score of images against their prompts (local transformers CLIP checkpoint)",
@@ -60,6 +76,9 @@ def register(sub) -> None:
     )
     c.add_argument("--batch-size", type=int, default=16)
     c.set_defaults(func=run_clip)
+
+
+def _add_hpsv2_parser(ev) -> None:
     h = ev.add_parser(
         "hpsv2",
         help="HPSv2 human-preference score of images for their prompts (local HPS checkpoint)",
@@ -78,13 +97,17 @@ def register(sub) -> None:
         metavar="DIR",
         help="CLIP tokenizer directory (e.g. an SDXL pipeline directory or its tokenizer/)",
     )
-    h.add_argument(
+    add_choice_argument(
+        h,
         "--act",
         default="gelu",
-        choices=["gelu", "quick_gelu"],
+        choices="koala.eval.hpsv2.ACTS",
         help="MLP activation of the checkpoint's architecture (ViT-H-14: gelu; OpenAI CLIPs: quick_gelu)",
     )
     h.set_defaults(func=run_hpsv2)
+
+
+def _add_pickscore_parser(ev) -> None:
     k = ev.add_parser(
         "pickscore",
         help="PickScore of images for their prompts (local PickScore checkpoint)",
@@ -96,6 +119,9 @@ def register(sub) -> None:
     k.add_argument("--checkpoint", required=True, metavar="DIR", help="PickScore checkpoint directory")
     k.add_argument("--processor", default=None, metavar="DIR", help="its CLIP processor (default: the checkpoint dir)")
     k.set_defaults(func=run_pickscore)
+
+
+def _add_fid_parser(ev) -> None:
     f = ev.add_parser(
         "fid",
         help="FID of generated images against a reference folder (local Inception TorchScript)",
@@ -111,6 +137,9 @@ def register(sub) -> None:
     )
     f.add_argument("--batch-size", type=int, default=32)
     f.set_defaults(func=run_fid)
+
+
+def _add_compbench_parser(ev) -> None:
     b = ev.add_parser(
         "compbench",
         help="T2I-CompBench category score (B-VQA, spatial, non-spatial CLIP, 3-in-1) from local checkpoints",
@@ -122,9 +151,7 @@ def register(sub) -> None:
         "chunks; point koala eval run or koala generate at the benchmark's <category>_val.txt to make the images.",
     )
     _scorer_args(b)
-    b.add_argument(
-        "--category", required=True, choices=["color", "shape", "texture", "spatial", "non_spatial", "complex"]
-    )
+    add_choice_argument(b, "--category", required=True, choices="koala.eval.compbench.CATEGORIES")
     b.add_argument(
         "--vqa", default=None, metavar="DIR", help="BLIP VQA checkpoint (Salesforce/blip-vqa-capfilt-large)"
     )
@@ -140,6 +167,29 @@ def register(sub) -> None:
         help="folder with the benchmark's complex_val_spatial.txt and complex_val_action.txt",
     )
     b.set_defaults(func=run_compbench)
+
+
+class _RunHelp(argparse.HelpFormatter):
+    """`koala eval run`'s help, with {SCORERS} in --scorers' help filled from eval.run.SCORERS when help is printed
+    (importing it loads torch, which building the parser must not)."""
+
+    def _get_help_string(self, action):
+        text = super()._get_help_string(action)
+        return text.replace("{SCORERS}", _scorer_names()) if "{SCORERS}" in text else text
+
+
+def _scorer_names() -> str:
+    """eval.run.SCORERS with each family folded into one entry: compbench-color|shape|..."""
+    from ..eval.run import SCORERS
+
+    families: dict[str, list[str]] = {}
+    for name in SCORERS:
+        family, _, member = name.partition("-")
+        families.setdefault(family, []).append(member)
+    return ", ".join(f if members == [""] else f"{f}-{'|'.join(members)}" for f, members in families.items())
+
+
+def _add_run_parser(ev) -> None:
     r = ev.add_parser(
         "run",
         help="the paper's Table 5 in one command: generate with every model, score, write a table",
@@ -151,7 +201,26 @@ def register(sub) -> None:
         "sampler settings), so a killed run continues where it stopped.",
         epilog="example: koala eval run --model teacher=sdxl-base --model koala=out/koala-700m --prompts hps_prompts/ "
         "--scorers clip --clip clip-vit-base-patch32 --seeds 0 --out eval-table5",
+        formatter_class=_RunHelp,
     )
+    _add_run_input_args(r)
+    _add_run_scorer_args(r)
+    r.add_argument(
+        "--seeds", default="0", help="comma-separated seeds, each prompt generated once per seed (default 0)"
+    )
+    r.add_argument("--steps", type=int, default=10)
+    r.add_argument("--cfg", type=float, default=3.5)
+    r.add_argument("--width", type=int, default=None)
+    r.add_argument("--height", type=int, default=None)
+    r.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    add_dtype_argument(r)
+    r.add_argument("--out", required=True, help="output folder (reused to resume)")
+    r.add_argument("--no-progress", action="store_true")
+    r.set_defaults(func=run_run)
+
+
+def _add_run_input_args(r) -> None:
+    """The models and the prompt sets."""
     r.add_argument(
         "--model", action="append", default=[], metavar="NAME=DIR", help="a pipeline directory (repeatable)"
     )
@@ -179,7 +248,11 @@ def register(sub) -> None:
         "compbench-color=color_val.txt compbench-spatial=spatial_val.txt: Table 5 in one run",
     )
     r.add_argument("--limit", type=int, default=None, help="the first N prompts (per style for a directory)")
-    r.add_argument("--scorers", default="shapes", help=f"comma-separated: {', '.join(SCORERS)} (default shapes)")
+
+
+def _add_run_scorer_args(r) -> None:
+    """The scorers and their checkpoints."""
+    r.add_argument("--scorers", default="shapes", help="comma-separated: {SCORERS} (default shapes)")
     r.add_argument("--clip", default=None, metavar="CLIP_DIR", help="local transformers CLIP checkpoint (scorer clip)")
     r.add_argument("--hps-checkpoint", default=None, metavar="FILE", help="HPS_v2_compressed.pt (scorer hpsv2)")
     r.add_argument(
@@ -218,21 +291,6 @@ def register(sub) -> None:
     r.add_argument(
         "--inception", default=None, metavar="FILE", help="FID Inception TorchScript (inception-2015-12-05.pt)"
     )
-    r.add_argument(
-        "--seeds", default="0", help="comma-separated seeds, each prompt generated once per seed (default 0)"
-    )
-    r.add_argument("--steps", type=int, default=10)
-    r.add_argument("--cfg", type=float, default=3.5)
-    r.add_argument("--width", type=int, default=None)
-    r.add_argument("--height", type=int, default=None)
-    r.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    r.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])
-    r.add_argument("--out", required=True, help="output folder (reused to resume)")
-    r.add_argument("--no-progress", action="store_true")
-    r.set_defaults(func=run_run)
-
-
-SCORERS = ("shapes", "clip", "hpsv2", "pickscore", "compbench-color|shape|texture|spatial|non_spatial|complex")
 
 
 def _compbench(args):
@@ -339,14 +397,15 @@ def _skips(skipped) -> str:
 
 
 def _emit(args, lines: list[str], res: dict) -> int:
-    """Print the markdown table; write it (--markdown) and the result with per-image rows (--json)."""
+    """Print the markdown table (or, for a bare --json, the result); write the result with per-image rows (--json
+    FILE) and the table (--markdown)."""
     from ..utils.files import atomic_write_text
 
     table = "\n".join(lines) + "\n"
-    print(table, end="")
-    if getattr(args, "json", None):
-        atomic_write_text(args.json, json.dumps(res, indent=1))
-    if getattr(args, "markdown", None):
+    if args.json != STDOUT:  # a bare --json prints the result instead
+        print(table, end="")
+    emit_json(args.json, res)
+    if args.markdown:
         atomic_write_text(args.markdown, table)
     return 0
 
@@ -425,8 +484,8 @@ def run_shapes(args) -> int:
         with open(args.per_image, "w") as f:
             for row in per:
                 f.write(json.dumps(row) + "\n")
-    if args.json:
-        print(json.dumps(agg))
+    emit_json(args.json, agg, indent=None)
+    if args.json == STDOUT:
         return 0
     from rich.console import Console
     from rich.table import Table

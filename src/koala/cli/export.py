@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from .options import add_choice_argument, add_dtype_argument
+
 EPILOG = """\
 examples:
   koala export out/koala-700m --format single-file --out koala-700m.safetensors --dtype fp16
@@ -38,10 +40,11 @@ def register(sub) -> None:
         metavar="SRC",
         help="pipeline or U-Net directory, or (with --format diffusers) a single-file .safetensors",
     )
-    p.add_argument(
+    add_choice_argument(
+        p,
         "--format",
         default="single-file",
-        choices=["single-file", "diffusers"],
+        choices="koala.formats.single_file.FORMATS",
         help="what to write (default single-file)",
     )
     p.add_argument("--out", required=True, help="output .safetensors file (single-file) or directory (diffusers)")
@@ -49,12 +52,7 @@ def register(sub) -> None:
         "--base", default=None, help="single-file from a U-Net directory: the pipeline supplying VAE and text encoders"
     )
     p.add_argument("--unet-only", action="store_true", help="write / convert the U-Net alone")
-    p.add_argument(
-        "--dtype",
-        default=None,
-        choices=["fp32", "fp16", "bf16"],
-        help="weight dtype (default: each component as it is stored)",
-    )
+    add_dtype_argument(p, help="weight dtype (default: each component as it is stored)")
     p.add_argument(
         "--config",
         default=None,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .options import add_choice_argument, add_dtype_argument
+
 EPILOG = """\
 defaults follow the paper (App. A.3): Euler discrete scheduler, 10 steps, guidance 3.5, fp16 on a GPU
 (fp32 on CPU). Students of step-distilled teachers (KOALA-Lightning / -Turbo: teacher kind lightning / turbo,
@@ -32,19 +34,28 @@ def register(sub) -> None:
     )
     p.add_argument("prompt", nargs="*", help="one or more prompts (or use --prompts-file)")
     p.add_argument("--prompts-file", default=None, help="text file with one prompt per line ('#' lines skipped)")
-    src = p.add_argument_group("model")
-    src.add_argument(
-        "--model", default=None, help="pipeline directory, SDXL or SD-1.x (e.g. written by koala compress)"
-    )
-    src.add_argument(
+    _add_model_args(p.add_argument_group("model"))
+    _add_sampling_args(p.add_argument_group("sampling"))
+    _add_memory_args(p.add_argument_group("memory and speed"))
+    _add_safety_args(p.add_argument_group("safety"))
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default="koala-images", help="output directory (default koala-images)")
+    o.add_argument("--grid", action="store_true", help="also write grid.png with all kept images")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _add_model_args(g) -> None:
+    g.add_argument("--model", default=None, help="pipeline directory, SDXL or SD-1.x (e.g. written by koala compress)")
+    g.add_argument(
         "--unet",
         default=None,
         help="student U-Net (or DiT transformer) directory to drop into --base (e.g. koala distill's "
         "OUT/checkpoints/step-N/unet, or .../transformer for a PixArt student)",
     )
-    src.add_argument("--base", default=None, help="teacher pipeline directory supplying text encoders, VAE, scheduler")
-    src.add_argument("--vae", default=None, help="fp16-safe VAE directory (e.g. sdxl-vae-fp16-fix)")
-    src.add_argument(
+    g.add_argument("--base", default=None, help="teacher pipeline directory supplying text encoders, VAE, scheduler")
+    g.add_argument("--vae", default=None, help="fp16-safe VAE directory (e.g. sdxl-vae-fp16-fix)")
+    g.add_argument(
         "--lora",
         action="append",
         default=[],
@@ -52,20 +63,24 @@ def register(sub) -> None:
         help="apply a LoRA (.safetensors; repeatable; scale default 1.0). For a KOALA student, transfer an "
         "SDXL LoRA first: koala lora transfer",
     )
-    g = p.add_argument_group("sampling")
+
+
+def _add_sampling_args(g) -> None:
     g.add_argument("--steps", type=int, default=10, help="denoising steps (default 10)")
     g.add_argument("--cfg", type=float, default=3.5, help="classifier-free guidance scale (default 3.5)")
     g.add_argument("--negative-prompt", default=None, help="negative prompt (default: none, zeroed embedding)")
-    g.add_argument(
+    add_choice_argument(
+        g,
         "--scheduler",
         default="euler",
-        choices=["euler", "euler_a", "ddim", "dpmpp_2m"],
+        choices="koala.inference.pipeline.SCHEDULERS",
         help="sampler (default euler: EulerDiscreteScheduler, as in the paper)",
     )
-    g.add_argument(
+    add_choice_argument(
+        g,
         "--timestep-spacing",
         default=None,
-        choices=["leading", "trailing", "linspace"],
+        choices="koala.inference.pipeline.SPACINGS",
         help="timestep spacing (default: trailing for a student of a turbo/lightning teacher, per its "
         "koala_layer_map.json; else the pipeline's)",
     )
@@ -74,49 +89,48 @@ def register(sub) -> None:
     g.add_argument("--images-per-prompt", type=int, default=1, help="images for each prompt (default 1)")
     g.add_argument("--width", type=int, default=None, help="image width (default: the model's native size)")
     g.add_argument("--height", type=int, default=None, help="image height (default: the model's native size)")
-    m = p.add_argument_group("memory and speed")
-    m.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
-    m.add_argument(
-        "--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on cuda, fp32 on cpu"
-    )
-    m.add_argument("--vae-slicing", action="store_true", help="decode a batch one image at a time")
-    m.add_argument("--vae-tiling", action="store_true", help="decode in overlapping tiles (lowest VAE memory)")
-    m.add_argument(
+
+
+def _add_memory_args(g) -> None:
+    g.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
+    add_dtype_argument(g, help="default: fp16 on cuda, fp32 on cpu")
+    g.add_argument("--vae-slicing", action="store_true", help="decode a batch one image at a time")
+    g.add_argument("--vae-tiling", action="store_true", help="decode in overlapping tiles (lowest VAE memory)")
+    add_choice_argument(
+        g,
         "--offload",
         default=None,
-        choices=["model", "sequential"],
+        choices="koala.inference.pipeline.OFFLOAD",
         help="CPU offload (CUDA + accelerate only): 'model' moves whole components to the GPU in turn; "
         "'sequential' moves sub-modules (least memory, much slower)",
     )
-    m.add_argument(
+    add_choice_argument(
+        g,
         "--attention",
         default="sdpa",
-        choices=["sdpa", "classic"],
+        choices="koala.inference.pipeline.ATTENTION_PROCESSORS",
         help="attention kernel: PyTorch scaled_dot_product_attention (default) or the classic one",
     )
-    m.add_argument(
+    g.add_argument(
         "--channels-last",
         action="store_true",
         help="channels_last memory format for the U-Net (not the VAE: slower there on GPU)",
     )
-    m.add_argument(
+    g.add_argument(
         "--compile",
         action="store_true",
         help="torch.compile the U-Net / DiT, the VAE decoder and the text encoders (first image is slow)",
     )
-    s = p.add_argument_group("safety")
-    s.add_argument(
+
+
+def _add_safety_args(g) -> None:
+    g.add_argument(
         "--nsfw-model", default=None, help="local image-classification model directory; flagged images are withheld"
     )
-    s.add_argument("--nsfw-label", default="nsfw", help="class name of the classifier to filter on (default nsfw)")
-    s.add_argument(
+    g.add_argument("--nsfw-label", default="nsfw", help="class name of the classifier to filter on (default nsfw)")
+    g.add_argument(
         "--nsfw-threshold", type=float, default=0.5, help="withhold when the label's probability exceeds this"
     )
-    o = p.add_argument_group("output")
-    o.add_argument("--out", default="koala-images", help="output directory (default koala-images)")
-    o.add_argument("--grid", action="store_true", help="also write grid.png with all kept images")
-    o.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
 
 
 def run(args) -> int:

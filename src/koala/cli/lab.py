@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from .options import add_choice_argument
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -14,7 +16,13 @@ def register(sub) -> None:
     )
     lab = p.add_subparsers(dest="lab_command", metavar="SUBCOMMAND")
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
+    _add_make_data_parser(lab)
+    _add_train_teacher_parser(lab)
+    _add_sample_parser(lab)
+    _add_make_tiny_parser(lab)
 
+
+def _add_make_data_parser(lab) -> None:
     m = lab.add_parser(
         "make-data",
         help="write shapes train/val image folders (PNG + metadata.jsonl)",
@@ -40,6 +48,8 @@ def register(sub) -> None:
     m.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     m.set_defaults(func=run_make_data)
 
+
+def _add_train_teacher_parser(lab) -> None:
     t = lab.add_parser(
         "train-teacher",
         help="train the tiny shapes teacher (VAE, then U-Net / DiT + text encoders) on CPU",
@@ -80,6 +90,8 @@ def register(sub) -> None:
     t.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     t.set_defaults(func=run_train_teacher)
 
+
+def _add_sample_parser(lab) -> None:
     s = lab.add_parser(
         "sample",
         help="generate images for the shapes val prompts (for `koala eval shapes`)",
@@ -90,12 +102,14 @@ def register(sub) -> None:
     s.add_argument("--pipeline", default=None, help="pipeline directory (default: the packaged shapes teacher)")
     s.add_argument("--out", required=True, help="output image folder")
     s.add_argument("--num", type=int, default=200, help="number of prompts/images (default 200)")
-    s.add_argument("--split", default="val", choices=["train", "val"])
+    add_choice_argument(s, "--split", default="val", choices="koala.lab.shapes.SPLITS")
     s.add_argument("--seed", type=int, default=0, help="scene seed and sampling seed (default 0)")
     s.add_argument("--steps", type=int, default=None, help="sampling steps (default 20)")
     s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default 5)")
     s.set_defaults(func=run_sample)
 
+
+def _add_make_tiny_parser(lab) -> None:
     k = lab.add_parser(
         "make-tiny",
         help="write a tiny random-weight pipeline (SDXL, SD-1.x or PixArt topology) for tests and smoke runs",

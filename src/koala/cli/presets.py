@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+from .options import STDOUT, add_json_argument, emit_json
 
 
 def register(sub) -> None:
@@ -15,7 +15,7 @@ def register(sub) -> None:
         "the meta device (no weights, no memory). Students are derived from each family's reference "
         "teacher (SDXL-Base-1.0, SD-v1.5, PixArt-Sigma-XL-2-512-MS).",
     )
-    p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    add_json_argument(p, "the preset list")
     p.add_argument("--no-flops", action="store_true", help="skip FLOP counting (faster)")
     p.set_defaults(func=run)
 
@@ -30,8 +30,8 @@ def run(args) -> int:
     from ..families import all_preset_stats
 
     rows = all_preset_stats(flops=not args.no_flops)
-    if args.json:
-        print(json.dumps(rows, indent=1))
+    emit_json(args.json, rows)
+    if args.json == STDOUT:
         return 0
     from rich.console import Console
     from rich.table import Table

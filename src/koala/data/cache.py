@@ -48,6 +48,7 @@ log = logging.getLogger("koala.data")
 FORMAT = "koala-cache/2"  # 2: family-aware (fingerprint.family, tensors)
 _VOLATILE_KEYS = {"_name_or_path", "_diffusers_version", "transformers_version", "_commit_hash"}
 BOOKKEEPING = ("original_size", "crop_top_left", "target_size", "flipped")
+LATENTS = ("sample", "mean")  # what a cache stores of the VAE's latent distribution
 
 
 def tensor_names(family: Family) -> tuple[str, ...]:
@@ -204,7 +205,7 @@ def build_cache(
     """
     from tqdm.auto import tqdm
 
-    if latent not in ("sample", "mean"):
+    if latent not in LATENTS:
         raise KoalaError(f"latent must be 'sample' or 'mean', got {latent!r}")
     store = parse_dtype(dtype)
     cfg = normalize_data_cfg({**data_cfg, "shuffle": False, "repeat": False})

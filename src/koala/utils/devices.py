@@ -14,6 +14,7 @@ DTYPES = {
     "bf16": torch.bfloat16,
     "bfloat16": torch.bfloat16,
 }
+DTYPE_NAMES = ("fp32", "fp16", "bf16")  # the short names: what the CLI offers and errors suggest
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
@@ -22,7 +23,7 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     try:
         return DTYPES[name.lower()]
     except KeyError:
-        raise KoalaError(f"unknown dtype {name!r}; choose one of fp32, fp16, bf16") from None
+        raise KoalaError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPE_NAMES)}") from None
 
 
 DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
