@@ -1,16 +1,16 @@
 """Cost of feature KD: the real training step with featKD (paper default: SA all + LF at DW-1/UP-3, loss.feat=1)
-versus outKD only (kd.features={}, loss.feat=0), through ``Distiller.step_losses``. Goal: hooks + featKD <= 5%.
+versus outKD only (kd.features={}, loss.feat=0), through ``Distiller.micro_step``. Goal: hooks + featKD <= 5%.
 
     python benchmarks/bench_distill_hooks.py [--channels 64,128,128] [--text-dim 64] [--resolution 64]
         [--batch 2] [--steps 20] [--threads 1] [--data cache|raw] [--device cpu|cuda]
 
 Both variants are two ``Distiller`` s built from the same `tiny` recipe config (same pipeline, same seed, same
 compressed student) except ``kd.features`` / ``loss.feat``. One timed step is what the trainer does per
-optimizer step with grad_accum 1: ``step_losses`` (encode, noise, teacher forward under feature capture, student
-forward, losses), the finite-loss check, backward, ``losses.scalars(d.pairs)`` (the per-pair logging sync),
-grad-norm clipping, AdamW step, zero_grad, EMA update. Both variants see the same batches and per-sample
-generators. The pipeline is `koala.testing.tiny`'s random SDXL topology scaled up (``--channels``, ``--text-dim``)
-so the U-Net dominates the step. ``--data cache`` (default) feeds pre-encoded latents/embeddings like a
+optimizer step with grad_accum 1: ``kd_item`` (encode, noise, teacher forward under feature capture) and
+``micro_step`` (student forward, losses, the finite-loss check, backward), ``losses.scalars(d.pairs)`` (the
+per-pair logging sync), grad-norm clipping, AdamW step, zero_grad, EMA update. Both variants see the same batches
+and per-sample generators. The pipeline is `koala.testing.tiny`'s random SDXL topology scaled up (``--channels``,
+``--text-dim``) so the U-Net dominates the step. ``--data cache`` (default) feeds pre-encoded latents/embeddings like a
 ``data.type=cache`` run, so VAE/text encoding does not dilute the overhead; ``--data raw`` encodes each step.
 Rounds alternate the order (A B, B A, ...) so drifting machine load affects both alike; medians are reported.
 Writes ``benchmarks/results/distill-hooks.json`` (``--out``).
@@ -54,7 +54,7 @@ def cpu_name() -> str:
 
 def build(args, pipe_dir: str, out_dir: str, featkd: bool, acc):
     from koala.distill import load_config
-    from koala.distill.trainer import Distiller
+    from koala.distill.step import Distiller
 
     feats = (
         ["kd.features={SA: all, LF: [DW-1, UP-3]}", "loss.feat=1.0"] if featkd else ["kd.features={}", "loss.feat=0"]
@@ -96,8 +96,9 @@ def main(argv=None):
 
     from accelerate import Accelerator
 
+    from koala.data import make_dataloader
     from koala.distill.models import encode_batch
-    from koala.distill.trainer import _check_finite, make_dataloader, sample_generators
+    from koala.distill.step import sample_generators
     from koala.testing.tiny import RANDOM, save_tiny_pipeline
 
     spec = dataclasses.replace(
@@ -120,10 +121,10 @@ def main(argv=None):
         n_batches = 4
         loader = iter(
             make_dataloader(
-                cfg["data"],
+                cfg.data,
                 batch_size=args.batch,
                 resolution=args.resolution,
-                seed=cfg["train"]["seed"],
+                seed=cfg.train.seed,
                 pipeline_dir=pipe,
             )
         )
@@ -131,20 +132,17 @@ def main(argv=None):
         if args.data == "cache":  # what koala.data's cache stores: scaled latents + conditioning, no encoding per step
             cached = []
             for i, b in enumerate(batches):
-                gens = sample_generators(cfg["train"]["seed"], i, 0, args.batch, 1)
+                gens = sample_generators(cfg.train.seed, i, 0, args.batch, 1)
                 lat, cond = encode_batch(b, ref.frozen, "cpu", gens)
                 cached.append({"latents": lat, **cond, "captions": b["captions"]})
             batches = cached
 
         def step(name: str, i: int) -> float:
             cfg, d = variants[name]
-            tcfg = cfg["train"]
-            gens = sample_generators(tcfg["seed"], i, 0, args.batch, 1)
+            gens = sample_generators(cfg.train.seed, i, 0, args.batch, 1)
             sync()
             t0 = time.perf_counter()
-            losses = d.step_losses(batches[i % n_batches], gens)
-            _check_finite(acc, losses, i + 1, tcfg["output_dir"])
-            d.backward(losses.total)
+            losses = d.micro_step(d.kd_item(batches[i % n_batches], gens), step=i + 1)
             losses.scalars(d.pairs)
             d.update()
             sync()
@@ -183,7 +181,7 @@ def main(argv=None):
     )
     print()
     print(
-        "| step (Distiller.step_losses + backward + scalars + clip + AdamW + EMA) "
+        "| step (Distiller.kd_item + micro_step + scalars + clip + AdamW + EMA) "
         "| outKD only ms | + featKD ms | overhead |"
     )
     print("|---|---|---|---|")
@@ -208,9 +206,8 @@ def main(argv=None):
         "student_params_m": round(n_s, 3),
         "feature_pairs": pairs,
         "step_includes": [
-            "Distiller.step_losses",
-            "finite check",
-            "backward",
+            "Distiller.kd_item (encode, noise, teacher forward)",
+            "Distiller.micro_step (student forward, losses, finite check, backward)",
             "Losses.scalars(d.pairs)",
             "clip_grad_norm",
             "AdamW step",

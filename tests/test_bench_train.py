@@ -148,8 +148,9 @@ def test_compiled_student_keeps_hooks_and_loss(tiny_pipe_dir, tmp_path, compile_
     the attention modules inside the blocks), student alone and teacher + student."""
     from accelerate import Accelerator
 
+    from koala.data import make_dataloader
     from koala.distill import load_config
-    from koala.distill.trainer import Distiller, make_dataloader, sample_generators
+    from koala.distill.step import Distiller, sample_generators
 
     def build(compile_mode):
         cfg = load_config(
@@ -183,11 +184,10 @@ def test_compiled_student_keeps_hooks_and_loss(tiny_pipe_dir, tmp_path, compile_
             for b in hooked
             if type(b).__name__ == "Attention"
         )
-    batch = next(iter(make_dataloader(cfg["data"], batch_size=2, resolution=64, seed=0, pipeline_dir=tiny_pipe_dir)))
+    batch = next(iter(make_dataloader(cfg.data, batch_size=2, resolution=64, seed=0, pipeline_dir=tiny_pipe_dir)))
     out = []
     for d in (eager, compiled):
-        losses = d.step_losses(batch, sample_generators(0, 0, 0, 2, 1))
-        losses.total.backward()
+        losses = d.micro_step(d.kd_item(batch, sample_generators(0, 0, 0, 2, 1)))  # forward, losses, backward
         grad = torch.cat([p.grad.flatten() for p in d.plain_student.parameters() if p.grad is not None])
         out.append((losses, grad))
     (le, ge), (lc, gc) = out

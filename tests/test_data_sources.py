@@ -112,7 +112,7 @@ def test_laion_pop_recipe_appends_the_lmm_description(tmp_path):
         }
     )
     df.to_parquet(tmp_path / "pop.parquet")
-    data = load_config("koala-lightning-700m", [])["data"]
+    data = load_config("koala-lightning-700m", []).data
     cfg = {
         **data,
         "type": "parquet",

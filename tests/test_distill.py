@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 from koala import KoalaError
 from koala.distill import FeatureRecorder, feature_pairs, kd_losses, load_config, prediction_target
+from koala.distill.config import LossConfig
 from koala.distill.losses import feature_losses
 from koala.families import get_family
 from koala.testing.tiny import tiny_unet
@@ -41,7 +42,7 @@ def _run(student, teacher, pairs, inputs):
     with s_rec.capture():
         s_out = student(**inputs).sample
     losses = kd_losses(
-        s_out, torch.zeros_like(s_out), t_out, pairs, s_rec.pop(), t_rec.pop(), {"task": 1.0, "out": 1.0, "feat": 1.0}
+        s_out, torch.zeros_like(s_out), t_out, pairs, s_rec.pop(), t_rec.pop(), LossConfig(1.0, 1.0, 1.0)
     )
     s_rec.remove(), t_rec.remove()
     return losses
@@ -63,7 +64,7 @@ def test_featkd_exactly_zero_when_student_is_teacher(tiny_teacher):
 def test_default_pairs_are_sa_bottom_plus_lf_at_dw1_up3(tiny_teacher):
     student, lmap = compress_unet(tiny_teacher, "koala-700m")
     cfg = load_config("tiny", ["teacher.pipeline=x"])
-    pairs = feature_pairs(lmap, student, tiny_teacher, cfg["kd"]["features"])
+    pairs = feature_pairs(lmap, student, tiny_teacher, cfg.kd.features)
     by = {}
     for p in pairs:
         by.setdefault((p.type, p.stage), []).append(p)
@@ -169,18 +170,19 @@ def _cfg(pipe_dir, out, *extra):
 def test_overfit_one_batch_loss_falls_teacher_frozen_and_dropout(tiny_pipe_dir, tmp_path):
     from accelerate import Accelerator
 
+    from koala.data import make_dataloader
     from koala.distill.models import encode_batch
-    from koala.distill.trainer import Distiller, make_dataloader, sample_generators
+    from koala.distill.step import Distiller, sample_generators
 
     cfg = _cfg(tiny_pipe_dir, tmp_path / "run", "train.lr=3e-4", "train.caption_dropout=0.0")
     d = Distiller(cfg, Accelerator(cpu=True))
     before = {k: v.clone() for k, v in d.teacher.state_dict().items()}
-    batch = next(iter(make_dataloader(cfg["data"], batch_size=2, resolution=32)))
+    batch = next(iter(make_dataloader(cfg.data, batch_size=2, resolution=32)))
     first = None
     for i in range(12):
-        losses = d.step_losses(batch, sample_generators(0, 0, 0, 2, 1))  # same noise/timesteps every step
+        # same noise/timesteps every step; micro_step runs the backward
+        losses = d.micro_step(d.kd_item(batch, sample_generators(0, 0, 0, 2, 1)))
         first = first if first is not None else losses
-        losses.total.backward()
         d.optimizer.step()
         d.optimizer.zero_grad()
     assert float(losses.total) < 0.7 * float(first.total)
@@ -221,7 +223,7 @@ def test_overfit_one_batch_loss_falls_teacher_frozen_and_dropout(tiny_pipe_dir, 
     cached = {"latents": lat, **cond, "captions": batch["captions"]}
     lat2, cond2 = encode_batch(cached, d.frozen, "cpu", gens(0))
     assert torch.equal(lat2, lat) and all(torch.equal(cond2[k], cond[k]) for k in cond)
-    assert torch.isfinite(d.step_losses(cached, sample_generators(0, 1, 0, 2, 1)).total)
+    assert torch.isfinite(d.micro_step(d.kd_item(cached, sample_generators(0, 1, 0, 2, 1))).total)
     d.s_rec.remove(), d.t_rec.remove()
 
 
@@ -258,15 +260,18 @@ def test_lr_schedules_warm_up_decay_and_resume_exactly(tiny_pipe_dir, tmp_path):
     mid-schedule from a checkpoint ends bit-equal to the uninterrupted run (the rate is a function of the step)."""
     import json
     import math
+    from dataclasses import replace
 
     from koala.distill.checkpoint import list_checkpoints
-    from koala.distill.trainer import lr_factor, train
+    from koala.distill.config import TrainConfig
+    from koala.distill.step import lr_factor
+    from koala.distill.trainer import train
 
-    t = {"max_steps": 10, "lr_warmup_steps": 2, "lr_schedule": "cosine"}
+    t = TrainConfig(max_steps=10, lr_warmup_steps=2, lr_schedule="cosine")
     assert [lr_factor(s, t) for s in (0, 1)] == [0.5, 1.0]
     assert lr_factor(2, t) == 1.0 and math.isclose(lr_factor(6, t), 0.5) and 0 < lr_factor(9, t) < 0.05
-    assert [lr_factor(s, {**t, "lr_schedule": "linear"}) for s in (2, 6)] == [1.0, 0.5]
-    assert {lr_factor(s, {**t, "lr_schedule": "constant"}) for s in range(2, 10)} == {1.0}
+    assert [lr_factor(s, replace(t, lr_schedule="linear")) for s in (2, 6)] == [1.0, 0.5]
+    assert {lr_factor(s, replace(t, lr_schedule="constant")) for s in range(2, 10)} == {1.0}
     with pytest.raises(KoalaError, match="train.lr_schedule"):
         _cfg(tiny_pipe_dir, tmp_path / "x", "train.lr_schedule=step")
 
@@ -282,7 +287,7 @@ def test_lr_schedules_warm_up_decay_and_resume_exactly(tiny_pipe_dir, tmp_path):
     full = train(_cfg(tiny_pipe_dir, tmp_path / "a", *common))
     logged = [json.loads(line)["lr"] for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert logged == pytest.approx(
-        [1e-3 * lr_factor(s, {"max_steps": 8, "lr_warmup_steps": 2, "lr_schedule": "cosine"}) for s in range(8)]
+        [1e-3 * lr_factor(s, TrainConfig(max_steps=8, lr_warmup_steps=2, lr_schedule="cosine")) for s in range(8)]
     )
     mid = dict(list_checkpoints(str(tmp_path / "a")))[4]
     resumed = train(_cfg(tiny_pipe_dir, tmp_path / "b", *common, f"train.resume={mid}"))
@@ -418,10 +423,10 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_pipe_di
     init = _weights(str(out2 / "checkpoints" / "step-0000001"))
     assert max(float((init[k] - wb[k]).abs().max()) for k in wb) > 1e-4
     resume = load_config("tiny", [f"train.output_dir={out2}", "train.batch_size=1", "train.resume=latest", *common])
-    resume["train"]["max_steps"] = 3
+    resume.train.max_steps = 3
     with pytest.raises(KoalaError, match=r"processes 2 -> 1; global batch 4 -> 2.*allow_world_size_change"):
         train(resume)
-    resume["train"]["batch_size"] = 2  # same global batch on 1 process: still another layout (data split, noise)
+    resume.train.batch_size = 2  # same global batch on 1 process: still another layout (data split, noise)
     with pytest.raises(KoalaError, match=r"processes 2 -> 1, train.batch_size 1 -> 2"):
         train(resume)
 
@@ -471,9 +476,9 @@ def test_cli_distill_on_image_folder(tiny_pipe_dir, tmp_path, capsys):
 
 
 def test_train_from_cache_and_refuse_other_pipelines_cache(tiny_pipe_dir, tmp_path):
-    from koala.data import build_cache
+    from koala.data import build_cache, make_dataloader
     from koala.distill.models import encode_batch
-    from koala.distill.trainer import make_dataloader, train
+    from koala.distill.trainer import train
     from koala.testing.tiny import save_tiny_pipeline
 
     folder = _image_folder(tmp_path / "images")
@@ -491,7 +496,7 @@ def test_train_from_cache_and_refuse_other_pipelines_cache(tiny_pipe_dir, tmp_pa
     assert idx["complete"] and idx["num_samples"] == 6
     data = ["data.type=cache", f"data.path={cache}", "train.caption_dropout=0.5"]
     cfg = _cfg(tiny_pipe_dir, tmp_path / "run", "train.max_steps=2", *data)
-    batch = next(iter(make_dataloader(cfg["data"], batch_size=2, resolution=32, pipeline_dir=tiny_pipe_dir)))
+    batch = next(iter(make_dataloader(cfg.data, batch_size=2, resolution=32, pipeline_dir=tiny_pipe_dir)))
     assert batch["latents"].dtype == batch["prompt_embeds"].dtype == torch.float16  # stored fp16
     from koala.distill.models import Frozen
     from koala.families import get_family

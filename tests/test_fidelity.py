@@ -76,9 +76,11 @@ def test_global_batch_derives_grad_accum_or_refuses(tiny_pipe_dir, tmp_path):
     from koala.distill.trainer import train
 
     common = [f"teacher.pipeline={tiny_pipe_dir}", *FAST, "train.max_steps=1", "train.batch_size=2"]
-    res = train(load_config("tiny", common + ["train.global_batch=4", f"train.output_dir={tmp_path / 'a'}"]))
+    derived = ["train.global_batch=4", "train.grad_accum=1", f"train.output_dir={tmp_path / 'a'}"]
+    res = train(load_config("tiny", common + derived))
     state = json.loads(open(os.path.join(res["checkpoint"], "state.json")).read())
-    assert state["global_batch"] == 4 and state["config"]["train"]["grad_accum"] == 2
+    # the run's layout derives the accumulation (4 = 2 x 1 process x 2); the saved config is what the user wrote
+    assert state["global_batch"] == 4 and state["grad_accum"] == 2 and state["config"]["train"]["grad_accum"] == 1
     with pytest.raises(KoalaError, match="global_batch 5 is not a multiple of batch_size 2 x 1 process"):
         train(load_config("tiny", common + ["train.global_batch=5", f"train.output_dir={tmp_path / 'b'}"]))
     with pytest.raises(KoalaError, match="grad_accum=3 disagrees with train.global_batch 4"):

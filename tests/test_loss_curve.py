@@ -76,7 +76,7 @@ def run_curve(pipe_dir, out_dir, threads: int = 1, *extra: str) -> dict[int, dic
         ],
     )
     if not extra:
-        assert cfg["train"]["caption_dropout"] == 0.1 and cfg["train"]["seed"] == 0  # the recipe's values
+        assert cfg.train.caption_dropout == 0.1 and cfg.train.seed == 0  # the recipe's values
     res = train(cfg)
     assert res["step"] == 8 and res["checkpoint"].endswith("step-0000008")
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:

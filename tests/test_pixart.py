@@ -193,11 +193,12 @@ def test_distill_featkd_is_zero_for_the_teacher_itself_and_falls(tiny_pixart_dir
 
 
 def test_task_loss_uses_the_epsilon_half_only():
+    from koala.distill.config import LossConfig
     from koala.distill.losses import kd_losses
 
     out = torch.randn(2, 8, 4, 4)
     target = out[:, :4].clone()
-    w = {"task": 1.0, "out": 1.0, "feat": 1.0}
+    w = LossConfig(task=1.0, out=1.0, feat=1.0)
     losses = kd_losses(out, target, out.clone(), [], {}, {}, w, prediction=PIXART.prediction(out, 4))
     assert losses.task == 0 and losses.out == 0
     assert PIXART.prediction(out, 4).shape == (2, 4, 4, 4) and PIXART.prediction(out[:, :4], 4).shape[1] == 4

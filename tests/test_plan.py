@@ -78,9 +78,9 @@ MEASURE = textwrap.dedent("""
     from koala.bench.plan import plan_memory
     from koala.bench.train import build_preset_models, _cached_batches
     from koala.distill import load_config
-    from koala.distill.trainer import Distiller, sample_generators
+    from koala.distill.step import Distiller, sample_generators
     torch.set_num_threads(1)
-    cfg = load_config(None, ["teacher.pipeline=x", "train.resolution=256", "train.batch_size=4", "teacher.dtype=fp32",
+    cfg = load_config(None, ["train.resolution=256", "train.batch_size=4", "teacher.dtype=fp32",
                              "train.mixed_precision=no", "train.log_with=none", "train.output_dir=unused"])
     rss0 = current_rss()
     teacher, student, lmap, frozen, scale = build_preset_models(cfg, "tiny-sdxl-base", "cpu")
@@ -88,8 +88,7 @@ MEASURE = textwrap.dedent("""
     batch = _cached_batches(d.family, dict(teacher.config), 4, 256 // scale, 1)[0]
     with PeakMemory("cpu") as mem:
         for i in range(2):
-            losses = d.step_losses(batch, sample_generators(0, i, 0, 4, 1))
-            d.backward(losses.total)
+            d.micro_step(d.kd_item(batch, sample_generators(0, i, 0, 4, 1)))
             d.update()
     b = plan_memory(cfg, teacher="tiny-sdxl-base")["bytes"]
     print(json.dumps({"measured": mem.peak - rss0, "planned": b["total"] - b["frozen_encoders_vae"]}))

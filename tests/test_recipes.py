@@ -4,12 +4,13 @@ import os
 import subprocess
 import sys
 import zipfile
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
 from koala import KoalaError
-from koala.distill.config import DEFAULTS, load_config, resolve_grad_accum
+from koala.distill.config import DistillConfig, TeacherConfig, load_config, resolve_grad_accum
 from koala.recipes import dump_recipe, read_recipe, shipped_recipes
 
 PIPE = "teacher.pipeline=x"
@@ -18,18 +19,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_defaults_are_the_paper_recipe():
     cfg = load_config(None, [PIPE])
-    assert cfg == {**DEFAULTS, "teacher": {**DEFAULTS["teacher"], "pipeline": "x"}}
-    assert cfg["kd"] == {
+    assert cfg == DistillConfig(teacher=TeacherConfig(pipeline="x"))
+    assert asdict(cfg.kd) == {
         "features": {"SA": "all", "LF": ["first", "last"]},
         "layer_selection": None,
         "feature_loss": "mse",
     }
-    assert cfg["data"] == {"type": "synthetic"} and cfg["loss"] == {"task": 1.0, "out": 1.0, "feat": 1.0}
-    t = cfg["train"]
-    assert t["lr"] == 1e-5 and t["adam_betas"] == [0.9, 0.999] and t["ema"] == {"enabled": True, "decay": 0.9999}
-    assert t["caption_dropout"] == 0.0 and t["allow_world_size_change"] is False and t["resume"] is None
-    assert cfg["teacher"]["family"] is None and cfg["student"]["preset"] == "koala-700m"
-    assert type(cfg) is dict and type(cfg["train"]["adam_betas"]) is list  # plain containers, no OmegaConf
+    assert cfg.data == {"type": "synthetic"} and asdict(cfg.loss) == {"task": 1.0, "out": 1.0, "feat": 1.0}
+    t = cfg.train
+    assert t.lr == 1e-5 and t.adam_betas == [0.9, 0.999] and asdict(t.ema) == {"enabled": True, "decay": 0.9999}
+    assert t.caption_dropout == 0.0 and t.allow_world_size_change is False and t.resume is None
+    assert cfg.teacher.family is None and cfg.student.preset == "koala-700m"
+    assert type(cfg) is DistillConfig and type(cfg.train.adam_betas) is list  # typed, no OmegaConf containers
+    assert cfg.to_dict()["train"]["ema"] == {"enabled": True, "decay": 0.9999}  # plain containers for YAML / JSON
 
 
 def test_overrides_are_typed(tmp_path):
@@ -45,12 +47,12 @@ def test_overrides_are_typed(tmp_path):
             "data.path=x.csv",
         ],
     )
-    t = cfg["train"]
-    assert isinstance(t["lr"], float) and t["lr"] == 1e-5 and t["max_steps"] == 7 and t["resume"] is None
-    assert t["ema"]["enabled"] is False and t["cpu_threads"] == 2 and cfg["validation"]["prompts"] == ["a", "b"]
-    assert cfg["data"]["path"] == "x.csv"  # data is an open section
-    assert load_config("tiny", ["train.resume=latest"])["train"]["resume"] == "latest"
-    assert load_config("tiny", ["train.output_dir=runs/${train.resolution}px"])["train"]["output_dir"] == "runs/32px"
+    t = cfg.train
+    assert isinstance(t.lr, float) and t.lr == 1e-5 and t.max_steps == 7 and t.resume is None
+    assert t.ema.enabled is False and t.cpu_threads == 2 and cfg.validation.prompts == ["a", "b"]
+    assert cfg.data["path"] == "x.csv"  # data is an open section (a mapping koala.data checks)
+    assert load_config("tiny", ["train.resume=latest"]).train.resume == "latest"
+    assert load_config("tiny", ["train.output_dir=runs/${train.resolution}px"]).train.output_dir == "runs/32px"
     with pytest.raises(KoalaError, match="tiny: data.path: Interpolation key 'train.nope' not found"):
         load_config("tiny", ["data.path=${train.nope}"])
     for override, key in (
@@ -76,8 +78,8 @@ def test_overrides_are_typed(tmp_path):
 def test_yaml_exponent_without_dot_is_a_float(tmp_path):
     (tmp_path / "r.yaml").write_text("extends: tiny\ntrain: {lr: 1e-5, weight_decay: 2E-3}\n")
     assert read_recipe(str(tmp_path / "r.yaml"))["train"]["lr"] == 1e-5  # plain YAML reading, no schema
-    t = load_config(str(tmp_path / "r.yaml"))["train"]
-    assert t["lr"] == 1e-5 and t["weight_decay"] == 2e-3 and isinstance(t["lr"], float)
+    t = load_config(str(tmp_path / "r.yaml")).train
+    assert t.lr == 1e-5 and t.weight_decay == 2e-3 and isinstance(t.lr, float)
 
 
 def test_unknown_keys_name_the_file_key_and_closest(tmp_path):
@@ -129,19 +131,19 @@ def test_extends_chain_merges_and_loops_are_refused(tmp_path, monkeypatch):
         "extends: ../base.yaml\ntrain: {max_steps: 3}\ndata: {num_samples: 4}\n"
     )
     cfg = load_config(str(tmp_path / "sub" / "child.yaml"), ["train.batch_size=1"])
-    t = cfg["train"]
-    assert (t["lr"], t["max_steps"], t["batch_size"], t["resolution"]) == (
+    t = cfg.train
+    assert (t.lr, t.max_steps, t.batch_size, t.resolution) == (
         2e-5,
         3,
         1,
         32,
     )  # child, base, override, tiny
-    assert cfg["data"] == {"type": "synthetic", "num_samples": 4} and cfg["kd"]["features"] == {
+    assert cfg.data == {"type": "synthetic", "num_samples": 4} and cfg.kd.features == {
         "SA": "all",
         "CA": "all",
     }
     (tmp_path / "turbo.yaml").write_text("extends: koala-turbo-700m\nstudent: {preset: koala-1b}\n")
-    assert load_config(str(tmp_path / "turbo.yaml"))["train"]["resolution"] == 512  # a shipped parent by name
+    assert load_config(str(tmp_path / "turbo.yaml")).train.resolution == 512  # a shipped parent by name
     (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
     (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
     (tmp_path / "self.yaml").write_text("extends: self.yaml\n")
@@ -155,24 +157,24 @@ def test_extends_chain_merges_and_loops_are_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "tiny.yaml").write_text("teacher: {pipeline: mine}\n")
-    assert load_config("tiny")["teacher"]["pipeline"] == "mine"
-    assert load_config("tiny.yaml")["train"]["resolution"] == 1024
+    assert load_config("tiny").teacher.pipeline == "mine"
+    assert load_config("tiny.yaml").train.resolution == 1024
 
 
 def test_kd_features_are_replaced_as_a_whole(tmp_path):
     (tmp_path / "lf.yaml").write_text("extends: tiny\nkd: {features: {LF: all}}\n")
-    assert load_config(str(tmp_path / "lf.yaml"))["kd"]["features"] == {"LF": "all"}
-    assert load_config("bk-baseline")["kd"]["features"] == {"LF": "all"}
-    assert load_config("tiny", ["kd.features={CA: all}"])["kd"]["features"] == {"CA": "all"}
-    assert load_config("tiny", ["kd={features: {CA: all}}"])["kd"]["features"] == {"CA": "all"}
+    assert load_config(str(tmp_path / "lf.yaml")).kd.features == {"LF": "all"}
+    assert load_config("bk-baseline").kd.features == {"LF": "all"}
+    assert load_config("tiny", ["kd.features={CA: all}"]).kd.features == {"CA": "all"}
+    assert load_config("tiny", ["kd={features: {CA: all}}"]).kd.features == {"CA": "all"}
     # a single feature type given as a dotted key edits the mapping
-    assert load_config("tiny", ["kd.features.SA=[UP-1]"])["kd"]["features"] == {
+    assert load_config("tiny", ["kd.features.SA=[UP-1]"]).kd.features == {
         "SA": ["UP-1"],
         "LF": ["first", "last"],
     }
     # stage names depend on the family (DW-4 exists for SD-1.x): not checked here
-    assert load_config("tiny", ["kd.features={LF: [DW-4]}"])["kd"]["features"] == {"LF": ["DW-4"]}
-    assert load_config("tiny", ["kd.features={LF: UP-3}"])["kd"]["features"] == {"LF": "UP-3"}
+    assert load_config("tiny", ["kd.features={LF: [DW-4]}"]).kd.features == {"LF": ["DW-4"]}
+    assert load_config("tiny", ["kd.features={LF: UP-3}"]).kd.features == {"LF": "UP-3"}
 
 
 def test_shipped_recipes_resolve_by_name_and_match_paper():
@@ -192,7 +194,7 @@ def test_shipped_recipes_resolve_by_name_and_match_paper():
     }
     for name in names:
         cfg = load_config(name)
-        assert set(cfg) == set(DEFAULTS) and load_config(f"{name}.yaml") == cfg
+        assert type(cfg) is DistillConfig and load_config(f"{name}.yaml") == cfg
     for name, preset, res in (
         ("koala-lightning-700m", "koala-700m", 1024),
         ("koala-lightning-1b", "koala-1b", 1024),
@@ -200,36 +202,36 @@ def test_shipped_recipes_resolve_by_name_and_match_paper():
         ("koala-turbo-1b", "koala-1b", 512),
     ):
         cfg = load_config(name)
-        t = cfg["train"]
-        assert cfg["student"]["preset"] == preset and t["resolution"] == res
-        assert t["lr"] == 1e-5 and t["max_steps"] == 500_000 and t["mixed_precision"] == "fp16"
-        assert t["global_batch"] == 128 and resolve_grad_accum(t, 4) == 4  # 4 GPUs in the paper; 16 on one
+        t = cfg.train
+        assert cfg.student.preset == preset and t.resolution == res
+        assert t.lr == 1e-5 and t.max_steps == 500_000 and t.mixed_precision == "fp16"
+        assert t.global_batch == 128 and resolve_grad_accum(t, 4) == 4  # 4 GPUs in the paper; 16 on one
         # the paper's settings: AdamW, constant lr, no clipping, no weight decay, no EMA (App. A.2)
-        assert t["optimizer"] == "adamw" and t["max_grad_norm"] is None and t["weight_decay"] == 0
-        assert not t["ema"]["enabled"]
-        assert cfg["kd"]["features"] == {"SA": "all", "LF": ["DW-1", "UP-3"]} and cfg["kd"]["feature_loss"] == "mse"
-        assert cfg["teacher"]["kind"] == ("lightning" if "lightning" in name else "turbo")
+        assert t.optimizer == "adamw" and t.max_grad_norm is None and t.weight_decay == 0
+        assert not t.ema.enabled
+        assert cfg.kd.features == {"SA": "all", "LF": ["DW-1", "UP-3"]} and cfg.kd.feature_loss == "mse"
+        assert cfg.teacher.kind == ("lightning" if "lightning" in name else "turbo")
     dit = load_config("pixart-sigma-dit-m")  # App. A.4: DiT-M from PixArt-Σ 512, CAME lr 2e-5, batch 192, fp16
-    t = dit["train"]
-    assert dit["student"] == {"path": None, "preset": "dit-m", "layer_selection": "bottom"}
-    assert (t["optimizer"], t["lr"], t["resolution"], t["mixed_precision"]) == ("came", 2e-5, 512, "fp16")
-    assert t["batch_size"] * t["grad_accum"] * 8 == 192 and dit["kd"]["features"] == {"SA": "all"}
-    assert load_config("tiny-dit")["student"]["preset"] == {"num_layers": 3}
+    t = dit.train
+    assert asdict(dit.student) == {"path": None, "preset": "dit-m", "layer_selection": "bottom"}
+    assert (t.optimizer, t.lr, t.resolution, t.mixed_precision) == ("came", 2e-5, 512, "fp16")
+    assert t.batch_size * t.grad_accum * 8 == 192 and dit.kd.features == {"SA": "all"}
+    assert load_config("tiny-dit").student.preset == {"num_layers": 3}
     # the paper's experiments, each named after its table (App. A.2)
     ab = load_config("table3-ablation")  # Tables 3 / 10: L_task + L_featKD without L_outKD, 30K, batch 32
-    assert ab["loss"]["out"] == 0 and ab["train"]["max_steps"] == 30_000 and ab["train"]["global_batch"] == 32
-    assert ab["student"]["preset"] == "koala-1b" and ab["teacher"]["kind"] == "base"
+    assert ab.loss.out == 0 and ab.train.max_steps == 30_000 and ab.train.global_batch == 32
+    assert ab.student.preset == "koala-1b" and ab.teacher.kind == "base"
     ours, bk = load_config("table7-koala-1b"), load_config("bk-baseline")  # Table 7: same setup, 50K
-    assert {k: v for k, v in ours.items() if k not in ("kd", "train")} == {
-        k: v for k, v in bk.items() if k not in ("kd", "train")
+    assert {k: v for k, v in ours.to_dict().items() if k not in ("kd", "train")} == {
+        k: v for k, v in bk.to_dict().items() if k not in ("kd", "train")
     }
-    assert ours["train"]["max_steps"] == bk["train"]["max_steps"] == 50_000 and bk["kd"]["features"] == {"LF": "all"}
-    assert load_config("koala-base-1b")["teacher"]["unet_path"] is None
-    assert load_config("koala-lightning-700m")["teacher"]["unet_path"]
-    assert load_config("koala-turbo-1b")["teacher"]["unet_path"] is None
+    assert ours.train.max_steps == bk.train.max_steps == 50_000 and bk.kd.features == {"LF": "all"}
+    assert load_config("koala-base-1b").teacher.unet_path is None
+    assert load_config("koala-lightning-700m").teacher.unet_path
+    assert load_config("koala-turbo-1b").teacher.unet_path is None
     tiny = load_config("tiny")
-    assert tiny["teacher"]["pipeline"] == "runs/tiny-pipeline" and tiny["train"]["caption_dropout"] == 0.1
-    assert tiny["data"] == {"type": "synthetic", "num_samples": 16}
+    assert tiny.teacher.pipeline == "runs/tiny-pipeline" and tiny.train.caption_dropout == 0.1
+    assert tiny.data == {"type": "synthetic", "num_samples": 16}
     with pytest.raises(KoalaError, match="not found.*koala-lightning-700m.*tiny"):
         load_config("no-such-recipe")
 
@@ -241,8 +243,10 @@ def test_print_config_round_trips(tmp_path):
 
 
 def test_config_checks_name_the_field():
+    from koala.distill.models import teacher_pipeline
+
     with pytest.raises(KoalaError, match="teacher.pipeline is required.*teacher.pipeline="):
-        load_config(None)
+        teacher_pipeline(load_config(None))  # checked where the models are loaded (plans and --print-config need none)
     for override, field in (
         ("kd.features={XA: all}", "XA"),
         ("kd.features={SA: [1]}", "kd.features.SA"),
@@ -297,7 +301,7 @@ def test_wheel_ships_recipes_and_assets(tmp_path):
     code = (
         "import koala; from koala.distill.config import load_config; "
         "assert koala.__file__.startswith(%r), koala.__file__; "
-        "print(load_config('tiny')['train']['resolution'])" % str(target)
+        "print(load_config('tiny').train.resolution)" % str(target)
     )
     env = {**os.environ, "PYTHONPATH": str(target)}
     res = subprocess.run([sys.executable, "-c", code], cwd=empty, env=env, capture_output=True, text=True)

@@ -2,6 +2,7 @@
 written); distill and cache stop cleanly on SIGTERM / Ctrl-C and resume exactly; failed writes keep the last good
 state."""
 
+import dataclasses
 import errno
 import json
 import os
@@ -374,7 +375,7 @@ def test_failed_checkpoint_write_keeps_the_last_good_one(tiny_pipe_dir, tmp_path
     root = out / "checkpoints"
     assert sorted(os.listdir(root)) == ["step-0000001"]  # no step-2 folder, no temporary left behind
     monkeypatch.setattr(ck.torch, "save", real_save)
-    resumed = train({**cfg, "train": {**cfg["train"], "resume": "latest"}})
+    resumed = train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume="latest")))
     assert resumed["step"] == 3
 
 

@@ -12,6 +12,7 @@ else the recipe shipped in the package (``koala/configs/NAME.yaml``, see :func:`
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 from importlib.resources import files
@@ -164,8 +165,11 @@ def load(
     return _resolved(cfg, recipe or "config")
 
 
-def dump_recipe(cfg: Mapping) -> str:
-    """A resolved config as YAML text (``koala distill --print-config``)."""
-    if isinstance(cfg, DictConfig):
+def dump_recipe(cfg) -> str:
+    """A resolved config (a typed dataclass config, a mapping or a ``DictConfig``) as YAML text
+    (``koala distill --print-config``)."""
+    if dataclasses.is_dataclass(cfg):
+        cfg = dataclasses.asdict(cfg)
+    elif isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_container(cfg, resolve=True)
     return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)

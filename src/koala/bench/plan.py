@@ -25,6 +25,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from ..distill.config import DistillConfig
 from ..errors import KoalaError
 from ..utils.devices import parse_dtype
 from ..utils.files import read_json
@@ -152,21 +153,23 @@ def _frozen_from_preset(fam, tiny: bool, dtype: torch.dtype, vae_dtype) -> tuple
     return out, scale
 
 
-def _models(cfg: dict, teacher: str | None) -> _Models:
+def _models(cfg: DistillConfig, teacher: str | None) -> _Models:
     from ..families import family_of, model_config, model_dir
 
-    dtype = parse_dtype(cfg["teacher"]["dtype"])
-    vae_dtype = parse_dtype(cfg["teacher"]["vae_dtype"])
-    source = teacher or cfg["teacher"]["pipeline"]
+    dtype = parse_dtype(cfg.teacher.dtype)
+    vae_dtype = parse_dtype(cfg.teacher.vae_dtype)
+    source = teacher or cfg.teacher.pipeline
     if source and os.path.isdir(source):
-        fam = family_of(source, cfg["teacher"].get("family"))
-        unet_src = cfg["teacher"]["unet_path"] if not teacher and cfg["teacher"]["unet_path"] else source
+        fam = family_of(source, cfg.teacher.family)
+        unet_src = cfg.teacher.unet_path if not teacher and cfg.teacher.unet_path else source
         t_config = model_config(unet_src) if os.path.isdir(unet_src) else model_config(source)
         frozen, scale = _frozen_from_pipeline(fam, source, dtype, vae_dtype)
     else:
         if not source:
             raise KoalaError(
-                "nothing to plan for: give a teacher preset (e.g. sdxl-base) or set teacher.pipeline", option="teacher"
+                "no teacher: give a preset (e.g. --teacher sdxl-base; no weights needed) or a pipeline "
+                "directory, or a recipe that sets teacher.pipeline",
+                option="teacher",
             )
         try:
             fam, t_config = preset_unet_config(source)
@@ -182,45 +185,42 @@ def _models(cfg: dict, teacher: str | None) -> _Models:
                 option="teacher",
             ) from None
         frozen, scale = _frozen_from_preset(fam, source.startswith(TINY_PREFIX), dtype, vae_dtype)
-    s = cfg["student"]
-    if s["path"]:
-        s_config = model_config(model_dir(s["path"]))
-    else:
-        s_config = fam.student_config(t_config, s["preset"])
+    s = cfg.student
+    s_config = model_config(model_dir(s.path)) if s.path else fam.student_config(t_config, s.preset)
     return _Models(fam, t_config, s_config, frozen, scale)
 
 
-def simulate_step(cfg: dict, models: _Models) -> dict:
+def simulate_step(cfg: DistillConfig, models: _Models) -> dict:
     """Run one KD micro-step (teacher forward, student forward, losses, backward) on meta; returns the peak bytes
     of what it allocates and the parameter counts."""
     from ..distill.hooks import FeatureRecorder, feature_pairs
     from ..distill.losses import kd_losses
     from ..distill.models import init_selection
 
-    tcfg, fam = cfg["train"], models.family
-    mp = tcfg["mixed_precision"]
+    tcfg, fam = cfg.train, models.family
+    mp = tcfg.mixed_precision
     sim_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp, torch.float32)
-    t_dtype = parse_dtype(cfg["teacher"]["dtype"])
+    t_dtype = parse_dtype(cfg.teacher.dtype)
     teacher = fam.build_model(models.teacher_config, "meta").to(t_dtype).requires_grad_(False).eval()
     student = fam.build_model(models.student_config, "meta").to(sim_dtype).train()
-    if tcfg["gradient_checkpointing"]:
+    if tcfg.gradient_checkpointing:
         student.enable_gradient_checkpointing()
     lmap = fam.build_layer_map(teacher, student, init_selection(cfg))
-    pairs = feature_pairs(lmap, student, teacher, cfg["kd"]["features"], cfg["kd"]["layer_selection"], fam)
-    w = cfg["loss"]
-    if not w["feat"] > 0:
+    pairs = feature_pairs(lmap, student, teacher, cfg.kd.features, cfg.kd.layer_selection, fam)
+    w = cfg.loss
+    if not w.feat > 0:
         pairs = []
-    need_teacher = w["out"] > 0 or bool(pairs)
+    need_teacher = w.out > 0 or bool(pairs)
     s_rec = FeatureRecorder(student, [p.student for p in pairs], "student")
     t_rec = FeatureRecorder(teacher, [p.teacher for p in pairs], "teacher")
-    b, lat = tcfg["batch_size"], tcfg["resolution"] // models.vae_scale
+    b, lat = tcfg.batch_size, tcfg.resolution // models.vae_scale
     c = models.teacher_config["in_channels"]
     tracker = LiveTensorBytes()
     from unittest import mock
 
     attention = (
         mock.patch("torch.nn.functional.scaled_dot_product_attention", _fused_sdpa)
-        if tcfg["attention"] != "math"
+        if tcfg.attention != "math"
         else contextlib.nullcontext()
     )
     try:
@@ -240,12 +240,12 @@ def simulate_step(cfg: dict, models: _Models) -> dict:
                 losses = kd_losses(
                     s_out,
                     target,
-                    t_out if w["out"] > 0 else None,
+                    t_out if w.out > 0 else None,
                     pairs,
                     s_rec.pop(),
                     t_rec.pop(),
                     w,
-                    cfg["kd"]["feature_loss"],
+                    cfg.kd.feature_loss,
                     prediction=fam.prediction(s_out, c),
                 )
                 losses.total.backward()
@@ -263,24 +263,26 @@ def simulate_step(cfg: dict, models: _Models) -> dict:
     }
 
 
-def plan_memory(cfg: dict, teacher: str | None = None, device_gib: float | None = None, processes: int = 1) -> dict:
-    """Per-device memory of training ``cfg`` (a :func:`koala.distill.load_config` dict); ``teacher``: a preset
+def plan_memory(
+    cfg: DistillConfig, teacher: str | None = None, device_gib: float | None = None, processes: int = 1
+) -> dict:
+    """Per-device memory of training ``cfg`` (a :func:`koala.distill.load_config` config); ``teacher``: a preset
     or pipeline directory instead of ``teacher.pipeline``; ``processes``: data-parallel processes (with
     ``train.shard_optimizer`` each keeps 1/N of the optimizer states; with ``train.fsdp`` also of the gradients
     and EMA, and with ``full`` of the weights). Returns the JSON-ready plan."""
     if processes < 1:
         raise KoalaError("processes must be >= 1", option="processes")
-    tcfg = cfg["train"]
+    tcfg = cfg.train
     models = _models(cfg, teacher)
     sim = simulate_step(cfg, models)
     p_s, p_t = sim["student_params"], sim["teacher_params"]
-    t_bytes = torch.empty((), dtype=parse_dtype(cfg["teacher"]["dtype"])).element_size()
-    mixed = tcfg["mixed_precision"] in ("bf16", "fp16")
+    t_bytes = torch.empty((), dtype=parse_dtype(cfg.teacher.dtype)).element_size()
+    mixed = tcfg.mixed_precision in ("bf16", "fp16")
     # AdamW: two fp32 moments; 8-bit AdamW: two 1-byte moments; CAME: one fp32 moment (its second moment and
     # confidence are factored into row/column vectors of each matrix, negligible next to it)
-    opt_bytes = p_s * {"adamw": 8, "adamw8bit": 2, "came": 4}[tcfg["optimizer"]]
-    fsdp = tcfg["fsdp"] if processes > 1 else "none"
-    n = processes if (tcfg["shard_optimizer"] or fsdp != "none") else 1
+    opt_bytes = p_s * {"adamw": 8, "adamw8bit": 2, "came": 4}[tcfg.optimizer]
+    fsdp = tcfg.fsdp if processes > 1 else "none"
+    n = processes if (tcfg.shard_optimizer or fsdp != "none") else 1
 
     def shard(nbytes: int) -> int:
         return -(-nbytes // n)
@@ -290,7 +292,7 @@ def plan_memory(cfg: dict, teacher: str | None = None, device_gib: float | None 
     state = {
         "student_weights": shard(4 * p_s) if fsdp == "full" else 4 * p_s,
         "optimizer_states": shard(opt_bytes),
-        "ema": (shard(4 * p_s) if fsdp != "none" else 4 * p_s) if tcfg["ema"]["enabled"] else 0,
+        "ema": (shard(4 * p_s) if fsdp != "none" else 4 * p_s) if tcfg.ema.enabled else 0,
         "teacher_weights": p_t * t_bytes if sim["need_teacher"] else 0,
         "frozen_encoders_vae": sum(
             n * torch.empty((), dtype=dt).element_size() for n, dt in models.frozen_params.values()
@@ -302,24 +304,24 @@ def plan_memory(cfg: dict, teacher: str | None = None, device_gib: float | None 
     grads = 4 * p_s if fsdp == "none" else shard(4 * p_s)
     step -= 4 * p_s - grads  # sharded fp32 gradients (reduce-scattered unit by unit during backward)
     # after backward: fp32 gradients, plus one fp32 temporary per parameter in a non-fused (foreach) AdamW step
-    opt_step = grads + (0 if tcfg["fused_optimizer"] or tcfg["optimizer"] == "adamw8bit" else grads)
+    opt_step = grads + (0 if tcfg.fused_optimizer or tcfg.optimizer == "adamw8bit" else grads)
     total = sum(state.values()) + max(step, opt_step)
     plan = {
         "schema": SCHEMA,
-        "teacher": teacher or cfg["teacher"]["pipeline"],
-        "student": cfg["student"]["path"] or cfg["student"]["preset"],
+        "teacher": teacher or cfg.teacher.pipeline,
+        "student": cfg.student.path or cfg.student.preset,
         "family": models.family.name,
-        "resolution": tcfg["resolution"],
-        "batch_size": tcfg["batch_size"],
+        "resolution": tcfg.resolution,
+        "batch_size": tcfg.batch_size,
         "latent": [
-            tcfg["batch_size"],
+            tcfg.batch_size,
             models.teacher_config["in_channels"],
-            tcfg["resolution"] // models.vae_scale,
-            tcfg["resolution"] // models.vae_scale,
+            tcfg.resolution // models.vae_scale,
+            tcfg.resolution // models.vae_scale,
         ],
         "processes": processes,
         "switches": {
-            k: tcfg[k]
+            k: getattr(tcfg, k)
             for k in (
                 "mixed_precision",
                 "gradient_checkpointing",
@@ -329,7 +331,7 @@ def plan_memory(cfg: dict, teacher: str | None = None, device_gib: float | None 
                 "fsdp",
             )
         }
-        | {"teacher_dtype": cfg["teacher"]["dtype"], "ema": tcfg["ema"]["enabled"]},
+        | {"teacher_dtype": cfg.teacher.dtype, "ema": tcfg.ema.enabled},
         "params": {"student": p_s, "teacher": p_t, **{k: n for k, (n, _) in models.frozen_params.items()}},
         "feature_pairs": sim["feature_pairs"],
         "bytes": {**state, "step_activations_and_grads": step, "optimizer_step": opt_step, "total": total},

@@ -22,8 +22,8 @@ CPU and unknown devices, a measured large matrix product in the training dtype.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import math
 import os
 import statistics
 import tempfile
@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..arch.stats import forward_flops
+from ..distill.config import DistillConfig
 from ..errors import KoalaError
 from ..utils.devices import parse_device, parse_dtype
 from .memory import PeakMemory
@@ -116,12 +117,12 @@ def measure_matmul_tflops(
     return 2 * n**3 / best / 1e12
 
 
-def _config(s: TrainBenchSettings, out_dir: str, preset_mode: bool) -> dict:
+def _config(s: TrainBenchSettings, out_dir: str, preset_mode: bool, log=print) -> DistillConfig:
+    """The distillation config the benchmark trains with: the recipe and overrides, the settings' batch and
+    resolution; no teacher worker (the phases are timed one after the other in this process)."""
     from ..distill import load_config
 
-    pipeline = f"(random {s.teacher})" if preset_mode else s.teacher
     base = [
-        f"teacher.pipeline={pipeline}",
         f"train.output_dir={out_dir}",
         f"train.resolution={s.resolution}",
         f"train.batch_size={s.batch}",
@@ -132,12 +133,18 @@ def _config(s: TrainBenchSettings, out_dir: str, preset_mode: bool) -> dict:
     ]
     if s.threads:
         base.append(f"train.cpu_threads={s.threads}")
-    if preset_mode:
-        base += ["data={type: synthetic}", "train.caption_dropout=0"]
-    return load_config(s.config, [*base, *s.overrides])
+    base += ["data={type: synthetic}", "train.caption_dropout=0"] if preset_mode else [f"teacher.pipeline={s.teacher}"]
+    cfg = load_config(s.config, [*base, *s.overrides])
+    if cfg.train.teacher_worker:
+        log(
+            "train.teacher_worker ignored: koala bench train times each phase in one process (the worker's "
+            "effect shows in a distillation run's samples/s)"
+        )
+        cfg.train = dataclasses.replace(cfg.train, teacher_worker=False)
+    return cfg
 
 
-def build_preset_models(cfg: dict, teacher_preset: str, device: torch.device):
+def build_preset_models(cfg: DistillConfig, teacher_preset: str, device: torch.device):
     """``(teacher, student, layer_map, frozen, vae_scale)`` with random weights: the teacher preset at real size
     (or test size for ``tiny-``), the student compressed from it per ``student.preset``."""
     from diffusers import DDPMScheduler
@@ -147,9 +154,9 @@ def build_preset_models(cfg: dict, teacher_preset: str, device: torch.device):
 
     fam, t_config = preset_unet_config(teacher_preset)
     teacher = materialize(lambda: fam.build_model(t_config, "meta"), device, torch.float32)
-    s = cfg["student"]
-    student, lmap = fam.compress(teacher, s["preset"], init_selection(cfg), torch.float32)
-    weight_dtype = parse_dtype(cfg["teacher"]["dtype"])
+    s = cfg.student
+    student, lmap = fam.compress(teacher, s.preset, init_selection(cfg), torch.float32)
+    weight_dtype = parse_dtype(cfg.teacher.dtype)
     teacher = teacher.to(weight_dtype).requires_grad_(False).eval()
     student = student.float().requires_grad_(True).train()
     frozen = Frozen(fam, None, DDPMScheduler.from_config(sdxl_scheduler().config), weight_dtype)
@@ -175,128 +182,130 @@ def step_flops(d, latent: int) -> dict:
     return {"teacher_forward": t, "student_forward": s, "per_sample": t + 3 * s}
 
 
+def _distiller_and_data(s: TrainBenchSettings, cfg: DistillConfig, acc, preset_mode: bool):
+    """``(distiller, latent size, batches)``: random real-size (or tiny) models fed one pre-encoded batch every step,
+    or a pipeline's models fed by the recipe's data source."""
+    from ..data import make_dataloader
+    from ..distill.step import Distiller
+    from ..distill.trainer import infinite
+
+    if preset_mode:
+        teacher, student, lmap, frozen, vae_scale = build_preset_models(cfg, s.teacher, acc.device)
+        d = Distiller(cfg, acc, (teacher, student, lmap, frozen))
+        latent = s.resolution // vae_scale
+        batches = _cached_batches(d.family, dict(teacher.config), s.batch, latent)
+        return d, latent, iter(lambda: batches[0], None)  # the same pre-encoded batch every step (cache-like data)
+    d = Distiller(cfg, acc)
+    latent = s.resolution // (2 ** (len(d.frozen.parts.vae.config.block_out_channels) - 1))
+    loader = make_dataloader(
+        cfg.data,
+        batch_size=s.batch,
+        resolution=s.resolution,
+        seed=cfg.train.seed,
+        num_workers=cfg.train.num_workers,
+        pipeline_dir=s.teacher,
+    )
+    return d, latent, infinite(loader)
+
+
+class _PhaseTimes:
+    """Milliseconds per phase (:data:`PHASES`, in order) and per step, a device sync at every mark."""
+
+    def __init__(self, device: torch.device):
+        self.sync = functools.partial(_sync, device)
+        self.phases: dict[str, list[float]] = {p: [] for p in PHASES}
+        self.totals: list[float] = []
+        self.losses: list[float] = []
+        self.marks: list[float] = []
+
+    def start(self) -> None:
+        self.sync()
+        self.marks = [time.perf_counter()]
+
+    def mark(self) -> None:
+        self.sync()
+        self.marks.append(time.perf_counter())
+
+    def record(self, loss: float) -> None:
+        for name, a, b in zip(PHASES, self.marks, self.marks[1:]):
+            self.phases[name].append(1000 * (b - a))
+        self.totals.append(1000 * (self.marks[-1] - self.marks[0]))
+        self.losses.append(loss)
+
+
+def _bench_step(d, data, gens, times: _PhaseTimes) -> dict[str, float]:
+    """One KD step, the trainer's own parts (:meth:`Distiller.kd_item`'s halves, :meth:`Distiller.micro_step`, the
+    logging sync, the update without the schedule, EMA), with a mark after every phase."""
+    from ..distill.step import KDItem
+
+    times.start()
+    p = d.prepare(next(data), gens)
+    times.mark()
+    item = KDItem(p, *d.teacher_targets(p))
+    times.mark()
+    losses = d.micro_step(item, mark=times.mark)  # student forward + losses | backward
+    logs = losses.scalars(d.pairs)  # what the trainer logs each step: one device-to-host transfer
+    times.mark()
+    d.optimizer_step()
+    times.mark()
+    d.ema_step()
+    times.mark()
+    return logs
+
+
 def run_train_bench(settings: TrainBenchSettings, log=print) -> dict:
     """Time ``warmup + steps`` KD steps phase by phase; returns the JSON-ready result (schema koala-bench-train/1)."""
     from accelerate import Accelerator
 
-    from ..data import make_dataloader
-    from ..distill.trainer import Distiller, infinite, sample_generators
+    from ..distill.step import sample_generators
 
     s = settings
     s.check()
     preset_mode = not os.path.isdir(s.teacher)
     with tempfile.TemporaryDirectory(prefix="koala-bench-train-") as tmp:
-        cfg = _config(s, tmp, preset_mode)
-        tcfg = cfg["train"]
-        if tcfg["teacher_worker"]:  # the phases are timed one after the other in this process
-            log(
-                "train.teacher_worker ignored: koala bench train times each phase in one process (the worker's "
-                "effect shows in a distillation run's samples/s)"
-            )
-            tcfg["teacher_worker"] = False
-        if tcfg["cpu_threads"]:
-            torch.set_num_threads(int(tcfg["cpu_threads"]))
-        acc = Accelerator(cpu=s.device == "cpu", mixed_precision=tcfg["mixed_precision"])
-        device = acc.device
-        if device.type == "cpu":
+        cfg = _config(s, tmp, preset_mode, log)
+        if cfg.train.cpu_threads:
+            torch.set_num_threads(int(cfg.train.cpu_threads))
+        acc = Accelerator(cpu=s.device == "cpu", mixed_precision=cfg.train.mixed_precision)
+        if acc.device.type == "cpu":
             torch.set_flush_denormal(True)  # random weights: keep denormals from slowing a CPU down
         t0 = time.perf_counter()
-        if preset_mode:
-            teacher, student, lmap, frozen, vae_scale = build_preset_models(cfg, s.teacher, device)
-            d = Distiller(cfg, acc, (teacher, student, lmap, frozen))
-            latent = s.resolution // vae_scale
-            batches = _cached_batches(d.family, dict(teacher.config), s.batch, latent)
-            data = iter(lambda: batches[0], None)  # the same pre-encoded batch every step (cache-like data)
-        else:
-            d = Distiller(cfg, acc)
-            vae = d.frozen.parts.vae
-            latent = s.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
-            data = infinite(
-                make_dataloader(
-                    cfg["data"],
-                    batch_size=s.batch,
-                    resolution=s.resolution,
-                    seed=tcfg["seed"],
-                    num_workers=tcfg["num_workers"],
-                    pipeline_dir=s.teacher,
-                )
-            )
-        log(f"built teacher + student on {device} in {time.perf_counter() - t0:.1f}s")
-        sync = functools.partial(_sync, device)
-        phases: dict[str, list[float]] = {p: [] for p in PHASES}
-        totals: list[float] = []
-        losses_seen: list[float] = []
-
-        def one_step(i: int, record: bool) -> None:
-            gens = sample_generators(tcfg["seed"], i, 0, s.batch, 1)
-            marks = []
-            sync()
-            start = time.perf_counter()
-
-            def mark():
-                sync()
-                marks.append(time.perf_counter())
-
-            p = d.prepare(next(data), gens)
-            mark()
-            t_out = d.teacher_forward(p)
-            mark()
-            losses = d.losses(p, d.student_forward(p), t_out)
-            mark()
-            d.backward(losses.total)
-            mark()
-            logs = losses.scalars(d.pairs)  # what the trainer logs each step: one device-to-host transfer
-            mark()
-            d.optimizer_step()
-            mark()
-            d.ema_step()
-            mark()
-            if not all(map(math.isfinite, logs.values())):
-                raise KoalaError(f"non-finite loss in the benchmark step: {logs}")
-            if record:
-                prev = start
-                for name, t in zip(PHASES, marks):
-                    phases[name].append(1000 * (t - prev))
-                    prev = t
-                totals.append(1000 * (marks[-1] - start))
-                losses_seen.append(logs["loss/total"])
-
+        d, latent, data = _distiller_and_data(s, cfg, acc, preset_mode)
+        log(f"built teacher + student on {acc.device} in {time.perf_counter() - t0:.1f}s")
+        times = _PhaseTimes(acc.device)
         try:
             for i in range(s.warmup):
                 t0 = time.perf_counter()
-                one_step(i, False)
+                _bench_step(d, data, sample_generators(cfg.train.seed, i, 0, s.batch, 1), times)
                 log(f"warm-up step {i + 1}/{s.warmup}: {1000 * (time.perf_counter() - t0):.0f} ms")
-            with PeakMemory(device) as mem:
+            with PeakMemory(acc.device) as mem:
                 for i in range(s.warmup, s.warmup + s.steps):
-                    one_step(i, True)
-            log(f"timed {s.steps} steps: median {statistics.median(totals):.1f} ms/step")
+                    logs = _bench_step(d, data, sample_generators(cfg.train.seed, i, 0, s.batch, 1), times)
+                    times.record(logs["loss/total"])
+            log(f"timed {s.steps} steps: median {statistics.median(times.totals):.1f} ms/step")
         finally:
             d.close()
         flops = step_flops(d, latent)
-        result = _result(s, cfg, d, device, latent, phases, totals, losses_seen, flops, mem)
-    return result
+        return _result(s, cfg, d, acc.device, latent, times, flops, mem)
 
 
-def _result(s, cfg, d, device, latent, phases, totals, losses_seen, flops, mem) -> dict:
-    tcfg = cfg["train"]
-    step_ms = statistics.median(totals)
-    phase_ms = {k: statistics.median(v) for k, v in phases.items()}
-    samples_per_s = s.batch * 1000 / step_ms
-    achieved = flops["per_sample"] * samples_per_s / 1e12
-    mp = tcfg["mixed_precision"]
+def _peak_tflops(s: TrainBenchSettings, device: torch.device, mixed_precision: str) -> tuple[float, str]:
+    """The device's peak and where it comes from: given, the data sheet of a known GPU, or a measured matmul."""
     if s.peak_tflops:
-        peak, source = s.peak_tflops, "given"
-    elif device.type == "cuda" and gpu_peak_tflops(torch.cuda.get_device_name(device)):
-        peak, source = gpu_peak_tflops(torch.cuda.get_device_name(device)), "data sheet (dense bf16/fp16)"
-    else:
-        dt = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp, torch.float32)
-        if device.type == "cpu" and dt == torch.float16:
-            dt = torch.float32
-        peak, source = measure_matmul_tflops(device, dt), f"measured {str(dt).replace('torch.', '')} matmul"
-    n_t = sum(p.numel() for p in d.teacher.parameters())
-    n_s = sum(p.numel() for p in d.plain_student.parameters())
+        return s.peak_tflops, "given"
+    if device.type == "cuda" and gpu_peak_tflops(torch.cuda.get_device_name(device)):
+        return gpu_peak_tflops(torch.cuda.get_device_name(device)), "data sheet (dense bf16/fp16)"
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+    if device.type == "cpu" and dt == torch.float16:
+        dt = torch.float32
+    return measure_matmul_tflops(device, dt), f"measured {str(dt).replace('torch.', '')} matmul"
+
+
+def _switches(cfg: DistillConfig) -> dict:
+    """The fast-path switches a result was measured with."""
+    tcfg = cfg.train
     switches = {
-        k: tcfg[k]
+        k: getattr(tcfg, k)
         for k in (
             "mixed_precision",
             "gradient_checkpointing",
@@ -307,34 +316,45 @@ def _result(s, cfg, d, device, latent, phases, totals, losses_seen, flops, mem) 
             "compile",
         )
     }
-    switches["teacher_dtype"] = cfg["teacher"]["dtype"]
-    if tcfg["compile"] != "none":
-        switches["compile_scope"] = tcfg["compile_scope"]
-        if tcfg["teacher_compile_scope"]:
-            switches["teacher_compile_scope"] = tcfg["teacher_compile_scope"]
-    switches["ema_off"] = not tcfg["ema"]["enabled"]  # EMA is on by default (not in the paper)
+    switches["teacher_dtype"] = cfg.teacher.dtype
+    if tcfg.compile != "none":
+        switches["compile_scope"] = tcfg.compile_scope
+        if tcfg.teacher_compile_scope:
+            switches["teacher_compile_scope"] = tcfg.teacher_compile_scope
+    switches["ema_off"] = not tcfg.ema.enabled  # EMA is on by default (not in the paper)
+    return switches
+
+
+def _result(s, cfg, d, device, latent, times: _PhaseTimes, flops, mem) -> dict:
+    step_ms = statistics.median(times.totals)
+    phase_ms = {k: statistics.median(v) for k, v in times.phases.items()}
+    samples_per_s = s.batch * 1000 / step_ms
+    achieved = flops["per_sample"] * samples_per_s / 1e12
+    peak, source = _peak_tflops(s, device, cfg.train.mixed_precision)
+    n_t = sum(p.numel() for p in d.teacher.parameters())
+    n_s = sum(p.numel() for p in d.plain_student.parameters())
     return {
         "schema": SCHEMA,
         "settings": asdict(s),
         "environment": _environment(device),
         "models": {
             "teacher": s.teacher,
-            "student": cfg["student"]["preset"],
+            "student": cfg.student.preset,
             "family": d.family.name,
             "teacher_params": n_t,
             "student_params": n_s,
             "feature_pairs": len(d.pairs),
-            "features": cfg["kd"]["features"],
+            "features": cfg.kd.features,
             "latent": [s.batch, 4, latent, latent],
         },
-        "switches": switches,
+        "switches": _switches(cfg),
         "times_ms": {
             "step_median": step_ms,
-            "step_min": min(totals),
-            "steps": totals,
+            "step_min": min(times.totals),
+            "steps": times.totals,
             "phases_median": phase_ms,
             "phase_sum_median": sum(phase_ms.values()),
-            "phases": phases,
+            "phases": times.phases,
         },
         "samples_per_s": samples_per_s,
         "flops": {
@@ -346,7 +366,7 @@ def _result(s, cfg, d, device, latent, phases, totals, losses_seen, flops, mem) 
             "mfu": achieved / peak,
         },
         "memory": {"kind": mem.kind, "peak_bytes": mem.peak, "peak_delta_bytes": mem.delta},
-        "losses": losses_seen,
+        "losses": times.losses,
     }
 
 

@@ -78,8 +78,7 @@ def register(sub) -> None:
         "self-attention features (SA-bottom) and the last feature of the first encoder / last decoder stage "
         "(DW-1/UP-3 "
         "on SDXL) by default. The teacher's family (SDXL, SD-1.x/2.x) is detected from teacher.pipeline. The "
-        "student is "
-        "compressed from the teacher on the fly (student.preset) or loaded from a `koala compress` output "
+        "student is compressed from the teacher on the fly (student.preset) or loaded from a `koala compress` output "
         "(student.path). Checkpoints are diffusers U-Nets with koala_layer_map.json under OUTPUT/checkpoints/.",
         epilog=_EPILOG,
         formatter_class=_Help,

@@ -67,7 +67,7 @@ def add_plan_arguments(p, teacher: bool) -> None:
     p.add_argument("--plan-json", default=None, metavar="FILE", help="write the plan (schema koala-plan/1)")
 
 
-def show_plan(cfg: dict, teacher, args) -> int:
+def show_plan(cfg, teacher, args) -> int:
     import json
 
     from ..bench.plan import plan_markdown, plan_memory
@@ -83,19 +83,5 @@ def show_plan(cfg: dict, teacher, args) -> int:
 
 def run(args) -> int:
     from ..distill.config import load_config
-    from ..errors import KoalaError
 
-    overrides = list(args.overrides)
-    if args.teacher:  # the schema requires teacher.pipeline; a preset teacher needs no directory
-        overrides.insert(0, f"teacher.pipeline={args.teacher}")
-    try:
-        cfg = load_config(args.config, overrides)
-    except KoalaError as err:
-        if "teacher.pipeline is required" in str(err):
-            raise KoalaError(
-                "no teacher: give a preset (e.g. --teacher sdxl-base; no weights needed) or a pipeline "
-                "directory, or a recipe that sets teacher.pipeline",
-                option="teacher",
-            ) from None
-        raise
-    return show_plan(cfg, args.teacher, args)
+    return show_plan(load_config(args.config, list(args.overrides)), args.teacher, args)

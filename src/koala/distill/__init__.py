@@ -20,7 +20,7 @@ __all__ = [
 ]
 
 
-def train(cfg: dict) -> dict:
+def train(cfg) -> dict:
     """Run distillation for a resolved config (see :func:`load_config`)."""
     from .trainer import train as _train
 

@@ -23,6 +23,7 @@ from ..card import write_model_card
 from ..errors import KoalaError
 from ..families import get_family, model_subfolders
 from ..utils.files import atomic_output_dir
+from .ema import ema_weights
 
 STEP_RE = re.compile(r"^step-(\d+)$")
 
@@ -64,69 +65,61 @@ def model_folder(lmap) -> str:
 
 
 def save_checkpoint(
-    output_dir: str,
+    layout,
     step: int,
     student,
     lmap,
     ema,
     optimizer,
     scaler,
-    cfg: dict,
+    cfg,
     keep: int = 0,
-    world_size: int = 1,
     states: dict | None = None,
 ) -> str:
-    """``states``: the full student / optimizer / EMA states gathered from a sharded (FSDP) run
+    """Write ``step-NNNNNNN`` under ``layout.output_dir`` (a :class:`~koala.distill.config.RunLayout`) for the run
+    of ``cfg`` (a :class:`~koala.distill.config.DistillConfig`); keep the newest ``keep`` (0: all). ``states``: the
+    full student / optimizer / EMA states gathered from a sharded (FSDP) run
     (:func:`koala.distill.sharding.gather_states`); written in the same layout as an unsharded run's."""
-    final = os.path.join(checkpoint_root(output_dir), f"step-{step:07d}")
+    final = os.path.join(checkpoint_root(layout.output_dir), f"step-{step:07d}")
     with atomic_output_dir(final, overwrite=True) as tmp:
         sub = model_folder(lmap)
         if states is not None:
             _save_gathered(tmp, sub, student, lmap, states, scaler)
         else:
             _save_plain(tmp, sub, student, lmap, ema, optimizer, scaler)
-        write_model_card(
-            tmp,
-            lmap,
-            sum(p.numel() for p in student.parameters()),
-            training=training_summary(cfg, step, world_size),
-            layout="checkpoint",
-        )
-        with open(os.path.join(tmp, "state.json"), "w") as f:
-            tcfg = cfg["train"]
-            json.dump(
-                {
-                    "step": step,
-                    "world_size": world_size,
-                    "global_batch": tcfg["batch_size"] * tcfg["grad_accum"] * world_size,
-                    "optimizer_layout": "names" if states is not None else "indices",
-                    "config": cfg,
-                },
-                f,
-                indent=1,
-            )
+        n_params = sum(p.numel() for p in student.parameters())
+        write_model_card(tmp, lmap, n_params, training=training_summary(cfg, step, layout), layout="checkpoint")
+        _write_state(tmp, step, layout, cfg, "names" if states is not None else "indices")
     if keep and keep > 0:
-        for _, old in list_checkpoints(output_dir)[:-keep]:
+        for _, old in list_checkpoints(layout.output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def training_summary(cfg: dict, step: int, world_size: int) -> dict:
+def _write_state(folder: str, step: int, layout, cfg, optimizer_layout: str) -> None:
+    """``state.json``: the step, the batch layout the run trained with (a resume checks it) and the config."""
+    state = {
+        "step": step,
+        "world_size": layout.world_size,
+        "grad_accum": layout.grad_accum,
+        "global_batch": layout.global_batch,
+        "optimizer_layout": optimizer_layout,
+        "config": cfg.to_dict(),
+    }
+    with open(os.path.join(folder, "state.json"), "w") as f:
+        json.dump(state, f, indent=1)
+
+
+def training_summary(cfg, step: int, layout) -> dict:
     """What a checkpoint's model card says about its training."""
-    t = cfg["train"]
-    feats = (
-        ", ".join(
-            f"{k} at {v if isinstance(v, str) else ', '.join(map(str, v))}"
-            for k, v in (cfg["kd"]["features"] or {}).items()
-        )
-        or "none"
-    )
-    loss = cfg["loss"]
+    features = cfg.kd.features or {}
+    feats = ", ".join(f"{k} at {v if isinstance(v, str) else ', '.join(map(str, v))}" for k, v in features.items())
+    loss = cfg.loss
     return {
         "step": step,
-        "global_batch": t["batch_size"] * t["grad_accum"] * world_size,
-        "features": feats,
-        "loss": f"task {loss['task']} + out {loss['out']} + feat {loss['feat']}",
+        "global_batch": layout.global_batch,
+        "features": feats or "none",
+        "loss": f"task {loss.task} + out {loss.out} + feat {loss.feat}",
     }
 
 
@@ -151,13 +144,8 @@ def _save_plain(tmp: str, sub: str, student, lmap, ema, optimizer, scaler) -> No
     student.save_pretrained(os.path.join(tmp, sub), safe_serialization=True)
     lmap.save(os.path.join(tmp, sub))
     if ema is not None:
-        params = list(student.parameters())
-        ema.store(params)
-        ema.copy_to(params)
-        try:
+        with ema_weights(ema, student):
             student.save_pretrained(os.path.join(tmp, f"{sub}_ema"), safe_serialization=True)
-        finally:
-            ema.restore(params)
         lmap.save(os.path.join(tmp, f"{sub}_ema"))
     state = {
         "optimizer": optimizer.state_dict(),

@@ -2,13 +2,16 @@
 the value checks.
 
 Recipes (``koala/configs/*.yaml``, see :mod:`koala.recipes`) override these defaults; ``key=value`` on the
-command line overrides the recipe. :func:`load_config` returns a plain nested dict.
+command line overrides the recipe. :func:`load_config` returns the typed :class:`DistillConfig`, read by attribute
+(``cfg.train.lr``); :class:`RunLayout` holds what a run derives from it and from its processes (the absolute output
+folder, the resolved accumulation and thread count), so the config stays what the user wrote.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import os
+from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, List, Optional
 
 from omegaconf import OmegaConf
@@ -159,8 +162,11 @@ class DistillConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
+    def to_dict(self) -> dict:
+        """The config as plain nested containers (what ``config.yaml``, checkpoints and trackers store)."""
+        return asdict(self)
 
-DEFAULTS: dict = OmegaConf.to_container(OmegaConf.structured(DistillConfig))  # the schema's defaults, as a dict
+
 WHOLE = ("kd.features", "student.preset")  # replaced as a whole by a recipe or override
 REMOVED = {
     "teacher.make_tiny": "teacher.make_tiny was removed: create the pipeline once with `koala lab make-tiny DIR` "
@@ -170,11 +176,11 @@ REMOVED = {
 }
 
 
-def load_config(recipe: str | None, overrides: Iterable[str] = ()) -> dict:
-    """Schema defaults <- recipe (``extends`` first) <- ``key=value`` overrides, checked, as a plain dict."""
-    cfg = OmegaConf.to_container(load(DistillConfig, recipe, overrides, whole=WHOLE, removed=REMOVED), resolve=True)
-    if str(cfg["train"]["mixed_precision"]).lower() == "false":  # YAML reads a bare `no` as a boolean
-        cfg["train"]["mixed_precision"] = "no"
+def load_config(recipe: str | None, overrides: Iterable[str] = ()) -> DistillConfig:
+    """Schema defaults <- recipe (``extends`` first) <- ``key=value`` overrides, checked: a :class:`DistillConfig`."""
+    cfg: DistillConfig = OmegaConf.to_object(load(DistillConfig, recipe, overrides, whole=WHOLE, removed=REMOVED))
+    if str(cfg.train.mixed_precision).lower() == "false":  # YAML reads a bare `no` as a boolean
+        cfg.train.mixed_precision = "no"
     check_config(cfg, where=recipe or "config")
     return cfg
 
@@ -203,16 +209,19 @@ def feature_stages(features) -> dict[str, list[str] | str]:
     return out
 
 
-def _one_of(cfg: dict, key: str, allowed: tuple) -> None:
-    sec, name = key.split(".")
-    if cfg[sec][name] not in allowed:
+def _value(cfg: DistillConfig, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def _one_of(cfg: DistillConfig, key: str, allowed: tuple) -> None:
+    if _value(cfg, key) not in allowed:
         names = ", ".join("null" if a is None else str(a) for a in allowed)
-        raise KoalaError(f"{key} must be one of {names}, got {cfg[sec][name]!r}")
+        raise KoalaError(f"{key} must be one of {names}, got {_value(cfg, key)!r}")
 
 
-def _num(cfg: dict, key: str, lo=None, hi=None) -> None:
-    sec, name = key.split(".")
-    v = cfg[sec][name]
+def _num(cfg: DistillConfig, key: str, lo=None, hi=None) -> None:
+    v = _value(cfg, key)
     if (
         isinstance(v, bool)
         or not isinstance(v, (int, float))
@@ -224,10 +233,10 @@ def _num(cfg: dict, key: str, lo=None, hi=None) -> None:
         raise KoalaError(f"{key} must be a finite number{bounds}, got {v!r}")
 
 
-def resolve_grad_accum(tcfg: dict, world_size: int) -> int:
+def resolve_grad_accum(train: TrainConfig, world_size: int) -> int:
     """``train.grad_accum``, derived from ``train.global_batch`` when that is set: global_batch / (batch_size x
     processes), which must come out whole; a grad_accum set to anything else alongside is refused."""
-    gb, bs, accum = tcfg.get("global_batch"), tcfg["batch_size"], tcfg["grad_accum"]
+    gb, bs, accum = train.global_batch, train.batch_size, train.grad_accum
     if not gb:
         return accum
     per_step = bs * world_size
@@ -255,7 +264,50 @@ def resolve_grad_accum(tcfg: dict, world_size: int) -> int:
     return derived
 
 
-def check_config(cfg: dict, where: str = "config") -> None:
+def resolve_cpu_threads(train: TrainConfig, default_threads: int) -> int | None:
+    """``train.cpu_threads``; unset with the teacher worker, the training process and its worker take half of
+    ``default_threads`` (torch's) each; unset otherwise: None (torch's default)."""
+    if train.teacher_worker and not train.cpu_threads:
+        return max(1, default_threads // 2)
+    return train.cpu_threads
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """What one distillation process derives from the config and the process group, kept apart from the config:
+    the absolute output folder, the processes, the accumulation (from ``train.global_batch`` when set) and the
+    intra-op thread count (:func:`resolve_cpu_threads`)."""
+
+    output_dir: str
+    world_size: int = 1
+    rank: int = 0
+    batch_size: int = 1  # per process, per micro-step
+    grad_accum: int = 1
+    cpu_threads: int | None = None
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.grad_accum * self.world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def of(cls, cfg: DistillConfig, world_size: int = 1, rank: int = 0, cpu_threads: int | None = None):
+        """The layout of process ``rank`` of ``world_size`` running ``cfg``."""
+        t = cfg.train
+        return cls(
+            os.path.abspath(t.output_dir),
+            world_size,
+            rank,
+            t.batch_size,
+            resolve_grad_accum(t, world_size),
+            cpu_threads,
+        )
+
+
+def check_config(cfg: DistillConfig, where: str = "config") -> None:
     """Value checks the schema's types cannot express; KoalaError naming ``where`` and the key."""
     try:
         _check(cfg)
@@ -263,8 +315,8 @@ def check_config(cfg: dict, where: str = "config") -> None:
         raise KoalaError(f"{where}: {err}") from err
 
 
-def _check(cfg: dict) -> None:
-    data = cfg["data"]
+def _check(cfg: DistillConfig) -> None:
+    data = cfg.data
     if not isinstance(data, dict):
         raise KoalaError(f"data must be a mapping (e.g. {{type: folder, path: images/}}), got {data!r}")
     if data.get("repeat", True) is False:
@@ -272,7 +324,7 @@ def _check(cfg: dict) -> None:
             "data.repeat: false is not supported for training (the trainer counts steps over an "
             "endless, per-epoch reshuffled stream); remove it"
         )
-    feature_stages(cfg["kd"]["features"])
+    feature_stages(cfg.kd.features)
     _one_of(cfg, "kd.layer_selection", (None, *LAYER_SELECTIONS))
     _one_of(cfg, "student.layer_selection", LAYER_SELECTIONS)
     _one_of(cfg, "kd.feature_loss", tuple(FEATURE_LOSSES))
@@ -280,57 +332,62 @@ def _check(cfg: dict) -> None:
         _num(cfg, k, 0)
     for k in ("train.batch_size", "train.grad_accum", "train.max_steps", "train.resolution"):
         _num(cfg, k, 1)
-    if cfg["train"]["global_batch"] is not None:
+    if cfg.train.global_batch is not None:
         _num(cfg, "train.global_batch", 1)
     _num(cfg, "train.caption_dropout", 0, 1)
-    _one_of(cfg, "train.mixed_precision", MIXED_PRECISION)
-    _one_of(cfg, "train.optimizer", OPTIMIZERS)
-    _one_of(cfg, "train.lr_schedule", LR_SCHEDULES)
     _num(cfg, "train.lr_warmup_steps", 0)
-    _one_of(cfg, "teacher.kind", TEACHER_KINDS)
-    _one_of(cfg, "train.attention", SDPA_BACKENDS)
-    _one_of(cfg, "train.compile", COMPILE)
-    _one_of(cfg, "train.compile_scope", COMPILE_SCOPES)
-    _one_of(cfg, "train.teacher_compile_scope", (None, *COMPILE_SCOPES))
-    _one_of(cfg, "train.fsdp", FSDP_MODES)
-    t = cfg["train"]
-    if t["fsdp"] != "none":
-        if t["shard_optimizer"]:
-            raise KoalaError(
-                "train.fsdp already shards the optimizer states; set train.shard_optimizer=false (ZeRO-1 "
-                "is the DDP alternative)",
-                option="train.fsdp",
-            )
-        if t["mixed_precision"] == "fp16":
-            raise KoalaError(
-                "train.fsdp with train.mixed_precision=fp16: the fp16 loss scaler would see only this "
-                "process's gradient shard and could skip a step on some processes only; use "
-                "train.mixed_precision=bf16 (no loss scaling) or no",
-                option="train.fsdp",
-            )
-        if t["optimizer"] != "adamw":
-            raise KoalaError(
-                f"train.fsdp works with train.optimizer=adamw (torch AdamW on sharded parameters); "
-                f"{t['optimizer']} keeps per-tensor statistics that sharding would split",
-                option="train.fsdp",
-            )
-    if cfg["train"]["fused_optimizer"] and cfg["train"]["optimizer"] != "adamw":
-        raise KoalaError("train.fused_optimizer applies to train.optimizer=adamw only")
-    for key, n in (("came_betas", 3), ("came_eps", 2)):
-        if len(cfg["train"][key]) != n:
-            raise KoalaError(
-                f"train.{key} needs {n} numbers (CAME: betas (b1, b2, b3), eps (eps1, eps2)), got {cfg['train'][key]}",
-                option=f"train.{key}",
-            )
-    preset = cfg["student"]["preset"]
-    if not isinstance(preset, (str, dict)):
+    for key, allowed in (
+        ("train.mixed_precision", MIXED_PRECISION),
+        ("train.optimizer", OPTIMIZERS),
+        ("train.lr_schedule", LR_SCHEDULES),
+        ("teacher.kind", TEACHER_KINDS),
+        ("train.attention", SDPA_BACKENDS),
+        ("train.compile", COMPILE),
+        ("train.compile_scope", COMPILE_SCOPES),
+        ("train.teacher_compile_scope", (None, *COMPILE_SCOPES)),
+        ("train.fsdp", FSDP_MODES),
+    ):
+        _one_of(cfg, key, allowed)
+    _check_sharding(cfg.train)
+    _check_optimizer(cfg.train)
+    if not isinstance(cfg.student.preset, (str, dict)):
         raise KoalaError(
-            f"student.preset must be a preset name or a spec mapping, got {preset!r}", option="student.preset"
+            f"student.preset must be a preset name or a spec mapping, got {cfg.student.preset!r}",
+            option="student.preset",
         )
     normalize_data_cfg(data)  # unknown keys, missing path, bad type: refuse before loading any model
-    if not cfg["teacher"]["pipeline"]:
+
+
+def _check_sharding(t: TrainConfig) -> None:
+    if t.fsdp == "none":
+        return
+    if t.shard_optimizer:
         raise KoalaError(
-            "teacher.pipeline is required: a local pipeline directory (set it in the recipe or pass "
-            "teacher.pipeline=/path/to/pipeline; for a tiny test pipeline run "
-            "`koala lab make-tiny DIR` first)"
+            "train.fsdp already shards the optimizer states; set train.shard_optimizer=false (ZeRO-1 "
+            "is the DDP alternative)",
+            option="train.fsdp",
         )
+    if t.mixed_precision == "fp16":
+        raise KoalaError(
+            "train.fsdp with train.mixed_precision=fp16: the fp16 loss scaler would see only this "
+            "process's gradient shard and could skip a step on some processes only; use "
+            "train.mixed_precision=bf16 (no loss scaling) or no",
+            option="train.fsdp",
+        )
+    if t.optimizer != "adamw":
+        raise KoalaError(
+            f"train.fsdp works with train.optimizer=adamw (torch AdamW on sharded parameters); "
+            f"{t.optimizer} keeps per-tensor statistics that sharding would split",
+            option="train.fsdp",
+        )
+
+
+def _check_optimizer(t: TrainConfig) -> None:
+    if t.fused_optimizer and t.optimizer != "adamw":
+        raise KoalaError("train.fused_optimizer applies to train.optimizer=adamw only")
+    for key, n in (("came_betas", 3), ("came_eps", 2)):
+        if len(getattr(t, key)) != n:
+            raise KoalaError(
+                f"train.{key} needs {n} numbers (CAME: betas (b1, b2, b3), eps (eps1, eps2)), got {getattr(t, key)}",
+                option=f"train.{key}",
+            )

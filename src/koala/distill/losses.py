@@ -96,16 +96,17 @@ def kd_losses(
     pairs: list[FeaturePair],
     s_feats: dict,
     t_feats: dict,
-    weights: dict,
+    weights,
     feature_loss: str = "mse",
     prediction: torch.Tensor | None = None,
 ) -> Losses:
     """L_task on ``prediction`` (the part of the student's raw output the sampler uses; default: all of it, e.g. the
-    epsilon half of a learned-sigma DiT's output), L_outKD on the whole raw outputs, L_featKD over ``pairs``."""
+    epsilon half of a learned-sigma DiT's output), L_outKD on the whole raw outputs, L_featKD over ``pairs``;
+    ``weights``: the λs as attributes ``task``, ``out``, ``feat`` (a :class:`~koala.distill.config.LossConfig`)."""
     zero = student_out.new_zeros((), dtype=torch.float32)
     task = mse(student_out if prediction is None else prediction, target)
     out = mse(student_out, teacher_out.detach()) if teacher_out is not None else zero
     per_pair = feature_losses(pairs, s_feats, t_feats, feature_loss) if pairs else {}
     feat = torch.stack(list(per_pair.values())).sum() if per_pair else zero
-    total = weights["task"] * task + weights["out"] * out + weights["feat"] * feat
+    total = weights.task * task + weights.out * out + weights.feat * feat
     return Losses(total, task.detach(), out.detach(), feat.detach(), {k: v.detach() for k, v in per_pair.items()})

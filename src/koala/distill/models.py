@@ -15,6 +15,7 @@ from ..errors import KoalaError
 from ..families import Family, Parts, family_of, model_dir, model_dir_kind
 from ..formats.single_file import load_denoiser
 from ..utils.devices import parse_dtype
+from .config import DistillConfig
 
 
 @dataclass
@@ -32,16 +33,21 @@ class Frozen:
         return self
 
 
-def teacher_pipeline(cfg: dict) -> str:
+def teacher_pipeline(cfg: DistillConfig) -> str:
     """``teacher.pipeline``, checked to be a pipeline directory; a single-file checkpoint is converted once into
     ``OUTPUT_DIR/teacher`` (reused while the file is unchanged) and that directory returned."""
-    pipe_dir = cfg["teacher"]["pipeline"]
+    pipe_dir = cfg.teacher.pipeline
+    if not pipe_dir:
+        raise KoalaError(
+            "teacher.pipeline is required: a local pipeline directory (set it in the recipe or pass "
+            "teacher.pipeline=/path/to/pipeline; for a tiny test pipeline run `koala lab make-tiny DIR` first)",
+            option="teacher.pipeline",
+        )
     if os.path.isfile(pipe_dir):
         from ..formats.single_file import ensure_diffusers
 
-        return ensure_diffusers(
-            pipe_dir, os.path.join(cfg["train"]["output_dir"], "teacher"), cfg["teacher"].get("config")
-        )
+        out = os.path.join(os.path.abspath(cfg.train.output_dir), "teacher")
+        return ensure_diffusers(pipe_dir, out, cfg.teacher.config)
     if not os.path.isdir(pipe_dir):
         raise KoalaError(
             f"teacher.pipeline {pipe_dir}: no such directory; point it at a local pipeline directory "
@@ -56,11 +62,11 @@ def teacher_pipeline(cfg: dict) -> str:
     return pipe_dir
 
 
-def init_selection(cfg: dict) -> str:
+def init_selection(cfg: DistillConfig) -> str:
     """Which teacher layers initialise an in-memory student: ``kd.layer_selection`` when set (the student is then
     initialised from the very layers it is matched with, as Table 10c's SA-bottom / -interleave / -up), else
     ``student.layer_selection``. A conflicting pair is refused."""
-    kd_sel, s_sel = cfg["kd"]["layer_selection"], cfg["student"]["layer_selection"]
+    kd_sel, s_sel = cfg.kd.layer_selection, cfg.student.layer_selection
     if kd_sel and s_sel not in ("bottom", kd_sel):  # bottom is student.layer_selection's default
         raise KoalaError(
             f"kd.layer_selection={kd_sel} and student.layer_selection={s_sel} disagree; set one of them "
@@ -70,43 +76,45 @@ def init_selection(cfg: dict) -> str:
     return kd_sel or s_sel
 
 
-def load_models(cfg: dict):
+def load_student(cfg: DistillConfig, teacher, fam: Family):
+    """``(student, layer_map)``: the compressed student at ``student.path`` (checked against the teacher's family
+    and ``kd.layer_selection``), or the teacher compressed in memory per ``student.preset``."""
+    s, kd_sel = cfg.student, cfg.kd.layer_selection
+    if not s.path:
+        return fam.compress(teacher, s.preset, init_selection(cfg), torch.float32)
+    path = model_dir(s.path)
+    lmap = LayerMap.load(path)
+    if lmap.family != fam.name:
+        raise KoalaError(
+            f"student.path {s.path} was compressed from a {lmap.family} teacher but teacher.pipeline is {fam.name}",
+            option="student.path",
+        )
+    if kd_sel and kd_sel != lmap.layer_selection:  # Table 10c: initialisation and matching go together
+        raise KoalaError(
+            f"kd.layer_selection is {kd_sel} but student.path {s.path} was initialised from the "
+            f"{lmap.layer_selection} teacher layers; compress it again with --layer-selection {kd_sel} "
+            "(or set kd.layer_selection=null to match the layers the map names)",
+            option="kd.layer_selection",
+        )
+    return fam.load_model(path, torch.float32), lmap
+
+
+def load_models(cfg: DistillConfig):
     """Return ``(teacher, student, layer_map, frozen)``; all on CPU, teacher frozen in ``teacher.dtype``."""
     pipe_dir = teacher_pipeline(cfg)
-    fam = family_of(pipe_dir, cfg["teacher"].get("family"))
-    weight_dtype = parse_dtype(cfg["teacher"]["dtype"])
-    teacher, fam = load_denoiser(
-        cfg["teacher"]["unet_path"] or pipe_dir, torch.float32, config_from=pipe_dir, family=fam
-    )
-    s, kd_sel = cfg["student"], cfg["kd"]["layer_selection"]
-    if s["path"]:
-        path = model_dir(s["path"])
-        lmap = LayerMap.load(path)
-        if lmap.family != fam.name:
-            raise KoalaError(
-                f"student.path {s['path']} was compressed from a {lmap.family} teacher but "
-                f"teacher.pipeline is {fam.name}",
-                option="student.path",
-            )
-        if kd_sel and kd_sel != lmap.layer_selection:  # Table 10c: initialisation and matching go together
-            raise KoalaError(
-                f"kd.layer_selection is {kd_sel} but student.path {s['path']} was initialised from the "
-                f"{lmap.layer_selection} teacher layers; compress it again with --layer-selection {kd_sel} "
-                "(or set kd.layer_selection=null to match the layers the map names)",
-                option="kd.layer_selection",
-            )
-        student = fam.load_model(path, torch.float32)
-    else:
-        student, lmap = fam.compress(teacher, s["preset"], init_selection(cfg), torch.float32)
+    fam = family_of(pipe_dir, cfg.teacher.family)
+    weight_dtype = parse_dtype(cfg.teacher.dtype)
+    teacher, fam = load_denoiser(cfg.teacher.unet_path or pipe_dir, torch.float32, config_from=pipe_dir, family=fam)
+    student, lmap = load_student(cfg, teacher, fam)
     lmap.validate(teacher, student)  # refuse a map that does not fit before any training
-    lmap.meta["teacher_kind"] = cfg["teacher"]["kind"]  # saved with every checkpoint: koala generate samples by it
-    if not s["path"]:  # compressed here: record what koala compress records (the model card reads it)
-        lmap.meta.setdefault("teacher_path", os.path.abspath(cfg["teacher"].get("unet_path") or teacher_pipeline(cfg)))
-        lmap.meta.setdefault("preset", s["preset"] if isinstance(s["preset"], str) else None)
+    lmap.meta["teacher_kind"] = cfg.teacher.kind  # saved with every checkpoint: koala generate samples by it
+    if not cfg.student.path:  # compressed here: record what koala compress records (the model card reads it)
+        lmap.meta.setdefault("teacher_path", os.path.abspath(cfg.teacher.unet_path or pipe_dir))
+        lmap.meta.setdefault("preset", cfg.student.preset if isinstance(cfg.student.preset, str) else None)
     if teacher.dtype != weight_dtype:  # (diffusers warns on every dtype cast of some models: only cast when needed)
         teacher = teacher.to(weight_dtype)
     teacher = teacher.requires_grad_(False).eval()
-    parts = fam.load_parts(pipe_dir, weight_dtype, cfg["teacher"]["vae_dtype"])
+    parts = fam.load_parts(pipe_dir, weight_dtype, cfg.teacher.vae_dtype)
     frozen = Frozen(fam, parts, DDPMScheduler.from_config(parts.scheduler.config), weight_dtype)
     return teacher, student.float().train(), lmap, frozen
 

@@ -1,44 +1,34 @@
-"""The KOALA distillation loop on accelerate: L_task + L_outKD + L_featKD with hooks through the layer map.
+"""The KOALA distillation loop on accelerate (``koala distill``): micro-steps, optimizer updates, logs,
+checkpoints, validation images, preemption.
 
-One optimizer step = ``train.grad_accum`` micro-batches per process. The model family (SDXL, SD-1.x, ...)
-supplies conditioning and stage names; nothing here is family-specific. Noise, timesteps, VAE sampling and
-caption dropout come from one generator per sample seeded by the sample's position in the global stream
-(:func:`sample_generators`), and the data order depends only on the seed, so ``resume=latest`` continues
-exactly where the checkpoint was taken, and (for sample-split sources, see there) N processes x batch B equal
-1 process x batch N*B.
-Logging goes through ``Accelerator(log_with=...)`` (``train.log_with``: tensorboard by default) plus
-``OUTPUT/metrics.jsonl``.
+One optimizer step = ``train.grad_accum`` micro-steps (:meth:`koala.distill.step.Distiller.micro_step`) per process.
+The model family (SDXL, SD-1.x, ...) supplies conditioning and stage names; nothing here is family-specific. The
+data order depends only on the seed and every sample's randomness on its position in the global stream, so
+``resume=latest`` continues exactly where the checkpoint was taken. Logging goes through
+``Accelerator(log_with=...)`` (``train.log_with``: tensorboard by default) plus ``OUTPUT/metrics.jsonl``.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import itertools
 import json
 import os
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
-from diffusers.training_utils import EMAModel
 
 from ..data import make_dataloader
 from ..errors import KoalaError
 from ..recipes import dump_recipe
-from ..utils.attention import attention_context
-from ..utils.compile import compile_module
-from ..utils.extras import require
 from ..utils.files import existing_parent
 from ..utils.signals import StopRequest
 from .checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
-from .config import resolve_grad_accum
-from .hooks import FeatureRecorder, feature_pairs, unwrap
-from .losses import kd_losses, prediction_target
-from .models import encode_batch, load_models, teacher_pipeline
-from .sharding import gather_states, shard_student
+from .config import DistillConfig, RunLayout, resolve_cpu_threads
+from .models import teacher_pipeline
+from .sharding import gather_states
+from .step import Distiller, inner_optimizer, is_sharded, sample_generators
 
 
 def checkpoint_state(path: str) -> dict:
@@ -46,108 +36,32 @@ def checkpoint_state(path: str) -> dict:
         return json.load(f)
 
 
-def check_resume_layout(state: dict, world_size: int, tcfg: dict, path: str) -> None:
+def check_resume_layout(state: dict, layout: RunLayout, allow_change: bool, path: str) -> None:
     """Refuse resuming with another number of processes, per-process batch or accumulation: the data split, the
     per-sample noise positions and the batches the resumed stream skips would all change, so the run would not
     continue the one that was stopped. Checkpoints from before koala recorded these are not checked."""
-    if "world_size" not in state or tcfg["allow_world_size_change"]:
+    if "world_size" not in state or allow_change:
         return
     saved = state["config"]["train"]
-    now = {"processes": world_size, "train.batch_size": tcfg["batch_size"], "train.grad_accum": tcfg["grad_accum"]}
-    then = {
+    now = {
+        "processes": layout.world_size,
+        "train.batch_size": layout.batch_size,
+        "train.grad_accum": layout.grad_accum,
+    }
+    then = {  # checkpoints from before the run layout was recorded: the config held the resolved accumulation
         "processes": state["world_size"],
         "train.batch_size": saved["batch_size"],
-        "train.grad_accum": saved["grad_accum"],
+        "train.grad_accum": state.get("grad_accum", saved["grad_accum"]),
     }
     diff = [f"{k} {then[k]} -> {now[k]}" for k in now if now[k] != then[k]]
     if diff:
         raise KoalaError(
             f"{path} was written by a run with another batch layout ({', '.join(diff)}; global batch "
-            f"{state.get('global_batch', '?')} -> {tcfg['batch_size'] * tcfg['grad_accum'] * world_size}). Resume "
+            f"{state.get('global_batch', '?')} -> {layout.global_batch}). Resume "
             "with the same number of processes, batch_size and grad_accum, or set train.allow_world_size_change=true "
             "to continue anyway (the data order and noise then differ from an uninterrupted run)",
             option="train.allow_world_size_change",
         )
-
-
-def sample_generators(
-    seed: int, step: int, micro: int, batch_size: int, grad_accum: int, rank: int = 0, world_size: int = 1
-) -> list[torch.Generator]:
-    """One CPU generator per sample of a micro-batch, seeded by the sample's position in the *global* stream.
-
-    Rank ``r``'s sample ``j`` of micro-step ``micro`` at ``step`` is global sample
-    ``((step * grad_accum + micro) * batch_size + j) * world_size + r`` -- the position the koala.data loader
-    gives it (ranks take every world_size-th sample). VAE sampling, caption dropout, noise and timestep of a
-    sample therefore depend only on that position, so N processes x batch B and 1 process x batch N*B train
-    on the same samples with the same randomness (equal weights up to float summation order) -- for sources
-    split by sample (folder, parquet/csv, hf_disk, synthetic), without aspect buckets, and with the same
-    ``num_workers`` in both runs. Webdataset and cache sources split by shard, so there the two runs see other
-    samples; determinism and exact resume hold for every source.
-    """
-    first = (step * grad_accum + micro) * batch_size
-    return [
-        torch.Generator().manual_seed(seed * 1_000_003 + (first + j) * world_size + rank) for j in range(batch_size)
-    ]
-
-
-def make_optimizer(params, tcfg: dict, world_size: int = 1):
-    """AdamW (fused or 8-bit per config) or CAME (PixArt's optimizer, from came-pytorch); with
-    ``train.shard_optimizer`` and several processes, wrapped in ZeroRedundancyOptimizer so each process holds the
-    states of 1/N of the parameters."""
-    kw = dict(lr=tcfg["lr"], betas=tuple(tcfg["adam_betas"]), eps=tcfg["adam_eps"], weight_decay=tcfg["weight_decay"])
-    if tcfg["optimizer"] == "came":
-        came = require("came_pytorch", "came", "train.optimizer=came")
-        cls = came.CAME
-        kw.update(betas=tuple(tcfg["came_betas"]), eps=tuple(tcfg["came_eps"]))
-    elif tcfg["optimizer"] == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError as err:
-            raise KoalaError(
-                "train.optimizer=adamw8bit needs bitsandbytes (pip install 'koala-diffusion[bnb]'); "
-                "or use train.optimizer=adamw",
-                option="train.optimizer",
-            ) from err
-        cls = bnb.optim.AdamW8bit
-    else:
-        cls = torch.optim.AdamW
-        if tcfg.get("fused_optimizer"):
-            kw["fused"] = True
-    if tcfg.get("shard_optimizer") and world_size > 1:
-        from torch.distributed.optim import ZeroRedundancyOptimizer
-
-        return ZeroRedundancyOptimizer(list(params), optimizer_class=cls, **kw)
-    return cls(params, **kw)
-
-
-def lr_factor(step: int, tcfg: dict) -> float:
-    """The learning rate of optimizer update ``step + 1`` over ``train.lr``: a linear warmup over
-    ``train.lr_warmup_steps``, then ``train.lr_schedule`` (constant, or a linear / cosine decay that would reach 0
-    at ``train.max_steps``). A function of the step alone, so a resumed run continues the schedule exactly."""
-    import math
-
-    warmup, total = int(tcfg.get("lr_warmup_steps") or 0), int(tcfg["max_steps"])
-    if step < warmup:
-        return (step + 1) / warmup
-    schedule = tcfg.get("lr_schedule") or "constant"
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def set_lr(optimizer, lr: float) -> None:
-    for group in inner_optimizer(optimizer).param_groups:
-        group["lr"] = lr
-
-
-def inner_optimizer(optimizer):
-    """The torch optimizer under accelerate's wrapper."""
-    return getattr(optimizer, "optimizer", optimizer)
-
-
-def is_sharded(optimizer) -> bool:
-    return type(inner_optimizer(optimizer)).__name__ == "ZeroRedundancyOptimizer"
 
 
 def infinite(loader):
@@ -161,253 +75,9 @@ def infinite(loader):
             raise KoalaError("the data loader yielded no batches (dataset smaller than one batch?)")
 
 
-@dataclass
-class Prepared:
-    """One micro-batch ready for the denoisers: noisy latents, timesteps, conditioning and the task target."""
-
-    noisy: torch.Tensor
-    t: torch.Tensor
-    cond: dict
-    target: torch.Tensor
-
-
-class Distiller:
-    """Holds models, hooks and optimizer. One micro-step is :meth:`step_losses`, made of the phases
-    :meth:`prepare`, :meth:`teacher_forward`, :meth:`student_forward` and :meth:`losses` (which
-    ``koala bench train`` times one by one); one optimizer step is :meth:`update`.
-
-    ``models``: ``(teacher, student, layer_map, frozen)`` already built (benchmarks with random real-size
-    weights); by default they are loaded per ``cfg`` (:func:`koala.distill.models.load_models`).
-    """
-
-    def __init__(self, cfg: dict, accelerator: Accelerator, models: tuple | None = None):
-        self.cfg, self.acc = cfg, accelerator
-        tcfg = cfg["train"]
-        torch.manual_seed(tcfg["seed"])
-        teacher, student, self.lmap, frozen = models if models is not None else load_models(cfg)
-        self.frozen = frozen.to(accelerator.device)
-        self.family = frozen.family
-        self.memory_format = torch.channels_last if tcfg["channels_last"] else torch.contiguous_format
-        self.teacher = teacher.to(accelerator.device, memory_format=self.memory_format)
-        self.pairs = feature_pairs(
-            self.lmap, student, teacher, cfg["kd"]["features"], cfg["kd"]["layer_selection"], self.family
-        )
-        self.caption_dropout = tcfg["caption_dropout"]
-        # what a dropped caption becomes: the family's unconditional text conditioning (computed once)
-        self.uncond = self.family.uncond(self.frozen.parts) if self.caption_dropout > 0 else None
-        w = cfg["loss"]
-        self.need_teacher = w["out"] > 0 or (w["feat"] > 0 and bool(self.pairs))
-        if not (w["feat"] > 0):
-            self.pairs = []
-        if tcfg["gradient_checkpointing"]:
-            student.enable_gradient_checkpointing()
-        student.to(accelerator.device, memory_format=self.memory_format)
-        # FSDP2 before the EMA copy, optimizer, hooks and compile: they then see the sharded parameters
-        self.fsdp = tcfg["fsdp"] != "none" and accelerator.num_processes > 1
-        if self.fsdp:
-            shard_student(student, tcfg["fsdp"])
-        elif tcfg["fsdp"] != "none":
-            accelerator.print(f"train.fsdp={tcfg['fsdp']} with one process: nothing to shard, training unsharded")
-        self.ema = None
-        if tcfg["ema"]["enabled"]:
-            # foreach: two multi-tensor kernels per update instead of three per parameter (26 -> a few ms on an
-            # H200 for KOALA-700M); its temporary copy comes after backward has freed the activations
-            self.ema = EMAModel(
-                student.parameters(),
-                decay=tcfg["ema"]["decay"],
-                model_cls=type(student),
-                model_config=student.config,
-                foreach=True,
-            )
-            self.ema.to(accelerator.device)
-        optimizer = make_optimizer(student.parameters(), tcfg, accelerator.num_processes)
-        scopes = {"student": tcfg["compile_scope"], "teacher": tcfg["teacher_compile_scope"] or tcfg["compile_scope"]}
-        compile_teacher = tcfg["compile"] in ("teacher", "both")
-        # train.teacher_worker: the teacher's KD forwards run in a second process, a micro-batch ahead (it gets the
-        # teacher before any hook; this process keeps the module for validation images only)
-        self.worker = None
-        if tcfg["teacher_worker"] and self.need_teacher:
-            from .teacher_worker import TeacherWorker
-
-            self.worker = TeacherWorker(
-                self.teacher,
-                self.family.name,
-                [p.teacher for p in self.pairs],
-                self.frozen.weight_dtype,
-                tcfg["cpu_threads"],
-                tcfg["attention"],
-                scopes["teacher"] if compile_teacher else None,
-                tcfg["compile_backend"],
-            )
-        try:  # a failure from here on stops the worker again
-            # hooks first, compile second: torch.compile traces the registered forward hooks into the graph
-            self.s_rec = FeatureRecorder(student, [p.student for p in self.pairs], "student")
-            self.t_rec = FeatureRecorder(self.teacher, [p.teacher for p in self.pairs], "teacher")
-            # in place: the module, its hooks and state_dict keys stay (the worker compiles its own teacher)
-            if tcfg["compile"] in ("student", "both"):
-                compile_module(student, scopes["student"], tcfg["compile_backend"])
-            if compile_teacher and self.worker is None:
-                compile_module(self.teacher, scopes["teacher"], tcfg["compile_backend"])
-            if self.fsdp:  # not prepared: accelerate would wrap the sharded student in DDP (koala.distill.sharding)
-                self.student, self.optimizer = student, accelerator.prepare(optimizer, device_placement=[False])
-            else:  # a ZeroRedundancyOptimizer is built on the device already (accelerate's placement would ask it for
-                # a state_dict, which needs a consolidation first)
-                self.student, self.optimizer = accelerator.prepare(
-                    student, optimizer, device_placement=[True, not is_sharded(optimizer)]
-                )
-        except BaseException:
-            if self.worker is not None:
-                self.worker.close()
-            raise
-        self.attention = tcfg["attention"]
-
-    def backward(self, loss: torch.Tensor) -> None:
-        """``accelerator.backward`` under the same SDPA backend as the forward (gradient checkpointing recomputes
-        the forward during backward, and must save the same tensors)."""
-        with attention_context(self.attention):
-            self.acc.backward(loss)
-
-    def optimizer_step(self) -> dict[str, float]:
-        """Clip, step, zero grads. Returns the logs (grad norm)."""
-        logs, max_norm = {}, self.cfg["train"]["max_grad_norm"]
-        if max_norm:
-            if self.fsdp:  # sharded gradients: torch's clip reduces the norm over the processes
-                self.acc.unscale_gradients()
-                norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), max_norm)
-                logs["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-            else:
-                logs["grad_norm"] = float(self.acc.clip_grad_norm_(self.student.parameters(), max_norm))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return logs
-
-    def ema_step(self) -> None:
-        if self.ema is not None:
-            self.ema.step(self.plain_student.parameters())
-
-    def update(self, step: int = 0) -> dict[str, float]:
-        """Optimizer update ``step + 1`` after the micro-steps' backward: learning rate per the schedule, clip,
-        step, zero grads, EMA. Returns the logs (learning rate, grad norm)."""
-        lr = self.cfg["train"]["lr"] * lr_factor(step, self.cfg["train"])
-        set_lr(self.optimizer, lr)
-        logs = {"lr": lr, **self.optimizer_step()}
-        self.ema_step()
-        return logs
-
-    @property
-    def plain_student(self):
-        return unwrap(self.acc.unwrap_model(self.student))
-
-    def prepare(self, batch: dict, gens: list[torch.Generator]) -> Prepared:
-        """Encode (raw batch) or move (cached batch), then noise: ``gens`` (one CPU generator per sample,
-        :func:`sample_generators`) are drawn in the order VAE sample, caption dropout, noise, timestep."""
-        dev, fz = self.acc.device, self.frozen
-        latents, cond = encode_batch(batch, fz, dev, gens, self.caption_dropout, self.uncond)
-        sched = fz.noise_scheduler
-        noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens]).to(dev)
-        t = torch.stack([torch.randint(0, sched.config.num_train_timesteps, (), generator=g) for g in gens]).to(dev)
-        noisy = sched.add_noise(latents, noise, t).contiguous(memory_format=self.memory_format)
-        return Prepared(noisy, t, cond, prediction_target(sched, latents, noise, t))
-
-    def teacher_forward(self, p: Prepared) -> torch.Tensor | None:
-        """The frozen teacher (``teacher.dtype``, no grad) under feature capture, in this process; None when no
-        loss needs it."""
-        if not self.need_teacher:
-            return None
-        td = self.frozen.weight_dtype
-        with torch.no_grad(), self.t_rec.capture(), attention_context(self.attention):
-            return self.family.forward(self.teacher, p.noisy, p.t, p.cond, dtype=td)
-
-    def teacher_targets(self, p: Prepared) -> tuple[torch.Tensor | None, dict]:
-        """``(output, features)`` of the teacher for ``p``: from the teacher worker when there is one (waiting for
-        it), else :meth:`teacher_forward`."""
-        if self.worker is not None:
-            self._submit(p)
-            return self.worker.result()
-        return self.teacher_forward(p), self.t_rec.pop()
-
-    def kd_stream(self, items: Iterable[tuple[dict, list[torch.Generator]]]):
-        """``(prepared, teacher output, teacher features)`` for each ``(batch, generators)`` of ``items``, in
-        order. With the teacher worker, micro-batch k+1 is prepared and handed to it before k is yielded, so the
-        worker computes it while the caller trains on k."""
-        if self.worker is None:
-            for batch, gens in items:
-                p = self.prepare(batch, gens)
-                yield (p, *self.teacher_targets(p))
-            return
-        ahead: collections.deque[Prepared] = collections.deque()
-        for batch, gens in items:
-            p = self.prepare(batch, gens)
-            self._submit(p)
-            ahead.append(p)
-            if len(ahead) > 1:
-                yield (ahead.popleft(), *self.worker.result())
-        while ahead:
-            yield (ahead.popleft(), *self.worker.result())
-
-    def _submit(self, p: Prepared) -> None:
-        self.worker.submit(p.noisy, p.t, p.cond)
-
-    def student_forward(self, p: Prepared) -> torch.Tensor:
-        """The student (autocast per ``train.mixed_precision``) under feature capture."""
-        with self.acc.autocast(), self.s_rec.capture(), attention_context(self.attention):
-            return self.family.forward(self.student, p.noisy, p.t, p.cond)
-
-    def losses(self, p: Prepared, s_out: torch.Tensor, t_out: torch.Tensor | None, t_feats: dict | None = None):
-        """:class:`Losses` (fp32) from the two outputs and the captured features (the teacher's: ``t_feats``, or
-        what its recorder holds)."""
-        s_feats = self.s_rec.pop()
-        t_feats = self.t_rec.pop() if t_feats is None else t_feats
-        if self.pairs and self.student.training and torch.is_grad_enabled():
-            dead = [n for n, f in s_feats.items() if not f.requires_grad]
-            if dead:
-                raise RuntimeError(f"student features {dead[:3]} carry no gradient; featKD would be silently ignored")
-        return kd_losses(
-            s_out,
-            p.target,
-            t_out if self.cfg["loss"]["out"] > 0 else None,
-            self.pairs,
-            s_feats,
-            t_feats,
-            self.cfg["loss"],
-            self.cfg["kd"]["feature_loss"],
-            prediction=self.family.prediction(s_out, p.target.shape[1]),
-        )
-
-    def step_losses(self, batch: dict, gens: list[torch.Generator]):
-        """The KD step's forward: encode, noise, run teacher (no grad) and student, return :class:`Losses` (fp32).
-        The one KD step: tests and benchmarks call it (or its phases in this order); the trainer runs the same
-        phases through :meth:`kd_stream` (which lets the teacher worker run a micro-batch ahead) and :meth:`losses`."""
-        p = self.prepare(batch, gens)
-        t_out, t_feats = self.teacher_targets(p)
-        return self.losses(p, self.student_forward(p), t_out, t_feats)
-
-    def close(self) -> None:
-        """Remove the feature hooks and stop the teacher worker."""
-        self.s_rec.remove()
-        self.t_rec.remove()
-        if self.worker is not None:
-            self.worker.close()
-
-
-def _check_finite(acc: Accelerator, losses, step: int, output_dir: str) -> None:
-    bad = torch.tensor([0.0 if torch.isfinite(losses.total).item() else 1.0], device=acc.device)
-    if acc.num_processes > 1:
-        bad = acc.reduce(bad, "sum")
-    if bad.item() > 0:
-        ckpts = list_checkpoints(output_dir)
-        last = ckpts[-1][1] if ckpts else "none written yet"
-        raise KoalaError(
-            f"non-finite loss at step {step} (total={float(losses.total):.4g}, task={float(losses.task):.4g}, "
-            f"out={float(losses.out):.4g}, feat={float(losses.feat):.4g}); stopped before updating the weights. "
-            f"Last good checkpoint: {last}. Try a lower train.lr, train.mixed_precision=bf16 instead of fp16, "
-            f"or check the data."
-        )
-
-
-def _trackers(tcfg: dict) -> list[str]:
+def _trackers(log_with: str | None) -> list[str]:
     """``train.log_with``: tensorboard (default), wandb, both ("tensorboard,wandb") or none."""
-    names = [n.strip() for n in str(tcfg.get("log_with") or "none").split(",") if n.strip() and n.strip() != "none"]
+    names = [n.strip() for n in str(log_with or "none").split(",") if n.strip() and n.strip() != "none"]
     for n in names:
         module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(n)
         if module is None:
@@ -422,148 +92,192 @@ def _trackers(tcfg: dict) -> list[str]:
     return names
 
 
-def train(cfg: dict) -> dict:
+def train(cfg: DistillConfig) -> dict:
     """Run distillation per ``cfg`` (see :mod:`koala.distill.config`). Returns a summary dict."""
-    tcfg = cfg["train"]
-    out_dir = os.path.abspath(tcfg["output_dir"])
-    cfg["train"]["output_dir"] = out_dir
-    if tcfg["teacher_worker"] and not tcfg["cpu_threads"]:  # the process and its teacher worker share the cores
-        tcfg["cpu_threads"] = max(1, torch.get_num_threads() // 2)
-    if tcfg["cpu_threads"]:
-        torch.set_num_threads(int(tcfg["cpu_threads"]))
-    trackers = _trackers(tcfg)
-    acc = Accelerator(mixed_precision=tcfg["mixed_precision"], log_with=trackers or None, project_dir=out_dir)
-    tcfg["grad_accum"] = resolve_grad_accum(tcfg, acc.num_processes)  # from train.global_batch when set
-    accum, bs, world = tcfg["grad_accum"], tcfg["batch_size"], acc.num_processes
-    global_batch = bs * accum * world
-    resume = resolve_resume(tcfg["resume"], out_dir)
-    if resume:
-        check_resume_layout(checkpoint_state(resume), world, tcfg, resume)
-    start = checkpoint_state(resume)["step"] if resume else 0
-    # the data first: a bad source or a cache built by other encoders is refused before any model is loaded;
-    # a resumed run starts the stream where the checkpoint left it (skipped batches are not decoded)
-    loader = make_dataloader(
-        cfg["data"],
-        batch_size=bs,
-        resolution=tcfg["resolution"],
-        seed=tcfg["seed"],
-        num_workers=tcfg["num_workers"],
-        rank=acc.process_index,
-        world_size=world,
-        pipeline_dir=teacher_pipeline(cfg),
-        skip_batches=start * accum,
-    )
-    d = Distiller(cfg, acc)
-    scaler = getattr(acc, "scaler", None)
-    step = 0
-    if resume:
-        step = load_checkpoint(resume, d.plain_student, d.ema, d.optimizer, scaler)
-        if d.ema is not None:
-            d.ema.to(acc.device)
-        acc.print(f"resumed from {resume} at step {step}")
-    data = infinite(loader)
-    if step < tcfg["max_steps"]:  # a source with nothing usable fails here, before anything is written
-        data = itertools.chain([next(data)], data)
-    if acc.is_main_process:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "config.yaml"), "w") as f:
-            f.write(dump_recipe(cfg))
-    if trackers:
-        acc.init_trackers("logs", config=flat_config(cfg))
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=tcfg["max_steps"],
-        initial=step,
-        disable=not (acc.is_main_process and tcfg["progress"]),
-        desc="distill",
-        dynamic_ncols=True,
-    )
-    last_ckpt, vcfg, t0 = None, cfg["validation"], time.perf_counter()
-    preempted = None
-    if acc.is_main_process:
-        warn_low_space(out_dir, d, tcfg["keep_checkpoints"], bar.write)
-    # the micro-batches to come with their generators, lazily (the teacher worker takes one ahead)
-    stream = d.kd_stream(
-        (next(data), sample_generators(tcfg["seed"], st, micro, bs, accum, acc.process_index, world))
-        for st in range(step, tcfg["max_steps"])
-        for micro in range(accum)
-    )
+    run = TrainingRun(cfg)
+    t = cfg.train
     try:
         with StopRequest() as stop:
-            while step < tcfg["max_steps"]:
-                logs: dict[str, float] = {}
-                for micro in range(accum):
-                    sync = acc.no_sync(d.student) if micro < accum - 1 else contextlib.nullcontext()
-                    with sync:
-                        p, t_out, t_feats = next(stream)
-                        losses = d.losses(p, d.student_forward(p), t_out, t_feats)
-                        _check_finite(acc, losses, step + 1, out_dir)
-                        d.backward(losses.total / accum)
-                    for k, v in losses.scalars(d.pairs).items():
-                        logs[k] = logs.get(k, 0.0) + v / accum
-                logs.update(d.update(step))
-                step += 1
-                dt = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                logs["samples_per_s"] = global_batch / max(dt, 1e-9)
-                bar.update(1)
-                bar.set_postfix(
-                    loss=f"{logs['loss/total']:.4f}",
-                    task=f"{logs['loss/task']:.4f}",
-                    out=f"{logs['loss/out']:.4f}",
-                    feat=f"{logs['loss/feat']:.4f}",
-                    sps=f"{logs['samples_per_s']:.1f}",
-                )
-                if step % tcfg["log_every"] == 0 or step == tcfg["max_steps"]:
-                    if trackers:
-                        acc.log(logs, step=step)
-                    if acc.is_main_process:
-                        with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
-                            f.write(json.dumps({"step": step, **logs}) + "\n")
-                done = step == tcfg["max_steps"]
-                stop_now = _any_process(acc, stop.requested is not None)  # every process stops at the same step
-                if (tcfg["checkpoint_every"] and step % tcfg["checkpoint_every"] == 0) or done or stop_now:
-                    if is_sharded(d.optimizer):  # every process sends its optimizer shard to the main process
-                        inner_optimizer(d.optimizer).consolidate_state_dict(to=0)
-                    states = (
-                        gather_states(d.student, inner_optimizer(d.optimizer), d.ema, keep=acc.is_main_process)
-                        if d.fsdp
-                        else None
-                    )
-                    if acc.is_main_process:
-                        last_ckpt = write_checkpoint(out_dir, step, d, cfg, scaler, world, last_ckpt, states)
-                        bar.write(f"checkpoint saved: {last_ckpt}")
-                    acc.wait_for_everyone()
+            while run.step < t.max_steps:
+                run.optimizer_step()
+                done = run.step == t.max_steps
+                stop_now = run.any_process(stop.requested is not None)  # every process stops at the same step
+                if (t.checkpoint_every and run.step % t.checkpoint_every == 0) or done or stop_now:
+                    run.checkpoint()
                 if stop_now:
-                    preempted = stop.requested or "a signal on another process"
+                    run.preempted = stop.requested or "a signal on another process"
                     break
-                if vcfg["every"] and (step % vcfg["every"] == 0 or done):
-                    if acc.is_main_process or d.fsdp:  # a sharded student's forward needs every process
-                        validate_now(d, cfg, step, write=acc.is_main_process)
-                    acc.wait_for_everyone()
-                    t0 = time.perf_counter()
+                if cfg.validation.every and (run.step % cfg.validation.every == 0 or done):
+                    run.validate()
     finally:
-        bar.close()
-        d.close()
-    ckpts = list_checkpoints(out_dir)
-    acc.end_training()
-    return {
-        "step": step,
-        "output_dir": out_dir,
-        "checkpoint": last_ckpt or (ckpts[-1][1] if ckpts else None),
-        "feature_pairs": len(d.pairs),
-        "rank": acc.process_index,
-        "world_size": world,
-        "preempted": preempted,
-    }
+        run.close()
+    return run.summary()
 
 
-def _any_process(acc: Accelerator, flag: bool) -> bool:
-    if acc.num_processes == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=acc.device)
-    return bool(acc.reduce(t, "sum").item() > 0)
+class TrainingRun:
+    """One process's distillation run: its accelerator and :class:`RunLayout`, the :class:`Distiller`, the data
+    stream (resumed where the checkpoint left it), the progress bar, the logs and the last checkpoint."""
+
+    def __init__(self, cfg: DistillConfig):
+        self.cfg, t = cfg, cfg.train
+        threads = resolve_cpu_threads(t, torch.get_num_threads())  # the process and its teacher worker share cores
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.trackers = _trackers(t.log_with)
+        out_dir = os.path.abspath(t.output_dir)
+        self.acc = acc = Accelerator(
+            mixed_precision=t.mixed_precision, log_with=self.trackers or None, project_dir=out_dir
+        )
+        self.layout = RunLayout.of(cfg, acc.num_processes, acc.process_index, threads)
+        resume = resolve_resume(t.resume, out_dir)
+        if resume:
+            check_resume_layout(checkpoint_state(resume), self.layout, t.allow_world_size_change, resume)
+        start = checkpoint_state(resume)["step"] if resume else 0
+        # the data first: a bad source or a cache built by other encoders is refused before any model is loaded;
+        # a resumed run starts the stream where the checkpoint left it (skipped batches are not decoded)
+        loader = self._loader(start)
+        self.d = Distiller(cfg, acc, layout=self.layout)
+        try:  # from here on a failure stops the Distiller's teacher worker again
+            self.scaler = getattr(acc, "scaler", None)
+            self.step = self._resume(resume)
+            self.data = infinite(loader)
+            if self.step < t.max_steps:  # a source with nothing usable fails here, before anything is written
+                self.data = itertools.chain([next(self.data)], self.data)
+            self._start_outputs()
+        except BaseException:
+            self.d.close()
+            raise
+        self.last_ckpt, self.preempted, self.t0 = None, None, time.perf_counter()
+        # the micro-batches to come with their generators, lazily (the teacher worker takes one ahead)
+        self.stream = self.d.kd_stream(self._micro_batches())
+
+    # ------------------------------------------------------------------ setup
+    def _loader(self, start_step: int):
+        t, lay = self.cfg.train, self.layout
+        return make_dataloader(
+            self.cfg.data,
+            batch_size=lay.batch_size,
+            resolution=t.resolution,
+            seed=t.seed,
+            num_workers=t.num_workers,
+            rank=lay.rank,
+            world_size=lay.world_size,
+            pipeline_dir=teacher_pipeline(self.cfg),
+            skip_batches=start_step * lay.grad_accum,
+        )
+
+    def _resume(self, resume: str | None) -> int:
+        if not resume:
+            return 0
+        d = self.d
+        step = load_checkpoint(resume, d.plain_student, d.ema, d.optimizer, self.scaler)
+        if d.ema is not None:
+            d.ema.to(self.acc.device)
+        self.acc.print(f"resumed from {resume} at step {step}")
+        return step
+
+    def _start_outputs(self) -> None:
+        """The output folder with the run's config, the trackers, the progress bar and the disk-space warning."""
+        from tqdm.auto import tqdm
+
+        t, out_dir, main = self.cfg.train, self.layout.output_dir, self.acc.is_main_process
+        if main:
+            os.makedirs(out_dir, exist_ok=True)
+            with open(os.path.join(out_dir, "config.yaml"), "w") as f:
+                f.write(dump_recipe(self.cfg))
+        if self.trackers:
+            self.acc.init_trackers("logs", config=flat_config(self.cfg.to_dict()))
+        self.bar = tqdm(
+            total=t.max_steps,
+            initial=self.step,
+            disable=not (main and t.progress),
+            desc="distill",
+            dynamic_ncols=True,
+        )
+        if main:
+            warn_low_space(out_dir, self.d, t.keep_checkpoints, self.bar.write)
+
+    def _micro_batches(self):
+        t, lay = self.cfg.train, self.layout
+        for step in range(self.step, t.max_steps):
+            for micro in range(lay.grad_accum):
+                gens = sample_generators(t.seed, step, micro, lay.batch_size, lay.grad_accum, lay.rank, lay.world_size)
+                yield next(self.data), gens
+
+    # ------------------------------------------------------------------ the loop's parts
+    def optimizer_step(self) -> None:
+        """``grad_accum`` micro-steps (gradients synchronised on the last one only), the update, the logs."""
+        d, accum, logs = self.d, self.layout.grad_accum, {}
+        for micro in range(accum):
+            sync = self.acc.no_sync(d.student) if micro < accum - 1 else contextlib.nullcontext()
+            with sync:
+                losses = d.micro_step(next(self.stream), step=self.step + 1, accum=accum)
+            for k, v in losses.scalars(d.pairs).items():
+                logs[k] = logs.get(k, 0.0) + v / accum
+        logs.update(d.update(self.step))
+        self.step += 1
+        self._log(logs)
+
+    def _log(self, logs: dict[str, float]) -> None:
+        dt, self.t0 = time.perf_counter() - self.t0, time.perf_counter()
+        logs["samples_per_s"] = self.layout.global_batch / max(dt, 1e-9)
+        self.bar.update(1)
+        self.bar.set_postfix(
+            loss=f"{logs['loss/total']:.4f}",
+            task=f"{logs['loss/task']:.4f}",
+            out=f"{logs['loss/out']:.4f}",
+            feat=f"{logs['loss/feat']:.4f}",
+            sps=f"{logs['samples_per_s']:.1f}",
+        )
+        if self.step % self.cfg.train.log_every == 0 or self.step == self.cfg.train.max_steps:
+            if self.trackers:
+                self.acc.log(logs, step=self.step)
+            if self.acc.is_main_process:
+                with open(os.path.join(self.layout.output_dir, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps({"step": self.step, **logs}) + "\n")
+
+    def any_process(self, flag: bool) -> bool:
+        """``flag`` on any process (a collective: every process calls it at the same step)."""
+        if self.acc.num_processes == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.acc.device)
+        return bool(self.acc.reduce(t, "sum").item() > 0)
+
+    def checkpoint(self) -> None:
+        """Every process hands in its shard of the states (sharded runs); the main process writes."""
+        d, acc = self.d, self.acc
+        if is_sharded(d.optimizer):  # every process sends its optimizer shard to the main process
+            inner_optimizer(d.optimizer).consolidate_state_dict(to=0)
+        states = (
+            gather_states(d.student, inner_optimizer(d.optimizer), d.ema, keep=acc.is_main_process) if d.fsdp else None
+        )
+        if acc.is_main_process:
+            self.last_ckpt = write_checkpoint(self.layout, self.step, d, self.cfg, self.scaler, self.last_ckpt, states)
+            self.bar.write(f"checkpoint saved: {self.last_ckpt}")
+        acc.wait_for_everyone()
+
+    def validate(self) -> None:
+        if self.acc.is_main_process or self.d.fsdp:  # a sharded student's forward needs every process
+            validate_now(self.d, self.step, write=self.acc.is_main_process)
+        self.acc.wait_for_everyone()
+        self.t0 = time.perf_counter()
+
+    def close(self) -> None:
+        self.bar.close()
+        self.d.close()
+
+    def summary(self) -> dict:
+        ckpts = list_checkpoints(self.layout.output_dir)
+        self.acc.end_training()
+        return {
+            "step": self.step,
+            "output_dir": self.layout.output_dir,
+            "checkpoint": self.last_ckpt or (ckpts[-1][1] if ckpts else None),
+            "feature_pairs": len(self.d.pairs),
+            "rank": self.layout.rank,
+            "world_size": self.layout.world_size,
+            "preempted": self.preempted,
+        }
 
 
 def checkpoint_bytes(d: Distiller) -> int:
@@ -601,11 +315,17 @@ def warn_low_space(out_dir: str, d: Distiller, keep: int, log=print) -> None:
 
 
 def write_checkpoint(
-    out_dir: str, step: int, d: Distiller, cfg: dict, scaler, world: int, last: str | None, states: dict | None = None
+    layout: RunLayout,
+    step: int,
+    d: Distiller,
+    cfg: DistillConfig,
+    scaler,
+    last: str | None,
+    states: dict | None = None,
 ) -> str:
     """Save a checkpoint; refuse early when the disk is too full, and on a failed write keep the previous one
     (checkpoints are written to a temporary folder and renamed) and say which it is."""
-    tcfg = cfg["train"]
+    out_dir = layout.output_dir
     ckpts = list_checkpoints(out_dir)
     good = last or (ckpts[-1][1] if ckpts else "none yet")
     need, free = int(1.05 * checkpoint_bytes(d)), _free_bytes(out_dir)
@@ -617,7 +337,7 @@ def write_checkpoint(
         )
     try:
         return save_checkpoint(
-            out_dir,
+            layout,
             step,
             d.plain_student,
             d.lmap,
@@ -625,8 +345,7 @@ def write_checkpoint(
             d.optimizer,
             scaler,
             cfg,
-            tcfg["keep_checkpoints"],
-            world_size=world,
+            cfg.train.keep_checkpoints,
             states=states,
         )
     except OSError as err:
@@ -638,7 +357,8 @@ def write_checkpoint(
 
 
 def flat_config(cfg: dict, prefix: str = "") -> dict:
-    """``{"train.lr": 1e-5, ...}`` with lists as strings (what trackers accept as hyperparameters)."""
+    """``{"train.lr": 1e-5, ...}`` from a config's plain containers, with lists as strings (what trackers accept
+    as hyperparameters)."""
     out = {}
     for k, v in cfg.items():
         if isinstance(v, dict):
@@ -648,7 +368,18 @@ def flat_config(cfg: dict, prefix: str = "") -> dict:
     return out
 
 
-def validate_now(d: Distiller, cfg: dict, step: int, write: bool = True) -> list[str]:
+def validate_now(d: Distiller, step: int, write: bool = True) -> list[str]:
     from .validation import validate
 
-    return validate(d.plain_student, d.teacher, d.frozen, cfg, step, d.acc.device, d.acc, d.ema, write=write)
+    return validate(
+        d.plain_student,
+        d.teacher,
+        d.frozen,
+        d.cfg,
+        step,
+        d.acc.device,
+        d.layout.output_dir,
+        d.acc,
+        d.ema,
+        write=write,
+    )

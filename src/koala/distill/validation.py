@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..families.sampling import sampling_scheduler
+from .ema import ema_weights
 
 
 def _pipeline(unet, frozen, kind: str | None):
@@ -17,8 +18,9 @@ def _pipeline(unet, frozen, kind: str | None):
 
 
 @torch.no_grad()
-def render(unet, frozen, vcfg: dict, resolution: int, device, kind: str | None = None) -> list:
-    """PIL images for every (prompt, seed) pair of ``vcfg``, in order; Euler with ``kind``'s spacing."""
+def render(unet, frozen, vcfg, resolution: int, device, kind: str | None = None) -> list:
+    """PIL images for every (prompt, seed) pair of ``vcfg`` (a :class:`~koala.distill.config.ValidationConfig`), in
+    order; Euler with ``kind``'s spacing."""
     pipe = _pipeline(unet, frozen, kind)
     pipe.set_progress_bar_config(disable=True)
     was_training = unet.training
@@ -28,16 +30,16 @@ def render(unet, frozen, vcfg: dict, resolution: int, device, kind: str | None =
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     images = []
     try:
-        for prompt in vcfg["prompts"]:
-            for seed in vcfg["seeds"]:
+        for prompt in vcfg.prompts:
+            for seed in vcfg.seeds:
                 g = torch.Generator("cpu").manual_seed(int(seed))
                 with autocast:
                     out = pipe(
                         prompt,
                         height=resolution,
                         width=resolution,
-                        num_inference_steps=vcfg["steps"],
-                        guidance_scale=vcfg["guidance_scale"],
+                        num_inference_steps=vcfg.steps,
+                        guidance_scale=vcfg.guidance_scale,
                         generator=g,
                         **frozen.family.pipeline_call_kwargs,
                     )
@@ -64,25 +66,28 @@ def save_images(images: list, folder: str, tag: str, step: int, accelerator=None
 
 
 def validate(
-    student, teacher, frozen, cfg: dict, step: int, device, accelerator=None, ema=None, write: bool = True
+    student,
+    teacher,
+    frozen,
+    cfg,
+    step: int,
+    device,
+    output_dir: str,
+    accelerator=None,
+    ema=None,
+    write: bool = True,
 ) -> list[str]:
-    """Render the teacher (once) and the student; ``write=False`` renders without saving (the other processes of
-    a sharded student, whose forward needs all of them)."""
-    vcfg, kind = cfg["validation"], cfg["teacher"]["kind"]
-    res = vcfg["resolution"] or cfg["train"]["resolution"]
-    out = os.path.join(cfg["train"]["output_dir"], "samples")
+    """Render the teacher (once) and the student into ``output_dir/samples``; ``write=False`` renders without saving
+    (the other processes of a sharded student, whose forward needs all of them). ``cfg``: the run's
+    :class:`~koala.distill.config.DistillConfig`."""
+    vcfg, kind = cfg.validation, cfg.teacher.kind
+    res = vcfg.resolution or cfg.train.resolution
+    out = os.path.join(output_dir, "samples")
     teacher_dir = os.path.join(out, "teacher")
     if write and not os.path.isdir(teacher_dir):
         save_images(render(teacher, frozen, vcfg, res, device, kind), teacher_dir, "teacher", step, accelerator)
-    params = list(student.parameters())
-    if ema is not None and vcfg["use_ema"]:
-        ema.store(params)
-        ema.copy_to(params)
-    try:
+    with ema_weights(ema if vcfg.use_ema else None, student):
         images = render(student, frozen, vcfg, res, device, kind)
-    finally:
-        if ema is not None and vcfg["use_ema"]:
-            ema.restore(params)
     if not write:
         return []
     return save_images(images, os.path.join(out, f"step-{step:07d}"), "student", step, accelerator)

@@ -293,7 +293,7 @@ def transfer_lora(lora_path: str, student: str, out: str, overwrite: bool = Fals
         raise KoalaError(f"{out}: name the output LoRA *.safetensors", option="out")
     refuse_existing(out, overwrite, "file")
     lmap = LayerMap.load(student)
-    fam = get_family(lmap.meta.get("family", "sdxl"))
+    fam = get_family(lmap.family)
     if not fam.lora_transfer:
         covered = ", ".join(f.name for f in FAMILIES.values() if f.lora_transfer)
         raise KoalaError(f"{student}: LoRA transfer covers U-Net students ({covered}), not {fam.label}")

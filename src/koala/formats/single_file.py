@@ -15,7 +15,6 @@ the local Hugging Face cache.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..arch.config import public_config
 from ..errors import KoalaError
 from ..utils.devices import parse_dtype
 from ..utils.files import read_json, refuse_existing
@@ -420,10 +420,7 @@ def _mid_block_type(shapes, p: str, where: str) -> str | None:
 def _base_config(base: dict, widths: list[int], n: int, where: str) -> dict:
     """A copy of ``base`` without diffusers' private keys, its per-stage lists cut to ``n`` stages; a KoalaError
     when its widths are not the file's (attention heads cannot be read from the weights)."""
-    cfg = copy.deepcopy(dict(base))
-    for k in list(cfg):
-        if k.startswith("_") and k != "_class_name":
-            cfg.pop(k)
+    cfg = public_config(base)
     base_widths = list(base.get("block_out_channels", []))
     if widths != base_widths[:n]:
         raise KoalaError(

@@ -331,7 +331,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _launch(cfg: dict, overrides: list[str], processes: int) -> str:
+def _launch(cfg, overrides: list[str], processes: int) -> str:
     """Train on ``processes`` CPU processes (`accelerate launch`, gloo; data-parallel, the same global batch split
     across them, so each core runs its share of every step). Returns the final checkpoint directory."""
     import subprocess
@@ -339,13 +339,11 @@ def _launch(cfg: dict, overrides: list[str], processes: int) -> str:
 
     from ..distill.checkpoint import list_checkpoints
 
-    tcfg = cfg["train"]
-    if tcfg["batch_size"] % processes:
-        raise KoalaError(
-            f"batch size {tcfg['batch_size']} does not split over {processes} processes", option="processes"
-        )
+    tcfg = cfg.train
+    if tcfg.batch_size % processes:
+        raise KoalaError(f"batch size {tcfg.batch_size} does not split over {processes} processes", option="processes")
     per_process = [o for o in overrides if not o.startswith("train.batch_size=")]
-    per_process.append(f"train.batch_size={tcfg['batch_size'] // processes}")
+    per_process.append(f"train.batch_size={tcfg.batch_size // processes}")
     cmd = [
         sys.executable,
         "-m",
@@ -366,7 +364,7 @@ def _launch(cfg: dict, overrides: list[str], processes: int) -> str:
         "distill",
         *per_process,
     ]
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS=str(tcfg["cpu_threads"] or 1), HF_HUB_OFFLINE="1")
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS=str(tcfg.cpu_threads or 1), HF_HUB_OFFLINE="1")
     proc = subprocess.run(cmd, env=env)
     if proc.returncode != 0:
         raise KoalaError(
@@ -374,11 +372,11 @@ def _launch(cfg: dict, overrides: list[str], processes: int) -> str:
             f"above. Run it on one process with --processes 1",
             option="processes",
         )
-    step = tcfg["max_steps"]
-    found = [d for st, d in list_checkpoints(tcfg["output_dir"]) if st == step]
+    step = tcfg.max_steps
+    found = [d for st, d in list_checkpoints(tcfg.output_dir) if st == step]
     if not found:
         raise KoalaError(
-            f"distillation on {processes} processes ended without a step-{step} checkpoint in {tcfg['output_dir']}",
+            f"distillation on {processes} processes ended without a step-{step} checkpoint in {tcfg.output_dir}",
             option="processes",
         )
     return found[0]
