@@ -487,23 +487,22 @@ def run_shapes(args) -> int:
     emit_json(args.json, agg, indent=None)
     if args.json == STDOUT:
         return 0
-    from rich.console import Console
-    from rich.table import Table
+    from ..utils.console import Column, print_table
 
-    t = Table(title=f"koala eval shapes {args.dir} ({agg['n_images']} images)")
-    t.add_column("category")
-    t.add_column("accuracy", justify="right")
-    t.add_column("images", justify="right")
+    rows = []
     for c in CATEGORIES:
         v = agg[c]
-        t.add_row(c, "-" if v is None else f"{100 * v:.1f}%", str(agg[f"n_{c}"]))
+        rows.append([c, "-" if v is None else f"{100 * v:.1f}%", str(agg[f"n_{c}"])])
     if args.held_out:
         for k in ("held_out", "seen"):
             v = agg[f"binding_{k}_objects"]
-            t.add_row(
-                f"binding ({k.replace('_', '-')} pairs)",
-                "-" if v is None else f"{100 * v:.1f}%",
-                f"{agg[f'n_{k}_objects']} obj",
+            rows.append(
+                [
+                    f"binding ({k.replace('_', '-')} pairs)",
+                    "-" if v is None else f"{100 * v:.1f}%",
+                    f"{agg[f'n_{k}_objects']} obj",
+                ]
             )
-    Console().print(t)
+    cols = [Column("category", wrap=True), Column("accuracy", "right"), Column("images", "right")]
+    print_table(cols, rows, title=f"koala eval shapes {args.dir} ({agg['n_images']} images)")
     return 0
