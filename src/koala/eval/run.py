@@ -170,10 +170,10 @@ def generate_images(
         )
         row.params = sum(p.numel() for p in denoiser_of(loaded.pipe).parameters())
         times = []
-        from tqdm.auto import tqdm
+        from ..utils.console import progress_bar
 
         with PeakMemory(loaded.device) as mem:
-            for p, seed, key in tqdm(todo, desc=f"generate {model.name}", disable=not progress, unit="img"):
+            for p, seed, key in progress_bar(todo, desc=f"generate {model.name}", disable=not progress, unit="img"):
                 t0 = time.perf_counter()
                 res = generate(
                     loaded,
@@ -373,10 +373,12 @@ def score_images(model: EvalModel, images: list[dict], scorer: _Scorer, out_dir:
     cache = _read_jsonl(cache_path)
     todo = [r for r in images if r["key"] not in cache]
     img_dir = os.path.join(out_dir, "images", model.name)
-    from tqdm.auto import tqdm
+    from ..utils.console import progress_bar
 
     chunk = 16
-    for i in tqdm(range(0, len(todo), chunk), desc=f"{scorer.name} {model.name}", disable=not progress or not todo):
+    for i in progress_bar(
+        range(0, len(todo), chunk), desc=f"{scorer.name} {model.name}", disable=not progress or not todo
+    ):
         part = todo[i : i + chunk]
         scores = scorer.per_image([os.path.join(img_dir, r["file"]) for r in part], [r["prompt"] for r in part])
         for r, sc in zip(part, scores):
