@@ -22,6 +22,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from ..errors import KoalaError
+from ..utils.console import markdown_table
 from .folder import open_rgb
 
 SCHEMA = "koala-eval-run/1"
@@ -514,7 +515,7 @@ def _columns(result: dict) -> list[tuple[str, str]]:
 def markdown(result: dict) -> str:
     cols = _columns(result)
     head = ["model", "denoiser params", "latency (s/img)", "peak mem (GiB)"] + [f"{sc} {k}" for sc, k in cols]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for m in result["models"]:
 
         def fmt(sc, k):
@@ -535,9 +536,9 @@ def markdown(result: dict) -> str:
             f"{m['latency_s']:.3f}" if m.get("latency_s") is not None else "-",
             f"{m['peak_gib']:.2f}" if m.get("peak_gib") is not None else "-",
         ] + [fmt(sc, k) for sc, k in cols]
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
     st = result["settings"]
-    lines.append("")
+    lines = [markdown_table(head, rows), ""]
     sets = ", ".join(f"{name} {v['n']}" for name, v in result["prompts"].items())
     lines.append(
         f"prompts: {sets}; x {len(st['seeds'])} seed(s); {st['scheduler']}, {st['steps']} steps, cfg "
