@@ -127,7 +127,7 @@ def _layout(columns: list[Column], rows: list[list[str]], width: int) -> tuple[l
 
     Natural width: every cell and header on one line. Compact: headers wrapped at spaces, cells on one line
     (``wrap`` columns: wrapped at spaces too). Droppable columns go, highest ``drop`` first, until the compact
-    table fits; the room left over unwraps the headers that need the least of it."""
+    table fits; the room left over widens the columns that need the least of it first."""
     natural = [max([_cell_len(c.header)] + [_cell_len(r[i]) for r in rows]) for i, c in enumerate(columns)]
     compact = [
         max([_longest_word(c.header)] + [(_longest_word if c.wrap else _cell_len)(r[i]) for r in rows])
@@ -144,9 +144,9 @@ def _layout(columns: list[Column], rows: list[list[str]], width: int) -> tuple[l
     widths = {i: compact[i] for i in kept}
     spare = width - _need(kept, compact)
     for i in sorted(kept, key=lambda i: natural[i] - compact[i]):
-        if natural[i] - compact[i] <= spare:
-            spare -= natural[i] - compact[i]
-            widths[i] = natural[i]
+        more = min(natural[i] - compact[i], spare)  # the smallest needs in full, the rest what is left
+        spare -= more
+        widths[i] += more
     return kept, [widths[i] for i in kept]
 
 
@@ -242,8 +242,8 @@ class Progress(tqdm):
     def _due(self) -> bool:
         if self._shown_n is None:
             return True
-        if self.n == self._shown_n:
-            return False
+        if self.n == self._shown_n or (self.total and self.n >= self.total):
+            return False  # nothing new; or done: close() writes the final line, with the last postfix
         if self.total and 100 * self.n / self.total >= self._next_pct:
             return True
         return time.time() - self._shown_t >= self.every_s
