@@ -3,6 +3,7 @@ terminal) and progress that writes plain lines, not ``\\r`` redraws, to a log.""
 
 import io
 import re
+import sys
 
 from koala.cli import main
 from koala.families import all_presets
@@ -35,7 +36,7 @@ def test_presets_piped_is_the_full_markdown_table(capsys):
 
 
 def test_presets_in_an_80_column_terminal_drops_columns_instead_of_cutting(capsys, monkeypatch):
-    monkeypatch.setenv("FORCE_COLOR", "1")  # rich: stdout is a terminal
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     monkeypatch.setenv("COLUMNS", "80")
     assert main(["presets", "--no-flops"]) == 0
     out = ANSI.sub("", capsys.readouterr().out)

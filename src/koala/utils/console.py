@@ -39,11 +39,13 @@ class Column:
 
 
 def is_terminal(stream=None) -> bool:
-    """Whether ``stream`` (default: stdout) is an interactive terminal (rich's answer, which honours
-    FORCE_COLOR / TTY_INTERACTIVE)."""
-    from rich.console import Console
-
-    return Console(file=stream if stream is not None else sys.stdout).is_terminal
+    """Whether ``stream`` (default: stdout) is an interactive terminal. Only ``isatty()`` counts: a CI log with
+    FORCE_COLOR set is still a log."""
+    stream = sys.stdout if stream is None else stream
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
 
 
 def _cell_len(text: str) -> int:
@@ -210,15 +212,16 @@ def print_table(
     cut; ``Column.drop`` columns left out when it is too narrow, and named under the table); anything else (a
     pipe, a file) the full table as aligned markdown. ``columns``: ``Column``s or plain header strings; ``rows``:
     one sequence of cells per row (None prints as ``-``)."""
-    from rich.console import Console
-
-    console = Console(file=file)
+    out = sys.stdout if file is None else file
     cols = _columns(columns)
     cells = _cells(cols, rows)
-    if console.is_terminal:
-        console.print(_rich_table(cols, cells, title, notes, console.width))
-    else:
-        print(_markdown(cols, cells, title, notes), end="", file=file if file is not None else sys.stdout)
+    if not is_terminal(out):
+        print(_markdown(cols, cells, title, notes), end="", file=out)
+        return
+    from rich.console import Console
+
+    console = Console(file=out, force_terminal=True)
+    console.print(_rich_table(cols, cells, title, notes, console.width))
 
 
 # ----------------------------------------------------------------------------------------------- progress
