@@ -15,6 +15,7 @@ import yaml
 from . import __version__
 from .arch.layer_map import LayerMap
 from .families.sampling import SPACING
+from .utils.console import markdown_table
 from .utils.files import atomic_write_text
 
 CARD = "README.md"
@@ -47,7 +48,7 @@ def teacher_card_fields(teacher_path: str | None) -> dict:
 
 def _stage_table(lmap: LayerMap) -> list[str]:
     """Per stage: kept blocks, transformer layers, and which teacher layers they were initialised from."""
-    rows = ["| stage | resnet + attention blocks | transformer layers | from teacher layers |", "|---|---|---|---|"]
+    rows = []
     layers = Counter(e.stage for e in lmap.of_kind("transformer_layer"))
     blocks = Counter(e.stage for e in lmap.entries if e.kind in ("resnet", "attention", "transformer_block"))
     picked: dict[str, set] = {}
@@ -55,10 +56,9 @@ def _stage_table(lmap: LayerMap) -> list[str]:
         picked.setdefault(e.stage, set()).add(e.teacher_layer)
     for stage in lmap.stages():
         src = sorted(x for x in picked.get(stage, ()) if x is not None)
-        rows.append(
-            f"| {stage} | {blocks.get(stage, 0)} | {layers.get(stage, 0)} | {', '.join(map(str, src)) or '-'} |"
-        )
-    return rows
+        rows.append([stage, blocks.get(stage, 0), layers.get(stage, 0), ", ".join(map(str, src)) or "-"])
+    head = ["stage", "resnet + attention blocks", "transformer layers", "from teacher layers"]
+    return markdown_table(head, rows).split("\n")
 
 
 def model_card(
@@ -165,7 +165,6 @@ def add_results(folder: str, rows: list[dict], columns: list[str], how: str) -> 
     if start >= 0:
         nxt = text.find("\n## ", start + 1)
         text = text[:start] + (text[nxt:] if nxt >= 0 else "\n")
-    table = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    table += ["| " + " | ".join(str(r.get(c, "-")) for c in columns) + " |" for r in rows]
-    section = "\n## Results\n\n" + how + "\n\n" + "\n".join(table) + "\n"
+    table = markdown_table(columns, [[r.get(c, "-") for c in columns] for r in rows])
+    section = "\n## Results\n\n" + how + "\n\n" + table + "\n"
     return atomic_write_text(path, text.rstrip("\n") + "\n" + section)

@@ -84,7 +84,7 @@ def layer_similarity(
     over prompts, sampling steps and the batch (each sample's output flattened to one vector). With ``student``
     (and its layer map), also the mean cosine between each student layer's output and its mapped teacher layer's,
     the student run on the teacher's inputs at every step."""
-    from tqdm.auto import tqdm
+    from ..utils.console import progress_bar
 
     model = denoiser_of(loaded.pipe)
     groups = transformer_groups(lmap)
@@ -114,7 +114,7 @@ def layer_similarity(
     handle = model.register_forward_hook(after, with_kwargs=True)
     rec.active = True
     try:
-        for p in tqdm(prompts, desc="prompts", disable=not progress):
+        for p in progress_bar(prompts, desc="prompts", disable=not progress):
             _generate(loaded, [p], steps, cfg, seed)
     finally:
         handle.remove()

@@ -45,7 +45,7 @@ def stage_latency(
     model: torch.nn.Module, lmap: LayerMap, inputs: dict, repeats: int = 5, warmup: int = 1, progress: bool = False
 ) -> dict:
     """Median milliseconds per stage (and ``total``) of ``model(**inputs)``, over ``repeats`` timed forwards."""
-    from tqdm.auto import tqdm
+    from ..utils.console import progress_bar
 
     device = next(model.parameters()).device
     modules = dict(model.named_modules())
@@ -75,7 +75,7 @@ def stage_latency(
             ]
     samples: dict[str, list[float]] = {}
     try:
-        for i in tqdm(range(warmup + repeats), desc="forwards", disable=not progress):
+        for i in progress_bar(range(warmup + repeats), desc="forwards", disable=not progress):
             run.clear()
             _sync(device)
             t0 = time.perf_counter()

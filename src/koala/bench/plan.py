@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_leaves
 
 from ..distill.config import DistillConfig
 from ..errors import KoalaError
+from ..utils.console import markdown_table
 from ..utils.devices import parse_dtype
 from ..utils.files import read_json
 from .models import SDXL_VAE, TINY_PREFIX, preset_unet_config, real_text_encoder_factories
@@ -364,10 +365,8 @@ def plan_markdown(plan: dict) -> str:
         f"Memory plan: {plan['teacher']} -> {plan['student']} ({plan['family']}), {plan['resolution']}px x "
         f"batch {plan['batch_size']}, " + ", ".join(f"{k}={v}" for k, v in plan["switches"].items()),
         "",
-        "| part | GiB |",
-        "|---|---|",
+        markdown_table(["part", "GiB"], [[name, f"{v / GIB:.2f}"] for name, v in rows]),
     ]
-    lines += [f"| {name} | {v / GIB:.2f} |" for name, v in rows]
     if "fits" in plan:
         verdict = "fits" if plan["fits"] else "does NOT fit"
         lines += [

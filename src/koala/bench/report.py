@@ -6,6 +6,7 @@ import json
 import os
 
 from ..errors import KoalaError
+from ..utils import console
 from ..utils.extras import require
 
 
@@ -52,24 +53,23 @@ def markdown_table(result: dict) -> str:
         f"cfg {s['cfg']}); components: {', '.join(s['components'])}; warm-up {s['warmup']}, {s['repeats']} rounds "
         f"interleaved, medians; torch {env.get('torch')}" + (f"; {', '.join(modes)}." if modes else "."),
         "",
-        f"| Model | Resolution | Steps | Latency (s) | Text Enc. (ms) | {dn} / step (ms) | {dn} total (ms) "
-        f"| VAE Dec. (ms) | {dn} Param. | TFLOPs / step | Weights (GiB) | {mem_label} | Speed-up ({dn}) | FLOPs "
-        "ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    head = ["Model", "Resolution", "Steps", "Latency (s)", "Text Enc. (ms)", f"{dn} / step (ms)", f"{dn} total (ms)"]
+    head += ["VAE Dec. (ms)", f"{dn} Param.", "TFLOPs / step", "Weights (GiB)", mem_label, f"Speed-up ({dn})"]
+    head += ["FLOPs ratio"]
     rel = {r["name"]: r for r in result.get("relative", [])}
+    rows = []
     for m in result["models"]:
         t = m["times_ms"]
         latency = f"{t['end_to_end']['median'] / 1000:.3f}" if "end_to_end" in t else "-"
         r = rel.get(m["name"], {})
-        lines.append(
-            f"| {m['name']} | {s['resolution']}² | {s['steps']} | {latency} | {_ms(t, 'text_encoders')} "
-            f"| {_ms(t, 'unet_step')} | {_ms(t, 'unet_total')} | {_ms(t, 'vae_decode')} | "
-            f"{_params(m['params']['unet'])} "
-            f"| {m['unet_tflops_per_step']:.3g} | {_gib(m.get('weights_bytes'))} | "
-            f"{_gib(m['memory'].get('peak_bytes'))} "
-            f"| {r.get('unet_step_speedup', 1.0):.2f}x | {r.get('unet_flops_ratio', 1.0):.2f}x |"
+        rows.append(
+            [m["name"], f"{s['resolution']}²", s["steps"], latency, _ms(t, "text_encoders"), _ms(t, "unet_step")]
+            + [_ms(t, "unet_total"), _ms(t, "vae_decode"), _params(m["params"]["unet"])]
+            + [f"{m['unet_tflops_per_step']:.3g}", _gib(m.get("weights_bytes")), _gib(m["memory"].get("peak_bytes"))]
+            + [f"{r.get('unet_step_speedup', 1.0):.2f}x", f"{r.get('unet_flops_ratio', 1.0):.2f}x"]
         )
+    lines.append(console.markdown_table(head, rows))
     if len(result["models"]) > 1:
         ref = result["models"][0]["name"]
         lines += [

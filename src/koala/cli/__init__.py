@@ -14,6 +14,7 @@ import sys
 
 from .. import __version__
 from ..errors import KoalaError
+from ..utils.console import is_terminal
 
 COMMANDS = [
     "presets",
@@ -53,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # koala loads local directories only; never reach a hub
+    if not is_terminal(sys.stderr):  # a log: no \r-redrawn bars from huggingface_hub / transformers (koala's: lines)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -74,10 +74,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
     from ..compress import compress
+    from ..utils.console import Column, print_table
 
     res = compress(
         args.teacher,
@@ -91,12 +89,12 @@ def run(args) -> int:
         teacher_kind=args.teacher_kind,
         teacher_config=args.teacher_config,
     )
-    t = Table(title=f"koala compress ({res.family}) -> {res.out_dir}")
-    for c in ("", "teacher", "student"):
-        t.add_column(c, justify="right")
-    t.add_row("denoiser params", f"{res.teacher_params:,}", f"{res.student_params:,}")
-    t.add_row("kept", "100%", f"{100 * res.kept:.1f}%")
-    t.add_row("tensors copied", "", f"{res.tensors_copied}")
-    t.add_row("output", "", res.kind)
-    Console().print(t)
+    rows = [
+        ["denoiser params", f"{res.teacher_params:,}", f"{res.student_params:,}"],
+        ["kept", "100%", f"{100 * res.kept:.1f}%"],
+        ["tensors copied", "", f"{res.tensors_copied}"],
+        ["output", "", res.kind],
+    ]
+    cols = [Column(c, "right", wrap=not c) for c in ("", "teacher", "student")]
+    print_table(cols, rows, title=f"koala compress ({res.family}) -> {res.out_dir}")
     return 0

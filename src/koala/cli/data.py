@@ -266,28 +266,29 @@ def run_stats(args) -> int:
     emit_json(args.json, st)
     if args.json == STDOUT:
         return 0
-    from rich.console import Console
-    from rich.table import Table
+    from ..utils.console import Column, print_table
 
-    t = Table(title=f"{st['source']} ({st['type']})")
-    t.add_column("#Imgs", justify="right")
+    cols = [Column("#Imgs", "right")]
     if "avg_resolution" in st:
-        for col in ("AR (h x w)", "ACL (words)", "> 77 tokens"):
-            t.add_column(col, justify="right")
-    t.add_column("skipped", justify="left")
+        cols += [
+            Column("AR (h x w)", "right"),
+            Column("ACL (words)", "right"),
+            Column("> 77 tokens", "right", wrap=True),
+        ]
+    cols.append(Column("skipped", wrap=True))
     skipped = ", ".join(f"{k}={v}" for k, v in sorted(st["skipped"].items())) or "0"
     if "avg_resolution" in st:
         h, w = st["avg_resolution"]
-        t.add_row(
+        row = [
             f"{st['images']:,}",
             f"{h:.0f} x {w:.0f}",
             f"{st['avg_caption_words']:.1f}",
             f"{st['captions_over_77_tokens']:,} ({st['captions_over_77_tokens_pct']}%, {st['token_count_method']})",
             skipped,
-        )
+        ]
     else:
-        t.add_row(f"{st['images']:,}", skipped)
-    Console().print(t)
+        row = [f"{st['images']:,}", skipped]
+    print_table(cols, [row], title=f"{st['source']} ({st['type']})")
     return 0
 
 

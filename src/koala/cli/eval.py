@@ -383,12 +383,12 @@ def run_run(args) -> int:
 
 def run_hpsv2(args) -> int:
     from ..eval.hpsv2 import score_folder
+    from ..utils.console import markdown_table
 
     res = score_folder(args.dir, args.checkpoint, args.tokenizer, device=args.device, limit=args.limit, act=args.act)
-    lines = ["| style | HPSv2 | images |", "|---|---|---|"]
-    lines += [f"| {st} | {v['hpsv2']:.2f} | {v['n_images']} |" for st, v in res["styles"].items()]
-    lines.append(f"| average | {res['hpsv2']:.2f} | {res['n_images']}{_skips(res['skipped'])} |")
-    return _emit(args, lines, res)
+    rows = [[st, f"{v['hpsv2']:.2f}", v["n_images"]] for st, v in res["styles"].items()]
+    rows.append(["average", f"{res['hpsv2']:.2f}", f"{res['n_images']}{_skips(res['skipped'])}"])
+    return _emit(args, markdown_table(["style", "HPSv2", "images"], rows), res)
 
 
 def _skips(skipped) -> str:
@@ -396,12 +396,12 @@ def _skips(skipped) -> str:
     return f", {n} unreadable skipped" if n else ""
 
 
-def _emit(args, lines: list[str], res: dict) -> int:
+def _emit(args, table: str, res: dict) -> int:
     """Print the markdown table (or, for a bare --json, the result); write the result with per-image rows (--json
     FILE) and the table (--markdown)."""
     from ..utils.files import atomic_write_text
 
-    table = "\n".join(lines) + "\n"
+    table = table.rstrip("\n") + "\n"
     if args.json != STDOUT:  # a bare --json prints the result instead
         print(table, end="")
     emit_json(args.json, res)
@@ -412,6 +412,7 @@ def _emit(args, lines: list[str], res: dict) -> int:
 
 def run_compbench(args) -> int:
     from ..eval.compbench import CompBench, score_folder
+    from ..utils.console import markdown_table
 
     bench = CompBench(
         vqa=args.vqa,
@@ -424,53 +425,34 @@ def run_compbench(args) -> int:
     for kind in bench.needs(args.category):  # every checkpoint this category needs, before any work
         bench._get(kind)
     res = score_folder(args.dir, args.category, bench, args.limit)
-    return _emit(
-        args,
-        [
-            "| folder | T2I-CompBench category | score | images |",
-            "|---|---|---|---|",
-            f"| {args.dir} | {args.category} | {res['score']:.4f} | {res['n_images']}{_skips(res['skipped'])} |",
-        ],
-        res,
-    )
+    row = [args.dir, args.category, f"{res['score']:.4f}", f"{res['n_images']}{_skips(res['skipped'])}"]
+    return _emit(args, markdown_table(["folder", "T2I-CompBench category", "score", "images"], [row]), res)
 
 
 def run_pickscore(args) -> int:
     from ..eval.clip_score import pickscore_folder
+    from ..utils.console import markdown_table
 
     res = pickscore_folder(args.dir, args.checkpoint, args.processor, device=args.device, limit=args.limit)
-    return _emit(
-        args,
-        [
-            "| folder | PickScore | images |",
-            "|---|---|---|",
-            f"| {args.dir} | {res['pickscore']:.3f} | {res['n_images']}{_skips(res['skipped'])} |",
-        ],
-        res,
-    )
+    row = [args.dir, f"{res['pickscore']:.3f}", f"{res['n_images']}{_skips(res['skipped'])}"]
+    return _emit(args, markdown_table(["folder", "PickScore", "images"], [row]), res)
 
 
 def run_fid(args) -> int:
     from ..eval.fid import fid
+    from ..utils.console import markdown_table
 
     res = fid(args.dir, args.reference, args.inception, device=args.device, batch_size=args.batch_size)
-    return _emit(
-        args,
-        [
-            "| generated | reference | FID | images |",
-            "|---|---|---|---|",
-            f"| {args.dir} | {args.reference} | {res['fid']:.3f} | {res['n_generated']} vs "
-            f"{res['n_reference']}{_skips(res['skipped'])} |",
-        ],
-        res,
-    )
+    n = f"{res['n_generated']} vs {res['n_reference']}{_skips(res['skipped'])}"
+    row = [args.dir, args.reference, f"{res['fid']:.3f}", n]
+    return _emit(args, markdown_table(["generated", "reference", "FID", "images"], [row]), res)
 
 
 def run_clip(args) -> int:
     from ..eval.clip_score import markdown, score_folder
 
     res = score_folder(args.dir, args.checkpoint, device=args.device, batch_size=args.batch_size, limit=args.limit)
-    return _emit(args, markdown(res).splitlines(), res)
+    return _emit(args, markdown(res), res)
 
 
 def run_shapes(args) -> int:
@@ -487,23 +469,22 @@ def run_shapes(args) -> int:
     emit_json(args.json, agg, indent=None)
     if args.json == STDOUT:
         return 0
-    from rich.console import Console
-    from rich.table import Table
+    from ..utils.console import Column, print_table
 
-    t = Table(title=f"koala eval shapes {args.dir} ({agg['n_images']} images)")
-    t.add_column("category")
-    t.add_column("accuracy", justify="right")
-    t.add_column("images", justify="right")
+    rows = []
     for c in CATEGORIES:
         v = agg[c]
-        t.add_row(c, "-" if v is None else f"{100 * v:.1f}%", str(agg[f"n_{c}"]))
+        rows.append([c, "-" if v is None else f"{100 * v:.1f}%", str(agg[f"n_{c}"])])
     if args.held_out:
         for k in ("held_out", "seen"):
             v = agg[f"binding_{k}_objects"]
-            t.add_row(
-                f"binding ({k.replace('_', '-')} pairs)",
-                "-" if v is None else f"{100 * v:.1f}%",
-                f"{agg[f'n_{k}_objects']} obj",
+            rows.append(
+                [
+                    f"binding ({k.replace('_', '-')} pairs)",
+                    "-" if v is None else f"{100 * v:.1f}%",
+                    f"{agg[f'n_{k}_objects']} obj",
+                ]
             )
-    Console().print(t)
+    cols = [Column("category", wrap=True), Column("accuracy", "right"), Column("images", "right")]
+    print_table(cols, rows, title=f"koala eval shapes {args.dir} ({agg['n_images']} images)")
     return 0

@@ -26,6 +26,29 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _row(r: dict) -> list[str]:
+    """One preset's cells: a U-Net fills the depth columns, a DiT its block count."""
+    if "encoder_layers" in r:
+        depth = (
+            _fmt(r["encoder_layers"]),
+            _fmt(r["transformer_depth"]),
+            _fmt(r["decoder_transformer_depth"]),
+            "yes" if r["mid_block"] else "no",
+            "-",
+        )
+    else:
+        depth = ("-", "-", "-", "-", str(r["layers"]))
+    return [
+        r["name"],
+        r["family"],
+        f"{r['params'] / 1e6:,.1f}M",
+        f"{r['paper_params'] / 1e6:,.0f}M" if r["paper_params"] else "-",
+        str(r.get("tflops_1024", "-")),
+        str(r.get("tflops_512", "-")),
+        *depth,
+    ]
+
+
 def run(args) -> int:
     from ..families import all_preset_stats
 
@@ -33,45 +56,18 @@ def run(args) -> int:
     emit_json(args.json, rows)
     if args.json == STDOUT:
         return 0
-    from rich.console import Console
-    from rich.table import Table
+    from ..utils.console import Column, print_table
 
-    t = Table(title="Denoiser presets (teachers: SDXL-Base-1.0, SD-v1.5, PixArt-Σ-XL-2-512)")
+    struct = 2  # the depth columns go first in a narrow terminal, then the paper's count and the 512² FLOPs
     cols = [
-        "preset",
-        "family",
-        "params",
-        "paper",
-        "TFLOPs 1024²",
-        "TFLOPs 512²",
-        "enc",
-        "Tx DW",
-        "Tx UP",
-        "mid",
-        "DiT blocks",
+        Column("preset"),
+        Column("family"),
+        Column("params", "right"),
+        Column("paper", "right", drop=1),
+        Column("TFLOPs 1024²", "right"),
+        Column("TFLOPs 512²", "right", drop=1),
+        *(Column(c, "right", drop=struct) for c in ("enc", "Tx DW", "Tx UP", "mid", "DiT blocks")),
     ]
-    for c in cols:
-        t.add_column(c, justify="right" if c not in ("preset", "family") else "left")
-    for r in rows:
-        unet = "encoder_layers" in r
-        t.add_row(
-            r["name"],
-            r["family"],
-            f"{r['params'] / 1e6:,.1f}M",
-            f"{r['paper_params'] / 1e6:,.0f}M" if r["paper_params"] else "-",
-            str(r.get("tflops_1024", "-")),
-            str(r.get("tflops_512", "-")),
-            *(
-                (
-                    _fmt(r["encoder_layers"]),
-                    _fmt(r["transformer_depth"]),
-                    _fmt(r["decoder_transformer_depth"]),
-                    "yes" if r["mid_block"] else "no",
-                    "-",
-                )
-                if unet
-                else ("-", "-", "-", "-", str(r["layers"]))
-            ),
-        )
-    Console().print(t)
+    table = [_row(r) for r in rows]
+    print_table(cols, table, title="Denoiser presets (teachers: SDXL-Base-1.0, SD-v1.5, PixArt-Σ-XL-2-512)")
     return 0

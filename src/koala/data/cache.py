@@ -203,7 +203,7 @@ def build_cache(
     Crops/flips are drawn per sample from ``seed`` exactly as ``make_dataloader(..., seed=seed)`` draws them
     in its first epoch, so the cache holds the crop the raw loader would have used.
     """
-    from tqdm.auto import tqdm
+    from ..utils.console import progress_bar
 
     if latent not in LATENTS:
         raise KoalaError(f"latent must be 'sample' or 'mean', got {latent!r}")
@@ -277,7 +277,7 @@ def build_cache(
         todo = todo[:limit_units]
     log.info("cache rank %d/%d: %d of %d shards to do", rank, world_size, len(todo), len(mine))
     total_skips = SkipCounter()
-    bar = tqdm(todo, desc=f"cache rank {rank}", unit="shard", disable=not progress)
+    bar = progress_bar(todo, desc=f"cache rank {rank}", unit="shard", disable=not progress)
     with StopRequest() as stop:
         for k in bar:
             skips = _build_shard(

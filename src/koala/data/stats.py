@@ -12,7 +12,7 @@ from .sources import make_source
 def data_stats(data_cfg: dict, tokenizer=None, limit: int | None = None, progress: bool = True) -> dict:
     """Decode every sample (as training would, with the same filters) and summarise; ``limit`` caps the records
     read."""
-    from tqdm.auto import tqdm
+    from ..utils.console import progress_bar
 
     cfg = normalize_data_cfg(data_cfg)
     if cfg["type"] == "cache":
@@ -35,7 +35,7 @@ def data_stats(data_cfg: dict, tokenizer=None, limit: int | None = None, progres
     total = len(source) if source.kind == "indexed" else None
     if limit is not None and total is not None:
         total = min(total, limit)
-    bar = tqdm(iter_split(source), total=total, desc="data stats", unit="img", disable=not progress)
+    bar = progress_bar(iter_split(source), total=total, desc="data stats", unit="img", disable=not progress)
     for i, rec in enumerate(bar):
         if limit is not None and i >= limit:
             break

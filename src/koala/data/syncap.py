@@ -62,8 +62,7 @@ def caption_source(
     progress: bool = True,
 ) -> dict:
     """Caption every sample of a data source with the VLM; resumable. Returns counts."""
-    from tqdm.auto import tqdm
-
+    from ..utils.console import progress_bar
     from .config import normalize_data_cfg
     from .images import SkipSample, decode_image
     from .records import iter_split
@@ -100,7 +99,7 @@ def caption_source(
         counts["captioned"] += len(batch)
         batch.clear()
 
-    bar = tqdm(
+    bar = progress_bar(
         total=min(total, limit) if total and limit else total or limit, desc="syncap", unit="img", disable=not progress
     )
     for n, rec in enumerate(iter_split(source)):

@@ -17,6 +17,7 @@ import os
 import torch
 
 from ..errors import KoalaError
+from ..utils.console import markdown_table
 
 SCHEMA = "koala-eval-clip/1"
 
@@ -113,10 +114,8 @@ def score_folder(
 
 def markdown(result: dict) -> str:
     skip = f", {len(result['skipped'])} unreadable skipped" if result["skipped"] else ""
-    return (
-        f"| folder | CLIP score | images |\n|---|---|---|\n"
-        f"| {result['folder']} | {result['clip_score']:.2f} | {result['n_images']}{skip} |\n"
-    )
+    row = [result["folder"], f"{result['clip_score']:.2f}", f"{result['n_images']}{skip}"]
+    return markdown_table(["folder", "CLIP score", "images"], [row]) + "\n"
 
 
 def pick_scores(images: list, prompts: list[str], model, processor, batch_size: int = 16) -> list[float]:

@@ -22,6 +22,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from ..errors import KoalaError
+from ..utils.console import markdown_table
 from .folder import open_rgb
 
 SCHEMA = "koala-eval-run/1"
@@ -170,10 +171,10 @@ def generate_images(
         )
         row.params = sum(p.numel() for p in denoiser_of(loaded.pipe).parameters())
         times = []
-        from tqdm.auto import tqdm
+        from ..utils.console import progress_bar
 
         with PeakMemory(loaded.device) as mem:
-            for p, seed, key in tqdm(todo, desc=f"generate {model.name}", disable=not progress, unit="img"):
+            for p, seed, key in progress_bar(todo, desc=f"generate {model.name}", disable=not progress, unit="img"):
                 t0 = time.perf_counter()
                 res = generate(
                     loaded,
@@ -373,10 +374,12 @@ def score_images(model: EvalModel, images: list[dict], scorer: _Scorer, out_dir:
     cache = _read_jsonl(cache_path)
     todo = [r for r in images if r["key"] not in cache]
     img_dir = os.path.join(out_dir, "images", model.name)
-    from tqdm.auto import tqdm
+    from ..utils.console import progress_bar
 
     chunk = 16
-    for i in tqdm(range(0, len(todo), chunk), desc=f"{scorer.name} {model.name}", disable=not progress or not todo):
+    for i in progress_bar(
+        range(0, len(todo), chunk), desc=f"{scorer.name} {model.name}", disable=not progress or not todo
+    ):
         part = todo[i : i + chunk]
         scores = scorer.per_image([os.path.join(img_dir, r["file"]) for r in part], [r["prompt"] for r in part])
         for r, sc in zip(part, scores):
@@ -512,7 +515,7 @@ def _columns(result: dict) -> list[tuple[str, str]]:
 def markdown(result: dict) -> str:
     cols = _columns(result)
     head = ["model", "denoiser params", "latency (s/img)", "peak mem (GiB)"] + [f"{sc} {k}" for sc, k in cols]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for m in result["models"]:
 
         def fmt(sc, k):
@@ -533,9 +536,9 @@ def markdown(result: dict) -> str:
             f"{m['latency_s']:.3f}" if m.get("latency_s") is not None else "-",
             f"{m['peak_gib']:.2f}" if m.get("peak_gib") is not None else "-",
         ] + [fmt(sc, k) for sc, k in cols]
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
     st = result["settings"]
-    lines.append("")
+    lines = [markdown_table(head, rows), ""]
     sets = ", ".join(f"{name} {v['n']}" for name, v in result["prompts"].items())
     lines.append(
         f"prompts: {sets}; x {len(st['seeds'])} seed(s); {st['scheduler']}, {st['steps']} steps, cfg "

@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import KoalaError
 from ..families import denoiser_of, family_of_pipeline
+from ..utils.console import is_terminal
 
 PNG_KEYS = (
     "prompt",
@@ -108,7 +110,7 @@ def generate(
         log(f"note: {n}")
     base = _shared_params(sd, info, negative_prompt, steps, cfg, width, height)
     jobs = [(p, seed + i) for i, p in enumerate(p for p in prompts for _ in range(images_per_prompt))]
-    sd.set_progress_bar_config(disable=not progress, leave=False)
+    sd.set_progress_bar_config(disable=not progress or not is_terminal(sys.stderr), leave=False)
     items: list[GeneratedImage] = []
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]

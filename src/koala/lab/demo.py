@@ -490,18 +490,17 @@ def _run_demo(s: DemoSettings, t_start: float, log) -> dict:
 
 
 def print_results(result: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from ..utils.console import Column, print_table
 
-    t = Table(title="koala demo: shapes world, teacher vs KOALA student")
-    cols = ["model", "U-Net params", "U-Net ms", "colour", "shape", "binding", "spatial"]
-    for c in cols:
-        t.add_column(c, justify="left" if c == "model" else "right")
-    for r in result["rows"]:
-        t.add_row(
+    cols = [Column("model", wrap=True)]
+    cols += [Column(c, "right") for c in ("U-Net params", "U-Net ms", "colour", "shape", "binding", "spatial")]
+    rows = [
+        [
             r["model"],
             f"{r['unet_params']:,}",
             f"{r['unet_ms']:.1f}",
             *(f"{100 * r[k]:.1f}%" if k in r else "-" for k in ("color", "shape", "binding", "spatial")),
-        )
-    Console().print(t)
+        ]
+        for r in result["rows"]
+    ]
+    print_table(cols, rows, title="koala demo: shapes world, teacher vs KOALA student")

@@ -215,11 +215,14 @@ def generate_scenes(
 def write_image_folder(scenes: Sequence[Scene], out_dir: str, size: int = 64, progress: bool = True) -> str:
     """Write PNGs + ``metadata.jsonl`` (``file_name``, ``text``, ``objects``, ``relations``) to ``out_dir``."""
     from PIL import Image
-    from tqdm.auto import tqdm
+
+    from ..utils.console import progress_bar
 
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "metadata.jsonl"), "w") as f:
-        for i, sc in enumerate(tqdm(scenes, desc=f"writing {os.path.basename(out_dir)}", disable=not progress)):
+        for i, sc in enumerate(
+            progress_bar(scenes, desc=f"writing {os.path.basename(out_dir)}", disable=not progress)
+        ):
             name = f"{i:06d}.png"
             Image.fromarray(render(sc.objects, size)).save(os.path.join(out_dir, name))
             f.write(json.dumps({"file_name": name, **sc.to_json()}) + "\n")

@@ -108,12 +108,12 @@ def training_data(cfg: TeacherConfig) -> tuple[torch.Tensor, list[str]]:
 
 # ----------------------------------------------------------------------------------------------- phases
 def train_vae(vae, images: torch.Tensor, cfg: TeacherConfig, log) -> float:
-    from tqdm.auto import tqdm
+    from ..utils.console import progress_bar
 
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(cfg.seed)
     vae.train()
-    bar = tqdm(range(cfg.vae_steps), desc="VAE", dynamic_ncols=True)
+    bar = progress_bar(range(cfg.vae_steps), desc="VAE", dynamic_ncols=True)
     for step in bar:
         x = images[torch.randint(len(images), (cfg.batch_size,), generator=g)]
         post = vae.encode(x).latent_dist
@@ -138,9 +138,12 @@ def train_vae(vae, images: torch.Tensor, cfg: TeacherConfig, log) -> float:
 
 @torch.no_grad()
 def encode_latents(vae, images: torch.Tensor) -> torch.Tensor:
-    from tqdm.auto import tqdm
+    from ..utils.console import progress_bar
 
-    out = [vae.encode(images[i : i + 256]).latent_dist.mean for i in tqdm(range(0, len(images), 256), desc="latents")]
+    out = [
+        vae.encode(images[i : i + 256]).latent_dist.mean
+        for i in progress_bar(range(0, len(images), 256), desc="latents")
+    ]
     return torch.cat(out) * vae.config.scaling_factor
 
 
@@ -177,7 +180,7 @@ def save_pipeline(pipe, out_dir: str, half: bool, extra: dict) -> None:
 
 
 def train_teacher(cfg: TeacherConfig, log=print) -> dict:
-    from tqdm.auto import tqdm
+    from ..utils.console import progress_bar
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -253,7 +256,7 @@ def train_teacher(cfg: TeacherConfig, log=print) -> dict:
         )
         return row
 
-    bar = tqdm(range(cfg.steps), desc="U-Net", dynamic_ncols=True)
+    bar = progress_bar(range(cfg.steps), desc="U-Net", dynamic_ncols=True)
     step = 0
     for step in bar:
         idx = torch.randint(len(latents), (cfg.batch_size,), generator=g)
@@ -322,7 +325,8 @@ def sample_folder(
     """Generate one 32x32 image per shapes prompt (``split`` scenes ``0..num-1`` of ``seed``) with the default
     sampler; write PNGs (prompt in a tEXt chunk) and ``metadata.jsonl`` for ``koala eval shapes``."""
     from PIL import PngImagePlugin
-    from tqdm.auto import tqdm
+
+    from ..utils.console import progress_bar
 
     fam = family_of(pipeline_dir)
     pipe = fam.pipeline_class_of(pipeline_dir).from_pretrained(pipeline_dir, dtype=torch.float32)
@@ -335,7 +339,7 @@ def sample_folder(
     prompts = [s.text for s in generate_scenes(num, split, seed, IMAGE_SIZE)]
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "metadata.jsonl"), "w") as f:
-        for i in tqdm(range(0, num, batch), desc="sampling"):
+        for i in progress_bar(range(0, num, batch), desc="sampling"):
             g = torch.Generator().manual_seed(seed + i)
             images = pipe(prompts[i : i + batch], generator=g, **kw).images
             for j, (im, text) in enumerate(zip(images, prompts[i : i + batch])):

@@ -6,5 +6,7 @@
 - ``signals``: ``StopRequest`` (save and stop on SIGTERM / SIGUSR1 / Ctrl-C) and its exit status;
 - ``compile``: ``torch.compile`` of a model in place, whole or by repeated blocks;
 - ``attention``: the SDPA backend switch;
-- ``extras``: optional dependencies with the extra that provides them.
+- ``extras``: optional dependencies with the extra that provides them;
+- ``console``: tables and progress bars that read well on a terminal and in a log (``print_table``,
+  ``markdown_table``, ``progress_bar``).
 """
