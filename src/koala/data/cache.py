@@ -29,14 +29,13 @@ import random
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from torch.utils.data import IterableDataset
 
 from ..errors import KoalaError
 from ..families import Family, Parts, family_of, get_family
 from ..utils.devices import parse_dtype
 from ..utils.files import atomic_write_json, check_output_folder
 from ..utils.signals import StopRequest
-from .batching import BatchSkipper, BucketBatcher, collate_raw, prepare_sample, worker_plan
+from .batching import BucketBatcher, EpochBatches, collate_raw, prepare_sample
 from .buckets import parse_buckets
 from .config import normalize_data_cfg
 from .images import SkipCounter, SkipSample
@@ -400,8 +399,25 @@ def read_index(cache_dir: str) -> dict:
         return json.load(f)
 
 
-class CachedBatches(IterableDataset):
-    """Batches from cache shards; one shard in memory at a time (plus partial per-size batches)."""
+class _ShardTensors:
+    """A cache shard's tensors, read on first use (a skipped shard is never read) and released after its items."""
+
+    def __init__(self, path: str):
+        self.path, self.data = path, None
+
+    def get(self) -> dict:
+        if self.data is None:
+            self.data = load_file(self.path)
+        return self.data
+
+    def release(self) -> None:
+        self.data = None
+
+
+class CachedBatches(EpochBatches):
+    """Batches from cache shards; one shard in memory at a time (plus partial per-size batches).
+
+    An item is ``(shard, group, index, caption, key)``; its stand-in the same with the shard's path."""
 
     def __init__(
         self,
@@ -433,60 +449,48 @@ class CachedBatches(IterableDataset):
         self.shards = [s["file"] for s in self.index["shards"] if s["num_samples"]]
         if not self.shards:
             raise KoalaError(f"{self.dir}: the cache holds no samples")
-        self.cfg, self.batch_size, self.seed, self.rank, self.world_size = cfg, batch_size, seed, rank, world_size
-        self.skip_batches = int(skip_batches)  # applies to the first iter() (per worker) only; reads no tensors
+        super().__init__(cfg, batch_size, seed, rank, world_size, skip_batches)  # a skip reads no tensors
 
-    def _load_item(self, item):
-        path, g, i, caption, key = item
+    def epoch_items(self, split: int, nsplits: int, epoch: int):
+        shards = list(self.shards)
+        if self.cfg["shuffle"]:
+            random.Random(f"{self.seed}:{epoch}:cache").shuffle(shards)
+        by_shard = len(shards) >= nsplits
+        rng = random.Random(f"{self.seed}:{epoch}:{split}")
+        for j, name in enumerate(shards[split::nsplits] if by_shard else shards):
+            shard = _ShardTensors(os.path.join(self.dir, name))
+            with safe_open(shard.path, "pt") as f:
+                md = f.metadata()
+            caps, keys = json.loads(md["captions"]), json.loads(md["keys"])
+            items = [(g, i) for g in caps for i in range(len(caps[g]))]
+            if not by_shard:
+                items = [it for n, it in enumerate(items) if (n + j) % nsplits == split]
+            if self.cfg["shuffle"]:
+                rng.shuffle(items)
+            for g, i in items:
+                yield shard, g, i, caps[g][i], keys[g][i]
+            shard.release()
+
+    def stand_in(self, item):
+        shard, g, i, caption, key = item
+        return (shard.path, g, i, caption, key), g
+
+    def sample(self, item):
+        shard, g, i, caption, key = item
+        data = shard.get()
+        s = {n: data[f"{g}/{n}"][i] for n in self.tensors}
+        s["caption"], s["key"] = caption, key
+        return s, g
+
+    def load_stand_in(self, stand_in):
+        path, g, i, caption, key = stand_in
         with safe_open(path, "pt") as f:
             s = {n: f.get_slice(f"{g}/{n}")[i] for n in self.tensors}
         s["caption"], s["key"] = caption, key
         return s
 
-    def _collate(self, samples):
+    def collate(self, samples):
         out = {n: torch.stack([s[n] for s in samples]) for n in self.tensors}
         out["captions"] = [s["caption"] for s in samples]
         out["keys"] = [s["key"] for s in samples]
         return out
-
-    def __iter__(self):
-        skip_batches, self.skip_batches = self.skip_batches, 0
-        split, nsplits, skip = worker_plan(self.rank, self.world_size, skip_batches)
-        batcher = BucketBatcher(self.batch_size, self._collate)
-        skipper = BatchSkipper(self.batch_size, skip)
-        epoch = 0
-        while True:
-            shards = list(self.shards)
-            if self.cfg["shuffle"]:
-                random.Random(f"{self.seed}:{epoch}:cache").shuffle(shards)
-            by_shard = len(shards) >= nsplits
-            rng = random.Random(f"{self.seed}:{epoch}:{split}")
-            for j, name in enumerate(shards[split::nsplits] if by_shard else shards):
-                path, data = os.path.join(self.dir, name), None
-                with safe_open(path, "pt") as f:
-                    md = f.metadata()
-                caps, keys = json.loads(md["captions"]), json.loads(md["keys"])
-                items = [(g, i) for g in caps for i in range(len(caps[g]))]
-                if not by_shard:
-                    items = [it for n, it in enumerate(items) if (n + j) % nsplits == split]
-                if self.cfg["shuffle"]:
-                    rng.shuffle(items)
-                for g, i in items:
-                    if skipper.active:
-                        if skipper.add((path, g, i, caps[g][i], keys[g][i]), g):
-                            skipper.materialize(batcher, self._load_item)
-                        continue
-                    if data is None:
-                        data = load_file(path)
-                    s = {n: data[f"{g}/{n}"][i] for n in self.tensors}
-                    s["caption"], s["key"] = caps[g][i], keys[g][i]
-                    b = batcher.add(s, g)
-                    if b is not None:
-                        yield b
-                del data
-            epoch += 1
-            if not self.cfg["repeat"]:
-                if not self.cfg["drop_last"]:
-                    skipper.flush(batcher, self._load_item)
-                    yield from batcher.flush()
-                return
