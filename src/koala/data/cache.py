@@ -178,6 +178,73 @@ _COMPARED = (
 )
 
 
+# what of the data config the cache records (the source's identity and its filters)
+_SOURCE_KEYS = (
+    "type",
+    "path",
+    "caption_column",
+    "syncap_column",
+    "syncap",
+    "image_column",
+    "image_root",
+    "split",
+    "min_size",
+    "max_aspect",
+)
+
+
+def _cache_meta(cfg, fingerprint, fam, resolution, buckets, latent, store, seed, shard_size, source, units) -> dict:
+    """cache_config.json: what makes the cache (see module doc)."""
+    return {
+        "format": FORMAT,
+        "fingerprint": fingerprint,
+        "tensors": list(tensor_names(fam)),
+        "resolution": resolution,
+        "buckets": buckets,
+        "center_crop": cfg["center_crop"],
+        "random_flip": cfg["random_flip"],
+        "latent": latent,
+        "dtype": str(store).replace("torch.", ""),
+        "seed": seed,
+        "shard_size": shard_size if source.kind == "indexed" else None,
+        "num_units": len(units),
+        "source": {
+            **{k: cfg[k] for k in _SOURCE_KEYS},
+            **({"syncap_file": os.path.abspath(cfg["syncap_file"])} if cfg.get("syncap_file") else {}),
+            **({k: cfg[k] for k in ("nsfw_model", "nsfw_label", "nsfw_threshold")} if cfg.get("nsfw_model") else {}),
+        },
+    }
+
+
+def _units_to_do(out_dir: str, num_units: int, rank: int, world_size: int, limit_units: int | None) -> list[int]:
+    """This rank's work units (``k % world_size == rank``) whose shard is not written yet, at most ``limit_units``."""
+    mine = [k for k in range(num_units) if k % world_size == rank]
+    todo = [k for k in mine if not os.path.isfile(_shard_path(out_dir, k))]
+    if limit_units is not None:
+        todo = todo[:limit_units]
+    log.info("cache rank %d/%d: %d of %d shards to do", rank, world_size, len(todo), len(mine))
+    return todo
+
+
+def _write_or_check_config(out_dir: str, meta: dict) -> None:
+    """Write cache_config.json, or (resuming) refuse unless the one there was made with the same settings."""
+    cfg_path = os.path.join(out_dir, "cache_config.json")
+    if not os.path.isfile(cfg_path):
+        atomic_write_json(cfg_path, meta)
+        return
+    old = read_cache_config(out_dir)
+    old_cmp = json.loads(json.dumps({k: old.get(k) for k in _COMPARED}))
+    new_cmp = json.loads(json.dumps({k: meta.get(k) for k in _COMPARED}))
+    old_cmp["fingerprint"] = old_cmp["fingerprint"]["components"]
+    new_cmp["fingerprint"] = new_cmp["fingerprint"]["components"]
+    diff = [k for k in _COMPARED if old_cmp[k] != new_cmp[k]]
+    if diff:
+        raise KoalaError(
+            f"{out_dir} holds a cache made with other settings ({', '.join(diff)}); "
+            "resume with the same settings, or choose another output folder"
+        )
+
+
 def build_cache(
     data_cfg: dict,
     pipeline_dir: str,
@@ -214,66 +281,16 @@ def build_cache(
     buckets = parse_buckets(cfg["buckets"], resolution)
     fingerprint = pipeline_fingerprint(pipeline_dir)
     fam = get_family(fingerprint["family"])
-    meta = {
-        "format": FORMAT,
-        "fingerprint": fingerprint,
-        "tensors": list(tensor_names(fam)),
-        "resolution": resolution,
-        "buckets": buckets,
-        "center_crop": cfg["center_crop"],
-        "random_flip": cfg["random_flip"],
-        "latent": latent,
-        "dtype": str(store).replace("torch.", ""),
-        "seed": seed,
-        "shard_size": shard_size if source.kind == "indexed" else None,
-        "num_units": len(units),
-        "source": {
-            **{
-                k: cfg[k]
-                for k in (
-                    "type",
-                    "path",
-                    "caption_column",
-                    "syncap_column",
-                    "syncap",
-                    "image_column",
-                    "image_root",
-                    "split",
-                    "min_size",
-                    "max_aspect",
-                )
-            },
-            **({"syncap_file": os.path.abspath(cfg["syncap_file"])} if cfg.get("syncap_file") else {}),
-            **({k: cfg[k] for k in ("nsfw_model", "nsfw_label", "nsfw_threshold")} if cfg.get("nsfw_model") else {}),
-        },
-    }
+    meta = _cache_meta(cfg, fingerprint, fam, resolution, buckets, latent, store, seed, shard_size, source, units)
     fam.check_pipeline_dir(pipeline_dir)  # missing or corrupt components: refused before anything is written
     check_output_folder(out_dir, "the cache")
     os.makedirs(os.path.join(out_dir, "shards"), exist_ok=True)
-    cfg_path = os.path.join(out_dir, "cache_config.json")
-    if os.path.isfile(cfg_path):
-        old = read_cache_config(out_dir)
-        old_cmp = json.loads(json.dumps({k: old.get(k) for k in _COMPARED}))
-        new_cmp = json.loads(json.dumps({k: meta.get(k) for k in _COMPARED}))
-        old_cmp["fingerprint"] = old_cmp["fingerprint"]["components"]
-        new_cmp["fingerprint"] = new_cmp["fingerprint"]["components"]
-        diff = [k for k in _COMPARED if old_cmp[k] != new_cmp[k]]
-        if diff:
-            raise KoalaError(
-                f"{out_dir} holds a cache made with other settings ({', '.join(diff)}); "
-                "resume with the same settings, or choose another output folder"
-            )
-    else:
-        atomic_write_json(cfg_path, meta)
+    _write_or_check_config(out_dir, meta)
 
     enc = fam.load_parts(pipeline_dir, "fp32", vae_dtype, device)
     preparer = SamplePreparer(cfg)
     transform = SDXLTransform(resolution, cfg["center_crop"], cfg["random_flip"], buckets)
-    mine = [k for k in range(len(units)) if k % world_size == rank]
-    todo = [k for k in mine if not os.path.isfile(_shard_path(out_dir, k))]
-    if limit_units is not None:
-        todo = todo[:limit_units]
-    log.info("cache rank %d/%d: %d of %d shards to do", rank, world_size, len(todo), len(mine))
+    todo = _units_to_do(out_dir, len(units), rank, world_size, limit_units)
     total_skips = SkipCounter()
     bar = tqdm(todo, desc=f"cache rank {rank}", unit="shard", disable=not progress)
     with StopRequest() as stop:
