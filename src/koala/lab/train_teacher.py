@@ -67,7 +67,7 @@ class TeacherConfig:
     cond_dropout: float = 0.1
     snr_gamma: float = 5.0
     save_every: int = 500
-    max_minutes: float | None = None  # stop the U-Net phase after this long (then save)
+    max_minutes: float | None = None  # stop the denoiser phase (2) after this long (then save)
     threads: int | None = None
     half: bool = True  # store the denoiser in fp16 (from_pretrained loads it back as fp32)
     overwrite: bool = False  # replace an existing --out that is not a koala teacher
