@@ -167,7 +167,7 @@ def test_existing_output_needs_overwrite(tmp_path, tiny_teacher):
         compress(str(tmp_path / "teacher"), "koala-700m", str(out))
     assert (out / "keep.txt").exists()
     res = compress(str(tmp_path / "teacher"), "koala-700m", str(out), overwrite=True)
-    assert not (out / "keep.txt").exists() and res.kind == "unet"
+    assert not (out / "keep.txt").exists() and res.kind == "model"
 
 
 def test_unet_dir_round_trip(tmp_path, tiny_teacher):

@@ -30,7 +30,7 @@ def test_demo_fast_end_to_end(tmp_path, capsys):
     rows = {r["model"]: r for r in res["rows"]}
     assert set(rows) == {"teacher", "student, before KD", "student, after KD"}
     t, s = rows["teacher"], rows["student, after KD"]
-    assert s["unet_params"] < 0.5 * t["unet_params"] and s["unet_ms"] > 0
+    assert s["params"] < 0.5 * t["params"] and s["latency_ms"] > 0
     for r in rows.values():
         assert all(0.0 <= r[k] <= 1.0 for k in ("color", "shape", "binding", "spatial"))
     grid = Image.open(out / "grid.png").convert("L")
@@ -54,7 +54,7 @@ def test_demo_fast_end_to_end(tmp_path, capsys):
 
     meta, body = read_card(os.path.join(os.path.dirname(res["student"]), "README.md"))
     assert meta["pipeline_tag"] == "text-to-image" and "## Results" in body
-    assert f"| student, after KD | {s['unet_params']} |" in body and f"{100 * t['color']:.1f}%" in body
+    assert f"| student, after KD | {s['params']} |" in body and f"{100 * t['color']:.1f}%" in body
     # A second run into the same directory is refused without --overwrite, and leaves it intact.
     assert main(["demo", "--fast", "--out", str(out)]) == 2
     assert (out / "results.json").exists()

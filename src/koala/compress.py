@@ -25,7 +25,7 @@ from .utils.weights import count_params
 @dataclass
 class CompressResult:
     out_dir: str
-    kind: str  # "unet" (a model directory) or "pipeline"
+    kind: str  # "pipeline" or "model" (a denoiser directory: a U-Net or a transformer)
     family: str
     teacher_params: int
     student_params: int
@@ -52,7 +52,8 @@ def compress(
     """Compress ``teacher_path`` (model dir or pipeline dir) into ``out_dir`` atomically.
 
     For a pipeline, ``out_dir`` becomes a full pipeline directory with the student in the denoiser's folder.
-    ``teacher_unet`` replaces the pipeline's denoiser as the teacher (e.g. a SDXL-Lightning U-Net checkpoint).
+    ``teacher_unet`` replaces the pipeline's denoiser (U-Net or transformer) as the teacher (e.g. a SDXL-Lightning
+    U-Net checkpoint).
     ``teacher_path`` may be a single-file SDXL / SD-1.x checkpoint (``.safetensors``, original key layout); it is
     converted offline with ``teacher_config`` (a pipeline directory of the same architecture) or, for SDXL, the
     configs koala ships (:mod:`koala.formats.single_file`).
@@ -61,25 +62,9 @@ def compress(
     """
     check_kind(teacher_kind, "teacher_kind")
     if os.path.isfile(teacher_path):  # a single-file checkpoint (SDXL fine-tunes ship so): converted offline first
-        from .formats.single_file import single_file_to_diffusers
-
-        refuse_existing(out_dir, overwrite)
-        parent = os.path.dirname(os.path.abspath(out_dir))
-        os.makedirs(parent, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".koala-teacher-", dir=parent) as tmp:
-            converted = single_file_to_diffusers(teacher_path, os.path.join(tmp, "teacher"), config=teacher_config)
-            return compress(
-                converted.out,
-                preset,
-                out_dir,
-                dtype,
-                overwrite,
-                layer_selection,
-                teacher_unet,
-                family,
-                teacher_kind,
-                _source=os.path.abspath(teacher_path),
-            )
+        kw = dict(preset=preset, dtype=dtype, layer_selection=layer_selection, teacher_unet=teacher_unet)
+        kw.update(family=family, teacher_kind=teacher_kind)
+        return _compress_single_file(teacher_path, teacher_config, out_dir, overwrite, **kw)
     kind = model_dir_kind(teacher_path)
     fam = family_of(teacher_path, family)
     spec = fam.resolve_spec(preset)  # refuse a wrong preset before loading gigabytes
@@ -93,37 +78,52 @@ def compress(
         {"teacher_path": recorded, "preset": preset if isinstance(preset, str) else None, "teacher_kind": teacher_kind}
     )
     with atomic_output_dir(out_dir, overwrite) as tmp:
-        model_out = tmp
-        if kind == "pipeline":
-            for entry in sorted(os.listdir(teacher_path)):
-                src = os.path.join(teacher_path, entry)
-                if entry == fam.model_subfolder or entry.startswith(".") or entry == "koala_import.json":
-                    continue
-                if os.path.isdir(src):
-                    shutil.copytree(src, os.path.join(tmp, entry))
-                else:
-                    shutil.copy2(src, os.path.join(tmp, entry))
-            model_out = os.path.join(tmp, fam.model_subfolder)
-            sched_dir = os.path.join(tmp, "scheduler")
-            if SPACING[teacher_kind] and os.path.isfile(os.path.join(sched_dir, "scheduler_config.json")):
-                sampling_scheduler(
-                    read_json(os.path.join(sched_dir, "scheduler_config.json")), teacher_kind
-                ).save_config(sched_dir)
+        model_out = _copy_pipeline(teacher_path, tmp, fam, teacher_kind) if kind == "pipeline" else tmp
         student.save_pretrained(model_out, safe_serialization=True)
         lmap.save(model_out)
         # the student's model card replaces the teacher's (copied with the pipeline) at the top of the output
-        write_model_card(
-            tmp,
-            lmap,
-            count_params(student),
-            count_params(teacher),
-            layout="pipeline" if kind == "pipeline" else "model",
-        )
+        write_model_card(tmp, lmap, count_params(student), count_params(teacher), layout=kind)
     return CompressResult(
         os.path.abspath(out_dir),
-        "pipeline" if kind == "pipeline" else "unet",
+        kind,
         fam.name,
         count_params(teacher),
         count_params(student),
         len(student.state_dict()),
     )
+
+
+def _compress_single_file(
+    teacher_path: str, teacher_config: str | None, out_dir: str, overwrite: bool, **kw
+) -> CompressResult:
+    """:func:`compress` of a single-file checkpoint, converted offline first into a temporary pipeline directory
+    next to ``out_dir``; ``kw``: compress's other arguments."""
+    from .formats.single_file import single_file_to_diffusers
+
+    refuse_existing(out_dir, overwrite)
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".koala-teacher-", dir=parent) as tmp:
+        converted = single_file_to_diffusers(teacher_path, os.path.join(tmp, "teacher"), config=teacher_config)
+        return compress(
+            converted.out, out_dir=out_dir, overwrite=overwrite, _source=os.path.abspath(teacher_path), **kw
+        )
+
+
+def _copy_pipeline(teacher_path: str, tmp: str, fam, teacher_kind: str) -> str:
+    """Copy the teacher pipeline's other components into ``tmp`` (a turbo / lightning student gets its sampling
+    scheduler); returns the student's folder in it."""
+    for entry in sorted(os.listdir(teacher_path)):
+        src = os.path.join(teacher_path, entry)
+        if entry == fam.model_subfolder or entry.startswith(".") or entry == "koala_import.json":
+            continue
+        if os.path.isdir(src):
+            shutil.copytree(src, os.path.join(tmp, entry))
+        else:
+            shutil.copy2(src, os.path.join(tmp, entry))
+    sched_dir = os.path.join(tmp, "scheduler")
+    if SPACING[teacher_kind] and os.path.isfile(os.path.join(sched_dir, "scheduler_config.json")):
+        sampling_scheduler(read_json(os.path.join(sched_dir, "scheduler_config.json")), teacher_kind).save_config(
+            sched_dir
+        )
+    return os.path.join(tmp, fam.model_subfolder)

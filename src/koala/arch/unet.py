@@ -209,80 +209,88 @@ def build_unet_layer_map(teacher: torch.nn.Module, student: torch.nn.Module, sel
     (its decoder stage i is the teacher's i + dropped). Transformer layers follow ``selection`` (SA-bottom).
     Stage names are the teacher's: DW-1.., MID, UP-1.. . Works on meta-device modules: only structure is read.
     """
-    entries: list[MapEntry] = []
-    for name in ("conv_in", "time_embedding", "add_embedding", "conv_norm_out", "conv_out"):
-        if getattr(student, name, None) is not None:
-            entries.append(MapEntry(name, name, "IO", "io"))
+    entries = [
+        MapEntry(name, name, "IO", "io")
+        for name in ("conv_in", "time_embedding", "add_embedding", "conv_norm_out", "conv_out")
+        if getattr(student, name, None) is not None
+    ]
     n, n_t = len(student.down_blocks), len(teacher.down_blocks)
     if n > n_t:
         raise KoalaError(f"student has {n} encoder stages but the teacher only {n_t}")
-    off = n_t - n
+    dropped = n_t - n
+    entries += _encoder_entries(student, teacher, selection)
+    entries += _mid_entries(student, teacher, dropped, selection)
+    entries += _decoder_entries(student, teacher, dropped, selection)
+    return LayerMap(entries, selection, dict(teacher.config), dict(student.config))
+
+
+def _block_entries(bs, bt, path_s: str, path_t: str, stage: str, pairs, selection: str) -> list[MapEntry]:
+    """For each ``(j, tj)`` of ``pairs``: student resnet ``j`` -> teacher resnet ``tj``, and (a block with
+    attentions) attention ``j`` -> ``tj`` with its transformer layers."""
+    entries = []
+    for j, tj in pairs:
+        entries.append(MapEntry(f"{path_s}.resnets.{j}", f"{path_t}.resnets.{tj}", stage, "resnet", j, tj))
+        if getattr(bs, "attentions", None) is not None:
+            entries += _attn_entries(
+                f"{path_s}.attentions.{j}",
+                f"{path_t}.attentions.{tj}",
+                stage,
+                j,
+                tj,
+                bs.attentions[j],
+                bt.attentions[tj],
+                selection,
+            )
+    return entries
+
+
+def _encoder_entries(student, teacher, selection: str) -> list[MapEntry]:
+    """Encoder stage i -> the teacher's stage i: its first resnet/attention pairs and its downsampler."""
+    entries = []
     for i, (bs, bt) in enumerate(zip(student.down_blocks, teacher.down_blocks)):
-        stage = f"DW-{i + 1}"
+        stage, path = f"DW-{i + 1}", f"down_blocks.{i}"
         if len(bs.resnets) > len(bt.resnets):
             raise KoalaError(
                 f"{stage}: student has more resnets ({len(bs.resnets)}) than the teacher ({len(bt.resnets)})"
             )
-        for j in range(len(bs.resnets)):
-            entries.append(
-                MapEntry(f"down_blocks.{i}.resnets.{j}", f"down_blocks.{i}.resnets.{j}", stage, "resnet", j, j)
-            )
-            if getattr(bs, "attentions", None) is not None:
-                entries += _attn_entries(
-                    f"down_blocks.{i}.attentions.{j}",
-                    f"down_blocks.{i}.attentions.{j}",
-                    stage,
-                    j,
-                    j,
-                    bs.attentions[j],
-                    bt.attentions[j],
-                    selection,
-                )
+        entries += _block_entries(bs, bt, path, path, stage, [(j, j) for j in range(len(bs.resnets))], selection)
         if bs.downsamplers is not None:
-            entries.append(
-                MapEntry(f"down_blocks.{i}.downsamplers", f"down_blocks.{i}.downsamplers", stage, "downsampler")
-            )
-    if student.mid_block is not None:
-        if teacher.mid_block is None or off:
-            raise KoalaError("student has a mid block but the teacher has none at that resolution")
-        for j in range(len(student.mid_block.resnets)):
-            entries.append(MapEntry(f"mid_block.resnets.{j}", f"mid_block.resnets.{j}", "MID", "resnet", j, j))
-        for j in range(len(student.mid_block.attentions)):
-            entries += _attn_entries(
-                f"mid_block.attentions.{j}",
-                f"mid_block.attentions.{j}",
-                "MID",
-                j,
-                j,
-                student.mid_block.attentions[j],
-                teacher.mid_block.attentions[j],
-                selection,
-            )
+            entries.append(MapEntry(f"{path}.downsamplers", f"{path}.downsamplers", stage, "downsampler"))
+    return entries
+
+
+def _mid_entries(student, teacher, dropped: int, selection: str) -> list[MapEntry]:
+    """The mid block's resnets, then its attentions (none without a student mid block)."""
+    ms, mt = student.mid_block, teacher.mid_block
+    if ms is None:
+        return []
+    if mt is None or dropped:
+        raise KoalaError("student has a mid block but the teacher has none at that resolution")
+    entries = [
+        MapEntry(f"mid_block.resnets.{j}", f"mid_block.resnets.{j}", "MID", "resnet", j, j)
+        for j in range(len(ms.resnets))
+    ]
+    for j in range(len(ms.attentions)):
+        path = f"mid_block.attentions.{j}"
+        entries += _attn_entries(path, path, "MID", j, j, ms.attentions[j], mt.attentions[j], selection)
+    return entries
+
+
+def _decoder_entries(student, teacher, dropped: int, selection: str) -> list[MapEntry]:
+    """Decoder stage i -> the teacher's stage i + dropped: its first resnet/attention pairs, the last one to the
+    teacher's last (the skip connection's channels), and its upsampler."""
+    entries = []
     for i, bs in enumerate(student.up_blocks):
-        ti = i + off
+        ti = i + dropped
         bt, stage = teacher.up_blocks[ti], f"UP-{ti + 1}"
         ns, nt = len(bs.resnets), len(bt.resnets)
         if ns > nt:
             raise KoalaError(f"{stage}: student has more resnets ({ns}) than the teacher ({nt})")
-        for j in range(ns):
-            tj = j if j < ns - 1 else nt - 1
-            entries.append(
-                MapEntry(f"up_blocks.{i}.resnets.{j}", f"up_blocks.{ti}.resnets.{tj}", stage, "resnet", j, tj)
-            )
-            if getattr(bs, "attentions", None) is not None:
-                entries += _attn_entries(
-                    f"up_blocks.{i}.attentions.{j}",
-                    f"up_blocks.{ti}.attentions.{tj}",
-                    stage,
-                    j,
-                    tj,
-                    bs.attentions[j],
-                    bt.attentions[tj],
-                    selection,
-                )
+        pairs = [(j, j if j < ns - 1 else nt - 1) for j in range(ns)]
+        entries += _block_entries(bs, bt, f"up_blocks.{i}", f"up_blocks.{ti}", stage, pairs, selection)
         if bs.upsamplers is not None:
             entries.append(MapEntry(f"up_blocks.{i}.upsamplers", f"up_blocks.{ti}.upsamplers", stage, "upsampler"))
-    return LayerMap(entries, selection, dict(teacher.config), dict(student.config))
+    return entries
 
 
 def unet_stage_modules(

@@ -1,10 +1,13 @@
 """Batch formation shared by the raw loader and the cache: which split a worker reads, aspect-bucket batching,
-and cheap skipping of already-used batches on resume (see :mod:`koala.data.loader`)."""
+cheap skipping of already-used batches on resume, and the epoch loop that ties them together
+(:class:`EpochBatches`; see :mod:`koala.data.loader`)."""
 
 from __future__ import annotations
 
+from typing import Any, Iterator
+
 import torch
-from torch.utils.data import get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from .records import SamplePreparer
 from .transforms import SDXLTransform, sample_rng, to_tensor
@@ -103,3 +106,77 @@ class BucketBatcher:
             if buf:
                 yield self.collate(buf)
         self.buffers = {}
+
+
+class EpochBatches(IterableDataset):
+    """The epoch / skip / flush loop of the raw loader (:class:`~koala.data.loader.RawBatches`) and the cache
+    reader (:class:`~koala.data.cache.CachedBatches`).
+
+    Each epoch walks :meth:`epoch_items` (the subclass reshuffles them per epoch from ``seed``). While batches are
+    being skipped (``skip_batches``, resume) an item only becomes a cheap stand-in (:meth:`stand_in`: nothing
+    decoded or read) counted by a :class:`BatchSkipper`; the stand-ins of the partial buckets left after the last
+    skipped batch are loaded (:meth:`load_stand_in`) into the :class:`BucketBatcher`, so the resumed stream goes
+    on exactly as the unskipped one. With ``repeat: false`` one pass is all, and (unless ``drop_last``) the
+    partial buckets are flushed as last batches.
+    """
+
+    def __init__(self, cfg: dict, batch_size: int, seed: int, rank: int, world_size: int, skip_batches: int = 0):
+        self.cfg, self.batch_size, self.seed, self.rank, self.world_size = cfg, batch_size, seed, rank, world_size
+        self.epoch = 0  # epochs completed by the last iter()
+        self.skip_batches = int(skip_batches)  # applies to the first iter() (per worker) only
+
+    # what a subclass provides
+    def epoch_items(self, split: int, nsplits: int, epoch: int) -> Iterator[Any]:
+        """The items of split ``split`` of ``nsplits`` for epoch ``epoch``, in order."""
+        raise NotImplementedError
+
+    def stand_in(self, item) -> tuple[Any, Any] | None:
+        """``(cheap stand-in, group)`` of an item being skipped; None: the item is dropped."""
+        raise NotImplementedError
+
+    def sample(self, item) -> tuple[dict, Any] | None:
+        """``(sample, group)``, the item loaded; None: the item is dropped."""
+        raise NotImplementedError
+
+    def load_stand_in(self, stand_in) -> dict | None:
+        """The sample of a stand-in (the partial buckets after the skip); None: dropped."""
+        raise NotImplementedError
+
+    def collate(self, samples: list[dict]) -> dict:
+        raise NotImplementedError
+
+    def end_epoch(self, split: int, nsplits: int, epoch: int, used: int) -> None:
+        """Called after each epoch's items with the number of items used (skipped or loaded, not dropped)."""
+
+    # the loop
+    def __iter__(self):
+        skip_batches, self.skip_batches = self.skip_batches, 0
+        split, nsplits, skip = worker_plan(self.rank, self.world_size, skip_batches)
+        batcher = BucketBatcher(self.batch_size, self.collate)
+        skipper = BatchSkipper(self.batch_size, skip)
+        epoch = 0
+        while True:
+            used = 0
+            for item in self.epoch_items(split, nsplits, epoch):
+                if skipper.active:  # no decode, no tensor read: only what decides whether and where the item goes
+                    got = self.stand_in(item)
+                    if got is not None:
+                        used += 1
+                        if skipper.add(*got):
+                            skipper.materialize(batcher, self.load_stand_in)
+                    continue
+                got = self.sample(item)
+                if got is None:
+                    continue
+                used += 1
+                batch = batcher.add(*got)
+                if batch is not None:
+                    yield batch
+            self.end_epoch(split, nsplits, epoch, used)
+            epoch += 1
+            self.epoch = epoch
+            if not self.cfg["repeat"]:
+                if not self.cfg["drop_last"]:
+                    skipper.flush(batcher, self.load_stand_in)
+                    yield from batcher.flush()
+                return

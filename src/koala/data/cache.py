@@ -29,14 +29,13 @@ import random
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from torch.utils.data import IterableDataset
 
 from ..errors import KoalaError
 from ..families import Family, Parts, family_of, get_family
 from ..utils.devices import parse_dtype
 from ..utils.files import atomic_write_json, check_output_folder
 from ..utils.signals import StopRequest
-from .batching import BatchSkipper, BucketBatcher, collate_raw, prepare_sample, worker_plan
+from .batching import BucketBatcher, EpochBatches, collate_raw, prepare_sample
 from .buckets import parse_buckets
 from .config import normalize_data_cfg
 from .images import SkipCounter, SkipSample
@@ -180,6 +179,73 @@ _COMPARED = (
 )
 
 
+# what of the data config the cache records (the source's identity and its filters)
+_SOURCE_KEYS = (
+    "type",
+    "path",
+    "caption_column",
+    "syncap_column",
+    "syncap",
+    "image_column",
+    "image_root",
+    "split",
+    "min_size",
+    "max_aspect",
+)
+
+
+def _cache_meta(cfg, fingerprint, fam, resolution, buckets, latent, store, seed, shard_size, source, units) -> dict:
+    """cache_config.json: what makes the cache (see module doc)."""
+    return {
+        "format": FORMAT,
+        "fingerprint": fingerprint,
+        "tensors": list(tensor_names(fam)),
+        "resolution": resolution,
+        "buckets": buckets,
+        "center_crop": cfg["center_crop"],
+        "random_flip": cfg["random_flip"],
+        "latent": latent,
+        "dtype": str(store).replace("torch.", ""),
+        "seed": seed,
+        "shard_size": shard_size if source.kind == "indexed" else None,
+        "num_units": len(units),
+        "source": {
+            **{k: cfg[k] for k in _SOURCE_KEYS},
+            **({"syncap_file": os.path.abspath(cfg["syncap_file"])} if cfg.get("syncap_file") else {}),
+            **({k: cfg[k] for k in ("nsfw_model", "nsfw_label", "nsfw_threshold")} if cfg.get("nsfw_model") else {}),
+        },
+    }
+
+
+def _units_to_do(out_dir: str, num_units: int, rank: int, world_size: int, limit_units: int | None) -> list[int]:
+    """This rank's work units (``k % world_size == rank``) whose shard is not written yet, at most ``limit_units``."""
+    mine = [k for k in range(num_units) if k % world_size == rank]
+    todo = [k for k in mine if not os.path.isfile(_shard_path(out_dir, k))]
+    if limit_units is not None:
+        todo = todo[:limit_units]
+    log.info("cache rank %d/%d: %d of %d shards to do", rank, world_size, len(todo), len(mine))
+    return todo
+
+
+def _write_or_check_config(out_dir: str, meta: dict) -> None:
+    """Write cache_config.json, or (resuming) refuse unless the one there was made with the same settings."""
+    cfg_path = os.path.join(out_dir, "cache_config.json")
+    if not os.path.isfile(cfg_path):
+        atomic_write_json(cfg_path, meta)
+        return
+    old = read_cache_config(out_dir)
+    old_cmp = json.loads(json.dumps({k: old.get(k) for k in _COMPARED}))
+    new_cmp = json.loads(json.dumps({k: meta.get(k) for k in _COMPARED}))
+    old_cmp["fingerprint"] = old_cmp["fingerprint"]["components"]
+    new_cmp["fingerprint"] = new_cmp["fingerprint"]["components"]
+    diff = [k for k in _COMPARED if old_cmp[k] != new_cmp[k]]
+    if diff:
+        raise KoalaError(
+            f"{out_dir} holds a cache made with other settings ({', '.join(diff)}); "
+            "resume with the same settings, or choose another output folder"
+        )
+
+
 def build_cache(
     data_cfg: dict,
     pipeline_dir: str,
@@ -216,66 +282,16 @@ def build_cache(
     buckets = parse_buckets(cfg["buckets"], resolution)
     fingerprint = pipeline_fingerprint(pipeline_dir)
     fam = get_family(fingerprint["family"])
-    meta = {
-        "format": FORMAT,
-        "fingerprint": fingerprint,
-        "tensors": list(tensor_names(fam)),
-        "resolution": resolution,
-        "buckets": buckets,
-        "center_crop": cfg["center_crop"],
-        "random_flip": cfg["random_flip"],
-        "latent": latent,
-        "dtype": str(store).replace("torch.", ""),
-        "seed": seed,
-        "shard_size": shard_size if source.kind == "indexed" else None,
-        "num_units": len(units),
-        "source": {
-            **{
-                k: cfg[k]
-                for k in (
-                    "type",
-                    "path",
-                    "caption_column",
-                    "syncap_column",
-                    "syncap",
-                    "image_column",
-                    "image_root",
-                    "split",
-                    "min_size",
-                    "max_aspect",
-                )
-            },
-            **({"syncap_file": os.path.abspath(cfg["syncap_file"])} if cfg.get("syncap_file") else {}),
-            **({k: cfg[k] for k in ("nsfw_model", "nsfw_label", "nsfw_threshold")} if cfg.get("nsfw_model") else {}),
-        },
-    }
+    meta = _cache_meta(cfg, fingerprint, fam, resolution, buckets, latent, store, seed, shard_size, source, units)
     fam.check_pipeline_dir(pipeline_dir)  # missing or corrupt components: refused before anything is written
     check_output_folder(out_dir, "the cache")
     os.makedirs(os.path.join(out_dir, "shards"), exist_ok=True)
-    cfg_path = os.path.join(out_dir, "cache_config.json")
-    if os.path.isfile(cfg_path):
-        old = read_cache_config(out_dir)
-        old_cmp = json.loads(json.dumps({k: old.get(k) for k in _COMPARED}))
-        new_cmp = json.loads(json.dumps({k: meta.get(k) for k in _COMPARED}))
-        old_cmp["fingerprint"] = old_cmp["fingerprint"]["components"]
-        new_cmp["fingerprint"] = new_cmp["fingerprint"]["components"]
-        diff = [k for k in _COMPARED if old_cmp[k] != new_cmp[k]]
-        if diff:
-            raise KoalaError(
-                f"{out_dir} holds a cache made with other settings ({', '.join(diff)}); "
-                "resume with the same settings, or choose another output folder"
-            )
-    else:
-        atomic_write_json(cfg_path, meta)
+    _write_or_check_config(out_dir, meta)
 
     enc = fam.load_parts(pipeline_dir, "fp32", vae_dtype, device)
     preparer = SamplePreparer(cfg)
     transform = SDXLTransform(resolution, cfg["center_crop"], cfg["random_flip"], buckets)
-    mine = [k for k in range(len(units)) if k % world_size == rank]
-    todo = [k for k in mine if not os.path.isfile(_shard_path(out_dir, k))]
-    if limit_units is not None:
-        todo = todo[:limit_units]
-    log.info("cache rank %d/%d: %d of %d shards to do", rank, world_size, len(todo), len(mine))
+    todo = _units_to_do(out_dir, len(units), rank, world_size, limit_units)
     total_skips = SkipCounter()
     bar = progress_bar(todo, desc=f"cache rank {rank}", unit="shard", disable=not progress)
     with StopRequest() as stop:
@@ -401,8 +417,25 @@ def read_index(cache_dir: str) -> dict:
         return json.load(f)
 
 
-class CachedBatches(IterableDataset):
-    """Batches from cache shards; one shard in memory at a time (plus partial per-size batches)."""
+class _ShardTensors:
+    """A cache shard's tensors, read on first use (a skipped shard is never read) and released after its items."""
+
+    def __init__(self, path: str):
+        self.path, self.data = path, None
+
+    def get(self) -> dict:
+        if self.data is None:
+            self.data = load_file(self.path)
+        return self.data
+
+    def release(self) -> None:
+        self.data = None
+
+
+class CachedBatches(EpochBatches):
+    """Batches from cache shards; one shard in memory at a time (plus partial per-size batches).
+
+    An item is ``(shard, group, index, caption, key)``; its stand-in the same with the shard's path."""
 
     def __init__(
         self,
@@ -434,60 +467,48 @@ class CachedBatches(IterableDataset):
         self.shards = [s["file"] for s in self.index["shards"] if s["num_samples"]]
         if not self.shards:
             raise KoalaError(f"{self.dir}: the cache holds no samples")
-        self.cfg, self.batch_size, self.seed, self.rank, self.world_size = cfg, batch_size, seed, rank, world_size
-        self.skip_batches = int(skip_batches)  # applies to the first iter() (per worker) only; reads no tensors
+        super().__init__(cfg, batch_size, seed, rank, world_size, skip_batches)  # a skip reads no tensors
 
-    def _load_item(self, item):
-        path, g, i, caption, key = item
+    def epoch_items(self, split: int, nsplits: int, epoch: int):
+        shards = list(self.shards)
+        if self.cfg["shuffle"]:
+            random.Random(f"{self.seed}:{epoch}:cache").shuffle(shards)
+        by_shard = len(shards) >= nsplits
+        rng = random.Random(f"{self.seed}:{epoch}:{split}")
+        for j, name in enumerate(shards[split::nsplits] if by_shard else shards):
+            shard = _ShardTensors(os.path.join(self.dir, name))
+            with safe_open(shard.path, "pt") as f:
+                md = f.metadata()
+            caps, keys = json.loads(md["captions"]), json.loads(md["keys"])
+            items = [(g, i) for g in caps for i in range(len(caps[g]))]
+            if not by_shard:
+                items = [it for n, it in enumerate(items) if (n + j) % nsplits == split]
+            if self.cfg["shuffle"]:
+                rng.shuffle(items)
+            for g, i in items:
+                yield shard, g, i, caps[g][i], keys[g][i]
+            shard.release()
+
+    def stand_in(self, item):
+        shard, g, i, caption, key = item
+        return (shard.path, g, i, caption, key), g
+
+    def sample(self, item):
+        shard, g, i, caption, key = item
+        data = shard.get()
+        s = {n: data[f"{g}/{n}"][i] for n in self.tensors}
+        s["caption"], s["key"] = caption, key
+        return s, g
+
+    def load_stand_in(self, stand_in):
+        path, g, i, caption, key = stand_in
         with safe_open(path, "pt") as f:
             s = {n: f.get_slice(f"{g}/{n}")[i] for n in self.tensors}
         s["caption"], s["key"] = caption, key
         return s
 
-    def _collate(self, samples):
+    def collate(self, samples):
         out = {n: torch.stack([s[n] for s in samples]) for n in self.tensors}
         out["captions"] = [s["caption"] for s in samples]
         out["keys"] = [s["key"] for s in samples]
         return out
-
-    def __iter__(self):
-        skip_batches, self.skip_batches = self.skip_batches, 0
-        split, nsplits, skip = worker_plan(self.rank, self.world_size, skip_batches)
-        batcher = BucketBatcher(self.batch_size, self._collate)
-        skipper = BatchSkipper(self.batch_size, skip)
-        epoch = 0
-        while True:
-            shards = list(self.shards)
-            if self.cfg["shuffle"]:
-                random.Random(f"{self.seed}:{epoch}:cache").shuffle(shards)
-            by_shard = len(shards) >= nsplits
-            rng = random.Random(f"{self.seed}:{epoch}:{split}")
-            for j, name in enumerate(shards[split::nsplits] if by_shard else shards):
-                path, data = os.path.join(self.dir, name), None
-                with safe_open(path, "pt") as f:
-                    md = f.metadata()
-                caps, keys = json.loads(md["captions"]), json.loads(md["keys"])
-                items = [(g, i) for g in caps for i in range(len(caps[g]))]
-                if not by_shard:
-                    items = [it for n, it in enumerate(items) if (n + j) % nsplits == split]
-                if self.cfg["shuffle"]:
-                    rng.shuffle(items)
-                for g, i in items:
-                    if skipper.active:
-                        if skipper.add((path, g, i, caps[g][i], keys[g][i]), g):
-                            skipper.materialize(batcher, self._load_item)
-                        continue
-                    if data is None:
-                        data = load_file(path)
-                    s = {n: data[f"{g}/{n}"][i] for n in self.tensors}
-                    s["caption"], s["key"] = caps[g][i], keys[g][i]
-                    b = batcher.add(s, g)
-                    if b is not None:
-                        yield b
-                del data
-            epoch += 1
-            if not self.cfg["repeat"]:
-                if not self.cfg["drop_last"]:
-                    skipper.flush(batcher, self._load_item)
-                    yield from batcher.flush()
-                return

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import logging
 
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
 from ..errors import KoalaError
-from .batching import BatchSkipper, BucketBatcher, collate_raw, prepare_sample, worker_plan
+from .batching import EpochBatches, collate_raw, prepare_sample
 from .buckets import parse_buckets
 from .config import normalize_data_cfg
 from .images import SkipCounter, SkipSample
@@ -37,69 +37,58 @@ from .transforms import SDXLTransform
 log = logging.getLogger("koala.data")
 
 
-class RawBatches(IterableDataset):
+class RawBatches(EpochBatches):
+    """Batches decoded from a raw source (folder, table, webdataset, ...): an item is ``(record, epoch)``."""
+
     def __init__(
         self, cfg: dict, batch_size: int, resolution: int, seed: int, rank: int, world_size: int, skip_batches: int = 0
     ):
-        self.cfg, self.batch_size, self.seed, self.rank, self.world_size = cfg, batch_size, seed, rank, world_size
+        super().__init__(cfg, batch_size, seed, rank, world_size, skip_batches)
         self.source = make_source(cfg)
         self.preparer = SamplePreparer(cfg)
         self.transform = SDXLTransform(
             resolution, cfg["center_crop"], cfg["random_flip"], parse_buckets(cfg["buckets"], resolution)
         )
         self.skips = SkipCounter()
-        self.epoch = 0
-        self.skip_batches = int(skip_batches)  # applies to the first iter() (per worker) only
 
-    def _prepare_or_none(self, item):
+    def epoch_items(self, split: int, nsplits: int, epoch: int):
+        for rec in iter_split(
+            self.source, split, nsplits, epoch, self.cfg["shuffle"], self.seed, self.cfg["shuffle_buffer"]
+        ):
+            yield rec, epoch
+
+    def stand_in(self, item):
+        """The record itself, grouped by the target size its image header gives (no pixels decoded)."""
+        try:
+            hw = self.preparer.probe(item[0], self.transform.buckets is not None)
+        except SkipSample as err:
+            self.skips[err.reason] += 1
+            return None
+        return item, self.transform.target_for(*(hw or (1, 1)))  # = the sample's target_size
+
+    def sample(self, item):
+        s = self.load_stand_in(item)
+        return None if s is None else (s, s["target_size"])
+
+    def load_stand_in(self, item):
         rec, epoch = item
         try:
             return prepare_sample(self.preparer, self.transform, rec, self.seed, epoch)
-        except SkipSample as err:  # header fine, pixels not: the skip counted it (see module doc)
+        except SkipSample as err:  # also a stand-in whose header was fine but pixels not (see module doc)
             self.skips[err.reason] += 1
             return None
 
-    def __iter__(self):
-        skip_batches, self.skip_batches = self.skip_batches, 0
-        split, nsplits, skip = worker_plan(self.rank, self.world_size, skip_batches)
-        batcher = BucketBatcher(self.batch_size, collate_raw)
-        skipper = BatchSkipper(self.batch_size, skip)
-        need_size = self.transform.buckets is not None
-        epoch = 0
-        while True:
-            used = 0
-            for rec in iter_split(
-                self.source, split, nsplits, epoch, self.cfg["shuffle"], self.seed, self.cfg["shuffle_buffer"]
-            ):
-                try:
-                    if skipper.active:  # no decode: only what decides whether and where the sample goes
-                        hw = self.preparer.probe(rec, need_size)
-                        used += 1
-                        if skipper.add((rec, epoch), self.transform.target_for(*(hw or (1, 1)))):  # = target_size
-                            skipper.materialize(batcher, self._prepare_or_none)
-                        continue
-                    s = prepare_sample(self.preparer, self.transform, rec, self.seed, epoch)
-                except SkipSample as err:
-                    self.skips[err.reason] += 1
-                    continue
-                used += 1
-                batch = batcher.add(s, s["target_size"])
-                if batch is not None:
-                    yield batch
-            self.skips.update(getattr(self.source, "skips", {}))
-            log.info("data split %d/%d epoch %d: %d samples, %s", split, nsplits, epoch, used, self.skips.summary())
-            if used == 0 and self.cfg["repeat"]:  # an infinite loop over nothing would hang the trainer
-                raise KoalaError(
-                    f"{self.cfg['path']}: split {split} of {nsplits} produced no usable samples "
-                    f"({self.skips.summary()}); check filters, captions and shard count"
-                )
-            epoch += 1
-            self.epoch = epoch
-            if not self.cfg["repeat"]:
-                if not self.cfg["drop_last"]:
-                    skipper.flush(batcher, self._prepare_or_none)
-                    yield from batcher.flush()
-                return
+    def collate(self, samples: list[dict]) -> dict:
+        return collate_raw(samples)
+
+    def end_epoch(self, split: int, nsplits: int, epoch: int, used: int) -> None:
+        self.skips.update(getattr(self.source, "skips", {}))
+        log.info("data split %d/%d epoch %d: %d samples, %s", split, nsplits, epoch, used, self.skips.summary())
+        if used == 0 and self.cfg["repeat"]:  # an infinite loop over nothing would hang the trainer
+            raise KoalaError(
+                f"{self.cfg['path']}: split {split} of {nsplits} produced no usable samples "
+                f"({self.skips.summary()}); check filters, captions and shard count"
+            )
 
 
 def make_dataloader(

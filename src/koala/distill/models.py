@@ -144,7 +144,7 @@ def encode_batch(
     cond = {k: batch[k].to(device, torch.float32) for k in frozen.family.cond_keys}
     if caption_dropout > 0:
         drop = (torch.stack([torch.rand((), generator=g) for g in generators]) < caption_dropout).to(device)
-        for k, u in (uncond if uncond is not None else frozen.family.uncond(frozen.parts)).items():
-            mask = drop.view(-1, *([1] * (cond[k].ndim - 1)))
-            cond[k] = torch.where(mask, u.to(device, torch.float32).expand_as(cond[k]), cond[k])
+        cond = frozen.family.drop_captions(
+            cond, drop, frozen.family.uncond(frozen.parts) if uncond is None else uncond
+        )
     return latents, cond

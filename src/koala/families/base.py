@@ -302,6 +302,18 @@ class Family:
             out = self.encode_prompts([""], parts.tokenizers, parts.text_encoders)
         return {k: torch.zeros_like(v) if self.zero_uncond else v for k, v in out.items()}
 
+    def drop_captions(
+        self, cond: dict[str, torch.Tensor], drop: torch.Tensor, uncond: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Caption dropout: ``cond`` with the text conditioning (``text_cond_keys``) of the samples where ``drop``
+        (bool, one per sample) is True replaced by ``uncond`` (:meth:`uncond`'s batch of one, cast to each tensor's
+        device and dtype); the other keys as they are. Gradients flow as through ``torch.where``."""
+        out = dict(cond)
+        for k in self.text_cond_keys:
+            v = cond[k]
+            out[k] = torch.where(drop.view(-1, *[1] * (v.ndim - 1)), uncond[k].to(v.device, v.dtype), v)
+        return out
+
     def dummy_cond(
         self, config: dict, batch: int = 1, text_len: int | None = None, device="meta", dtype=torch.float32
     ) -> dict[str, torch.Tensor]:

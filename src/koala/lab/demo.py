@@ -103,12 +103,14 @@ def _images_np(images) -> list[np.ndarray]:
     return [np.asarray(im.convert("RGB")) for im in images]
 
 
-def _sample(pipe_dir: str, prompts: list[str], s: DemoSettings, unet_dir: str | None = None):
+def _sample(pipe_dir: str, prompts: list[str], s: DemoSettings, model_dir: str | None = None):
+    """Images of ``prompts`` from the pipeline ``pipe_dir`` (with the denoiser ``model_dir`` swapped in), and its
+    denoiser."""
     from ..inference import generate, load_pipeline
     from .models import IMAGE_SIZE
 
-    if unet_dir:
-        loaded = load_pipeline(unet=unet_dir, base=pipe_dir, device="cpu", dtype="fp32")
+    if model_dir:
+        loaded = load_pipeline(unet=model_dir, base=pipe_dir, device="cpu", dtype="fp32")
     else:
         loaded = load_pipeline(pipe_dir, device="cpu", dtype="fp32")
     res = generate(
@@ -195,7 +197,7 @@ def prepare(s: DemoSettings, log=print) -> tuple[str, str, str]:
     log(f"[1/4] compress the shapes teacher to {s.preset} topology")
     student_init = os.path.join(out, "student-init")
     comp = compress(teacher_dir, s.preset, student_init)
-    log(f"      U-Net params {comp.teacher_params:,} -> {comp.student_params:,} ({100 * comp.kept:.1f}% kept)")
+    log(f"      denoiser params {comp.teacher_params:,} -> {comp.student_params:,} ({100 * comp.kept:.1f}% kept)")
     data_dir = write_shapes_dataset(
         os.path.join(out, "data"), num_train=s.num_train, num_val=0, seed=s.seed, size=IMAGE_SIZE, progress=s.progress
     )
@@ -389,13 +391,14 @@ def eval_prompts(s: DemoSettings) -> list[str]:
     return [sc.text for sc in generate_scenes(s.num_eval, "val", s.seed, IMAGE_SIZE)]
 
 
-def score_model(s: DemoSettings, teacher_dir: str, unet_dir: str | None, prompts: list[str]) -> tuple[dict, object]:
-    """Scorer accuracies (colour, shape, binding, spatial) of the teacher pipeline with ``unet_dir`` swapped in."""
+def score_model(s: DemoSettings, teacher_dir: str, model_dir: str | None, prompts: list[str]) -> tuple[dict, object]:
+    """Scorer accuracies (colour, shape, binding, spatial) of the teacher pipeline with the denoiser ``model_dir``
+    swapped in, and that denoiser."""
     from .score import score_pairs
 
-    images, unet = _sample(teacher_dir, prompts, s, unet_dir)
+    images, model = _sample(teacher_dir, prompts, s, model_dir)
     agg, _ = score_pairs(_images_np(images), prompts)
-    return {k: round(float(agg[k]), 4) for k in ("color", "shape", "binding", "spatial") if k in agg}, unet
+    return {k: round(float(agg[k]), 4) for k in ("color", "shape", "binding", "spatial") if k in agg}, model
 
 
 def _quiet_libraries() -> None:
@@ -442,21 +445,18 @@ def _run_demo(s: DemoSettings, t_start: float, log) -> dict:
     )
     prompts = eval_prompts(s)
     rows, grid_rows = [], []
-    for name, unet in (
+    for name, model_dir in (
         ("teacher", None),
-        ("student, before KD", os.path.join(student_init, "unet")),
+        ("student, before KD", model_subdir(student_init)),
         ("student, after KD", student_dir),
     ):
-        scores, unet_model = score_model(s, teacher_dir, unet, prompts)
-        grid_images, _ = _sample(teacher_dir, GRID_PROMPTS, s, unet)
+        scores, model = score_model(s, teacher_dir, model_dir, prompts)
+        grid_images, _ = _sample(teacher_dir, GRID_PROMPTS, s, model_dir)
         grid_rows.append((name, grid_images))
+        params, ms = count_params(model), round(_unet_latency_ms(model), 2)
+        # the denoiser's parameters and forward time; unet_params / unet_ms: the same numbers under their older names
         rows.append(
-            {
-                "model": name,
-                "unet_params": count_params(unet_model),
-                "unet_ms": round(_unet_latency_ms(unet_model), 2),
-                **scores,
-            }
+            {"model": name, "params": params, "latency_ms": ms, "unet_params": params, "unet_ms": ms, **scores}
         )
     out = os.path.abspath(s.out)
     grid = _grid(grid_rows, os.path.join(out, "grid.png"), GRID_PROMPTS)
@@ -473,7 +473,7 @@ def _run_demo(s: DemoSettings, t_start: float, log) -> dict:
     add_results(
         os.path.dirname(student_dir.rstrip(os.sep)),
         pct,
-        ["model", "unet_params", "unet_ms", "color", "shape", "binding", "spatial"],
+        ["model", "params", "latency_ms", "color", "shape", "binding", "spatial"],
         f"Shapes world, `koala demo` ({len(prompts)} held-out prompts per model, {s.sample_steps} Euler steps, "
         f"cfg {s.guidance}; the shapes scorer: colour / shape / colour-shape binding / spatial accuracy).",
     )

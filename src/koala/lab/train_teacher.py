@@ -31,7 +31,8 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,7 +67,7 @@ class TeacherConfig:
     cond_dropout: float = 0.1
     snr_gamma: float = 5.0
     save_every: int = 500
-    max_minutes: float | None = None  # stop the U-Net phase after this long (then save)
+    max_minutes: float | None = None  # stop the denoiser phase (2) after this long (then save)
     threads: int | None = None
     half: bool = True  # store the denoiser in fp16 (from_pretrained loads it back as fp32)
     overwrite: bool = False  # replace an existing --out that is not a koala teacher
@@ -179,11 +180,8 @@ def save_pipeline(pipe, out_dir: str, half: bool, extra: dict) -> None:
             json.dump(extra, f, indent=1)
 
 
-def train_teacher(cfg: TeacherConfig, log=print) -> dict:
-    from ..utils.console import progress_bar
-
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+def check_out_dir(cfg: TeacherConfig) -> None:
+    """Refuse an ``--out`` that is a file, or a directory that is not a koala teacher (unless ``overwrite``)."""
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise KoalaError(f"{cfg.out} exists and is not a directory; choose another output directory", option="out")
     if (
@@ -196,14 +194,10 @@ def train_teacher(cfg: TeacherConfig, log=print) -> dict:
             "another output directory",
             option="overwrite",
         )
-    t0 = time.time()
-    torch.manual_seed(cfg.seed)
-    fam = get_family(cfg.family)
-    pipe = build_shapes_pipeline(cfg.seed, fam.name)
-    images, captions = training_data(cfg)
-    log(f"data: {len(captions)} training images {IMAGE_SIZE}x{IMAGE_SIZE}; e.g. {captions[0]!r}")
-    val_prompts = [s.text for s in generate_scenes(cfg.num_val, "val", cfg.seed, IMAGE_SIZE)]
 
+
+def vae_phase(pipe, images: torch.Tensor, cfg: TeacherConfig, log) -> None:
+    """Phase 1: train ``pipe``'s VAE on ``images``, or take it from ``cfg.vae_from``; it is frozen afterwards."""
     if cfg.vae_from:
         from diffusers import AutoencoderKL
 
@@ -213,17 +207,11 @@ def train_teacher(cfg: TeacherConfig, log=print) -> dict:
     else:
         train_vae(pipe.vae, images, cfg, log)
     pipe.vae.requires_grad_(False).eval()
-    latents = encode_latents(pipe.vae, images)
-    del images
 
-    unet = denoiser_of(pipe)
-    names = (fam.model_subfolder, *[e for _, e, _ in fam.text_encoders])
-    tokenizers = [getattr(pipe, t) for t, _, _ in fam.text_encoders]
-    encoders = [getattr(pipe, e) for _, e, _ in fam.text_encoders]
-    modules = [unet, *encoders]
-    for m in modules:
-        m.train()
-    params = [p for m in modules for p in m.parameters()]
+
+def make_optimizer(params: list, cfg: TeacherConfig):
+    """``(AdamW, its schedule)``: a linear warmup over ``cfg.warmup`` steps, then a cosine decay to 10 % of the
+    learning rate."""
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
@@ -231,55 +219,132 @@ def train_teacher(cfg: TeacherConfig, log=print) -> dict:
             min(1.0, (s + 1) / cfg.warmup) * (0.5 * (1 + math.cos(math.pi * min(s / cfg.steps, 1.0))) * 0.9 + 0.1)
         ),
     )
+    return opt, sched
+
+
+@dataclass
+class TeacherModels:
+    """What phase 2 trains: the denoiser and the text encoders (by pipeline component name), with the tokenizers."""
+
+    family: Any
+    denoiser: torch.nn.Module
+    tokenizers: list
+    encoders: list
+    names: tuple[str, ...]  # pipeline component names of ``modules``
+
+    @classmethod
+    def of(cls, pipe, fam) -> "TeacherModels":
+        return cls(
+            fam,
+            denoiser_of(pipe),
+            [getattr(pipe, t) for t, _, _ in fam.text_encoders],
+            [getattr(pipe, e) for _, e, _ in fam.text_encoders],
+            (fam.model_subfolder, *[e for _, e, _ in fam.text_encoders]),
+        )
+
+    @property
+    def modules(self) -> list:
+        return [self.denoiser, *self.encoders]
+
+
+def task_loss(m: TeacherModels, latents, captions, noise_scheduler, micro: dict, g, cfg: TeacherConfig):
+    """One batch's diffusion loss (epsilon MSE, min-SNR weighted), with ``cfg.cond_dropout`` of the captions
+    dropped to the pipeline's unconditional input; every random draw from ``g``."""
+    fam = m.family
+    idx = torch.randint(len(latents), (cfg.batch_size,), generator=g)
+    x0 = latents[idx]
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=g)
+    xt = noise_scheduler.add_noise(x0, noise, t)
+    cond = fam.encode_prompts([captions[i] for i in idx.tolist()], m.tokenizers, m.encoders)  # with gradients
+    drop = torch.rand(cfg.batch_size, generator=g) < cfg.cond_dropout
+    # dropped captions get the pipeline's unconditional input: all zeros (SDXL) or the empty prompt's encoding
+    uncond = (
+        {k: torch.zeros_like(v[:1]) for k, v in cond.items()}
+        if fam.zero_uncond
+        else fam.encode_prompts([""], m.tokenizers, m.encoders)
+    )
+    cond = fam.drop_captions(cond, drop, uncond)
+    pred = fam.prediction(fam.forward(m.denoiser, xt, t, {**cond, **micro}), x0.shape[1])
+    if cfg.snr_gamma:  # min-SNR weighting for epsilon prediction
+        snr = compute_snr(noise_scheduler, t)
+        w = torch.clamp(snr, max=cfg.snr_gamma) / snr
+    else:
+        w = torch.ones(cfg.batch_size)
+    return (w * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+
+
+@dataclass
+class EmaCheckpoints:
+    """At each checkpoint: the EMA weights scored on the val prompts, the row added to ``history`` and the EMA
+    pipeline saved to ``cfg.out`` (``koala_teacher.json``: config, history, sampling)."""
+
+    pipe: Any
+    models: TeacherModels
+    emas: list
+    val_prompts: list[str]
+    cfg: TeacherConfig
+    t0: float
+    log: Any
+    history: list = field(default_factory=list)
+
+    def __call__(self, step: int) -> dict:
+        pipe, cfg = self.pipe, self.cfg
+        comps = dict(pipe.components)
+        for name, m, ema in zip(self.models.names, self.models.modules, self.emas):
+            comps[name] = ema_copy(m, ema)
+        ema_pipe = type(pipe)(**comps)
+        scores = evaluate(ema_pipe, self.val_prompts, cfg.seed)
+        row = {
+            "step": step,
+            "minutes": round((time.time() - self.t0) / 60, 1),
+            **{k: round(v, 4) for k, v in scores.items() if k in ("color", "shape", "binding", "spatial", "all")},
+        }
+        self.history.append(row)
+        self.log(f"step {step}: " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "step"))
+        save_pipeline(
+            ema_pipe,
+            cfg.out,
+            cfg.half,
+            {"config": asdict(cfg), "history": self.history, "sampling": default_sampling()},
+        )
+        return row
+
+
+def train_teacher(cfg: TeacherConfig, log=print) -> dict:
+    from ..utils.console import progress_bar
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    check_out_dir(cfg)
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    fam = get_family(cfg.family)
+    pipe = build_shapes_pipeline(cfg.seed, fam.name)
+    images, captions = training_data(cfg)
+    log(f"data: {len(captions)} training images {IMAGE_SIZE}x{IMAGE_SIZE}; e.g. {captions[0]!r}")
+    val_prompts = [s.text for s in generate_scenes(cfg.num_val, "val", cfg.seed, IMAGE_SIZE)]
+    vae_phase(pipe, images, cfg, log)
+    latents = encode_latents(pipe.vae, images)
+    del images
+
+    models = TeacherModels.of(pipe, fam)
+    modules = models.modules
+    for m in modules:
+        m.train()
+    params = [p for m in modules for p in m.parameters()]
+    opt, sched = make_optimizer(params, cfg)
     emas = [EMAModel(m.parameters(), decay=cfg.ema_decay) for m in modules]  # warm-up: min(decay, (1+n)/(10+n))
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # same betas; add_noise for training
     size = torch.tensor([[IMAGE_SIZE, IMAGE_SIZE]] * cfg.batch_size)
     micro = fam.micro_conditions({"original_size": size, "crop_top_left": torch.zeros_like(size), "target_size": size})
     g = torch.Generator().manual_seed(cfg.seed + 1)
-    history, best = [], None
-
-    def checkpoint(step: int) -> dict:
-        comps = dict(pipe.components)
-        for name, m, ema in zip(names, modules, emas):
-            comps[name] = ema_copy(m, ema)
-        ema_pipe = type(pipe)(**comps)
-        scores = evaluate(ema_pipe, val_prompts, cfg.seed)
-        row = {
-            "step": step,
-            "minutes": round((time.time() - t0) / 60, 1),
-            **{k: round(v, 4) for k, v in scores.items() if k in ("color", "shape", "binding", "spatial", "all")},
-        }
-        history.append(row)
-        log(f"step {step}: " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "step"))
-        save_pipeline(
-            ema_pipe, cfg.out, cfg.half, {"config": asdict(cfg), "history": history, "sampling": default_sampling()}
-        )
-        return row
+    checkpoint = EmaCheckpoints(pipe, models, emas, val_prompts, cfg, t0, log)
 
     bar = progress_bar(range(cfg.steps), desc="U-Net", dynamic_ncols=True)
     step = 0
     for step in bar:
-        idx = torch.randint(len(latents), (cfg.batch_size,), generator=g)
-        x0 = latents[idx]
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=g)
-        xt = noise_scheduler.add_noise(x0, noise, t)
-        cond = fam.encode_prompts([captions[i] for i in idx.tolist()], tokenizers, encoders)  # with gradients
-        keep = torch.rand(cfg.batch_size, generator=g) >= cfg.cond_dropout
-        # dropped captions get the pipeline's unconditional input: all zeros (SDXL) or the empty prompt's encoding
-        uncond = (
-            {k: torch.zeros_like(v[:1]) for k, v in cond.items()}
-            if fam.zero_uncond
-            else fam.encode_prompts([""], tokenizers, encoders)
-        )
-        cond = {k: torch.where(keep.view(-1, *[1] * (v.ndim - 1)), v, uncond[k].to(v.dtype)) for k, v in cond.items()}
-        pred = fam.prediction(fam.forward(unet, xt, t, {**cond, **micro}), x0.shape[1])
-        if cfg.snr_gamma:  # min-SNR weighting for epsilon prediction
-            snr = compute_snr(noise_scheduler, t)
-            w = torch.clamp(snr, max=cfg.snr_gamma) / snr
-        else:
-            w = torch.ones(cfg.batch_size)
-        loss = (w * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        loss = task_loss(models, latents, captions, noise_scheduler, micro, g, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

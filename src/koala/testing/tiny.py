@@ -363,45 +363,58 @@ def save_tiny_pipeline(
     return out_dir
 
 
+# the tiny VLM's word-level vocabulary (``save_tiny_vlm`` adds the caller's words)
+VLM_VOCAB = (
+    "<unk>",
+    "<s>",
+    "</s>",
+    "<pad>",
+    "<image>",
+    "USER:",
+    "ASSISTANT:",
+    "describe",
+    "this",
+    "image",
+    "in",
+    "detail.",
+    "a",
+    "red",
+    "blue",
+    "circle",
+    "square",
+    ".",
+    ",",
+)
+
+
 def save_tiny_vlm(out_dir: str, words: Iterable[str] = (), seed: int = 0) -> str:
     """A random tiny LLaVA (CLIP vision tower + Llama text model) with its processor, for ``koala data syncap`` tests:
     ``AutoModelForImageTextToText`` / ``AutoProcessor`` load it from ``out_dir``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-        PreTrainedTokenizerFast,
-    )
+    from transformers import CLIPImageProcessor, LlavaForConditionalGeneration, LlavaProcessor
 
-    vocab = [
-        "<unk>",
-        "<s>",
-        "</s>",
-        "<pad>",
-        "<image>",
-        "USER:",
-        "ASSISTANT:",
-        "describe",
-        "this",
-        "image",
-        "in",
-        "detail.",
-        "a",
-        "red",
-        "blue",
-        "circle",
-        "square",
-        ".",
-        ",",
-    ]
+    vocab = list(VLM_VOCAB)
     vocab += [w for w in words if w not in vocab]
+    torch.manual_seed(seed)
+    LlavaForConditionalGeneration(_tiny_vlm_config(vocab)).save_pretrained(out_dir)
+    LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=_word_tokenizer(vocab),
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        num_additional_image_tokens=1,
+    ).save_pretrained(out_dir)
+    return out_dir
+
+
+def _word_tokenizer(vocab: list[str]):
+    """A whitespace-split word-level fast tokenizer over ``vocab`` (LLaVA's special tokens included)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
     tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=tk,
         bos_token="<s>",
         eos_token="</s>",
@@ -409,7 +422,13 @@ def save_tiny_vlm(out_dir: str, words: Iterable[str] = (), seed: int = 0) -> str
         pad_token="<pad>",
         additional_special_tokens=["<image>"],
     )
-    cfg = LlavaConfig(
+
+
+def _tiny_vlm_config(vocab: list[str]):
+    """LLaVA config: a 2-layer CLIP vision tower (32 px images, 8 px patches) and a 2-layer Llama over ``vocab``."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    return LlavaConfig(
         vision_config=CLIPVisionConfig(
             hidden_size=32,
             intermediate_size=64,
@@ -434,14 +453,3 @@ def save_tiny_vlm(out_dir: str, words: Iterable[str] = (), seed: int = 0) -> str
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
     )
-    torch.manual_seed(seed)
-    LlavaForConditionalGeneration(cfg).save_pretrained(out_dir)
-    LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-        tokenizer=tok,
-        patch_size=8,
-        vision_feature_select_strategy="default",
-        image_token="<image>",
-        num_additional_image_tokens=1,
-    ).save_pretrained(out_dir)
-    return out_dir
