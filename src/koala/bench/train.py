@@ -377,19 +377,27 @@ def active_switches(switches: dict) -> dict:
 
 def train_markdown(results: list[dict]) -> str:
     """One row per result: the switches that differ, samples/s, step and phase times, MFU, peak memory."""
-    lines = [
-        "| teacher -> student | res x batch | switches | samples/s | step ms | teacher fwd | student fwd | "
-        "backward | optim+EMA | MFU | peak GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    from ..utils.console import markdown_table
+
+    head = ["teacher -> student", "res x batch", "switches", "samples/s", "step ms", "teacher fwd", "student fwd"]
+    head += ["backward", "optim+EMA", "MFU", "peak GiB"]
+    rows = []
     for r in results:
         on = [f"{k}={v}" for k, v in active_switches(r["switches"]).items()]
         ph = r["times_ms"]["phases_median"]
-        lines.append(
-            f"| {r['models']['teacher']} -> {r['models']['student']} | {r['settings']['resolution']} x "
-            f"{r['settings']['batch']} | {', '.join(on) or 'fp32'} | {r['samples_per_s']:.2f} | "
-            f"{r['times_ms']['step_median']:.1f} | {ph['teacher_forward']:.1f} | {ph['student_forward']:.1f} | "
-            f"{ph['backward']:.1f} | {ph['optimizer'] + ph['ema']:.1f} | {100 * r['flops']['mfu']:.1f}% | "
-            f"{r['memory']['peak_bytes'] / 2**30:.2f} |"
+        rows.append(
+            [
+                f"{r['models']['teacher']} -> {r['models']['student']}",
+                f"{r['settings']['resolution']} x {r['settings']['batch']}",
+                ", ".join(on) or "fp32",
+                f"{r['samples_per_s']:.2f}",
+                f"{r['times_ms']['step_median']:.1f}",
+                f"{ph['teacher_forward']:.1f}",
+                f"{ph['student_forward']:.1f}",
+                f"{ph['backward']:.1f}",
+                f"{ph['optimizer'] + ph['ema']:.1f}",
+                f"{100 * r['flops']['mfu']:.1f}%",
+                f"{r['memory']['peak_bytes'] / 2**30:.2f}",
+            ]
         )
-    return "\n".join(lines) + "\n"
+    return markdown_table(head, rows) + "\n"

@@ -178,7 +178,7 @@ class TrainingRun:
 
     def _start_outputs(self) -> None:
         """The output folder with the run's config, the trackers, the progress bar and the disk-space warning."""
-        from tqdm.auto import tqdm
+        from ..utils.console import progress_bar
 
         t, out_dir, main = self.cfg.train, self.layout.output_dir, self.acc.is_main_process
         if main:
@@ -187,7 +187,7 @@ class TrainingRun:
                 f.write(dump_recipe(self.cfg))
         if self.trackers:
             self.acc.init_trackers("logs", config=flat_config(self.cfg.to_dict()))
-        self.bar = tqdm(
+        self.bar = progress_bar(
             total=t.max_steps,
             initial=self.step,
             disable=not (main and t.progress),

@@ -453,10 +453,9 @@ def _run_demo(s: DemoSettings, t_start: float, log) -> dict:
         scores, model = score_model(s, teacher_dir, model_dir, prompts)
         grid_images, _ = _sample(teacher_dir, GRID_PROMPTS, s, model_dir)
         grid_rows.append((name, grid_images))
-        params, ms = count_params(model), round(_unet_latency_ms(model), 2)
-        # the denoiser's parameters and forward time; unet_params / unet_ms: the same numbers under their older names
+        # the denoiser's parameters and forward time
         rows.append(
-            {"model": name, "params": params, "latency_ms": ms, "unet_params": params, "unet_ms": ms, **scores}
+            {"model": name, "params": count_params(model), "latency_ms": round(_unet_latency_ms(model), 2), **scores}
         )
     out = os.path.abspath(s.out)
     grid = _grid(grid_rows, os.path.join(out, "grid.png"), GRID_PROMPTS)
@@ -493,12 +492,12 @@ def print_results(result: dict) -> None:
     from ..utils.console import Column, print_table
 
     cols = [Column("model", wrap=True)]
-    cols += [Column(c, "right") for c in ("U-Net params", "U-Net ms", "colour", "shape", "binding", "spatial")]
+    cols += [Column(c, "right") for c in ("denoiser params", "denoiser ms", "colour", "shape", "binding", "spatial")]
     rows = [
         [
             r["model"],
-            f"{r['unet_params']:,}",
-            f"{r['unet_ms']:.1f}",
+            f"{r['params']:,}",
+            f"{r['latency_ms']:.1f}",
             *(f"{100 * r[k]:.1f}%" if k in r else "-" for k in ("color", "shape", "binding", "spatial")),
         ]
         for r in result["rows"]
