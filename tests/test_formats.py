@@ -248,11 +248,14 @@ def test_single_file_teacher_compresses_like_its_directory(teacher, students, tm
 
 
 def test_distill_teacher_pipeline_may_be_a_single_file(teacher, tmp_path):
+    from koala.distill.config import DistillConfig, TeacherConfig, TrainConfig
     from koala.distill.models import teacher_pipeline
 
     f = tmp_path / "teacher.safetensors"
     export_single_file(teacher, str(f))
-    cfg = {"teacher": {"pipeline": str(f), "config": teacher}, "train": {"output_dir": str(tmp_path / "run")}}
+    cfg = DistillConfig(
+        TeacherConfig(pipeline=str(f), config=teacher), train=TrainConfig(output_dir=str(tmp_path / "run"))
+    )
     d = teacher_pipeline(cfg)
     assert d == str(tmp_path / "run" / "teacher") and os.path.isfile(os.path.join(d, "model_index.json"))
     stamp = os.path.getmtime(os.path.join(d, "unet", "config.json"))
