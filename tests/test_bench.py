@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from koala.bench import BenchSettings, load_json, markdown_table, materialize, plot, run_bench
+from koala.bench import BenchSettings, bench_markdown, load_json, materialize, plot, run_bench
 from koala.bench.models import SDXL_VAE
 from koala.errors import KoalaError
 from koala.families import get_family
@@ -71,7 +71,7 @@ def test_bench_schema_and_sanity(tmp_path):
     rel = {x["name"]: x for x in r["relative"]}["tiny-koala-700m"]
     assert rel["unet_params_ratio"] > 1.5 and rel["unet_flops_ratio"] > 1.5
     assert big["unet_tflops_per_step"] > small["unet_tflops_per_step"] > 0
-    table = markdown_table(r)
+    table = bench_markdown(r)
     assert table.count("\n| tiny-") == 2 and "U-Net / step (ms)" in table
     png = plot(r, str(tmp_path / "fig7.png"))
     from PIL import Image
@@ -124,7 +124,7 @@ def test_bench_compile_switches_compile_each_component_in_place():
         "models": [],
         "relative": [],
     }
-    assert "channels_last U-Net, compiled U-Net, compiled VAE decoder." in markdown_table(r).splitlines()[0]
+    assert "channels_last U-Net, compiled U-Net, compiled VAE decoder." in bench_markdown(r).splitlines()[0]
 
 
 def test_cli_bench(tmp_path, capsys):

@@ -62,9 +62,18 @@ def compress(
     """
     check_kind(teacher_kind, "teacher_kind")
     if os.path.isfile(teacher_path):  # a single-file checkpoint (SDXL fine-tunes ship so): converted offline first
-        kw = dict(preset=preset, dtype=dtype, layer_selection=layer_selection, teacher_unet=teacher_unet)
-        kw.update(family=family, teacher_kind=teacher_kind)
-        return _compress_single_file(teacher_path, teacher_config, out_dir, overwrite, **kw)
+        return _compress_single_file(
+            teacher_path,
+            teacher_config,
+            out_dir,
+            overwrite,
+            preset=preset,
+            dtype=dtype,
+            layer_selection=layer_selection,
+            teacher_unet=teacher_unet,
+            family=family,
+            teacher_kind=teacher_kind,
+        )
     kind = model_dir_kind(teacher_path)
     fam = family_of(teacher_path, family)
     spec = fam.resolve_spec(preset)  # refuse a wrong preset before loading gigabytes

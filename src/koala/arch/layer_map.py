@@ -181,11 +181,12 @@ class LayerMap:
             return path if os.path.isfile(path) else None
         folders = [path]
         index = os.path.join(path, "model_index.json")
-        try:
-            with open(index) as f:
-                folders += [os.path.join(path, c) for c in json.load(f) if not c.startswith("_")]
-        except (OSError, ValueError, TypeError):  # no (readable) model_index.json: a model directory
-            pass
+        if os.path.isfile(index):  # a pipeline directory
+            try:
+                with open(index) as f:
+                    folders += [os.path.join(path, c) for c in json.load(f) if not c.startswith("_")]
+            except (OSError, ValueError) as err:
+                raise KoalaError(f"{index}: cannot read the pipeline's component list ({err})") from err
         return next((c for c in (os.path.join(d, LAYER_MAP_FILE) for d in folders) if os.path.isfile(c)), None)
 
     @classmethod

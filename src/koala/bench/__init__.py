@@ -1,8 +1,9 @@
-"""Latency, memory, params and FLOPs of SDXL-architecture models (paper Tables 1/6, Fig. 7)."""
+"""Latency, memory, params and FLOPs of models of every family (paper Tables 1/6, Fig. 7), the training-step
+benchmark and the memory planner."""
 
 from .memory import PeakMemory
 from .models import BenchModel, build_bench_model, materialize, preset_unet_config, random_fill_
-from .report import load_json, markdown_table, plot, write_json
+from .report import bench_markdown, load_json, plot
 from .timing import SCHEMA, BenchSettings, run_bench
 
 __all__ = [
@@ -13,9 +14,8 @@ __all__ = [
     "preset_unet_config",
     "random_fill_",
     "load_json",
-    "markdown_table",
+    "bench_markdown",
     "plot",
-    "write_json",
     "SCHEMA",
     "BenchSettings",
     "run_bench",

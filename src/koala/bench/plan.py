@@ -168,9 +168,8 @@ def _models(cfg: DistillConfig, teacher: str | None) -> _Models:
     else:
         if not source:
             raise KoalaError(
-                "no teacher: give a preset (e.g. --teacher sdxl-base; no weights needed) or a pipeline "
-                "directory, or a recipe that sets teacher.pipeline",
-                option="teacher",
+                "no teacher to plan for: set teacher.pipeline (a pipeline directory) in the recipe or as an "
+                "override, or run `koala plan --teacher PRESET` (e.g. sdxl-base; no weights needed)"
             )
         try:
             fam, t_config = preset_unet_config(source)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 from ..errors import KoalaError
-from ..utils import console
+from ..utils.console import markdown_table
 from ..utils.extras import require
 
 
@@ -24,7 +23,7 @@ def _params(n: int | None) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.0f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
 
 
-def markdown_table(result: dict) -> str:
+def bench_markdown(result: dict) -> str:
     """One row per model: Table 6 columns (resolution, steps, latency, U-Net params, memory) plus the
     Table 1 per-component split (text encoders, U-Net per step and in total, VAE decode) and FLOPs."""
     s, env = result["settings"], result["environment"]
@@ -69,7 +68,7 @@ def markdown_table(result: dict) -> str:
             + [f"{m['unet_tflops_per_step']:.3g}", _gib(m.get("weights_bytes")), _gib(m["memory"].get("peak_bytes"))]
             + [f"{r.get('unet_step_speedup', 1.0):.2f}x", f"{r.get('unet_flops_ratio', 1.0):.2f}x"]
         )
-    lines.append(console.markdown_table(head, rows))
+    lines.append(markdown_table(head, rows))
     if len(result["models"]) > 1:
         ref = result["models"][0]["name"]
         lines += [
@@ -119,12 +118,6 @@ def plot(result: dict, path: str) -> str:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-def write_json(result: dict, path: str) -> str:
-    from ..utils.files import atomic_write_text
-
-    return atomic_write_text(path, json.dumps(result, indent=2) + "\n")
 
 
 def load_json(path: str) -> dict:

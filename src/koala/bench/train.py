@@ -127,6 +127,7 @@ def _config(s: TrainBenchSettings, out_dir: str, preset_mode: bool, log=print) -
         f"train.resolution={s.resolution}",
         f"train.batch_size={s.batch}",
         "train.grad_accum=1",
+        "train.global_batch=null",  # the benchmark's batch is the settings' (a recipe's global batch does not apply)
         "train.progress=false",
         "train.log_with=none",
         "validation.every=0",
@@ -233,7 +234,7 @@ class _PhaseTimes:
         self.losses.append(loss)
 
 
-def _bench_step(d, data, gens, times: _PhaseTimes) -> dict[str, float]:
+def _bench_step(d, data, step: int, gens, times: _PhaseTimes) -> dict[str, float]:
     """One KD step, the trainer's own parts (:meth:`Distiller.kd_item`'s halves, :meth:`Distiller.micro_step`, the
     logging sync, the update without the schedule, EMA), with a mark after every phase."""
     from ..distill.step import KDItem
@@ -243,7 +244,7 @@ def _bench_step(d, data, gens, times: _PhaseTimes) -> dict[str, float]:
     times.mark()
     item = KDItem(p, *d.teacher_targets(p))
     times.mark()
-    losses = d.micro_step(item, mark=times.mark)  # student forward + losses | backward
+    losses = d.micro_step(item, step=step, mark=times.mark)  # student forward + losses | backward
     logs = losses.scalars(d.pairs)  # what the trainer logs each step: one device-to-host transfer
     times.mark()
     d.optimizer_step()
@@ -276,11 +277,11 @@ def run_train_bench(settings: TrainBenchSettings, log=print) -> dict:
         try:
             for i in range(s.warmup):
                 t0 = time.perf_counter()
-                _bench_step(d, data, sample_generators(cfg.train.seed, i, 0, s.batch, 1), times)
+                _bench_step(d, data, i + 1, sample_generators(cfg.train.seed, i, 0, s.batch, 1), times)
                 log(f"warm-up step {i + 1}/{s.warmup}: {1000 * (time.perf_counter() - t0):.0f} ms")
             with PeakMemory(acc.device) as mem:
                 for i in range(s.warmup, s.warmup + s.steps):
-                    logs = _bench_step(d, data, sample_generators(cfg.train.seed, i, 0, s.batch, 1), times)
+                    logs = _bench_step(d, data, i + 1, sample_generators(cfg.train.seed, i, 0, s.batch, 1), times)
                     times.record(logs["loss/total"])
             log(f"timed {s.steps} steps: median {statistics.median(times.totals):.1f} ms/step")
         finally:

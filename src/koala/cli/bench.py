@@ -213,7 +213,7 @@ def run_train(args) -> int:
 def run(args) -> int:
     import torch
 
-    from ..bench import BenchSettings, markdown_table, plot, run_bench
+    from ..bench import BenchSettings, bench_markdown, plot, run_bench
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
@@ -240,7 +240,7 @@ def run(args) -> int:
     )
     say = functools.partial(print, file=human_stream(args))  # progress and notes: stderr under a bare --json
     result = run_bench(settings, log=say)
-    table = markdown_table(result)
+    table = bench_markdown(result)
     if args.json != STDOUT:  # a bare --json prints the result instead
         print()
         print(table)

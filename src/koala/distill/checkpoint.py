@@ -5,7 +5,7 @@ Layout::
     unet/            student as a diffusers model (safetensors) + koala_layer_map.json (transformer/ for a DiT)
     unet_ema/        EMA weights, same format (when EMA is on; transformer_ema/ for a DiT)
     trainer_state.pt optimizer / EMA / grad-scaler state (tensors and numbers only; loaded with weights_only=True)
-    state.json       step, world size and global batch, and the resolved config
+    state.json       step, the batch layout (world size, accumulation, global batch) and the config as written
     README.md        the model card (koala.card): student, layer map per stage, sampling defaults, training so far
 """
 
@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from ..card import write_model_card
 from ..errors import KoalaError
-from ..families import get_family, model_subfolders
+from ..families import find_model_folder, get_family, model_subfolders
 from ..utils.files import atomic_output_dir
 from .ema import ema_weights
 
@@ -170,9 +170,9 @@ def load_checkpoint(path: str, student, ema, optimizer, scaler) -> int:
             "train.fsdp setting (sharded runs keep the optimizer state by parameter name)",
             option="train.fsdp",
         )
-    cands = [os.path.join(path, d, "diffusion_pytorch_model.safetensors") for d in model_subfolders()]
-    weights = next((c for c in cands if os.path.isfile(c)), None)
-    if weights is None:
+    folder = find_model_folder(path)
+    weights = os.path.join(folder, "diffusion_pytorch_model.safetensors") if folder else None
+    if weights is None or not os.path.isfile(weights):
         raise KoalaError(
             f"{path}: missing {' or '.join(f'{d}/' for d in model_subfolders())} diffusion_pytorch_model.safetensors"
         )

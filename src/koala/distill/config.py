@@ -289,10 +289,6 @@ class RunLayout:
     def global_batch(self) -> int:
         return self.batch_size * self.grad_accum * self.world_size
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
     @classmethod
     def of(cls, cfg: DistillConfig, world_size: int = 1, rank: int = 0, cpu_threads: int | None = None):
         """The layout of process ``rank`` of ``world_size`` running ``cfg``."""

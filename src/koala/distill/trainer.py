@@ -11,6 +11,7 @@ data order depends only on the seed and every sample's randomness on its positio
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import os
@@ -51,7 +52,7 @@ def check_resume_layout(state: dict, layout: RunLayout, allow_change: bool, path
     then = {  # checkpoints from before the run layout was recorded: the config held the resolved accumulation
         "processes": state["world_size"],
         "train.batch_size": saved["batch_size"],
-        "train.grad_accum": state.get("grad_accum", saved["grad_accum"]),
+        "train.grad_accum": state["grad_accum"] if "grad_accum" in state else saved["grad_accum"],
     }
     diff = [f"{k} {then[k]} -> {now[k]}" for k in now if now[k] != then[k]]
     if diff:
@@ -99,7 +100,7 @@ def train(cfg: DistillConfig) -> dict:
     try:
         with StopRequest() as stop:
             while run.step < t.max_steps:
-                run.optimizer_step()
+                run.train_step()
                 done = run.step == t.max_steps
                 stop_now = run.any_process(stop.requested is not None)  # every process stops at the same step
                 if (t.checkpoint_every and run.step % t.checkpoint_every == 0) or done or stop_now:
@@ -186,7 +187,9 @@ class TrainingRun:
             with open(os.path.join(out_dir, "config.yaml"), "w") as f:
                 f.write(dump_recipe(self.cfg))
         if self.trackers:
-            self.acc.init_trackers("logs", config=flat_config(self.cfg.to_dict()))
+            # the config as written, and what the run derived from it (absolute folder, accumulation, threads)
+            params = {**self.cfg.to_dict(), "run": dataclasses.asdict(self.layout)}
+            self.acc.init_trackers("logs", config=flat_config(params))
         self.bar = progress_bar(
             total=t.max_steps,
             initial=self.step,
@@ -205,7 +208,7 @@ class TrainingRun:
                 yield next(self.data), gens
 
     # ------------------------------------------------------------------ the loop's parts
-    def optimizer_step(self) -> None:
+    def train_step(self) -> None:
         """``grad_accum`` micro-steps (gradients synchronised on the last one only), the update, the logs."""
         d, accum, logs = self.d, self.layout.grad_accum, {}
         for micro in range(accum):

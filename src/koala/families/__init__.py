@@ -10,7 +10,16 @@ import os
 
 from ..errors import KoalaError
 from ..utils.files import read_json
-from .base import REGISTRY, Family, Parts, UNetFamily, describe_config, family_of_preset, model_subfolders
+from .base import (
+    REGISTRY,
+    Family,
+    Parts,
+    UNetFamily,
+    describe_config,
+    family_of_preset,
+    find_model_folder,
+    model_subfolders,
+)
 from .pixart import PixArtFamily
 from .sd import SDFamily
 from .sdxl import SDXLFamily
@@ -74,9 +83,9 @@ def model_dir(path: str) -> str:
     """The denoiser directory of a pipeline directory (its family's ``model_subfolder``: unet/ or transformer/), or
     ``path`` itself."""
     if model_dir_kind(path) == "pipeline":
-        for sub in model_subfolders():
-            if os.path.isfile(os.path.join(path, sub, "config.json")):
-                return os.path.join(path, sub)
+        found = find_model_folder(path)
+        if found:
+            return found
         raise KoalaError(
             f"{path}: pipeline directory has no {' or '.join(f'{s}/config.json' for s in model_subfolders())}"
         )
@@ -180,6 +189,7 @@ __all__ = [
     "model_dir_kind",
     "model_dir",
     "model_subfolders",
+    "find_model_folder",
     "model_config",
     "family_of",
     "load_diffusers_denoiser",

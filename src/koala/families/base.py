@@ -67,6 +67,19 @@ def model_subfolders() -> tuple[str, ...]:
     return tuple(dict.fromkeys(f.model_subfolder for f in REGISTRY.values()))
 
 
+def find_model_folder(path: str, suffix: str = "") -> str | None:
+    """The denoiser folder of a pipeline or checkpoint directory: the first ``path/<subfolder><suffix>`` (suffix
+    ``_ema``: a checkpoint's EMA twin) that holds a model config; None when there is none."""
+    return next(
+        (
+            os.path.join(path, sub + suffix)
+            for sub in model_subfolders()
+            if os.path.isfile(os.path.join(path, sub + suffix, "config.json"))
+        ),
+        None,
+    )
+
+
 def family_of_preset(preset: str) -> "Family | None":
     return next((f for f in REGISTRY.values() if preset in f.presets), None)
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import KoalaError
-from ..families import denoiser_of, model_subfolders
+from ..families import denoiser_of, find_model_folder, model_subfolders
 from ..utils.files import refuse_existing
 from .features import FEATURES, feature_spec
 
@@ -317,12 +317,10 @@ def threads_for(s: DemoSettings, training: bool) -> int:
 
 def model_subdir(checkpoint: str, ema: bool = False) -> str:
     """A checkpoint's denoiser folder: unet/ or transformer/ (their _ema twins with ``ema``)."""
-    suffix = "_ema" if ema else ""
-    return next(
-        os.path.join(checkpoint, d + suffix)
-        for d in model_subfolders()
-        if os.path.isdir(os.path.join(checkpoint, d + suffix))
-    )
+    found = find_model_folder(checkpoint, "_ema" if ema else "")
+    if found is None:
+        raise KoalaError(f"{checkpoint}: no denoiser folder ({', '.join(model_subfolders())}) in this checkpoint")
+    return found
 
 
 def _free_port() -> int:

@@ -209,7 +209,7 @@ def vae_phase(pipe, images: torch.Tensor, cfg: TeacherConfig, log) -> None:
     pipe.vae.requires_grad_(False).eval()
 
 
-def make_optimizer(params: list, cfg: TeacherConfig):
+def teacher_optimizer(params: list, cfg: TeacherConfig):
     """``(AdamW, its schedule)``: a linear warmup over ``cfg.warmup`` steps, then a cosine decay to 10 % of the
     learning rate."""
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
@@ -333,7 +333,7 @@ def train_teacher(cfg: TeacherConfig, log=print) -> dict:
     for m in modules:
         m.train()
     params = [p for m in modules for p in m.parameters()]
-    opt, sched = make_optimizer(params, cfg)
+    opt, sched = teacher_optimizer(params, cfg)
     emas = [EMAModel(m.parameters(), decay=cfg.ema_decay) for m in modules]  # warm-up: min(decay, (1+n)/(10+n))
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # same betas; add_noise for training
     size = torch.tensor([[IMAGE_SIZE, IMAGE_SIZE]] * cfg.batch_size)

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from typing import Iterator
 
 from ..errors import KoalaError
@@ -87,24 +88,14 @@ def atomic_output_dir(out_dir: str, overwrite: bool = False) -> Iterator[str]:
         os.rename(tmp, out_dir)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _umask()  # read once at import (os.umask can only be read by setting it)
-
-
 @contextlib.contextmanager
 def atomic_file(path: str, suffix: str = "") -> Iterator[str]:
-    """Yield a temporary file name beside ``path``; on success it replaces ``path``, on error it is removed.
-    Nothing half-written is ever left at ``path``."""
+    """Yield a fresh temporary file name beside ``path`` (nothing is created there: the caller writes the file, so
+    it gets a plain file's permissions); on success it replaces ``path``, on error it is removed. Nothing
+    half-written is ever left at ``path``."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it owner-only; the result gets a plain file's permissions
+    tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}{suffix}")
     try:
         yield tmp
         os.replace(tmp, path)
