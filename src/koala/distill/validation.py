@@ -13,18 +13,18 @@ from ..families.sampling import sampling_scheduler
 from .ema import ema_weights
 
 
-def _pipeline(unet, frozen, kind: str | None):
-    return frozen.family.make_pipeline(frozen.parts, unet, sampling_scheduler(frozen.parts.scheduler.config, kind))
+def _pipeline(denoiser, frozen, kind: str | None):
+    return frozen.family.make_pipeline(frozen.parts, denoiser, sampling_scheduler(frozen.parts.scheduler.config, kind))
 
 
 @torch.no_grad()
-def render(unet, frozen, vcfg, resolution: int, device, kind: str | None = None) -> list:
+def render(denoiser, frozen, vcfg, resolution: int, device, kind: str | None = None) -> list:
     """PIL images for every (prompt, seed) pair of ``vcfg`` (a :class:`~koala.distill.config.ValidationConfig`), in
     order; Euler with ``kind``'s spacing."""
-    pipe = _pipeline(unet, frozen, kind)
+    pipe = _pipeline(denoiser, frozen, kind)
     pipe.set_progress_bar_config(disable=True)
-    was_training = unet.training
-    unet.eval()
+    was_training = denoiser.training
+    denoiser.eval()
     dtype = frozen.weight_dtype
     # frozen parts are in the weight dtype, the student in fp32: autocast makes them meet
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
@@ -45,7 +45,7 @@ def render(unet, frozen, vcfg, resolution: int, device, kind: str | None = None)
                     )
                 images.append(out.images[0])
     finally:
-        unet.train(was_training)
+        denoiser.train(was_training)
     return images
 
 
