@@ -233,10 +233,10 @@ def test_resume_equivalence(tiny_pipe_dir, tmp_path):
     from koala.distill.trainer import train
 
     common = ("train.grad_accum=2", "train.batch_size=1", "train.ema.decay=0.9", "train.caption_dropout=0.5")
-    full = train(_cfg(tiny_pipe_dir, tmp_path / "a", "train.max_steps=20", *common))
-    train(_cfg(tiny_pipe_dir, tmp_path / "b", "train.max_steps=10", *common))
-    resumed = train(_cfg(tiny_pipe_dir, tmp_path / "b", "train.max_steps=20", "train.resume=latest", *common))
-    assert full["step"] == resumed["step"] == 20
+    full = train(_cfg(tiny_pipe_dir, tmp_path / "a", "train.max_steps=6", *common))
+    train(_cfg(tiny_pipe_dir, tmp_path / "b", "train.max_steps=3", *common))
+    resumed = train(_cfg(tiny_pipe_dir, tmp_path / "b", "train.max_steps=6", "train.resume=latest", *common))
+    assert full["step"] == resumed["step"] == 6
     for sub in ("unet", "unet_ema"):
         wa, wb = _weights(full["checkpoint"], sub), _weights(resumed["checkpoint"], sub)
         assert wa.keys() == wb.keys()
@@ -250,7 +250,7 @@ def test_resume_equivalence(tiny_pipe_dir, tmp_path):
     UNet2DConditionModel.from_pretrained(os.path.join(resumed["checkpoint"], "unet"))
     assert LayerMap.load(os.path.join(resumed["checkpoint"], "unet")).of_kind("transformer_layer")
     lines = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 20 and '"feat/UP-1"' in lines[-1]
+    assert len(lines) == 6 and '"feat/UP-1"' in lines[-1]
 
 
 def test_lr_schedules_warm_up_decay_and_resume_exactly(tiny_pipe_dir, tmp_path):
@@ -517,7 +517,8 @@ def test_resume_equivalence_on_image_folder_skips_without_decoding(tiny_pipe_dir
     import koala.data.records as records
     from koala.distill.trainer import train
 
-    folder = _image_folder(tmp_path / "images")  # 6 images, batch 1 x accum 2: epochs end inside the run
+    # 3 images (one of each size), batch 1 x accum 2: the skipped batches and the resumed steps both cross an epoch end
+    folder = _image_folder(tmp_path / "images", n=3)
     common = (
         "train.grad_accum=2",
         "train.batch_size=1",
@@ -526,13 +527,13 @@ def test_resume_equivalence_on_image_folder_skips_without_decoding(tiny_pipe_dir
         f"data.path={folder}",
         "train.caption_dropout=0.0",
     )
-    full = train(_cfg(tiny_pipe_dir, tmp_path / "a", "train.max_steps=8", *common))
-    train(_cfg(tiny_pipe_dir, tmp_path / "b", "train.max_steps=4", *common))
+    full = train(_cfg(tiny_pipe_dir, tmp_path / "a", "train.max_steps=4", *common))
+    train(_cfg(tiny_pipe_dir, tmp_path / "b", "train.max_steps=2", *common))
     decoded, decode = [], records.decode_image
     monkeypatch.setattr(records, "decode_image", lambda *a, **kw: decoded.append(a[0]) or decode(*a, **kw))
-    resumed = train(_cfg(tiny_pipe_dir, tmp_path / "b", "train.max_steps=8", "train.resume=latest", *common))
-    assert full["step"] == resumed["step"] == 8
-    assert len(decoded) == 4 * 2  # only the resumed steps' samples, not the 4 x 2 skipped ones
+    resumed = train(_cfg(tiny_pipe_dir, tmp_path / "b", "train.max_steps=4", "train.resume=latest", *common))
+    assert full["step"] == resumed["step"] == 4
+    assert len(decoded) == 2 * 2  # only the resumed steps' samples, not the 2 x 2 skipped ones
     wa, wb = _weights(full["checkpoint"]), _weights(resumed["checkpoint"])
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
