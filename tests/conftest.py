@@ -5,6 +5,11 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# OpenMP threads that wait for work sleep instead of spinning (read when torch loads its OpenMP runtime, so set
+# before the import below; inherited by the processes the tests start). On a busy machine, spinning threads of a
+# multi-threaded region (the demo scores with all cores) burn the cores the other test worker needs: the demo's
+# sampling ran ~10x slower with two spinning threads on 2 shared cores. Only speed changes, never a result.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

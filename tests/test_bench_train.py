@@ -136,6 +136,12 @@ def test_cli_bench_train(tmp_path, capsys):
     assert "option --teacher" in capsys.readouterr().err
 
 
+# a small KOALA-style student of the tiny teacher (tracing time grows with the number of blocks)
+SMALL_STUDENT = (
+    "student.preset={encoder_layers: [1, 1, 1], down_depth: [0, 1, 1], up_depth: [1, 1, 0], mid_block: false}"
+)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "compile_mode,scope,teacher_scope",
@@ -165,6 +171,7 @@ def test_compiled_student_keeps_hooks_and_loss(tiny_pipe_dir, tmp_path, compile_
                 "train.compile_backend=aot_eager",
                 f"train.compile_scope={scope}",
                 f"train.teacher_compile_scope={teacher_scope or 'null'}",
+                SMALL_STUDENT,
             ],
         )
         return cfg, Distiller(cfg, Accelerator(cpu=True))
