@@ -227,6 +227,15 @@ def test_overfit_one_batch_loss_falls_teacher_frozen_and_dropout(tiny_pipe_dir, 
     d.s_rec.remove(), d.t_rec.remove()
 
 
+def _launch_distill(port: int) -> list[str]:
+    """`accelerate launch` of `koala distill --config tiny` on 2 CPU processes (the overrides follow)."""
+    import sys
+
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return [*launch, "--main_process_port", str(port), "-m", "koala.cli", "distill", "--config", "tiny"]
+
+
 def _weights(ckpt, sub="unet"):
     return load_file(os.path.join(ckpt, sub, "diffusion_pytorch_model.safetensors"))
 
@@ -362,7 +371,6 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_pipe_di
     (same samples, same per-sample noise; equal up to float summation order), each checkpoint is written once,
     and resuming that run on another number of processes is refused unless allowed."""
     import subprocess
-    import sys
 
     from koala.distill.trainer import train
 
@@ -383,25 +391,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_pipe_di
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     out2 = tmp_path / "two"
     cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "29533",
-        "-m",
-        "koala.cli",
-        "distill",
-        "--config",
-        "tiny",
+        *_launch_distill(29533),
         f"train.output_dir={out2}",
         "train.batch_size=1",
         *common,
@@ -569,7 +559,6 @@ def test_sharded_optimizer_two_processes_resume_exactly(tiny_pipe_dir, tmp_path,
     checkpoint gathering cost per parameter tensor (DTensor dispatch), not per element."""
     import shutil
     import subprocess
-    import sys
 
     from koala.distill.trainer import train
 
@@ -587,25 +576,7 @@ def test_sharded_optimizer_two_processes_resume_exactly(tiny_pipe_dir, tmp_path,
 
     def launch(out, steps, port):
         cmd = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            str(port),
-            "-m",
-            "koala.cli",
-            "distill",
-            "--config",
-            "tiny",
+            *_launch_distill(port),
             f"train.output_dir={out}",
             "train.batch_size=1",
             *sharding,
