@@ -75,18 +75,21 @@ def save_checkpoint(
     cfg,
     keep: int = 0,
     states: dict | None = None,
+    objective=None,
 ) -> str:
     """Write ``step-NNNNNNN`` under ``layout.output_dir`` (a :class:`~koala.distill.config.RunLayout`) for the run
     of ``cfg`` (a :class:`~koala.distill.config.DistillConfig`); keep the newest ``keep`` (0: all). ``states``: the
     full student / optimizer / EMA states gathered from a sharded (FSDP) run
-    (:func:`koala.distill.sharding.gather_states`); written in the same layout as an unsharded run's."""
+    (:func:`koala.distill.sharding.gather_states`); written in the same layout as an unsharded run's. ``objective``:
+    the run's step objective (:mod:`koala.distill.fewstep`), when it has one: its state goes into
+    ``trainer_state.pt`` and, in LoRA mode, it writes the student (merged) and the LoRA file."""
     final = os.path.join(checkpoint_root(layout.output_dir), f"step-{step:07d}")
     with atomic_output_dir(final, overwrite=True) as tmp:
         sub = model_folder(lmap)
         if states is not None:
             _save_gathered(tmp, sub, student, lmap, states, scaler)
         else:
-            _save_plain(tmp, sub, student, lmap, ema, optimizer, scaler)
+            _save_plain(tmp, sub, student, lmap, ema, optimizer, scaler, objective)
         n_params = sum(p.numel() for p in student.parameters())
         write_model_card(tmp, lmap, n_params, training=training_summary(cfg, step, layout), layout="checkpoint")
         _write_state(tmp, step, layout, cfg, "names" if states is not None else "indices")
@@ -140,8 +143,9 @@ def _save_gathered(tmp: str, sub: str, student, lmap, states: dict, scaler) -> N
     )
 
 
-def _save_plain(tmp: str, sub: str, student, lmap, ema, optimizer, scaler) -> None:
-    student.save_pretrained(os.path.join(tmp, sub), safe_serialization=True)
+def _save_plain(tmp: str, sub: str, student, lmap, ema, optimizer, scaler, objective=None) -> None:
+    if objective is None or not objective.save_model(student, os.path.join(tmp, sub)):
+        student.save_pretrained(os.path.join(tmp, sub), safe_serialization=True)
     lmap.save(os.path.join(tmp, sub))
     if ema is not None:
         with ema_weights(ema, student):
@@ -152,12 +156,16 @@ def _save_plain(tmp: str, sub: str, student, lmap, ema, optimizer, scaler) -> No
         "ema": ema.state_dict() if ema is not None else None,
         "scaler": scaler.state_dict() if scaler is not None else None,
     }
+    if objective is not None:
+        state["fewstep"] = objective.state_dict()
     torch.save(state, os.path.join(tmp, "trainer_state.pt"))
 
 
-def load_checkpoint(path: str, student, ema, optimizer, scaler) -> int:
+def load_checkpoint(path: str, student, ema, optimizer, scaler, objective=None) -> int:
     """Restore weights and trainer state in place; return the step the checkpoint was taken at. A sharded (FSDP)
-    student takes the full states back through :func:`koala.distill.sharding.load_states` (every process calls)."""
+    student takes the full states back through :func:`koala.distill.sharding.load_states` (every process calls).
+    ``objective``: the run's step objective; it takes its state back (in LoRA mode the adapters: the checkpoint's
+    model folder then holds merged weights, which are not loaded)."""
     from .sharding import is_fsdp, load_states
 
     with open(os.path.join(path, "state.json")) as f:
@@ -187,7 +195,7 @@ def load_checkpoint(path: str, student, ema, optimizer, scaler) -> int:
                 state["optimizer"],
                 state.get("ema"),
             )
-        else:
+        elif objective is None or not objective.lora:
             student.load_state_dict(load_file(weights, device="cpu"), strict=True)
     except RuntimeError as err:
         raise KoalaError(
@@ -199,4 +207,12 @@ def load_checkpoint(path: str, student, ema, optimizer, scaler) -> int:
             ema.load_state_dict(state["ema"])
     if scaler is not None and state.get("scaler") is not None:
         scaler.load_state_dict(state["scaler"])
+    if objective is not None:
+        if "fewstep" not in state:
+            raise KoalaError(
+                f"{path} was written by a run without fewstep.method; start the step stage from its student "
+                "(student.path=.../unet) instead of resuming it",
+                option="train.resume",
+            )
+        objective.load_state_dict(state["fewstep"])
     return step

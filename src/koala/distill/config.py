@@ -151,6 +151,33 @@ class ValidationConfig:
 
 
 @dataclass
+class FewStepConfig:
+    """Step distillation (``koala.distill.fewstep``): train the student to sample in ``steps`` steps."""
+
+    method: str = "none"  # none (the KD objective alone) or one of STEP_OBJECTIVES: lcm | dmd
+    steps: int = 4  # the sampling steps the student is trained for, recorded with it for koala generate
+    # the step teacher: student = the student's own initial weights (two stages: SA-KD first, then steps; give the
+    # KD'ed student as student.path); teacher = the big teacher (one stage; loss.* KD terms may train alongside);
+    # or a denoiser folder of the teacher's family
+    teacher: str = "student"
+    guidance_scale: float = 5.0  # the step teacher's classifier-free guidance (standard scale: 1 = none); the
+    # student learns the guided trajectory and samples at guidance 1
+    lora_rank: int = 0  # 0: train all student weights; > 0: LoRA adapters of this rank (the LCM-LoRA form)
+    lora_alpha: Optional[float] = None  # LoRA scale numerator (null: lora_rank, so the scale is 1)
+    # lcm: latent consistency distillation (Luo et al. 2023)
+    ddim_steps: int = 50  # the DDIM solver's grid: skipping interval k = num_train_timesteps / ddim_steps
+    target_decay: float = 0.95  # EMA decay of the target network (0: the online weights, without gradient)
+    distance: str = "huber"  # one of DISTANCES: huber | l2
+    huber_c: float = 0.001
+    # dmd: distribution matching distillation, DMD2 form (Yin et al. 2024)
+    fake_updates: int = 5  # fake-score updates per generator update (two time-scale update rule)
+    fake_lr: Optional[float] = None  # null: train.lr
+    gan_weight: float = 0.0  # weight of the GAN loss on the fake score's bottleneck features (0: no GAN head)
+    min_t: float = 0.02  # the range of noise levels the scores are compared at, as fractions of the schedule
+    max_t: float = 0.98
+
+
+@dataclass
 class DistillConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
@@ -161,6 +188,7 @@ class DistillConfig:
     data: Any = field(default_factory=lambda: {"type": "synthetic"})
     train: TrainConfig = field(default_factory=TrainConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    fewstep: FewStepConfig = field(default_factory=FewStepConfig)
 
     def to_dict(self) -> dict:
         """The config as plain nested containers (what ``config.yaml``, checkpoints and trackers store)."""
@@ -346,6 +374,7 @@ def _check(cfg: DistillConfig) -> None:
         _one_of(cfg, key, allowed)
     _check_sharding(cfg.train)
     _check_optimizer(cfg.train)
+    _check_fewstep(cfg)
     if not isinstance(cfg.student.preset, (str, dict)):
         raise KoalaError(
             f"student.preset must be a preset name or a spec mapping, got {cfg.student.preset!r}",
@@ -387,3 +416,59 @@ def _check_optimizer(t: TrainConfig) -> None:
                 f"train.{key} needs {n} numbers (CAME: betas (b1, b2, b3), eps (eps1, eps2)), got {getattr(t, key)}",
                 option=f"train.{key}",
             )
+
+
+DISTANCES = ("huber", "l2")
+
+
+def _check_fewstep(cfg: DistillConfig) -> None:
+    """``fewstep.*``: the method from the registry, numbers in range, and the training modes it runs with. What
+    needs the models (the step teacher's family, steps the noise schedule can hold) is checked when they load."""
+    from .fewstep import STEP_OBJECTIVES
+
+    f = cfg.fewstep
+    _one_of(cfg, "fewstep.method", ("none", *STEP_OBJECTIVES))
+    if f.method == "none":
+        return
+    _one_of(cfg, "fewstep.distance", DISTANCES)
+    for key, lo in (("fewstep.steps", 1), ("fewstep.ddim_steps", 1), ("fewstep.fake_updates", 1)):
+        _num(cfg, key, lo)
+        if not isinstance(_value(cfg, key), int):
+            raise KoalaError(f"{key} must be a whole number, got {_value(cfg, key)!r}", option=key)
+    if isinstance(f.lora_rank, bool) or not isinstance(f.lora_rank, int) or f.lora_rank < 0:
+        raise KoalaError(
+            f"fewstep.lora_rank must be 0 (train all weights) or a positive whole number (LoRA rank), got "
+            f"{f.lora_rank!r}",
+            option="fewstep.lora_rank",
+        )
+    if f.lora_alpha is not None:
+        _num(cfg, "fewstep.lora_alpha", 0)
+    _num(cfg, "fewstep.guidance_scale", 0)
+    _num(cfg, "fewstep.target_decay", 0, 1)
+    _num(cfg, "fewstep.huber_c", 0)
+    _num(cfg, "fewstep.gan_weight", 0)
+    _num(cfg, "fewstep.min_t", 0, 1)
+    _num(cfg, "fewstep.max_t", 0, 1)
+    if f.min_t >= f.max_t:
+        raise KoalaError(f"fewstep.min_t {f.min_t} must be below fewstep.max_t {f.max_t}", option="fewstep.min_t")
+    if f.fake_lr is not None:
+        _num(cfg, "fewstep.fake_lr", 0)
+    if f.steps > f.ddim_steps and f.method == "lcm":
+        raise KoalaError(
+            f"fewstep.steps {f.steps} is more than the solver grid's fewstep.ddim_steps {f.ddim_steps}: an LCM "
+            "student samples on that grid; lower fewstep.steps or raise fewstep.ddim_steps",
+            option="fewstep.steps",
+        )
+    t = cfg.train
+    for key, on, why in (
+        ("train.teacher_worker", t.teacher_worker, "the step objective runs its teacher in the training process"),
+        ("train.fsdp", t.fsdp != "none", "step distillation trains unsharded (DDP / ZeRO-1) for now"),
+    ):
+        if on:
+            raise KoalaError(f"fewstep.method={f.method} with {key}: {why}; turn {key} off", option=key)
+    if f.lora_rank and t.ema.enabled:
+        raise KoalaError(
+            "fewstep.lora_rank > 0 with train.ema.enabled: the EMA of a LoRA run would copy the whole student; "
+            "set train.ema.enabled=false (LCM's target network is fewstep.target_decay)",
+            option="train.ema.enabled",
+        )

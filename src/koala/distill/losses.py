@@ -37,6 +37,7 @@ class Losses:
     out: torch.Tensor
     feat: torch.Tensor
     per_pair: dict[str, torch.Tensor] = field(default_factory=dict)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # a step objective's own terms (e.g. lcm)
 
     def scalars(self, pairs: list[FeaturePair] = ()) -> dict[str, float]:
         """Loss totals and featKD per stage as floats, read from the device in one transfer (one sync)."""
@@ -46,8 +47,8 @@ class Losses:
         for p in pairs:
             if p.name in self.per_pair:
                 stages.setdefault(p.stage, []).append(self.per_pair[p.name])
-        names += [f"feat/{k}" for k in stages]
-        values += [torch.stack(v).sum() for v in stages.values()]
+        names += [f"feat/{k}" for k in stages] + [f"loss/{k}" for k in self.extra]
+        values += [torch.stack(v).sum() for v in stages.values()] + [v.detach() for v in self.extra.values()]
         return dict(zip(names, torch.stack([v.float() for v in values]).tolist()))
 
 

@@ -24,6 +24,7 @@ from ..utils.compile import compile_module
 from ..utils.extras import require
 from .checkpoint import list_checkpoints
 from .config import DistillConfig, RunLayout, TrainConfig
+from .fewstep import make_objective
 from .hooks import FeatureRecorder, feature_pairs, unwrap
 from .losses import Losses, kd_losses, prediction_target
 from .models import encode_batch, load_models
@@ -114,6 +115,8 @@ class Prepared:
     t: torch.Tensor
     cond: dict
     target: torch.Tensor
+    latents: torch.Tensor | None = None  # the clean latents (step objectives noise them their own way)
+    gens: list | None = None  # the samples' generators, drawn on by step objectives after the noise and timestep
 
 
 @dataclass
@@ -166,11 +169,19 @@ class Distiller:
         if not (w.feat > 0):
             self.pairs = []
         self.attention = t.attention
+        self.objective = make_objective(self)  # fewstep.method: a step objective, or None (KD alone)
+        if self.objective is not None:  # the step teacher, LoRA adapters; what the student records for sampling
+            self.objective.setup_student(student)
+            self.lmap.meta["sampling"] = self.objective.sampling()
+            self.lmap.meta["fewstep"] = {"method": cfg.fewstep.method, "lora_rank": cfg.fewstep.lora_rank}
         self._place_student(student)
-        optimizer = make_optimizer(student.parameters(), t, accelerator.num_processes)
+        trainable = [p for p in student.parameters() if p.requires_grad]
+        optimizer = make_optimizer(trainable, t, accelerator.num_processes)
         self.worker = self._start_worker()
         try:  # a failure from here on stops the worker again
             self._hook_compile_and_prepare(student, optimizer)
+            if self.objective is not None:
+                self.objective.ready()
         except BaseException:
             if self.worker is not None:
                 self.worker.close()
@@ -257,7 +268,7 @@ class Distiller:
         noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens]).to(dev)
         t = torch.stack([torch.randint(0, sched.config.num_train_timesteps, (), generator=g) for g in gens]).to(dev)
         noisy = sched.add_noise(latents, noise, t).contiguous(memory_format=self.memory_format)
-        return Prepared(noisy, t, cond, prediction_target(sched, latents, noise, t))
+        return Prepared(noisy, t, cond, prediction_target(sched, latents, noise, t), latents, gens)
 
     def teacher_forward(self, p: Prepared) -> torch.Tensor | None:
         """The frozen teacher (``teacher.dtype``, no grad) under feature capture, in this process; None when no
@@ -332,7 +343,10 @@ class Distiller:
         the error message); ``mark``: called after the forward + losses and after backward (``koala bench train``
         times the phases)."""
         p = item.prepared
-        losses = self.losses(p, self.student_forward(p), item.teacher_out, item.teacher_feats)
+        if self.objective is not None:  # fewstep.method: the step objective (with the KD terms it keeps)
+            losses = self.objective.losses(item)
+        else:
+            losses = self.losses(p, self.student_forward(p), item.teacher_out, item.teacher_feats)
         self.check_finite(losses, step)
         mark()
         self.backward(losses.total / accum)
@@ -386,11 +400,15 @@ class Distiller:
         set_lr(self.optimizer, lr)
         logs = {"lr": lr, **self.optimizer_step()}
         self.ema_step()
+        if self.objective is not None:
+            logs.update(self.objective.after_update(step))
         return logs
 
     def close(self) -> None:
         """Remove the feature hooks and stop the teacher worker."""
         self.s_rec.remove()
         self.t_rec.remove()
+        if self.objective is not None:
+            self.objective.close()
         if self.worker is not None:
             self.worker.close()

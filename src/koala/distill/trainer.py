@@ -31,6 +31,8 @@ from .models import teacher_pipeline
 from .sharding import gather_states
 from .step import Distiller, inner_optimizer, is_sharded, sample_generators
 
+KD_TERMS = ("total", "task", "out", "feat")  # the KD objective's logged terms; a step objective adds its own
+
 
 def checkpoint_state(path: str) -> dict:
     with open(os.path.join(path, "state.json")) as f:
@@ -171,7 +173,7 @@ class TrainingRun:
         if not resume:
             return 0
         d = self.d
-        step = load_checkpoint(resume, d.plain_student, d.ema, d.optimizer, self.scaler)
+        step = load_checkpoint(resume, d.plain_student, d.ema, d.optimizer, self.scaler, d.objective)
         if d.ema is not None:
             d.ema.to(self.acc.device)
         self.acc.print(f"resumed from {resume} at step {step}")
@@ -230,6 +232,7 @@ class TrainingRun:
             task=f"{logs['loss/task']:.4f}",
             out=f"{logs['loss/out']:.4f}",
             feat=f"{logs['loss/feat']:.4f}",
+            **{k[5:]: f"{v:.4f}" for k, v in logs.items() if k.startswith("loss/") and k[5:] not in KD_TERMS},
             sps=f"{logs['samples_per_s']:.1f}",
         )
         if self.step % self.cfg.train.log_every == 0 or self.step == self.cfg.train.max_steps:
@@ -350,6 +353,7 @@ def write_checkpoint(
             cfg,
             cfg.train.keep_checkpoints,
             states=states,
+            objective=d.objective,
         )
     except OSError as err:
         raise KoalaError(
