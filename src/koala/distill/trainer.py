@@ -389,4 +389,5 @@ def validate_now(d: Distiller, step: int, write: bool = True) -> list[str]:
         d.acc,
         d.ema,
         write=write,
+        sampling=d.lmap.meta.get("sampling"),
     )

@@ -13,15 +13,26 @@ from ..families.sampling import sampling_scheduler
 from .ema import ema_weights
 
 
-def _pipeline(denoiser, frozen, kind: str | None):
-    return frozen.family.make_pipeline(frozen.parts, denoiser, sampling_scheduler(frozen.parts.scheduler.config, kind))
+def _pipeline(denoiser, frozen, kind: str | None, sampling: dict | None = None):
+    config = frozen.parts.scheduler.config
+    if sampling:  # a few-step student's recorded scheduler (e.g. LCMScheduler), with its config overrides
+        import diffusers
+
+        cls = getattr(diffusers, sampling["scheduler"])
+        scheduler = cls.from_config(dict(config), **sampling.get("scheduler_config", {}))
+    else:
+        scheduler = sampling_scheduler(config, kind)
+    return frozen.family.make_pipeline(frozen.parts, denoiser, scheduler)
 
 
 @torch.no_grad()
-def render(denoiser, frozen, vcfg, resolution: int, device, kind: str | None = None) -> list:
+def render(
+    denoiser, frozen, vcfg, resolution: int, device, kind: str | None = None, sampling: dict | None = None
+) -> list:
     """PIL images for every (prompt, seed) pair of ``vcfg`` (a :class:`~koala.distill.config.ValidationConfig`), in
-    order; Euler with ``kind``'s spacing."""
-    pipe = _pipeline(denoiser, frozen, kind)
+    order; Euler with ``kind``'s spacing, or the scheduler a few-step student records (``sampling``: its layer
+    map's ``meta.sampling``)."""
+    pipe = _pipeline(denoiser, frozen, kind, sampling)
     pipe.set_progress_bar_config(disable=True)
     was_training = denoiser.training
     denoiser.eval()
@@ -29,6 +40,8 @@ def render(denoiser, frozen, vcfg, resolution: int, device, kind: str | None = N
     # frozen parts are in the weight dtype, the student in fp32: autocast makes them meet
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     images = []
+    # explicit timesteps a few-step student was trained on (DMD): they replace the step count
+    timesteps = {"timesteps": list(sampling["timesteps"])} if sampling and sampling.get("timesteps") else {}
     try:
         for prompt in vcfg.prompts:
             for seed in vcfg.seeds:
@@ -41,6 +54,7 @@ def render(denoiser, frozen, vcfg, resolution: int, device, kind: str | None = N
                         num_inference_steps=vcfg.steps,
                         guidance_scale=vcfg.guidance_scale,
                         generator=g,
+                        **timesteps,
                         **frozen.family.pipeline_call_kwargs,
                     )
                 images.append(out.images[0])
@@ -76,10 +90,12 @@ def validate(
     accelerator=None,
     ema=None,
     write: bool = True,
+    sampling: dict | None = None,
 ) -> list[str]:
     """Render the teacher (once) and the student into ``output_dir/samples``; ``write=False`` renders without saving
     (the other processes of a sharded student, whose forward needs all of them). ``cfg``: the run's
-    :class:`~koala.distill.config.DistillConfig`."""
+    :class:`~koala.distill.config.DistillConfig`; ``sampling``: the student's recorded sampling (a few-step
+    student), else it is sampled as the teacher is."""
     vcfg, kind = cfg.validation, cfg.teacher.kind
     res = vcfg.resolution or cfg.train.resolution
     out = os.path.join(output_dir, "samples")
@@ -87,7 +103,7 @@ def validate(
     if write and not os.path.isdir(teacher_dir):
         save_images(render(teacher, frozen, vcfg, res, device, kind), teacher_dir, "teacher", step, accelerator)
     with ema_weights(ema if vcfg.use_ema else None, student):
-        images = render(student, frozen, vcfg, res, device, kind)
+        images = render(student, frozen, vcfg, res, device, kind, sampling)
     if not write:
         return []
     return save_images(images, os.path.join(out, f"step-{step:07d}"), "student", step, accelerator)

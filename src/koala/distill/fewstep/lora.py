@@ -109,14 +109,13 @@ def save_merged(model: torch.nn.Module, folder: str) -> None:
 
 
 def save_lora_file(model: torch.nn.Module, family, folder: str) -> str:
-    """``folder/pytorch_lora_weights.safetensors`` in diffusers' format (what ``load_lora_weights`` reads), with
-    the adapter config (rank, alpha, targets) as its metadata."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-
-    layers = convert_state_dict_to_diffusers(lora_state(model))
-    config = model.peft_config[ADAPTER].to_dict()
-    meta = {k: config[k] for k in ("r", "lora_alpha", "target_modules", "init_lora_weights") if k in config}
-    meta["target_modules"] = sorted(meta.get("target_modules") or [])
+    """``folder/pytorch_lora_weights.safetensors`` in the peft layout diffusers' ``load_lora_weights`` reads. The
+    scale alpha / rank is folded into the up projections, so the file means the same to a loader that reads the
+    adapter metadata and to one that takes alpha = rank (older diffusers, other tools)."""
+    config = model.peft_config[ADAPTER]
+    scale = float(config.lora_alpha) / float(config.r)
+    layers = {k: v * scale if ".lora_B." in k else v for k, v in lora_state(model).items()}
+    meta = {"r": config.r, "lora_alpha": config.r, "target_modules": sorted(config.target_modules or [])}
     family.pipeline_class.save_lora_weights(
         folder, unet_lora_layers=layers, safe_serialization=True, unet_lora_adapter_metadata=meta
     )
