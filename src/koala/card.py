@@ -14,7 +14,7 @@ import yaml
 
 from . import __version__
 from .arch.layer_map import LayerMap
-from .families.sampling import SPACING
+from .families.sampling import SPACING, SamplingDefaults
 from .utils.console import markdown_table
 from .utils.files import atomic_write_text
 
@@ -107,20 +107,7 @@ def model_card(
         *_stage_table(lmap),
         "",
     ]
-    spacing = SPACING.get(kind) or "the pipeline's own (leading for SDXL)"
-    sub = "transformer" if family == "pixart" else "unet"
-    how = {
-        "pipeline": "--model THIS_DIR",
-        "model": "--unet THIS_DIR --base TEACHER_PIPELINE",
-        "checkpoint": f"--unet THIS_DIR/{sub} --base TEACHER_PIPELINE",
-    }[layout]
-    lines += [
-        "## Sampling (the paper's defaults)",
-        "",
-        f"Euler, 10 steps, guidance scale 3.5, timestep spacing: {spacing}. With koala: "
-        f'`koala generate "a photo of a koala" {how}`.',
-        "",
-    ]
+    lines += _sampling_section(meta, family, layout)
     if training:
         lines += [
             "## Training",
@@ -140,6 +127,41 @@ def model_card(
             "",
         ]
     return "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n\n" + "\n".join(lines)
+
+
+def _sampling_section(meta: dict, family: str, layout: str) -> list[str]:
+    """How to sample the student: its recorded sampling defaults (``meta.sampling``), else the paper's with the
+    spacing for its teacher kind."""
+    sub = "transformer" if family == "pixart" else "unet"
+    how = {
+        "pipeline": "--model THIS_DIR",
+        "model": "--unet THIS_DIR --base TEACHER_PIPELINE",
+        "checkpoint": f"--unet THIS_DIR/{sub} --base TEACHER_PIPELINE",
+    }[layout]
+    usage = f'With koala: `koala generate "a photo of a koala" {how}`'
+    if "sampling" not in meta:
+        spacing = SPACING.get(meta.get("teacher_kind", "base")) or "the pipeline's own (leading for SDXL)"
+        return [
+            "## Sampling (the paper's defaults)",
+            "",
+            f"Euler, 10 steps, guidance scale 3.5, timestep spacing: {spacing}. {usage}.",
+            "",
+        ]
+    d = SamplingDefaults.from_meta(meta["sampling"], "koala_layer_map.json: meta.sampling")
+    text = f"{d.scheduler}, {d.steps} steps, guidance scale {d.guidance_scale:g}"
+    if d.guidance_scale <= 1:
+        text += " (no classifier-free guidance pass)"
+    if d.timesteps:
+        text += f", timesteps {', '.join(map(str, d.timesteps))}"
+    if d.scheduler_config:
+        text += ", scheduler config " + ", ".join(f"{k}={v}" for k, v in sorted(d.scheduler_config.items()))
+    return [
+        "## Sampling (recorded with the student)",
+        "",
+        f"{text}. {usage} (these are its defaults; `--scheduler`, `--steps` and `--cfg` override them). The "
+        "record is `meta.sampling` in `koala_layer_map.json`.",
+        "",
+    ]
 
 
 def write_model_card(

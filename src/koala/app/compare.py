@@ -1,9 +1,9 @@
 """Side-by-side generation: one prompt, one seed, every loaded model, with per-model latency and memory.
 
 This is the function behind the button of ``koala app`` (:mod:`koala.app.ui`); it needs no web framework, so the
-tests call it directly. Each model samples with its own defaults (the paper's: Euler, its timestep spacing from the
-student's layer map or the teacher kind), through the same :func:`koala.inference.generate` that
-``koala generate`` uses: equal seed and settings give equal images.
+tests call it directly. Each model samples with its own defaults (a student's recorded sampling, else the paper's:
+Euler, 10 steps, cfg 3.5, the timestep spacing from the student's layer map or the teacher kind), through the same
+:func:`koala.inference.generate` that ``koala generate`` uses: equal seed and settings give equal images.
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ class Request:
     prompt: str
     negative_prompt: str = ""
     seed: int = 0  # -1: a random seed (reported)
-    steps: int = 10
-    cfg: float = 3.5
+    steps: int | None = None  # None: each model's sampling defaults (the paper's 10 unless it records others)
+    cfg: float | None = None  # None: each model's (the paper's 3.5 unless it records another)
     width: int | None = None  # None: the model's default size
     height: int | None = None
     images: int = 1
@@ -69,9 +69,9 @@ class Request:
         """A KoalaError with the message the page shows, for input the models cannot take."""
         if not str(self.prompt or "").strip():
             raise KoalaError("the prompt is empty: type what the image should show")
-        if not (1 <= int(self.steps) <= MAX_STEPS):
+        if self.steps is not None and not (1 <= int(self.steps) <= MAX_STEPS):
             raise KoalaError(f"steps {self.steps}: choose 1 to {MAX_STEPS} (the paper samples with 10)")
-        if not float(self.cfg) >= 0:
+        if self.cfg is not None and not float(self.cfg) >= 0:
             raise KoalaError(f"guidance scale {self.cfg}: must be 0 or more (the paper uses 3.5)")
         for name, v in (("width", self.width), ("height", self.height)):
             if v is not None and (int(v) < multiple or int(v) > MAX_SIZE or int(v) % multiple):
@@ -155,8 +155,8 @@ def compare(slots: list[Slot], req: Request, out_dir: str | None = None, score: 
                 lp,
                 req.prompt,
                 negative_prompt=req.negative_prompt or None,
-                steps=int(req.steps),
-                cfg=float(req.cfg),
+                steps=None if req.steps is None else int(req.steps),
+                cfg=None if req.cfg is None else float(req.cfg),
                 seed=seed,
                 images_per_prompt=int(req.images),
                 width=int(req.width) if req.width else None,

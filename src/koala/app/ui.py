@@ -15,6 +15,8 @@ from ..errors import KoalaError
 from .compare import MAX_IMAGES, MAX_STEPS, ModelSpec, Request, Slot, compare, load_models
 
 STATUS_ID = "koala-status"
+STEPS_LABEL = f"steps (1-{MAX_STEPS}; blank: each model's own, paper 10)"
+CFG_LABEL = "guidance scale (blank: each model's own, paper 3.5)"
 
 
 def default_specs(demo_dir: str = "koala-demo", log=print) -> list[ModelSpec]:
@@ -57,8 +59,9 @@ def build_app(slots: list[Slot], score: bool = False, out_dir: str | None = None
     with gr.Blocks(title="koala: teacher and students side by side") as app:
         gr.Markdown(
             "# koala: teacher and students side by side\n"
-            "Same prompt, same seed, each model with its own sampling defaults (Euler, the paper's "
-            "timestep spacing per teacher kind). " + _status(slots)
+            "Same prompt, same seed, each model with its own sampling defaults (a student's recorded ones, "
+            "else the paper's: Euler, 10 steps, cfg 3.5, timestep spacing per teacher kind); blank steps / "
+            "guidance use them. " + _status(slots)
         )
         with gr.Row():
             prompt = gr.Textbox(
@@ -72,8 +75,8 @@ def build_app(slots: list[Slot], score: bool = False, out_dir: str | None = None
         with gr.Row():
             seed = gr.Number(label="seed", value=0, precision=0, elem_id="koala-seed")
             random_seed = gr.Checkbox(label="random seed", value=False, elem_id="koala-random-seed")
-            steps = gr.Number(label=f"steps (1-{MAX_STEPS})", value=10, precision=0, elem_id="koala-steps")
-            cfg = gr.Number(label="guidance scale (cfg)", value=3.5, elem_id="koala-cfg")
+            steps = gr.Number(label=STEPS_LABEL, value=None, precision=0, elem_id="koala-steps")
+            cfg = gr.Number(label=CFG_LABEL, value=None, elem_id="koala-cfg")
             width = gr.Number(label="width (0: model default)", value=0, precision=0, elem_id="koala-width")
             height = gr.Number(label="height (0: model default)", value=0, precision=0, elem_id="koala-height")
             images = gr.Number(
@@ -102,8 +105,8 @@ def build_app(slots: list[Slot], score: bool = False, out_dir: str | None = None
                     prompt=prompt_v,
                     negative_prompt=negative_v or "",
                     seed=-1 if random_v else int(seed_v or 0),
-                    steps=int(steps_v or 0),
-                    cfg=float(cfg_v if cfg_v is not None else -1),
+                    steps=None if steps_v in (None, "") else int(steps_v),
+                    cfg=None if cfg_v in (None, "") else float(cfg_v),
                     width=int(width_v or 0) or None,
                     height=int(height_v or 0) or None,
                     images=int(images_v or 0),

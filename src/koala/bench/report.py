@@ -47,9 +47,8 @@ def bench_markdown(result: dict) -> str:
     if s.get("memory_cap_gib"):
         modes.append(f"memory capped at {s['memory_cap_gib']} GiB")
     lines = [
-        f"Device: {where}; dtype {s['dtype']}; batch {s['batch']} ({dn} batch "
-        f"{s['batch'] * (2 if s['cfg'] > 1 else 1)}, "
-        f"cfg {s['cfg']}); components: {', '.join(s['components'])}; warm-up {s['warmup']}, {s['repeats']} rounds "
+        f"Device: {where}; dtype {s['dtype']}; batch {s['batch']} ({_cfg_text(result, dn)}); components: "
+        f"{', '.join(s['components'])}; warm-up {s['warmup']}, {s['repeats']} rounds "
         f"interleaved, medians; torch {env.get('torch')}" + (f"; {', '.join(modes)}." if modes else "."),
         "",
     ]
@@ -63,7 +62,14 @@ def bench_markdown(result: dict) -> str:
         latency = f"{t['end_to_end']['median'] / 1000:.3f}" if "end_to_end" in t else "-"
         r = rel.get(m["name"], {})
         rows.append(
-            [m["name"], f"{s['resolution']}²", s["steps"], latency, _ms(t, "text_encoders"), _ms(t, "unet_step")]
+            [
+                m["name"],
+                f"{s['resolution']}²",
+                m.get("steps", s["steps"]),
+                latency,
+                _ms(t, "text_encoders"),
+                _ms(t, "unet_step"),
+            ]
             + [_ms(t, "unet_total"), _ms(t, "vae_decode"), _params(m["params"]["unet"])]
             + [f"{m['unet_tflops_per_step']:.3g}", _gib(m.get("weights_bytes")), _gib(m["memory"].get("peak_bytes"))]
             + [f"{r.get('unet_step_speedup', 1.0):.2f}x", f"{r.get('unet_flops_ratio', 1.0):.2f}x"]
@@ -84,6 +90,16 @@ def bench_markdown(result: dict) -> str:
             "share (the components benchmarked)."
         ]
     return "\n".join(lines) + "\n"
+
+
+def _cfg_text(result: dict, dn: str) -> str:
+    """The denoiser batch and guidance: one value, or per model when the models sample with different ones."""
+    s = result["settings"]
+    cfgs = {m["name"]: m.get("cfg", s["cfg"]) for m in result["models"]}
+    if len(set(cfgs.values())) == 1:
+        cfg = next(iter(cfgs.values()))
+        return f"{dn} batch {s['batch'] * (2 if cfg > 1 else 1)}, cfg {cfg}"
+    return f"{dn} batch doubled where cfg > 1; cfg per model: " + ", ".join(f"{k} {v}" for k, v in cfgs.items())
 
 
 def plot(result: dict, path: str) -> str:
@@ -112,7 +128,10 @@ def plot(result: dict, path: str) -> str:
         for bar, v in zip(bars, vals):
             ax.annotate(f"{v:.2f}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
     s = result["settings"]
-    fig.suptitle(f"{s['device']} {s['dtype']}, {s['resolution']}², {s['steps']} steps, batch {s['batch']}")
+    steps = sorted({m.get("steps", s["steps"]) for m in models})
+    fig.suptitle(
+        f"{s['device']} {s['dtype']}, {s['resolution']}², {'/'.join(map(str, steps))} steps, batch {s['batch']}"
+    )
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -2,11 +2,11 @@
 
 One *run* mirrors the family's pipeline (``StableDiffusionXLPipeline``, ``PixArtSigmaPipeline``, ...): encode the
 prompt batch with the text encoder(s), then ``steps`` Euler steps (the denoiser, U-Net or DiT, on the CFG-doubled
-batch when ``cfg > 1``), then VAE decode. The component called ``unet`` is the denoiser, whatever its kind. Each
-component is
-timed with a device sync at its boundaries; the whole run is the end-to-end latency. Models are measured
-in rounds A, B, A, B, ... so that background load (other processes on a shared CPU) hits all of them
-alike; medians are reported.
+batch when ``cfg > 1``), then VAE decode. Steps and cfg left None are each model's sampling defaults (a student
+pipeline's recorded ones, else the paper's 10 steps, cfg 3.5). The component called ``unet`` is the denoiser,
+whatever its kind. Each component is timed with a device sync at its boundaries; the whole run is the end-to-end
+latency. Models are measured in rounds A, B, A, B, ... so that background load (other processes on a shared CPU)
+hits all of them alike; medians are reported.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -36,9 +36,9 @@ COMPONENTS = ("text", "unet", "vae")
 class BenchSettings:
     models: list[str]
     resolution: int = 1024
-    steps: int = 10
+    steps: int | None = None  # None: each model's sampling defaults (a student's record, else the paper's 10)
     batch: int = 1
-    cfg: float = 3.5
+    cfg: float | None = None  # None: each model's (a student's record, else the paper's 3.5)
     device: str = "cuda"
     dtype: str = "fp16"
     components: list[str] = field(default_factory=lambda: list(COMPONENTS))
@@ -73,7 +73,7 @@ class BenchSettings:
             )
         if self.resolution % 64:
             raise KoalaError(f"resolution {self.resolution} must be a multiple of 64", option="resolution")
-        if self.steps < 1 or self.batch < 1 or self.repeats < 1 or self.warmup < 0:
+        if (self.steps is not None and self.steps < 1) or self.batch < 1 or self.repeats < 1 or self.warmup < 0:
             raise KoalaError("steps, batch and repeats must be >= 1 and warmup >= 0", option="steps")
         check_dtype_on_device(parse_dtype(self.dtype), parse_device(self.device))  # unknown device / dtype
         if self.memory_cap_gib is not None and (not self.device.startswith("cuda") or not self.memory_cap_gib > 0):
@@ -86,6 +86,18 @@ class BenchSettings:
             raise KoalaError(
                 "dtype fp16 on the cpu device is very slow or unsupported; use fp32 or bf16 on CPU", option="dtype"
             )
+
+    def for_model(self, name: str) -> "BenchSettings":
+        """These settings with None steps / cfg set to model ``name``'s sampling defaults (a pipeline directory's
+        recorded ones; the paper's 10 steps, cfg 3.5 for presets and pipelines that record none)."""
+        from ..families.sampling import SamplingDefaults, sampling_defaults_of
+
+        d = sampling_defaults_of(name) if os.path.isdir(name) else SamplingDefaults()
+        return replace(
+            self,
+            steps=d.steps if self.steps is None else self.steps,
+            cfg=d.guidance_scale if self.cfg is None else self.cfg,
+        )
 
     @property
     def unet_batch(self) -> int:
@@ -225,6 +237,7 @@ def run_bench(settings: BenchSettings, log=print) -> dict:
     if device.type == "cpu":
         torch.set_flush_denormal(True)
     loaded: dict[str, tuple[BenchModel, _Inputs]] = {}
+    per_model = {name: s.for_model(name) for name in s.models}  # steps and cfg resolved per model
     rows: dict[str, dict] = {}
     if s.memory_cap_gib is not None:  # what an N-GiB card leaves PyTorch (tensors only; CUDA context aside)
         total = torch.cuda.get_device_properties(device).total_memory
@@ -237,11 +250,11 @@ def run_bench(settings: BenchSettings, log=print) -> dict:
         m = build_bench_model(name, device, dtype, s.components)
         apply_speed_modes(m, s)
         log(f"built {name} ({m.source}) in {time.perf_counter() - t0:.1f}s")
-        entry = (m, _Inputs(m, s, device, dtype))
+        entry = (m, _Inputs(m, per_model[name], device, dtype))
         if s.keep_loaded:
             loaded[name] = entry
         if name not in rows:
-            rows[name] = _static_row(name, m, s)
+            rows[name] = _static_row(name, m, per_model[name])
         return entry, True
 
     def release():
@@ -257,16 +270,16 @@ def run_bench(settings: BenchSettings, log=print) -> dict:
                 current = name
                 (m, x), _ = get(name)
                 for _ in range(s.warmup):
-                    _one_run(m, s, x, device)
+                    _one_run(m, per_model[name], x, device)
         for r in range(s.repeats):
             for name in s.models:
                 current = name
                 (m, x), fresh = get(name)
                 if fresh and not s.keep_loaded:
                     for _ in range(s.warmup):
-                        _one_run(m, s, x, device)
+                        _one_run(m, per_model[name], x, device)
                 with PeakMemory(device) as mem:
-                    res = _one_run(m, s, x, device)
+                    res = _one_run(m, per_model[name], x, device)
                 row = rows[name]
                 row["_runs"].append(res)
                 row["memory"]["kind"] = mem.kind
@@ -307,6 +320,8 @@ def _static_row(name: str, m: BenchModel, s: BenchSettings) -> dict:
         "params": m.params(),
         "weights_bytes": m.weight_bytes(),
         "unet_tflops_per_step": flops / 1e12,
+        "steps": s.steps,  # as timed: the settings' or, left None there, the model's sampling defaults
+        "cfg": s.cfg,
         "memory": {},
         "_runs": [],
     }

@@ -24,8 +24,10 @@ def register(sub) -> None:
         "app",
         help="local web page: teacher and students side by side (Gradio; pip install 'koala-diffusion[app]')",
         description="Load a teacher and one or more students once, then generate a prompt with each of them (same "
-        "seed, the paper's sampling defaults per model) and show the images side by side with U-Net parameters, "
-        "latency per image, peak memory and the settings used. One generation at a time. Listens on localhost.",
+        "seed, each model's own sampling defaults: a student's recorded ones, else the paper's Euler, 10 steps, cfg "
+        "3.5; the page's steps / guidance fields override them) and show the images side by side with U-Net "
+        "parameters, latency per image, peak memory and the settings used. One generation at a time. Listens on "
+        "localhost.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -46,13 +46,19 @@ def register(sub) -> None:
         "reference for speed-up ratios (default: sdxl-base,koala-1b,koala-700m)",
     )
     p.add_argument("--resolution", type=int, default=1024, help="square image size in pixels (default 1024)")
-    p.add_argument("--steps", type=int, default=10, help="denoising steps per run (default 10, the paper's)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="denoising steps per run (default: each model's recorded sampling; paper: 10, also for presets)",
+    )
     p.add_argument("--batch", type=int, default=1, help="images per run (default 1)")
     p.add_argument(
         "--cfg",
         type=float,
-        default=3.5,
-        help="guidance scale; > 1 doubles the denoiser batch as in the pipeline (default 3.5)",
+        default=None,
+        help="guidance scale; > 1 doubles the denoiser batch as in the pipeline (default: each model's recorded "
+        "sampling; paper: 3.5)",
     )
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available, else cpu)")
     add_dtype_argument(p, help="weight/activation dtype (default: fp16 on cuda, fp32 on cpu)")

@@ -193,8 +193,9 @@ def _add_run_parser(ev) -> None:
     r = ev.add_parser(
         "run",
         help="the paper's Table 5 in one command: generate with every model, score, write a table",
-        description="Generate every prompt x seed with every model under the paper's sampling (Euler, 10 steps, cfg "
-        "3.5; trailing spacing for students of turbo / lightning teachers, from their layer map), score the images "
+        description="Generate every prompt x seed with every model under its own sampling defaults (a student's "
+        "recorded ones, koala_layer_map.json meta.sampling; else the paper's: Euler, 10 steps, cfg 3.5, trailing "
+        "spacing for students of turbo / lightning teachers, from their layer map), score the images "
         "with each scorer and write OUT/results.md, OUT/results.json and OUT/results.png (score vs latency): per "
         "model denoiser params, median latency per image, peak memory and the scores (per style when the prompt set "
         "has styles). Resumable: images and scores already in OUT are reused (keyed by model, prompt, seed and "
@@ -208,8 +209,12 @@ def _add_run_parser(ev) -> None:
     r.add_argument(
         "--seeds", default="0", help="comma-separated seeds, each prompt generated once per seed (default 0)"
     )
-    r.add_argument("--steps", type=int, default=10)
-    r.add_argument("--cfg", type=float, default=3.5)
+    r.add_argument(
+        "--steps", type=int, default=None, help="denoising steps (default: each model's recorded sampling; paper: 10)"
+    )
+    r.add_argument(
+        "--cfg", type=float, default=None, help="guidance scale (default: each model's recorded sampling; paper: 3.5)"
+    )
     r.add_argument("--width", type=int, default=None)
     r.add_argument("--height", type=int, default=None)
     r.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")

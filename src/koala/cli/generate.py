@@ -7,9 +7,11 @@ import argparse
 from .options import add_choice_argument, add_dtype_argument
 
 EPILOG = """\
-defaults follow the paper (App. A.3): Euler discrete scheduler, 10 steps, guidance 3.5, fp16 on a GPU
-(fp32 on CPU). Students of step-distilled teachers (KOALA-Lightning / -Turbo: teacher kind lightning / turbo,
-recorded in koala_layer_map.json by koala compress / koala distill) get trailing timestep spacing by default.
+sampling defaults are the student's own when it records them (koala_layer_map.json meta.sampling, e.g. a
+few-step LCM student: LCMScheduler, 4 steps, cfg 1.0); otherwise the paper's (App. A.3): Euler discrete
+scheduler, 10 steps, guidance 3.5. Students of step-distilled teachers (KOALA-Lightning / -Turbo: teacher kind
+lightning / turbo, recorded by koala compress / koala distill) get trailing timestep spacing by default.
+--scheduler, --timestep-spacing, --steps and --cfg override them. fp16 on a GPU (fp32 on CPU).
 
 memory modes (docs/inference.md): --vae DIR (fp16-fix VAE; otherwise an fp16 VAE decodes in fp32),
 --vae-slicing, --vae-tiling, --offload model|sequential (CUDA only), --attention sdpa|classic,
@@ -66,23 +68,33 @@ def _add_model_args(g) -> None:
 
 
 def _add_sampling_args(g) -> None:
-    g.add_argument("--steps", type=int, default=10, help="denoising steps (default 10)")
-    g.add_argument("--cfg", type=float, default=3.5, help="classifier-free guidance scale (default 3.5)")
+    g.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="denoising steps (default: the student's recorded sampling; paper: 10)",
+    )
+    g.add_argument(
+        "--cfg",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale (default: the student's recorded sampling; paper: 3.5)",
+    )
     g.add_argument("--negative-prompt", default=None, help="negative prompt (default: none, zeroed embedding)")
     add_choice_argument(
         g,
         "--scheduler",
-        default="euler",
+        default=None,
         choices="koala.inference.pipeline.SCHEDULERS",
-        help="sampler (default euler: EulerDiscreteScheduler, as in the paper)",
+        help="sampler (default: the student's recorded sampling; paper: euler, EulerDiscreteScheduler)",
     )
     add_choice_argument(
         g,
         "--timestep-spacing",
         default=None,
         choices="koala.inference.pipeline.SPACINGS",
-        help="timestep spacing (default: trailing for a student of a turbo/lightning teacher, per its "
-        "koala_layer_map.json; else the pipeline's)",
+        help="timestep spacing (default: the student's recorded sampling; else trailing for a student of a "
+        "turbo/lightning teacher, per its koala_layer_map.json; else the pipeline's)",
     )
     g.add_argument("--seed", type=int, default=0, help="base seed; image i uses seed+i (default 0)")
     g.add_argument("--batch-size", type=int, default=1, help="images per pipeline call (default 1)")

@@ -1,5 +1,6 @@
-"""``koala eval run``: the paper's Table 5 in one command: generate with every model under the paper's sampling,
-score with every scorer, and write one table (markdown), JSON and a plot.
+"""``koala eval run``: the paper's Table 5 in one command: generate with every model under its own sampling
+defaults (a student's recorded ones, else the paper's: Euler, 10 steps, cfg 3.5), score with every scorer, and
+write one table (markdown), JSON and a plot.
 
 Resumable: an image is keyed by model, prompt, seed and sampler settings; its PNG (with ``koala generate``'s
 metadata) and a line in ``OUT/images/MODEL/index.jsonl`` are written as soon as it exists, and each scorer's
@@ -19,7 +20,7 @@ import json
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from ..errors import KoalaError
 from ..utils.console import markdown_table
@@ -65,14 +66,14 @@ class Prompt:
 
 @dataclass
 class EvalSettings:
-    steps: int = 10  # the paper's inference (App. A.3): Euler, 10 steps, cfg 3.5
-    cfg: float = 3.5
+    steps: int | None = None  # None: each model's sampling defaults (the paper's, App. A.3: Euler, 10 steps, cfg 3.5)
+    cfg: float | None = None
     seeds: tuple[int, ...] = (0,)
     width: int | None = None
     height: int | None = None
     device: str | None = None
     dtype: str | None = None
-    scheduler: str = "euler"
+    scheduler: str | None = None  # None: each model's own (koala.inference.pipeline.SCHEDULERS key otherwise)
 
 
 @dataclass
@@ -86,6 +87,7 @@ class ModelRow:
     n_images: int = 0
     generated_now: int = 0
     scores: dict = field(default_factory=dict)  # scorer -> {"all": mean, style: mean, ...} or shapes categories
+    sampling: dict = field(default_factory=dict)  # scheduler, steps, cfg (and timesteps) the images were made with
 
 
 def parse_model(value: str, what: str = "model") -> tuple[str, str]:
@@ -125,11 +127,27 @@ def read_prompt_set(path: str, limit: int | None = None) -> list[Prompt]:
     return out
 
 
-def image_key(model: EvalModel, prompt: Prompt, seed: int, s: EvalSettings) -> str:
-    blob = json.dumps(
-        [model.source(), prompt.style, prompt.text, seed, s.steps, s.cfg, s.scheduler, s.width, s.height, s.dtype],
-        sort_keys=True,
+def model_settings(model: EvalModel, s: EvalSettings) -> tuple[EvalSettings, list[int] | None]:
+    """``s`` with what it leaves open (None steps, cfg, scheduler) taken from ``model``'s sampling defaults (a
+    student's record, else the paper's), and the recorded timesteps it samples with (None when none are used)."""
+    from ..families.sampling import sampling_defaults_of
+    from ..inference.pipeline import scheduler_label
+
+    d = sampling_defaults_of(model.unet or model.model)
+    resolved = replace(
+        s,
+        steps=d.steps if s.steps is None else s.steps,
+        cfg=d.guidance_scale if s.cfg is None else s.cfg,
+        scheduler=s.scheduler or scheduler_label(d.scheduler),
     )
+    return resolved, (d.timesteps if s.steps is None else None)
+
+
+def image_key(model: EvalModel, prompt: Prompt, seed: int, s: EvalSettings, timesteps: list[int] | None = None) -> str:
+    """The key of one image: model, prompt, seed and the sampler settings (``s`` as resolved by
+    :func:`model_settings`; ``timesteps`` when recorded ones are used)."""
+    fields = [model.source(), prompt.style, prompt.text, seed, s.steps, s.cfg, s.scheduler, s.width, s.height, s.dtype]
+    blob = json.dumps(fields + ([list(timesteps)] if timesteps else []), sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
@@ -150,7 +168,8 @@ def _append(path: str, row: dict) -> None:
 def generate_images(
     model: EvalModel, prompts: list[Prompt], s: EvalSettings, out_dir: str, row: ModelRow, progress: bool = True
 ) -> list[dict]:
-    """Generate what is missing for one model; returns the index rows of all its images (in prompt/seed order)."""
+    """Generate what is missing for one model; returns the index rows of all its images (in prompt/seed order).
+    ``s``: the run's settings (None steps / cfg / scheduler: the model's sampling defaults)."""
     import torch
 
     from ..bench.memory import PeakMemory
@@ -162,7 +181,11 @@ def generate_images(
     os.makedirs(folder, exist_ok=True)
     index_path = os.path.join(folder, "index.jsonl")
     done = _read_jsonl(index_path)
-    jobs = [(p, seed, image_key(model, p, seed, s)) for p in prompts for seed in s.seeds]
+    resolved, timesteps = model_settings(model, s)
+    row.sampling = {"scheduler": resolved.scheduler, "steps": resolved.steps, "cfg": resolved.cfg}
+    if timesteps:
+        row.sampling["timesteps"] = list(timesteps)
+    jobs = [(p, seed, image_key(model, p, seed, resolved, timesteps)) for p in prompts for seed in s.seeds]
     todo = [j for j in jobs if j[2] not in done or not os.path.isfile(os.path.join(folder, done[j[2]]["file"]))]
     loaded = None
     if todo:
@@ -460,7 +483,7 @@ def run_eval(
                 setattr(row, k, old.get(k))
         row.n_images = len(by_key)
         for set_name, ps, scs in sets:
-            images = [by_key[image_key(m, union[(p.style, p.text)], seed, s)] for p in ps for seed in s.seeds]
+            images = _set_images(m, ps, union, s, by_key)
             for sc in scs:
                 agg = score_images(m, images, sc, out_dir, progress)
                 agg.pop("_scored_now")
@@ -489,6 +512,12 @@ def run_eval(
     atomic_write_text(os.path.join(out_dir, "results.md"), markdown(result))
     plot(result, os.path.join(out_dir, "results.png"), log)
     return result
+
+
+def _set_images(m: EvalModel, ps: list[Prompt], union: dict, s: EvalSettings, by_key: dict) -> list[dict]:
+    """The index rows of model ``m``'s images of one prompt set (every prompt x seed, in order)."""
+    resolved, timesteps = model_settings(m, s)
+    return [by_key[image_key(m, union[(p.style, p.text)], seed, resolved, timesteps)] for p in ps for seed in s.seeds]
 
 
 def _read_previous(out_dir: str) -> dict:
@@ -541,10 +570,24 @@ def markdown(result: dict) -> str:
     lines = [markdown_table(head, rows), ""]
     sets = ", ".join(f"{name} {v['n']}" for name, v in result["prompts"].items())
     lines.append(
-        f"prompts: {sets}; x {len(st['seeds'])} seed(s); {st['scheduler']}, {st['steps']} steps, cfg "
-        f"{st['cfg']}; latency: median per image in the run that generated the images"
+        f"prompts: {sets}; x {len(st['seeds'])} seed(s); {_sampling_text(result)}; latency: median per image in the "
+        "run that generated the images"
     )
     return "\n".join(lines) + "\n"
+
+
+def _sampling_text(result: dict) -> str:
+    """The sampler settings of the table: one line when every model sampled alike, else per model."""
+    st = result["settings"]
+
+    def text(d: dict) -> str:
+        ts = f" (timesteps {', '.join(map(str, d['timesteps']))})" if d.get("timesteps") else ""
+        return f"{d['scheduler']}, {d['steps']} steps{ts}, cfg {d['cfg']}"
+
+    per_model = {m["name"]: text({**st, **m.get("sampling", {})}) for m in result["models"]}
+    if len(set(per_model.values())) <= 1:
+        return next(iter(per_model.values()), text(st))
+    return "sampling per model (each one's recorded defaults): " + "; ".join(f"{k} {v}" for k, v in per_model.items())
 
 
 def plot(result: dict, path: str, log=print) -> str | None:

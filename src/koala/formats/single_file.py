@@ -188,7 +188,7 @@ def _single_file_tensors(src: str, pipe_dir: str | None, fam: Family, dt, unet_o
 
 def _export_metadata(src: str, fam: Family, counts: dict[str, int]) -> dict[str, str]:
     """The single file's safetensors metadata: title, family, components and, for a koala student, its layer map
-    (so a conversion back restores it)."""
+    (so a conversion back restores it) and its sampling defaults (``koala.sampling``, when recorded)."""
     from ..arch.layer_map import LayerMap
     from ..families import model_dir
 
@@ -203,6 +203,8 @@ def _export_metadata(src: str, fam: Family, counts: dict[str, int]) -> dict[str,
         lm = LayerMap.load(lmap_path)
         meta["koala.preset"] = str(lm.meta.get("preset") or "custom")
         meta["koala.teacher_kind"] = str(lm.meta.get("teacher_kind", "base"))
+        if "sampling" in lm.meta:  # how the student is sampled (koala.families.sampling.SamplingDefaults)
+            meta["koala.sampling"] = json.dumps(lm.meta["sampling"], sort_keys=True)
         meta["koala.layer_map"] = json.dumps(lm.to_dict())
     return meta
 

@@ -16,6 +16,7 @@ import torch
 
 from ..errors import KoalaError
 from ..families import denoiser_of, family_of_pipeline
+from ..families.sampling import SamplingDefaults
 from ..utils.console import is_terminal
 
 PNG_KEYS = (
@@ -31,6 +32,7 @@ PNG_KEYS = (
     "height",
     "dtype",
     "lora",
+    "timesteps",
 )
 
 
@@ -77,8 +79,8 @@ def generate(
     prompts: str | list[str],
     *,
     negative_prompt: str | None = None,
-    steps: int = 10,
-    cfg: float = 3.5,
+    steps: int | None = None,
+    cfg: float | None = None,
     seed: int = 0,
     batch_size: int = 1,
     images_per_prompt: int = 1,
@@ -94,12 +96,18 @@ def generate(
     (``StableDiffusionXLPipeline``, ``StableDiffusionPipeline``, ``PixArtSigmaPipeline``, ...); the family's own call
     arguments are added (PixArt: ``clean_caption=False``, ``use_resolution_binning=False``).
     ``safety``: an :class:`~koala.inference.safety.NSFWFilter` or None (then a note says no filter is active).
-    Defaults follow the paper: 10 steps, guidance 3.5 (App. A.3).
+    ``steps`` / ``cfg``: None: the loaded pipeline's sampling defaults (``LoadedPipeline.sampling``: the student's
+    record, else the paper's 10 steps and guidance 3.5, App. A.3; a plain pipeline gets the paper's). Recorded
+    explicit timesteps are used when ``steps`` is None. The PNG metadata holds what was used.
     """
     from .pipeline import LoadedPipeline
 
     info = pipe if isinstance(pipe, LoadedPipeline) else None
     sd = info.pipe if info else pipe
+    sampling = info.sampling if info else SamplingDefaults()
+    timesteps = sampling.timesteps if steps is None else None
+    steps = sampling.steps if steps is None else steps
+    cfg = sampling.guidance_scale if cfg is None else cfg
     prompts = _checked_prompts(prompts, steps, batch_size, images_per_prompt)
     fam = family_of_pipeline(sd)
     width, height = _image_size(sd, width, height)
@@ -109,6 +117,8 @@ def generate(
     for n in notes:
         log(f"note: {n}")
     base = _shared_params(sd, info, negative_prompt, steps, cfg, width, height)
+    if timesteps:
+        base["timesteps"] = list(timesteps)
     jobs = [(p, seed + i) for i, p in enumerate(p for p in prompts for _ in range(images_per_prompt))]
     sd.set_progress_bar_config(disable=not progress or not is_terminal(sys.stderr), leave=False)
     items: list[GeneratedImage] = []
@@ -173,6 +183,7 @@ def _pipeline_call(sd, fam, chunk: list[tuple[str, int]], params: dict) -> list:
     """One pipeline call for ``chunk`` ((prompt, seed) per image, each image from its own CPU generator) with the
     shared ``params`` and the family's own call arguments; returns the images."""
     negative = params["negative_prompt"]
+    extra = {"timesteps": params["timesteps"]} if params.get("timesteps") else {}
     return sd(
         prompt=[p for p, _ in chunk],
         negative_prompt=[negative] * len(chunk) if negative else fam.empty_negative_prompt,
@@ -182,6 +193,7 @@ def _pipeline_call(sd, fam, chunk: list[tuple[str, int]], params: dict) -> list:
         height=params["height"],
         generator=[torch.Generator("cpu").manual_seed(s) for _, s in chunk],
         **fam.pipeline_call_kwargs,
+        **extra,
     ).images
 
 

@@ -2,22 +2,23 @@
 
 ``load_pipeline(model=DIR)`` loads a full pipeline directory (as written by ``koala compress``/``koala distill``);
 ``load_pipeline(unet=DIR, base=PIPE)`` drops a student denoiser (U-Net or DiT transformer) into a teacher pipeline.
-The family (and so the diffusers pipeline class) is detected from the denoiser config. The paper's inference settings
-(App. A.3) are the
-defaults: Euler discrete scheduler, fp16 on GPU, fp16-fix VAE when given.
+The family (and so the diffusers pipeline class) is detected from the denoiser config. The scheduler, steps and
+guidance are the student's sampling defaults (``meta.sampling`` in its layer map, :mod:`koala.families.sampling`),
+else the paper's (App. A.3): Euler discrete scheduler, 10 steps, guidance 3.5; fp16 on GPU, fp16-fix VAE when given.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import torch
 
 from ..errors import KoalaError
 from ..families import Family, denoiser_of, family_of, model_dir, model_dir_kind
-from ..families.sampling import SPACING, teacher_kind_of
+from ..families.sampling import SPACING, SPACINGS, SamplingDefaults, check_scheduler_class, defaults_from_meta
 from ..utils.compile import compile_module
 from ..utils.devices import check_dtype_on_device, parse_device, parse_dtype
 from ..utils.files import read_json
@@ -27,8 +28,8 @@ SCHEDULERS = {
     "euler_a": "EulerAncestralDiscreteScheduler",
     "ddim": "DDIMScheduler",
     "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "lcm": "LCMScheduler",
 }
-SPACINGS = ("leading", "trailing", "linspace")
 OFFLOAD = (None, "model", "sequential")
 ATTENTION_PROCESSORS = ("sdpa", "classic")  # diffusers attention processors (classic: AttnProcessor)
 
@@ -47,6 +48,7 @@ class LoadedPipeline:
     notes: list[str] = field(default_factory=list)
     family: str = "sdxl"
     lora: str = ""  # the LoRA files applied, "name:scale, ..." (PNG metadata)
+    sampling: SamplingDefaults = field(default_factory=SamplingDefaults)  # what generate() uses by default
 
 
 def _check_pipeline_dir(path: str, what: str) -> Family:
@@ -76,19 +78,64 @@ def _check_denoiser_fits(denoiser_dir: str, base: str, fam: Family) -> None:
         )
 
 
-def _scheduler(pipe, name: str, spacing: str | None):
-    import diffusers
+def scheduler_label(class_name: str) -> str:
+    """The short name of a diffusers scheduler class (``euler`` for ``EulerDiscreteScheduler``), else the class
+    name: how PNG metadata and reports name the scheduler."""
+    return next((k for k, v in SCHEDULERS.items() if v == class_name), class_name)
 
-    if name not in SCHEDULERS:
-        raise KoalaError(f"scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}", option="scheduler")
+
+def _scheduler(pipe, sampling: SamplingDefaults, name: str | None, spacing: str | None, notes: list[str]):
+    """Set the pipeline's scheduler: ``name`` (a ``SCHEDULERS`` key or a diffusers class name), else the sampling
+    defaults' own, from the pipeline's scheduler config with the defaults' overrides and ``spacing`` applied.
+    Returns ``(label, spacing in use, the sampling defaults as applied)``."""
+    if name is not None and name not in SCHEDULERS and not _is_scheduler_class(name):
+        raise KoalaError(
+            f"scheduler {name!r}: choose one of {', '.join(SCHEDULERS)} (or a diffusers scheduler class name)",
+            option="scheduler",
+        )
     if spacing is not None and spacing not in SPACINGS:
         raise KoalaError(
             f"timestep spacing {spacing!r}: choose one of {', '.join(SPACINGS)}", option="timestep_spacing"
         )
-    cls = getattr(diffusers, SCHEDULERS[name])
-    kw = {"timestep_spacing": spacing} if spacing else {}
-    pipe.scheduler = cls.from_config(pipe.scheduler.config, **kw)
-    return pipe.scheduler.config.get("timestep_spacing", "leading")
+    cls_name = SCHEDULERS.get(name, name) if name else sampling.scheduler
+    cls = check_scheduler_class(cls_name, "scheduler")
+    accepted = inspect.signature(cls.__init__).parameters
+    overrides = {k: v for k, v in sampling.scheduler_config.items() if k in accepted}
+    if spacing:
+        overrides["timestep_spacing"] = spacing
+    pipe.scheduler = cls.from_config(pipe.scheduler.config, **overrides)
+    timesteps = _usable_timesteps(pipe.scheduler, sampling.timesteps, spacing, notes)
+    applied = replace(sampling, scheduler=cls_name, scheduler_config=overrides, timesteps=timesteps)
+    return name or scheduler_label(cls_name), pipe.scheduler.config.get("timestep_spacing", "leading"), applied
+
+
+def _is_scheduler_class(name: str) -> bool:
+    try:
+        check_scheduler_class(name)
+    except KoalaError:
+        return False
+    return True
+
+
+def _usable_timesteps(scheduler, timesteps: list[int] | None, spacing: str | None, notes: list[str]):
+    """The recorded ``timesteps`` when ``scheduler`` can take them and no spacing was asked for, else None (a note
+    says why they are not used)."""
+    if timesteps is None:
+        return None
+    limit = scheduler.config.get("num_train_timesteps", 1000)
+    if max(timesteps) >= limit:
+        raise KoalaError(
+            f"the student's recorded timesteps {timesteps} (koala_layer_map.json meta.sampling.timesteps) exceed "
+            f"the scheduler's {limit} training timesteps; record timesteps below {limit}",
+            option="scheduler",
+        )
+    if spacing:
+        notes.append(f"timestep spacing {spacing} asked for: the recorded timesteps {timesteps} are not used")
+        return None
+    if "timesteps" not in inspect.signature(scheduler.set_timesteps).parameters:
+        notes.append(f"{type(scheduler).__name__} takes no explicit timesteps: the recorded {timesteps} are not used")
+        return None
+    return timesteps
 
 
 def load_pipeline(
@@ -99,7 +146,7 @@ def load_pipeline(
     vae: str | None = None,
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
-    scheduler: str = "euler",
+    scheduler: str | None = None,
     timestep_spacing: str | None = None,
     vae_slicing: bool = False,
     vae_tiling: bool = False,
@@ -113,6 +160,8 @@ def load_pipeline(
 
     ``model``: a pipeline directory; or ``unet`` (a student U-Net / DiT transformer dir, or a pipeline dir) + ``base``
     (the teacher's pipeline dir).
+    ``scheduler`` (a ``SCHEDULERS`` key or a diffusers scheduler class name) and ``timestep_spacing``: None: the
+    student's sampling defaults (``LoadedPipeline.sampling``; the paper's Euler when it records none).
     ``vae``: an fp16-safe VAE directory (e.g. sdxl-vae-fp16-fix); without it an fp16 VAE decodes in fp32.
     ``offload``: None, "model" (whole components move to the GPU in turn) or "sequential" (sub-module by
     sub-module; least memory, slowest). Both need CUDA and accelerate; on CPU they do not apply and a note says so.
@@ -134,7 +183,8 @@ def load_pipeline(
     pipe = _from_pretrained(src, vae, dt)
     denoiser = denoiser_of(pipe)
     modes += _vae_precision(pipe, fam, bool(vae), dt)
-    spacing = _scheduler(pipe, scheduler, _default_spacing(timestep_spacing, src.teacher_kind, notes))
+    _sampling_note(src, scheduler, timestep_spacing, notes)
+    label, spacing, sampling = _scheduler(pipe, src.sampling, scheduler, timestep_spacing, notes)
     lora_desc = _apply_loras(pipe, lora, modes)
     modes.append(_set_attention(pipe, denoiser, attention))
     if vae_slicing:
@@ -151,7 +201,9 @@ def load_pipeline(
     _place(pipe, offload, device, modes, notes)
     if compile:
         _compile(pipe, denoiser, fam, modes, notes)
-    return LoadedPipeline(pipe, src.name, device, dtype_name, scheduler, spacing, modes, notes, fam.name, lora_desc)
+    return LoadedPipeline(
+        pipe, src.name, device, dtype_name, label, spacing, modes, notes, fam.name, lora_desc, sampling
+    )
 
 
 def _check_modes(offload: str | None, attention: str) -> None:
@@ -165,13 +217,14 @@ def _check_modes(offload: str | None, attention: str) -> None:
 
 class _Source(NamedTuple):
     """What :func:`load_pipeline` loads: the pipeline directory ``path`` of ``family`` with ``from_pretrained``
-    keyword arguments ``kwargs`` (a student denoiser among them), its display ``name`` and the teacher kind of its
-    denoiser (koala_layer_map.json)."""
+    keyword arguments ``kwargs`` (a student denoiser among them), its display ``name``, and the layer map ``meta``
+    of its denoiser (koala_layer_map.json; empty without one) with the sampling defaults it gives."""
 
     family: Family
     path: str
     name: str
-    teacher_kind: str | None
+    meta: dict
+    sampling: SamplingDefaults
     kwargs: dict
 
 
@@ -185,7 +238,7 @@ def _source(model: str | None, denoiser: str | None, base: str | None, dt: torch
         )
     if model:
         fam = _check_pipeline_dir(model, "model")
-        return _Source(fam, model, _base_name(model), teacher_kind_of(model), {"dtype": dt})
+        return _Source(fam, model, _base_name(model), *_student_sampling(model), {"dtype": dt})
     if not (denoiser and base):
         raise KoalaError(
             "no model: give a pipeline directory (model), or a U-Net directory (unet) together with a base "
@@ -194,11 +247,20 @@ def _source(model: str | None, denoiser: str | None, base: str | None, dt: torch
         )
     fam = _check_pipeline_dir(base, "base")
     denoiser_dir = model_dir(denoiser)
-    teacher_kind = teacher_kind_of(denoiser_dir)
+    meta, sampling = _student_sampling(denoiser_dir)
     _check_denoiser_fits(denoiser_dir, base, fam)
     kwargs = {"dtype": dt, fam.model_subfolder: fam.load_model(denoiser_dir, dt)}
     name = f"{_base_name(denoiser)} ({fam.model_subfolder}) + {_base_name(base)}"
-    return _Source(fam, base, name, teacher_kind, kwargs)
+    return _Source(fam, base, name, meta, sampling, kwargs)
+
+
+def _student_sampling(path: str) -> tuple[dict, SamplingDefaults]:
+    """The layer map ``meta`` of the model at ``path`` (empty without a layer map) and its sampling defaults."""
+    from ..arch.layer_map import LayerMap
+
+    found = LayerMap.find(path)
+    meta = LayerMap.load(found).meta if found else {}
+    return meta, defaults_from_meta(meta, found or path)
 
 
 def _base_name(path: str) -> str:
@@ -228,15 +290,23 @@ def _vae_precision(pipe, fam: Family, custom_vae: bool, dt: torch.dtype) -> list
     return []
 
 
-def _default_spacing(timestep_spacing: str | None, teacher_kind: str | None, notes: list[str]) -> str | None:
-    """``timestep_spacing``, else the spacing a turbo / lightning student is sampled with (as the paper does)."""
-    if timestep_spacing is None and SPACING.get(teacher_kind):
+def _sampling_note(src: _Source, scheduler: str | None, timestep_spacing: str | None, notes: list[str]) -> None:
+    """Say where the scheduler settings come from when the student decides them: its record, or (without one) the
+    trailing spacing of a turbo / lightning student (as the paper samples them)."""
+    kind = src.meta.get("teacher_kind")
+    if "sampling" in src.meta:
+        d = src.sampling
+        ts = f", timesteps {d.timesteps}" if d.timesteps else ""
         notes.append(
-            f"timestep spacing {SPACING[teacher_kind]}: the student's teacher is {teacher_kind} "
+            f"sampling defaults recorded with the student (koala_layer_map.json meta.sampling): {d.scheduler}, "
+            f"{d.steps} steps, cfg {d.guidance_scale:g}{ts}; --scheduler, --timestep-spacing, --steps and --cfg "
+            "override them"
+        )
+    elif timestep_spacing is None and SPACING.get(kind):
+        notes.append(
+            f"timestep spacing {SPACING[kind]}: the student's teacher is {kind} "
             "(koala_layer_map.json); --timestep-spacing overrides it"
         )
-        return SPACING[teacher_kind]
-    return timestep_spacing
 
 
 def _apply_loras(pipe, lora: list[str] | None, modes: list[str]) -> str:
