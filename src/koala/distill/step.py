@@ -19,6 +19,7 @@ from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 
 from ..errors import KoalaError
+from ..families.sampling import record_sampling
 from ..utils.attention import attention_context
 from ..utils.compile import compile_module
 from ..utils.extras import require
@@ -172,7 +173,7 @@ class Distiller:
         self.objective = make_objective(self)  # fewstep.method: a step objective, or None (KD alone)
         if self.objective is not None:  # the step teacher, LoRA adapters; what the student records for sampling
             self.objective.setup_student(student)
-            self.lmap.meta["sampling"] = self.objective.sampling()
+            record_sampling(self.lmap.meta, self.objective.sampling())
             self.lmap.meta["fewstep"] = {"method": cfg.fewstep.method, "lora_rank": cfg.fewstep.lora_rank}
         self._place_student(student)
         trainable = [p for p in student.parameters() if p.requires_grad]

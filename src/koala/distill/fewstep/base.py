@@ -24,6 +24,7 @@ from ..losses import Losses
 from . import lora as lora_mod
 
 if TYPE_CHECKING:
+    from ...families.sampling import SamplingDefaults
     from ..step import Distiller, KDItem
 
 
@@ -180,8 +181,8 @@ class StepObjective:
         return {}
 
     # ------------------------------------------------------------------ what a student records and saves
-    def sampling(self) -> dict:
-        """The sampling record for the student's layer map (``meta.sampling``)."""
+    def sampling(self) -> "SamplingDefaults":
+        """How the trained student samples: recorded in its layer map (``meta.sampling``) for koala generate."""
         raise NotImplementedError
 
     def save_model(self, student, folder: str) -> bool:

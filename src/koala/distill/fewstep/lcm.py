@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ...errors import KoalaError
+from ...families.sampling import SamplingDefaults
 from ..losses import Losses
 from .base import StepObjective
 
@@ -126,14 +127,13 @@ class LCM(StepObjective):
         return {}
 
     # ------------------------------------------------------------------ record and resume
-    def sampling(self) -> dict:
-        return {
-            "scheduler": "LCMScheduler",
-            "scheduler_config": {"original_inference_steps": int(self.cfg.ddim_steps)},
-            "steps": int(self.cfg.steps),
-            "guidance_scale": 1.0,
-            "timesteps": None,
-        }
+    def sampling(self) -> SamplingDefaults:
+        return SamplingDefaults(
+            "LCMScheduler",
+            {"original_inference_steps": int(self.cfg.ddim_steps)},
+            steps=int(self.cfg.steps),
+            guidance_scale=1.0,
+        )
 
     def state_dict(self) -> dict:
         state = super().state_dict()
