@@ -13,6 +13,30 @@ from koala.arch import LayerMap
 from koala.cli import main
 
 
+def test_demo_few_step_adds_the_step_stage_and_its_rows(tmp_path, capsys):
+    """``koala demo --few-step``: a step-distillation stage from the KD student (LCM, the KD student as step teacher),
+    and rows, each with its stage and sampling steps: the KD student at 4 / 2 / 1 Euler steps and the few-step
+    student at 4 / 2 / 1 steps of its recorded sampler (LCMScheduler, cfg 1); the grid shows the same rows."""
+    from koala.families.sampling import sampling_defaults_of
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--fast", "--few-step", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    got = [(r["stage"], r["sample_steps"], r["guidance"]) for r in res["rows"]]
+    kd = [("kd", n, 5.0) for n in (4, 2, 1)]
+    few = [("few-step", n, 1.0) for n in (4, 2, 1)]
+    assert got == [("teacher", 2, 5.0), ("before-kd", 2, 5.0), ("kd", 2, 5.0), *kd, *few]
+    assert len({r["latency_ms"] for r in res["rows"] if r["stage"] == "few-step"}) == 1  # one model, timed once
+    few_dir = res["few_step_student"]
+    rec = sampling_defaults_of(few_dir)
+    assert (rec.scheduler, rec.steps, rec.guidance_scale) == ("LCMScheduler", 4, 1.0)
+    recipe = yaml.safe_load((out / "fewstep" / "config.yaml").read_text())
+    assert recipe["fewstep"]["method"] == "lcm" and recipe["student"]["path"] == res["student"]
+    assert recipe["loss"] == {"task": 0.0, "out": 0.0, "feat": 0.0}
+    assert Image.open(out / "grid.png").size[1] >= 9 * 96
+    assert "few-step" in capsys.readouterr().out
+
+
 def test_demo_fast_end_to_end(tmp_path, capsys):
     from koala.lab.models import shapes_teacher_dir
 
@@ -54,7 +78,8 @@ def test_demo_fast_end_to_end(tmp_path, capsys):
 
     meta, body = read_card(os.path.join(os.path.dirname(res["student"]), "README.md"))
     assert meta["pipeline_tag"] == "text-to-image" and "## Results" in body
-    assert f"| student, after KD | {s['params']} |" in body and f"{100 * t['color']:.1f}%" in body
+    assert f"| student, after KD | kd | 2 | {s['params']} |" in body and f"{100 * t['color']:.1f}%" in body
+    assert [(r["stage"], r["sample_steps"]) for r in res["rows"]] == [("teacher", 2), ("before-kd", 2), ("kd", 2)]
     # A second run into the same directory is refused without --overwrite, and leaves it intact.
     assert main(["demo", "--fast", "--out", str(out)]) == 2
     assert (out / "results.json").exists()

@@ -57,6 +57,12 @@ def register(sub) -> None:
         default=None,
         help="encode the training images at every step instead of once up front",
     )
+    p.add_argument(
+        "--few-step",
+        action="store_true",
+        help="after KD, distill the student for few-step sampling (latent consistency distillation, the KD student as "
+        "its step teacher) and add rows: the KD student and the few-step student at 4, 2 and 1 steps",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     p.set_defaults(func=run)
 
@@ -79,14 +85,19 @@ def run(args) -> int:
             ("cache", args.cache),
             ("teacher_worker", args.teacher_worker),
             ("overwrite", args.overwrite),
+            ("few_step", args.few_step or None),
         )
         if v is not None
     }
     settings = DemoSettings.fast(**kw) if args.fast else DemoSettings(**kw)
     result = run_demo(settings)
     print_results(result)
+    rows = "teacher, student before KD, student after KD" + (
+        ", KD student and few-step student at few steps" if settings.few_step else ""
+    )
+    few = f", few-step student at {result['few_step_student']}" if result.get("few_step_student") else ""
     print(
-        f"outputs in {settings.out}/: grid.png (rows: teacher, student before KD, student after KD), "
-        f"results.json, student U-Net at {result['student']} ({result['minutes']} min)"
+        f"outputs in {settings.out}/: grid.png (rows: {rows}), results.json, student U-Net at "
+        f"{result['student']}{few} ({result['minutes']} min)"
     )
     return 0

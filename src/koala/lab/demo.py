@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -64,6 +65,15 @@ class DemoSettings:
     # data-parallel training processes (accelerate launch on CPU; the batch is split); None: as many as the cores
     # hold (a core each, two with the teacher worker), up to 2
     processes: int | None = None
+    # --few-step: after the KD stage, a step-distillation stage (koala.distill.fewstep) from the KD student, and
+    # rows for the KD student and the few-step student at few_step_counts steps
+    few_step: bool = False
+    fewstep_method: str = "lcm"  # a STEP_OBJECTIVES name
+    fewstep_steps: int = 300  # its optimizer steps
+    fewstep_lr: float = 1e-4
+    fewstep_teacher: str = "student"  # student: the KD student is the step teacher (two stages); teacher: the big one
+    fewstep_guidance: float = 5.0  # the step teacher's guidance (the scale the teacher samples with)
+    few_step_counts: tuple = (4, 2, 1)
 
     def __post_init__(self):
         if self.processes is None:
@@ -73,7 +83,7 @@ class DemoSettings:
     @classmethod
     def fast(cls, **kw) -> "DemoSettings":
         """Seconds-long variant for CI: same code path, tiny budgets."""
-        base = dict(steps=4, batch_size=4, num_train=16, num_eval=4, sample_steps=2, processes=1)
+        base = dict(steps=4, batch_size=4, num_train=16, num_eval=4, sample_steps=2, processes=1, fewstep_steps=2)
         base.update(kw)
         return cls(**base)
 
@@ -382,6 +392,57 @@ def _launch(cfg, overrides: list[str], processes: int) -> str:
     return found[0]
 
 
+def demo_rows(s: DemoSettings, init_dir: str, kd_dir: str, few_dir: str | None):
+    """``(name, denoiser dir, stage, sampling steps, guidance)`` per results row: the teacher, the student before
+    and after KD at the teacher's sampling; with a few-step student, the KD student at the few-step counts (Euler,
+    the teacher's guidance: what asking it for fewer steps gives) and the few-step student at them (its recorded
+    sampler, guidance 1)."""
+    rows = [
+        ("teacher", None, "teacher", s.sample_steps, s.guidance),
+        ("student, before KD", init_dir, "before-kd", s.sample_steps, s.guidance),
+        ("student, after KD", kd_dir, "kd", s.sample_steps, s.guidance),
+    ]
+    if few_dir:
+        rows += [(f"student, after KD, {n} steps", kd_dir, "kd", n, s.guidance) for n in s.few_step_counts]
+        rows += [(f"few-step student, {n} steps", few_dir, "few-step", n, 1.0) for n in s.few_step_counts]
+    return rows
+
+
+def step_stage(s: DemoSettings, teacher_dir: str, kd_dir: str, train_dir: str, log=print) -> str:
+    """The step-distillation stage (``fewstep.method``) from the KD student on the same data; returns the few-step
+    student's directory. The step teacher is the KD student itself (``fewstep_teacher=student``) or the big
+    teacher; only the step objective trains (no KD terms), in one process (a step objective runs its teacher in the
+    training process)."""
+    log(
+        f"[2b] step distillation: {s.fewstep_method} {s.fewstep_steps} steps, lr {s.fewstep_lr:g}, step teacher "
+        f"{'the KD student' if s.fewstep_teacher == 'student' else 'the teacher'} at guidance {s.fewstep_guidance:g},"
+        f" for {', '.join(map(str, s.few_step_counts))}-step sampling"
+    )
+    stage = dataclasses.replace(
+        s,
+        steps=s.fewstep_steps,
+        lr=s.fewstep_lr,
+        lr_schedule="constant",
+        warmup=0,
+        ema=0.0,
+        teacher_worker=False,
+        processes=1,
+        threads=s.threads or (os.cpu_count() or 1),
+    )
+    extra = [
+        f"fewstep.method={s.fewstep_method}",
+        f"fewstep.teacher={s.fewstep_teacher}",
+        f"fewstep.guidance_scale={s.fewstep_guidance}",
+        f"fewstep.steps={max(s.few_step_counts)}",
+        "loss.task=0",
+        "loss.out=0",
+        "loss.feat=0",
+        "kd.features={}",
+        "train.caption_dropout=0.0",
+    ]
+    return distill(stage, teacher_dir, kd_dir, train_dir, run_name="fewstep", extra=extra)
+
+
 def eval_prompts(s: DemoSettings) -> list[str]:
     from .models import IMAGE_SIZE
     from .shapes import generate_scenes
@@ -436,24 +497,33 @@ def _run_demo(s: DemoSettings, t_start: float, log) -> dict:
         f"{s.features}{f'; EMA {s.ema:g}' if s.ema else ''}) on {s.num_train} shapes images, {_processes_text(s)}"
     )
     student_dir = distill(s, teacher_dir, student_init, train_dir)
+    few_dir = step_stage(s, teacher_dir, student_dir, train_dir, log) if s.few_step else None
     torch.set_num_threads(threads_for(s, training=False))  # one in-process training run set its own
 
     log(
-        f"[3/4] generate and score {s.num_eval} val prompts per model ({s.sample_steps} Euler steps, cfg {s.guidance})"
+        f"[3/4] generate and score {s.num_eval} val prompts per model ({s.sample_steps} Euler steps, cfg {s.guidance}"
+        + (f"; few-step rows at {', '.join(map(str, s.few_step_counts))} steps" if s.few_step else "")
+        + ")"
     )
     prompts = eval_prompts(s)
-    rows, grid_rows = [], []
-    for name, model_dir in (
-        ("teacher", None),
-        ("student, before KD", model_subdir(student_init)),
-        ("student, after KD", student_dir),
-    ):
-        scores, model = score_model(s, teacher_dir, model_dir, prompts)
-        grid_images, _ = _sample(teacher_dir, GRID_PROMPTS, s, model_dir)
+    rows, grid_rows, latency = [], [], {}
+    for name, model_dir, stage, steps, cfg in demo_rows(s, model_subdir(student_init), student_dir, few_dir):
+        row_s = dataclasses.replace(s, sample_steps=steps, guidance=cfg)
+        scores, model = score_model(row_s, teacher_dir, model_dir, prompts)
+        grid_images, _ = _sample(teacher_dir, GRID_PROMPTS, row_s, model_dir)
         grid_rows.append((name, grid_images))
-        # the denoiser's parameters and forward time
+        if model_dir not in latency:  # the denoiser's forward time (one per model, whatever its step count)
+            latency[model_dir] = round(_unet_latency_ms(model), 2)
         rows.append(
-            {"model": name, "params": count_params(model), "latency_ms": round(_unet_latency_ms(model), 2), **scores}
+            {
+                "model": name,
+                "stage": stage,
+                "sample_steps": steps,
+                "guidance": cfg,
+                "params": count_params(model),
+                "latency_ms": latency[model_dir],
+                **scores,
+            }
         )
     out = os.path.abspath(s.out)
     grid = _grid(grid_rows, os.path.join(out, "grid.png"), GRID_PROMPTS)
@@ -468,17 +538,19 @@ def _run_demo(s: DemoSettings, t_start: float, log) -> dict:
         for r in rows
     ]
     add_results(
-        os.path.dirname(student_dir.rstrip(os.sep)),
+        os.path.dirname((few_dir or student_dir).rstrip(os.sep)),
         pct,
-        ["model", "params", "latency_ms", "color", "shape", "binding", "spatial"],
-        f"Shapes world, `koala demo` ({len(prompts)} held-out prompts per model, {s.sample_steps} Euler steps, "
-        f"cfg {s.guidance}; the shapes scorer: colour / shape / colour-shape binding / spatial accuracy).",
+        ["model", "stage", "sample_steps", "params", "latency_ms", "color", "shape", "binding", "spatial"],
+        f"Shapes world, `koala demo` ({len(prompts)} held-out prompts per model; teacher and KD rows Euler, cfg "
+        f"{s.guidance}, few-step rows the student's recorded sampler at cfg 1; the shapes scorer: colour / shape / "
+        "colour-shape binding / spatial accuracy).",
     )
     result = {
         "settings": s.__dict__,
         "rows": rows,
         "grid": grid,
         "student": student_dir,
+        "few_step_student": few_dir,
         "minutes": round((time.time() - t_start) / 60, 2),
     }
     with open(os.path.join(out, "results.json"), "w") as f:
@@ -489,11 +561,13 @@ def _run_demo(s: DemoSettings, t_start: float, log) -> dict:
 def print_results(result: dict) -> None:
     from ..utils.console import Column, print_table
 
-    cols = [Column("model", wrap=True)]
+    cols = [Column("model", wrap=True), Column("stage"), Column("steps", "right")]
     cols += [Column(c, "right") for c in ("denoiser params", "denoiser ms", "colour", "shape", "binding", "spatial")]
     rows = [
         [
             r["model"],
+            r.get("stage", ""),
+            str(r.get("sample_steps", "")),
             f"{r['params']:,}",
             f"{r['latency_ms']:.1f}",
             *(f"{100 * r[k]:.1f}%" if k in r else "-" for k in ("color", "shape", "binding", "spatial")),
