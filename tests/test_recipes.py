@@ -188,6 +188,8 @@ def test_shipped_recipes_resolve_by_name_and_match_paper():
         "koala-turbo-1b",
         "pixart-sigma-dit-m",
         "tiny-dit",
+        "tiny-fewstep",
+        "tiny-dmd",
         "koala-base-1b",
         "table3-ablation",
         "table7-koala-1b",

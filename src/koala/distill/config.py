@@ -173,6 +173,8 @@ class FewStepConfig:
     fake_updates: int = 5  # fake-score updates per generator update (two time-scale update rule)
     fake_lr: Optional[float] = None  # null: train.lr
     gan_weight: float = 0.0  # weight of the GAN loss on the fake score's bottleneck features (0: no GAN head)
+    disc_weight: Optional[float] = None  # the GAN head's loss in the fake score's update (null: 2 x gan_weight,
+    # DMD2's SDXL ratio 1e-2 : 5e-3)
     min_t: float = 0.02  # the range of noise levels the scores are compared at, as fractions of the schedule
     max_t: float = 0.98
 
@@ -447,6 +449,8 @@ def _check_fewstep(cfg: DistillConfig) -> None:
     _num(cfg, "fewstep.target_decay", 0, 1)
     _num(cfg, "fewstep.huber_c", 0)
     _num(cfg, "fewstep.gan_weight", 0)
+    if f.disc_weight is not None:
+        _num(cfg, "fewstep.disc_weight", 0)
     _num(cfg, "fewstep.min_t", 0, 1)
     _num(cfg, "fewstep.max_t", 0, 1)
     if f.min_t >= f.max_t:
@@ -466,6 +470,12 @@ def _check_fewstep(cfg: DistillConfig) -> None:
     ):
         if on:
             raise KoalaError(f"fewstep.method={f.method} with {key}: {why}; turn {key} off", option=key)
+    if f.method == "dmd" and t.mixed_precision == "fp16":  # the fake score's optimizer has no loss scaler
+        raise KoalaError(
+            "fewstep.method=dmd with train.mixed_precision=fp16: the fake score trains without a loss scaler; use "
+            "train.mixed_precision=bf16 or no",
+            option="train.mixed_precision",
+        )
     if f.lora_rank and t.ema.enabled:
         raise KoalaError(
             "fewstep.lora_rank > 0 with train.ema.enabled: the EMA of a LoRA run would copy the whole student; "

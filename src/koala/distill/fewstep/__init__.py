@@ -8,9 +8,10 @@ KD; ``fewstep.method`` names one. The :class:`~koala.distill.step.Distiller` bui
 from __future__ import annotations
 
 from .base import StepObjective
+from .dmd import DMD
 from .lcm import LCM
 
-STEP_OBJECTIVES: dict[str, type[StepObjective]] = {"lcm": LCM}
+STEP_OBJECTIVES: dict[str, type[StepObjective]] = {"lcm": LCM, "dmd": DMD}
 
 
 def make_objective(d) -> StepObjective | None:
