@@ -121,7 +121,7 @@ def test_lcm_scheduler_sampling_reproduces_the_rollout(tiny_pipe_dir, tmp_path):
 
     d, item = _distiller(tiny_pipe_dir, tmp_path / "run")
     obj, p = d.objective, item.prepared
-    rec = obj.sampling()
+    rec = obj.sampling().to_meta()
     assert rec["timesteps"] == [999, 749, 499, 249] and rec["guidance_scale"] == 1.0
     student = d.plain_student.eval()
     base = StableDiffusionXLPipeline.from_pretrained(tiny_pipe_dir)

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import KoalaError
+from ...families.sampling import SamplingDefaults
 from ...utils.attention import attention_context
 from ..losses import Losses
 from .base import StepObjective
@@ -319,19 +320,16 @@ class DMD(StepObjective):
         return logs
 
     # ------------------------------------------------------------------ record and resume
-    def sampling(self) -> dict:
+    def sampling(self) -> SamplingDefaults:
         # custom timesteps: original_inference_steps = T puts every timestep on LCMScheduler's training grid (no
         # "unexpected results" warning; nothing else changes); no x0 clipping, as in training
-        return {
-            "scheduler": "LCMScheduler",
-            "scheduler_config": {
-                "original_inference_steps": self.schedule.num_train_timesteps,
-                "clip_sample": False,
-            },
-            "steps": int(self.cfg.steps),
-            "guidance_scale": 1.0,
-            "timesteps": [int(t) for t in self.timesteps],
-        }
+        return SamplingDefaults(
+            "LCMScheduler",
+            {"original_inference_steps": self.schedule.num_train_timesteps, "clip_sample": False},
+            steps=int(self.cfg.steps),
+            guidance_scale=1.0,
+            timesteps=[int(t) for t in self.timesteps],
+        )
 
     def state_dict(self) -> dict:
         state = super().state_dict()
