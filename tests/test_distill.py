@@ -227,13 +227,18 @@ def test_overfit_one_batch_loss_falls_teacher_frozen_and_dropout(tiny_pipe_dir, 
     d.s_rec.remove(), d.t_rec.remove()
 
 
-def _launch_distill(port: int) -> list[str]:
-    """`accelerate launch` of `koala distill --config tiny` on 2 CPU processes (the overrides follow)."""
+def _launch(port: int) -> list[str]:
+    """`accelerate launch` on 2 CPU processes (the script or `-m module` and its arguments follow)."""
     import sys
 
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    return [*launch, "--main_process_port", str(port), "-m", "koala.cli", "distill", "--config", "tiny"]
+    return [*launch, "--main_process_port", str(port)]
+
+
+def _launch_distill(port: int) -> list[str]:
+    """`accelerate launch` of `koala distill --config tiny` on 2 CPU processes (the overrides follow)."""
+    return [*_launch(port), "-m", "koala.cli", "distill", "--config", "tiny"]
 
 
 def _weights(ckpt, sub="unet"):
@@ -539,28 +544,56 @@ SMALL_STUDENT = (
     "student.preset={encoder_layers: [1, 1, 1], down_depth: [0, 1, 1], up_depth: [1, 1, 0], mid_block: false}"
 )
 
+SHARDINGS = {
+    "zero1": ["train.shard_optimizer=true"],
+    "grad_op": ["train.fsdp=grad_op", "train.max_grad_norm=0.5"],
+    "full": ["train.fsdp=full"],
+}
+
+# `koala distill` (koala.cli.main) once per argument list of the JSON file, in the same processes: one `accelerate
+# launch` runs several 2-process trainings in turn (each start of a process costs seconds of imports). Each run
+# ends with its process group destroyed (Accelerator.end_training); the next one starts a fresh accelerate state
+# and process group, on a store of its own (port PORT + 1 + i) so that no key of an earlier run is read again.
+DISTILL_RUNS = """
+import json, os, sys
+from accelerate.state import AcceleratorState
+from koala.cli import main
+os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "False"
+for i, argv in enumerate(json.load(open(sys.argv[1]))):
+    AcceleratorState._reset_state(reset_partial_state=True)
+    os.environ["MASTER_PORT"] = str(int(sys.argv[2]) + 1 + i)
+    if main(argv):
+        sys.exit(1)
+"""
+
+
+def _launch_distill_runs(tmp_path, port: int, runs: list[list[str]]) -> str:
+    """`koala distill --config tiny OVERRIDES` for each override list, one after another in the same 2 CPU
+    processes of one `accelerate launch` (ports PORT to PORT + len(runs)); returns the log."""
+    import json
+    import subprocess
+
+    script, argv = tmp_path / f"runs-{port}.py", tmp_path / f"runs-{port}.json"
+    script.write_text(DISTILL_RUNS)
+    argv.write_text(json.dumps([["distill", "--config", "tiny", *r] for r in runs]))
+    cmd = [*_launch(port), str(script), str(argv), str(port)]
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=500)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    return proc.stdout + proc.stderr
+
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "sharding,port",
-    [
-        (["train.shard_optimizer=true"], 29541),
-        (["train.fsdp=grad_op", "train.max_grad_norm=0.5"], 29543),
-        (["train.fsdp=full"], 29545),
-    ],
-)
-def test_sharded_optimizer_two_processes_resume_exactly(tiny_pipe_dir, tmp_path, sharding, port):
+def test_sharded_optimizer_two_processes_resume_exactly(tiny_pipe_dir, tmp_path):
     """Sharded training over 2 gloo processes -- train.shard_optimizer (ZeRO-1: each process keeps half of the
     AdamW states), train.fsdp=grad_op (ZeRO-2 with FSDP2: gradients, optimizer states and EMA sharded; here with
     gradient clipping over the sharded gradients) and train.fsdp=full (ZeRO-3: parameters too): the checkpoint
     holds the full states (every parameter's moments, a loadable diffusers U-Net and EMA), the weights equal 1
     process x the same global batch, and a run resumed from the step-1 checkpoint ends bit-equal to the
     uninterrupted run. The student is a small custom U-Net (SMALL_STUDENT): the sharded optimizer, EMA and
-    checkpoint gathering cost per parameter tensor (DTensor dispatch), not per element."""
+    checkpoint gathering cost per parameter tensor (DTensor dispatch), not per element. The three shardings'
+    uninterrupted runs share one `accelerate launch`, their resumed runs (fresh processes) a second one."""
     import shutil
-    import subprocess
-
-    from koala.distill.trainer import train
 
     common = [
         f"teacher.pipeline={tiny_pipe_dir}",
@@ -572,54 +605,60 @@ def test_sharded_optimizer_two_processes_resume_exactly(tiny_pipe_dir, tmp_path,
         "train.lr=0.05",
         SMALL_STUDENT,
     ]
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
 
-    def launch(out, steps, port):
-        cmd = [
-            *_launch_distill(port),
-            f"train.output_dir={out}",
-            "train.batch_size=1",
-            *sharding,
-            "train.resume=latest",
-            f"train.max_steps={steps}",
-            *common,
-        ]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-        return proc.stdout + proc.stderr
+    def run(name, out):
+        extra = ["train.batch_size=1", "train.resume=latest", "train.max_steps=2"]
+        return [f"train.output_dir={tmp_path / name / out}", *extra, *SHARDINGS[name], *common]
 
-    full, part = tmp_path / "full", tmp_path / "part"
-    last = full / "checkpoints" / "step-0000002"
-    launch(full, 2, port)
-    state = torch.load(last / "trainer_state.pt", weights_only=True)
-    n_params = len(list(_weights(str(last)).keys()))
-    assert len(state["optimizer"]["state"]) == n_params  # consolidated: every parameter's moments, not half
-    os.makedirs(part / "checkpoints")
-    shutil.copytree(full / "checkpoints" / "step-0000001", part / "checkpoints" / "step-0000001")
-    log = launch(part, 2, port + 1)
-    assert "resumed from" in log and "at step 1" in log
-    a, b = _weights(str(last)), _weights(str(part / "checkpoints" / "step-0000002"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    ema_a = _weights(str(last), "unet_ema")
-    ema_b = _weights(str(part / "checkpoints" / "step-0000002"), "unet_ema")
-    assert set(ema_a) == set(a) and all(torch.equal(ema_a[k], ema_b[k]) for k in a)
+    _launch_distill_runs(tmp_path, 29541, [run(name, "full") for name in SHARDINGS])
+    for name in SHARDINGS:
+        full, part = tmp_path / name / "full", tmp_path / name / "part"
+        state = torch.load(full / "checkpoints" / "step-0000002" / "trainer_state.pt", weights_only=True)
+        n_params = len(list(_weights(str(full / "checkpoints" / "step-0000002")).keys()))
+        assert len(state["optimizer"]["state"]) == n_params  # consolidated: every parameter's moments, not half
+        os.makedirs(part / "checkpoints")
+        shutil.copytree(full / "checkpoints" / "step-0000001", part / "checkpoints" / "step-0000001")
+    log = _launch_distill_runs(tmp_path, 29545, [run(name, "part") for name in SHARDINGS])
+    one = {}  # the 1-process reference run, by gradient clipping (the sharding does not enter it)
+    for name, sharding in SHARDINGS.items():
+        part = tmp_path / name / "part"
+        assert f"resumed from {part / 'checkpoints' / 'step-0000001'} at step 1" in log, log[-3000:]
+        clip = tuple(x for x in sharding if "max_grad_norm" in x)
+        if clip not in one:
+            one[clip] = _train_one_process(tmp_path / f"one{len(one)}", [*clip, *common])
+        _check_sharded_run(tmp_path / name, sharding, one[clip], common)
+
+
+def _train_one_process(out, overrides) -> str:
+    from koala.distill.trainer import train
+
+    cfg = load_config("tiny", [f"train.output_dir={out}", "train.batch_size=2", "train.max_steps=2", *overrides])
+    return train(cfg)["checkpoint"]
+
+
+def _check_sharded_run(root, sharding, one_ckpt, common):
+    """The uninterrupted 2-process run in ROOT/full equals its resumed copy in ROOT/part bit for bit and the
+    1-process run ONE_CKPT to 1e-5 (weights and EMA); its U-Net loads in diffusers; an FSDP checkpoint is not
+    resumed without train.fsdp."""
     from diffusers import UNet2DConditionModel
 
+    from koala.distill.trainer import train
+
+    last = root / "full" / "checkpoints" / "step-0000002"
+    a, b = _weights(str(last)), _weights(str(root / "part" / "checkpoints" / "step-0000002"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ema_a = _weights(str(last), "unet_ema")
+    ema_b = _weights(str(root / "part" / "checkpoints" / "step-0000002"), "unet_ema")
+    assert set(ema_a) == set(a) and all(torch.equal(ema_a[k], ema_b[k]) for k in a)
     UNet2DConditionModel.from_pretrained(str(last / "unet"))  # a plain diffusers U-Net
-    clip = [x for x in sharding if "max_grad_norm" in x]
-    one = train(
-        load_config(
-            "tiny", [f"train.output_dir={tmp_path / 'one'}", "train.batch_size=2", "train.max_steps=2", *clip, *common]
-        )
-    )
-    c, ema_c = _weights(one["checkpoint"]), _weights(one["checkpoint"], "unet_ema")
+    c, ema_c = _weights(one_ckpt), _weights(one_ckpt, "unet_ema")
     assert max(float((a[k] - c[k]).abs().max()) for k in a) < 1e-5
     assert max(float((ema_a[k] - ema_c[k]).abs().max()) for k in a) < 1e-5
     if any(x.startswith("train.fsdp") for x in sharding):  # optimizer state by parameter name: same train.fsdp only
         resume = load_config(
             "tiny",
             [
-                f"train.output_dir={full}",
+                f"train.output_dir={root / 'full'}",
                 "train.batch_size=2",
                 "train.resume=latest",
                 "train.allow_world_size_change=true",
