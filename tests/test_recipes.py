@@ -190,6 +190,11 @@ def test_shipped_recipes_resolve_by_name_and_match_paper():
         "tiny-dit",
         "tiny-fewstep",
         "tiny-dmd",
+        "koala-700m-lcm",
+        "koala-1b-lcm",
+        "koala-700m-dmd",
+        "koala-1b-dmd",
+        "pixart-sigma-dit-m-lcm",
         "koala-base-1b",
         "table3-ablation",
         "table7-koala-1b",
@@ -231,11 +236,37 @@ def test_shipped_recipes_resolve_by_name_and_match_paper():
     assert load_config("koala-base-1b").teacher.unet_path is None
     assert load_config("koala-lightning-700m").teacher.unet_path
     assert load_config("koala-turbo-1b").teacher.unet_path is None
+    _check_fewstep_recipes()
     tiny = load_config("tiny")
     assert tiny.teacher.pipeline == "runs/tiny-pipeline" and tiny.train.caption_dropout == 0.1
     assert tiny.data == {"type": "synthetic", "num_samples": 16}
     with pytest.raises(KoalaError, match="not found.*koala-lightning-700m.*tiny"):
         load_config("no-such-recipe")
+
+
+def _check_fewstep_recipes():
+    """The real-size step-distillation recipes (issue 28): two stages from a KD'ed student on an SDXL-Base teacher
+    at 1024², the papers' settings (LCM: diffusers' SDXL script; DMD2: its SDXL 4-step script)."""
+    for size in ("700m", "1b"):
+        lcm, dmd = load_config(f"koala-{size}-lcm"), load_config(f"koala-{size}-dmd")
+        for cfg in (lcm, dmd):
+            assert cfg.teacher.kind == "base" and cfg.teacher.unet_path is None and cfg.train.resolution == 1024
+            assert cfg.student.preset == f"koala-{size}" and cfg.student.path.endswith("/unet")
+            assert f"koala-base-{size}" in cfg.student.path and cfg.fewstep.teacher == "student"
+            assert asdict(cfg.loss) == {"task": 0.0, "out": 0.0, "feat": 0.0} and not cfg.train.ema.enabled
+            assert cfg.fewstep.steps == 4 and cfg.validation.guidance_scale == 1.0 and cfg.validation.steps == 4
+        f, t = lcm.fewstep, lcm.train
+        want = ("lcm", 50, 0.95, "huber", 0.001, 0)  # ddim 50, EMA 0.95, pseudo-Huber c 0.001, all weights
+        assert (f.method, f.ddim_steps, f.target_decay, f.distance, f.huber_c, f.lora_rank) == want
+        assert 3.0 <= f.guidance_scale <= 15.0 and t.lr == 1e-6 and t.global_batch == 12 and t.weight_decay == 0
+        f, t = dmd.fewstep, dmd.train
+        want = ("dmd", 8.0, 5, 5e-7, 5e-3, 1e-2)  # guidance 8, TTUR 5, lr 5e-7, GAN 5e-3 / 1e-2
+        assert (f.method, f.guidance_scale, f.fake_updates, f.fake_lr, f.gan_weight, f.disc_weight) == want
+        want = (0.02, 0.98, 5e-7, 2, 10.0, "bf16")
+        assert (f.min_t, f.max_t, t.lr, t.batch_size, t.max_grad_norm, t.mixed_precision) == want
+    dit = load_config("pixart-sigma-dit-m-lcm")
+    assert dit.fewstep.method == "lcm" and dit.fewstep.lora_rank == 0 and dit.student.preset == "dit-m"
+    assert dit.student.path.endswith("/transformer") and dit.train.resolution == 512
 
 
 def test_print_config_round_trips(tmp_path):

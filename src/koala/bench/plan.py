@@ -186,6 +186,13 @@ def _models(cfg: DistillConfig, teacher: str | None) -> _Models:
             ) from None
         frozen, scale = _frozen_from_preset(fam, source.startswith(TINY_PREFIX), dtype, vae_dtype)
     s = cfg.student
+    if s.path and not os.path.isdir(s.path):
+        raise KoalaError(
+            f"student.path {s.path}: no such folder to read the student's architecture from; plan the "
+            f"student.preset architecture ({s.preset}) with student.path=null, or point student.path at the "
+            "compressed student",
+            option="student.path",
+        )
     s_config = model_config(model_dir(s.path)) if s.path else fam.student_config(t_config, s.preset)
     return _Models(fam, t_config, s_config, frozen, scale)
 
@@ -263,49 +270,86 @@ def simulate_step(cfg: DistillConfig, models: _Models) -> dict:
     }
 
 
-def plan_memory(
-    cfg: DistillConfig, teacher: str | None = None, device_gib: float | None = None, processes: int = 1
-) -> dict:
-    """Per-device memory of training ``cfg`` (a :func:`koala.distill.load_config` config); ``teacher``: a preset
-    or pipeline directory instead of ``teacher.pipeline``; ``processes``: data-parallel processes (with
-    ``train.shard_optimizer`` each keeps 1/N of the optimizer states; with ``train.fsdp`` also of the gradients
-    and EMA, and with ``full`` of the weights). Returns the JSON-ready plan."""
-    if processes < 1:
-        raise KoalaError("processes must be >= 1", option="processes")
+def _simulate_fewstep(cfg: DistillConfig, models: _Models) -> dict:
+    """:func:`koala.bench.plan_fewstep.simulate_fewstep` under the step's tracker and attention patch."""
+    from unittest import mock
+
+    from .plan_fewstep import simulate_fewstep
+
+    attention = (
+        mock.patch("torch.nn.functional.scaled_dot_product_attention", _fused_sdpa)
+        if cfg.train.attention != "math"
+        else contextlib.nullcontext()
+    )
+    return simulate_fewstep(cfg, models, LiveTensorBytes(), attention)
+
+
+def _state_and_step(cfg: DistillConfig, models: _Models, processes: int) -> tuple[dict, dict, dict]:
+    """``(simulation, state bytes, step bytes)``: the parts held for the whole run and the step's peak, for the KD
+    step or (``fewstep.method``) the step objective's."""
     tcfg = cfg.train
-    models = _models(cfg, teacher)
-    sim = simulate_step(cfg, models)
+    fewstep = cfg.fewstep.method != "none"
+    sim = _simulate_fewstep(cfg, models) if fewstep else simulate_step(cfg, models)
+    if fewstep:
+        sim["student_params"] = sim["params"]["student"]
     p_s, p_t = sim["student_params"], sim["teacher_params"]
+    p_train = (sim["params"]["lora"] or p_s) if fewstep else p_s  # LoRA mode: only the adapters train
     t_bytes = torch.empty((), dtype=parse_dtype(cfg.teacher.dtype)).element_size()
     mixed = tcfg.mixed_precision in ("bf16", "fp16")
     # AdamW: two fp32 moments; 8-bit AdamW: two 1-byte moments; CAME: one fp32 moment (its second moment and
     # confidence are factored into row/column vectors of each matrix, negligible next to it)
-    opt_bytes = p_s * {"adamw": 8, "adamw8bit": 2, "came": 4}[tcfg.optimizer]
+    opt_bytes = p_train * {"adamw": 8, "adamw8bit": 2, "came": 4}[tcfg.optimizer]
     fsdp = tcfg.fsdp if processes > 1 else "none"
     n = processes if (tcfg.shard_optimizer or fsdp != "none") else 1
 
     def shard(nbytes: int) -> int:
         return -(-nbytes // n)
 
+    weights = 4 * (p_s + (sim["params"]["lora"] if fewstep else 0))
     # FSDP (koala.distill.sharding): grad_op shards the optimizer states, the EMA copy and the fp32 gradients;
     # full shards the weights too (one block's weights are gathered at a time: not counted)
     state = {
-        "student_weights": shard(4 * p_s) if fsdp == "full" else 4 * p_s,
+        "student_weights": shard(weights) if fsdp == "full" else weights,
         "optimizer_states": shard(opt_bytes),
-        "ema": (shard(4 * p_s) if fsdp != "none" else 4 * p_s) if tcfg.ema.enabled else 0,
-        "teacher_weights": p_t * t_bytes if sim["need_teacher"] else 0,
+        "ema": (shard(weights) if fsdp != "none" else weights) if tcfg.ema.enabled else 0,
+        # a step objective's Distiller keeps the big teacher on the device even when no loss reads it
+        "teacher_weights": p_t * t_bytes if sim["need_teacher"] or fewstep else 0,
         "frozen_encoders_vae": sum(
             n * torch.empty((), dtype=dt).element_size() for n, dt in models.frozen_params.values()
         ),
     }
-    # the simulated step holds gradients in the simulation dtype; mixed precision keeps fp32 gradients and
-    # autocast keeps a low-precision copy of each weight for the backward
-    step = sim["peak_bytes"] + (4 * p_s if mixed else 0)
-    grads = 4 * p_s if fsdp == "none" else shard(4 * p_s)
-    step -= 4 * p_s - grads  # sharded fp32 gradients (reduce-scattered unit by unit during backward)
+    grads = 4 * p_train if fsdp == "none" else shard(4 * p_train)
+    if fewstep:
+        from .plan_fewstep import fewstep_bytes
+
+        extra, phases = fewstep_bytes(cfg, sim["params"], sim["phases"], mixed)
+        state.update(extra)
+        sim["phase_bytes"] = phases
+        step = max(phases.values())
+    else:
+        # the simulated step holds gradients in the simulation dtype; mixed precision keeps fp32 gradients and
+        # autocast keeps a low-precision copy of each weight for the backward
+        step = sim["peak_bytes"] + (4 * p_s if mixed else 0)
+        step -= 4 * p_s - grads  # sharded fp32 gradients (reduce-scattered unit by unit during backward)
     # after backward: fp32 gradients, plus one fp32 temporary per parameter in a non-fused (foreach) AdamW step
     opt_step = grads + (0 if tcfg.fused_optimizer or tcfg.optimizer == "adamw8bit" else grads)
-    total = sum(state.values()) + max(step, opt_step)
+    return sim, state, {"step_activations_and_grads": step, "optimizer_step": opt_step}
+
+
+def plan_memory(
+    cfg: DistillConfig, teacher: str | None = None, device_gib: float | None = None, processes: int = 1
+) -> dict:
+    """Per-device memory of training ``cfg`` (a :func:`koala.distill.load_config` config); ``teacher``: a preset
+    or pipeline directory instead of ``teacher.pipeline``; ``processes``: data-parallel processes (with
+    ``train.shard_optimizer`` each keeps 1/N of the optimizer states; with ``train.fsdp`` also of the gradients
+    and EMA, and with ``full`` of the weights). With ``fewstep.method`` the step objective's models are separate
+    parts (:mod:`koala.bench.plan_fewstep`) and the plan has a ``fewstep`` entry. Returns the JSON-ready plan."""
+    if processes < 1:
+        raise KoalaError("processes must be >= 1", option="processes")
+    tcfg = cfg.train
+    models = _models(cfg, teacher)
+    sim, state, step = _state_and_step(cfg, models, processes)
+    total = sum(state.values()) + max(step.values())
     plan = {
         "schema": SCHEMA,
         "teacher": teacher or cfg.teacher.pipeline,
@@ -332,17 +376,81 @@ def plan_memory(
             )
         }
         | {"teacher_dtype": cfg.teacher.dtype, "ema": tcfg.ema.enabled},
-        "params": {"student": p_s, "teacher": p_t, **{k: n for k, (n, _) in models.frozen_params.items()}},
+        "params": {
+            "student": sim["student_params"],
+            "teacher": sim["teacher_params"],
+            **{k: n for k, (n, _) in models.frozen_params.items()},
+        },
         "feature_pairs": sim["feature_pairs"],
-        "bytes": {**state, "step_activations_and_grads": step, "optimizer_step": opt_step, "total": total},
+        "bytes": {**state, **step, "total": total},
         "headroom": HEADROOM,
     }
+    if cfg.fewstep.method != "none":
+        _add_fewstep(plan, cfg, sim, processes)
     if device_gib is not None:
         usable = device_gib * GIB * (1 - HEADROOM)
         plan["device_gib"] = device_gib
         plan["fits"] = total <= usable
         plan["margin_gib"] = (usable - total) / GIB
+        if "fewstep" in plan:
+            f = plan["fewstep"]["fsdp_estimate"]
+            f["fits"] = {mode: f[mode] <= usable for mode in ("grad_op", "full")}
     return plan
+
+
+def _add_fewstep(plan: dict, cfg: DistillConfig, sim: dict, processes: int) -> None:
+    """The plan's ``fewstep`` entry: the method, the objective's parameter counts, each simulated phase's peak and
+    what ``train.fsdp`` would need per device (over ``processes``, 8 when planning one)."""
+    from .plan_fewstep import fsdp_estimate, plan_notes
+
+    f, opt = cfg.fewstep, {"adamw": 8, "adamw8bit": 2, "came": 4}[cfg.train.optimizer]
+    plan["fewstep"] = {
+        "method": f.method,
+        "teacher": f.teacher,
+        "lora_rank": f.lora_rank,
+        "params": sim["params"],
+        "phases": sim["phase_bytes"],
+        "fsdp_estimate": fsdp_estimate(
+            plan["bytes"], sim["params"], opt, cfg.train.ema.enabled, processes if processes > 1 else 8
+        ),
+        "notes": plan_notes(cfg),
+    }
+
+
+FEWSTEP_ROWS = (
+    ("step_teacher", "step teacher (frozen copy, {teacher_dtype})"),
+    ("lcm_target", "LCM target network (fp32 EMA copy)"),
+    ("fake_score", "DMD fake score (fp32, trained)"),
+    ("fake_optimizer_states", "DMD fake score + GAN head AdamW states"),
+    ("gan_head", "DMD GAN head (fp32)"),
+)
+PHASE_LABELS = {
+    "student": "LCM step: student fwd+bwd, guided teacher at 2x batch, target fwd (peak)",
+    "generator": "DMD generator update: rollout, fwd+bwd, fake + guided real score (peak)",
+    "fake_score_update": "DMD fake-score update: fwd+bwd, AdamW step (peak)",
+}
+
+
+def _fewstep_rows(plan: dict) -> list[tuple[str, int]]:
+    """The step objective's parts (those it holds) and its phases' peaks, as table rows."""
+    if "fewstep" not in plan:
+        return []
+    b, td = plan["bytes"], plan["switches"]["teacher_dtype"]
+    rows = [(label.format(teacher_dtype=td), b[k]) for k, label in FEWSTEP_ROWS if b.get(k)]
+    return rows + [(PHASE_LABELS[k], v) for k, v in plan["fewstep"]["phases"].items()]
+
+
+def _fsdp_lines(plan: dict) -> list[str]:
+    """With a fewstep plan that does not fit: what train.fsdp would need per device (not supported yet)."""
+    if "fewstep" not in plan or plan["fits"]:
+        return []
+    f = plan["fewstep"]["fsdp_estimate"]
+    fit = {m: "fits" if f["fits"][m] else "does not fit" for m in ("grad_op", "full")}
+    return [
+        f"with train.fsdp over {f['processes']} processes it would need {f['grad_op'] / GIB:.2f} GiB per device "
+        f"(grad_op: {fit['grad_op']}) or {f['full'] / GIB:.2f} GiB (full: {fit['full']}), but "
+        f"fewstep.method={plan['fewstep']['method']} refuses train.fsdp for now (an estimate for when it is supported)"
+    ]
 
 
 def plan_markdown(plan: dict) -> str:
@@ -357,6 +465,7 @@ def plan_markdown(plan: dict) -> str:
         ("EMA" + (part if fsdp != "none" else ""), b["ema"]),
         (f"teacher ({plan['switches']['teacher_dtype']})", b["teacher_weights"]),
         ("text encoders + VAE", b["frozen_encoders_vae"]),
+        *_fewstep_rows(plan),
         ("step: activations, features, gradients (peak)", b["step_activations_and_grads"]),
         ("total", b["total"]),
     ]
@@ -373,6 +482,7 @@ def plan_markdown(plan: dict) -> str:
             f"{verdict} a {plan['device_gib']:g} GiB device ({100 * plan['headroom']:.0f}% kept for the CUDA "
             f"context and allocator; margin {plan['margin_gib']:+.2f} GiB)",
         ]
+        lines += _fsdp_lines(plan)
         if not plan["fits"]:
             sw = plan["switches"]
             tips = [
@@ -383,7 +493,7 @@ def plan_markdown(plan: dict) -> str:
                     (sw["mixed_precision"] == "no", "train.mixed_precision=bf16"),
                     (sw["optimizer"] != "adamw8bit", "train.optimizer=adamw8bit"),
                     (
-                        sw.get("fsdp", "none") == "none",
+                        sw.get("fsdp", "none") == "none" and "fewstep" not in plan,  # refused: see _fsdp_lines
                         "train.fsdp=grad_op over several processes (ZeRO-2: gradients, "
                         "optimizer states and EMA sharded; train.fsdp=full shards the weights too)",
                     ),

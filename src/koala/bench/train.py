@@ -15,6 +15,13 @@ batches, as ``data.type=cache`` feeds them (the data phase is the host-to-device
 test-size models. A pipeline directory instead loads real weights and the recipe's data source (the data phase
 then includes VAE and text encoding).
 
+Step distillation (``fewstep.method``: lcm | dmd) runs through the same ``micro_step``: its ``student_forward`` phase
+is then the step objective's whole forward and losses (the guided step teacher, LCM's target, DMD's backward
+simulation, fake and real scores, and DMD's fake-score updates, which run at the start of an update), and the
+``ema`` phase includes the objective's own update (LCM's target network). Random-weight models have no text
+encoders, so the objective's unconditional input is a stand-in (:func:`dummy_uncond`). Its MFU counts the forwards
+the objective runs per sample (:func:`objective_forwards`).
+
 MFU = (teacher forward + 3 x student forward FLOPs per sample, counted on meta) x samples/s / peak FLOP/s, the
 peak being the device's dense bf16/fp16 tensor peak (a table of known GPUs; ``peak_tflops`` to give one) or, on
 CPU and unknown devices, a measured large matrix product in the training dtype.
@@ -174,13 +181,71 @@ def _cached_batches(fam, unet_config: dict, batch: int, latent: int, n: int = 2)
     return out
 
 
-def step_flops(d, latent: int) -> dict:
-    """Forward FLOPs per sample of the teacher and student, counted on meta at the training latent size."""
+def _forward_flops(fam, config: dict, latent: int) -> int:
+    return forward_flops(fam.build_model(config, "meta"), fam.dummy_inputs(config, latent))
+
+
+def step_flops(d, latent: int, batch: int = 1) -> dict:
+    """Forward FLOPs per sample of the teacher and student, counted on meta at the training latent size; with a
+    step objective (``fewstep.method``) the forwards it runs per sample (:func:`objective_forwards`) instead of the
+    KD step's teacher + 3 x student."""
     fam = d.family
     t_cfg, s_cfg = dict(d.teacher.config), dict(d.plain_student.config)
-    t = forward_flops(fam.build_model(t_cfg, "meta"), fam.dummy_inputs(t_cfg, latent)) if d.need_teacher else 0
-    s = forward_flops(fam.build_model(s_cfg, "meta"), fam.dummy_inputs(s_cfg, latent))
-    return {"teacher_forward": t, "student_forward": s, "per_sample": t + 3 * s}
+    t = _forward_flops(fam, t_cfg, latent) if d.need_teacher else 0
+    s = _forward_flops(fam, s_cfg, latent)
+    if d.objective is None:
+        return {"teacher_forward": t, "student_forward": s, "per_sample": t + 3 * s}
+    which = d.cfg.fewstep.teacher
+    if which == "student":  # a copy of the student
+        st = s
+    else:  # the big teacher or a denoiser folder
+        st = _forward_flops(fam, t_cfg if which == "teacher" else dict(d.objective.step_teacher.config), latent)
+    counts = objective_forwards(d.cfg, batch, d.need_teacher)
+    per = {"student": s, "step_teacher": st, "fake_score": st, "teacher": t}
+    total = sum(n * per[k] for k, n in counts.items())
+    return {
+        "teacher_forward": t,
+        "student_forward": s,
+        "step_teacher_forward": st,
+        "forwards": counts,
+        "per_sample": total,
+    }
+
+
+def _expected_max(n: int, batch: int) -> float:
+    """E[max] of ``batch`` uniform draws from 0..n-1: the backward-simulation steps a DMD batch runs (every sample
+    waits for the one that goes deepest)."""
+    return sum(1 - (k / n) ** batch for k in range(1, n))
+
+
+def objective_forwards(cfg, batch: int, need_teacher: bool) -> dict[str, float]:
+    """Forward-equivalents per sample of each model in one optimizer step of a step objective (a backward counts
+    as two forwards; classifier-free guidance runs the step teacher on cond and uncond). ``lcm``: student fwd+bwd,
+    the guided step teacher, the target. ``dmd``: per fake-score update a generator sample (the expected rollout,
+    then the step) and the fake score's fwd+bwd (twice with the GAN head: generator samples and data); the generator's
+    rollout, its step with fwd+bwd, the fake score (fwd+bwd through its input with the GAN) and the guided real
+    score. KD terms (one stage): 3 more student forwards and the teacher's."""
+    f, w = cfg.fewstep, cfg.loss
+    cfg_mult = 1 if f.guidance_scale == 1.0 else 2
+    kd = 3 if (w.task > 0 or w.out > 0 or w.feat > 0) else 0
+    if f.method == "lcm":
+        return {"student": 3 + 1 + kd, "step_teacher": cfg_mult, "teacher": 1 if need_teacher else 0}
+    rollout, gan = _expected_max(int(f.steps), batch), f.gan_weight > 0
+    fake_updates = int(f.fake_updates)
+    return {
+        "student": fake_updates * (rollout + 1) + rollout + 3 + kd,
+        "fake_score": fake_updates * 3 * (2 if gan else 1) + (3 if gan else 1),
+        "step_teacher": cfg_mult,
+        "teacher": 1 if need_teacher else 0,
+    }
+
+
+def dummy_uncond(fam, config: dict) -> dict:
+    """A stand-in unconditional text conditioning (batch of one) for random-weight models loaded without text
+    encoders (a step objective's guidance needs one): the family's dummy conditioning's text keys, zeros where the
+    family's empty prompt is all zeros."""
+    cond = fam.dummy_cond(config, 1, device="cpu")
+    return {k: torch.zeros_like(cond[k]) if fam.zero_uncond else cond[k] for k in fam.text_cond_keys}
 
 
 def _distiller_and_data(s: TrainBenchSettings, cfg: DistillConfig, acc, preset_mode: bool):
@@ -193,6 +258,8 @@ def _distiller_and_data(s: TrainBenchSettings, cfg: DistillConfig, acc, preset_m
     if preset_mode:
         teacher, student, lmap, frozen, vae_scale = build_preset_models(cfg, s.teacher, acc.device)
         d = Distiller(cfg, acc, (teacher, student, lmap, frozen))
+        if d.objective is not None and d.objective.uncond is None:  # no text encoders: a stand-in empty prompt
+            d.objective.uncond = dummy_uncond(d.family, dict(teacher.config))
         latent = s.resolution // vae_scale
         batches = _cached_batches(d.family, dict(teacher.config), s.batch, latent)
         return d, latent, iter(lambda: batches[0], None)  # the same pre-encoded batch every step (cache-like data)
@@ -250,6 +317,8 @@ def _bench_step(d, data, step: int, gens, times: _PhaseTimes) -> dict[str, float
     d.optimizer_step()
     times.mark()
     d.ema_step()
+    if d.objective is not None:  # the step objective's own update (LCM's target network), as Distiller.update
+        logs.update(d.objective.after_update(step))
     times.mark()
     return logs
 
@@ -286,7 +355,7 @@ def run_train_bench(settings: TrainBenchSettings, log=print) -> dict:
             log(f"timed {s.steps} steps: median {statistics.median(times.totals):.1f} ms/step")
         finally:
             d.close()
-        flops = step_flops(d, latent)
+        flops = step_flops(d, latent, s.batch)
         return _result(s, cfg, d, acc.device, latent, times, flops, mem)
 
 
@@ -346,6 +415,7 @@ def _result(s, cfg, d, device, latent, times: _PhaseTimes, flops, mem) -> dict:
             "student_params": n_s,
             "feature_pairs": len(d.pairs),
             "features": cfg.kd.features,
+            "fewstep": cfg.fewstep.method,
             "latent": [s.batch, 4, latent, latent],
         },
         "switches": _switches(cfg),
