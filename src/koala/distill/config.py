@@ -156,12 +156,13 @@ class FewStepConfig:
 
     method: str = "none"  # none (the KD objective alone) or one of STEP_OBJECTIVES: lcm | dmd
     steps: int = 4  # the sampling steps the student is trained for, recorded with it for koala generate
-    # the step teacher: student = the student's own initial weights (two stages: SA-KD first, then steps; give the
-    # KD'ed student as student.path); teacher = the big teacher (one stage; loss.* KD terms may train alongside);
-    # or a denoiser folder of the teacher's family
-    teacher: str = "student"
-    guidance_scale: float = 5.0  # the step teacher's classifier-free guidance (standard scale: 1 = none); the
-    # student learns the guided trajectory and samples at guidance 1
+    # the step teacher: teacher = the big teacher (the default: in the shapes world it gave the few-step student
+    # 5-8 binding points more than the KD'ed student did, benchmarks/results/fewstep-shapes.md; from a KD'ed
+    # student.path, or in one stage with loss.* KD terms alongside); student = the student's own initial weights
+    # (two stages: SA-KD first, then steps on its own ODE); or a denoiser folder of the teacher's family
+    teacher: str = "teacher"
+    guidance_scale: float = 3.0  # the step teacher's classifier-free guidance (standard scale: 1 = none); the
+    # student learns the guided trajectory and samples at guidance 1 (shapes world: 3 beat 2 and 5)
     lora_rank: int = 0  # 0: train all student weights; > 0: LoRA adapters of this rank (the LCM-LoRA form)
     lora_alpha: Optional[float] = None  # LoRA scale numerator (null: lora_rank, so the scale is 1)
     # lcm: latent consistency distillation (Luo et al. 2023)

@@ -70,9 +70,9 @@ class DemoSettings:
     few_step: bool = False
     fewstep_method: str = "lcm"  # a STEP_OBJECTIVES name
     fewstep_steps: int = 300  # its optimizer steps
-    fewstep_lr: float = 1e-4
-    fewstep_teacher: str = "student"  # student: the KD student is the step teacher (two stages); teacher: the big one
-    fewstep_guidance: float = 5.0  # the step teacher's guidance (the scale the teacher samples with)
+    fewstep_lr: float = 1e-4  # (2e-4 and 5e-4 scored lower: benchmarks/results/fewstep-shapes.md)
+    fewstep_teacher: str = "teacher"  # teacher: the big teacher is the step teacher; student: the KD student itself
+    fewstep_guidance: float = 3.0  # the step teacher's guidance (3 scored above 2 and 5)
     few_step_counts: tuple = (4, 2, 1)
 
     def __post_init__(self):
@@ -410,9 +410,9 @@ def demo_rows(s: DemoSettings, init_dir: str, kd_dir: str, few_dir: str | None):
 
 def step_stage(s: DemoSettings, teacher_dir: str, kd_dir: str, train_dir: str, log=print) -> str:
     """The step-distillation stage (``fewstep.method``) from the KD student on the same data; returns the few-step
-    student's directory. The step teacher is the KD student itself (``fewstep_teacher=student``) or the big
-    teacher; only the step objective trains (no KD terms), in one process (a step objective runs its teacher in the
-    training process)."""
+    student's directory. The step teacher is the big teacher (``fewstep_teacher=teacher``, the default) or the KD
+    student itself; only the step objective trains (no KD terms), in one process (a step objective runs its teacher
+    in the training process)."""
     log(
         f"[2b] step distillation: {s.fewstep_method} {s.fewstep_steps} steps, lr {s.fewstep_lr:g}, step teacher "
         f"{'the KD student' if s.fewstep_teacher == 'student' else 'the teacher'} at guidance {s.fewstep_guidance:g},"
