@@ -31,6 +31,7 @@ from ..utils.console import markdown_table
 from ..utils.devices import parse_dtype
 from ..utils.files import read_json
 from .models import SDXL_VAE, TINY_PREFIX, preset_unet_config, real_text_encoder_factories
+from .plan_fewstep import autocast_like
 
 SCHEMA = "koala-plan/1"
 HEADROOM = 0.10  # fraction of the device kept free for the CUDA context, allocator cache and fragmentation
@@ -76,35 +77,6 @@ def _fused_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fals
     return torch.ops.aten._scaled_dot_product_efficient_attention(
         query, key, value, attn_mask, True, dropout_p, is_causal, scale=scale
     )[0]
-
-
-@contextlib.contextmanager
-def _autocast_like():
-    """What autocast does to a low-precision model's saved tensors, on meta (where autocast does not run):
-    linear and conv inputs cast to the weight dtype, group/layer norms computed and returned in fp32."""
-    from unittest import mock
-
-    import torch.nn.functional as F
-
-    lin, conv, gn, ln = F.linear, F.conv2d, F.group_norm, F.layer_norm
-
-    def f32(t):
-        return None if t is None else t.float()
-
-    def linear(x, w, b=None):
-        return lin(x.to(w.dtype), w, b)
-
-    def conv2d(x, w, b=None, *args, **kw):
-        return conv(x.to(w.dtype), w, b, *args, **kw)
-
-    def group_norm(x, groups, w=None, b=None, eps=1e-5):
-        return gn(x.float(), groups, f32(w), f32(b), eps)
-
-    def layer_norm(x, shape, w=None, b=None, eps=1e-5):
-        return ln(x.float(), shape, f32(w), f32(b), eps)
-
-    with mock.patch.multiple(F, linear=linear, conv2d=conv2d, group_norm=group_norm, layer_norm=layer_norm):
-        yield
 
 
 @dataclass
@@ -241,7 +213,7 @@ def simulate_step(cfg: DistillConfig, models: _Models) -> dict:
                 with torch.no_grad(), t_rec.capture():
                     t_out = fam.forward(teacher, noisy, t, cond, dtype=t_dtype)
             # the student's forward and backward (which recomputes under gradient checkpointing) as autocast runs them
-            with _autocast_like() if sim_dtype != torch.float32 else contextlib.nullcontext():
+            with autocast_like() if sim_dtype != torch.float32 else contextlib.nullcontext():
                 with s_rec.capture():
                     s_out = fam.forward(student, noisy, t, cond)
                 losses = kd_losses(

@@ -234,13 +234,12 @@ def _dmd_generator_phase(sim: _Sim, x, t, cond, autocast, kd: _KDTerms | None) -
 def simulate_fewstep(cfg: DistillConfig, models, tracker, attention) -> dict:
     """The step objective's micro-step on meta under ``tracker`` (a :class:`~koala.bench.plan.LiveTensorBytes`)
     and ``attention`` (the SDPA patch): the peak of each phase and the parameter counts."""
-    from .plan import _autocast_like
 
     tcfg, w = cfg.train, cfg.loss
     sim_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tcfg.mixed_precision, torch.float32)
     sim = _Sim(cfg, models, sim_dtype)
     b, lat = tcfg.batch_size, tcfg.resolution // models.vae_scale
-    autocast = _autocast_like if sim_dtype != torch.float32 else contextlib.nullcontext
+    autocast = autocast_like if sim_dtype != torch.float32 else contextlib.nullcontext
     kd = _KDTerms(cfg, sim) if (w.task > 0 or w.out > 0 or w.feat > 0) else None
     phases = {}
     try:
@@ -335,3 +334,32 @@ def plan_notes(cfg: DistillConfig) -> list[str]:
     if cfg.fewstep.teacher not in ("student", "teacher") and not os.path.isdir(cfg.fewstep.teacher):
         notes.append(f"fewstep.teacher {cfg.fewstep.teacher}: not found, planned as the student's architecture")
     return notes
+
+
+@contextlib.contextmanager
+def autocast_like():
+    """What autocast does to a low-precision model's saved tensors, on meta (where autocast does not run):
+    linear and conv inputs cast to the weight dtype, group/layer norms computed and returned in fp32."""
+    from unittest import mock
+
+    import torch.nn.functional as F
+
+    lin, conv, gn, ln = F.linear, F.conv2d, F.group_norm, F.layer_norm
+
+    def f32(t):
+        return None if t is None else t.float()
+
+    def linear(x, w, b=None):
+        return lin(x.to(w.dtype), w, b)
+
+    def conv2d(x, w, b=None, *args, **kw):
+        return conv(x.to(w.dtype), w, b, *args, **kw)
+
+    def group_norm(x, groups, w=None, b=None, eps=1e-5):
+        return gn(x.float(), groups, f32(w), f32(b), eps)
+
+    def layer_norm(x, shape, w=None, b=None, eps=1e-5):
+        return ln(x.float(), shape, f32(w), f32(b), eps)
+
+    with mock.patch.multiple(F, linear=linear, conv2d=conv2d, group_norm=group_norm, layer_norm=layer_norm):
+        yield

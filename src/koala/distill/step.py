@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
@@ -27,6 +26,7 @@ from .checkpoint import list_checkpoints
 from .config import DistillConfig, RunLayout, TrainConfig
 from .fewstep import make_objective
 from .hooks import FeatureRecorder, feature_pairs, unwrap
+from .items import KDItem, Prepared
 from .losses import Losses, kd_losses, prediction_target
 from .models import encode_batch, load_models
 from .sharding import shard_student
@@ -106,27 +106,6 @@ def inner_optimizer(optimizer):
 
 def is_sharded(optimizer) -> bool:
     return type(inner_optimizer(optimizer)).__name__ == "ZeroRedundancyOptimizer"
-
-
-@dataclass
-class Prepared:
-    """One micro-batch ready for the denoisers: noisy latents, timesteps, conditioning and the task target."""
-
-    noisy: torch.Tensor
-    t: torch.Tensor
-    cond: dict
-    target: torch.Tensor
-    latents: torch.Tensor | None = None  # the clean latents (step objectives noise them their own way)
-    gens: list | None = None  # the samples' generators, drawn on by step objectives after the noise and timestep
-
-
-@dataclass
-class KDItem:
-    """A prepared micro-batch with its teacher targets (output, features): what a micro-step trains on."""
-
-    prepared: Prepared
-    teacher_out: torch.Tensor | None
-    teacher_feats: dict
 
 
 def _no_mark() -> None:

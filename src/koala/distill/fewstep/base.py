@@ -20,12 +20,12 @@ import torch
 
 from ...errors import KoalaError
 from ...utils.attention import attention_context
+from ..items import KDItem
 from ..losses import Losses
-from . import lora as lora_mod
+from .lora import add_lora, check_family, load_lora_state, lora_state, save_lora_file, save_merged
 
 if TYPE_CHECKING:
     from ...families.sampling import SamplingDefaults
-    from ..step import Distiller, KDItem
 
 
 class NoiseSchedule:
@@ -78,7 +78,7 @@ class StepObjective:
 
     name = ""
 
-    def __init__(self, d: "Distiller"):
+    def __init__(self, d):
         self.d, self.cfg = d, d.cfg.fewstep
         self.family = d.family
         self.schedule = NoiseSchedule(d.frozen.noise_scheduler, d.acc.device)
@@ -92,8 +92,8 @@ class StepObjective:
         folder), then LoRA adapters on the student in LoRA mode (only they train)."""
         self.step_teacher = self._load_step_teacher(student)
         if self.lora:
-            lora_mod.check_family(self.family)
-            lora_mod.add_lora(student, self.cfg.lora_rank, self.cfg.lora_alpha)
+            check_family(self.family)
+            add_lora(student, self.cfg.lora_rank, self.cfg.lora_alpha)
         self.uncond = self.family.uncond(self.d.frozen.parts) if self.d.frozen.parts is not None else None
 
     def _load_step_teacher(self, student):
@@ -161,10 +161,10 @@ class StepObjective:
         return self.d.frozen.weight_dtype
 
     # ------------------------------------------------------------------ the step
-    def losses(self, item: "KDItem") -> Losses:
+    def losses(self, item: KDItem) -> Losses:
         raise NotImplementedError
 
-    def with_kd(self, item: "KDItem", objective: torch.Tensor, extra: dict[str, torch.Tensor]) -> Losses:
+    def with_kd(self, item: KDItem, objective: torch.Tensor, extra: dict[str, torch.Tensor]) -> Losses:
         """The objective's loss plus the KD terms (``loss.task`` / ``loss.out`` / ``loss.feat``) on the item's own
         noised batch when any of their weights is above 0 (one-stage: KD alongside the step objective)."""
         d, w = self.d, self.d.cfg.loss
@@ -190,17 +190,17 @@ class StepObjective:
         plus the LoRA file next to it); False: the checkpoint saves it as usual."""
         if not self.lora:
             return False
-        lora_mod.save_merged(student, folder)
-        lora_mod.save_lora_file(student, self.family, os.path.dirname(folder.rstrip(os.sep)))
+        save_merged(student, folder)
+        save_lora_file(student, self.family, os.path.dirname(folder.rstrip(os.sep)))
         return True
 
     def state_dict(self) -> dict:
         """Tensors and numbers to resume from (``trainer_state.pt``'s ``fewstep`` entry)."""
-        return {"lora": lora_mod.lora_state(self.d.plain_student)} if self.lora else {}
+        return {"lora": lora_state(self.d.plain_student)} if self.lora else {}
 
     def load_state_dict(self, state: dict) -> None:
         if self.lora:
-            lora_mod.load_lora_state(self.d.plain_student, state["lora"])
+            load_lora_state(self.d.plain_student, state["lora"])
 
     def close(self) -> None:
         pass

@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -44,12 +43,10 @@ import torch.nn.functional as F
 from ...errors import KoalaError
 from ...families.sampling import SamplingDefaults
 from ...utils.attention import attention_context
+from ..items import KDItem
 from ..losses import Losses
 from .base import StepObjective
 from .lcm import boundary_scalings
-
-if TYPE_CHECKING:
-    from ..step import KDItem
 
 
 def generator_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
@@ -247,7 +244,7 @@ class DMD(StepObjective):
         return self.schedule.x0_eps(pred, x_t, t)[0]
 
     # ------------------------------------------------------------------ the fake score's updates
-    def fit_fake(self, item: "KDItem") -> None:
+    def fit_fake(self, item: KDItem) -> None:
         """``fewstep.fake_updates`` updates of the fake score (and GAN head), each on a fresh generator sample."""
         p = item.prepared
         for _ in range(int(self.cfg.fake_updates)):
@@ -304,7 +301,7 @@ class DMD(StepObjective):
             terms["gan"] = F.softplus(-logits).mean()
         return terms
 
-    def losses(self, item: "KDItem") -> Losses:
+    def losses(self, item: KDItem) -> Losses:
         p = item.prepared
         if self._calls % self.d.layout.grad_accum == 0:
             self.fit_fake(item)

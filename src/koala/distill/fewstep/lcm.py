@@ -16,17 +16,14 @@ then sampled with diffusers' ``LCMScheduler`` (``original_inference_steps`` = ``
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING
 
 import torch
 
 from ...errors import KoalaError
 from ...families.sampling import SamplingDefaults
+from ..items import KDItem
 from ..losses import Losses
 from .base import StepObjective
-
-if TYPE_CHECKING:
-    from ..step import KDItem
 
 SIGMA_DATA = 0.5
 TIMESTEP_SCALING = 10.0  # LCMScheduler's default
@@ -104,7 +101,7 @@ class LCM(StepObjective):
         return torch.nn.functional.mse_loss(a.float(), b.float())
 
     # ------------------------------------------------------------------ the step
-    def losses(self, item: "KDItem") -> Losses:
+    def losses(self, item: KDItem) -> Losses:
         p = item.prepared
         x0, cond = p.latents, p.cond
         idx, eps = self.draw(x0, p.gens)
