@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
 
 # the shapes teacher's own U-Net spec: compressing with it keeps every block, so the "student" is the teacher
@@ -55,6 +56,7 @@ def train_lora(demo: str, name: str, extra: list[str], steps: int, lr: float, ra
         "kd.features={}",
         f"train.output_dir={demo}/lora-{name}",
     ]
+    shutil.rmtree(f"{demo}/lora-{name}", ignore_errors=True)  # this script's own run folder: start it fresh
     t0 = time.time()
     out = train(load_config(None, common + extra))
     return os.path.join(out["checkpoint"], "pytorch_lora_weights.safetensors"), time.time() - t0
