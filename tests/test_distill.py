@@ -12,6 +12,7 @@ from koala.distill.config import LossConfig
 from koala.distill.losses import feature_losses
 from koala.families import get_family
 from koala.testing.tiny import tiny_unet
+from tiny_runs import tiny_run_config
 
 compress_unet, teacher_spec = get_family("sdxl").compress, get_family("sdxl").teacher_spec
 
@@ -152,19 +153,7 @@ def test_prediction_targets():
 
 # --------------------------------------------------------------------------- trainer (tiny pipeline) ------
 def _cfg(pipe_dir, out, *extra):
-    return load_config(
-        "tiny",
-        [
-            f"teacher.pipeline={pipe_dir}",
-            f"train.output_dir={out}",
-            "train.progress=false",
-            "validation.every=0",
-            "train.checkpoint_every=0",
-            "data.num_samples=4",
-            "train.log_every=1",
-            *extra,
-        ],
-    )
+    return tiny_run_config("tiny", pipe_dir, out, *extra)
 
 
 def test_overfit_one_batch_loss_falls_teacher_frozen_and_dropout(tiny_pipe_dir, tmp_path):

@@ -8,25 +8,11 @@ import torch
 from safetensors.torch import load_file
 
 from koala import KoalaError
-from koala.distill import load_config
+from tiny_runs import tiny_run_config
 
 
 def _cfg(pipe_dir, out, *extra, recipe="tiny-fewstep"):
-    return load_config(
-        recipe,
-        [
-            f"teacher.pipeline={pipe_dir}",
-            f"train.output_dir={out}",
-            "train.progress=false",
-            "validation.every=0",
-            "train.checkpoint_every=0",
-            "data.num_samples=4",
-            "train.log_every=1",
-            "train.batch_size=2",
-            "train.grad_accum=1",
-            *extra,
-        ],
-    )
+    return tiny_run_config(recipe, pipe_dir, out, "train.batch_size=2", "train.grad_accum=1", *extra)
 
 
 def _distiller(cfg):

@@ -7,24 +7,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from koala.distill.config import load_config
 from koala.errors import KoalaError
+from tiny_runs import tiny_run_config
 
 
 def _cfg(pipe_dir, out, *extra):
-    return load_config(
-        "tiny-dmd",
-        [
-            f"teacher.pipeline={pipe_dir}",
-            f"train.output_dir={out}",
-            "train.progress=false",
-            "validation.every=0",
-            "train.checkpoint_every=0",
-            "data.num_samples=4",
-            "train.log_every=1",
-            *extra,
-        ],
-    )
+    return tiny_run_config("tiny-dmd", pipe_dir, out, *extra)
 
 
 def _distiller(pipe_dir, out, *extra):

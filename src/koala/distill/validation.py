@@ -9,17 +9,14 @@ import os
 import numpy as np
 import torch
 
-from ..families.sampling import sampling_scheduler
+from ..families.sampling import SamplingDefaults, sampling_scheduler
 from .ema import ema_weights
 
 
 def _pipeline(denoiser, frozen, kind: str | None, sampling: dict | None = None):
     config = frozen.parts.scheduler.config
     if sampling:  # a few-step student's recorded scheduler (e.g. LCMScheduler), with its config overrides
-        import diffusers
-
-        cls = getattr(diffusers, sampling["scheduler"])
-        scheduler = cls.from_config(dict(config), **sampling.get("scheduler_config", {}))
+        scheduler, _ = SamplingDefaults.from_meta(sampling).build_scheduler(config)
     else:
         scheduler = sampling_scheduler(config, kind)
     return frozen.family.make_pipeline(frozen.parts, denoiser, scheduler)

@@ -96,6 +96,17 @@ class SamplingDefaults:
             "timesteps": None if self.timesteps is None else list(self.timesteps),
         }
 
+    def build_scheduler(self, base_config: dict, extra: dict | None = None):
+        """``(scheduler, overrides applied)``: the ``scheduler`` class from a pipeline's scheduler config
+        ``base_config`` with ``scheduler_config`` (the keys the class takes) and then ``extra`` applied."""
+        import inspect
+
+        cls = check_scheduler_class(self.scheduler, "scheduler")
+        accepted = inspect.signature(cls.__init__).parameters
+        overrides = {k: v for k, v in self.scheduler_config.items() if k in accepted}
+        overrides.update(extra or {})
+        return cls.from_config(dict(base_config), **overrides), overrides
+
     @classmethod
     def from_meta(
         cls, d: dict, where: str = "meta.sampling", num_train_timesteps: int = NUM_TRAIN_TIMESTEPS

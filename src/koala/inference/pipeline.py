@@ -98,12 +98,9 @@ def _scheduler(pipe, sampling: SamplingDefaults, name: str | None, spacing: str 
             f"timestep spacing {spacing!r}: choose one of {', '.join(SPACINGS)}", option="timestep_spacing"
         )
     cls_name = SCHEDULERS.get(name, name) if name else sampling.scheduler
-    cls = check_scheduler_class(cls_name, "scheduler")
-    accepted = inspect.signature(cls.__init__).parameters
-    overrides = {k: v for k, v in sampling.scheduler_config.items() if k in accepted}
-    if spacing:
-        overrides["timestep_spacing"] = spacing
-    pipe.scheduler = cls.from_config(pipe.scheduler.config, **overrides)
+    chosen = replace(sampling, scheduler=cls_name)
+    extra = {"timestep_spacing": spacing} if spacing else None
+    pipe.scheduler, overrides = chosen.build_scheduler(pipe.scheduler.config, extra)
     timesteps = _usable_timesteps(pipe.scheduler, sampling.timesteps, spacing, notes)
     applied = replace(sampling, scheduler=cls_name, scheduler_config=overrides, timesteps=timesteps)
     return name or scheduler_label(cls_name), pipe.scheduler.config.get("timestep_spacing", "leading"), applied
