@@ -26,7 +26,9 @@ def register(sub) -> None:
         "(SA, CA, FFN, Res), LF-all (BK), none",
     )
     p.add_argument("--preset", default="koala-700m", help="student preset (default koala-700m)")
-    p.add_argument("--num-eval", type=int, default=None, help="val prompts scored per model (default 64)")
+    p.add_argument(
+        "--num-eval", type=int, default=None, help="val prompts scored per model (default 64; 256 with --few-step)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--teacher", default=None, help="a shapes teacher pipeline directory (default: the packaged one)")
     p.add_argument(
@@ -60,8 +62,9 @@ def register(sub) -> None:
     p.add_argument(
         "--few-step",
         action="store_true",
-        help="after KD, distill the student for few-step sampling (latent consistency distillation, the KD student as "
-        "its step teacher) and add rows: the KD student and the few-step student at 4, 2 and 1 steps",
+        help="after KD, distill the student for few-step sampling (latent consistency distillation, the teacher as "
+        "the step teacher) and add rows: the KD student and the few-step student at 4, 2 and 1 steps; scores 256 "
+        "val prompts per model unless --num-eval says otherwise",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     p.set_defaults(func=run)
