@@ -73,6 +73,12 @@ def test_errors_that_are_not_failed_writes_pass(tmp_path):
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
     read_err = _raised(lambda: load_file(str(bad)))
     assert type(read_err).__name__ == "SafetensorError" and write_failure(read_err) is None
+    truncated = tmp_path / "cut.pt"
+    torch.save(TENSORS, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    torch_read = _raised(lambda: torch.load(truncated, weights_only=True))
+    assert isinstance(torch_read, RuntimeError) and write_failure(torch_read) is None
+    truncated.unlink()
     shape = _raised(lambda: torch.nn.Linear(2, 2).load_state_dict({"weight": torch.zeros(3, 3)}, strict=False))
     assert write_failure(shape) is None
     with pytest.raises(RuntimeError, match="size mismatch"), writing("x", str(tmp_path)):

@@ -65,3 +65,19 @@ def test_resuming_a_crafted_checkpoint_is_refused(tiny_pipe_dir, tmp_path, capsy
     )
     assert not marker.exists()
     assert os.listdir(out / "checkpoints") == ["step-0000001"]
+
+
+def test_a_library_refusing_a_pickle_is_exit_2(tmp_path):
+    """A model folder's ``.bin`` read by diffusers / transformers goes through their own ``torch.load(weights_only=
+    True)``; its refusal reaches the CLI as an UnpicklingError and is said as koala says its own."""
+    import pickle
+
+    from koala.cli import describe_error
+
+    marker = tmp_path / "ran"
+    torch.save({"w": Payload(marker)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(pickle.UnpicklingError) as refused:
+        torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
+    code, message = describe_error(refused.value)
+    assert code == 2 and "holds objects other than tensors and plain values; koala does not unpickle" in message
+    assert not marker.exists()

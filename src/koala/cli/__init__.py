@@ -120,6 +120,11 @@ def describe_error(err: BaseException) -> tuple[int, str]:
     failure = write_failure(err)  # a safetensors / torch writer that ran out of room outside koala's own guards
     if failure is not None:
         return 2, _one_line(f"{failure[0]}: a write failed ({failure[1]}); free some space or write elsewhere")
+    if type(err).__name__ == "UnpicklingError" and "weights only" in str(err).lower():  # a library's torch.load
+        return 2, _one_line(
+            "a torch file (.pt / .bin) holds objects other than tensors and plain values; koala does not unpickle "
+            "them (run with --debug to see which file)"
+        )
     if type(err).__name__ == "SafetensorError":
         return 2, _one_line(f"a safetensors file is corrupt or truncated ({err}); run with --debug to see which")
     return 1, _one_line(

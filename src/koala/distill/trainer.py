@@ -23,7 +23,7 @@ from accelerate import Accelerator
 from ..data import make_dataloader
 from ..errors import KoalaError
 from ..recipes import dump_recipe
-from ..utils.files import existing_parent
+from ..utils.files import append_lines, existing_parent
 from ..utils.signals import StopRequest
 from ..utils.weights import ENTRY_BYTES, tensor_bytes
 from ..utils.writes import writing
@@ -241,8 +241,22 @@ class TrainingRun:
             if self.trackers:
                 self.acc.log(logs, step=self.step)
             if self.acc.is_main_process:
-                with open(os.path.join(self.layout.output_dir, "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps({"step": self.step, **logs}) + "\n")
+                with self.writing("metrics.jsonl"):
+                    append_lines(
+                        os.path.join(self.layout.output_dir, "metrics.jsonl"),
+                        [json.dumps({"step": self.step, **logs})],
+                    )
+
+    def writing(self, what: str, certain: bool = False):
+        """A failed write of the run's outputs (disk full): exit 2 naming the folder and the last good checkpoint.
+        ``certain``: the block also reads (only what is surely a failed write is said so)."""
+
+        def kept() -> str:
+            ckpts = list_checkpoints(self.layout.output_dir)
+            good = self.last_ckpt or (ckpts[-1][1] if ckpts else "none yet")
+            return f"training stopped; the last good checkpoint is {good}"
+
+        return writing(what, self.layout.output_dir, kept, "resume with --resume latest", certain)
 
     def any_process(self, flag: bool) -> bool:
         """``flag`` on any process (a collective: every process calls it at the same step)."""
@@ -266,7 +280,8 @@ class TrainingRun:
 
     def validate(self) -> None:
         if self.acc.is_main_process or self.d.fsdp:  # a sharded student's forward needs every process
-            validate_now(self.d, self.step, write=self.acc.is_main_process)
+            with self.writing(f"the step-{self.step} validation images", certain=True):
+                validate_now(self.d, self.step, write=self.acc.is_main_process)
         self.acc.wait_for_everyone()
         self.t0 = time.perf_counter()
 

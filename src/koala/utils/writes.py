@@ -15,7 +15,7 @@ import contextlib
 import errno
 import os
 import re
-from typing import Iterator
+from typing import Callable, Iterator
 
 from ..errors import KoalaError
 
@@ -23,7 +23,7 @@ KINDS = {errno.ENOSPC: "disk full", errno.EDQUOT: "quota exceeded"}
 # an errno in a message: Rust's std::io::Error (safetensors) ends with "(os error N)"; shutil.Error (copytree)
 # lists each file's OSError as "[Errno N] ..."
 _ERRNO_IN_TEXT = re.compile(r"\(os error (\d+)\)|\[Errno (\d+)\]")
-_TORCH_WRITER = ("PytorchStreamWriter failed writing", "inline_container.cc", "unexpected pos")
+_TORCH_WRITER = ("PytorchStreamWriter failed writing", "unexpected pos")  # the reader's errors say neither
 
 
 def _chain(err: BaseException) -> Iterator[BaseException]:
@@ -36,8 +36,8 @@ def _chain(err: BaseException) -> Iterator[BaseException]:
 
 def _is_write_error(err: BaseException) -> bool:
     text = str(err)
-    if type(err).__name__ == "SafetensorError":
-        return "I/O error" in text
+    if type(err).__name__ == "SafetensorError":  # "Error while serializing: I/O error: ..." (reads: deserializing)
+        return "I/O error" in text and "deserializ" not in text
     if isinstance(err, RuntimeError):
         return any(s in text for s in _TORCH_WRITER)
     return isinstance(err, OSError)
@@ -85,13 +85,14 @@ def is_full_disk(err: BaseException) -> tuple[str, str] | None:
 def writing(
     what: str,
     folder: str,
-    kept: str = "nothing half-written is left",
+    kept: str | Callable[[], str] = "nothing half-written is left",
     again: str = "run the same command again",
     certain: bool = False,
 ) -> Iterator[None]:
     """Inside the block a failed write (:func:`write_failure`) becomes a :class:`WriteFailed`: "disk full: writing
     WHAT under FOLDER failed (No space left on device); KEPT. Free some space there (or write elsewhere) and
-    AGAIN". ``certain``: only what :func:`is_full_disk` is sure of (a block that also reads). Other errors, and
+    AGAIN" (``kept`` may be a function, called only then). ``certain``: only what :func:`is_full_disk` is sure of
+    (a block that also reads). Other errors, and
     KoalaErrors other than an inner WriteFailed (said again here in these terms), pass unchanged."""
     try:
         yield
@@ -108,8 +109,9 @@ def writing(
         raise WriteFailed(write_failure_message(failure, what, folder, kept, again), *failure) from err
 
 
-def write_failure_message(failure: tuple[str, str], what: str, folder: str, kept: str, again: str) -> str:
+def write_failure_message(failure: tuple[str, str], what: str, folder: str, kept, again: str) -> str:
     kind, reason = failure
+    kept = kept() if callable(kept) else kept
     fix = {
         "disk full": "free some space there (or write elsewhere)",
         "quota exceeded": "free some of your quota there (or write elsewhere)",
