@@ -133,7 +133,9 @@ def _run(argv):
     return code, err.getvalue(), out.getvalue()
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+@settings(
+    max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True, database=None
+)
 @given(malformed())
 def test_malformed_distill_configs_are_refused_by_name(case):
     overrides, recipe, name = case
@@ -162,7 +164,9 @@ def data_recipe(draw):
     return recipe, name
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+@settings(
+    max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True, database=None
+)
 @given(data_recipe())
 def test_malformed_data_sections_are_refused_by_koala_data(case):
     recipe, name = case

@@ -357,8 +357,8 @@ BOUNDS = {
 
 
 def _check_fields(section, prefix: str) -> None:
-    """Every typed setting of a schema section (nested sections too): no empty strings, numbers finite and within
-    int64 (and :data:`BOUNDS`), list items likewise. The sections typed ``Any`` (``kd.features``,
+    """Every typed setting of a schema section (nested sections too): no empty strings, numbers finite (whole
+    numbers within int64) and within :data:`BOUNDS`, list items likewise. The sections typed ``Any`` (``kd.features``,
     ``student.preset``, ``data``) have checks of their own."""
     for f in fields(section):
         key, value = f"{prefix}{f.name}", getattr(section, f.name)
@@ -382,7 +382,7 @@ def _in_bounds(key: str, value, bounds) -> None:
     option = key.split("[")[0]
     if not math.isfinite(value):
         raise KoalaError(f"{key} must be a finite number, got {value!r}", option=option)
-    if abs(value) > INT_MAX:
+    if isinstance(value, int) and abs(value) > INT_MAX:
         raise KoalaError(f"{key} is too large ({value:.3g}); the most a setting holds is {INT_MAX}", option=option)
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         within = f"between {lo} and {hi}" if hi is not None else f">= {lo}"

@@ -92,8 +92,8 @@ def writing(
     """Inside the block a failed write (:func:`write_failure`) becomes a :class:`WriteFailed`: "disk full: writing
     WHAT under FOLDER failed (No space left on device); KEPT. Free some space there (or write elsewhere) and
     AGAIN" (``kept`` may be a function, called only then). ``certain``: only what :func:`is_full_disk` is sure of
-    (a block that also reads). Other errors, and
-    KoalaErrors other than an inner WriteFailed (said again here in these terms), pass unchanged."""
+    (for a block that also reads). An inner WriteFailed is said again in these terms; other errors, KoalaErrors
+    included, pass unchanged."""
     try:
         yield
     except WriteFailed as err:
