@@ -89,6 +89,27 @@ def test_errors_that_are_not_failed_writes_pass(tmp_path):
     assert os.listdir(tmp_path) == ["bad.safetensors"]
 
 
+def test_a_failed_append_says_what_is_kept():
+    # what the trainer does for metrics.jsonl: the last good checkpoint is looked up only when a write fails
+    asked = []
+
+    def kept():
+        asked.append(1)
+        return "training stopped; the last good checkpoint is RUN/checkpoints/step-0000003"
+
+    with writing("metrics.jsonl", "RUN", kept, "resume with --resume latest"):
+        pass
+    assert not asked
+    with pytest.raises(WriteFailed) as err:
+        with writing("metrics.jsonl", "RUN", kept, "resume with --resume latest"):
+            append_lines("/dev/full", ['{"step": 4}'])  # a character device: appended to, never replaced
+    assert str(err.value) == (
+        "disk full: writing metrics.jsonl under RUN failed (No space left on device); training stopped; the last "
+        "good checkpoint is RUN/checkpoints/step-0000003. Free some space there (or write elsewhere) and resume "
+        "with --resume latest"
+    )
+
+
 def test_append_lines_cuts_a_half_written_line_back(small_disk):
     disk = small_disk(8192)
     path = os.path.join(disk, "index.jsonl")
