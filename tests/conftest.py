@@ -1,6 +1,7 @@
 """Shared fixtures: tiny SDXL- and SD-topology models built in the test session. Never touches the network."""
 
 import os
+import subprocess
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -127,3 +128,30 @@ def nsfw_dir(tmp_path_factory):
     model.save_pretrained(d)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(d)
     return d
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A disk that fills: ``small_disk(size)`` mounts a fresh tmpfs of ``size`` bytes (counted in 4 KiB pages) and
+    returns its folder; ``small_disk.resize(folder, size)`` gives it another size. Needs root (CI runs as root):
+    skipped otherwise, or where mounting is not allowed."""
+    mounts = []
+
+    def mount(size: int) -> str:
+        if os.geteuid() != 0:
+            pytest.skip("needs root to mount a small tmpfs (CI runs as root)")
+        path = tmp_path / f"disk{len(mounts)}"
+        path.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+        if r.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+        mounts.append(path)
+        return str(path)
+
+    def resize(path: str, size: int) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={size}", path], check=True)
+
+    mount.resize = resize
+    yield mount
+    for path in mounts:
+        subprocess.run(["umount", "-l", str(path)], check=False)

@@ -110,3 +110,19 @@ def test_nsfw_data_filter_is_counted_in_stats(folder, nsfw_dir, capsys):
         prep.probe(make_source({"path": folder, "type": "folder"}).get(0))  # resume skipping decides the same way
     assert main(["data", "stats", folder, "--nsfw-model", nsfw_dir, "--nsfw-label", "porn"]) == 2
     assert "id2label" in capsys.readouterr().err
+
+
+def test_a_full_disk_stops_syncap_and_the_rerun_resumes(vlm, folder, small_disk, capsys):
+    disk = small_disk(4096)  # one tmpfs page
+    out = os.path.join(disk, "syncap.jsonl")
+    with open(os.path.join(disk, "ballast"), "wb") as f:  # another writer has taken the disk
+        f.write(b"x" * 4096)
+    argv = ["data", "syncap", folder, "--vlm", vlm, "--out", out, "--batch-size", "2", "--max-new-tokens", "6"]
+    assert main([*argv, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"disk full: writing captions to {out} under {disk} failed (No space left on device)" in err
+    assert "the captions written before this batch are kept" in err and "Traceback" not in err
+    assert os.path.getsize(out) == 0  # no half line
+    os.remove(os.path.join(disk, "ballast"))
+    assert main([*argv, "--no-progress"]) == 0
+    assert len(read_syncap_file(out)) == 5

@@ -202,7 +202,9 @@ def test_folder_styles_cli_and_bad_input(hps, tmp_path, capsys):
     with pytest.raises(KoalaError, match="not an open_clip ViT CLIP"):
         HPSv2(str(tmp_path / "other.pt"), tok_dir)
     torch.save({"state_dict": sd, "cfg": KoalaError("x")}, str(tmp_path / "pickled.pt"))  # an object: never unpickled
-    with pytest.raises(KoalaError, match="not a plain tensor checkpoint"):
+    with pytest.raises(
+        KoalaError, match="pickled.pt holds objects other than tensors and plain values; koala does not"
+    ):
         HPSv2(str(tmp_path / "pickled.pt"), tok_dir)
     with pytest.raises(KoalaError, match="tokenizer"):
         HPSv2(ckpt, str(tmp_path / "nowhere"))

@@ -225,3 +225,19 @@ def test_several_benchmarks_in_one_run_share_images(models, clip_dir, tmp_path, 
     assert set(res["prompts"]) == {"main", "clip", "pickscore"}
     table = open(out / "results.md").read()
     assert "clip average" in table and "pickscore average" in table and "shapes binding" in table
+
+
+def test_a_full_disk_stops_the_run_and_it_resumes(models, tmp_path, small_disk, monkeypatch):
+    prompts = [ev.Prompt("plain", i, text) for i, text in enumerate(PROMPTS)]
+    disk = small_disk(3 * 4096)  # tmpfs pages: the index file and two images
+    out = os.path.join(disk, "out")
+    settings = ev.EvalSettings(seeds=(0,), steps=2)
+    folder = os.path.join(out, "images", "teacher")
+    with pytest.raises(KoalaError, match=rf"disk full: writing image plain-00002-s0-\w+.png under {folder} failed"):
+        ev.run_eval(models[:1], prompts, [], out, settings, progress=False, log=lambda *_: None)
+    indexed = [r["file"] for r in ev._read_jsonl(os.path.join(folder, "index.jsonl")).values()]
+    assert len(indexed) == 2 and sorted(os.listdir(folder)) == sorted(["index.jsonl", *indexed])  # no temporary
+    small_disk.resize(disk, 1 << 20)
+    calls = _counting(monkeypatch)
+    res = ev.run_eval(models[:1], prompts, [], out, settings, progress=False, log=lambda *_: None)
+    assert calls["generate"] == 1 and res["models"][0]["n_images"] == 3

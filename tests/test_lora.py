@@ -196,3 +196,13 @@ def test_alphas_from_diffusers_metadata_with_patterns():
     assert alpha("unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q") == 2.0
     assert alpha("unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k") == 8.0
     assert alpha("text_encoder", "text_model.encoder.layers.0.self_attn.q_proj") is None  # nothing said: alpha = rank
+
+
+def test_transfer_on_a_full_disk_says_so_and_leaves_nothing(setup, small_disk, capsys):
+    _, lora_file, student = setup
+    disk = small_disk(8192)
+    out = os.path.join(disk, "student_lora.safetensors")
+    assert main(["lora", "transfer", lora_file, "--student", student, "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert f"disk full: writing {out} under {disk} failed (No space left on device)" in err
+    assert f"nothing half-written is left at {out}" in err and os.listdir(disk) == []

@@ -99,7 +99,7 @@ def test_unknown_keys_name_the_file_key_and_closest(tmp_path):
     with pytest.raises(KoalaError, match="list.yaml: a recipe must be a YAML mapping"):
         load_config(str(tmp_path / "list.yaml"))
     (tmp_path / "broken.yaml").write_text("train: {lr: [\n")
-    with pytest.raises(KoalaError, match="broken.yaml: not a valid YAML"):
+    with pytest.raises(KoalaError, match="broken.yaml: not valid YAML at line 2"):
         load_config(str(tmp_path / "broken.yaml"))
 
 

@@ -356,25 +356,25 @@ def test_failed_checkpoint_write_keeps_the_last_good_one(tiny_pipe_dir, tmp_path
             "train.progress=false",
         ],
     )
-    real_save, calls = torch.save, []
+    real_save, calls = ck.save_tensor_file, []
 
-    def full_disk(obj, f, *a, **kw):
-        calls.append(f)
+    def full_disk(obj, path):
+        calls.append(path)
         if len(calls) == 2:  # the step-2 checkpoint's trainer state: the disk is full half-way through the write
-            open(f, "wb").write(b"partial")
-            raise OSError(errno.ENOSPC, "No space left on device", str(f))
-        return real_save(obj, f, *a, **kw)
+            open(path, "wb").write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_save(obj, path)
 
-    monkeypatch.setattr(ck.torch, "save", full_disk)
+    monkeypatch.setattr(ck, "save_tensor_file", full_disk)
     with pytest.raises(
         KoalaError,
-        match=r"step-2 checkpoint failed \(No space left on device.*last good checkpoint "
-        r"is .*step-0000001",
+        match=r"disk full: writing the step-2 checkpoint under .*checkpoints failed \(No space left on device\); "
+        r"nothing partial was kept.*last good checkpoint is .*step-0000001",
     ):
         train(cfg)
     root = out / "checkpoints"
     assert sorted(os.listdir(root)) == ["step-0000001"]  # no step-2 folder, no temporary left behind
-    monkeypatch.setattr(ck.torch, "save", real_save)
+    monkeypatch.setattr(ck, "save_tensor_file", real_save)
     resumed = train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume="latest")))
     assert resumed["step"] == 3
 
@@ -426,7 +426,11 @@ def test_failed_cache_shard_write_keeps_finished_shards(tiny_pipe_dir, tmp_path,
 
     monkeypatch.setattr(cache_mod, "save_file", failing)
     kw = dict(resolution=32, batch_size=2, shard_size=2, latent="mean", progress=False)
-    with pytest.raises(KoalaError, match=r"writing cache shard .*00001.safetensors failed.*run the same command"):
+    with pytest.raises(
+        KoalaError,
+        match=r"disk full: writing cache shard .*00001.safetensors under the cache folder .*cache failed.*run the "
+        r"same command",
+    ):
         build_cache({"type": "folder", "path": str(src)}, tiny_pipe_dir, str(out), **kw)
     assert sorted(os.listdir(out / "shards")) == ["00000.safetensors"]  # the partial file was removed
     load_file(str(out / "shards" / "00000.safetensors"))

@@ -54,8 +54,13 @@ def _read(src) -> dict:
         data = OmegaConf.create(src.read_text())
     except OSError as err:
         raise KoalaError(f"{src}: cannot read ({err})") from err
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        why = " ".join(str(s) for s in (err.context, err.problem) if s)
+        raise KoalaError(f"{src}: not valid YAML{at}: {why}") from err
     except (yaml.YAMLError, OmegaConfBaseException) as err:
-        raise KoalaError(f"{src}: not a valid YAML mapping ({err})") from err
+        raise KoalaError(f"{src}: not a valid YAML mapping ({' '.join(str(err).split())})") from err
     if not isinstance(data, DictConfig):
         raise KoalaError(f"{src}: a recipe must be a YAML mapping (key: value lines), got a list")
     return OmegaConf.to_container(data, resolve=False)
@@ -98,16 +103,52 @@ def _has(data: Mapping, dotted: str) -> bool:
     return True
 
 
+INT_MAX = 2**63 - 1  # the largest whole number a setting may hold (torch's int64)
+
+
+def _check_numbers(data, where: str, prefix: str = "") -> None:
+    """Refuse a whole number no setting can hold (YAML reads ``1`` followed by 400 zeros as one), naming its key,
+    before the schema tries to convert it (Python cannot make a float of it)."""
+    items = data.items() if isinstance(data, Mapping) else enumerate(data) if isinstance(data, list) else ()
+    for k, v in items:
+        key = f"{prefix}[{k}]" if isinstance(data, list) else f"{prefix}{'.' if prefix else ''}{k}"
+        if isinstance(v, int) and not isinstance(v, bool) and abs(v) > INT_MAX:
+            raise KoalaError(
+                f"{where}: {key}: {str(v)[:20]}... ({len(str(v))} digits) is too large; the most a "
+                f"setting holds is {INT_MAX}"
+            )
+        _check_numbers(v, where, key)
+
+
 def _merge(cfg: DictConfig, layer, where: str) -> DictConfig:
+    _check_numbers(layer, where)
     try:
         return OmegaConf.merge(cfg, layer)
     except ConfigKeyError as err:
         raise KoalaError(f"{where}: unknown key {err.full_key!r}{_suggest(cfg, err.full_key)}") from err
-    except OmegaConfBaseException as err:
+    except (OmegaConfBaseException, TypeError, ValueError) as err:  # TypeError: a list given a mapping
+        if not getattr(err, "full_key", None):  # e.g. a section given a number: find the key the merge refused
+            key = _culprit(cfg, layer)
+            if key:
+                raise KoalaError(f"{where}: {key}: {_message(err)}") from err
         raise KoalaError(f"{where}: {_message(err)}") from err
 
 
-def _message(err: OmegaConfBaseException) -> str:
+def _culprit(cfg: DictConfig, layer, prefix: str = "") -> str | None:
+    """The dotted key of ``layer`` that a merge into ``cfg`` refuses (None when no single key does)."""
+    if not isinstance(layer, Mapping):
+        return None
+    for k, v in layer.items():
+        try:
+            OmegaConf.merge(cfg, {k: v})
+        except (OmegaConfBaseException, TypeError, ValueError):
+            node = cfg.get(k) if isinstance(cfg, DictConfig) else None
+            inner = _culprit(node, v, f"{prefix}{k}.") if isinstance(node, DictConfig) else None
+            return inner or f"{prefix}{k}"
+    return None
+
+
+def _message(err: Exception) -> str:
     key = f"{err.full_key}: " if getattr(err, "full_key", None) else ""
     return key + str(getattr(err, "msg", None) or err).splitlines()[0]
 

@@ -105,7 +105,8 @@ def describe_error(err: BaseException) -> tuple[int, str]:
 
         where = f"{err.filename}: " if err.filename else ""
         tip = {
-            errno.ENOSPC: "; free some space or write elsewhere",
+            errno.ENOSPC: " (disk full); free some space or write elsewhere",
+            errno.EDQUOT: " (quota exceeded); free some of your quota or write elsewhere",
             errno.EACCES: "; check the permissions",
             errno.EROFS: "; write elsewhere",
         }.get(err.errno, "")
@@ -113,6 +114,16 @@ def describe_error(err: BaseException) -> tuple[int, str]:
     if type(err).__name__ in ("OutOfMemoryError",):
         return 2, _one_line(
             f"out of memory ({err}); try a smaller batch or resolution, or the memory options of this command"
+        )
+    from ..utils.writes import write_failure
+
+    failure = write_failure(err)  # a safetensors / torch writer that ran out of room outside koala's own guards
+    if failure is not None:
+        return 2, _one_line(f"{failure[0]}: a write failed ({failure[1]}); free some space or write elsewhere")
+    if type(err).__name__ == "UnpicklingError" and "weights only" in str(err).lower():  # a library's torch.load
+        return 2, _one_line(
+            "a torch file (.pt / .bin) holds objects other than tensors and plain values; koala does not unpickle "
+            "them (run with --debug to see which file)"
         )
     if type(err).__name__ == "SafetensorError":
         return 2, _one_line(f"a safetensors file is corrupt or truncated ({err}); run with --debug to see which")

@@ -35,6 +35,7 @@ from ..families import Family, Parts, family_of, get_family
 from ..utils.devices import parse_dtype
 from ..utils.files import atomic_write_json, check_output_folder
 from ..utils.signals import StopRequest
+from ..utils.writes import writing
 from .batching import BucketBatcher, EpochBatches, collate_raw, prepare_sample
 from .buckets import parse_buckets
 from .config import normalize_data_cfg
@@ -286,7 +287,8 @@ def build_cache(
     fam.check_pipeline_dir(pipeline_dir)  # missing or corrupt components: refused before anything is written
     check_output_folder(out_dir, "the cache")
     os.makedirs(os.path.join(out_dir, "shards"), exist_ok=True)
-    _write_or_check_config(out_dir, meta)
+    with writing("the cache settings", f"the cache folder {out_dir}"):
+        _write_or_check_config(out_dir, meta)
 
     enc = fam.load_parts(pipeline_dir, "fp32", vae_dtype, device)
     preparer = SamplePreparer(cfg)
@@ -304,7 +306,8 @@ def build_cache(
             if stop.requested:
                 break
     bar.close()
-    index = write_index(out_dir)
+    with writing("index.json", f"the cache folder {out_dir}", "the finished shards are kept"):
+        index = write_index(out_dir)
     if stop.requested:
         index = {**index, "stopped_by": stop.requested}
     if progress:
@@ -364,16 +367,15 @@ def _build_shard(k, unit, source, preparer, transform, enc, out_dir, batch_size,
     }
     final = _shard_path(out_dir, k)
     tmp = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.tmp-{os.getpid()}")
+    kept = "the finished shards are kept and nothing half-written is left"
     try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, final)  # atomic: a shard file exists only when complete
-    except OSError as err:
+        with writing(f"cache shard {final}", f"the cache folder {out_dir}", kept, "run the same command again"):
+            save_file(tensors, tmp, metadata=metadata)
+            os.replace(tmp, final)  # atomic: a shard file exists only when complete
+    except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise KoalaError(
-            f"writing cache shard {final} failed ({err.strerror or err}); the finished shards are kept: "
-            "free some space (or fix the folder) and run the same command again to resume"
-        ) from err
+        raise
     return dict(skips)
 
 

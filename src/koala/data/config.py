@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from ..errors import KoalaError
 
 TYPES = ("folder", "parquet", "csv", "webdataset", "hf_disk", "cache", "synthetic")
@@ -36,24 +38,66 @@ DEFAULTS = {
 }
 
 
+INT_MAX = 2**63 - 1
+FLAGS = ("center_crop", "random_flip", "shuffle", "repeat", "drop_last")  # true / false
+COUNTS = {"min_size": 0, "shuffle_buffer": 0, "num_samples": 1, "size": 8}  # whole numbers, with their lowest value
+NUMBERS = {"nsfw_threshold": (0, 1), "max_aspect": (1, None)}  # numbers (max_aspect may be null)
+NAMES = ("type", "syncap", "syncap_file", "nsfw_model", "nsfw_label", "image_column", "image_root", "split")
+NAME_LISTS = ("path", "caption_column", "syncap_column", "captions")  # a string or a list of strings
+
+
+def _bad(key: str, what: str, value) -> KoalaError:
+    return KoalaError(f"data.{key} must be {what}, got {value!r}", option=f"data.{key}")
+
+
+def check_data_types(cfg: dict) -> None:
+    """Each known key of a data config holds its kind of value (a flag, a whole number in range, a finite number,
+    a non-empty name or list of names), named ``data.KEY`` when not."""
+    for key in FLAGS:
+        if key in cfg and not isinstance(cfg[key], bool):
+            raise _bad(key, "true or false", cfg[key])
+    for key, lo in COUNTS.items():
+        v = cfg.get(key, DEFAULTS[key])
+        if v is None and key == "min_size":  # null: no minimum
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= INT_MAX:
+            raise _bad(key, f"a whole number from {lo} to {INT_MAX}", v)
+    for key, (lo, hi) in NUMBERS.items():
+        v = cfg.get(key, DEFAULTS[key])
+        if v is None and DEFAULTS[key] is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < lo or (hi and v > hi):
+            raise _bad(key, f"a finite number {f'from {lo} to {hi}' if hi else f'>= {lo} (or null)'}", v)
+    for key in (*NAMES, *NAME_LISTS):
+        v = cfg.get(key)
+        items = v if key in NAME_LISTS and isinstance(v, list) else [v]
+        if v is not None and not all(isinstance(x, str) and (x.strip() or key == "captions") for x in items):
+            kind = "a non-empty string" + (" or a list of them" if key in NAME_LISTS else "") + " (or null)"
+            raise _bad(key, kind, v)
+    buckets = cfg.get("buckets", False)
+    if not isinstance(buckets, (bool, dict, list)):
+        raise _bad("buckets", "true, false, {step, max_aspect} or a list of [h, w] pairs", buckets)
+
+
 def normalize_data_cfg(cfg: dict) -> dict:
     if not isinstance(cfg, dict):
         raise KoalaError(f"data config must be a mapping, got {type(cfg).__name__}")
     unknown = sorted(set(cfg) - set(DEFAULTS))
     if unknown:
-        raise KoalaError(f"data config: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(DEFAULTS)}")
+        raise KoalaError(
+            f"data config: unknown key(s) {', '.join(f'data.{k}' for k in unknown)}; known keys: {', '.join(DEFAULTS)}"
+        )
+    check_data_types(cfg)
     out = {**DEFAULTS, **cfg}
     if not out["path"] and out["type"] != "synthetic":
-        raise KoalaError("data config: 'path' is required (or type: synthetic for generated images)")
+        raise KoalaError("data config: data.path is required (or data.type: synthetic for generated images)")
     if out["type"] is None:
         from .sources import guess_type
 
         out["type"] = guess_type(out["path"])
     if out["type"] not in TYPES:
-        raise KoalaError(f"data config: type {out['type']!r} is not one of {', '.join(TYPES)}")
+        raise KoalaError(f"data config: data.type {out['type']!r} is not one of {', '.join(TYPES)}")
     if out["syncap_file"] and not out["syncap_column"]:
         out["syncap_column"] = "syncap"  # where the joined caption goes in each sample's row
     out["min_size"] = int(out["min_size"] or 0)
-    if out["max_aspect"] is not None and float(out["max_aspect"]) < 1:
-        raise KoalaError(f"data config: max_aspect must be >= 1 (long side / short side), got {out['max_aspect']}")
     return out

@@ -15,6 +15,8 @@ import os
 import torch
 
 from ..errors import KoalaError
+from ..utils.files import append_lines
+from ..utils.writes import writing
 from .captions import SYNCAP_FIELD, read_syncap_file  # noqa: F401  (read_syncap_file: part of this module's API)
 
 DEFAULT_PROMPT = "Describe this image in detail."
@@ -91,11 +93,10 @@ def caption_source(
         with torch.no_grad():
             ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         caps = processor.batch_decode(ids[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        with open(out, "a", encoding="utf-8") as f:
-            for (key, _), cap in zip(batch, caps):
-                f.write(json.dumps({"key": key, SYNCAP_FIELD: " ".join(cap.split())}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        rows = [json.dumps({"key": key, SYNCAP_FIELD: " ".join(cap.split())}) for (key, _), cap in zip(batch, caps)]
+        kept = "the captions written before this batch are kept (the same command resumes from them)"
+        with writing(f"captions to {out}", os.path.dirname(os.path.abspath(out)), kept):
+            append_lines(out, rows)
         counts["captioned"] += len(batch)
         batch.clear()
 

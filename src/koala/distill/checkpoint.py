@@ -16,13 +16,13 @@ import os
 import re
 import shutil
 
-import torch
 from safetensors.torch import load_file
 
 from ..card import write_model_card
 from ..errors import KoalaError
 from ..families import find_model_folder, get_family, model_subfolders
 from ..utils.files import atomic_output_dir
+from ..utils.weights import load_tensor_file, save_tensor_file
 from .ema import ema_weights
 
 STEP_RE = re.compile(r"^step-(\d+)$")
@@ -137,7 +137,7 @@ def _save_gathered(tmp: str, sub: str, student, lmap, states: dict, scaler) -> N
         weights = {**states["student"], **dict(zip(names, ema["shadow_params"]))}
         save_model_dir(student, weights, os.path.join(tmp, f"{sub}_ema"))
         lmap.save(os.path.join(tmp, f"{sub}_ema"))
-    torch.save(
+    save_tensor_file(
         {"optimizer": states["optimizer"], "ema": ema, "scaler": scaler.state_dict() if scaler is not None else None},
         os.path.join(tmp, "trainer_state.pt"),
     )
@@ -158,7 +158,7 @@ def _save_plain(tmp: str, sub: str, student, lmap, ema, optimizer, scaler, objec
     }
     if objective is not None:
         state["fewstep"] = objective.state_dict()
-    torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+    save_tensor_file(state, os.path.join(tmp, "trainer_state.pt"))
 
 
 def load_checkpoint(path: str, student, ema, optimizer, scaler, objective=None) -> int:
@@ -184,7 +184,9 @@ def load_checkpoint(path: str, student, ema, optimizer, scaler, objective=None) 
         raise KoalaError(
             f"{path}: missing {' or '.join(f'{d}/' for d in model_subfolders())} diffusion_pytorch_model.safetensors"
         )
-    state = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=True)
+    state = load_tensor_file(os.path.join(path, "trainer_state.pt"))
+    if not isinstance(state, dict) or "optimizer" not in state:
+        raise KoalaError(f"{path}/trainer_state.pt: not a koala trainer state (no optimizer entry)")
     try:
         if layout == "names":
             load_states(

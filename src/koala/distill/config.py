@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, Iterable, List, Optional
 
 from omegaconf import OmegaConf
@@ -20,9 +20,10 @@ from ..arch.layer_map import SELECTIONS as LAYER_SELECTIONS
 from ..data.config import normalize_data_cfg
 from ..errors import KoalaError
 from ..families.sampling import TEACHER_KINDS
-from ..recipes import load
+from ..recipes import INT_MAX, load
 from ..utils.attention import SDPA_BACKENDS
 from ..utils.compile import COMPILE_SCOPES
+from ..utils.devices import DTYPES
 from .losses import FEATURE_LOSSES  # name -> loss function: the allowed kd.feature_loss values
 from .sharding import FSDP_MODES
 
@@ -334,9 +335,66 @@ class RunLayout:
         )
 
 
+# numbers the schema's types cannot bound: key -> (lowest, highest); None = open. A list's bounds hold for each item
+BOUNDS = {
+    "train.checkpoint_every": (0, None),
+    "train.keep_checkpoints": (0, None),
+    "train.log_every": (1, None),
+    "train.num_workers": (0, None),
+    "train.cpu_threads": (1, None),
+    "train.weight_decay": (0, None),
+    "train.adam_eps": (0, None),
+    "train.adam_betas": (0, 1),
+    "train.came_betas": (0, 1),
+    "train.came_eps": (0, None),
+    "train.max_grad_norm": (0, None),
+    "train.ema.decay": (0, 1),
+    "validation.every": (0, None),
+    "validation.steps": (1, None),
+    "validation.guidance_scale": (0, None),
+    "validation.resolution": (8, None),
+}
+
+
+def _check_fields(section, prefix: str) -> None:
+    """Every typed setting of a schema section (nested sections too): no empty strings, numbers finite (whole
+    numbers within int64) and within :data:`BOUNDS`, list items likewise. The sections typed ``Any`` (``kd.features``,
+    ``student.preset``, ``data``) have checks of their own."""
+    for f in fields(section):
+        key, value = f"{prefix}{f.name}", getattr(section, f.name)
+        if is_dataclass(value):
+            _check_fields(value, f"{key}.")
+        elif isinstance(value, str) and not value.strip():
+            raise KoalaError(f"{key} is an empty string; give it a value (or null where it may be unset)", option=key)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if isinstance(item, (list, dict)):
+                    raise KoalaError(f"{key}[{i}] must be a single value, got {item!r}", option=key)
+                _in_bounds(f"{key}[{i}]", item, BOUNDS.get(key))
+        else:
+            _in_bounds(key, value, BOUNDS.get(key))
+
+
+def _in_bounds(key: str, value, bounds) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    lo, hi = bounds or (None, None)
+    option = key.split("[")[0]
+    if not math.isfinite(value):
+        raise KoalaError(f"{key} must be a finite number, got {value!r}", option=option)
+    if isinstance(value, int) and abs(value) > INT_MAX:
+        raise KoalaError(f"{key} is too large ({value:.3g}); the most a setting holds is {INT_MAX}", option=option)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        within = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+        raise KoalaError(f"{key} must be {within}, got {value!r}", option=option)
+
+
 def check_config(cfg: DistillConfig, where: str = "config") -> None:
     """Value checks the schema's types cannot express; KoalaError naming ``where`` and the key."""
     try:
+        for f in fields(cfg):
+            if is_dataclass(getattr(cfg, f.name)):
+                _check_fields(getattr(cfg, f.name), f"{f.name}.")
         _check(cfg)
     except KoalaError as err:
         raise KoalaError(f"{where}: {err}") from err
@@ -364,6 +422,8 @@ def _check(cfg: DistillConfig) -> None:
     _num(cfg, "train.caption_dropout", 0, 1)
     _num(cfg, "train.lr_warmup_steps", 0)
     for key, allowed in (
+        ("teacher.dtype", tuple(DTYPES)),
+        ("teacher.vae_dtype", (None, *DTYPES)),
         ("train.mixed_precision", MIXED_PRECISION),
         ("train.optimizer", OPTIMIZERS),
         ("train.lr_schedule", LR_SCHEDULES),

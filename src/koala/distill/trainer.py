@@ -23,9 +23,11 @@ from accelerate import Accelerator
 from ..data import make_dataloader
 from ..errors import KoalaError
 from ..recipes import dump_recipe
-from ..utils.files import existing_parent
+from ..utils.files import append_lines, existing_parent
 from ..utils.signals import StopRequest
-from .checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from ..utils.weights import ENTRY_BYTES, tensor_bytes
+from ..utils.writes import writing
+from .checkpoint import checkpoint_root, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from .config import DistillConfig, RunLayout, resolve_cpu_threads
 from .models import teacher_pipeline
 from .sharding import gather_states
@@ -200,7 +202,7 @@ class TrainingRun:
             dynamic_ncols=True,
         )
         if main:
-            warn_low_space(out_dir, self.d, t.keep_checkpoints, self.bar.write)
+            warn_low_space(out_dir, self.d, t, self.step, self.bar.write)
 
     def _micro_batches(self):
         t, lay = self.cfg.train, self.layout
@@ -239,8 +241,22 @@ class TrainingRun:
             if self.trackers:
                 self.acc.log(logs, step=self.step)
             if self.acc.is_main_process:
-                with open(os.path.join(self.layout.output_dir, "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps({"step": self.step, **logs}) + "\n")
+                with self.writing("metrics.jsonl"):
+                    append_lines(
+                        os.path.join(self.layout.output_dir, "metrics.jsonl"),
+                        [json.dumps({"step": self.step, **logs})],
+                    )
+
+    def writing(self, what: str, certain: bool = False):
+        """A failed write of the run's outputs (disk full): exit 2 naming the folder and the last good checkpoint.
+        ``certain``: the block also reads (only what is surely a failed write is said so)."""
+
+        def kept() -> str:
+            ckpts = list_checkpoints(self.layout.output_dir)
+            good = self.last_ckpt or (ckpts[-1][1] if ckpts else "none yet")
+            return f"training stopped; the last good checkpoint is {good}"
+
+        return writing(what, self.layout.output_dir, kept, "resume with --resume latest", certain)
 
     def any_process(self, flag: bool) -> bool:
         """``flag`` on any process (a collective: every process calls it at the same step)."""
@@ -264,7 +280,8 @@ class TrainingRun:
 
     def validate(self) -> None:
         if self.acc.is_main_process or self.d.fsdp:  # a sharded student's forward needs every process
-            validate_now(self.d, self.step, write=self.acc.is_main_process)
+            with self.writing(f"the step-{self.step} validation images", certain=True):
+                validate_now(self.d, self.step, write=self.acc.is_main_process)
         self.acc.wait_for_everyone()
         self.t0 = time.perf_counter()
 
@@ -287,20 +304,24 @@ class TrainingRun:
 
 
 def checkpoint_bytes(d: Distiller) -> int:
-    """About what one checkpoint takes on disk: student (+ EMA) weights and the optimizer state."""
-    weights = sum(p.numel() * p.element_size() for p in d.plain_student.parameters())
+    """About what one checkpoint takes on disk: the student's weights (and the EMA's: once as ``unet_ema/``, once
+    in ``trainer_state.pt``), the optimizer state, the step objective's state (LCM's target network, DMD's
+    fake score and its optimizer) and the files' own bytes per tensor (:data:`ENTRY_BYTES`)."""
+    params = list(d.plain_student.parameters())
+    weights = tensor_bytes(params, ENTRY_BYTES)
     opt = inner_optimizer(d.optimizer)
     states = {} if is_sharded(d.optimizer) else (getattr(opt, "state", None) or {})  # sharded: the full state is saved
-    state = sum(
-        t.numel() * t.element_size()
-        for st in states.values()
-        if isinstance(st, dict)
-        for t in st.values()
-        if torch.is_tensor(t)
-    )
-    if not state:  # before the first step (or sharded): AdamW keeps two fp32 moments per parameter
-        state = 2 * sum(p.numel() * 4 for p in d.plain_student.parameters())
-    return weights * (2 if d.ema is not None else 1) + state
+    state = tensor_bytes(list(states.values()), ENTRY_BYTES)
+    if not state:  # before the first step (or sharded): AdamW keeps two fp32 moments and a step per trained parameter
+        state = sum(2 * p.numel() * 4 + 3 * ENTRY_BYTES + 4 for p in params if p.requires_grad)
+    ema = 2 * tensor_bytes(d.ema.shadow_params, ENTRY_BYTES) if d.ema is not None else 0  # unet_ema/ + its state
+    objective = d.objective.state_bytes() if d.objective is not None else 0
+    maps = (2 if d.ema is not None else 1) * len(json.dumps(d.lmap.to_dict(), indent=1))  # koala_layer_map.json
+    return weights + ema + state + objective + maps
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def _free_bytes(out_dir: str) -> int:
@@ -309,15 +330,28 @@ def _free_bytes(out_dir: str) -> int:
     return shutil.disk_usage(existing_parent(out_dir)).free
 
 
-def warn_low_space(out_dir: str, d: Distiller, keep: int, log=print) -> None:
-    """Warn at the start when the disk cannot hold the checkpoints the run will keep (plus one being written)."""
-    need = checkpoint_bytes(d) * ((keep or 1) + 1)
-    free = _free_bytes(out_dir)
+def checkpoints_to_come(step: int, max_steps: int, every: int) -> int:
+    """How many checkpoints a run at ``step`` still writes: every ``every`` steps (0: none) and at the end."""
+    periodic = (max_steps // every - step // every) if every else 0
+    return max(0, periodic + (0 if every and max_steps % every == 0 else 1 if max_steps > step else 0))
+
+
+def warn_low_space(out_dir: str, d: Distiller, train_cfg, step: int = 0, log=print) -> int:
+    """Warn at the start when the disk cannot hold the checkpoints the run will write and keep: all of them with
+    ``keep_checkpoints: 0``, else the kept ones plus the one being written (those already on disk are counted as
+    taken). Returns the bytes the run's checkpoints still need."""
+    keep, size = train_cfg.keep_checkpoints, checkpoint_bytes(d)
+    have = len(list_checkpoints(out_dir))
+    to_come = checkpoints_to_come(step, train_cfg.max_steps, train_cfg.checkpoint_every)
+    peak = have + to_come if not keep else min(have + to_come, keep + 1)
+    need, free = max(0, peak - have) * size, _free_bytes(out_dir)
     if free < need:
         log(
-            f"warning: {free / 2**30:.2f} GiB free under {out_dir}, but keeping {keep or 'all'} checkpoint(s) of "
-            f"about {checkpoint_bytes(d) / 2**30:.2f} GiB each needs {need / 2**30:.2f} GiB"
+            f"warning: {_size(free)} free under {out_dir}, but the {to_come} checkpoint(s) this run still writes "
+            f"(keeping {keep or 'all'}) of about {_size(size)} each need {_size(need)}; the run will stop with an "
+            "error when the disk is full (its last good checkpoint is kept)"
         )
+    return need
 
 
 def write_checkpoint(
@@ -338,10 +372,15 @@ def write_checkpoint(
     if free < need:
         raise KoalaError(
             f"not enough disk space for the step-{step} checkpoint under {out_dir}: about "
-            f"{need / 2**30:.2f} GiB needed, {free / 2**30:.2f} GiB free. Training stopped; the last good "
+            f"{_size(need)} needed, {_size(free)} free. Training stopped; the last good "
             f"checkpoint is {good} (resume with --resume latest after freeing space)"
         )
-    try:
+    with writing(
+        f"the step-{step} checkpoint",
+        checkpoint_root(out_dir),
+        kept=f"nothing partial was kept. Training stopped; the last good checkpoint is {good}",
+        again="resume with --resume latest",
+    ):
         return save_checkpoint(
             layout,
             step,
@@ -355,12 +394,6 @@ def write_checkpoint(
             states=states,
             objective=d.objective,
         )
-    except OSError as err:
-        raise KoalaError(
-            f"writing the step-{step} checkpoint failed ({err.strerror or err}"
-            f"{': ' + str(err.filename) if err.filename else ''}); nothing partial was kept. Training "
-            f"stopped; the last good checkpoint is {good}"
-        ) from err
 
 
 def flat_config(cfg: dict, prefix: str = "") -> dict:

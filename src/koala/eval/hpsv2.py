@@ -28,8 +28,9 @@ ACTS = ("gelu", "quick_gelu")
 
 
 def load_openclip_state(path: str) -> dict[str, torch.Tensor]:
-    """An open_clip CLIP state dict from ``.pt`` (``torch.load(weights_only=True)``, ``state_dict`` key or plain,
-    DDP's ``module.`` stripped) or ``.safetensors``."""
+    """An open_clip CLIP state dict from ``.pt`` (tensors and plain values only:
+    :func:`koala.utils.weights.load_tensor_file`; ``state_dict`` key or plain, DDP's ``module.`` stripped) or
+    ``.safetensors``."""
     if not os.path.isfile(path):
         raise KoalaError(
             f"HPSv2 checkpoint {path}: no such file (HPS_v2_compressed.pt or HPS_v2.1_compressed.pt)",
@@ -43,12 +44,12 @@ def load_openclip_state(path: str) -> dict[str, torch.Tensor]:
         check_safetensors(path)
         sd = load_file(path)
     else:
+        from ..utils.weights import load_tensor_file
+
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - weights_only refuses anything but tensors and plain values
-            raise KoalaError(
-                f"HPSv2 checkpoint {path}: not a plain tensor checkpoint ({str(err)[:200]})", option="checkpoint"
-            ) from None
+            obj = load_tensor_file(path, f"HPSv2 checkpoint {path}")
+        except KoalaError as err:
+            raise KoalaError(str(err), option="checkpoint") from None
         sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
         if not isinstance(sd, dict):
             raise KoalaError(f"HPSv2 checkpoint {path}: expected a state dict", option="checkpoint")

@@ -24,9 +24,11 @@ from dataclasses import asdict, dataclass, field, replace
 
 from ..errors import KoalaError
 from ..utils.console import markdown_table
+from ..utils.writes import writing
 from .folder import open_rgb
 
 SCHEMA = "koala-eval-run/1"
+_KEPT = "the images and scores made so far are kept (the same command resumes from them)"
 SCORERS = (
     "shapes",
     "clip",
@@ -159,10 +161,10 @@ def _read_jsonl(path: str) -> dict[str, dict]:
 
 
 def _append(path: str, row: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    from ..utils.files import append_lines
+
+    with writing(os.path.basename(path), os.path.dirname(path), _KEPT):
+        append_lines(path, [json.dumps(row)])
 
 
 def generate_images(
@@ -214,8 +216,13 @@ def generate_images(
                 img, params = res.images[0], res.params[0]
                 name = f"{p.style}-{p.index:05d}-s{seed}-{key}.png"
                 tmp = os.path.join(folder, f".tmp-{name}")
-                img.save(tmp, pnginfo=png_info(params))
-                os.replace(tmp, os.path.join(folder, name))
+                with writing(f"image {name}", folder, _KEPT):
+                    try:
+                        img.save(tmp, pnginfo=png_info(params))
+                        os.replace(tmp, os.path.join(folder, name))
+                    finally:
+                        if os.path.exists(tmp):
+                            os.remove(tmp)
                 entry = {
                     "key": key,
                     "file": name,
@@ -508,8 +515,9 @@ def run_eval(
         "prompts": {name: {"n": len(ps), "styles": sorted({p.style for p in ps})} for name, ps, _ in sets},
         "models": [asdict(r) for r in rows],
     }
-    atomic_write_text(os.path.join(out_dir, "results.json"), json.dumps(result, indent=1))
-    atomic_write_text(os.path.join(out_dir, "results.md"), markdown(result))
+    with writing("the results", out_dir, _KEPT):
+        atomic_write_text(os.path.join(out_dir, "results.json"), json.dumps(result, indent=1))
+        atomic_write_text(os.path.join(out_dir, "results.md"), markdown(result))
     plot(result, os.path.join(out_dir, "results.png"), log)
     return result
 

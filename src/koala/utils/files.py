@@ -12,6 +12,7 @@ import uuid
 from typing import Iterator
 
 from ..errors import KoalaError
+from .writes import writing
 
 
 def read_json(path: str) -> dict:
@@ -75,7 +76,8 @@ def atomic_output_dir(out_dir: str, overwrite: bool = False) -> Iterator[str]:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
     try:
-        yield tmp
+        with writing(out_dir, parent, f"nothing half-written is left at {out_dir}", certain=True):
+            yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -97,7 +99,8 @@ def atomic_file(path: str, suffix: str = "") -> Iterator[str]:
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}{suffix}")
     try:
-        yield tmp
+        with writing(path, folder, f"nothing half-written is left at {path}", certain=True):
+            yield tmp
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -115,3 +118,22 @@ def atomic_write_text(path: str, text: str) -> str:
 def atomic_write_json(path: str, data, indent: int | None = 1) -> str:
     """``data`` as JSON at ``path``, written through a temporary file in the same folder."""
     return atomic_write_text(path, json.dumps(data, indent=indent))
+
+
+def append_lines(path: str, lines: list[str]) -> None:
+    """Append whole ``lines`` (each without its newline) to ``path``, synced; a failed write (a full disk) is cut
+    back off, so the file never ends in half a line that the next append would run into."""
+    data = memoryview("".join(line + "\n" for line in lines).encode("utf-8"))
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        start = os.fstat(fd).st_size
+        try:
+            while data:
+                data = data[os.write(fd, data) :]
+            os.fsync(fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+            raise
+    finally:
+        os.close(fd)

@@ -85,5 +85,58 @@ def materialize_meta_buffers(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
+ENTRY_BYTES = 320  # a stored tensor's own bytes beside its data: a torch.save zip entry (local header, central
+# directory, 64-byte alignment, pickle record) or a safetensors header entry (measured on the tiny runs' checkpoints)
+
+
+def tensor_bytes(obj, per_tensor: int = 0) -> int:
+    """The bytes of every tensor in a nested state (dicts, lists, tuples, a module's state), as stored, plus
+    ``per_tensor`` for each tensor (a file format's own bytes per entry: headers, names, alignment)."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size() + per_tensor
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v, per_tensor) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v, per_tensor) for v in obj)
+    if isinstance(obj, torch.nn.Module):
+        return tensor_bytes(list(obj.state_dict().values()), per_tensor)
+    return 0
+
+
 def count_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def save_tensor_file(obj, path: str) -> None:
+    """``torch.save(obj)`` at ``path`` through a Python file object, so a failed write keeps its ``OSError``
+    (errno ``ENOSPC`` / ``EDQUOT``) as the context of torch's ``RuntimeError`` (read by
+    :func:`koala.utils.writes.write_failure`); flushed and synced, so a full disk shows here, not later."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def load_tensor_file(path: str, what: str | None = None):
+    """The tensors and plain values (dicts, lists, numbers, strings) in a ``.pt`` file, read with
+    ``torch.load(weights_only=True)``: the one way koala reads a torch file. A file that holds other objects (a
+    pickle that would build classes or call functions) is refused by name; nothing in it runs. ``what``: how the
+    message names the file (default: its path)."""
+    import pickle
+
+    name = what or path
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise KoalaError(f"{name}: file not found") from None
+    except pickle.UnpicklingError as err:
+        if "weights only" in str(err).lower() or "weights_only" in str(err):
+            raise KoalaError(
+                f"{name} holds objects other than tensors and plain values; koala does not unpickle them"
+            ) from None
+        raise KoalaError(f"{name}: not a torch tensor file ({' '.join(str(err).split())[:200]})") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as err:
+        raise KoalaError(
+            f"{name}: cannot read it as a torch tensor file; it is truncated or corrupt "
+            f"({' '.join(str(err).split())[:200]})"
+        ) from None

@@ -20,6 +20,7 @@ import torch
 
 from ...errors import KoalaError
 from ...utils.attention import attention_context
+from ...utils.weights import ENTRY_BYTES, tensor_bytes
 from ..items import KDItem
 from ..losses import Losses
 from .lora import add_lora, check_family, load_lora_state, lora_state, save_lora_file, save_merged
@@ -197,6 +198,10 @@ class StepObjective:
     def state_dict(self) -> dict:
         """Tensors and numbers to resume from (``trainer_state.pt``'s ``fewstep`` entry)."""
         return {"lora": lora_state(self.d.plain_student)} if self.lora else {}
+
+    def state_bytes(self) -> int:
+        """About the bytes :meth:`state_dict` writes into a checkpoint (the free-space estimate), without copying."""
+        return tensor_bytes(lora_state(self.d.plain_student), ENTRY_BYTES) if self.lora else 0
 
     def load_state_dict(self, state: dict) -> None:
         if self.lora:

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from ...errors import KoalaError
 from ...families.sampling import SamplingDefaults
 from ...utils.attention import attention_context
+from ...utils.weights import ENTRY_BYTES, tensor_bytes
 from ..items import KDItem
 from ..losses import Losses
 from .base import StepObjective
@@ -335,6 +336,19 @@ class DMD(StepObjective):
         if self.head is not None:
             state["head"] = {k: v.detach().cpu().clone() for k, v in self.head.state_dict().items()}
         return state
+
+    def state_bytes(self) -> int:
+        if self.fake is None:
+            return super().state_bytes()
+        moments = tensor_bytes([list(st.values()) for st in self.fake_opt.state.values()], ENTRY_BYTES)
+        if not moments:  # before the first update: AdamW's two fp32 moments per trained parameter
+            moments = sum(2 * p.numel() * 4 + 3 * ENTRY_BYTES for g in self.fake_opt.param_groups for p in g["params"])
+        return (
+            super().state_bytes()
+            + tensor_bytes(self.fake, ENTRY_BYTES)
+            + tensor_bytes(self.head, ENTRY_BYTES)
+            + moments
+        )
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)

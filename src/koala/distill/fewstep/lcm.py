@@ -21,6 +21,7 @@ import torch
 
 from ...errors import KoalaError
 from ...families.sampling import SamplingDefaults
+from ...utils.weights import ENTRY_BYTES, tensor_bytes
 from ..items import KDItem
 from ..losses import Losses
 from .base import StepObjective
@@ -141,6 +142,13 @@ class LCM(StepObjective):
                 if o.requires_grad
             }
         return state
+
+    def state_bytes(self) -> int:
+        if self.target is None:
+            return super().state_bytes()
+        online = self.d.plain_student.parameters()
+        trained = [t for t, o in zip(self.target.parameters(), online) if o.requires_grad]
+        return super().state_bytes() + tensor_bytes(trained, ENTRY_BYTES)
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
