@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 QUEUE = 8  # the app's queue size here: 16 clients at once overfill it
-RSS_BOUND_MIB = 16  # README: measured +3.3 MiB over 60 requests on the 2-core CPU machine
+RSS_BOUND_MIB = 16  # measured +1.7 MiB over 50 (benchmarks/results/app-memory.md), +3.3 over 60 once
 
 
 def _free_port() -> int:

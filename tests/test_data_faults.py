@@ -53,6 +53,9 @@ def test_webdataset_shard_truncated_while_read_is_skipped_and_counted(tmp_path):
     # the second epoch reads the cut shard again: the same whole samples, then the next shard
     assert len(epoch2) > cut and epoch2 == epoch1[: len(epoch2)]
     assert dict(skipped) == {"truncated_shard": 2}  # counted once per pass over the cut shard, by its reason
+    os.remove(shard0)  # the shard is gone altogether: the next passes read the other one, counting it as missing
+    keys, skipped = _take(it, 8)
+    assert set(keys[-4:]) <= set(shard1) and skipped["missing_shard"] >= 1
 
 
 def test_image_folder_files_removed_mid_epoch_are_skipped_and_counted(tmp_path):
