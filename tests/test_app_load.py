@@ -153,3 +153,19 @@ def test_memory_stays_bounded_over_50_sequential_requests(app):
         assert client.predict(*_args(f"a red circle {i}", i), api_name="/generate")[0] == f"Done: seed {i}"
     grown = (proc.memory_info().rss - before) / 2**20
     assert grown < RSS_BOUND_MIB, f"RSS grew {grown:.1f} MiB over 50 requests"
+
+
+def test_the_page_defaults_mean_each_models_own_settings(tiny_pipe_dir, tmp_path):
+    """Gradio 6 sends an empty number field as 0: the page's blank steps / guidance (0) are each model's own (the
+    paper's 10 steps, cfg 3.5 here), not a refused "steps 0"; values typed in are used as given."""
+    from koala.app import ModelSpec, load_models
+    from koala.app.ui import _runner
+
+    slots = load_models([ModelSpec("teacher", model=tiny_pipe_dir)], device="cpu", log=lambda *_: None)
+    run = _runner(slots, 4, False, str(tmp_path))
+    status, _, stats, _ = run("a red circle", "", 0, False, 0, 0, 0, 0, 1)
+    assert status == "Done: seed 0" and "10 steps, cfg 3.5" in stats, (status, stats)
+    status, _, stats, _ = run("a red circle", "", 0, False, 2, 1.5, 0, 0, 1)
+    assert status == "Done: seed 0" and "2 steps, cfg 1.5" in stats, (status, stats)
+    status, *_ = run("a red circle", "", 0, False, 1000, None, 0, 0, 1)
+    assert "steps 1000: choose 1 to 200" in status

@@ -17,8 +17,14 @@ from ..errors import KoalaError
 from .compare import MAX_IMAGES, MAX_STEPS, ModelSpec, Request, Slot, compare, load_models
 
 STATUS_ID = "koala-status"
-STEPS_LABEL = f"steps (1-{MAX_STEPS}; blank: each model's own, paper 10)"
-CFG_LABEL = "guidance scale (blank: each model's own, paper 3.5)"
+STEPS_LABEL = f"steps (1-{MAX_STEPS}; 0 or blank: each model's own, paper 10)"
+CFG_LABEL = "guidance scale (0 or blank: each model's own, paper 3.5; 1: no guidance)"
+
+
+def _own(v):
+    """A steps / guidance field: None for "each model's own" (Gradio 6 shows an empty number field as 0 and sends
+    0, so 0 means the same as blank)."""
+    return None if v in (None, "") or float(v) == 0 else v
 
 
 def default_specs(demo_dir: str = "koala-demo", log=print) -> list[ModelSpec]:
@@ -85,7 +91,7 @@ def build_app(
             "# koala: teacher and students side by side\n"
             "Same prompt, same seed, each model with its own sampling defaults (a student's recorded ones, "
             "else the paper's: Euler, 10 steps, cfg 3.5, timestep spacing per teacher kind); blank steps / "
-            "guidance use them. " + _status(slots)
+            "guidance (shown as 0) use them. " + _status(slots)
         )
         with gr.Row():
             prompt = gr.Textbox(
@@ -145,8 +151,8 @@ def _runner(slots: list[Slot], n_outputs: int, score: bool, out_dir: str):
                 prompt=prompt_v,
                 negative_prompt=negative_v or "",
                 seed=-1 if random_v else int(seed_v or 0),
-                steps=None if steps_v in (None, "") else int(steps_v),
-                cfg=None if cfg_v in (None, "") else float(cfg_v),
+                steps=None if _own(steps_v) is None else int(steps_v),
+                cfg=None if _own(cfg_v) is None else float(cfg_v),
                 width=int(width_v or 0) or None,
                 height=int(height_v or 0) or None,
                 images=int(images_v or 0),
