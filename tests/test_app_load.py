@@ -169,3 +169,28 @@ def test_the_page_defaults_mean_each_models_own_settings(tiny_pipe_dir, tmp_path
     assert status == "Done: seed 0" and "2 steps, cfg 1.5" in stats, (status, stats)
     status, *_ = run("a red circle", "", 0, False, 1000, None, 0, 0, 1)
     assert "steps 1000: choose 1 to 200" in status
+
+
+def test_requests_at_once_take_turns_on_each_model(tiny_pipe_dir, tmp_path):
+    """``--concurrency 2+``: requests run in threads at once; each model generates one at a time (its lock), so every
+    request gets the images it would get alone."""
+    import numpy as np
+
+    from koala.app import ModelSpec, Request, compare, load_models
+
+    slots = load_models([ModelSpec("teacher", model=tiny_pipe_dir)], device="cpu", log=lambda *_: None)
+    req = [Request(prompt="a red circle", seed=s, steps=3) for s in range(4)]
+    alone = [compare(slots, r, out_dir=str(tmp_path / f"a{i}"))[0].images[0] for i, r in enumerate(req)]
+    together = [None] * 4
+
+    def one(i):
+        together[i] = compare(slots, req[i], out_dir=str(tmp_path / f"t{i}"))[0].images[0]
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, b in zip(alone, together):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(alone[0]), np.asarray(alone[1]))  # the seeds differ: a real comparison
