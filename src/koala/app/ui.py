@@ -3,8 +3,8 @@
 One column per model: the images (PNG downloads carry ``koala generate``'s metadata), U-Net parameters, latency per
 image, peak memory and the sampling settings used; in the shapes world also the shapes scorer's verdict. The queue
 runs one request at a time by default (``concurrency``; each model always generates one at a time) and holds up to
-``queue_size`` waiting requests; more are refused with "Queue is full". Bad input is answered in the status line
-above the images.
+``queue_size`` waiting requests; more are refused at once with Gradio's message. Bad input is answered in the
+status line above the images.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def _status(slots: list[Slot]) -> str:
     return "Models - " + "; ".join(parts)
 
 
-QUEUE_SIZE = 16  # requests waiting (beyond those running); one more is refused with Gradio's "Queue is full"
+QUEUE_SIZE = 16  # requests waiting (beyond those running); one more is refused at once
 CONCURRENCY = 1  # requests running at once; each model still generates one at a time (Slot.lock)
 
 
@@ -79,8 +79,8 @@ def build_app(
 ):
     """The Gradio Blocks for ``slots`` (already loaded: models load once, at start). Requests wait in Gradio's
     queue, first come first served: ``concurrency`` run at once (each model one at a time), up to ``queue_size``
-    wait, and one more is refused with "Queue is full" on the page (a ``QueueError`` in ``gradio_client``); a
-    request its client cancels leaves the queue and frees its place."""
+    wait, and one more is refused at once (the page: "This application is currently busy. Please try again.";
+    ``gradio_client``: ``QueueError``); a request its client cancels leaves the queue and frees its place."""
     import gradio as gr
 
     check_queue(concurrency, queue_size)

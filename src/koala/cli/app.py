@@ -69,7 +69,8 @@ def register(sub) -> None:
         "--queue-size",
         type=int,
         default=16,
-        help="requests that may wait (default 16); one more is refused with 'Queue is full' on its page",
+        help="requests that may wait (default 16); one more is refused at once ('This application is currently "
+        "busy' on its page)",
     )
     p.set_defaults(func=run)
 
