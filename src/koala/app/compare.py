@@ -12,6 +12,7 @@ import json
 import os
 import random
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -48,6 +49,9 @@ class Slot:
     pipe: object = None  # LoadedPipeline
     error: str | None = None
     params: int = 0
+    # one generation at a time per model (a pipeline's scheduler holds per-call state); requests running at once
+    # (``koala app --concurrency``) take turns on each model
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -149,7 +153,7 @@ def compare(slots: list[Slot], req: Request, out_dir: str | None = None, score: 
             results.append(res)
             continue
         lp = slot.pipe
-        with PeakMemory(lp.pipe.device) as mem:
+        with slot.lock, PeakMemory(lp.pipe.device) as mem:
             t0 = time.perf_counter()
             gen = generate(
                 lp,

@@ -2,7 +2,9 @@
 
 One column per model: the images (PNG downloads carry ``koala generate``'s metadata), U-Net parameters, latency per
 image, peak memory and the sampling settings used; in the shapes world also the shapes scorer's verdict. The queue
-runs one generation at a time. Bad input is answered in the status line above the images.
+runs one request at a time by default (``concurrency``; each model always generates one at a time) and holds up to
+``queue_size`` waiting requests; more are refused at once with Gradio's message. Bad input is answered in the
+status line above the images.
 """
 
 from __future__ import annotations
@@ -15,8 +17,14 @@ from ..errors import KoalaError
 from .compare import MAX_IMAGES, MAX_STEPS, ModelSpec, Request, Slot, compare, load_models
 
 STATUS_ID = "koala-status"
-STEPS_LABEL = f"steps (1-{MAX_STEPS}; blank: each model's own, paper 10)"
-CFG_LABEL = "guidance scale (blank: each model's own, paper 3.5)"
+STEPS_LABEL = f"steps (1-{MAX_STEPS}; 0 or blank: each model's own, paper 10)"
+CFG_LABEL = "guidance scale (0 or blank: each model's own, paper 3.5; 1: no guidance)"
+
+
+def _own(v):
+    """A steps / guidance field: None for "each model's own" (Gradio 6 shows an empty number field as 0 and sends
+    0, so 0 means the same as blank)."""
+    return None if v in (None, "") or float(v) == 0 else v
 
 
 def default_specs(demo_dir: str = "koala-demo", log=print) -> list[ModelSpec]:
@@ -51,9 +59,31 @@ def _status(slots: list[Slot]) -> str:
     return "Models - " + "; ".join(parts)
 
 
-def build_app(slots: list[Slot], score: bool = False, out_dir: str | None = None):
-    """The Gradio Blocks for ``slots`` (already loaded: models load once, at start)."""
+QUEUE_SIZE = 16  # requests waiting (beyond those running); one more is refused at once
+CONCURRENCY = 1  # requests running at once; each model still generates one at a time (Slot.lock)
+
+
+def check_queue(concurrency: int, queue_size: int) -> None:
+    if int(concurrency) < 1:
+        raise KoalaError(f"concurrency {concurrency}: must be 1 or more", option="concurrency")
+    if int(queue_size) < 1:
+        raise KoalaError(f"queue size {queue_size}: must be 1 or more", option="queue_size")
+
+
+def build_app(
+    slots: list[Slot],
+    score: bool = False,
+    out_dir: str | None = None,
+    concurrency: int = CONCURRENCY,
+    queue_size: int = QUEUE_SIZE,
+):
+    """The Gradio Blocks for ``slots`` (already loaded: models load once, at start). Requests wait in Gradio's
+    queue, first come first served: ``concurrency`` run at once (each model one at a time), up to ``queue_size``
+    wait, and one more is refused at once (the page: "This application is currently busy. Please try again.";
+    ``gradio_client``: ``QueueError``); a request its client cancels leaves the queue and frees its place."""
     import gradio as gr
+
+    check_queue(concurrency, queue_size)
 
     out_dir = out_dir or tempfile.mkdtemp(prefix="koala-app-")
     with gr.Blocks(title="koala: teacher and students side by side") as app:
@@ -61,7 +91,7 @@ def build_app(slots: list[Slot], score: bool = False, out_dir: str | None = None
             "# koala: teacher and students side by side\n"
             "Same prompt, same seed, each model with its own sampling defaults (a student's recorded ones, "
             "else the paper's: Euler, 10 steps, cfg 3.5, timestep spacing per teacher kind); blank steps / "
-            "guidance use them. " + _status(slots)
+            "guidance (shown as 0) use them. " + _status(slots)
         )
         with gr.Row():
             prompt = gr.Textbox(
@@ -99,32 +129,44 @@ def build_app(slots: list[Slot], score: bool = False, out_dir: str | None = None
                     )
                     outputs += [gallery, stats, files]
 
-        def run(prompt_v, negative_v, seed_v, random_v, steps_v, cfg_v, width_v, height_v, images_v):
-            try:
-                req = Request(
-                    prompt=prompt_v,
-                    negative_prompt=negative_v or "",
-                    seed=-1 if random_v else int(seed_v or 0),
-                    steps=None if steps_v in (None, "") else int(steps_v),
-                    cfg=None if cfg_v in (None, "") else float(cfg_v),
-                    width=int(width_v or 0) or None,
-                    height=int(height_v or 0) or None,
-                    images=int(images_v or 0),
-                )
-                results = compare(slots, req, out_dir=tempfile.mkdtemp(dir=out_dir), score=score)
-            except (KoalaError, ValueError, TypeError) as err:
-                return [f"**Error:** {err}"] + [gr.update()] * (len(outputs) - 1)
-            seeds = {r.settings.get("seed") for r in results if r.settings}
-            values = [f"Done: seed {', '.join(map(str, sorted(seeds)))}"]
-            for r in results:
-                values += [r.files, r.summary(), r.files]
-            return values
-
+        run = _runner(slots, len(outputs), score, out_dir)
         button.click(
-            run, [prompt, negative, seed, random_seed, steps, cfg, width, height, images], outputs, concurrency_limit=1
+            run,
+            [prompt, negative, seed, random_seed, steps, cfg, width, height, images],
+            outputs,
+            concurrency_limit=int(concurrency),
+            api_name="generate",
         )
-    app.queue(default_concurrency_limit=1, max_size=16)
+    app.queue(default_concurrency_limit=int(concurrency), max_size=int(queue_size))
     return app
+
+
+def _runner(slots: list[Slot], n_outputs: int, score: bool, out_dir: str):
+    """The button's function: the page's fields in, the status line and per model (gallery, stats, files) out."""
+    import gradio as gr
+
+    def run(prompt_v, negative_v, seed_v, random_v, steps_v, cfg_v, width_v, height_v, images_v):
+        try:
+            req = Request(
+                prompt=prompt_v,
+                negative_prompt=negative_v or "",
+                seed=-1 if random_v else int(seed_v or 0),
+                steps=None if _own(steps_v) is None else int(steps_v),
+                cfg=None if _own(cfg_v) is None else float(cfg_v),
+                width=int(width_v or 0) or None,
+                height=int(height_v or 0) or None,
+                images=int(images_v or 0),
+            )
+            results = compare(slots, req, out_dir=tempfile.mkdtemp(dir=out_dir), score=score)
+        except (KoalaError, ValueError, TypeError) as err:
+            return [f"**Error:** {err}"] + [gr.update()] * (n_outputs - 1)
+        seeds = {r.settings.get("seed") for r in results if r.settings}
+        values = [f"Done: seed {', '.join(map(str, sorted(seeds)))}"]
+        for r in results:
+            values += [r.files, r.summary(), r.files]
+        return values
+
+    return run
 
 
 def serve(
@@ -137,14 +179,17 @@ def serve(
     score: bool = False,
     block: bool = True,
     log=print,
+    concurrency: int = CONCURRENCY,
+    queue_size: int = QUEUE_SIZE,
 ):
     """Load the models once and start the page; returns the Gradio app (``block=False``: the server runs in a
-    background thread until ``app.close()``)."""
+    background thread until ``app.close()``). ``concurrency`` / ``queue_size``: see :func:`build_app`."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    check_queue(concurrency, queue_size)
     slots = load_models(specs, device=device, dtype=dtype, log=log)
     if not any(s.ok for s in slots):
         raise KoalaError("no model could be loaded: " + "; ".join(f"{s.spec.label}: {s.error}" for s in slots))
-    app = build_app(slots, score=score)
+    app = build_app(slots, score=score, concurrency=concurrency, queue_size=queue_size)
     app.launch(
         server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=True, inbrowser=False
     )

@@ -26,8 +26,8 @@ def register(sub) -> None:
         description="Load a teacher and one or more students once, then generate a prompt with each of them (same "
         "seed, each model's own sampling defaults: a student's recorded ones, else the paper's Euler, 10 steps, cfg "
         "3.5; the page's steps / guidance fields override them) and show the images side by side with U-Net "
-        "parameters, latency per image, peak memory and the settings used. One generation at a time. Listens on "
-        "localhost.",
+        "parameters, latency per image, peak memory and the settings used. Requests wait in a queue, first come "
+        "first served (--concurrency, --queue-size). Listens on localhost.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -58,6 +58,20 @@ def register(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--share", action="store_true", help="also open a public Gradio share link (off by default)")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="requests generated at once (default 1); each model still takes one at a time, so with 2+ a request "
+        "uses one model while the next uses another",
+    )
+    p.add_argument(
+        "--queue-size",
+        type=int,
+        default=16,
+        help="requests that may wait (default 16); one more is refused at once ('This application is currently "
+        "busy' on its page)",
+    )
     p.set_defaults(func=run)
 
 
@@ -87,8 +101,9 @@ def run(args) -> int:
     from ..utils.extras import require
 
     require("gradio", "app", "koala app")
-    from ..app.ui import default_specs, serve
+    from ..app.ui import check_queue, default_specs, serve
 
+    check_queue(args.concurrency, args.queue_size)
     specs = specs_from_args(args)
     shapes = not specs
     if shapes:
@@ -103,5 +118,7 @@ def run(args) -> int:
         dtype=args.dtype,
         score=shapes,
         block=True,
+        concurrency=args.concurrency,
+        queue_size=args.queue_size,
     )
     return 0

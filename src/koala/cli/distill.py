@@ -55,8 +55,8 @@ overrides are key=value with dotted keys and YAML values (applied after the reci
         keys (caption_column, syncap_column, buckets, min_size, ...; see koala/data/config.py)
   train.output_dir, resolution, batch_size, grad_accum, max_steps, lr, optimizer ({" | ".join(OPTIMIZERS)}),
         mixed_precision ({" | ".join(MIXED_PRECISION)}), caption_dropout, gradient_checkpointing, max_grad_norm,
-        ema.enabled, ema.decay, checkpoint_every, resume, allow_world_size_change, log_with (tensorboard | wandb |
-        none)
+        ema.enabled, ema.decay, checkpoint_every, resume, allow_world_size_change, collective_timeout (seconds a
+        process waits for the others before the run stops naming the stuck rank), log_with (tensorboard | wandb | none)
   validation.every, prompts, seeds, steps, guidance_scale
 """
     )
@@ -122,6 +122,7 @@ def run(args) -> int:
         from .plan import show_plan
 
         return show_plan(cfg, None, args)
+    from ..data.images import SkipCounter
     from ..distill.trainer import train
 
     summary = train(cfg)
@@ -134,9 +135,11 @@ def run(args) -> int:
             flush=True,
         )
         return PREEMPTED_EXIT
+    skipped = summary.get("data_skipped") or {}
+    data = f"; data: {SkipCounter(skipped).summary()}" if skipped else ""
     print(
         f"koala distill [rank {summary['rank']}/{summary['world_size']}]: finished at step {summary['step']}; "
-        f"checkpoint {summary['checkpoint']}",
+        f"checkpoint {summary['checkpoint']}{data}",
         flush=True,
     )
     return 0

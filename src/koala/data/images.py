@@ -82,6 +82,8 @@ def skip_on_decode_error():
         raise SkipSample("too_large", str(err)) from None
     except UnidentifiedImageError as err:
         raise SkipSample("not_an_image", str(err)) from None
+    except FileNotFoundError as err:  # removed between the existence check and the read
+        raise SkipSample("missing_file", str(err)) from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         reason = "truncated" if "truncated" in str(err).lower() else "corrupt"
         raise SkipSample(reason, str(err)) from None

@@ -1,7 +1,8 @@
 """``make_dataloader``: one batch interface for raw sources and the latent/text cache.
 
 Raw batch: ``pixel_values`` [B,3,H,W] in [-1,1], ``captions``, ``original_size`` [B,2] (h,w),
-``crop_top_left`` [B,2] (top,left), ``target_size`` [B,2] (h,w), ``keys``.
+``crop_top_left`` [B,2] (top,left), ``target_size`` [B,2] (h,w), ``keys``, ``skipped`` ({reason: count} of the
+samples skipped since the worker's previous batch: unreadable or vanished files, a shard cut short while it is read).
 Cached batch: ``latents`` [B,4,h,w] (scaled), the family's conditioning (SDXL: ``prompt_embeds`` [B,77,D],
 ``pooled_prompt_embeds`` [B,P], ``add_time_ids`` [B,6]; SD-1.x: ``prompt_embeds``), ``captions``, ``keys``
 (and the size/crop fields).
@@ -49,7 +50,11 @@ class RawBatches(EpochBatches):
         self.transform = SDXLTransform(
             resolution, cfg["center_crop"], cfg["random_flip"], parse_buckets(cfg["buckets"], resolution)
         )
-        self.skips = SkipCounter()
+        self.skips = SkipCounter()  # samples skipped while decoding (a shard's unreadable rest: source.skips)
+        self.reported = SkipCounter()  # what the batches so far carried in their "skipped" field
+
+    def all_skips(self) -> SkipCounter:
+        return SkipCounter(self.skips + getattr(self.source, "skips", SkipCounter()))
 
     def epoch_items(self, split: int, nsplits: int, epoch: int):
         for rec in iter_split(
@@ -79,15 +84,19 @@ class RawBatches(EpochBatches):
             return None
 
     def collate(self, samples: list[dict]) -> dict:
-        return collate_raw(samples)
+        """The batch, with ``skipped``: the samples (by reason) this worker skipped since its previous batch, so a
+        consumer adds them up across workers (``num_workers > 0``: the counters live in the worker processes)."""
+        batch, total = collate_raw(samples), self.all_skips()
+        batch["skipped"], self.reported = dict(total - self.reported), total
+        return batch
 
     def end_epoch(self, split: int, nsplits: int, epoch: int, used: int) -> None:
-        self.skips.update(getattr(self.source, "skips", {}))
-        log.info("data split %d/%d epoch %d: %d samples, %s", split, nsplits, epoch, used, self.skips.summary())
+        skips = self.all_skips()
+        log.info("data split %d/%d epoch %d: %d samples, %s", split, nsplits, epoch, used, skips.summary())
         if used == 0 and self.cfg["repeat"]:  # an infinite loop over nothing would hang the trainer
             raise KoalaError(
                 f"{self.cfg['path']}: split {split} of {nsplits} produced no usable samples "
-                f"({self.skips.summary()}); check filters, captions and shard count"
+                f"({skips.summary()}); check filters, captions and shard count"
             )
 
 

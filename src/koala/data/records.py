@@ -50,6 +50,15 @@ def iter_split(
     yield from buf
 
 
+def _exists(src) -> None:
+    """SkipSample("missing_file") for an image path (or ``{"path"}`` without bytes) that is not a file, as
+    :func:`koala.data.images._open` decides."""
+    if isinstance(src, dict) and not src.get("bytes"):
+        src = src.get("path") or ""
+    if isinstance(src, (str, os.PathLike)) and not os.path.isfile(src):
+        raise SkipSample("missing_file", os.fspath(src))
+
+
 class SamplePreparer:
     """``load(record) -> (rgb_image, caption)`` applying caption choice and size/aspect filters; raises SkipSample."""
 
@@ -86,6 +95,7 @@ class SamplePreparer:
         return {**rec["row"], column: captions[key]} if key in captions else rec["row"]
 
     def load(self, rec: dict):
+        _exists(rec["image"])  # a file gone (the folder changed under the run) is missing, not uncaptioned
         caption = self.captions(self.row(rec))  # cheap check first: no caption -> no decode
         img = decode_image(rec["image"], check=self.check)
         self.check(img.height, img.width)
@@ -106,15 +116,12 @@ class SamplePreparer:
         if self.nsfw is not None:  # the classifier needs the pixels: decide exactly as load() does
             img, _ = self.load(rec)
             return (img.height, img.width) if (need_size or self.min_size or self.max_aspect) else None
-        self.captions(self.row(rec))
         src = rec["image"]
+        _exists(src)
+        self.captions(self.row(rec))
         if src is None:
             raise SkipSample("no_image")
         if not (need_size or self.min_size or self.max_aspect):
-            if isinstance(src, dict) and not src.get("bytes"):
-                src = src.get("path") or ""
-            if isinstance(src, (str, os.PathLike)) and not os.path.isfile(src):  # as images._open decides
-                raise SkipSample("missing_file", os.fspath(src))
             return None
         img = None
         try:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import logging
 import os
+import re
 from typing import Iterable, Iterator
 
 from ..errors import KoalaError
@@ -21,6 +23,7 @@ from .images import IMAGE_EXTS, SkipCounter
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 IMAGE_COLUMN_GUESSES = ("file_name", "image", "image_path", "path", "filepath", "filename")
 WDS_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+log = logging.getLogger("koala.data")
 
 
 def _read_table(path: str, columns: list[str] | None = None) -> list[dict]:
@@ -130,8 +133,11 @@ class FolderSource(IndexedSource):
                 except (OSError, ValueError):
                     pass  # a broken sidecar only loses its fields; the caption check counts the sample if needed
             if os.path.isfile(stem + ".txt"):
-                with open(stem + ".txt", encoding="utf-8", errors="replace") as f:
-                    row["text"] = f.read().strip()
+                try:
+                    with open(stem + ".txt", encoding="utf-8", errors="replace") as f:
+                        row["text"] = f.read().strip()
+                except OSError:
+                    pass  # removed since the check (a folder changing under a run): the sample is counted below
             rec["row"] = row
         return rec
 
@@ -200,14 +206,24 @@ class WebDatasetSource:
                 f"webdataset: shard(s) not found: {', '.join(missing[:3]) or path}{' ...' if len(missing) > 3 else ''}"
             )
         self.skips = SkipCounter()
+        self._last_error = None
 
     def _handler(self, err: Exception) -> bool:
-        self.skips["bad_shard_member"] += 1
+        """A shard that cannot be read on (cut short, even while it is being read; gone; damaged) loses its rest,
+        counted by reason, and the stream goes on with the next shard."""
+        reason, text = shard_error_reason(err), " ".join(str(a) for a in err.args)
+        where = re.search(r"name='([^']*)'|(\S+\.tar\b)", text)
+        seen = (reason, where and where.group(0))
+        if seen != self._last_error:  # one cut shard: the member read and the tar stream both fail; count once
+            self.skips[reason] += 1
+            log.warning("webdataset: %s; skipping the rest of that shard", text[:300])
+        self._last_error = seen
         return True
 
     def iter_shards(self, shards: Iterable[str]) -> Iterator[dict]:
         tarfile_samples = require("webdataset", "data", "type webdataset").tarfile_samples
 
+        self._last_error = None
         for s in tarfile_samples(({"url": u} for u in shards), handler=self._handler):
             yield self.to_record(s)
 
@@ -228,6 +244,16 @@ class WebDatasetSource:
                     row.setdefault("text", text)
         image = next((s[k] for k in WDS_IMAGE_KEYS if k in s), None)
         return {"key": f"{os.path.basename(str(s.get('__url__', '')))}/{s.get('__key__')}", "image": image, "row": row}
+
+
+def shard_error_reason(err: Exception) -> str:
+    """The skip reason of a shard read error: missing_shard, truncated_shard or bad_shard_member."""
+    if isinstance(err, FileNotFoundError):
+        return "missing_shard"
+    text = str(err).lower()
+    if isinstance(err, EOFError) or "unexpected end" in text or "truncated" in text or "empty file" in text:
+        return "truncated_shard"
+    return "bad_shard_member"
 
 
 def guess_type(path: str) -> str:

@@ -114,6 +114,10 @@ class TrainConfig:
     keep_checkpoints: int = 3  # 0 keeps all
     resume: Optional[str] = None  # null | latest | path to a checkpoint dir
     allow_world_size_change: bool = False  # resume a checkpoint written with other processes/batch_size/grad_accum
+    # seconds a collective (gradient all-reduce, barrier) waits for every process before the run stops with a message
+    # naming the rank that stopped answering and the last good checkpoint (the process group's timeout; torch's own
+    # default is 30 min). Raise it when one process may legitimately lag (e.g. writing a huge checkpoint)
+    collective_timeout: float = 600.0
     progress: bool = True
     cpu_threads: Optional[int] = None  # torch intra-op threads (null: torch's default); 1 is fastest for tiny CPU runs
     caption_dropout: float = (
@@ -421,6 +425,7 @@ def _check(cfg: DistillConfig) -> None:
         _num(cfg, "train.global_batch", 1)
     _num(cfg, "train.caption_dropout", 0, 1)
     _num(cfg, "train.lr_warmup_steps", 0)
+    _num(cfg, "train.collective_timeout", 1)
     for key, allowed in (
         ("teacher.dtype", tuple(DTYPES)),
         ("teacher.vae_dtype", (None, *DTYPES)),

@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import itertools
 import json
 import os
 import time
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, InitProcessGroupKwargs
 
 from ..data import make_dataloader
+from ..data.images import SkipCounter
 from ..errors import KoalaError
 from ..recipes import dump_recipe
 from ..utils.files import append_lines, existing_parent
@@ -29,6 +31,7 @@ from ..utils.weights import ENTRY_BYTES, tensor_bytes
 from ..utils.writes import writing
 from .checkpoint import checkpoint_root, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from .config import DistillConfig, RunLayout, resolve_cpu_threads
+from .hang import Heartbeat, hang_message, heartbeat_interval, is_collective_failure
 from .models import teacher_pipeline
 from .sharding import gather_states
 from .step import Distiller, inner_optimizer, is_sharded, sample_generators
@@ -114,6 +117,10 @@ def train(cfg: DistillConfig) -> dict:
                     break
                 if cfg.validation.every and (run.step % cfg.validation.every == 0 or done):
                     run.validate()
+    except RuntimeError as err:
+        if run.layout.world_size > 1 and is_collective_failure(err):
+            raise run.hang_error(err) from err
+        raise
     finally:
         run.close()
     return run.summary()
@@ -131,9 +138,14 @@ class TrainingRun:
         self.trackers = _trackers(t.log_with)
         out_dir = os.path.abspath(t.output_dir)
         self.acc = acc = Accelerator(
-            mixed_precision=t.mixed_precision, log_with=self.trackers or None, project_dir=out_dir
+            mixed_precision=t.mixed_precision,
+            log_with=self.trackers or None,
+            project_dir=out_dir,
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=t.collective_timeout))],
         )
         self.layout = RunLayout.of(cfg, acc.num_processes, acc.process_index, threads)
+        interval = heartbeat_interval(t.collective_timeout)
+        self.heartbeat = Heartbeat(acc.process_index, acc.num_processes, interval) if acc.num_processes > 1 else None
         resume = resolve_resume(t.resume, out_dir)
         if resume:
             check_resume_layout(checkpoint_state(resume), self.layout, t.allow_world_size_change, resume)
@@ -153,6 +165,7 @@ class TrainingRun:
             self.d.close()
             raise
         self.last_ckpt, self.preempted, self.t0 = None, None, time.perf_counter()
+        self.skipped = SkipCounter()
         # the micro-batches to come with their generators, lazily (the teacher worker takes one ahead)
         self.stream = self.d.kd_stream(self._micro_batches())
 
@@ -209,7 +222,20 @@ class TrainingRun:
         for step in range(self.step, t.max_steps):
             for micro in range(lay.grad_accum):
                 gens = sample_generators(t.seed, step, micro, lay.batch_size, lay.grad_accum, lay.rank, lay.world_size)
-                yield next(self.data), gens
+                batch = next(self.data)
+                self._count_skips(batch.pop("skipped", None) or {}, step + 1)
+                yield batch, gens
+
+    def _count_skips(self, new: dict, step: int) -> None:
+        """Samples the data loader skipped (a shard cut short, files gone mid-epoch, undecodable images): added up,
+        logged as ``data/skipped``, and a line the first time each reason appears."""
+        for reason, n in new.items():
+            if reason not in self.skipped:
+                self.bar.write(
+                    f"data [rank {self.layout.rank}]: skipping samples ({reason}) from step {step} on; the run goes "
+                    "on (the count is in metrics.jsonl as data/skipped and in the final summary)"
+                )
+            self.skipped[reason] += int(n)
 
     # ------------------------------------------------------------------ the loop's parts
     def train_step(self) -> None:
@@ -228,6 +254,7 @@ class TrainingRun:
     def _log(self, logs: dict[str, float]) -> None:
         dt, self.t0 = time.perf_counter() - self.t0, time.perf_counter()
         logs["samples_per_s"] = self.layout.global_batch / max(dt, 1e-9)
+        logs["data/skipped"] = float(sum(self.skipped.values()))  # this process's loader, since the run started
         self.bar.update(1)
         self.bar.set_postfix(
             loss=f"{logs['loss/total']:.4f}",
@@ -285,7 +312,22 @@ class TrainingRun:
         self.acc.wait_for_everyone()
         self.t0 = time.perf_counter()
 
+    def hang_error(self, err: BaseException) -> KoalaError:
+        """A failed collective as one message: which rank stopped answering, at which step, the last good
+        checkpoint (on any process: the newest one on disk)."""
+        lay, t = self.layout, self.cfg.train
+        stuck = self.heartbeat.stuck_ranks() if self.heartbeat else None
+        ckpts = list_checkpoints(lay.output_dir)
+        good = self.last_ckpt or (ckpts[-1][1] if ckpts else "none yet")
+        return KoalaError(
+            f"{hang_message(err, lay.rank, lay.world_size, stuck, t.collective_timeout)} at step {self.step + 1}. "
+            f"Training stopped; the last good checkpoint is {good} (resume with --resume latest)",
+            option="train.collective_timeout",
+        )
+
     def close(self) -> None:
+        if self.heartbeat:
+            self.heartbeat.close()
         self.bar.close()
         self.d.close()
 
@@ -300,6 +342,7 @@ class TrainingRun:
             "rank": self.layout.rank,
             "world_size": self.layout.world_size,
             "preempted": self.preempted,
+            "data_skipped": dict(self.skipped),
         }
 
 
