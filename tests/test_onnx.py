@@ -115,7 +115,8 @@ def test_cli_generate_onnx_writes_pngs_and_refuses_torch_options(exported, tmp_p
 
     family, _, out = exported
     images = tmp_path / "img"
-    assert main(["generate", "a red circle", "--onnx", out, "--steps", "2", "--out", str(images), "--no-progress"]) == 0
+    args = ["generate", "a red circle", "--onnx", out, "--steps", "2", "--out", str(images), "--no-progress"]
+    assert main(args) == 0
     pngs = sorted(images.glob("*.png"))
     assert len(pngs) == 1 and read_png_params(str(pngs[0]))["model"] == "onnx (onnx)"
     assert "onnxruntime CPUExecutionProvider" in capsys.readouterr().out

@@ -26,14 +26,15 @@ ComfyUI's checkpoint loader recognises KOALA-700M / KOALA-1B from their transfor
 def register(sub) -> None:
     p = sub.add_parser(
         "export",
-        help="write a model as one single-file checkpoint (ComfyUI / A1111), or convert one to diffusers",
+        help="write a model as one single-file checkpoint (ComfyUI / A1111) or as ONNX, or convert one to diffusers",
         description="--format single-file: a diffusers pipeline directory (a KOALA student, or any SDXL / SD-1.x "
         "pipeline) -> one .safetensors in the original LDM/SGM key layout (model.diffusion_model.*, "
         "first_stage_model.*, "
         "conditioner.embedders.0/1.*), with the U-Net's key map derived from its own blocks (any transformer depth, "
         "with or without mid block). --format diffusers: a single-file SDXL / SD-1.x checkpoint -> a diffusers "
         "directory (offline; configs from --config or koala's SDXL-Base configs); given a directory it rewrites it in "
-        "diffusers' format (e.g. in another --dtype), layer map and model card kept. --format onnx: an SDXL / SD-1.x pipeline directory -> ONNX graphs of the U-Net "
+        "diffusers' format (e.g. in another --dtype), layer map and model card kept. --format onnx: an SDXL / SD-1.x "
+        "pipeline directory -> ONNX graphs of the U-Net "
         "(inputs sample, timestep, encoder_hidden_states[, text_embeds, time_ids] -> out_sample, as Optimum names "
         "them), the VAE decoder and the text encoders, with dynamic batch and size, in Optimum's folder layout plus "
         "tokenizers, scheduler and koala_onnx.json; each graph is checked on onnxruntime against torch (1e-3 "
@@ -53,7 +54,9 @@ def register(sub) -> None:
         choices="koala.formats.single_file.FORMATS",
         help="what to write (default single-file)",
     )
-    p.add_argument("--out", required=True, help="output .safetensors file (single-file) or directory (diffusers, onnx)")
+    p.add_argument(
+        "--out", required=True, help="output .safetensors file (single-file) or directory (diffusers, onnx)"
+    )
     p.add_argument(
         "--base", default=None, help="single-file from a U-Net directory: the pipeline supplying VAE and text encoders"
     )

@@ -179,7 +179,8 @@ def run(args) -> int:
     if not prompts:
         raise KoalaError("no prompt: give one or more prompts as arguments or --prompts-file FILE")
     check_output_folder(args.out, "--out (the images)")
-    loaded = _load_onnx(args) if args.onnx else load_pipeline(
+    loaded = _load_onnx(args) if args.onnx else None  # --onnx: the export on onnxruntime
+    loaded = loaded or load_pipeline(
         args.model,
         unet=args.unet,
         base=args.base,

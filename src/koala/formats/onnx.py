@@ -139,7 +139,8 @@ def vae_decoder_spec(vae, folder: str) -> GraphSpec:
     dynamic = {"latent_sample": {0: "batch", 2: "height", 3: "width"}}
     out = {"sample": {0: "batch", 2: "image_height", 3: "image_width"}}
     graph = _VAEDecoderGraph(vae)
-    return GraphSpec("vae_decoder", graph, ["latent_sample"], ["sample"], dynamic, make, ((1, 8), (2, 16)), folder, out)
+    shapes = ((2, 8), (1, 16))  # the first is the export's: a batch of 1 would make the batch axis static
+    return GraphSpec("vae_decoder", graph, ["latent_sample"], ["sample"], dynamic, make, shapes, folder, out)
 
 
 def text_spec(name: str, encoder, folder: str) -> GraphSpec:
@@ -190,7 +191,8 @@ def export_graph(spec: GraphSpec, path: str, exporter: str = "dynamo", opset: in
     spec.module.eval()
     with torch.no_grad():
         if exporter == "torchscript":
-            torch.onnx.export(spec.module, example, path, dynamo=False, dynamic_axes=spec.dynamic | spec.out_dynamic, **kw)
+            axes = spec.dynamic | spec.out_dynamic
+            torch.onnx.export(spec.module, example, path, dynamo=False, dynamic_axes=axes, **kw)
             return
         limits = {"sequence": example[0].shape[1]} if spec.name.startswith("text_encoder") else {}
         prog = torch.onnx.export(
@@ -351,7 +353,7 @@ def _export_one(spec: GraphSpec, out: str, exporter: str, opset: int, log) -> di
     shutil.copy(os.path.join(spec.config_dir, "config.json"), os.path.join(folder, "config.json"))
     size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
     worst = max(c["max_rel_error"] for c in check)
-    log(f"{spec.name}: exported in {secs:.1f} s, {size / 2**20:.1f} MiB; onnxruntime vs torch max rel. error {worst:.1e}")
+    log(f"{spec.name}: exported in {secs:.1f} s, {size / 2**20:.1f} MiB; onnxruntime vs torch: {worst:.1e} (max rel.)")
     return {
         "file": f"{spec.name}/{MODEL_FILE}",
         **graph_signature(sess),
