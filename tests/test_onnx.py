@@ -31,10 +31,17 @@ def _pipe_dir(tmp_path_factory, family):
 
 @pytest.fixture(scope="module", params=["sdxl", "sd"])
 def exported(request, tmp_path_factory):
-    """(pipeline dir, ONNX dir) per family, exported with the (faster) TorchScript exporter."""
+    """(family, pipeline dir, ONNX dir) per family, exported with the (faster) TorchScript exporter: SDXL through the
+    library, SD-1.x through the command line."""
+    from koala.cli import main
+
     src = _pipe_dir(tmp_path_factory, request.param)
     out = str(tmp_path_factory.mktemp(f"onnx_out_{request.param}") / "onnx")
-    export_onnx(src, out, exporter="torchscript", progress=False, log=lambda *_: None)
+    if request.param == "sdxl":
+        export_onnx(src, out, exporter="torchscript", progress=False, log=lambda *_: None)
+    else:
+        args = ["export", src, "--format", "onnx", "--exporter", "torchscript", "--out", out, "--no-progress"]
+        assert main(args) == 0
     return request.param, src, out
 
 
@@ -145,6 +152,10 @@ def test_export_refuses_what_it_cannot_export_and_writes_nothing(exported, tiny_
         export_onnx(str(unknown), str(out))
     with pytest.raises(KoalaError, match="model directory"):
         export_onnx(os.path.join(src, "unet"), str(out))
+    with pytest.raises(KoalaError, match="opset 5: choose one from 17"):
+        export_onnx(src, str(out), opset=5)
+    with pytest.raises(KoalaError, match="exporter 'jit'"):
+        export_onnx(src, str(out), exporter="jit")
     assert main(["export", src, "--format", "onnx", "--dtype", "fp16", "--out", str(out)]) == 2
     assert "--dtype" in capsys.readouterr().err
     assert not out.exists() and os.listdir(tmp_path) == ["flux"]

@@ -319,7 +319,12 @@ def export_onnx(
     if exporter not in EXPORTERS:
         raise KoalaError(f"exporter {exporter!r}: choose one of {', '.join(EXPORTERS)}", option="exporter")
     fam = onnx_family(src)
-    require("onnx", "onnx", "ONNX export")
+    onnx = require("onnx", "onnx", "ONNX export")
+    if not 17 <= opset <= onnx.defs.onnx_opset_version():
+        raise KoalaError(
+            f"opset {opset}: choose one from 17 to {onnx.defs.onnx_opset_version()} (this onnx's newest)",
+            option="opset",
+        )
     require("onnxruntime", "onnx", "the ONNX export's check")
     if exporter == "dynamo":
         require("onnxscript", "onnx", "torch's dynamo ONNX exporter")
