@@ -51,6 +51,7 @@ class OrtModule(torch.nn.Module):
 
         self.folder = folder
         opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()  # as many threads as torch would use
         self.session = ort.InferenceSession(os.path.join(folder, "model.onnx"), opts, providers=providers)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
