@@ -191,3 +191,24 @@ def test_dynamo_exporter_unet_equals_diffusers(tmp_path):
     cases = check_graph(spec, path)  # the export's shape and another batch / size
     assert [c["inputs"]["sample"][0] for c in cases] == [2, 1] and max(c["max_rel_error"] for c in cases) < 1e-3
     assert _session(path).get_inputs()[0].shape == ["batch", 4, "height", "width"]
+
+
+def test_external_data_gathered_into_one_file(exported, tmp_path):
+    """A graph whose tensors lie in one file each (the TorchScript exporter's layout over 2 GB) is rewritten with one
+    model.onnx.data and computes the same."""
+    import onnx
+
+    from koala.formats.onnx import one_data_file
+
+    family, _, out = exported
+    if family != "sdxl":
+        pytest.skip("family-independent")
+    src = os.path.join(out, "text_encoder", "model.onnx")
+    path = str(tmp_path / "model.onnx")
+    onnx.save_model(onnx.load(src), path, save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
+    assert len(os.listdir(tmp_path)) > 10
+    one_data_file(path)
+    assert sorted(os.listdir(tmp_path)) == ["model.onnx", "model.onnx.data"]
+    ids = np.arange(2 * 77).reshape(2, 77) % 20
+    want, got = (_session(p).run(None, {"input_ids": ids}) for p in (src, path))
+    assert all(np.array_equal(a, b) for a, b in zip(want, got))

@@ -193,12 +193,29 @@ def export_graph(spec: GraphSpec, path: str, exporter: str = "dynamo", opset: in
         if exporter == "torchscript":
             axes = spec.dynamic | spec.out_dynamic
             torch.onnx.export(spec.module, example, path, dynamo=False, dynamic_axes=axes, **kw)
-            return
+            return one_data_file(path)
         limits = {"sequence": example[0].shape[1]} if spec.name.startswith("text_encoder") else {}
         prog = torch.onnx.export(
             spec.module, example, dynamo=True, dynamic_shapes=_dims(spec, limits), optimize=True, **kw
         )
         prog.save(path, external_data=big)
+
+
+def one_data_file(path: str) -> None:
+    """Gather a graph's external data into one ``model.onnx.data`` beside it (the TorchScript exporter writes one
+    file per tensor for a graph over 2 GB)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    extra = [f for f in os.listdir(folder) if f != os.path.basename(path)]
+    if not extra:
+        return
+    import onnx
+
+    model = onnx.load(path)  # with its external data
+    for f in extra:
+        os.remove(os.path.join(folder, f))
+    onnx.save_model(
+        model, path, save_as_external_data=True, all_tensors_to_one_file=True, location=f"{MODEL_FILE}.data"
+    )
 
 
 def rel_error(got, ref) -> float:
