@@ -1,5 +1,5 @@
-"""`koala export`: a student (or teacher) as one single-file checkpoint for ComfyUI / A1111, or a single file back
-to a diffusers directory."""
+"""`koala export`: a student (or teacher) as one single-file checkpoint for ComfyUI / A1111, a single file back
+to a diffusers directory, or the pipeline as ONNX graphs for onnxruntime."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ examples:
   koala export out/koala-700m --unet-only --out koala-700m-unet.safetensors   # ComfyUI 'Load Diffusion Model'
   koala export sdxl_finetune.safetensors --format diffusers --out sdxl-finetune/   # single file -> pipeline dir
   koala export out/koala-700m --format diffusers --dtype fp16 --out koala-700m-fp16/   # a directory in another dtype
+  koala export out/koala-700m --format onnx --out koala-700m-onnx/   # ONNX graphs, then:
+  koala generate "a photo of a koala" --onnx koala-700m-onnx/ --out images/   # runs on onnxruntime
 
 A single file loads back in diffusers with the student's directory as its config:
   StableDiffusionXLPipeline.from_single_file("koala-700m.safetensors", config="out/koala-700m")
@@ -24,14 +26,19 @@ ComfyUI's checkpoint loader recognises KOALA-700M / KOALA-1B from their transfor
 def register(sub) -> None:
     p = sub.add_parser(
         "export",
-        help="write a model as one single-file checkpoint (ComfyUI / A1111), or convert one to diffusers",
+        help="write a model as one single-file checkpoint (ComfyUI / A1111) or as ONNX, or convert one to diffusers",
         description="--format single-file: a diffusers pipeline directory (a KOALA student, or any SDXL / SD-1.x "
         "pipeline) -> one .safetensors in the original LDM/SGM key layout (model.diffusion_model.*, "
         "first_stage_model.*, "
         "conditioner.embedders.0/1.*), with the U-Net's key map derived from its own blocks (any transformer depth, "
         "with or without mid block). --format diffusers: a single-file SDXL / SD-1.x checkpoint -> a diffusers "
         "directory (offline; configs from --config or koala's SDXL-Base configs); given a directory it rewrites it in "
-        "diffusers' format (e.g. in another --dtype), layer map and model card kept. Output is written atomically.",
+        "diffusers' format (e.g. in another --dtype), layer map and model card kept. --format onnx: an SDXL / SD-1.x "
+        "pipeline directory -> ONNX graphs of the U-Net "
+        "(inputs sample, timestep, encoder_hidden_states[, text_embeds, time_ids] -> out_sample, as Optimum names "
+        "them), the VAE decoder and the text encoders, with dynamic batch and size, in Optimum's folder layout plus "
+        "tokenizers, scheduler and koala_onnx.json; each graph is checked on onnxruntime against torch (1e-3 "
+        "relative) before anything is written. Output is written atomically.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -47,7 +54,9 @@ def register(sub) -> None:
         choices="koala.formats.single_file.FORMATS",
         help="what to write (default single-file)",
     )
-    p.add_argument("--out", required=True, help="output .safetensors file (single-file) or directory (diffusers)")
+    p.add_argument(
+        "--out", required=True, help="output .safetensors file (single-file) or directory (diffusers, onnx)"
+    )
     p.add_argument(
         "--base", default=None, help="single-file from a U-Net directory: the pipeline supplying VAE and text encoders"
     )
@@ -60,8 +69,41 @@ def register(sub) -> None:
         help="diffusers: a pipeline directory of the file's architecture whose configs and tokenizers are used "
         "(not its weights); default: koala's SDXL-Base-1.0 configs, tokenizers from the local HF cache",
     )
+    add_choice_argument(
+        p,
+        "--exporter",
+        default="dynamo",
+        choices="koala.formats.onnx.EXPORTERS",
+        help="onnx: torch.onnx.export(dynamo=True) (default; needs onnxscript) or the older TorchScript exporter "
+        "(torchscript; faster to export)",
+    )
+    p.add_argument("--opset", type=int, default=18, help="onnx: ONNX opset version (default 18)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--no-progress", action="store_true", help="onnx: no progress bar")
     p.set_defaults(func=run)
+
+
+def _run_onnx(args) -> int:
+    from ..errors import KoalaError
+    from ..formats.onnx import export_onnx
+
+    for flag, value in (("base", args.base), ("unet_only", args.unet_only), ("dtype", args.dtype)):
+        if value:
+            raise KoalaError(
+                f"--{flag.replace('_', '-')} does not apply to --format onnx (it exports a whole pipeline directory "
+                "in fp32)",
+                option=flag,
+            )
+    res = export_onnx(
+        args.src,
+        args.out,
+        exporter=args.exporter,
+        opset=args.opset,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    print(f"wrote {res.out} ({res.family}, {res.exporter} exporter): {', '.join(res.graphs)}")
+    return 0
 
 
 def run(args) -> int:
@@ -70,6 +112,8 @@ def run(args) -> int:
     from ..errors import KoalaError
     from ..formats.single_file import export_diffusers, export_single_file, single_file_to_diffusers
 
+    if args.format == "onnx":
+        return _run_onnx(args)
     if args.format == "single-file":
         if os.path.isfile(args.src):
             raise KoalaError(

@@ -65,6 +65,13 @@ def _add_model_args(g) -> None:
         help="apply a LoRA (.safetensors; repeatable; scale default 1.0). For a KOALA student, transfer an "
         "SDXL LoRA first: koala lora transfer",
     )
+    g.add_argument(
+        "--onnx",
+        default=None,
+        metavar="DIR",
+        help="run an ONNX export (koala export --format onnx) on onnxruntime: CUDA provider with --device cuda "
+        "(when onnxruntime has it), else CPU; instead of --model / --unet",
+    )
 
 
 def _add_sampling_args(g) -> None:
@@ -145,6 +152,24 @@ def _add_safety_args(g) -> None:
     )
 
 
+_NOT_WITH_ONNX = ("model", "unet", "base", "vae", "lora", "dtype", "vae_slicing", "vae_tiling", "offload")
+_NOT_WITH_ONNX += ("channels_last", "compile")
+
+
+def _load_onnx(args):
+    """--onnx DIR: the export on onnxruntime; torch-only options are refused by name."""
+    from ..errors import KoalaError
+    from ..inference.onnx import load_onnx_pipeline
+
+    for name in _NOT_WITH_ONNX:
+        if getattr(args, name):
+            flag = "--" + name.replace("_", "-")
+            raise KoalaError(f"{flag} does not apply with --onnx (the graphs are fixed at export)", option=name)
+    return load_onnx_pipeline(
+        args.onnx, device=args.device, scheduler=args.scheduler, timestep_spacing=args.timestep_spacing
+    )
+
+
 def run(args) -> int:
     from ..errors import KoalaError
     from ..inference import NSFWFilter, generate, load_pipeline, read_prompts, save_images
@@ -154,7 +179,8 @@ def run(args) -> int:
     if not prompts:
         raise KoalaError("no prompt: give one or more prompts as arguments or --prompts-file FILE")
     check_output_folder(args.out, "--out (the images)")
-    loaded = load_pipeline(
+    loaded = _load_onnx(args) if args.onnx else None  # --onnx: the export on onnxruntime
+    loaded = loaded or load_pipeline(
         args.model,
         unet=args.unet,
         base=args.base,

@@ -44,7 +44,7 @@ from .ldm import (
 if TYPE_CHECKING:
     from ..families import Family
 
-FORMATS = ("single-file", "diffusers")
+FORMATS = ("single-file", "diffusers", "onnx")  # koala export --format (onnx: koala.formats.onnx)
 
 # the text encoders' key prefixes in each original single-file layout (Family.single_file_layout)
 _TEXT_ENCODER_PREFIXES = {
