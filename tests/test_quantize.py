@@ -20,6 +20,7 @@ from koala.inference.quantize import (  # noqa: E402
     quantize_module,
     scheme_of_dir,
 )
+from koala.utils.weights import tensor_bytes  # noqa: E402
 
 FAST = dict(steps=2, seed=3, progress=False, log=lambda *_: None)
 
@@ -54,6 +55,9 @@ def test_quantized_student_loads_back_and_generates(student, tmp_path):
     for name, mod in _linears(loaded.pipe.unet).items():
         assert torch.equal(mod.weight.qdata, expected[name].weight.qdata), name
         assert torch.equal(mod.weight.scale, expected[name].weight.scale), name
+
+    w = next(iter(_linears(loaded.pipe.unet).values())).weight  # koala bench's weight bytes: int8 data + scales
+    assert w.numel() <= tensor_bytes(w) < 2 * w.numel() and tensor_bytes(w.dequantize()) == 4 * w.numel()
 
     q_img = generate(loaded, ["a red circle"], **FAST)
     fp_img = generate(full, ["a red circle"], **FAST)

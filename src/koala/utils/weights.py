@@ -85,5 +85,14 @@ def materialize_meta_buffers(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds; for a quantized tensor subclass (torchao: ``tensor_data_names``), those of its parts
+    (int8 data and scales), not its logical dtype's."""
+    names = [*getattr(t, "tensor_data_names", ()), *getattr(t, "optional_tensor_data_names", ())]
+    if names:
+        return sum(tensor_bytes(part) for part in (getattr(t, n, None) for n in names) if part is not None)
+    return t.numel() * t.element_size()
+
+
 def count_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
