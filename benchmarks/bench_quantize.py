@@ -153,7 +153,7 @@ def run_latency(rounds: int, log) -> dict:
     }
 
 
-def run_shapes(num: int, log) -> dict:
+def run_shapes(num: int, log, schemes=CPU_SCHEMES) -> dict:
     from koala.inference import generate, load_pipeline
     from koala.lab.models import IMAGE_SIZE, default_sampling, shapes_teacher_dir
     from koala.lab.score import score_pairs
@@ -165,7 +165,7 @@ def run_shapes(num: int, log) -> dict:
     teacher = shapes_teacher_dir()
     out = {"prompts": num, "sampling": samp, "scores": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for scheme in ("fp32", *CPU_SCHEMES):
+        for scheme in ("fp32", *schemes):
             t0 = time.perf_counter()
             path = teacher
             if scheme != "fp32":
@@ -210,17 +210,18 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", default="drift,latency,shapes")
     ap.add_argument("--num", type=int, default=200, help="shapes-world val prompts")
     ap.add_argument("--rounds", type=int, default=3, help="latency rounds")
+    ap.add_argument("--schemes", default=",".join(CPU_SCHEMES), help="schemes of the shapes part (and fp32)")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args(argv)
     path = os.path.join(args.out, "quantize.json")
     command = (
         "OMP_WAIT_POLICY=PASSIVE nice -n 10 python benchmarks/bench_quantize.py --parts {} "
-        + f"--num {args.num} --rounds {args.rounds}"
+        + f"--num {args.num} --rounds {args.rounds} --schemes {args.schemes}"
     )
     parts = {
         "drift": lambda: run_drift(print),
         "latency": lambda: run_latency(args.rounds, print),
-        "shapes": lambda: run_shapes(args.num, print),
+        "shapes": lambda: run_shapes(args.num, print, tuple(filter(None, args.schemes.split(",")))),
     }
     for part in filter(None, args.parts.split(",")):  # --parts "": only rewrite quantize.md from quantize.json
         t0 = time.perf_counter()
@@ -245,7 +246,9 @@ def report(r: dict) -> str:
         "Made by `benchmarks/bench_quantize.py` (see its docstring); each section names the command that made it.",
         "",
     ]
-    for part, section in (("drift", drift_section), ("latency", latency_section), ("shapes", shapes_section)):
+    sections = [("drift", drift_section), ("latency", latency_section)]
+    sections += [(k, shapes_section) for k in sorted(r) if k.startswith("shapes")]  # runs of several sizes
+    for part, section in sections:
         if part in r:
             lines += section(r[part])
             lines += [f"Command: `{r[part]['command']}` ({r[part]['wall_s']:.0f} s wall, {r[part]['date']}).", ""]
@@ -313,7 +316,7 @@ def latency_section(d: dict) -> list[str]:
 def shapes_section(d: dict) -> list[str]:
     fp = d["scores"]["fp32"]
     out = [
-        "## Shapes world: the packaged shapes teacher, quantized with `koala quantize`",
+        f"## Shapes world ({d['prompts']} prompts): the packaged shapes teacher, quantized with `koala quantize`",
         "",
         f"{d['prompts']} val prompts (seed 0), Euler {d['sampling']['num_inference_steps']} steps, guidance "
         f"{d['sampling']['guidance_scale']:g}, 32x32, the same sampling seeds for every row; loaded with "
