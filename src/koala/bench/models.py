@@ -18,7 +18,7 @@ from ..errors import KoalaError
 from ..families import Family, all_presets, family_of, model_dir_kind
 from ..families.sdxl import SDXL_VAE_CONFIG
 from ..utils.files import read_json
-from ..utils.weights import count_params
+from ..utils.weights import count_params, tensor_bytes
 
 SDXL_VAE = SDXL_VAE_CONFIG
 
@@ -49,7 +49,7 @@ class BenchModel:
 
     def weight_bytes(self) -> int:
         mods = [self.unet, *self.text_encoders] + ([self.vae] if self.vae is not None else [])
-        return sum(p.numel() * p.element_size() for m in mods for p in m.parameters())
+        return sum(tensor_bytes(p) for m in mods for p in m.parameters())  # quantized: their int8 data and scales
 
 
 @torch.no_grad()

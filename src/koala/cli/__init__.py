@@ -30,6 +30,7 @@ COMMANDS = [
     "lab",
     "eval",
     "export",
+    "quantize",
     "lora",
     "demo",
     "app",
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # koala loads local directories only; never reach a hub
     if not is_terminal(sys.stderr):  # a log: no \r-redrawn bars from huggingface_hub / transformers (koala's: lines)
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    _quiet_torchao_import()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -83,6 +85,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"koala {args.command}: error: {message}", file=sys.stderr)
         return code
     return int(result or 0)
+
+
+def _quiet_torchao_import() -> None:
+    """With torchao installed (the quantize extra), diffusers imports it with every model class; on a CPU build its
+    CUDA kernels fail to load, and it and diffusers log a warning each about that (and torch about its enums).
+    Those say nothing about koala's work: keep them out of every command's output."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _freeze_heap_at_exit() -> None:

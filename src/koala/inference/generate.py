@@ -33,6 +33,7 @@ PNG_KEYS = (
     "dtype",
     "lora",
     "timesteps",
+    "quantization",
 )
 
 
@@ -176,6 +177,8 @@ def _shared_params(sd, info, negative_prompt: str | None, steps: int, cfg: float
     }
     if info and info.lora:
         base["lora"] = info.lora
+    if info and info.quantization:
+        base["quantization"] = info.quantization
     return base
 
 

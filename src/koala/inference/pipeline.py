@@ -22,6 +22,7 @@ from ..families.sampling import SPACING, SPACINGS, SamplingDefaults, check_sched
 from ..utils.compile import compile_module
 from ..utils.devices import check_dtype_on_device, parse_device, parse_dtype
 from ..utils.files import read_json
+from .quantize import check_loadable
 
 SCHEDULERS = {
     "euler": "EulerDiscreteScheduler",
@@ -49,6 +50,7 @@ class LoadedPipeline:
     family: str = "sdxl"
     lora: str = ""  # the LoRA files applied, "name:scale, ..." (PNG metadata)
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)  # what generate() uses by default
+    quantization: str = ""  # the denoiser's koala quantize scheme ("" full precision; PNG metadata)
 
 
 def _check_pipeline_dir(path: str, what: str) -> Family:
@@ -177,6 +179,9 @@ def load_pipeline(
         notes.append("fp16 on CPU is slow and some ops are missing; bf16 or fp32 is the better choice on CPU")
     src = _source(model, unet, base, dt)
     fam = src.family
+    quant = check_loadable(model or unet, device)  # a koala quantize scheme (None: full precision)
+    if quant:
+        modes.append(f"{quant} {fam.model_subfolder} (torchao)")
     pipe = _from_pretrained(src, vae, dt)
     denoiser = denoiser_of(pipe)
     modes += _vae_precision(pipe, fam, bool(vae), dt)
@@ -199,7 +204,7 @@ def load_pipeline(
     if compile:
         _compile(pipe, denoiser, fam, modes, notes)
     return LoadedPipeline(
-        pipe, src.name, device, dtype_name, label, spacing, modes, notes, fam.name, lora_desc, sampling
+        pipe, src.name, device, dtype_name, label, spacing, modes, notes, fam.name, lora_desc, sampling, quant or ""
     )
 
 

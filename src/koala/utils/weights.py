@@ -89,11 +89,21 @@ ENTRY_BYTES = 320  # a stored tensor's own bytes beside its data: a torch.save z
 # directory, 64-byte alignment, pickle record) or a safetensors header entry (measured on the tiny runs' checkpoints)
 
 
+def _stored_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds; for a quantized tensor subclass (torchao: ``tensor_data_names``), those of its parts
+    (int8 data and scales), not its logical dtype's."""
+    names = [*getattr(t, "tensor_data_names", ()), *getattr(t, "optional_tensor_data_names", ())]
+    if names:
+        return sum(_stored_bytes(part) for part in (getattr(t, n, None) for n in names) if part is not None)
+    return t.numel() * t.element_size()
+
+
 def tensor_bytes(obj, per_tensor: int = 0) -> int:
-    """The bytes of every tensor in a nested state (dicts, lists, tuples, a module's state), as stored, plus
-    ``per_tensor`` for each tensor (a file format's own bytes per entry: headers, names, alignment)."""
+    """The bytes of every tensor in a nested state (a tensor, dicts, lists, tuples, a module's state), as stored
+    (a quantized tensor: its parts), plus ``per_tensor`` for each tensor (a file format's own bytes per entry:
+    headers, names, alignment)."""
     if torch.is_tensor(obj):
-        return obj.numel() * obj.element_size() + per_tensor
+        return _stored_bytes(obj) + per_tensor
     if isinstance(obj, dict):
         return sum(tensor_bytes(v, per_tensor) for v in obj.values())
     if isinstance(obj, (list, tuple)):
