@@ -176,6 +176,8 @@ def _shared_params(sd, info, negative_prompt: str | None, steps: int, cfg: float
     }
     if info and info.lora:
         base["lora"] = info.lora
+    if info and getattr(info, "vae", ""):
+        base["vae"] = info.vae
     return base
 
 
