@@ -42,7 +42,7 @@ def distill_overrides(cache: str, out: str, steps: int) -> list[str]:
         "train.lr=2e-3",
         "train.lr_schedule=cosine",
         "train.lr_warmup_steps=50",
-        f"train.checkpoint_every={steps}",
+        f"train.checkpoint_every={min(500, steps)}",
         "train.log_every=50",
         "train.cpu_threads=1",
         "train.progress=false",
@@ -115,7 +115,12 @@ def evaluate(teacher: str, tiny_dir: str, num_eval: int, seed: int) -> dict:
     from koala.lab.shapes import generate_scenes
 
     prompts = [sc.text for sc in generate_scenes(num_eval, "val", seed, IMAGE_SIZE)]
-    latents = sample_latents(teacher, prompts, seed)
+    saved = os.path.join(os.path.dirname(os.path.abspath(tiny_dir)), f"latents-{num_eval}-seed{seed}.pt")
+    if os.path.isfile(saved):  # the teacher's latents of these prompts, sampled once per work folder
+        latents = torch.load(saved, weights_only=True)
+    else:
+        latents = sample_latents(teacher, prompts, seed)
+        torch.save(latents, saved)
     full = AutoencoderKL.from_pretrained(os.path.join(teacher, "vae")).eval()
     tiny = AutoencoderTiny.from_pretrained(tiny_dir).eval()
     imgs = {"full VAE": decode_uint8(full, latents), "tiny decoder": decode_uint8(tiny, latents)}
@@ -192,7 +197,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--num-eval", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-only", default=None, metavar="DIR", help="only score this AutoencoderTiny folder")
     args = ap.parse_args()
+    if args.eval_only:
+        from koala.lab.models import shapes_teacher_dir
+
+        print(json.dumps(evaluate(shapes_teacher_dir(), args.eval_only, args.num_eval, args.seed), indent=1))
+        return
     from koala.distill.vae import distill_vae, load_vae_config
     from koala.lab.models import shapes_teacher_dir
 
@@ -213,7 +224,7 @@ def main() -> None:
     res = {
         "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, no GPU; torch {torch.__version__}",
         "command": "python benchmarks/bench_tiny_vae_shapes.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
         "distill_command": "koala vae distill --teacher SHAPES_TEACHER "
         + " ".join(o for o in overrides if not o.startswith("teacher=")),
         "num_train": args.num_train,

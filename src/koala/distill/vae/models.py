@@ -5,6 +5,8 @@ denoiser works in, ``z = (raw - shift_factor) * scaling_factor``, and its config
 ``shift_factor: 0.0``, so a pipeline's ``vae.decode(latents / vae.config.scaling_factor)`` hands it ``z`` unchanged.
 The teacher decodes the same ``z`` as ``teacher.decode(z / scaling_factor + shift_factor)``
 (:func:`teacher_decode`). The teacher's own factor is recorded in ``koala_vae.json`` beside the weights.
+AutoencoderTiny's ``latent_magnitude`` / ``latent_shift`` only map latents to [0, 1] for 8-bit storage
+(``scale_latents``, used by its ``forward``); ``decode`` does not read them, so they keep diffusers' defaults.
 """
 
 from __future__ import annotations
