@@ -107,7 +107,7 @@ def decode_ms(vae, latents: torch.Tensor, repeats: int = 5) -> float:
         torch.set_num_threads(threads)
 
 
-def evaluate(teacher: str, tiny_dir: str, num_eval: int, seed: int) -> dict:
+def evaluate(teacher: str, tiny_dir: str, num_eval: int, seed: int, work: str) -> dict:
     from diffusers import AutoencoderKL, AutoencoderTiny
 
     from koala.lab.models import IMAGE_SIZE
@@ -115,7 +115,7 @@ def evaluate(teacher: str, tiny_dir: str, num_eval: int, seed: int) -> dict:
     from koala.lab.shapes import generate_scenes
 
     prompts = [sc.text for sc in generate_scenes(num_eval, "val", seed, IMAGE_SIZE)]
-    saved = os.path.join(os.path.dirname(os.path.abspath(tiny_dir)), f"latents-{num_eval}-seed{seed}.pt")
+    saved = os.path.join(work, f"latents-{num_eval}-seed{seed}.pt")
     if os.path.isfile(saved):  # the teacher's latents of these prompts, sampled once per work folder
         latents = torch.load(saved, weights_only=True)
     else:
@@ -202,7 +202,9 @@ def main() -> None:
     if args.eval_only:
         from koala.lab.models import shapes_teacher_dir
 
-        print(json.dumps(evaluate(shapes_teacher_dir(), args.eval_only, args.num_eval, args.seed), indent=1))
+        print(
+            json.dumps(evaluate(shapes_teacher_dir(), args.eval_only, args.num_eval, args.seed, args.work), indent=1)
+        )
         return
     from koala.distill.vae import distill_vae, load_vae_config
     from koala.lab.models import shapes_teacher_dir
@@ -232,7 +234,7 @@ def main() -> None:
         "train_minutes": round(train_min, 2),
         "loss_first": summary["losses"][0],
         "loss_last": summary["losses"][-1],
-        "eval": evaluate(teacher, tiny_dir, args.num_eval, args.seed),
+        "eval": evaluate(teacher, tiny_dir, args.num_eval, args.seed, args.work),
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
