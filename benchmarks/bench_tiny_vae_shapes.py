@@ -157,9 +157,11 @@ def markdown(res: dict) -> str:
         "",
         f"Machine: {res['machine']}. Command: `{res['command']}`",
         "",
-        f"Training: `{res['distill_command']}` ({res['train_minutes']:.1f} min, {res['steps']} steps of batch 32 on "
-        f"{res['num_train']} cached shapes images; loss {res['loss_first']:.4f} -> {res['loss_last']:.4f}).",
+        f"Training: `{res['distill_command']}` ({res['steps']} steps of batch 32 on {res['num_train']} cached shapes "
+        f"images; {res['train_minutes']:.1f} min in this process; training loss (L1 + MSE) of its first step "
+        f"{res['loss_first']:.4f}, of the last {res['loss_last']:.4f}).",
         "",
+        *([res["notes"], ""] if res.get("notes") else []),
         f"The same teacher latents ({e['prompts']} held-out val prompts, 20 Euler steps, cfg 5) decoded by both VAEs "
         "and scored by the shapes scorer (percent):",
         "",
@@ -198,6 +200,7 @@ def main() -> None:
     ap.add_argument("--num-eval", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-only", default=None, metavar="DIR", help="only score this AutoencoderTiny folder")
+    ap.add_argument("--resume", action="store_true", help="continue a stopped training run in --work (exactly)")
     args = ap.parse_args()
     if args.eval_only:
         from koala.lab.models import shapes_teacher_dir
@@ -215,7 +218,7 @@ def main() -> None:
     os.makedirs(args.work, exist_ok=True)
     cache = prepare_data(args.work, teacher, args.num_train)
     tiny_dir = os.path.join(args.work, "tiny-vae")
-    overrides = distill_overrides(cache, tiny_dir, args.steps)
+    overrides = distill_overrides(cache, tiny_dir, args.steps) + (["train.resume=latest"] if args.resume else [])
     t0 = time.time()
     summary = (
         distill_vae(load_vae_config(None, overrides))
