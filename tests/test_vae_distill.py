@@ -166,3 +166,18 @@ def test_bench_and_app_use_the_tiny_vae(trained, tiny_pipe_dir, tmp_path):
     (slot,) = load_models([ModelSpec("tiny + vae", model=tiny_pipe_dir, vae=out)], device="cpu", log=lambda *_: None)
     assert slot.error is None and type(slot.pipe.pipe.vae).__name__ == "AutoencoderTiny"
     assert slot.pipe.vae == f"{os.path.basename(out)} (AutoencoderTiny)"
+
+
+def test_encoder_trains_too_when_asked(tiny_pipe_dir, tmp_path):
+    import json
+
+    from diffusers import AutoencoderTiny
+
+    out = str(tmp_path / "vae")
+    extra = {"model.encoder": "true", "model.encoder_channels": "[8,8]", "model.encoder_blocks": "[1,1]"}
+    distill_vae(load_vae_config(None, _overrides(tiny_pipe_dir, out, 3, **extra)), log=lambda *_: None)
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["loss/latent"] > 0 for r in rows)
+    tiny = AutoencoderTiny.from_pretrained(out)
+    with torch.no_grad():
+        assert tiny.encode(torch.zeros(1, 3, 32, 32)).latents.shape == (1, 4, 16, 16)
