@@ -39,6 +39,7 @@ class ModelSpec:
     unet: str | None = None
     base: str | None = None
     note: str = ""  # shown on the page (e.g. "untrained: freshly compressed")
+    vae: str | None = None  # a VAE directory in place of the pipeline's (e.g. a tiny AutoencoderTiny)
 
 
 @dataclass
@@ -126,7 +127,9 @@ def load_models(specs: list[ModelSpec], device: str | None = None, dtype: str | 
     slots = []
     for spec in specs:
         try:
-            lp = load_pipeline(model=spec.model, unet=spec.unet, base=spec.base, device=device, dtype=dtype)
+            lp = load_pipeline(
+                model=spec.model, unet=spec.unet, base=spec.base, vae=spec.vae, device=device, dtype=dtype
+            )
             n = sum(p.numel() for p in denoiser_of(lp.pipe).parameters())
             slots.append(Slot(spec, lp, params=n))
             log(f"loaded {spec.label}: {lp.model} ({lp.device}, {lp.dtype})")

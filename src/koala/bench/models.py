@@ -44,12 +44,35 @@ class BenchModel:
             out["text_encoders"] = sum(count_params(t) for t in self.text_encoders)
         if self.vae is not None:  # Table 1's "VAE Dec." 83M is the whole SDXL VAE; the decoder part is given too
             out["vae"] = count_params(self.vae)
-            out["vae_decoder"] = count_params(self.vae.decoder) + count_params(self.vae.post_quant_conv)
+            out["vae_decoder"] = sum(count_params(m) for m in vae_decoder_modules(self.vae))
         return out
 
     def weight_bytes(self) -> int:
         mods = [self.unet, *self.text_encoders] + ([self.vae] if self.vae is not None else [])
         return sum(tensor_bytes(p) for m in mods for p in m.parameters())  # quantized: their int8 data and scales
+
+
+def vae_decoder_modules(vae) -> list:
+    """The modules a VAE decode runs: the decoder and, for an AutoencoderKL, its post-quant conv (a tiny
+    AutoencoderTiny has none)."""
+    return [m for m in (vae.decoder, getattr(vae, "post_quant_conv", None)) if m is not None]
+
+
+def swap_vae(m: BenchModel, path: str, device, dtype) -> None:
+    """Put the VAE of ``path`` (an AutoencoderKL or a tiny AutoencoderTiny) in place of ``m``'s; a VAE of another
+    latent size (latent channels, downsampling factor) is refused."""
+    from ..inference.pipeline import load_vae
+
+    vae = load_vae(path, dtype)
+    channels, scale = vae.config.latent_channels, 2 ** (len(vae.config.block_out_channels) - 1)
+    want = m.unet.config.in_channels
+    if channels != want or scale != m.vae_scale:
+        raise KoalaError(
+            f"vae {path}: a VAE of another latent size ({channels} latent channels, downsampling {scale}); "
+            f"{m.name} needs {want} channels and {m.vae_scale}",
+            option="vae",
+        )
+    m.vae = _to(vae, device, dtype)
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ from ..families import get_family
 from ..utils.compile import compile_module
 from ..utils.devices import check_dtype_on_device, parse_device, parse_dtype, tree_to
 from .memory import PeakMemory
-from .models import BenchModel, build_bench_model, preset_unet_config
+from .models import BenchModel, build_bench_model, preset_unet_config, swap_vae, vae_decoder_modules
 
 SCHEMA = "koala-bench/1"
 COMPONENTS = ("text", "unet", "vae")
@@ -57,6 +57,7 @@ class BenchSettings:
     )
     vae_tiling: bool = False  # decode in tiles (diffusers enable_tiling): less memory at 1024^2 and above
     memory_cap_gib: float | None = None  # CUDA: cap this process's GPU memory (e.g. 8 for an 8 GB card)
+    vae: str | None = None  # a VAE directory (e.g. a tiny AutoencoderTiny) timed in place of each model's
 
     def check(self) -> None:
         if not self.models:
@@ -76,6 +77,8 @@ class BenchSettings:
         if (self.steps is not None and self.steps < 1) or self.batch < 1 or self.repeats < 1 or self.warmup < 0:
             raise KoalaError("steps, batch and repeats must be >= 1 and warmup >= 0", option="steps")
         check_dtype_on_device(parse_dtype(self.dtype), parse_device(self.device))  # unknown device / dtype
+        if self.vae and "vae" not in self.components:
+            raise KoalaError("vae: a VAE to time needs the vae component (--components unet,vae)", option="vae")
         if self.memory_cap_gib is not None and (not self.device.startswith("cuda") or not self.memory_cap_gib > 0):
             raise KoalaError("memory_cap_gib needs a cuda device and a positive size", option="memory_cap_gib")
         if self.compile_mode and not (self.compile or self.compile_vae or self.compile_text):
@@ -147,7 +150,7 @@ def apply_speed_modes(m: BenchModel, s: BenchSettings) -> None:
         m.vae.enable_tiling()
     chosen = [m.unet] if s.compile else []
     if s.compile_vae and m.vae is not None:
-        chosen += [m.vae.decoder, m.vae.post_quant_conv]
+        chosen += vae_decoder_modules(m.vae)
     if s.compile_text:
         chosen += list(m.text_encoders)
     for module in chosen:
@@ -248,6 +251,8 @@ def run_bench(settings: BenchSettings, log=print) -> dict:
             return loaded[name], False
         t0 = time.perf_counter()
         m = build_bench_model(name, device, dtype, s.components)
+        if s.vae and m.vae is not None:
+            swap_vae(m, s.vae, device, dtype)
         apply_speed_modes(m, s)
         log(f"built {name} ({m.source}) in {time.perf_counter() - t0:.1f}s")
         entry = (m, _Inputs(m, per_model[name], device, dtype))

@@ -22,6 +22,7 @@ COMMANDS = [
     "presets",
     "compress",
     "distill",
+    "vae",
     "plan",
     "data",
     "generate",

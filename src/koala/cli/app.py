@@ -52,6 +52,13 @@ def register(sub) -> None:
         metavar="DIR",
         help="the teacher pipeline for --unet: once for all of them, or once per --unet",
     )
+    p.add_argument(
+        "--vae",
+        default=None,
+        metavar="DIR",
+        help="a VAE directory every model decodes with in place of its own (e.g. a tiny AutoencoderTiny from "
+        "`koala vae distill`; it must fit the models' latents)",
+    )
     p.add_argument("--demo-dir", default="koala-demo", help="where `koala demo` wrote its student (no-argument mode)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     add_dtype_argument(p, help="default: fp16 on GPU, fp32 on CPU")
@@ -108,6 +115,11 @@ def run(args) -> int:
     shapes = not specs
     if shapes:
         specs = default_specs(args.demo_dir)
+    if args.vae:
+        from dataclasses import replace
+
+        name = os.path.basename(os.path.normpath(args.vae))
+        specs = [replace(s, vae=args.vae, label=f"{s.label} + {name}") for s in specs]
     print(f"koala app: http://{args.host}:{args.port} (Ctrl+C stops it)")
     serve(
         specs,

@@ -92,6 +92,7 @@ def register(sub) -> None:
     p.add_argument(
         "--vae-tiling", action="store_true", help="decode the VAE in tiles (less memory at high resolution)"
     )
+    _add_vae_argument(p)
     p.add_argument(
         "--memory-cap-gib",
         type=float,
@@ -105,6 +106,16 @@ def register(sub) -> None:
     p.set_defaults(func=run)
     modes = p.add_subparsers(dest="bench_mode", metavar="[train]", required=False)
     register_train(modes)
+
+
+def _add_vae_argument(p) -> None:
+    p.add_argument(
+        "--vae",
+        default=None,
+        metavar="DIR",
+        help="time this VAE (e.g. a tiny AutoencoderTiny from koala vae distill) in place of each model's; needs "
+        "the vae component",
+    )
 
 
 TRAIN_EPILOG = """\
@@ -243,6 +254,7 @@ def run(args) -> int:
         compile_mode=args.compile_mode,
         vae_tiling=args.vae_tiling,
         memory_cap_gib=args.memory_cap_gib,
+        vae=args.vae,
     )
     say = functools.partial(print, file=human_stream(args))  # progress and notes: stderr under a bare --json
     result = run_bench(settings, log=say)

@@ -56,7 +56,12 @@ def _add_model_args(g) -> None:
         "OUT/checkpoints/step-N/unet, or .../transformer for a PixArt student)",
     )
     g.add_argument("--base", default=None, help="teacher pipeline directory supplying text encoders, VAE, scheduler")
-    g.add_argument("--vae", default=None, help="fp16-safe VAE directory (e.g. sdxl-vae-fp16-fix)")
+    g.add_argument(
+        "--vae",
+        default=None,
+        help="VAE directory in place of the pipeline's: fp16-safe (e.g. sdxl-vae-fp16-fix) or tiny (an "
+        "AutoencoderTiny from koala vae distill); the PNG parameters name it",
+    )
     g.add_argument(
         "--lora",
         action="append",

@@ -179,6 +179,8 @@ def _shared_params(sd, info, negative_prompt: str | None, steps: int, cfg: float
         base["lora"] = info.lora
     if info and info.quantization:
         base["quantization"] = info.quantization
+    if info and getattr(info, "vae", ""):
+        base["vae"] = info.vae
     return base
 
 

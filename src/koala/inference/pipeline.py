@@ -51,6 +51,7 @@ class LoadedPipeline:
     lora: str = ""  # the LoRA files applied, "name:scale, ..." (PNG metadata)
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)  # what generate() uses by default
     quantization: str = ""  # the denoiser's koala quantize scheme ("" full precision; PNG metadata)
+    vae: str = ""  # the VAE given in place of the pipeline's, "name (class)" (PNG metadata); "" for its own
 
 
 def _check_pipeline_dir(path: str, what: str) -> Family:
@@ -161,7 +162,8 @@ def load_pipeline(
     (the teacher's pipeline dir).
     ``scheduler`` (a ``SCHEDULERS`` key or a diffusers scheduler class name) and ``timestep_spacing``: None: the
     student's sampling defaults (``LoadedPipeline.sampling``; the paper's Euler when it records none).
-    ``vae``: an fp16-safe VAE directory (e.g. sdxl-vae-fp16-fix); without it an fp16 VAE decodes in fp32.
+    ``vae``: an fp16-safe VAE directory (e.g. sdxl-vae-fp16-fix), or a tiny one (AutoencoderTiny, e.g. from
+    ``koala vae distill``) of the pipeline's latent size; without it an fp16 VAE decodes in fp32.
     ``offload``: None, "model" (whole components move to the GPU in turn) or "sequential" (sub-module by
     sub-module; least memory, slowest). Both need CUDA and accelerate; on CPU they do not apply and a note says so.
     ``lora``: LoRA files, each ``FILE`` or ``FILE:SCALE`` (diffusers / PEFT or kohya format; for a KOALA student,
@@ -185,6 +187,7 @@ def load_pipeline(
     pipe = _from_pretrained(src, vae, dt)
     denoiser = denoiser_of(pipe)
     modes += _vae_precision(pipe, fam, bool(vae), dt)
+    vae_desc = f"{_base_name(vae)} ({type(pipe.vae).__name__})" if vae else ""
     _sampling_note(src, scheduler, timestep_spacing, notes)
     label, spacing, sampling = _scheduler(pipe, src.sampling, scheduler, timestep_spacing, notes)
     lora_desc = _apply_loras(pipe, lora, modes)
@@ -204,7 +207,19 @@ def load_pipeline(
     if compile:
         _compile(pipe, denoiser, fam, modes, notes)
     return LoadedPipeline(
-        pipe, src.name, device, dtype_name, label, spacing, modes, notes, fam.name, lora_desc, sampling, quant or ""
+        pipe,
+        src.name,
+        device,
+        dtype_name,
+        label,
+        spacing,
+        modes,
+        notes,
+        fam.name,
+        lora_desc,
+        sampling,
+        quant or "",
+        vae_desc,
     )
 
 
@@ -271,11 +286,9 @@ def _base_name(path: str) -> str:
 
 def _from_pretrained(src: _Source, vae: str | None, dt: torch.dtype):
     """The family's diffusers pipeline from ``src``, with the VAE of ``vae`` when given."""
-    from diffusers import AutoencoderKL
-
     kw = dict(src.kwargs)
     if vae:
-        kw["vae"] = AutoencoderKL.from_pretrained(vae_dir_of(vae), dtype=dt)
+        kw["vae"] = load_vae(vae, dt, base_vae=os.path.join(src.path, "vae"))
     fam = src.family
     return fam.pipeline_class_of(src.path).from_pretrained(src.path, **fam.pipeline_load_kwargs, **kw)
 
@@ -285,6 +298,8 @@ def _vae_precision(pipe, fam: Family, custom_vae: bool, dt: torch.dtype) -> list
     family needs it (SDXL's VAE overflows in fp16)."""
     if custom_vae:
         pipe.vae.register_to_config(force_upcast=False)
+        if type(pipe.vae).__name__ == "AutoencoderTiny":
+            return ["tiny VAE (AutoencoderTiny)"]
         return ["fp16-fix VAE" if dt == torch.float16 else "custom VAE"]
     if dt == torch.float16 and fam.vae_upcast:
         pipe.vae.register_to_config(force_upcast=True)
@@ -330,7 +345,8 @@ def _set_attention(pipe, denoiser, attention: str) -> str:
     else:
         from diffusers.models.attention_processor import AttnProcessor as proc
     denoiser.set_attn_processor(proc())
-    pipe.vae.set_attn_processor(proc())
+    if hasattr(pipe.vae, "set_attn_processor"):  # a tiny VAE (AutoencoderTiny) has no attention
+        pipe.vae.set_attn_processor(proc())
     return f"attention {attention}"
 
 
@@ -369,16 +385,46 @@ def _compile(pipe, denoiser, fam: Family, modes: list[str], notes: list[str]) ->
     notes.append("torch.compile: the first image is slow (compilation); later ones are faster")
 
 
+VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
+
+
+def load_vae(path: str, dtype: torch.dtype, base_vae: str | None = None):
+    """The VAE of ``path`` (:func:`vae_dir_of`): an AutoencoderKL or a tiny AutoencoderTiny. ``base_vae``: the VAE
+    directory it stands in for; a VAE of another latent size (latent channels, or downsampling factor) is refused."""
+    import diffusers
+
+    path = vae_dir_of(path)
+    cfg = read_json(os.path.join(path, "config.json"))
+    if base_vae and os.path.isfile(os.path.join(base_vae, "config.json")):
+        base = read_json(os.path.join(base_vae, "config.json"))
+        for what, key in (
+            ("latent channels", "latent_channels"),
+            ("stages (block_out_channels)", "block_out_channels"),
+        ):
+            mine, theirs = cfg.get(key), base.get(key)
+            if key == "block_out_channels":  # the downsampling factor 2^(stages - 1); widths may differ
+                mine, theirs = len(mine or ()), len(theirs or ())
+            if mine != theirs:
+                raise KoalaError(
+                    f"VAE {path}: a VAE of another latent size ({what} {mine}, the pipeline's VAE has {theirs}); "
+                    "give a VAE made for this pipeline's latents",
+                    option="vae",
+                )
+    return getattr(diffusers, cfg["_class_name"]).from_pretrained(path, dtype=dtype)
+
+
 def vae_dir_of(path: str) -> str:
-    """A VAE directory, or a pipeline directory's vae/ (the ``vae`` argument)."""
+    """A VAE directory (AutoencoderKL or AutoencoderTiny), or a pipeline directory's vae/ (the ``vae`` argument)."""
     if os.path.isfile(os.path.join(path, "model_index.json")):
         path = os.path.join(path, "vae")
     cfg = os.path.join(path, "config.json")
     if not os.path.isfile(cfg):
         raise KoalaError(
-            f"VAE {path}: no config.json; give an AutoencoderKL directory (e.g. sdxl-vae-fp16-fix)", option="vae"
+            f"VAE {path}: no config.json; give an AutoencoderKL directory (e.g. sdxl-vae-fp16-fix) or an "
+            "AutoencoderTiny one (koala vae distill)",
+            option="vae",
         )
     cls = read_json(cfg).get("_class_name")
-    if cls != "AutoencoderKL":
-        raise KoalaError(f"VAE {cfg}: _class_name is {cls!r}, expected 'AutoencoderKL'", option="vae")
+    if cls not in VAE_CLASSES:
+        raise KoalaError(f"VAE {cfg}: _class_name is {cls!r}, expected one of {', '.join(VAE_CLASSES)}", option="vae")
     return path
