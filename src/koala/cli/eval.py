@@ -31,6 +31,7 @@ def register(sub) -> None:
     _add_pickscore_parser(ev)
     _add_fid_parser(ev)
     _add_compbench_parser(ev)
+    _add_geneval_parsers(ev)
     _add_run_parser(ev)
 
 
@@ -169,6 +170,52 @@ def _add_compbench_parser(ev) -> None:
     b.set_defaults(func=run_compbench)
 
 
+def _add_geneval_parsers(ev) -> None:
+    g = ev.add_parser(
+        "geneval",
+        help="GenEval score per tag and overall (Mask2Former + CLIP ViT-L/14, local checkpoints)",
+        description="GenEval (Ghosh et al. 2023) over the benchmark's image folder: DIR/00000/metadata.jsonl (the "
+        "prompt's line of evaluation_metadata.jsonl) and DIR/00000/samples/00000.png ... (4 per prompt). Objects are "
+        "found by a Mask2Former COCO-instance detector (transformers' port of the benchmark's mmdet one), kept above "
+        "the benchmark's confidence (0.3; 0.9 for counting prompts); counts, the position rule (margin 0.1) and CLIP "
+        "colours of the masked, cropped objects decide whether each image is correct. Score per tag: the fraction "
+        "of correct images; overall: the mean over tags. Resumable: per-image results go to --results as they come "
+        "and are reused.",
+    )
+    _scorer_args(g, "the benchmark's image folder (one numbered folder per prompt)", limit=False)
+    g.add_argument(
+        "--detector",
+        required=True,
+        metavar="DIR",
+        help="Mask2Former COCO-instance checkpoint (facebook/mask2former-swin-small-coco-instance)",
+    )
+    g.add_argument(
+        "--clip", required=True, metavar="DIR", help="CLIP ViT-L/14 checkpoint (openai/clip-vit-large-patch14)"
+    )
+    g.add_argument("--images-per-prompt", type=int, default=4, help="images each prompt folder must hold (default 4)")
+    g.add_argument("--limit", type=int, default=None, help="score only the first N prompt folders")
+    g.add_argument(
+        "--results",
+        default=None,
+        metavar="FILE",
+        help="per-image results, JSON lines (default DIR/koala_geneval.jsonl)",
+    )
+    g.add_argument("--no-progress", action="store_true")
+    g.set_defaults(func=run_geneval)
+    w = ev.add_parser(
+        "geneval-prompts",
+        help="write GenEval's prompt set (evaluation_metadata.jsonl, generation_prompts.txt)",
+        description="Write GenEval's 553 prompts from the benchmark's templates and COCO object list, drawn with "
+        "its seeded generator (seed 43, 100 per tag, deduplicated): OUT/evaluation_metadata.jsonl and "
+        "OUT/generation_prompts.txt, as the benchmark's prompts/ folder holds them.",
+    )
+    w.add_argument("--out", required=True, metavar="DIR", help="output folder (refused if it exists)")
+    w.add_argument("--seed", type=int, default=43, help="generator seed (default 43, the benchmark's)")
+    w.add_argument("--per-tag", type=int, default=100, help="prompts drawn per tag before deduplication (default 100)")
+    w.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    w.set_defaults(func=run_geneval_prompts)
+
+
 class _RunHelp(argparse.HelpFormatter):
     """`koala eval run`'s help, with {SCORERS} in --scorers' help filled from eval.run.SCORERS when help is printed
     (importing it loads torch, which building the parser must not)."""
@@ -250,7 +297,9 @@ def _add_run_input_args(r) -> None:
         default=[],
         metavar="SCORER=FILE|DIR",
         help="one more prompt set with the scorer that scores it (repeatable), e.g. hpsv2=hps_prompts/ "
-        "compbench-color=color_val.txt compbench-spatial=spatial_val.txt: Table 5 in one run",
+        "compbench-color=color_val.txt compbench-spatial=spatial_val.txt: Table 5 in one run; "
+        "geneval=evaluation_metadata.jsonl (GenEval's prompts; needs --geneval-detector and --geneval-clip, and "
+        "--seeds 0,1,2,3 for its 4 images per prompt)",
     )
     r.add_argument("--limit", type=int, default=None, help="the first N prompts (per style for a directory)")
 
@@ -286,6 +335,15 @@ def _add_run_scorer_args(r) -> None:
         default=None,
         metavar="DIR",
         help="T2I-CompBench's complex_val_spatial.txt / complex_val_action.txt folder (compbench-complex)",
+    )
+    r.add_argument(
+        "--geneval-detector",
+        default=None,
+        metavar="DIR",
+        help="Mask2Former COCO-instance checkpoint (--benchmark geneval=...)",
+    )
+    r.add_argument(
+        "--geneval-clip", default=None, metavar="DIR", help="CLIP ViT-L/14 checkpoint (--benchmark geneval=...)"
     )
     r.add_argument(
         "--fid-reference",
@@ -353,6 +411,11 @@ def run_run(args) -> int:
         name, sep, path = b.partition("=")
         if not sep or not path:
             raise KoalaError(f"--benchmark {b!r}: give SCORER=FILE|DIR", option="benchmark")
+        if name == "geneval":
+            from ..eval.run import geneval_benchmark
+
+            benchmarks.append(geneval_benchmark(path, args.geneval_detector, args.geneval_clip, device, args.limit))
+            continue
         benchmarks.append((name, read_prompt_set(path, args.limit), scorers_for([name])))
     settings = EvalSettings(
         steps=args.steps,
@@ -434,6 +497,25 @@ def run_compbench(args) -> int:
     return _emit(args, markdown_table(["folder", "T2I-CompBench category", "score", "images"], [row]), res)
 
 
+def run_geneval(args) -> int:
+    from ..eval.geneval_models import GenEval, markdown, score_folder
+
+    bench = GenEval(args.detector, args.clip, device=args.device)
+    res = score_folder(
+        args.dir, bench, args.results, args.images_per_prompt, args.limit, progress=not args.no_progress
+    )
+    return _emit(args, markdown(res), res)
+
+
+def run_geneval_prompts(args) -> int:
+    from ..eval.geneval import write_prompts
+
+    res = write_prompts(args.out, args.seed, args.per_tag, args.overwrite)
+    tags = ", ".join(f"{t} {n}" for t, n in res["tags"].items())
+    print(f"wrote {res['n']} prompts ({tags}) to {args.out}/evaluation_metadata.jsonl and generation_prompts.txt")
+    return 0
+
+
 def run_pickscore(args) -> int:
     from ..eval.clip_score import pickscore_folder
     from ..utils.console import markdown_table
@@ -490,6 +572,11 @@ def run_shapes(args) -> int:
                     f"{agg[f'n_{k}_objects']} obj",
                 ]
             )
+    gen = agg.get("geneval") or {}
+    for t in ("single_object", "two_object", "counting", "colors", "position", "color_attr", "overall"):
+        if t in gen:  # GenEval's tags on the same images (koala.lab.geneval_tags)
+            v, n = gen[t], gen.get(f"n_{t}")
+            rows.append([f"GenEval {t}", "-" if v is None else f"{100 * v:.1f}%", "" if n is None else str(n)])
     cols = [Column("category", wrap=True), Column("accuracy", "right"), Column("images", "right")]
     print_table(cols, rows, title=f"koala eval shapes {args.dir} ({agg['n_images']} images)")
     return 0

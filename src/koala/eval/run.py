@@ -396,6 +396,20 @@ def make_scorers(
     return out
 
 
+def geneval_benchmark(
+    path: str, detector: str | None, clip: str | None, device: str = "cpu", limit: int | None = None
+) -> tuple[str, list[Prompt], list]:
+    """``--benchmark geneval=FILE``: GenEval's prompts from its evaluation_metadata.jsonl (FILE, or a folder holding
+    it) and the GenEval scorer (per tag and overall; images of a prompt: one per seed)."""
+    from .geneval import read_metadata
+    from .geneval_models import GenEval, GenEvalScorer
+
+    meta = read_metadata(path)[:limit]
+    opts = ("geneval_detector", "geneval_clip")
+    prompts = [Prompt("all", i, m["prompt"]) for i, m in enumerate(meta)]
+    return "geneval", prompts, [GenEvalScorer(meta, GenEval(detector, clip, device, options=opts))]
+
+
 def score_images(model: EvalModel, images: list[dict], scorer: _Scorer, out_dir: str, progress: bool = True) -> dict:
     """Per-image scores of one model by one scorer (cached), aggregated."""
     folder = os.path.join(out_dir, "scores", model.name)

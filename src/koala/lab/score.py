@@ -9,7 +9,8 @@
    ``color`` (each expected colour is present), ``shape`` (each expected shape is present, counted as a
    multiset), ``binding`` (the object of each expected colour has the expected shape) and ``spatial``
    (each stated relation holds between the centroids of the two objects, found by colour).
-   ``all`` is 1 when every fact of the image holds. ``score_folder`` averages over images.
+   ``all`` is 1 when every fact of the image holds. ``score_folder`` averages over images, and also reports
+   GenEval's tags (counting, position, colours, colour attribution, single / two object; :mod:`.geneval_tags`).
 4. ``held_out_breakdown``: binding accuracy on objects of held-out colour-shape pairs vs seen pairs.
 """
 
@@ -135,6 +136,7 @@ def detect_objects(image: np.ndarray, min_area_frac: float = 0.006, colors: Sequ
                     "cy": float(ys.mean() + 0.5),
                     "fill": round(fill, 3),
                     "asym": round(asym, 3),
+                    "box": [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1],  # x0, y0, x1, y1
                 }
             )
     return sorted(found, key=lambda o: -o["area"])
@@ -182,6 +184,10 @@ def aggregate(scores: Iterable[dict]) -> dict:
         res[c] = float(np.mean(vals)) if vals else None
         res[f"n_{c}"] = len(vals)
     res["n_images"] = len(scores)
+    if any("geneval" in s for s in scores):  # rows of score_pairs / score_folder
+        from .geneval_tags import aggregate_tags
+
+        res["geneval"] = aggregate_tags(s["geneval"] for s in scores if "geneval" in s)
     return res
 
 
@@ -228,7 +234,14 @@ def load_rgb(path: str) -> np.ndarray:
 
 
 def score_pairs(images: Iterable[np.ndarray], prompts: Iterable[str]) -> tuple[dict, list[dict]]:
-    per = [score_image(np.asarray(im), p) for im, p in zip(images, prompts)]
+    """Aggregate and per-image rows; each row also holds GenEval's tags (``geneval``, :mod:`.geneval_tags`)."""
+    from .geneval_tags import geneval_tags
+
+    per = []
+    for im, p in zip(images, prompts):
+        row = score_image(np.asarray(im), p)
+        row["geneval"] = geneval_tags(parse_prompt(p), row["detected"])
+        per.append(row)
     return aggregate(per), per
 
 
