@@ -45,8 +45,11 @@ Where koala differs:
   ``AutoImageProcessor``, e.g. facebook/mask2former-swin-small-coco-instance) in place of mmdet's; its outputs are
   turned into instances as mmdet's Mask2Former instance head does (softmax over classes without "no object", the top
   100 (query, class) pairs, mask logits > 0, score = class probability x mean mask probability inside the mask, the
-  mask's tight box), but the input size is the processor's, and weights and resizing differ from mmdet's, so counts
-  can differ near the thresholds;
+  mask's tight box; mask logits upsampled to the padded input, the padding cut off, then resized to the image), but
+  the input size is the processor's, and weights and resizing differ from mmdet's, so counts can differ near the
+  thresholds. (transformers' own ``post_process_instance_segmentation``, as of 5.24, is not used: it resizes every
+  mask to a fixed 384 x 384 whatever the input's padding and aspect, and keeps the top ``num_queries`` pairs, not
+  mmdet's 100);
 - CLIP ViT-L/14 is a transformers ``CLIPModel`` from a local directory (openai/clip-vit-large-patch14) with its
   ``CLIPProcessor`` (open_clip's OpenAI preprocessing is the same resize, centre crop and normalisation);
 - in ``koala eval run`` the images of a prompt are one per ``--seeds`` seed (``--seeds 0,1,2,3`` for the
