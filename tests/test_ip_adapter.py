@@ -17,6 +17,7 @@ from koala.cli import main
 from koala.compress import compress
 from koala.errors import KoalaError
 from koala.formats.ip_adapter import cross_attention_layers, transfer_ip_adapter
+from koala.formats.t2i_adapter import transfer_t2i_adapter
 from koala.testing.adapters import tiny_image_encoder, tiny_ip_adapter
 
 
@@ -176,3 +177,54 @@ def test_sd15_student_takes_a_transferred_ip_adapter(tiny_sd_pipe_dir, tmp_path)
     g = torch.Generator().manual_seed(0)
     res = pipe("a red circle", ip_adapter_image=img, num_inference_steps=2, generator=g, output_type="np").images
     assert np.isfinite(res).all()
+
+
+def _tiny_t2i_adapter(out_dir, teacher_dir, first=None):
+    """A random XL T2I-Adapter for the tiny teacher: one feature per encoder stage plus the mid block's."""
+    from diffusers import T2IAdapter
+
+    from koala.families import model_config
+
+    widths = model_config(teacher_dir)["block_out_channels"]
+    channels = [first or widths[0], *widths[1:], widths[-1]]
+
+    torch.manual_seed(4)
+    adapter = T2IAdapter(
+        in_channels=3, channels=list(channels), num_res_blocks=1, downscale_factor=4, adapter_type="full_adapter_xl"
+    )
+    adapter.save_pretrained(out_dir, safe_serialization=True)
+    return adapter
+
+
+def test_t2i_adapter_fits_the_student_unchanged_and_runs(setup, tmp_path, capsys):
+    from diffusers import StableDiffusionXLAdapterPipeline, StableDiffusionXLPipeline, T2IAdapter
+
+    teacher_dir, _, student, _, _ = setup
+    teacher_adapter = _tiny_t2i_adapter(str(tmp_path / "t2i"), teacher_dir)
+    out = tmp_path / "student_t2i"
+    args = ["adapter", "transfer", "--kind", "t2i-adapter", str(tmp_path / "t2i"), "--student", student]
+    assert main(args + ["--out", str(out)]) == 0
+    report = capsys.readouterr().out
+    assert "features used at DW-1, DW-2, DW-3; unused (stage not in the student): MID" in report  # KOALA: no mid
+    adapter = T2IAdapter.from_pretrained(str(out))
+    t_sd, s_sd = teacher_adapter.state_dict(), adapter.state_dict()
+    assert t_sd.keys() == s_sd.keys() and all(torch.equal(t_sd[k], s_sd[k]) for k in t_sd)
+    base = StableDiffusionXLPipeline.from_pretrained(student)
+    pipe = StableDiffusionXLAdapterPipeline(**base.components, adapter=adapter)
+    rng = np.random.default_rng(1)
+    size = base.default_sample_size * base.vae_scale_factor
+
+    def sample():  # a new random control image each call
+        img = Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+        g = torch.Generator().manual_seed(0)
+        return pipe("a red circle", image=img, num_inference_steps=2, generator=g, output_type="np").images
+
+    a, b = sample(), sample()
+    assert np.isfinite(a).all() and np.abs(a - b).max() > 1e-3  # the control image changes the image
+    # an adapter of other widths (another base model) is refused, naming it; nothing written
+    _tiny_t2i_adapter(str(tmp_path / "wide"), teacher_dir, first=48)
+    with pytest.raises(KoalaError, match="wide.*shape mismatch.*DW-1: 48 vs"):
+        transfer_t2i_adapter(str(tmp_path / "wide"), student, str(tmp_path / "x"))
+    with pytest.raises(KoalaError, match="not a T2I-Adapter directory"):
+        transfer_t2i_adapter(str(tmp_path), student, str(tmp_path / "x"))
+    assert not (tmp_path / "x").exists()

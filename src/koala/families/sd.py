@@ -84,6 +84,7 @@ class SDFamily(UNetFamily):
     single_file_layout = "ldm"
     lora_transfer = True
     ip_adapter_transfer = True
+    t2i_adapter_pipeline = "StableDiffusionAdapterPipeline"
     reference_name = "SD-v1.4/v1.5"
 
     def problems(self, config: dict) -> list[str]:
