@@ -114,6 +114,12 @@ def test_generate_with_an_ip_adapter(setup, tmp_path, capsys):
     assert "--ip-image" in capsys.readouterr().err
     assert main(args + ip + ["--ip-image", str(tmp_path / "none.png"), "--out", str(tmp_path / "z")]) == 2
     assert not any(os.path.exists(tmp_path / d) and os.listdir(tmp_path / d) for d in "xyz")
+    # without --image-encoder: the image_encoder/ folder beside the adapter file (the h94/IP-Adapter layout)
+    beside = os.path.join(os.path.dirname(enc_dir), "student_ipa.safetensors")
+    transfer_ip_adapter(teacher_file, student, beside, overwrite=True)
+    ip = ["--ip-adapter", beside, "--ip-image", images[0], "--ip-scale", "0.8"]
+    assert main(args + ip + ["--out", str(tmp_path / "c")]) == 0
+    assert png("c").tobytes() == a.tobytes()  # the same encoder, adapter weights, image and seed: the same image
 
 
 def _tensors(path):
@@ -228,3 +234,13 @@ def test_t2i_adapter_fits_the_student_unchanged_and_runs(setup, tmp_path, capsys
     with pytest.raises(KoalaError, match="not a T2I-Adapter directory"):
         transfer_t2i_adapter(str(tmp_path), student, str(tmp_path / "x"))
     assert not (tmp_path / "x").exists()
+
+
+def test_pixart_students_are_refused(tiny_pixart_dir, setup, tmp_path):
+    _, teacher_file, _, _, _ = setup
+    student = compress(tiny_pixart_dir, {"num_layers": 3}, str(tmp_path / "student")).out_dir
+    with pytest.raises(KoalaError, match="IP-Adapter transfer covers U-Net students.*no IP-Adapter loader"):
+        transfer_ip_adapter(teacher_file, student, str(tmp_path / "out.safetensors"))
+    with pytest.raises(KoalaError, match="T2I-Adapters run on U-Net students"):
+        transfer_t2i_adapter(str(tmp_path), student, str(tmp_path / "t2i"))
+    assert sorted(os.listdir(tmp_path)) == ["student"]
