@@ -156,7 +156,7 @@ def transfer_ip_adapter(path: str, student: str, out: str, overwrite: bool = Fal
     ipa = read_ip_adapter(path)
     t_layers = cross_attention_layers(teacher)
     check_fits(ipa, teacher, t_layers, f"the student's teacher ({lmap.meta.get('teacher_path', 'its layer map')})")
-    tensors, kept, by_stage = _student_layers(ipa, lmap, t_layers, cross_attention_layers(s_model))
+    tensors, kept, by_stage = student_layers(ipa, lmap, t_layers, cross_attention_layers(s_model))
     report = IPAdapterTransferReport(
         os.path.abspath(out), ipa.kind, kept, sum(by_stage.values()), by_stage, len(t_layers)
     )
@@ -194,7 +194,7 @@ def check_fits(ipa: IPAdapterFile, unet, layers: list[str], what: str) -> None:
         )
 
 
-def _student_layers(ipa: IPAdapterFile, lmap, t_layers: list[str], s_layers: list[str]):
+def student_layers(ipa: IPAdapterFile, lmap, t_layers: list[str], s_layers: list[str]):
     """``(tensors, kept, dropped_by_stage)``: the student's ``ip_adapter.N.*`` tensors, N the student's numbering."""
     from .lora import _dropped_stage
 
