@@ -112,6 +112,8 @@ def test_generate_with_an_ip_adapter(setup, tmp_path, capsys):
     assert "koala adapter transfer" in err and "ip-adapter_teacher.safetensors" in err
     assert main(args + ["--ip-adapter", str(out), "--out", str(tmp_path / "y")]) == 2  # no --ip-image
     assert "--ip-image" in capsys.readouterr().err
+    assert main(args + ["--ip-scale", "0.5", "--out", str(tmp_path / "y")]) == 2  # no --ip-adapter
+    assert "--ip-scale needs --ip-adapter" in capsys.readouterr().err
     assert main(args + ip + ["--ip-image", str(tmp_path / "none.png"), "--out", str(tmp_path / "z")]) == 2
     assert not any(os.path.exists(tmp_path / d) and os.listdir(tmp_path / d) for d in "xyz")
     # without --image-encoder: the image_encoder/ folder beside the adapter file (the h94/IP-Adapter layout)

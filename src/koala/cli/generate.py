@@ -20,6 +20,7 @@ memory modes (docs/inference.md): --vae DIR (fp16-fix VAE; otherwise an fp16 VAE
 
 examples:
   koala generate "a photo of a koala" --model out/koala-700m --out images/
+  koala generate "a koala" --model out/koala-700m --ip-adapter ipa.safetensors --ip-image ref.png   # image prompt
   koala generate --prompts-file prompts.txt --unet runs/koala-lightning-700m/checkpoints/step-0005000/unet \\
       --base sdxl-base --batch-size 4 --seed 42 --grid --out images/   # trailing spacing from the layer map
 """
@@ -89,7 +90,9 @@ def _add_ip_adapter_args(g) -> None:
         "teacher's first: koala adapter transfer --kind ip-adapter",
     )
     g.add_argument("--ip-image", default=None, metavar="IMG", help="the reference image (needed with --ip-adapter)")
-    g.add_argument("--ip-scale", type=float, default=1.0, help="IP-Adapter strength (default 1.0; 0: no effect)")
+    g.add_argument(
+        "--ip-scale", type=float, default=None, metavar="S", help="IP-Adapter strength (default 1.0; 0: no effect)"
+    )
     g.add_argument(
         "--image-encoder",
         default=None,
@@ -105,13 +108,14 @@ def _ip_adapter(args):
     from ..inference.ip_adapter import IPAdapterArgs
 
     if not args.ip_adapter:
-        for flag in ("ip_image", "image_encoder"):
-            if getattr(args, flag):
+        for flag in ("ip_image", "ip_scale", "image_encoder"):
+            if getattr(args, flag) is not None:
                 raise KoalaError(f"--{flag.replace('_', '-')} needs --ip-adapter FILE", option=flag)
         return None
     if not args.ip_image:
         raise KoalaError("--ip-adapter needs --ip-image IMG (the reference image)", option="ip_image")
-    return IPAdapterArgs(args.ip_adapter, args.ip_image, args.ip_scale, args.image_encoder)
+    scale = 1.0 if args.ip_scale is None else args.ip_scale
+    return IPAdapterArgs(args.ip_adapter, args.ip_image, scale, args.image_encoder)
 
 
 def _add_sampling_args(g) -> None:
