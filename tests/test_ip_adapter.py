@@ -246,3 +246,13 @@ def test_pixart_students_are_refused(tiny_pixart_dir, setup, tmp_path):
     with pytest.raises(KoalaError, match="T2I-Adapters run on U-Net students"):
         transfer_t2i_adapter(str(tmp_path), student, str(tmp_path / "t2i"))
     assert sorted(os.listdir(tmp_path)) == ["student"]
+
+
+def test_ip_adapter_transfer_on_a_full_disk_says_so_and_leaves_nothing(setup, small_disk, capsys):
+    _, teacher_file, student, _, _ = setup
+    disk = small_disk(8192)
+    out = os.path.join(disk, "student_ipa.safetensors")
+    assert main(["adapter", "transfer", "--kind", "ip-adapter", teacher_file, "--student", student, "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert f"disk full: writing {out} under {disk} failed (No space left on device)" in err
+    assert f"nothing half-written is left at {out}" in err and os.listdir(disk) == []
