@@ -33,6 +33,7 @@ COMMANDS = [
     "export",
     "quantize",
     "lora",
+    "adapter",
     "demo",
     "app",
 ]

@@ -20,6 +20,7 @@ memory modes (docs/inference.md): --vae DIR (fp16-fix VAE; otherwise an fp16 VAE
 
 examples:
   koala generate "a photo of a koala" --model out/koala-700m --out images/
+  koala generate "a koala" --model out/koala-700m --ip-adapter ipa.safetensors --ip-image ref.png   # image prompt
   koala generate --prompts-file prompts.txt --unet runs/koala-lightning-700m/checkpoints/step-0005000/unet \\
       --base sdxl-base --batch-size 4 --seed 42 --grid --out images/   # trailing spacing from the layer map
 """
@@ -37,6 +38,7 @@ def register(sub) -> None:
     p.add_argument("prompt", nargs="*", help="one or more prompts (or use --prompts-file)")
     p.add_argument("--prompts-file", default=None, help="text file with one prompt per line ('#' lines skipped)")
     _add_model_args(p.add_argument_group("model"))
+    _add_ip_adapter_args(p.add_argument_group("image prompt (IP-Adapter)"))
     _add_sampling_args(p.add_argument_group("sampling"))
     _add_memory_args(p.add_argument_group("memory and speed"))
     _add_safety_args(p.add_argument_group("safety"))
@@ -77,6 +79,43 @@ def _add_model_args(g) -> None:
         help="run an ONNX export (koala export --format onnx) on onnxruntime: CUDA provider with --device cuda "
         "(when onnxruntime has it), else CPU; instead of --model / --unet",
     )
+
+
+def _add_ip_adapter_args(g) -> None:
+    g.add_argument(
+        "--ip-adapter",
+        default=None,
+        metavar="FILE",
+        help="an IP-Adapter (.safetensors, diffusers' load_ip_adapter layout); for a KOALA student, transfer the "
+        "teacher's first: koala adapter transfer --kind ip-adapter",
+    )
+    g.add_argument("--ip-image", default=None, metavar="IMG", help="the reference image (needed with --ip-adapter)")
+    g.add_argument(
+        "--ip-scale", type=float, default=None, metavar="S", help="IP-Adapter strength (default 1.0; 0: no effect)"
+    )
+    g.add_argument(
+        "--image-encoder",
+        default=None,
+        metavar="DIR",
+        help="the CLIP image encoder the IP-Adapter was trained with (CLIPVisionModelWithProjection; default: the "
+        "pipeline's own, else an image_encoder/ folder beside the adapter file)",
+    )
+
+
+def _ip_adapter(args):
+    """--ip-adapter FILE --ip-image IMG [--ip-scale S] [--image-encoder DIR] -> IPAdapterArgs (None without)."""
+    from ..errors import KoalaError
+    from ..inference.ip_adapter import IPAdapterArgs
+
+    if not args.ip_adapter:
+        for flag in ("ip_image", "ip_scale", "image_encoder"):
+            if getattr(args, flag) is not None:
+                raise KoalaError(f"--{flag.replace('_', '-')} needs --ip-adapter FILE", option=flag)
+        return None
+    if not args.ip_image:
+        raise KoalaError("--ip-adapter needs --ip-image IMG (the reference image)", option="ip_image")
+    scale = 1.0 if args.ip_scale is None else args.ip_scale
+    return IPAdapterArgs(args.ip_adapter, args.ip_image, scale, args.image_encoder)
 
 
 def _add_sampling_args(g) -> None:
@@ -158,7 +197,7 @@ def _add_safety_args(g) -> None:
 
 
 _NOT_WITH_ONNX = ("model", "unet", "base", "vae", "lora", "dtype", "vae_slicing", "vae_tiling", "offload")
-_NOT_WITH_ONNX += ("channels_last", "compile")
+_NOT_WITH_ONNX += ("channels_last", "compile", "ip_adapter")
 
 
 def _load_onnx(args):
@@ -184,6 +223,7 @@ def run(args) -> int:
     if not prompts:
         raise KoalaError("no prompt: give one or more prompts as arguments or --prompts-file FILE")
     check_output_folder(args.out, "--out (the images)")
+    ip_adapter = _ip_adapter(args)
     loaded = _load_onnx(args) if args.onnx else None  # --onnx: the export on onnxruntime
     loaded = loaded or load_pipeline(
         args.model,
@@ -201,6 +241,7 @@ def run(args) -> int:
         channels_last=args.channels_last,
         compile=args.compile,
         lora=args.lora,
+        ip_adapter=ip_adapter,
     )
     print(f"model: {loaded.model} on {loaded.device} ({loaded.dtype}); {', '.join(loaded.modes)}")
     safety = None

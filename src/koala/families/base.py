@@ -125,6 +125,11 @@ class Family:
     # generative-models, SDXL), "ldm" (CompVis latent-diffusion, SD-1.x); None: koala reads and writes none
     single_file_layout: str | None = None
     lora_transfer: bool = False  # koala lora transfer maps the family's LoRAs onto its students
+    # koala adapter transfer maps the family's IP-Adapters onto its students (its diffusers pipeline has
+    # load_ip_adapter and its denoiser IP-Adapter attention processors); False: refused, this says why
+    ip_adapter_transfer: bool = False
+    ip_adapter_missing: str = "its diffusers pipeline has no IP-Adapter loader (load_ip_adapter)"
+    t2i_adapter_pipeline: str | None = None  # the diffusers pipeline that runs a T2I-Adapter; None: none does
     reference_name: str = ""  # the model reference_config describes (messages)
     # the hub repository of that model: tokenizers of a single-file conversion are looked up in the local Hugging
     # Face cache under it (never downloaded); None: not looked up

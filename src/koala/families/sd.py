@@ -83,6 +83,8 @@ class SDFamily(UNetFamily):
     pipeline_load_kwargs = {"safety_checker": None, "requires_safety_checker": False}
     single_file_layout = "ldm"
     lora_transfer = True
+    ip_adapter_transfer = True
+    t2i_adapter_pipeline = "StableDiffusionAdapterPipeline"
     reference_name = "SD-v1.4/v1.5"
 
     def problems(self, config: dict) -> list[str]:

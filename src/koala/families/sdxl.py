@@ -172,6 +172,8 @@ class SDXLFamily(UNetFamily):
     vae_upcast = True
     single_file_layout = "sgm"
     lora_transfer = True
+    ip_adapter_transfer = True
+    t2i_adapter_pipeline = "StableDiffusionXLAdapterPipeline"
     reference_name = "SDXL-Base-1.0"
     reference_hub_id = "stabilityai/stable-diffusion-xl-base-1.0"
     reference_vae_config = SDXL_VAE_CONFIG

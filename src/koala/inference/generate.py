@@ -34,6 +34,7 @@ PNG_KEYS = (
     "lora",
     "timesteps",
     "quantization",
+    "ip_adapter",
 )
 
 
@@ -127,7 +128,7 @@ def generate(
         chunk = jobs[start : start + batch_size]
         if progress:
             log(f"images {start + 1}-{start + len(chunk)} of {len(jobs)}")
-        images = _pipeline_call(sd, fam, chunk, base)
+        images = _pipeline_call(sd, fam, chunk, base, _adapter_kwargs(info, len(chunk)))
         flags = safety.flags(images) if safety is not None else [(False, None)] * len(chunk)
         for (p, s), img, (bad, score) in zip(chunk, images, flags):
             params = {"prompt": p, "seed": s, **base}
@@ -181,12 +182,20 @@ def _shared_params(sd, info, negative_prompt: str | None, steps: int, cfg: float
         base["quantization"] = info.quantization
     if info and getattr(info, "vae", ""):
         base["vae"] = info.vae
+    if info and getattr(info, "ip_adapter", None) is not None:
+        base["ip_adapter"] = info.ip_adapter.desc
     return base
 
 
-def _pipeline_call(sd, fam, chunk: list[tuple[str, int]], params: dict) -> list:
+def _adapter_kwargs(info, n: int) -> dict:
+    """The call arguments of the loaded adapters for ``n`` images (an IP-Adapter's reference image)."""
+    ipa = getattr(info, "ip_adapter", None) if info else None
+    return ipa.call_kwargs(n) if ipa is not None else {}
+
+
+def _pipeline_call(sd, fam, chunk: list[tuple[str, int]], params: dict, adapter_kwargs: dict | None = None) -> list:
     """One pipeline call for ``chunk`` ((prompt, seed) per image, each image from its own CPU generator) with the
-    shared ``params`` and the family's own call arguments; returns the images."""
+    shared ``params``, the adapters' arguments and the family's own call arguments; returns the images."""
     negative = params["negative_prompt"]
     extra = {"timesteps": params["timesteps"]} if params.get("timesteps") else {}
     return sd(
@@ -199,6 +208,7 @@ def _pipeline_call(sd, fam, chunk: list[tuple[str, int]], params: dict) -> list:
         generator=[torch.Generator("cpu").manual_seed(s) for _, s in chunk],
         **fam.pipeline_call_kwargs,
         **extra,
+        **(adapter_kwargs or {}),
     ).images
 
 

@@ -52,6 +52,7 @@ class LoadedPipeline:
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)  # what generate() uses by default
     quantization: str = ""  # the denoiser's koala quantize scheme ("" full precision; PNG metadata)
     vae: str = ""  # the VAE given in place of the pipeline's, "name (class)" (PNG metadata); "" for its own
+    ip_adapter: "object" = None  # an AppliedIPAdapter (koala.inference.ip_adapter): what every call gets
 
 
 def _check_pipeline_dir(path: str, what: str) -> Family:
@@ -155,6 +156,7 @@ def load_pipeline(
     channels_last: bool = False,
     compile: bool = False,
     lora: list[str] | None = None,
+    ip_adapter=None,
 ) -> LoadedPipeline:
     """Load a pipeline and apply the memory/speed modes; see ``docs/inference.md`` for what each mode saves.
 
@@ -168,6 +170,8 @@ def load_pipeline(
     sub-module; least memory, slowest). Both need CUDA and accelerate; on CPU they do not apply and a note says so.
     ``lora``: LoRA files, each ``FILE`` or ``FILE:SCALE`` (diffusers / PEFT or kohya format; for a KOALA student,
     transferred with ``koala lora transfer``).
+    ``ip_adapter``: an :class:`~koala.inference.ip_adapter.IPAdapterArgs` (for a KOALA student, an IP-Adapter
+    transferred with ``koala adapter transfer``).
     """
     _check_modes(offload, attention)
     device = str(parse_device(device))
@@ -192,12 +196,13 @@ def load_pipeline(
     label, spacing, sampling = _scheduler(pipe, src.sampling, scheduler, timestep_spacing, notes)
     lora_desc = _apply_loras(pipe, lora, modes)
     modes.append(_set_attention(pipe, denoiser, attention))
+    ipa = _apply_ip_adapter(pipe, fam, ip_adapter, modes)  # after the attention processors: it replaces them
     _memory_modes(pipe, denoiser, fam, (vae_slicing, vae_tiling, channels_last), modes, notes)
     _place(pipe, offload, device, modes, notes)
     if compile:
         _compile(pipe, denoiser, fam, modes, notes)
     loaded = (pipe, src.name, device, dtype_name, label, spacing, modes, notes, fam.name, lora_desc, sampling)
-    return LoadedPipeline(*loaded, quantization=quant or "", vae=vae_desc)
+    return LoadedPipeline(*loaded, quantization=quant or "", vae=vae_desc, ip_adapter=ipa)
 
 
 def _memory_modes(pipe, denoiser, fam: Family, flags: tuple[bool, bool, bool], modes: list[str], notes: list[str]):
@@ -330,6 +335,17 @@ def _apply_loras(pipe, lora: list[str] | None, modes: list[str]) -> str:
     desc = ", ".join(f"{os.path.basename(p)}:{s:g}" for p, s in loras)
     modes.append(f"LoRA {desc}")
     return desc
+
+
+def _apply_ip_adapter(pipe, fam: Family, args, modes: list[str]):
+    """Load an IP-Adapter (None: nothing); its description goes to the modes."""
+    if args is None:
+        return None
+    from .ip_adapter import apply_ip_adapter
+
+    applied = apply_ip_adapter(pipe, fam, args)
+    modes.append(f"IP-Adapter {applied.desc}")
+    return applied
 
 
 def _set_attention(pipe, denoiser, attention: str) -> str:
