@@ -125,6 +125,8 @@ class Family:
     # generative-models, SDXL), "ldm" (CompVis latent-diffusion, SD-1.x); None: koala reads and writes none
     single_file_layout: str | None = None
     lora_transfer: bool = False  # koala lora transfer maps the family's LoRAs onto its students
+    # diffusers' ControlNet pipeline of the family ("": none, and koala controlnet transfer refuses the family)
+    controlnet_pipeline_class_name: str = ""
     reference_name: str = ""  # the model reference_config describes (messages)
     # the hub repository of that model: tokenizers of a single-file conversion are looked up in the local Hugging
     # Face cache under it (never downloaded); None: not looked up

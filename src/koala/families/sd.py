@@ -83,6 +83,7 @@ class SDFamily(UNetFamily):
     pipeline_load_kwargs = {"safety_checker": None, "requires_safety_checker": False}
     single_file_layout = "ldm"
     lora_transfer = True
+    controlnet_pipeline_class_name = "StableDiffusionControlNetPipeline"
     reference_name = "SD-v1.4/v1.5"
 
     def problems(self, config: dict) -> list[str]:

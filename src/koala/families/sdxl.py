@@ -172,6 +172,7 @@ class SDXLFamily(UNetFamily):
     vae_upcast = True
     single_file_layout = "sgm"
     lora_transfer = True
+    controlnet_pipeline_class_name = "StableDiffusionXLControlNetPipeline"
     reference_name = "SDXL-Base-1.0"
     reference_hub_id = "stabilityai/stable-diffusion-xl-base-1.0"
     reference_vae_config = SDXL_VAE_CONFIG

@@ -1,0 +1,59 @@
+"""ControlNets at inference: load one (a teacher's or one from ``koala controlnet transfer``), turn a loaded
+pipeline into its family's diffusers ControlNet pipeline, and read a control image at the output size."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..errors import KoalaError
+from ..formats.controlnet import read_controlnet_config
+
+
+def load_controlnet(path: str, dtype: torch.dtype | None = None):
+    """The ControlNet of folder ``path``, usable as ``controlnet=`` in the family's diffusers ControlNet pipeline
+    (StableDiffusionXLControlNetPipeline / StableDiffusionControlNetPipeline): a diffusers ``ControlNetModel``, or
+    koala's ``KoalaControlNetModel`` for a student without a mid block."""
+    from diffusers import ControlNetModel
+
+    from ..arch.controlnet_model import KoalaControlNetModel
+
+    cfg = read_controlnet_config(path)
+    cls = KoalaControlNetModel if cfg["_class_name"] == "KoalaControlNetModel" else ControlNetModel
+    from diffusers.utils import logging
+
+    kw = {"torch_dtype": dtype} if dtype is not None else {}
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()  # not the "auto_map was passed but is not expected" warning: it is for AutoModel
+    try:
+        return cls.from_pretrained(path, use_safetensors=True, **kw).eval()
+    finally:
+        logging.set_verbosity(level)
+
+
+def controlnet_pipeline(pipe, controlnet):
+    """The family's diffusers ControlNet pipeline over the components of the loaded pipeline ``pipe``."""
+    import diffusers
+
+    from ..families import family_of_pipeline
+
+    fam = family_of_pipeline(pipe)
+    if not fam.controlnet_pipeline_class_name:
+        raise KoalaError(f"diffusers has no ControlNet pipeline for {fam.label}", option="controlnet")
+    denoiser = pipe.unet
+    controlnet.to(device=denoiser.device, dtype=denoiser.dtype)
+    return getattr(diffusers, fam.controlnet_pipeline_class_name).from_pipe(pipe, controlnet=controlnet)
+
+
+def load_control_image(path: str, width: int, height: int):
+    """The control image of ``path`` as an RGB PIL image resized to the output size."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise KoalaError(f"control image {path}: no such file", option="control_image")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB").resize((width, height), Image.BICUBIC)
+    except (UnidentifiedImageError, OSError) as err:
+        raise KoalaError(f"control image {path}: cannot read it as an image ({err})", option="control_image") from None
