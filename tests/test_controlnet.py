@@ -160,3 +160,58 @@ def test_refusals_name_the_file_and_write_nothing(sdxl, tiny_sd_pipe_dir, tiny_p
     _refused(os.path.join(student, "unet"), student, out, "_class_name is 'UNet2DConditionModel', not a ControlNet")
     pix = compress(tiny_pixart_dir, {"num_layers": 3}, str(tmp_path / "pix")).out_dir
     _refused(teacher_cn, pix, out, "diffusers has no ControlNet for PixArt")
+
+
+def test_cli_transfer_and_generate_with_the_controlnet(sdxl, tmp_path, capsys):
+    """`koala controlnet transfer` writes the same folder as the library; `koala generate --controlnet` samples
+    with it: equal to diffusers' StableDiffusionXLControlNetPipeline, and another control image changes it."""
+    import numpy as np
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLControlNetPipeline
+    from PIL import Image
+
+    from koala.cli import main
+    from koala.inference import read_png_params
+
+    teacher_cn, student, cn_dir, _ = sdxl
+    out = tmp_path / "cn"
+    assert main(["controlnet", "transfer", teacher_cn, "--student", student, "--out", str(out)]) == 0
+    assert "residuals taken from the teacher's" in capsys.readouterr().out
+    a, b = load_file(str(out / WEIGHTS)), load_file(os.path.join(cn_dir, WEIGHTS))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rng = np.random.default_rng(0)
+    images = []
+    for i in range(2):  # 16x16 files: generate resizes them to the 32x32 output
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / f"c{i}.png")
+        args = ["generate", "a red circle", "--model", student, "--controlnet", str(out), "--control-image"]
+        args += [str(tmp_path / f"c{i}.png"), "--control-scale", "0.8", "--steps", "2", "--device", "cpu"]
+        assert main([*args, "--out", str(tmp_path / f"img{i}"), "--no-progress"]) == 0
+        png = tmp_path / f"img{i}" / "0000-s0.png"
+        params = read_png_params(str(png))
+        assert params["controlnet"] == "cn" and params["control_scale"] == 0.8
+        assert params["control_image"].endswith(f"c{i}.png")
+        images.append(np.asarray(Image.open(png), dtype=np.int16))
+    assert np.abs(images[0] - images[1]).max() > 0
+    pipe = StableDiffusionXLControlNetPipeline.from_pretrained(student, controlnet=load_controlnet(str(out)))
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    control = Image.open(tmp_path / "c1.png").convert("RGB").resize((32, 32), Image.BICUBIC)
+    ref = pipe(
+        "a red circle",
+        image=control,
+        controlnet_conditioning_scale=0.8,
+        num_inference_steps=2,
+        guidance_scale=3.5,
+        negative_prompt=None,
+        generator=[torch.Generator().manual_seed(0)],
+        width=32,
+        height=32,
+    ).images[0]
+    assert np.abs(np.asarray(ref, dtype=np.int16) - images[1]).max() <= 1
+    # refusals: a control image without a ControlNet; the teacher's ControlNet on the student
+    capsys.readouterr()
+    base = ["generate", "x", "--model", student, "--steps", "1", "--out", str(tmp_path / "no")]
+    assert main([*base, "--control-image", str(tmp_path / "c0.png")]) == 2
+    assert "--control-image needs --controlnet" in capsys.readouterr().err
+    assert main([*base, "--controlnet", teacher_cn, "--control-image", str(tmp_path / "c0.png")]) == 2
+    err = capsys.readouterr().err
+    assert f"ControlNet {teacher_cn} does not fit the U-Net" in err and "koala controlnet transfer" in err
+    assert not (tmp_path / "no").exists()

@@ -37,6 +37,7 @@ def register(sub) -> None:
     p.add_argument("prompt", nargs="*", help="one or more prompts (or use --prompts-file)")
     p.add_argument("--prompts-file", default=None, help="text file with one prompt per line ('#' lines skipped)")
     _add_model_args(p.add_argument_group("model"))
+    _add_controlnet_args(p.add_argument_group("ControlNet"))
     _add_sampling_args(p.add_argument_group("sampling"))
     _add_memory_args(p.add_argument_group("memory and speed"))
     _add_safety_args(p.add_argument_group("safety"))
@@ -76,6 +77,22 @@ def _add_model_args(g) -> None:
         metavar="DIR",
         help="run an ONNX export (koala export --format onnx) on onnxruntime: CUDA provider with --device cuda "
         "(when onnxruntime has it), else CPU; instead of --model / --unet",
+    )
+
+
+def _add_controlnet_args(g) -> None:
+    g.add_argument(
+        "--controlnet",
+        default=None,
+        metavar="DIR",
+        help="sample with a ControlNet folder (diffusers; for a student, made by koala controlnet transfer); "
+        "needs --control-image",
+    )
+    g.add_argument(
+        "--control-image", default=None, metavar="IMAGE", help="the control image, resized to the output size"
+    )
+    g.add_argument(
+        "--control-scale", type=float, default=1.0, help="the ControlNet's conditioning scale (default 1.0)"
     )
 
 
@@ -158,7 +175,7 @@ def _add_safety_args(g) -> None:
 
 
 _NOT_WITH_ONNX = ("model", "unet", "base", "vae", "lora", "dtype", "vae_slicing", "vae_tiling", "offload")
-_NOT_WITH_ONNX += ("channels_last", "compile")
+_NOT_WITH_ONNX += ("channels_last", "compile", "controlnet")
 
 
 def _load_onnx(args):
@@ -201,6 +218,7 @@ def run(args) -> int:
         channels_last=args.channels_last,
         compile=args.compile,
         lora=args.lora,
+        controlnet=args.controlnet,
     )
     print(f"model: {loaded.model} on {loaded.device} ({loaded.dtype}); {', '.join(loaded.modes)}")
     safety = None
@@ -219,6 +237,8 @@ def run(args) -> int:
         height=args.height,
         safety=safety,
         progress=not args.no_progress,
+        control_image=args.control_image,
+        control_scale=args.control_scale,
     )
     paths = save_images(result, args.out, grid=args.grid)
     if loaded.device.startswith("cuda"):

@@ -9,6 +9,7 @@ import torch
 
 from ..errors import KoalaError
 from ..formats.controlnet import read_controlnet_config
+from ..utils.files import read_json
 
 
 def load_controlnet(path: str, dtype: torch.dtype | None = None):
@@ -32,18 +33,45 @@ def load_controlnet(path: str, dtype: torch.dtype | None = None):
         logging.set_verbosity(level)
 
 
-def controlnet_pipeline(pipe, controlnet):
-    """The family's diffusers ControlNet pipeline over the components of the loaded pipeline ``pipe``."""
+def controlnet_pipeline_class(fam):
+    """The family's diffusers ControlNet pipeline class; refused for a family diffusers has none for (PixArt)."""
     import diffusers
 
-    from ..families import family_of_pipeline
-
-    fam = family_of_pipeline(pipe)
     if not fam.controlnet_pipeline_class_name:
         raise KoalaError(f"diffusers has no ControlNet pipeline for {fam.label}", option="controlnet")
-    denoiser = pipe.unet
-    controlnet.to(device=denoiser.device, dtype=denoiser.dtype)
-    return getattr(diffusers, fam.controlnet_pipeline_class_name).from_pipe(pipe, controlnet=controlnet)
+    return getattr(diffusers, fam.controlnet_pipeline_class_name)
+
+
+def load_checked_controlnet(path: str, src, dtype: torch.dtype | None = None):
+    """:func:`load_controlnet`, refused (naming the folder and the fields) unless its encoder is the U-Net's of the
+    pipeline source ``src`` (``koala.inference.pipeline._Source``): a teacher's ControlNet on a student is."""
+    from ..arch.controlnet import encoder_mismatches
+
+    fam = src.family
+    controlnet_pipeline_class(fam)
+    unet = src.kwargs.get(fam.model_subfolder)
+    ucfg = dict(unet.config) if unet is not None else read_json(os.path.join(src.path, "unet", "config.json"))
+    cfg = read_controlnet_config(path)
+    bad = encoder_mismatches(cfg, ucfg)
+    if (cfg.get("mid_block_type", "x") is None) != (ucfg.get("mid_block_type", "x") is None):
+        bad.append(f"mid_block_type: {cfg.get('mid_block_type')!r} here, {ucfg.get('mid_block_type')!r} in the U-Net")
+    if bad:
+        raise KoalaError(
+            f"ControlNet {path} does not fit the U-Net of {src.name} (for a student, transfer the teacher's "
+            "ControlNet first: koala controlnet transfer TEACHER_CONTROLNET --student STUDENT --out DIR):\n  "
+            + "\n  ".join(bad[:8]).replace("in the teacher's U-Net", "in the U-Net"),
+            option="controlnet",
+        )
+    return load_controlnet(path, dtype)
+
+
+def controlnet_pipeline(pipe, controlnet):
+    """The family's diffusers ControlNet pipeline over the components of the loaded pipeline ``pipe``."""
+    from ..families import family_of_pipeline
+
+    cls = controlnet_pipeline_class(family_of_pipeline(pipe))
+    controlnet.to(device=pipe.unet.device, dtype=pipe.unet.dtype)
+    return cls.from_pipe(pipe, controlnet=controlnet)
 
 
 def load_control_image(path: str, width: int, height: int):

@@ -90,6 +90,8 @@ def generate(
     safety=None,
     progress: bool = True,
     log=print,
+    control_image: str | None = None,
+    control_scale: float = 1.0,
 ) -> GenerationResult:
     """Generate ``len(prompts) * images_per_prompt`` images, ``batch_size`` per pipeline call.
 
@@ -97,6 +99,8 @@ def generate(
     (``StableDiffusionXLPipeline``, ``StableDiffusionPipeline``, ``PixArtSigmaPipeline``, ...); the family's own call
     arguments are added (PixArt: ``clean_caption=False``, ``use_resolution_binning=False``).
     ``safety``: an :class:`~koala.inference.safety.NSFWFilter` or None (then a note says no filter is active).
+    ``control_image`` / ``control_scale``: the control image (resized to the output size) and the ControlNet's
+    conditioning scale, for a ControlNet pipeline (``load_pipeline(..., controlnet=DIR)``).
     ``steps`` / ``cfg``: None: the loaded pipeline's sampling defaults (``LoadedPipeline.sampling``: the student's
     record, else the paper's 10 steps and guidance 3.5, App. A.3; a plain pipeline gets the paper's). Recorded
     explicit timesteps are used when ``steps`` is None. The PNG metadata holds what was used.
@@ -120,6 +124,7 @@ def generate(
     base = _shared_params(sd, info, negative_prompt, steps, cfg, width, height)
     if timesteps:
         base["timesteps"] = list(timesteps)
+    control = _control_inputs(sd, base, control_image, control_scale)
     jobs = [(p, seed + i) for i, p in enumerate(p for p in prompts for _ in range(images_per_prompt))]
     sd.set_progress_bar_config(disable=not progress or not is_terminal(sys.stderr), leave=False)
     items: list[GeneratedImage] = []
@@ -127,7 +132,7 @@ def generate(
         chunk = jobs[start : start + batch_size]
         if progress:
             log(f"images {start + 1}-{start + len(chunk)} of {len(jobs)}")
-        images = _pipeline_call(sd, fam, chunk, base)
+        images = _pipeline_call(sd, fam, chunk, base, control)
         flags = safety.flags(images) if safety is not None else [(False, None)] * len(chunk)
         for (p, s), img, (bad, score) in zip(chunk, images, flags):
             params = {"prompt": p, "seed": s, **base}
@@ -181,12 +186,32 @@ def _shared_params(sd, info, negative_prompt: str | None, steps: int, cfg: float
         base["quantization"] = info.quantization
     if info and getattr(info, "vae", ""):
         base["vae"] = info.vae
+    if info and getattr(info, "controlnet", ""):
+        base["controlnet"] = info.controlnet
     return base
 
 
-def _pipeline_call(sd, fam, chunk: list[tuple[str, int]], params: dict) -> list:
+def _control_inputs(sd, params: dict, control_image: str | None, control_scale: float) -> dict:
+    """The ControlNet call arguments (``image``: the control image at the output size; the conditioning scale),
+    recorded in ``params`` (PNG metadata); {} without a ControlNet. A control image needs a ControlNet and back."""
+    has_controlnet = getattr(sd, "controlnet", None) is not None
+    if has_controlnet != bool(control_image):
+        raise KoalaError(
+            "--control-image needs --controlnet" if control_image else "a ControlNet pipeline needs --control-image",
+            option="control_image" if control_image else "controlnet",
+        )
+    if not has_controlnet:
+        return {}
+    from .controlnet import load_control_image
+
+    params.update(control_image=os.path.abspath(control_image), control_scale=float(control_scale))
+    image = load_control_image(control_image, params["width"], params["height"])
+    return {"image": image, "controlnet_conditioning_scale": float(control_scale)}
+
+
+def _pipeline_call(sd, fam, chunk: list[tuple[str, int]], params: dict, control: dict | None = None) -> list:
     """One pipeline call for ``chunk`` ((prompt, seed) per image, each image from its own CPU generator) with the
-    shared ``params`` and the family's own call arguments; returns the images."""
+    shared ``params``, the family's own call arguments and ``control`` (a ControlNet's); returns the images."""
     negative = params["negative_prompt"]
     extra = {"timesteps": params["timesteps"]} if params.get("timesteps") else {}
     return sd(
@@ -199,6 +224,7 @@ def _pipeline_call(sd, fam, chunk: list[tuple[str, int]], params: dict) -> list:
         generator=[torch.Generator("cpu").manual_seed(s) for _, s in chunk],
         **fam.pipeline_call_kwargs,
         **extra,
+        **(control or {}),
     ).images
 
 
