@@ -176,6 +176,10 @@ def test_cli_transfer_and_generate_with_the_controlnet(sdxl, tmp_path, capsys):
     out = tmp_path / "cn"
     assert main(["controlnet", "transfer", teacher_cn, "--student", student, "--out", str(out)]) == 0
     assert "residuals taken from the teacher's" in capsys.readouterr().out
+    unet_dir = os.path.join(student, "unet")
+    assert main(["controlnet", "transfer", unet_dir, "--student", student, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "not a ControlNet" in err and "--controlnet" not in err and not (tmp_path / "x").exists()
     a, b = load_file(str(out / WEIGHTS)), load_file(os.path.join(cn_dir, WEIGHTS))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     rng = np.random.default_rng(0)

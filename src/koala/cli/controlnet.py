@@ -22,22 +22,25 @@ def register(sub) -> None:
         "convolution. The output folder loads with diffusers (ControlNetModel, or for a student without a mid block "
         "KoalaControlNetModel through AutoModel.from_pretrained(DIR, trust_remote_code=True)) and runs in the "
         "family's ControlNet pipeline with the student. It carries a model card and koala_controlnet.json (what it "
-        "was made from). PixArt is refused: diffusers has no PixArt ControlNet.",
+        "was made from); its weights keep the teacher ControlNet's dtype. PixArt is refused: diffusers has no "
+        "PixArt ControlNet.",
     )
     t.add_argument("controlnet", metavar="TEACHER_CONTROLNET", help="the teacher's ControlNet folder (diffusers)")
     t.add_argument("--student", required=True, help="student pipeline or U-Net directory (with koala_layer_map.json)")
     t.add_argument("--out", required=True, help="output folder (written atomically)")
-    t.add_argument("--dtype", default=None, help="weight dtype of the output (fp32, fp16, bf16; default: the file's)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     t.set_defaults(func=run_transfer)
 
 
 def run_transfer(args) -> int:
+    from ..errors import KoalaError
     from ..formats.controlnet import transfer_controlnet
-    from ..utils.devices import parse_dtype
 
-    result = transfer_controlnet(
-        args.controlnet, args.student, args.out, overwrite=args.overwrite, dtype=parse_dtype(args.dtype)
-    )
+    try:
+        result = transfer_controlnet(args.controlnet, args.student, args.out, overwrite=args.overwrite)
+    except KoalaError as err:
+        if getattr(err, "option", None) == "controlnet":  # here the positional TEACHER_CONTROLNET, not a --flag
+            err.option = None
+        raise
     print(result.summary())
     return 0
