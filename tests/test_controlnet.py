@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -12,7 +13,7 @@ from koala.arch.layer_map import LayerMap
 from koala.compress import compress
 from koala.errors import KoalaError
 from koala.formats.controlnet import transfer_controlnet
-from koala.inference.controlnet import load_controlnet
+from koala.inference.controlnet import controlnet_pipeline, load_controlnet
 from koala.testing.controlnet import save_tiny_controlnet
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -66,7 +67,13 @@ def _outputs(pipe, images, **kw):
 
 
 def test_koala_700m_controlnet_copies_the_mapped_teacher_tensors_and_runs(sdxl):
-    from diffusers import AutoModel, ControlNetModel, StableDiffusionXLControlNetPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoModel,
+        ControlNetModel,
+        StableDiffusionXLControlNetPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
 
     teacher_cn, student, cn_dir, result = sdxl
     lmap = _check_copied(teacher_cn, student, cn_dir, result)
@@ -94,6 +101,12 @@ def test_koala_700m_controlnet_copies_the_mapped_teacher_tensors_and_runs(sdxl):
     gen = torch.Generator().manual_seed(1)
     a, b = _outputs(pipe, [torch.rand(1, 3, 32, 32, generator=gen) for _ in range(2)])
     assert a.shape == (32, 32, 3) and abs(a - b).max() > 1e-4
+    # koala's from_pipe route (a loaded StableDiffusionXLPipeline + the ControlNet) gives the same image
+    plain = StableDiffusionXLPipeline.from_pretrained(student)
+    (c,) = _outputs(
+        controlnet_pipeline(plain, cn), [torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))]
+    )
+    assert np.array_equal(c, a)
     # ... and the teacher's ControlNet does not fit the student's residuals (the issue's crash)
     with pytest.raises(RuntimeError, match="size of tensor"):
         _outputs(
@@ -165,7 +178,6 @@ def test_refusals_name_the_file_and_write_nothing(sdxl, tiny_sd_pipe_dir, tiny_p
 def test_cli_transfer_and_generate_with_the_controlnet(sdxl, tmp_path, capsys):
     """`koala controlnet transfer` writes the same folder as the library; `koala generate --controlnet` samples
     with it: equal to diffusers' StableDiffusionXLControlNetPipeline, and another control image changes it."""
-    import numpy as np
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLControlNetPipeline
     from PIL import Image
 

@@ -24,7 +24,7 @@ def load_controlnet(path: str, dtype: torch.dtype | None = None):
     cls = KoalaControlNetModel if cfg["_class_name"] == "KoalaControlNetModel" else ControlNetModel
     from diffusers.utils import logging
 
-    kw = {"torch_dtype": dtype} if dtype is not None else {}
+    kw = {"dtype": dtype} if dtype is not None else {}
     level = logging.get_verbosity()
     logging.set_verbosity_error()  # not the "auto_map was passed but is not expected" warning: it is for AutoModel
     try:
