@@ -88,6 +88,23 @@ def test_koala_700m_controlnet_copies_the_mapped_teacher_tensors_and_runs(sdxl):
     # residual count = the student U-Net's down-block residuals (conv_in + resnets + downsamplers), not the teacher's
     assert len(cn.controlnet_down_blocks) == len(residual_slots(s_unet)) == result.student_residuals
     assert result.student_residuals < result.teacher_residuals == len(teacher.controlnet_down_blocks)
+    # behaviour: the residuals before the first removed resnet (conv_in; DW-1's resnet 0, the same module fed the
+    # same input) equal the teacher ControlNet's; the student's later ones are other tensors (other slots)
+    g = torch.Generator().manual_seed(3)
+    kw = dict(
+        sample=torch.randn(1, 4, 16, 16, generator=g),
+        timestep=torch.tensor([500]),
+        encoder_hidden_states=torch.randn(1, 7, 32, generator=g),
+        controlnet_cond=torch.rand(1, 3, 32, 32, generator=g),
+        added_cond_kwargs={"text_embeds": torch.randn(1, 16, generator=g), "time_ids": torch.rand(1, 6) * 32},
+        return_dict=False,
+    )
+    with torch.no_grad():
+        (s_res, s_mid), (t_res, _) = cn(**kw), teacher(**kw)
+    assert len(s_res) == result.student_residuals and not s_mid.any()
+    for k in (0, 1):
+        torch.testing.assert_close(s_res[k], t_res[k])
+    assert s_res[2].shape == t_res[3].shape and not torch.allclose(s_res[2], t_res[3])
     # other tools: diffusers' AutoModel with the shipped koala_controlnet.py, no koala import involved
     other = AutoModel.from_pretrained(cn_dir, trust_remote_code=True)
     assert type(other).__name__ == "KoalaControlNetModel" and type(other).__module__ != type(cn).__module__
