@@ -31,6 +31,7 @@ COMMANDS = [
     "lab",
     "eval",
     "export",
+    "controlnet",
     "quantize",
     "lora",
     "adapter",

@@ -39,6 +39,7 @@ def register(sub) -> None:
     p.add_argument("--prompts-file", default=None, help="text file with one prompt per line ('#' lines skipped)")
     _add_model_args(p.add_argument_group("model"))
     _add_ip_adapter_args(p.add_argument_group("image prompt (IP-Adapter)"))
+    _add_controlnet_args(p.add_argument_group("ControlNet"))
     _add_sampling_args(p.add_argument_group("sampling"))
     _add_memory_args(p.add_argument_group("memory and speed"))
     _add_safety_args(p.add_argument_group("safety"))
@@ -116,6 +117,22 @@ def _ip_adapter(args):
         raise KoalaError("--ip-adapter needs --ip-image IMG (the reference image)", option="ip_image")
     scale = 1.0 if args.ip_scale is None else args.ip_scale
     return IPAdapterArgs(args.ip_adapter, args.ip_image, scale, args.image_encoder)
+
+
+def _add_controlnet_args(g) -> None:
+    g.add_argument(
+        "--controlnet",
+        default=None,
+        metavar="DIR",
+        help="sample with a ControlNet folder (diffusers; for a student, made by koala controlnet transfer); "
+        "needs --control-image",
+    )
+    g.add_argument(
+        "--control-image", default=None, metavar="IMAGE", help="the control image, resized to the output size"
+    )
+    g.add_argument(
+        "--control-scale", type=float, default=1.0, help="the ControlNet's conditioning scale (default 1.0)"
+    )
 
 
 def _add_sampling_args(g) -> None:
@@ -197,7 +214,7 @@ def _add_safety_args(g) -> None:
 
 
 _NOT_WITH_ONNX = ("model", "unet", "base", "vae", "lora", "dtype", "vae_slicing", "vae_tiling", "offload")
-_NOT_WITH_ONNX += ("channels_last", "compile", "ip_adapter")
+_NOT_WITH_ONNX += ("channels_last", "compile", "ip_adapter", "controlnet")
 
 
 def _load_onnx(args):
@@ -242,6 +259,7 @@ def run(args) -> int:
         compile=args.compile,
         lora=args.lora,
         ip_adapter=ip_adapter,
+        controlnet=args.controlnet,
     )
     print(f"model: {loaded.model} on {loaded.device} ({loaded.dtype}); {', '.join(loaded.modes)}")
     safety = None
@@ -260,6 +278,8 @@ def run(args) -> int:
         height=args.height,
         safety=safety,
         progress=not args.no_progress,
+        control_image=args.control_image,
+        control_scale=args.control_scale,
     )
     paths = save_images(result, args.out, grid=args.grid)
     if loaded.device.startswith("cuda"):

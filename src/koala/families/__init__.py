@@ -46,7 +46,7 @@ def family_of_pipeline(pipe) -> Family:
     """The family of a loaded diffusers pipeline, by its class (StableDiffusionXLPipeline -> sdxl, ...)."""
     name = type(pipe).__name__
     for fam in FAMILIES.values():
-        if name in (fam.pipeline_class_names or (fam.pipeline_class_name,)):
+        if name in (*(fam.pipeline_class_names or (fam.pipeline_class_name,)), fam.controlnet_pipeline_class_name):
             return fam
     raise KoalaError(f"{name} is not the pipeline of a supported model family ({', '.join(FAMILIES)})")
 

@@ -130,6 +130,8 @@ class Family:
     ip_adapter_transfer: bool = False
     ip_adapter_missing: str = "its diffusers pipeline has no IP-Adapter loader (load_ip_adapter)"
     t2i_adapter_pipeline: str | None = None  # the diffusers pipeline that runs a T2I-Adapter; None: none does
+    # diffusers' ControlNet pipeline of the family ("": none, and koala controlnet transfer refuses the family)
+    controlnet_pipeline_class_name: str = ""
     reference_name: str = ""  # the model reference_config describes (messages)
     # the hub repository of that model: tokenizers of a single-file conversion are looked up in the local Hugging
     # Face cache under it (never downloaded); None: not looked up

@@ -85,6 +85,7 @@ class SDFamily(UNetFamily):
     lora_transfer = True
     ip_adapter_transfer = True
     t2i_adapter_pipeline = "StableDiffusionAdapterPipeline"
+    controlnet_pipeline_class_name = "StableDiffusionControlNetPipeline"
     reference_name = "SD-v1.4/v1.5"
 
     def problems(self, config: dict) -> list[str]:

@@ -174,6 +174,7 @@ class SDXLFamily(UNetFamily):
     lora_transfer = True
     ip_adapter_transfer = True
     t2i_adapter_pipeline = "StableDiffusionXLAdapterPipeline"
+    controlnet_pipeline_class_name = "StableDiffusionXLControlNetPipeline"
     reference_name = "SDXL-Base-1.0"
     reference_hub_id = "stabilityai/stable-diffusion-xl-base-1.0"
     reference_vae_config = SDXL_VAE_CONFIG

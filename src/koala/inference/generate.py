@@ -91,6 +91,8 @@ def generate(
     safety=None,
     progress: bool = True,
     log=print,
+    control_image: str | None = None,
+    control_scale: float = 1.0,
 ) -> GenerationResult:
     """Generate ``len(prompts) * images_per_prompt`` images, ``batch_size`` per pipeline call.
 
@@ -98,6 +100,8 @@ def generate(
     (``StableDiffusionXLPipeline``, ``StableDiffusionPipeline``, ``PixArtSigmaPipeline``, ...); the family's own call
     arguments are added (PixArt: ``clean_caption=False``, ``use_resolution_binning=False``).
     ``safety``: an :class:`~koala.inference.safety.NSFWFilter` or None (then a note says no filter is active).
+    ``control_image`` / ``control_scale``: the control image (resized to the output size) and the ControlNet's
+    conditioning scale, for a ControlNet pipeline (``load_pipeline(..., controlnet=DIR)``).
     ``steps`` / ``cfg``: None: the loaded pipeline's sampling defaults (``LoadedPipeline.sampling``: the student's
     record, else the paper's 10 steps and guidance 3.5, App. A.3; a plain pipeline gets the paper's). Recorded
     explicit timesteps are used when ``steps`` is None. The PNG metadata holds what was used.
@@ -121,6 +125,7 @@ def generate(
     base = _shared_params(sd, info, negative_prompt, steps, cfg, width, height)
     if timesteps:
         base["timesteps"] = list(timesteps)
+    control = _control_inputs(sd, base, control_image, control_scale)
     jobs = [(p, seed + i) for i, p in enumerate(p for p in prompts for _ in range(images_per_prompt))]
     sd.set_progress_bar_config(disable=not progress or not is_terminal(sys.stderr), leave=False)
     items: list[GeneratedImage] = []
@@ -128,7 +133,7 @@ def generate(
         chunk = jobs[start : start + batch_size]
         if progress:
             log(f"images {start + 1}-{start + len(chunk)} of {len(jobs)}")
-        images = _pipeline_call(sd, fam, chunk, base, _adapter_kwargs(info, len(chunk)))
+        images = _pipeline_call(sd, fam, chunk, base, {**_adapter_kwargs(info, len(chunk)), **control})
         flags = safety.flags(images) if safety is not None else [(False, None)] * len(chunk)
         for (p, s), img, (bad, score) in zip(chunk, images, flags):
             params = {"prompt": p, "seed": s, **base}
@@ -184,6 +189,8 @@ def _shared_params(sd, info, negative_prompt: str | None, steps: int, cfg: float
         base["vae"] = info.vae
     if info and getattr(info, "ip_adapter", None) is not None:
         base["ip_adapter"] = info.ip_adapter.desc
+    if info and getattr(info, "controlnet", ""):
+        base["controlnet"] = info.controlnet
     return base
 
 
@@ -193,9 +200,28 @@ def _adapter_kwargs(info, n: int) -> dict:
     return ipa.call_kwargs(n) if ipa is not None else {}
 
 
+def _control_inputs(sd, params: dict, control_image: str | None, control_scale: float) -> dict:
+    """The ControlNet call arguments (``image``: the control image at the output size; the conditioning scale),
+    recorded in ``params`` (PNG metadata); {} without a ControlNet. A control image needs a ControlNet and back."""
+    has_controlnet = getattr(sd, "controlnet", None) is not None
+    if has_controlnet != bool(control_image):
+        raise KoalaError(
+            "--control-image needs --controlnet" if control_image else "a ControlNet pipeline needs --control-image",
+            option="control_image" if control_image else "controlnet",
+        )
+    if not has_controlnet:
+        return {}
+    from .controlnet import load_control_image
+
+    params.update(control_image=os.path.abspath(control_image), control_scale=float(control_scale))
+    image = load_control_image(control_image, params["width"], params["height"])
+    return {"image": image, "controlnet_conditioning_scale": float(control_scale)}
+
+
 def _pipeline_call(sd, fam, chunk: list[tuple[str, int]], params: dict, adapter_kwargs: dict | None = None) -> list:
     """One pipeline call for ``chunk`` ((prompt, seed) per image, each image from its own CPU generator) with the
-    shared ``params``, the adapters' arguments and the family's own call arguments; returns the images."""
+    shared ``params``, the family's own call arguments and the adapters' (an IP-Adapter's reference image, a
+    ControlNet's control image and scale); returns the images."""
     negative = params["negative_prompt"]
     extra = {"timesteps": params["timesteps"]} if params.get("timesteps") else {}
     return sd(

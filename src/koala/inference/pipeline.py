@@ -53,6 +53,7 @@ class LoadedPipeline:
     quantization: str = ""  # the denoiser's koala quantize scheme ("" full precision; PNG metadata)
     vae: str = ""  # the VAE given in place of the pipeline's, "name (class)" (PNG metadata); "" for its own
     ip_adapter: "object" = None  # an AppliedIPAdapter (koala.inference.ip_adapter): what every call gets
+    controlnet: str = ""  # the ControlNet folder's name (PNG metadata); "" without one
 
 
 def _check_pipeline_dir(path: str, what: str) -> Family:
@@ -157,6 +158,7 @@ def load_pipeline(
     compile: bool = False,
     lora: list[str] | None = None,
     ip_adapter=None,
+    controlnet: str | None = None,
 ) -> LoadedPipeline:
     """Load a pipeline and apply the memory/speed modes; see ``docs/inference.md`` for what each mode saves.
 
@@ -172,6 +174,8 @@ def load_pipeline(
     transferred with ``koala lora transfer``).
     ``ip_adapter``: an :class:`~koala.inference.ip_adapter.IPAdapterArgs` (for a KOALA student, an IP-Adapter
     transferred with ``koala adapter transfer``).
+    ``controlnet``: a ControlNet folder (for a student, from ``koala controlnet transfer``): the pipeline is then the
+    family's diffusers ControlNet pipeline (generate with ``control_image``).
     """
     _check_modes(offload, attention)
     device = str(parse_device(device))
@@ -188,7 +192,7 @@ def load_pipeline(
     quant = check_loadable(model or unet, device)  # a koala quantize scheme (None: full precision)
     if quant:
         modes.append(f"{quant} {fam.model_subfolder} (torchao)")
-    pipe = _from_pretrained(src, vae, dt)
+    pipe = _from_pretrained(src, vae, dt, controlnet)
     denoiser = denoiser_of(pipe)
     modes += _vae_precision(pipe, fam, bool(vae), dt)
     vae_desc = f"{_base_name(vae)} ({type(pipe.vae).__name__})" if vae else ""
@@ -202,7 +206,8 @@ def load_pipeline(
     if compile:
         _compile(pipe, denoiser, fam, modes, notes)
     loaded = (pipe, src.name, device, dtype_name, label, spacing, modes, notes, fam.name, lora_desc, sampling)
-    return LoadedPipeline(*loaded, quantization=quant or "", vae=vae_desc, ip_adapter=ipa)
+    cn_desc = _base_name(controlnet) if controlnet else ""
+    return LoadedPipeline(*loaded, quantization=quant or "", vae=vae_desc, ip_adapter=ipa, controlnet=cn_desc)
 
 
 def _memory_modes(pipe, denoiser, fam: Family, flags: tuple[bool, bool, bool], modes: list[str], notes: list[str]):
@@ -282,12 +287,18 @@ def _base_name(path: str) -> str:
     return os.path.basename(os.path.normpath(path))
 
 
-def _from_pretrained(src: _Source, vae: str | None, dt: torch.dtype):
-    """The family's diffusers pipeline from ``src``, with the VAE of ``vae`` when given."""
+def _from_pretrained(src: _Source, vae: str | None, dt: torch.dtype, controlnet: str | None = None):
+    """The family's diffusers pipeline from ``src``, with the VAE of ``vae`` when given; with ``controlnet``, the
+    family's ControlNet pipeline."""
     kw = dict(src.kwargs)
     if vae:
         kw["vae"] = load_vae(vae, dt, base_vae=os.path.join(src.path, "vae"))
     fam = src.family
+    if controlnet:
+        from .controlnet import controlnet_pipeline_class, load_checked_controlnet
+
+        kw["controlnet"] = load_checked_controlnet(controlnet, src, dt)
+        return controlnet_pipeline_class(fam).from_pretrained(src.path, **fam.pipeline_load_kwargs, **kw)
     return fam.pipeline_class_of(src.path).from_pretrained(src.path, **fam.pipeline_load_kwargs, **kw)
 
 
