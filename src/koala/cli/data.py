@@ -63,7 +63,12 @@ def _source_args(p) -> None:
     g.add_argument("--image-column", help="parquet/csv/hf_disk column with image paths (default: guessed)")
     g.add_argument("--image-root", help="folder that relative image paths start from (default: the table's folder)")
     g.add_argument("--split", help="hf_disk: split of a DatasetDict (default train)")
-    g.add_argument("--min-size", type=int, help="skip images whose short side is below this (e.g. 1024)")
+    g.add_argument(
+        "--min-size",
+        type=int,
+        help="skip images whose short side is below this (e.g. 1024); img2dataset shards: the size before "
+        "download-time resizing (the json's original_width / original_height), as for the original_size micro-condition",
+    )
     g.add_argument("--max-aspect", type=float, help="skip images whose long/short side ratio exceeds this")
 
 
