@@ -67,7 +67,8 @@ def _source_args(p) -> None:
         "--min-size",
         type=int,
         help="skip images whose short side is below this (e.g. 1024); img2dataset shards: the size before "
-        "download-time resizing (the json's original_width / original_height), as for the original_size micro-condition",
+        "download-time resizing (the json's original_width / original_height), as for the original_size "
+        "micro-condition",
     )
     g.add_argument("--max-aspect", type=float, help="skip images whose long/short side ratio exceeds this")
 
