@@ -72,7 +72,7 @@ def caption_source(
     world_size: int = 1,
 ) -> dict:
     """Caption every sample (``world_size`` > 1: process ``rank``'s share) of a data source with the VLM; resumable.
-    Returns counts (with ``merged``: the merge's counts, on the rank that merged)."""
+    Returns counts (with ``merged``: the merge's counts, where this process merged)."""
     from ..utils.console import progress_bar
     from ..utils.parts import check_rank, launched_together, part_path, part_paths, wait_for_all
     from .images import SkipSample, decode_image
@@ -84,9 +84,7 @@ def caption_source(
     model, processor = load_vlm(vlm, device, dtype)
     text = chat_prompt(processor, prompt)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    counts = {"captioned": 0, "already": 0, "skipped": 0}
-    skipped: dict[str, int] = {}
-    batch: list = []
+    counts, skipped, batch = {"captioned": 0, "already": 0, "skipped": 0}, {}, []
     total = len(source) if hasattr(source, "__len__") else None
 
     def flush():

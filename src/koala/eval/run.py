@@ -218,13 +218,7 @@ def generate_images(
     jobs = share(jobs, rank, world_size)
     todo = [j for j in jobs if j[2] not in done or not os.path.isfile(os.path.join(folder, done[j[2]]["file"]))]
     if todo and not make:
-        p, seed, _ = todo[0]
-        raise KoalaError(
-            f"merge: {len(todo)} of {len(jobs)} images of model {model.name} are missing (the first: {p.style} "
-            f"prompt {p.index} {p.text!r}, seed {seed}); a rank has not finished its share: run it again (it "
-            "resumes), then merge",
-            option="merge",
-        )
+        _refuse_missing(model, todo, len(jobs))
     loaded = None
     if todo:
         loaded = load_pipeline(
@@ -234,31 +228,15 @@ def generate_images(
         times = [] if times is None else times
         from ..utils.console import progress_bar
 
+        gen_kw = dict(steps=s.steps, cfg=s.cfg, width=s.width, height=s.height, progress=False, log=lambda *_: None)
         with PeakMemory(loaded.device) as mem:
             for p, seed, key in progress_bar(todo, desc=f"generate {model.name}", disable=not progress, unit="img"):
                 t0 = time.perf_counter()
-                res = generate(
-                    loaded,
-                    p.text,
-                    steps=s.steps,
-                    cfg=s.cfg,
-                    seed=seed,
-                    width=s.width,
-                    height=s.height,
-                    progress=False,
-                    log=lambda *_: None,
-                )
+                res = generate(loaded, p.text, seed=seed, **gen_kw)
                 times.append(time.perf_counter() - t0)
                 img, params = res.images[0], res.params[0]
                 name = f"{p.style}-{p.index:05d}-s{seed}-{key}.png"
-                tmp = os.path.join(folder, f".tmp-{name}")
-                with writing(f"image {name}", folder, _KEPT):
-                    try:
-                        img.save(tmp, pnginfo=png_info(params))
-                        os.replace(tmp, os.path.join(folder, name))
-                    finally:
-                        if os.path.exists(tmp):
-                            os.remove(tmp)
+                _save_png(img, png_info(params), folder, name)
                 entry = {
                     "key": key,
                     "file": name,
@@ -278,6 +256,28 @@ def generate_images(
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return [done[k] for _, _, k in jobs]
+
+
+def _refuse_missing(model: EvalModel, todo: list, n_jobs: int) -> None:
+    p, seed, _ = todo[0]
+    raise KoalaError(
+        f"merge: {len(todo)} of {n_jobs} images of model {model.name} are missing (the first: {p.style} "
+        f"prompt {p.index} {p.text!r}, seed {seed}); a rank has not finished its share: run it again (it "
+        "resumes), then merge",
+        option="merge",
+    )
+
+
+def _save_png(img, pnginfo, folder: str, name: str) -> None:
+    """``folder/name`` written whole or not at all."""
+    tmp = os.path.join(folder, f".tmp-{name}")
+    with writing(f"image {name}", folder, _KEPT):
+        try:
+            img.save(tmp, pnginfo=pnginfo)
+            os.replace(tmp, os.path.join(folder, name))
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
 class _Scorer:
