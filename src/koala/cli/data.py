@@ -252,11 +252,9 @@ def run_syncap(args) -> int:
         raise KoalaError(
             "give --vlm DIR (a local image-text-to-text model); only --merge runs without one", option="vlm"
         )
-    if args.device is None and args.world_size > 1:
-        import torch
+    from ..utils.parts import rank_device
 
-        args.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else None
-    device = str(parse_device(args.device))
+    device = str(parse_device(rank_device(args.device, args.world_size)))
     dtype = parse_dtype(args.dtype) or (parse_dtype("fp16") if device.startswith("cuda") else None)
     res = caption_source(
         _data_cfg(args),

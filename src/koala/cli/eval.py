@@ -356,7 +356,9 @@ def run_run(args) -> int:
         raise KoalaError("no prompts: give --prompts FILE|DIR and/or --benchmark SCORER=FILE|DIR", option="prompts")
     if args.merge and args.world_size > 1:
         raise KoalaError("--merge runs in one process: leave out --world-size / the launcher", option="merge")
-    args.device = _rank_device(args.device, args.world_size)
+    from ..utils.parts import rank_device
+
+    args.device = rank_device(args.device, args.world_size)
     device = args.device if (args.device or "").startswith("cuda") else "cpu"
     bench = _compbench(args)
 
@@ -416,18 +418,6 @@ def run_run(args) -> int:
     plot = ", results.png" if os.path.isfile(os.path.join(args.out, "results.png")) else ""
     print(f"wrote {os.path.join(args.out, 'results.md')}, results.json{plot}")
     return 0
-
-
-def _rank_device(device: str | None, world_size: int) -> str | None:
-    """Several processes on one machine: each its own GPU (cuda:LOCAL_RANK) unless a device is named."""
-    import os
-
-    if world_size > 1 and device in (None, "cuda"):
-        import torch
-
-        if torch.cuda.is_available():
-            return f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
-    return device
 
 
 def run_hpsv2(args) -> int:

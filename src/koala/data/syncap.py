@@ -5,7 +5,8 @@
 flushed as each batch finishes, so a killed run resumes where it stopped (samples whose key is already in the file are
 skipped). Past one device, process ``rank`` of ``world_size`` (``accelerate launch`` / ``torchrun``, or ``--rank`` /
 ``--world-size``) captions the samples ``k`` (the position in the source's order) with ``k % world_size == rank``
-into its own part, ``OUT-stem.rankR-of-W.jsonl`` beside ``OUT`` (also listing the samples it had to skip); a rank
+(every rank reads the whole stream and decodes only its share: reading is cheap next to the VLM) into its own
+part, ``OUT-stem.rankR-of-W.jsonl`` beside ``OUT`` (also listing the samples it had to skip); a rank
 resumes from every part and ``OUT``. The merge (rank 0 after a barrier when the processes were launched together,
 else ``merge_captions`` / ``koala data syncap --merge``) reads the source's keys again (no decoding) and writes
 ``OUT`` as one process would have written it: the captions in source order, then removes the parts. A data config

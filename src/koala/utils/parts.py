@@ -55,6 +55,18 @@ def share(items: list, rank: int, world_size: int) -> list:
     return items[rank::world_size]
 
 
+def rank_device(device: str | None, world_size: int) -> str | None:
+    """Several processes on one machine: each on its own GPU, ``cuda:(LOCAL_RANK mod the GPU count)``, unless a
+    device is named (``cuda`` alone counts as unnamed); ``device`` otherwise."""
+    if world_size <= 1 or device not in (None, "cuda"):
+        return device
+    import torch
+
+    if not torch.cuda.is_available():
+        return device
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
+
+
 def launched_together(world_size: int) -> bool:
     """True when a launcher started ``world_size`` > 1 processes that can meet (a rendezvous address is set)."""
     return world_size > 1 and env_world_size() == world_size and bool(os.environ.get("MASTER_ADDR"))
