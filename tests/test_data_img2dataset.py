@@ -88,3 +88,13 @@ def test_original_size_needs_positive_integers():
         {"original_height": None, "original_width": None},
     ):
         assert original_size(bad) is None, json.dumps(bad)
+
+
+def test_the_cache_stores_the_original_size(shard, tiny_pipe_dir, tmp_path):
+    from koala.data import build_cache
+
+    out = str(tmp_path / "cache")
+    build_cache(_cfg(shard, min_size=64), tiny_pipe_dir, out, resolution=32, progress=False)
+    batches = list(make_dataloader({"type": "cache", "path": out, "repeat": False}, batch_size=8, resolution=32))
+    got = {k: tuple(o.tolist()) for b in batches for k, o in zip(b["keys"], b["original_size"])}
+    assert got == {f"00000.tar/{i:09d}": SAMPLES[i][1] for i in (0, 1, 4, 5)}
