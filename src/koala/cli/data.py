@@ -6,6 +6,7 @@ import argparse
 import os
 
 from ..errors import KoalaError
+from ..utils.parts import env_rank, env_world_size
 from .options import STDOUT, add_choice_argument, add_dtype_argument, add_json_argument, emit_json
 
 SOURCE_HELP = (
@@ -62,7 +63,13 @@ def _source_args(p) -> None:
     g.add_argument("--image-column", help="parquet/csv/hf_disk column with image paths (default: guessed)")
     g.add_argument("--image-root", help="folder that relative image paths start from (default: the table's folder)")
     g.add_argument("--split", help="hf_disk: split of a DatasetDict (default train)")
-    g.add_argument("--min-size", type=int, help="skip images whose short side is below this (e.g. 1024)")
+    g.add_argument(
+        "--min-size",
+        type=int,
+        help="skip images whose short side is below this (e.g. 1024); img2dataset shards: the size before "
+        "download-time resizing (the json's original_width / original_height), as for the original_size "
+        "micro-condition",
+    )
     g.add_argument("--max-aspect", type=float, help="skip images whose long/short side ratio exceeds this")
 
 
@@ -141,11 +148,13 @@ def _add_syncap_parser(dsub) -> None:
         "transformers (LLaVA-1.5 family, as KOALA's synCap: 'Describe this image in detail.'), batched, "
         "with progress. Writes OUT as JSON lines {key, syncap}; re-running resumes (captioned keys are "
         "skipped). Use the captions with data config syncap_file: OUT (or --syncap-file OUT) and a synCap "
-        "mode: append (original + ', ' + synthetic, the paper's choice), replace, original.",
+        "mode: append (original + ', ' + synthetic, the paper's choice), replace, original. Several processes "
+        "(accelerate launch, or --rank/--world-size) caption disjoint samples into parts beside OUT; the merge "
+        "writes OUT as one process would.",
     )
     _source_args(y)
     y.add_argument(
-        "--vlm", required=True, help="local image-text-to-text model directory (e.g. llava-hf/llava-1.5-7b-hf)"
+        "--vlm", default=None, help="local image-text-to-text model directory (e.g. llava-hf/llava-1.5-7b-hf)"
     )
     y.add_argument("--out", required=True, help="captions file (JSON lines; appended to, so a rerun resumes)")
     y.add_argument("--prompt", default="Describe this image in detail.", help="the instruction given with each image")
@@ -155,6 +164,22 @@ def _add_syncap_parser(dsub) -> None:
     y.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     add_dtype_argument(y, help="default: fp16 on cuda, fp32 on cpu")
     y.add_argument("--no-progress", action="store_true")
+    y.add_argument(
+        "--rank",
+        type=int,
+        default=env_rank(),
+        help="this process (env RANK): it captions samples k with k %% world-size == rank into its own part "
+        "beside --out. Under accelerate launch / torchrun the processes wait for each other and rank 0 merges the "
+        "parts into --out; started on their own, each writes its part and a --merge run (or a one-process run) "
+        "merges",
+    )
+    y.add_argument("--world-size", type=int, default=env_world_size(), help="number of processes (env WORLD_SIZE)")
+    y.add_argument(
+        "--merge",
+        action="store_true",
+        help="only merge every rank's part into --out (the captions in source order, as one process writes them); "
+        "loads no model; a sample no part has is refused, naming it",
+    )
     y.set_defaults(func=run_syncap)
 
 
@@ -216,10 +241,20 @@ def _add_cache_parser(sub) -> None:
 
 
 def run_syncap(args) -> int:
-    from ..data.syncap import caption_source
+    from ..data.syncap import caption_source, merge_captions
     from ..utils.devices import parse_device, parse_dtype
 
-    device = str(parse_device(args.device))
+    if args.merge:
+        m = merge_captions(_data_cfg(args), args.out, args.limit)
+        print(f"syncap: merged {m['parts']} part(s) into {m['out']}: {m['captions']} captions, {m['skipped']} skipped")
+        return 0
+    if not args.vlm:
+        raise KoalaError(
+            "give --vlm DIR (a local image-text-to-text model); only --merge runs without one", option="vlm"
+        )
+    from ..utils.parts import rank_device
+
+    device = str(parse_device(rank_device(args.device, args.world_size)))
     dtype = parse_dtype(args.dtype) or (parse_dtype("fp16") if device.startswith("cuda") else None)
     res = caption_source(
         _data_cfg(args),
@@ -232,12 +267,18 @@ def run_syncap(args) -> int:
         device=device,
         dtype=dtype,
         progress=not args.no_progress,
+        rank=args.rank,
+        world_size=args.world_size,
     )
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(res["skip_reasons"].items()))
+    who = f" (rank {args.rank} of {args.world_size})" if args.world_size > 1 else ""
     print(
-        f"syncap: {res['captioned']} captioned now, {res['already']} already in {res['out']}, "
+        f"syncap{who}: {res['captioned']} captioned now, {res['already']} already in {res['out']}, "
         f"{res['skipped']} skipped" + (f" ({reasons})" if reasons else "")
     )
+    if res.get("merged"):
+        m = res["merged"]
+        print(f"syncap: merged {m['parts']} part(s) into {m['out']}: {m['captions']} captions, {m['skipped']} skipped")
     return 0
 
 

@@ -253,6 +253,7 @@ def _add_run_parser(ev) -> None:
     )
     _add_run_input_args(r)
     _add_run_scorer_args(r)
+    _add_run_parallel_args(r)
     r.add_argument(
         "--seeds", default="0", help="comma-separated seeds, each prompt generated once per seed (default 0)"
     )
@@ -269,6 +270,28 @@ def _add_run_parser(ev) -> None:
     r.add_argument("--out", required=True, help="output folder (reused to resume)")
     r.add_argument("--no-progress", action="store_true")
     r.set_defaults(func=run_run)
+
+
+def _add_run_parallel_args(r) -> None:
+    """Several processes: the split and the merge."""
+    from ..utils.parts import env_rank, env_world_size
+
+    r.add_argument(
+        "--rank",
+        type=int,
+        default=env_rank(),
+        help="this process (env RANK): it generates and scores images k with k %% world-size == rank of every "
+        "model's prompts x seeds, into its own part files in OUT. Under accelerate launch / torchrun the "
+        "processes wait for each other and rank 0 writes the results; started on their own, each writes its part "
+        "and stops, and a --merge run writes the results",
+    )
+    r.add_argument("--world-size", type=int, default=env_world_size(), help="number of processes (env WORLD_SIZE)")
+    r.add_argument(
+        "--merge",
+        action="store_true",
+        help="write OUT/results.* from the parts every rank wrote (the same arguments otherwise); generates "
+        "nothing: a missing image is refused, naming it",
+    )
 
 
 def _add_run_input_args(r) -> None:
@@ -367,7 +390,7 @@ def _compbench(args):
         detector=args.detector,
         clip=args.clip,
         complex_lists=args.complex_lists,
-        device="cuda" if (args.device or "").startswith("cuda") else "cpu",
+        device=args.device if (args.device or "").startswith("cuda") else "cpu",
     )
 
 
@@ -389,7 +412,12 @@ def run_run(args) -> int:
         raise KoalaError(f"--seeds {args.seeds!r}: comma-separated integers", option="seeds") from None
     if not args.prompts and not args.benchmark:
         raise KoalaError("no prompts: give --prompts FILE|DIR and/or --benchmark SCORER=FILE|DIR", option="prompts")
-    device = "cuda" if (args.device or "").startswith("cuda") else "cpu"
+    if args.merge and args.world_size > 1:
+        raise KoalaError("--merge runs in one process: leave out --world-size / the launcher", option="merge")
+    from ..utils.parts import rank_device
+
+    args.device = rank_device(args.device, args.world_size)
+    device = args.device if (args.device or "").startswith("cuda") else "cpu"
     bench = _compbench(args)
 
     def scorers_for(names):
@@ -438,7 +466,13 @@ def run_run(args) -> int:
         fid_reference=args.fid_reference,
         inception=args.inception,
         benchmarks=benchmarks,
+        rank=args.rank,
+        world_size=args.world_size,
+        merge=args.merge,
     )
+    if "part" in res:
+        print(f"koala eval run: rank {args.rank} of {args.world_size} wrote its share to {args.out}")
+        return 0
     import os
 
     from ..eval.run import markdown

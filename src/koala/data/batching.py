@@ -9,7 +9,7 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .records import SamplePreparer
+from .records import SamplePreparer, original_size
 from .transforms import SDXLTransform, sample_rng, to_tensor
 
 
@@ -79,7 +79,8 @@ def prepare_sample(preparer: SamplePreparer, transform: SDXLTransform, rec: dict
     return {
         "pixel_values": to_tensor(c.image),
         "caption": caption,
-        "original_size": c.original_size,
+        # SDXL's micro-condition: the size before any resize, img2dataset's download-time resize included
+        "original_size": original_size(rec["row"]) or c.original_size,
         "crop_top_left": c.crop_top_left,
         "target_size": c.target_size,
         "flipped": c.flipped,

@@ -50,6 +50,15 @@ def iter_split(
     yield from buf
 
 
+def original_size(row: dict) -> tuple[int, int] | None:
+    """(h, w) of the image before download-time resizing, from ``original_height`` / ``original_width`` in the
+    sample's fields (img2dataset writes them into each sample's ``.json``); None when absent or not positive
+    integers (the decoded image's size is then used)."""
+    h, w = row.get("original_height"), row.get("original_width")
+    ok = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (h, w))
+    return (h, w) if ok else None
+
+
 def _exists(src) -> None:
     """SkipSample("missing_file") for an image path (or ``{"path"}`` without bytes) that is not a file, as
     :func:`koala.data.images._open` decides."""
@@ -95,10 +104,16 @@ class SamplePreparer:
         return {**rec["row"], column: captions[key]} if key in captions else rec["row"]
 
     def load(self, rec: dict):
+        """``(image, caption)``; the size filters see the sample's original size (:func:`original_size`) when its
+        fields record one, else the decoded image's."""
         _exists(rec["image"])  # a file gone (the folder changed under the run) is missing, not uncaptioned
         caption = self.captions(self.row(rec))  # cheap check first: no caption -> no decode
-        img = decode_image(rec["image"], check=self.check)
-        self.check(img.height, img.width)
+        orig = original_size(rec["row"])
+        if orig:
+            self.check(*orig)
+        img = decode_image(rec["image"], check=None if orig else self.check)
+        if not orig:
+            self.check(img.height, img.width)
         if self.nsfw is not None:
             flagged, score = self.nsfw.flags([img])[0]
             if flagged:
@@ -121,7 +136,10 @@ class SamplePreparer:
         self.captions(self.row(rec))
         if src is None:
             raise SkipSample("no_image")
-        if not (need_size or self.min_size or self.max_aspect):
+        orig = original_size(rec["row"])
+        if orig:
+            self.check(*orig)
+        if not (need_size or (not orig and (self.min_size or self.max_aspect))):
             return None
         img = None
         try:
@@ -131,5 +149,6 @@ class SamplePreparer:
         finally:
             if img is not None and img is not src:
                 img.close()
-        self.check(h, w)
+        if not orig:
+            self.check(h, w)
         return h, w

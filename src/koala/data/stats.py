@@ -5,13 +5,14 @@ from __future__ import annotations
 from .captions import CaptionLengths
 from .config import normalize_data_cfg
 from .images import SkipCounter, SkipSample
-from .records import SamplePreparer, iter_split
+from .records import SamplePreparer, iter_split, original_size
 from .sources import make_source
 
 
 def data_stats(data_cfg: dict, tokenizer=None, limit: int | None = None, progress: bool = True) -> dict:
     """Decode every sample (as training would, with the same filters) and summarise; ``limit`` caps the records
-    read."""
+    read. The average resolution is of the original sizes where a sample's fields record them (img2dataset's
+    ``original_height`` / ``original_width``), else of the decoded images."""
     from ..utils.console import progress_bar
 
     cfg = normalize_data_cfg(data_cfg)
@@ -45,8 +46,9 @@ def data_stats(data_cfg: dict, tokenizer=None, limit: int | None = None, progres
             skips[err.reason] += 1
             continue
         n += 1
-        sum_h += img.height
-        sum_w += img.width
+        h, w = original_size(rec["row"]) or (img.height, img.width)  # img2dataset: the size before its resize
+        sum_h += h
+        sum_w += w
         lengths.add(caption)
     bar.close()
     skips.update(getattr(source, "skips", {}))

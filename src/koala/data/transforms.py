@@ -4,6 +4,8 @@ Same order as diffusers' ``train_text_to_image_sdxl.py``: record ``original_size
 image, resize so the image covers the target (short side = resolution for square training), random
 horizontal flip of the *resized* image, then the crop; ``crop_top_left`` = (top, left) of that crop in the
 resized (and possibly flipped) image, recorded when the crop is made. ``target_size`` = the crop size.
+A sample whose fields record its size before download-time resizing (img2dataset's ``original_height`` /
+``original_width``) gets that as ``original_size`` instead (``koala.data.batching.prepare_sample``).
 """
 
 from __future__ import annotations

@@ -7,6 +7,16 @@ metadata) and a line in ``OUT/images/MODEL/index.jsonl`` are written as soon as 
 per-image scores go to ``OUT/scores/MODEL/SCORER.jsonl``. A killed run started again with the same arguments
 generates and scores only what is missing.
 
+Past one device: process ``rank`` of ``world_size`` (``accelerate launch`` / ``torchrun``, or ``--rank`` /
+``--world-size``) generates and scores every model's images ``k`` with ``k % world_size == rank`` (k: the position in
+the prompts x seeds list, the order one process makes them in) and appends to its own part files beside the
+single-process ones (``index.rankR-of-W.jsonl``, ``SCORER.rankR-of-W.jsonl``; readers take the union, so any world
+size resumes any other's work), then writes what it measured to ``OUT/parts/rankR-of-W.json``. Processes launched
+together meet at a barrier and rank 0 merges; processes started on their own stop, and ``run_eval(merge=True)``
+(``koala eval run ... --merge``) merges: it generates nothing (a missing image is refused, naming it), scores what is
+not scored yet, and writes the ``results.*`` one process would have written (latency: the median over all ranks'
+images made in the run; peak memory: the largest rank's).
+
 Prompt sets: a text file (one prompt per line; style "all") or a directory of ``STYLE.txt`` files (HPSv2's
 benchmark prompts are one file per style: anime, concept-art, paintings, photo). Scorers: ``shapes`` (the shapes
 world's colour / shape / binding / spatial accuracy), ``clip`` (CLIP score with a local checkpoint) and ``hpsv2``
@@ -15,6 +25,7 @@ world's colour / shape / binding / spatial accuracy), ``clip`` (CLIP score with 
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -24,6 +35,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from ..errors import KoalaError
 from ..utils.console import markdown_table
+from ..utils.files import atomic_write_text
 from ..utils.writes import writing
 from .folder import open_rgb
 
@@ -154,10 +166,12 @@ def image_key(model: EvalModel, prompt: Prompt, seed: int, s: EvalSettings, time
 
 
 def _read_jsonl(path: str) -> dict[str, dict]:
-    """key -> row of an index or score file; a line cut by a kill is skipped (its image is made / scored again)."""
+    """key -> row of an index or score file and of every rank's part of it; a line cut by a kill is skipped (its
+    image is made / scored again)."""
     from ..utils.files import read_jsonl
+    from ..utils.parts import part_paths
 
-    return {r["key"]: r for r in read_jsonl(path) if "key" in r}
+    return {r["key"]: r for p in part_paths(path) for r in read_jsonl(p) if "key" in r}
 
 
 def _append(path: str, row: dict) -> None:
@@ -168,61 +182,61 @@ def _append(path: str, row: dict) -> None:
 
 
 def generate_images(
-    model: EvalModel, prompts: list[Prompt], s: EvalSettings, out_dir: str, row: ModelRow, progress: bool = True
+    model: EvalModel,
+    prompts: list[Prompt],
+    s: EvalSettings,
+    out_dir: str,
+    row: ModelRow,
+    progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+    make: bool = True,
+    times: list[float] | None = None,
 ) -> list[dict]:
-    """Generate what is missing for one model; returns the index rows of all its images (in prompt/seed order).
-    ``s``: the run's settings (None steps / cfg / scheduler: the model's sampling defaults)."""
+    """Generate what is missing of process ``rank``'s share (of ``world_size``) for one model; returns the index
+    rows of the share's images (in prompt/seed order). ``s``: the run's settings (None steps / cfg / scheduler: the
+    model's sampling defaults). ``make=False`` (a merge) refuses a missing image instead; ``times`` gets the seconds
+    of each image made."""
     import torch
 
     from ..bench.memory import PeakMemory
     from ..families import denoiser_of
     from ..inference import generate, load_pipeline
     from ..inference.generate import png_info
+    from ..utils.parts import part_path, share
 
     folder = os.path.join(out_dir, "images", model.name)
     os.makedirs(folder, exist_ok=True)
     index_path = os.path.join(folder, "index.jsonl")
     done = _read_jsonl(index_path)
+    index_path = part_path(index_path, rank, world_size)
     resolved, timesteps = model_settings(model, s)
     row.sampling = {"scheduler": resolved.scheduler, "steps": resolved.steps, "cfg": resolved.cfg}
     if timesteps:
         row.sampling["timesteps"] = list(timesteps)
     jobs = [(p, seed, image_key(model, p, seed, resolved, timesteps)) for p in prompts for seed in s.seeds]
+    jobs = share(jobs, rank, world_size)
     todo = [j for j in jobs if j[2] not in done or not os.path.isfile(os.path.join(folder, done[j[2]]["file"]))]
+    if todo and not make:
+        _refuse_missing(model, todo, len(jobs))
     loaded = None
     if todo:
         loaded = load_pipeline(
             model.model, unet=model.unet, base=model.base, device=s.device, dtype=s.dtype, scheduler=s.scheduler
         )
         row.params = sum(p.numel() for p in denoiser_of(loaded.pipe).parameters())
-        times = []
+        times = [] if times is None else times
         from ..utils.console import progress_bar
 
+        gen_kw = dict(steps=s.steps, cfg=s.cfg, width=s.width, height=s.height, progress=False, log=lambda *_: None)
         with PeakMemory(loaded.device) as mem:
             for p, seed, key in progress_bar(todo, desc=f"generate {model.name}", disable=not progress, unit="img"):
                 t0 = time.perf_counter()
-                res = generate(
-                    loaded,
-                    p.text,
-                    steps=s.steps,
-                    cfg=s.cfg,
-                    seed=seed,
-                    width=s.width,
-                    height=s.height,
-                    progress=False,
-                    log=lambda *_: None,
-                )
+                res = generate(loaded, p.text, seed=seed, **gen_kw)
                 times.append(time.perf_counter() - t0)
                 img, params = res.images[0], res.params[0]
                 name = f"{p.style}-{p.index:05d}-s{seed}-{key}.png"
-                tmp = os.path.join(folder, f".tmp-{name}")
-                with writing(f"image {name}", folder, _KEPT):
-                    try:
-                        img.save(tmp, pnginfo=png_info(params))
-                        os.replace(tmp, os.path.join(folder, name))
-                    finally:
-                        if os.path.exists(tmp):
-                            os.remove(tmp)
+                _save_png(img, png_info(params), folder, name)
                 entry = {
                     "key": key,
                     "file": name,
@@ -242,6 +256,28 @@ def generate_images(
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return [done[k] for _, _, k in jobs]
+
+
+def _refuse_missing(model: EvalModel, todo: list, n_jobs: int) -> None:
+    p, seed, _ = todo[0]
+    raise KoalaError(
+        f"merge: {len(todo)} of {n_jobs} images of model {model.name} are missing (the first: {p.style} "
+        f"prompt {p.index} {p.text!r}, seed {seed}); a rank has not finished its share: run it again (it "
+        "resumes), then merge",
+        option="merge",
+    )
+
+
+def _save_png(img, pnginfo, folder: str, name: str) -> None:
+    """``folder/name`` written whole or not at all."""
+    tmp = os.path.join(folder, f".tmp-{name}")
+    with writing(f"image {name}", folder, _KEPT):
+        try:
+            img.save(tmp, pnginfo=pnginfo)
+            os.replace(tmp, os.path.join(folder, name))
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
 class _Scorer:
@@ -412,10 +448,29 @@ def geneval_benchmark(
 
 def score_images(model: EvalModel, images: list[dict], scorer: _Scorer, out_dir: str, progress: bool = True) -> dict:
     """Per-image scores of one model by one scorer (cached), aggregated."""
+    cache, scored_now = _score_missing(model, images, scorer, out_dir, progress)
+    rows = [cache[r["key"]] for r in images]
+    return scorer.aggregate(rows, [r["style"] for r in images]) | {"_scored_now": scored_now}
+
+
+def _score_missing(
+    model: EvalModel,
+    images: list[dict],
+    scorer: _Scorer,
+    out_dir: str,
+    progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[dict, int]:
+    """(key -> per-image scores, how many were scored now): ``images`` not scored yet are scored and appended to
+    the score file (process ``rank``'s part of it when ``world_size`` > 1)."""
+    from ..utils.parts import part_path
+
     folder = os.path.join(out_dir, "scores", model.name)
     os.makedirs(folder, exist_ok=True)
     cache_path = os.path.join(folder, f"{scorer.name}.jsonl")
     cache = _read_jsonl(cache_path)
+    cache_path = part_path(cache_path, rank, world_size)
     todo = [r for r in images if r["key"] not in cache]
     img_dir = os.path.join(out_dir, "images", model.name)
     from ..utils.console import progress_bar
@@ -430,8 +485,7 @@ def score_images(model: EvalModel, images: list[dict], scorer: _Scorer, out_dir:
             entry = {"key": r["key"], **sc}
             _append(cache_path, entry)
             cache[r["key"]] = entry
-    rows = [cache[r["key"]] for r in images]
-    return scorer.aggregate(rows, [r["style"] for r in images]) | {"_scored_now": len(todo)}
+    return cache, len(todo)
 
 
 def model_fid(
@@ -467,6 +521,9 @@ def run_eval(
     fid_reference: str | None = None,
     inception: str | None = None,
     benchmarks: list[tuple[str, list[Prompt], list[_Scorer]]] = (),
+    rank: int = 0,
+    world_size: int = 1,
+    merge: bool = False,
 ) -> dict:
     """Generate and score every model; writes ``results.json``, ``results.md`` and (with matplotlib) ``results.png``
     in ``out_dir``. Returns the results dict.
@@ -474,53 +531,33 @@ def run_eval(
     ``prompts`` / ``scorers``: the main prompt set and what scores it (FID, when asked for, is over its images);
     ``benchmarks``: more (name, prompt set, scorers), e.g. ("hpsv2", HPSv2's prompts, [HPSv2]) and
     ("compbench-color", color_val.txt, [B-VQA]): the paper's Table 5 in one run. Images of a prompt that two sets
-    share are generated once."""
-    from ..utils.files import atomic_write_text, check_output_folder
+    share are generated once.
+
+    ``rank`` / ``world_size`` > 1: this process's share only, then (launched together) a barrier and rank 0
+    merges; a process that does not merge returns ``{"part": rank, "world_size": world_size}``. ``merge``: write
+    the results from every rank's parts, generating nothing (see the module doc)."""
+    from ..utils.parts import check_rank, launched_together, wait_for_all
 
     s = settings or EvalSettings()
-    names = [m.name for m in models]
-    if len(set(names)) != len(names):
-        raise KoalaError(f"model names must differ: {names}", option="model")
-    if not models:
-        raise KoalaError("no model to evaluate", option="model")
-    sets = ([("main", prompts, scorers)] if prompts else []) + list(benchmarks)
-    if not sets:
-        raise KoalaError("no prompts: give a prompt set and/or benchmarks", option="prompts")
-    check_output_folder(out_dir, "eval run output")
-    os.makedirs(out_dir, exist_ok=True)
+    check_rank(rank, world_size)
+    sets, union = _prompt_sets(models, prompts, scorers, benchmarks, out_dir)
+    if world_size > 1:
+        _run_share(models, sets, union, s, out_dir, progress, rank, world_size)
+        if launched_together(world_size):
+            wait_for_all("koala eval run")
+        else:
+            log(
+                f"rank {rank} of {world_size}: its share is done; once every rank's is, merge (koala eval run --merge)"
+            )
+        if rank or not launched_together(world_size):
+            return {"part": rank, "world_size": world_size}
+        merge = True
     previous = _read_previous(out_dir)
-    union: dict[tuple[str, str], Prompt] = {}
-    for _, ps, _ in sets:
-        for p in ps:
-            union.setdefault((p.style, p.text), p)
+    measured = _read_part_stats(out_dir) if merge else {}
     rows = []
     for m in models:
-        row = ModelRow(m.name, m.source())
-        by_key = {r["key"]: r for r in generate_images(m, list(union.values()), s, out_dir, row, progress)}
-        old = previous.get(m.name, {})
-        if not row.generated_now and old.get("source") == row.source:  # measured in the run that made the images
-            row.params = old.get("params", old.get("unet_params"))  # results written before the rename
-            for k in ("latency_s", "peak_gib", "memory_kind"):
-                setattr(row, k, old.get(k))
-        row.n_images = len(by_key)
-        for set_name, ps, scs in sets:
-            images = _set_images(m, ps, union, s, by_key)
-            for sc in scs:
-                agg = score_images(m, images, sc, out_dir, progress)
-                agg.pop("_scored_now")
-                label = sc.name if set_name in ("main", sc.name) else f"{set_name}:{sc.name}"
-                row.scores[label] = agg
-            if fid_reference and set_name == sets[0][0]:
-                row.scores["fid"] = {
-                    "fid": model_fid(
-                        m,
-                        images,
-                        out_dir,
-                        fid_reference,
-                        inception,
-                        "cuda" if (s.device or "").startswith("cuda") else "cpu",
-                    )
-                }
+        fid_args = (fid_reference, inception) if fid_reference else None
+        row = _model_row(m, sets, union, s, out_dir, progress, previous.get(m.name, {}), measured, merge, fid_args)
         rows.append(row)
         log(f"{m.name}: {row.n_images} images ({row.generated_now} generated now)")
     result = {
@@ -533,13 +570,111 @@ def run_eval(
         atomic_write_text(os.path.join(out_dir, "results.json"), json.dumps(result, indent=1))
         atomic_write_text(os.path.join(out_dir, "results.md"), markdown(result))
     plot(result, os.path.join(out_dir, "results.png"), log)
+    if merge:  # the results now hold what the parts measured
+        for path in glob.glob(os.path.join(out_dir, "parts", "rank*-of-*.json")):
+            os.remove(path)
     return result
 
 
-def _set_images(m: EvalModel, ps: list[Prompt], union: dict, s: EvalSettings, by_key: dict) -> list[dict]:
-    """The index rows of model ``m``'s images of one prompt set (every prompt x seed, in order)."""
+def _prompt_sets(models, prompts, scorers, benchmarks, out_dir) -> tuple[list, dict[tuple[str, str], Prompt]]:
+    """The checked prompt sets [(name, prompts, scorers)] and the union of their prompts (made once each)."""
+    from ..utils.files import check_output_folder
+
+    names = [m.name for m in models]
+    if len(set(names)) != len(names):
+        raise KoalaError(f"model names must differ: {names}", option="model")
+    if not models:
+        raise KoalaError("no model to evaluate", option="model")
+    sets = ([("main", prompts, scorers)] if prompts else []) + list(benchmarks)
+    if not sets:
+        raise KoalaError("no prompts: give a prompt set and/or benchmarks", option="prompts")
+    check_output_folder(out_dir, "eval run output")
+    os.makedirs(out_dir, exist_ok=True)
+    union: dict[tuple[str, str], Prompt] = {}
+    for _, ps, _ in sets:
+        for p in ps:
+            union.setdefault((p.style, p.text), p)
+    return sets, union
+
+
+def _model_row(m, sets, union, s, out_dir, progress, old: dict, measured: dict, merge: bool, fid_args) -> ModelRow:
+    """One model's row: its images (made unless ``merge``), what was measured making them, its scores (and FID
+    over the first set's images against ``fid_args`` = (reference, inception))."""
+    row = ModelRow(m.name, m.source())
+    by_key = {r["key"]: r for r in generate_images(m, list(union.values()), s, out_dir, row, progress, make=not merge)}
+    part = measured.get(m.name)
+    if part and part["source"] == row.source:  # measured by the ranks that made the images
+        for k in ("params", "latency_s", "peak_gib", "memory_kind", "generated_now"):
+            setattr(row, k, part[k])
+    elif not row.generated_now and old.get("source") == row.source:  # measured in the run that made the images
+        row.params = old.get("params", old.get("unet_params"))  # results written before the rename
+        for k in ("latency_s", "peak_gib", "memory_kind"):
+            setattr(row, k, old.get(k))
+    row.n_images = len(by_key)
+    for set_name, ps, scs in sets:
+        images = _set_images(m, ps, union, s, by_key)
+        for sc in scs:
+            agg = score_images(m, images, sc, out_dir, progress)
+            agg.pop("_scored_now")
+            label = sc.name if set_name in ("main", sc.name) else f"{set_name}:{sc.name}"
+            row.scores[label] = agg
+        if fid_args and set_name == sets[0][0]:
+            device = "cuda" if (s.device or "").startswith("cuda") else "cpu"
+            row.scores["fid"] = {"fid": model_fid(m, images, out_dir, *fid_args, device)}
+    return row
+
+
+def _run_share(models, sets, union, s: EvalSettings, out_dir: str, progress: bool, rank: int, world_size: int):
+    """Process ``rank``'s share of every model's images, generated and scored into its part files; what it measured
+    goes to ``OUT/parts/rankR-of-W.json`` (written last: its share is then complete)."""
+    from ..utils.files import atomic_write_json
+
+    measured = {}
+    for m in models:
+        row, times = ModelRow(m.name, m.source()), []
+        mine = generate_images(m, list(union.values()), s, out_dir, row, progress, rank, world_size, times=times)
+        by_key = {r["key"]: r for r in mine}
+        for _, ps, scs in sets:
+            images = _set_images(m, ps, union, s, by_key, only_present=True)
+            for sc in scs:
+                _score_missing(m, images, sc, out_dir, progress, rank, world_size)
+        measured[m.name] = {**asdict(row), "seconds": times}
+    with writing("this rank's measurements", out_dir, _KEPT):
+        path = os.path.join(out_dir, "parts", f"rank{rank}-of-{world_size}.json")
+        atomic_write_json(path, {"schema": SCHEMA, "rank": rank, "world_size": world_size, "models": measured})
+
+
+def _read_part_stats(out_dir: str) -> dict:
+    """model name -> what the ranks measured making its images (params, median latency over every image they
+    made, the largest peak memory, how many they made); models no rank made an image of are left out."""
+    from ..utils.files import read_json
+
+    out: dict[str, dict] = {}
+    for path in sorted(glob.glob(os.path.join(out_dir, "parts", "rank*-of-*.json"))):
+        for name, r in read_json(path).get("models", {}).items():
+            if not r.get("generated_now"):
+                continue
+            acc = out.setdefault(name, {"source": r["source"], "params": 0, "peak_gib": 0.0, "seconds": []})
+            if acc["source"] != r["source"]:
+                continue
+            acc["params"] = max(acc["params"], r.get("params") or 0)
+            acc["peak_gib"] = max(acc["peak_gib"], r.get("peak_gib") or 0.0)
+            acc["memory_kind"] = r.get("memory_kind", "")
+            acc["seconds"] += r.get("seconds", [])
+    for acc in out.values():
+        acc["generated_now"] = len(acc["seconds"])
+        acc["latency_s"] = statistics.median(acc["seconds"]) if acc["seconds"] else None
+    return out
+
+
+def _set_images(
+    m: EvalModel, ps: list[Prompt], union: dict, s: EvalSettings, by_key: dict, only_present: bool = False
+) -> list[dict]:
+    """The index rows of model ``m``'s images of one prompt set (every prompt x seed, in order; ``only_present``:
+    those in ``by_key``, a rank's share)."""
     resolved, timesteps = model_settings(m, s)
-    return [by_key[image_key(m, union[(p.style, p.text)], seed, resolved, timesteps)] for p in ps for seed in s.seeds]
+    keys = [image_key(m, union[(p.style, p.text)], seed, resolved, timesteps) for p in ps for seed in s.seeds]
+    return [by_key[k] for k in keys if k in by_key] if only_present else [by_key[k] for k in keys]
 
 
 def _read_previous(out_dir: str) -> dict:
