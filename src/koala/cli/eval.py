@@ -394,6 +394,19 @@ def _compbench(args):
     )
 
 
+def _benchmark(spec: str, args, scorers_for, device: str) -> tuple:
+    """``--benchmark SCORER=FILE|DIR`` -> (name, prompts, scorers); GenEval's metadata file gets its own scorer."""
+    from ..errors import KoalaError
+    from ..eval.run import geneval_benchmark, read_prompt_set
+
+    name, sep, path = spec.partition("=")
+    if not sep or not path:
+        raise KoalaError(f"--benchmark {spec!r}: give SCORER=FILE|DIR", option="benchmark")
+    if name == "geneval":
+        return geneval_benchmark(path, args.geneval_detector, args.geneval_clip, device, args.limit)
+    return (name, read_prompt_set(path, args.limit), scorers_for([name]))
+
+
 def run_run(args) -> int:
     from ..errors import KoalaError
     from ..eval.run import EvalModel, EvalSettings, make_scorers, parse_model, read_prompt_set, run_eval
@@ -434,17 +447,7 @@ def run_run(args) -> int:
 
     prompts = read_prompt_set(args.prompts, args.limit) if args.prompts else []
     scorers = scorers_for([x.strip() for x in args.scorers.split(",") if x.strip()]) if args.prompts else []
-    benchmarks = []
-    for b in args.benchmark:
-        name, sep, path = b.partition("=")
-        if not sep or not path:
-            raise KoalaError(f"--benchmark {b!r}: give SCORER=FILE|DIR", option="benchmark")
-        if name == "geneval":
-            from ..eval.run import geneval_benchmark
-
-            benchmarks.append(geneval_benchmark(path, args.geneval_detector, args.geneval_clip, device, args.limit))
-            continue
-        benchmarks.append((name, read_prompt_set(path, args.limit), scorers_for([name])))
+    benchmarks = [_benchmark(b, args, scorers_for, device) for b in args.benchmark]
     settings = EvalSettings(
         steps=args.steps,
         cfg=args.cfg,
