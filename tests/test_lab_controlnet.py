@@ -170,3 +170,28 @@ def test_train_controlnet_cli_refuses_bad_settings_and_foreign_out(tmp_path, cap
     (out / "x.txt").write_text("mine")
     assert main(["lab", "train-controlnet", "--out", str(out), "steps=1"]) == 2
     assert "koala_controlnet.json missing" in capsys.readouterr().err and os.listdir(out) == ["x.txt"]
+
+
+def test_canny_without_opencv_falls_back_to_a_pil_edge_map(monkeypatch):
+    import sys
+
+    from koala.data.control import canny
+
+    arr = np.full((32, 32, 3), 255, np.uint8)
+    arr[8:24, 8:24] = (30, 60, 220)
+    with_cv = np.asarray(canny(Image.fromarray(arr)))[..., 0] > 0
+    monkeypatch.setitem(sys.modules, "cv2", None)  # import cv2 -> ImportError
+    edges = np.asarray(canny(Image.fromarray(arr)))[..., 0] > 0
+    assert edges[7:25, 7:25].any() and not edges[12:20, 12:20].any() and not edges[:5].any()
+    assert with_cv[7:25, 7:25].any() and not with_cv[12:20, 12:20].any()
+
+
+def test_control_files_are_not_read_as_images_of_a_sidecar_folder(tmp_path):
+    path = _folder(tmp_path)
+    os.remove(os.path.join(path, "metadata.jsonl"))
+    for i in range(4):
+        (tmp_path / f"{i}.txt").write_text(f"image {i}")
+    assert _batch(path, None)["skipped"] == {"no_caption": 4}  # without control: x.inv.png are uncaptioned images
+    b = _batch(path, "inv", random_flip=False)
+    assert b["keys"] == [f"{i}.png" for i in range(4)] and b["skipped"] == {}
+    assert torch.allclose(b["control_image"], 1 - (b["pixel_values"] + 1) / 2, atol=1.5 / 255)

@@ -70,6 +70,7 @@ def canny(img: Image.Image, thresholds: tuple[int, int] = CANNY_THRESHOLDS) -> I
     except ImportError:
         edges = np.asarray(Image.fromarray(grey).filter(ImageFilter.FIND_EDGES))
         edges = np.where(edges >= 32, 255, 0).astype(np.uint8)
+        edges[[0, -1], :] = edges[:, [0, -1]] = 0  # the 3x3 filter has no full neighbourhood on the border
     else:
         edges = cv2.Canny(grey, *thresholds)
     return Image.fromarray(np.repeat(edges[..., None], 3, axis=-1))
