@@ -52,7 +52,7 @@ def test_hard_negatives_have_the_same_words_in_another_order():
 def _train(out, **kw):
     from koala.lab.train_teacher import TeacherConfig, train_teacher
 
-    cfg = dict(out=str(out), num_train=8, num_val=2, vae_steps=1, steps=4, batch_size=4, save_every=2, threads=1)
+    cfg = dict(out=str(out), num_train=8, num_val=1, vae_steps=1, steps=3, batch_size=4, save_every=2, threads=1)
     return train_teacher(TeacherConfig(**{**cfg, **kw}), log=lambda *_: None)
 
 
@@ -81,7 +81,7 @@ def test_teacher_run_stopped_and_resumed_equals_an_uninterrupted_one(tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     hist = [json.load(open(tmp_path / d / "koala_teacher.json"))["history"] for d in "ab"]
-    assert [r["step"] for r in hist[1]] == [2, 4]
+    assert [r["step"] for r in hist[1]] == [2, 3]
     assert [{k: r[k] for k in ("color", "binding", "spatial")} for r in hist[0]] == [
         {k: r[k] for k in ("color", "binding", "spatial")} for r in hist[1]
     ]
@@ -89,3 +89,29 @@ def test_teacher_run_stopped_and_resumed_equals_an_uninterrupted_one(tmp_path):
     with pytest.raises(KoalaError, match="no train_state"):
         shutil.rmtree(tmp_path / "b" / "train_state")
         _train(tmp_path / "b", resume=True)
+
+
+def test_packaged_teacher_files_are_checked_before_loading(tmp_path, monkeypatch):
+    """The packaged teacher loads, and a copy with a truncated U-Net file is refused naming the file, before any
+    library reads it (as for every model koala reads)."""
+    import koala.lab.models as models
+    from koala.families import get_family
+    from koala.utils.weights import safetensors_header
+
+    src = models.shapes_teacher_dir()
+    get_family("sdxl").check_pipeline_dir(src)
+    header = safetensors_header(os.path.join(src, "unet", "diffusion_pytorch_model.safetensors"))
+    assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"F16"}
+    pipe = models.load_shapes_teacher()
+    assert pipe.unet.dtype == torch.float32 and pipe.text_encoder_2.config.hidden_size > 0
+
+    bad = tmp_path / "teacher"
+    shutil.copytree(src, bad)
+    f = bad / "unet" / "diffusion_pytorch_model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    monkeypatch.setattr(models, "shapes_teacher_dir", lambda: str(bad))
+    with pytest.raises(KoalaError, match=r"diffusion_pytorch_model\.safetensors.*truncated"):
+        models.load_shapes_teacher()
+    shutil.rmtree(bad / "text_encoder_2")
+    with pytest.raises(KoalaError, match="has no text_encoder_2/"):
+        models.load_shapes_teacher()

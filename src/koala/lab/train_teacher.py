@@ -494,6 +494,7 @@ def sample_folder(
     from ..utils.console import progress_bar
 
     fam = family_of(pipeline_dir)
+    fam.check_pipeline_dir(pipeline_dir)  # every component there, safetensors headers whole
     pipe = fam.pipeline_class_of(pipeline_dir).from_pretrained(pipeline_dir, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     kw = {**default_sampling(), **fam.pipeline_call_kwargs}
