@@ -383,12 +383,19 @@ class EmaCheckpoints:
     history: list = field(default_factory=list)
     minutes_before: float = 0.0  # wall minutes of the runs this one resumes
 
-    def __call__(self, step: int) -> dict:
-        run, cfg = self.run, self.cfg
-        comps = dict(run.pipe.components)
-        for name, m, ema in zip(run.models.names, run.models.modules, run.emas):
+    def ema_pipeline(self):
+        comps = dict(self.run.pipe.components)
+        for name, m, ema in zip(self.run.models.names, self.run.models.modules, self.run.emas):
             comps[name] = ema_copy(m, ema)
-        ema_pipe = type(run.pipe)(**comps)
+        return type(self.run.pipe)(**comps)
+
+    def save(self, pipe, step: int) -> None:
+        extra = {"config": asdict(self.cfg), "history": self.history, "sampling": default_sampling()}
+        save_pipeline(pipe, self.cfg.out, self.cfg.half, extra, lambda tmp: self.run.write_state(tmp, step, self.cfg))
+
+    def __call__(self, step: int) -> dict:
+        cfg = self.cfg
+        ema_pipe = self.ema_pipeline()
         scores = evaluate(ema_pipe, self.val_prompts, cfg.seed)
         row = {
             "step": step,
@@ -397,8 +404,7 @@ class EmaCheckpoints:
         }
         self.history.append(row)
         self.log(f"step {step}: " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "step"))
-        extra = {"config": asdict(cfg), "history": self.history, "sampling": default_sampling()}
-        save_pipeline(ema_pipe, cfg.out, cfg.half, extra, lambda tmp: run.write_state(tmp, step, cfg))
+        self.save(ema_pipe, step)
         return row
 
 
@@ -436,6 +442,8 @@ def train_teacher(cfg: TeacherConfig, log=print) -> dict:
     checkpoint = EmaCheckpoints(run, val_prompts, cfg, t0, log, history, history[-1]["minutes"] if history else 0.0)
 
     start = saved = done = run.step
+    if not cfg.resume:  # phase 1 and the data are saved at once: a run stopped before step save_every resumes here
+        checkpoint.save(checkpoint.ema_pipeline(), 0)
     bar = progress_bar(range(start, cfg.steps), desc="U-Net", dynamic_ncols=True)
     for step in bar:
         loss, order = train_step(run, noise_scheduler, micro, cfg)
