@@ -66,6 +66,7 @@ def _tensors(folder):
     return out
 
 
+@pytest.mark.slow  # three tiny training runs with checkpoints: ~30 s on 2 shared cores
 def test_teacher_run_stopped_and_resumed_equals_an_uninterrupted_one(tmp_path):
     _train(tmp_path / "a")
     _train(tmp_path / "b", stop_after=2)
