@@ -114,6 +114,7 @@ def cmd_run(args) -> None:
         weight_decay=args.weight_decay,
         processes=1,
         overwrite=True,
+        teacher=args.teacher,
         **PAPER_TRAINING,
     )  # the paper's objective and optimiser, as the study ran
     marker = os.path.join(args.out, "prepared.json")
@@ -202,6 +203,26 @@ def kendall_tau(a: dict[str, float], b: dict[str, float]) -> float:
     return sum(sign(a[i] - a[j]) * sign(b[i] - b[j]) for i, j in pairs) / len(pairs)
 
 
+def budget_steps(steps: int, eval_at: list[int] | None = None) -> list[int]:
+    """The budget checkpoints a run is scored at: ``eval_at``, or 200, 500 and the final step (those below
+    ``steps``); always ending at ``steps``."""
+    wanted = eval_at if eval_at else [200, 500]
+    return sorted({st for st in wanted if 0 < st < steps} | {steps})
+
+
+def budget_taus(per_step: dict[int, dict[str, float]], paper: dict[str, float] | None = None) -> dict[str, float]:
+    """Kendall tau of the methods' orderings between budgets (each step vs the next, and the first vs the final)
+    and, with ``paper``, of each budget's ordering against the paper's. Keys ``"200->500"``, ``"paper@500"``."""
+    steps = sorted(st for st in per_step if len(per_step[st]) > 1)
+    out = {}
+    pairs = list(zip(steps, steps[1:])) + ([(steps[0], steps[-1])] if len(steps) > 2 else [])
+    for a, b in pairs:
+        out[f"{a}->{b}"] = kendall_tau(per_step[a], per_step[b])
+    for st in steps if paper else []:
+        out[f"paper@{st}"] = kendall_tau(paper, per_step[st])
+    return out
+
+
 def cmd_report(args) -> None:
     rows = read_runs(args.runs)
     ref = {r["key"]: r for r in rows if r["seed"] is None}
@@ -229,20 +250,26 @@ def cmd_report(args) -> None:
         md += [
             f"## {TITLES[table]}",
             "",
-            "| method | seeds | " + " | ".join(METRICS) + f" | binding @ {steps[0]} | paper |",
-            "|---|---|" + "---|" * len(METRICS) + "---|---|",
+            "| method | seeds | "
+            + " | ".join(METRICS)
+            + "".join(f" | binding @ {st}" for st in steps[:-1])
+            + " | paper |",
+            "|---|---|" + "---|" * (len(METRICS) + len(steps) - 1) + "---|",
         ]
-        per_step: dict[int, dict[str, float]] = {st: {} for st in steps}
+        per_step: dict[str, dict[int, dict[str, float]]] = {
+            m: {st: {} for st in steps} for m in ("binding", "spatial")
+        }
         for name, spec in methods.items():
             key = method_key(spec)
             by_step = {st: [r for r in rows if r["key"] == key and r["step"] == st] for st in steps}
             if not by_step[final]:
                 continue
             st_final = _stats(by_step[final])
-            early = _stats(by_step[steps[0]]) if by_step[steps[0]] else None
+            early = [_stats(by_step[st])["binding"][0] if by_step[st] else None for st in steps[:-1]]
             for st in steps:
                 if by_step[st]:
-                    per_step[st][name] = _stats(by_step[st])["binding"][0]
+                    for m in per_step:
+                        per_step[m][st][name] = _stats(by_step[st])[m][0]
             tout[name] = {
                 "seeds": sorted(r["seed"] for r in by_step[final]),
                 **{m: {"mean": a, "std": b} for m, (a, b) in st_final.items()},
@@ -252,28 +279,22 @@ def cmd_report(args) -> None:
             md.append(
                 f"| {name} | {len(by_step[final])} | "
                 + " | ".join(f"{100 * a:.1f} ± {100 * b:.1f}" for a, b in st_final.values())
-                + (f" | {100 * early['binding'][0]:.1f}" if early else " | -")
+                + "".join(f" | {100 * e:.1f}" if e is not None else " | -" for e in early)
                 + f" | {PAPER[table].get(name, '-')} |"
             )
         md.append("")
         if len(tout) > 1:
-            md.append(f"Ordering by binding at {final} steps: " + " > ".join(_ranks(per_step[final])) + ".  ")
-            if len(steps) > 1:
-                tau = kendall_tau(per_step[steps[0]], per_step[final])
-                notes["kendall_tau_binding_first_vs_final"] = tau
-                md.append(
-                    f"At {steps[0]} steps: "
-                    + " > ".join(_ranks(per_step[steps[0]]))
-                    + f" (Kendall tau with the final ordering: {tau:+.2f}).  "
-                )
             paper_nums = {k: v for k, v in PAPER[table].items() if isinstance(v, float) and k in tout}
             if paper_nums:
-                tau = kendall_tau(paper_nums, per_step[final])
-                notes["kendall_tau_binding_vs_paper"] = tau
+                md.append("Paper's ordering (HPSv2): " + " > ".join(_ranks(paper_nums)) + ".  ")
+            for m in per_step:
+                taus = notes[f"kendall_tau_{m}"] = budget_taus(per_step[m], paper_nums)
                 md.append(
-                    "Paper's ordering (HPSv2): "
-                    + " > ".join(_ranks(paper_nums))
-                    + f" (Kendall tau with ours: {tau:+.2f}).  "
+                    f"Ordering by {m}: "
+                    + "; ".join(f"at {st}: " + " > ".join(_ranks(per_step[m][st])) for st in steps if per_step[m][st])
+                    + ". Kendall tau "
+                    + ", ".join(f"{k} {v:+.2f}" for k, v in taus.items())
+                    + ".  "
                 )
             sig = []
             for a, b in itertools.combinations(tout, 2):
@@ -285,7 +306,8 @@ def cmd_report(args) -> None:
                         hi, lo = (a, b) if d > 0 else (b, a)
                         sig.append(f"{hi} > {lo} on {m} ({100 * abs(d):.1f} points)")
             notes["exceeds_2std"] = sig
-            notes["ordering_binding"] = _ranks(per_step[final])
+            notes["ordering_binding"] = _ranks(per_step["binding"][final])
+            notes["ordering_spatial"] = _ranks(per_step["spatial"][final])
             md.append(
                 "Differences larger than 2 std (the larger of the two methods' stds): "
                 + ("; ".join(sig) if sig else "none")
@@ -307,8 +329,11 @@ def main() -> None:
     r = sub.add_parser("run", help="train and score the runs not yet in --runs")
     r.add_argument("--tables", nargs="+", default=list(TABLES), choices=list(TABLES))
     r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    r.add_argument("--steps", type=int, default=300)
-    r.add_argument("--eval-at", type=int, nargs="+", default=None, help="checkpoints scored (default: half, end)")
+    r.add_argument("--steps", type=int, default=1000)
+    r.add_argument(
+        "--eval-at", type=int, nargs="+", default=None, help="budget checkpoints scored (default: 200, 500, end)"
+    )
+    r.add_argument("--teacher", default=None, help="shapes teacher pipeline dir (default: the packaged one)")
     r.add_argument("--batch-size", type=int, default=8)
     r.add_argument("--lr", type=float, default=3e-4)
     r.add_argument("--max-grad-norm", type=float, default=0.0, help="0: no clipping (the paper's)")
@@ -332,9 +357,9 @@ def main() -> None:
     p.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.cmd == "run":
-        args.eval_at = sorted(args.eval_at or [args.steps // 2, args.steps])
-        if args.eval_at[-1] != args.steps:
-            ap.error("--eval-at must end at --steps")
+        if args.eval_at and max(args.eval_at) > args.steps:
+            ap.error("--eval-at: every budget checkpoint must be at most --steps")
+        args.eval_at = budget_steps(args.steps, args.eval_at)
         cmd_run(args)
     else:
         cmd_report(args)

@@ -38,8 +38,13 @@ def shapes_teacher_dir() -> str:
 
 
 def load_shapes_teacher(dtype=torch.float32, device: str | None = None) -> StableDiffusionXLPipeline:
-    """The packaged teacher as a ``StableDiffusionXLPipeline`` (sample with 20 Euler steps, guidance 5)."""
-    pipe = StableDiffusionXLPipeline.from_pretrained(shapes_teacher_dir(), dtype=dtype)
+    """The packaged teacher as a ``StableDiffusionXLPipeline`` (sample with 20 Euler steps, guidance 5); its files
+    are checked first as for any model koala reads (every component there, safetensors headers whole)."""
+    from ..families import get_family
+
+    path = shapes_teacher_dir()
+    get_family("sdxl").check_pipeline_dir(path, "packaged shapes teacher")
+    pipe = StableDiffusionXLPipeline.from_pretrained(path, dtype=dtype)
     if device:
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

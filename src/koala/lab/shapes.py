@@ -155,6 +155,49 @@ def _caption(objs: list[ShapeObject], rng: np.random.Generator, size: int) -> tu
     return text, rels
 
 
+def _place_related(
+    rng: np.random.Generator, anchor: ShapeObject, color: str, shape: str, relation: str, others, size: int
+) -> ShapeObject | None:
+    """An object placed so that it is ``relation`` of ``anchor`` (unambiguously, as :func:`_relation` reads it)
+    without overlapping ``others``; None when 200 tries fail."""
+    sz = str(rng.choice(list(SIZES)))
+    r = SIZES[sz] * size
+    for _ in range(200):
+        cx, cy = rng.uniform(r + 1, size - r - 1, 2)
+        o = ShapeObject(color, shape, sz, round(float(cx), 2), round(float(cy), 2), round(r, 2))
+        if _relation(o, anchor, 0.15 * size) == relation and all(
+            np.hypot(cx - p.cx, cy - p.cy) > r + p.r + 0.06 * size for p in others
+        ):
+            return o
+    return None
+
+
+def _balanced_scene(rng: np.random.Generator, chosen: list[tuple[str, str]], size: int) -> Scene | None:
+    """A scene of ``chosen`` objects whose caption states a relation drawn uniformly from :data:`RELATIONS`
+    (object 0 REL object 1; object 2 REL object 1), so every relation appears equally often and, as the
+    subject is a random object, each layout is described both ways ("A left of B" and "B right of A") across
+    the data set. None when the objects do not fit."""
+    sz = str(rng.choice(list(SIZES)))
+    r = SIZES[sz] * size
+    cx, cy = rng.uniform(r + 1, size - r - 1, 2)
+    anchor = ShapeObject(*chosen[1], sz, round(float(cx), 2), round(float(cy), 2), round(r, 2))
+    rel = [str(rng.choice(RELATIONS)) for _ in chosen[1:]]
+    placed = [anchor]
+    for (color, shape), relation in zip([chosen[0], *chosen[2:]], rel):
+        o = _place_related(rng, anchor, color, shape, relation, placed, size)
+        if o is None:
+            return None
+        placed.append(o)
+    objs = [placed[1], anchor, *placed[2:]]
+    ph = [_phrase(o, bool(rng.random() < 0.5)) for o in objs]
+    text = f"{ph[0]} {rel[0]} {ph[1]}"
+    rels = [{"a": 0, "relation": rel[0].replace("to the ", ""), "b": 1}]
+    if len(objs) == 3:
+        text += f", and {ph[2]} {rel[1]} {_phrase(anchor, False, 'the')}"
+        rels.append({"a": 2, "relation": rel[1].replace("to the ", ""), "b": 1})
+    return Scene(text, objs, rels)
+
+
 # ----------------------------------------------------------------------------------------------- scenes
 def make_scene(
     rng: np.random.Generator,
@@ -163,8 +206,10 @@ def make_scene(
     shapes: Sequence[str] = SHAPES,
     exclude: Iterable[tuple[str, str]] = (),
     count_weights: Sequence[float] = COUNT_WEIGHTS,
+    balanced: bool = False,
 ) -> Scene:
-    """One random scene; colour-shape pairs in ``exclude`` never appear."""
+    """One random scene; colour-shape pairs in ``exclude`` never appear. ``balanced``: scenes of 2-3 objects
+    always state relations, each relation equally often (:func:`_balanced_scene`)."""
     exclude = {tuple(p) for p in exclude}
     pairs = [(c, s) for c in colors for s in shapes if (c, s) not in exclude]
     w = np.asarray(count_weights, np.float64)
@@ -177,6 +222,11 @@ def make_scene(
                 chosen.append(pairs[idx])
             if len(chosen) == n:
                 break
+        if balanced and n > 1:
+            scene = _balanced_scene(rng, chosen, size)
+            if scene is not None:
+                return scene
+            continue
         objs: list[ShapeObject] = []
         for color, shape in chosen:
             sz = str(rng.choice(list(SIZES)))
@@ -204,15 +254,19 @@ def generate_scenes(
     colors: Sequence[str] = DEFAULT_COLORS,
     held_out: Iterable[tuple[str, str]] = DEFAULT_HELD_OUT,
     count_weights: Sequence[float] = COUNT_WEIGHTS,
+    balanced: bool = False,
 ) -> list[Scene]:
-    """Scenes ``0..n-1`` of a split. ``train`` excludes ``held_out`` pairs; ``val`` uses all pairs."""
+    """Scenes ``0..n-1`` of a split. ``train`` excludes ``held_out`` pairs; ``val`` uses all pairs.
+    ``balanced``: relation-balanced scenes (:func:`make_scene`), a different data set from the default one."""
     if split not in SPLITS:
         raise KoalaError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
     bad = [c for c in colors if c not in PALETTE]
     if bad:
         raise KoalaError(f"unknown colour(s) {', '.join(bad)}; known: {', '.join(PALETTE)}")
     exclude = tuple(held_out) if split == "train" else ()
-    return [make_scene(scene_rng(seed, split, i), size, colors, SHAPES, exclude, count_weights) for i in range(n)]
+    return [
+        make_scene(scene_rng(seed, split, i), size, colors, SHAPES, exclude, count_weights, balanced) for i in range(n)
+    ]
 
 
 def write_image_folder(scenes: Sequence[Scene], out_dir: str, size: int = 64, progress: bool = True) -> str:

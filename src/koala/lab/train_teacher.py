@@ -44,31 +44,38 @@ from ..errors import KoalaError
 from ..families import denoiser_of, family_of, family_of_pipeline, get_family
 from ..utils.files import atomic_output_dir
 from .models import IMAGE_SIZE, build_shapes_pipeline, default_sampling
+from .order_loss import order_loss
 from .score import score_pairs
 from .shapes import DEFAULT_HELD_OUT, generate_scenes, write_image_folder
+from .teacher_state import has_state, read_state, restore_state, write_state
 
 
 @dataclass
 class TeacherConfig:
     out: str
     data: str | None = None  # image folder (metadata.jsonl or sidecars); None: generate num_train scenes
-    num_train: int = 20000
+    num_train: int = 40000
     num_val: int = 64  # val prompts scored at each checkpoint
+    balanced: bool = True  # generated scenes state every relation equally often (shapes.generate_scenes)
     seed: int = 0
     family: str = "sdxl"  # "pixart": a DiT teacher (koala.testing.tiny.SHAPES_DIT)
     vae_from: str | None = None  # copy the VAE of this shapes pipeline and skip phase 1
     vae_steps: int = 600
     vae_lr: float = 1e-3
-    steps: int = 4000
+    steps: int = 16000
     batch_size: int = 32
     lr: float = 1e-3
     warmup: int = 200
     ema_decay: float = 0.999
     cond_dropout: float = 0.1
     snr_gamma: float = 5.0
+    order_weight: float = 0.1  # weight of the word-order loss on the text encoders (order_loss); 0: off
+    order_margin: float = 0.8  # its cosine margin
     save_every: int = 500
     max_minutes: float | None = None  # stop the denoiser phase (2) after this long (then save)
-    threads: int | None = None
+    stop_after: int | None = None  # stop after this many steps in this run (then save); resume continues
+    resume: bool = False  # continue from the training state saved in ``out`` (train_state/)
+    threads: int | None = None  # None: torch's default (all cores)
     half: bool = True  # store the denoiser in fp16 (from_pretrained loads it back as fp32)
     overwrite: bool = False  # replace an existing --out that is not a koala teacher
 
@@ -101,7 +108,9 @@ def training_data(cfg: TeacherConfig) -> tuple[torch.Tensor, list[str]]:
     """The ``--data`` folder, or ``num_train`` generated train scenes (written to a temporary folder)."""
     if cfg.data:
         return read_folder(cfg.data, IMAGE_SIZE)
-    scenes = generate_scenes(cfg.num_train, "train", cfg.seed, IMAGE_SIZE, held_out=DEFAULT_HELD_OUT)
+    scenes = generate_scenes(
+        cfg.num_train, "train", cfg.seed, IMAGE_SIZE, held_out=DEFAULT_HELD_OUT, balanced=cfg.balanced
+    )
     with tempfile.TemporaryDirectory() as tmp:
         write_image_folder(scenes, tmp, IMAGE_SIZE, progress=False)
         return read_folder(tmp, IMAGE_SIZE)
@@ -169,8 +178,9 @@ def evaluate(pipe, prompts: list[str], seed: int = 0, batch: int = 32) -> dict:
     return agg
 
 
-def save_pipeline(pipe, out_dir: str, half: bool, extra: dict) -> None:
-    """Write the pipeline to a fresh temporary directory and swap it in, so a checkpoint is never half-written."""
+def save_pipeline(pipe, out_dir: str, half: bool, extra: dict, write_more=None) -> None:
+    """Write the pipeline to a fresh temporary directory and swap it in, so a checkpoint is never half-written;
+    ``write_more(tmp)`` adds files (the training state) to the same directory."""
     p = copy.deepcopy(pipe)
     if half:  # only the denoiser (most of the bytes); text encoders and VAE stay fp32 so a plain load is all fp32
         denoiser_of(p).to(dtype=torch.float16)
@@ -178,6 +188,8 @@ def save_pipeline(pipe, out_dir: str, half: bool, extra: dict) -> None:
         p.save_pretrained(tmp, safe_serialization=True)
         with open(os.path.join(tmp, "koala_teacher.json"), "w") as f:
             json.dump(extra, f, indent=1)
+        if write_more is not None:
+            write_more(tmp)
 
 
 def check_out_dir(cfg: TeacherConfig) -> None:
@@ -193,6 +205,12 @@ def check_out_dir(cfg: TeacherConfig) -> None:
             f"{cfg.out} exists and is not a koala teacher (no koala_teacher.json); overwrite it or choose "
             "another output directory",
             option="overwrite",
+        )
+    if os.path.isdir(cfg.out) and has_state(cfg.out) and not (cfg.resume or cfg.overwrite):
+        raise KoalaError(
+            f"{cfg.out} holds a stopped training run (train_state/); pass --resume to continue it or --overwrite "
+            "to start a new one there",
+            option="resume",
         )
 
 
@@ -248,15 +266,20 @@ class TeacherModels:
 
 
 def task_loss(m: TeacherModels, latents, captions, noise_scheduler, micro: dict, g, cfg: TeacherConfig):
-    """One batch's diffusion loss (epsilon MSE, min-SNR weighted), with ``cfg.cond_dropout`` of the captions
-    dropped to the pipeline's unconditional input; every random draw from ``g``."""
+    """One batch's ``(diffusion loss, word-order loss)``: epsilon MSE, min-SNR weighted, with ``cfg.cond_dropout``
+    of the captions dropped to the pipeline's unconditional input (every random draw from ``g``); the order loss
+    (:func:`koala.lab.order_loss.order_loss`, on the undropped conditioning) is 0 when ``cfg.order_weight`` is."""
     fam = m.family
     idx = torch.randint(len(latents), (cfg.batch_size,), generator=g)
     x0 = latents[idx]
     noise = torch.randn(x0.shape, generator=g)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=g)
     xt = noise_scheduler.add_noise(x0, noise, t)
-    cond = fam.encode_prompts([captions[i] for i in idx.tolist()], m.tokenizers, m.encoders)  # with gradients
+    caps = [captions[i] for i in idx.tolist()]
+    cond = fam.encode_prompts(caps, m.tokenizers, m.encoders)  # with gradients
+    order = torch.zeros(())
+    if cfg.order_weight:
+        order = order_loss(fam, m.tokenizers, m.encoders, cond, caps, cfg.order_margin)
     drop = torch.rand(cfg.batch_size, generator=g) < cfg.cond_dropout
     # dropped captions get the pipeline's unconditional input: all zeros (SDXL) or the empty prompt's encoding
     uncond = (
@@ -271,97 +294,182 @@ def task_loss(m: TeacherModels, latents, captions, noise_scheduler, micro: dict,
         w = torch.clamp(snr, max=cfg.snr_gamma) / snr
     else:
         w = torch.ones(cfg.batch_size)
-    return (w * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+    return (w * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean(), order
+
+
+@dataclass
+class TeacherRun:
+    """Everything phase 2 steps: the pipeline and what it trains, the data, the optimizer, schedule, EMAs and the
+    recipe's generator; ``step`` is where it starts (0, or the step a resumed run stopped at)."""
+
+    pipe: Any
+    models: TeacherModels
+    latents: torch.Tensor
+    captions: list[str]
+    opt: Any
+    sched: Any
+    emas: list
+    g: torch.Generator
+    step: int = 0
+
+    @property
+    def params(self) -> list:
+        return [p for m in self.models.modules for p in m.parameters()]
+
+    def write_state(self, folder: str, step: int, cfg: TeacherConfig) -> None:
+        write_state(
+            folder,
+            step=step,
+            config=asdict(cfg),
+            modules=self.models.modules,
+            names=self.models.names,
+            opt=self.opt,
+            sched=self.sched,
+            emas=self.emas,
+            g=self.g,
+            data={"latents": self.latents, "captions": self.captions},
+        )
+
+
+def resumed_config(cfg: TeacherConfig) -> TeacherConfig:
+    """``cfg`` with the recipe of the run saved in ``cfg.out``: only the run controls (``max_minutes``,
+    ``stop_after``, ``save_every``, ``threads``) come from ``cfg``."""
+    meta, _ = read_state(cfg.out) if cfg.resume else ({"config": asdict(cfg)}, None)
+    keep = {k: getattr(cfg, k) for k in ("out", "resume", "max_minutes", "stop_after", "save_every", "threads")}
+    saved = {k: v for k, v in meta["config"].items() if k in TeacherConfig.__dataclass_fields__}
+    return TeacherConfig(**{**saved, **keep})
+
+
+def start_run(cfg: TeacherConfig, log) -> TeacherRun:
+    """Build the pipeline; then either run phase 1 and encode the data (a new run), or load the VAE, data and
+    training state saved in ``cfg.out`` (``cfg.resume``)."""
+    fam = get_family(cfg.family)
+    pipe = build_shapes_pipeline(cfg.seed, fam.name)
+    if cfg.resume:
+        meta, tensors = read_state(cfg.out)
+        pipe.vae = type(pipe.vae).from_pretrained(cfg.out, subfolder="vae", dtype=torch.float32)
+        pipe.register_modules(vae=pipe.vae)
+        pipe.vae.requires_grad_(False).eval()
+        latents, captions = tensors["data.latents"], meta["captions"]
+    else:
+        images, captions = training_data(cfg)
+        log(f"data: {len(captions)} training images {IMAGE_SIZE}x{IMAGE_SIZE}; e.g. {captions[0]!r}")
+        vae_phase(pipe, images, cfg, log)
+        latents = encode_latents(pipe.vae, images).contiguous()  # the layout a resumed run loads (bit-exact)
+    models = TeacherModels.of(pipe, fam)
+    for m in models.modules:
+        m.train()
+    opt, sched = teacher_optimizer([p for m in models.modules for p in m.parameters()], cfg)
+    emas = [EMAModel(m.parameters(), decay=cfg.ema_decay) for m in models.modules]  # warm-up: (1+n)/(10+n)
+    run = TeacherRun(pipe, models, latents, captions, opt, sched, emas, torch.Generator().manual_seed(cfg.seed + 1))
+    if cfg.resume:
+        kw = dict(modules=models.modules, names=models.names, opt=opt, sched=sched, emas=emas, g=run.g)
+        run.step = restore_state(meta, tensors, **kw)
+        log(f"resumed at step {run.step} of {cfg.steps} from {cfg.out}")
+    return run
 
 
 @dataclass
 class EmaCheckpoints:
     """At each checkpoint: the EMA weights scored on the val prompts, the row added to ``history`` and the EMA
-    pipeline saved to ``cfg.out`` (``koala_teacher.json``: config, history, sampling)."""
+    pipeline saved to ``cfg.out`` (``koala_teacher.json``: config, history, sampling) with the training state
+    (``train_state/``) that resumes the run."""
 
-    pipe: Any
-    models: TeacherModels
-    emas: list
+    run: TeacherRun
     val_prompts: list[str]
     cfg: TeacherConfig
     t0: float
     log: Any
     history: list = field(default_factory=list)
+    minutes_before: float = 0.0  # wall minutes of the runs this one resumes
+
+    def ema_pipeline(self):
+        comps = dict(self.run.pipe.components)
+        for name, m, ema in zip(self.run.models.names, self.run.models.modules, self.run.emas):
+            comps[name] = ema_copy(m, ema)
+        return type(self.run.pipe)(**comps)
+
+    def save(self, pipe, step: int) -> None:
+        extra = {"config": asdict(self.cfg), "history": self.history, "sampling": default_sampling()}
+        save_pipeline(pipe, self.cfg.out, self.cfg.half, extra, lambda tmp: self.run.write_state(tmp, step, self.cfg))
 
     def __call__(self, step: int) -> dict:
-        pipe, cfg = self.pipe, self.cfg
-        comps = dict(pipe.components)
-        for name, m, ema in zip(self.models.names, self.models.modules, self.emas):
-            comps[name] = ema_copy(m, ema)
-        ema_pipe = type(pipe)(**comps)
+        cfg = self.cfg
+        ema_pipe = self.ema_pipeline()
         scores = evaluate(ema_pipe, self.val_prompts, cfg.seed)
         row = {
             "step": step,
-            "minutes": round((time.time() - self.t0) / 60, 1),
+            "minutes": round(self.minutes_before + (time.time() - self.t0) / 60, 1),
             **{k: round(v, 4) for k, v in scores.items() if k in ("color", "shape", "binding", "spatial", "all")},
         }
         self.history.append(row)
         self.log(f"step {step}: " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "step"))
-        save_pipeline(
-            ema_pipe,
-            cfg.out,
-            cfg.half,
-            {"config": asdict(cfg), "history": self.history, "sampling": default_sampling()},
-        )
+        self.save(ema_pipe, step)
         return row
 
 
+def train_step(run: TeacherRun, noise_scheduler, micro: dict, cfg: TeacherConfig) -> tuple[float, float]:
+    """One optimizer step (diffusion loss + ``order_weight`` x word-order loss), then the EMAs."""
+    loss, order = task_loss(run.models, run.latents, run.captions, noise_scheduler, micro, run.g, cfg)
+    run.opt.zero_grad(set_to_none=True)
+    (loss + cfg.order_weight * order).backward()
+    params = run.params
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    run.opt.step()
+    run.sched.step()
+    for m, ema in zip(run.models.modules, run.emas):
+        ema.step(m.parameters())
+    return float(loss.detach()), float(order.detach())
+
+
 def train_teacher(cfg: TeacherConfig, log=print) -> dict:
+    """Train (or, with ``cfg.resume``, continue) a shapes teacher; the last checkpoint's scores."""
     from ..utils.console import progress_bar
 
+    check_out_dir(cfg)
+    cfg = resumed_config(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    check_out_dir(cfg)
     t0 = time.time()
     torch.manual_seed(cfg.seed)
-    fam = get_family(cfg.family)
-    pipe = build_shapes_pipeline(cfg.seed, fam.name)
-    images, captions = training_data(cfg)
-    log(f"data: {len(captions)} training images {IMAGE_SIZE}x{IMAGE_SIZE}; e.g. {captions[0]!r}")
+    run = start_run(cfg, log)
+    fam = run.models.family
     val_prompts = [s.text for s in generate_scenes(cfg.num_val, "val", cfg.seed, IMAGE_SIZE)]
-    vae_phase(pipe, images, cfg, log)
-    latents = encode_latents(pipe.vae, images)
-    del images
-
-    models = TeacherModels.of(pipe, fam)
-    modules = models.modules
-    for m in modules:
-        m.train()
-    params = [p for m in modules for p in m.parameters()]
-    opt, sched = teacher_optimizer(params, cfg)
-    emas = [EMAModel(m.parameters(), decay=cfg.ema_decay) for m in modules]  # warm-up: min(decay, (1+n)/(10+n))
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # same betas; add_noise for training
+    noise_scheduler = DDPMScheduler.from_config(run.pipe.scheduler.config)  # same betas; add_noise for training
     size = torch.tensor([[IMAGE_SIZE, IMAGE_SIZE]] * cfg.batch_size)
     micro = fam.micro_conditions({"original_size": size, "crop_top_left": torch.zeros_like(size), "target_size": size})
-    g = torch.Generator().manual_seed(cfg.seed + 1)
-    checkpoint = EmaCheckpoints(pipe, models, emas, val_prompts, cfg, t0, log)
+    history = previous_history(cfg) if cfg.resume else []
+    checkpoint = EmaCheckpoints(run, val_prompts, cfg, t0, log, history, history[-1]["minutes"] if history else 0.0)
 
-    bar = progress_bar(range(cfg.steps), desc="U-Net", dynamic_ncols=True)
-    step = 0
+    start = saved = done = run.step
+    if not cfg.resume:  # phase 1 and the data are saved at once: a run stopped before step save_every resumes here
+        checkpoint.save(checkpoint.ema_pipeline(), 0)
+    bar = progress_bar(range(start, cfg.steps), desc="U-Net", dynamic_ncols=True)
     for step in bar:
-        loss = task_loss(models, latents, captions, noise_scheduler, micro, g, cfg)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        for m, ema in zip(modules, emas):
-            ema.step(m.parameters())
+        loss, order = train_step(run, noise_scheduler, micro, cfg)
+        done = step + 1
         if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{sched.get_last_lr()[0]:.1e}")
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            checkpoint(step + 1)
+            bar.set_postfix(loss=f"{loss:.4f}", order=f"{order:.3f}", lr=f"{run.sched.get_last_lr()[0]:.1e}")
+        if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
+            checkpoint(done)
+            saved = done
         if cfg.max_minutes and time.time() - t0 > 60 * cfg.max_minutes:
-            log(f"time budget of {cfg.max_minutes} min reached at step {step + 1}")
+            log(f"time budget of {cfg.max_minutes} min reached at step {done}")
             break
-    best = checkpoint(step + 1)
+        if cfg.stop_after and done - start >= cfg.stop_after:
+            log(f"stopped after {cfg.stop_after} steps at step {done}; continue with --resume")
+            break
+    best = checkpoint(done) if saved != done or done == start else history[-1]
     best["wall_minutes"] = round((time.time() - t0) / 60, 1)
     return best
+
+
+def previous_history(cfg: TeacherConfig) -> list:
+    path = os.path.join(cfg.out, "koala_teacher.json")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return json.load(f).get("history", [])
 
 
 def package_teacher(src: str, dst: str, half: bool = True) -> str:
@@ -394,6 +502,7 @@ def sample_folder(
     from ..utils.console import progress_bar
 
     fam = family_of(pipeline_dir)
+    fam.check_pipeline_dir(pipeline_dir)  # every component there, safetensors headers whole
     pipe = fam.pipeline_class_of(pipeline_dir).from_pretrained(pipeline_dir, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     kw = {**default_sampling(), **fam.pipeline_call_kwargs}
