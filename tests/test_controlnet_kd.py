@@ -103,13 +103,18 @@ def test_resume_is_bit_exact(tiny_pipe_dir, teacher_cn, tmp_path, with_control):
     assert moments and all(torch.equal(a["exp_avg"], b["exp_avg"]) for a, b in moments)
 
 
-def test_no_control_images_refused_naming_the_key(tiny_pipe_dir, teacher_cn, tmp_path):
-    from koala.distill.trainer import train
+def test_no_control_images_refused_naming_the_key(tiny_pipe_dir, teacher_cn, tmp_path, capsys):
+    """koala distill with controlnet.teacher on data without control images: exit 2, data.control named, no
+    traceback, nothing written."""
+    from koala.cli import main
 
     out = tmp_path / "run"
-    with pytest.raises(KoalaError, match=r"data\.control"):
-        train(_cfg(tiny_pipe_dir, teacher_cn, out, "train.max_steps=1"))
-    assert not (out / "checkpoints").exists() and not (out / "config.yaml").exists()
+    args = ["distill", "--config", "tiny-controlnet", f"teacher.pipeline={tiny_pipe_dir}", f"train.output_dir={out}"]
+    args += [f"controlnet.teacher={teacher_cn}", "train.max_steps=1", "train.progress=false", "data.num_samples=4"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "data.control" in err and "Traceback" not in err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(
