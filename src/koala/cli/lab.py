@@ -20,6 +20,7 @@ def register(sub) -> None:
     _add_train_teacher_parser(lab)
     _add_sample_parser(lab)
     _add_make_tiny_parser(lab)
+    _add_train_controlnet_parser(lab)
 
 
 def _add_make_data_parser(lab) -> None:
@@ -130,6 +131,41 @@ def _add_make_tiny_parser(lab) -> None:
     k.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")
     k.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     k.set_defaults(func=run_make_tiny)
+
+
+def _add_train_controlnet_parser(lab) -> None:
+    c = lab.add_parser(
+        "train-controlnet",
+        help="train a layout ControlNet for the shapes teacher on CPU",
+        description="Train a diffusers ControlNetModel (ControlNetModel.from_unet of the teacher's U-Net) on shapes "
+        "scenes conditioned on their layout images (each shape's mask in its colour on black, <stem>.layout.png), "
+        "with the teacher frozen; epsilon loss through the teacher's U-Net with the ControlNet's residuals. OUT "
+        "loads with ControlNetModel.from_pretrained and runs in StableDiffusionXLControlNetPipeline with the teacher. "
+        "A checkpoint replaces OUT every save_every steps; running the same command again resumes bit-exactly "
+        "(raise steps=N to train further). Settings are key=value overrides, e.g. steps=200 batch_size=8 "
+        "ema_decay=0.99 max_minutes=10 threads=2.",
+    )
+    c.add_argument(
+        "--teacher", default=None, metavar="DIR", help="shapes teacher pipeline (default: the packaged one)"
+    )
+    c.add_argument("--out", required=True, metavar="DIR", help="output ControlNet directory (resumed if it is a run)")
+    c.add_argument("--overwrite", action="store_true", help="start over in an existing OUT instead of resuming")
+    c.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="num_train (2000), seed (0), steps (500), batch_size (16), lr (1e-3), warmup (10), cond_dropout (0.1), "
+        "snr_gamma (5), ema_decay (null), conditioning_channels ([16, 32]), save_every (20), max_minutes, threads",
+    )
+    c.set_defaults(func=run_train_controlnet)
+
+
+def run_train_controlnet(args) -> int:
+    from ..lab.controlnet import config_from_overrides, train_controlnet
+
+    cfg = config_from_overrides(args.overrides, out=args.out, teacher=args.teacher, overwrite=args.overwrite)
+    print(json.dumps(train_controlnet(cfg)))
+    return 0
 
 
 def run_make_data(args) -> int:

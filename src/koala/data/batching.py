@@ -63,7 +63,7 @@ class BatchSkipper:
 
 
 def collate_raw(samples: list[dict]) -> dict:
-    return {
+    batch = {
         "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
         "captions": [s["caption"] for s in samples],
         "original_size": torch.tensor([s["original_size"] for s in samples], dtype=torch.long),
@@ -71,12 +71,19 @@ def collate_raw(samples: list[dict]) -> dict:
         "target_size": torch.tensor([s["target_size"] for s in samples], dtype=torch.long),
         "keys": [s["key"] for s in samples],
     }
+    if "control_image" in samples[0]:
+        batch["control_image"] = torch.stack([s["control_image"] for s in samples])
+    return batch
 
 
-def prepare_sample(preparer: SamplePreparer, transform: SDXLTransform, rec: dict, seed: int, epoch: int) -> dict:
+def prepare_sample(
+    preparer: SamplePreparer, transform: SDXLTransform, rec: dict, seed: int, epoch: int, control: str | None = None
+) -> dict:
+    """One decoded, cropped sample; with ``control`` (``data.control``) also its ``control_image``
+    (:mod:`koala.data.control`), cropped as the image."""
     img, caption = preparer.load(rec)
     c = transform(img, sample_rng(seed, epoch, rec["key"]))
-    return {
+    out = {
         "pixel_values": to_tensor(c.image),
         "caption": caption,
         "original_size": c.original_size,
@@ -85,6 +92,11 @@ def prepare_sample(preparer: SamplePreparer, transform: SDXLTransform, rec: dict
         "flipped": c.flipped,
         "key": rec["key"],
     }
+    if control:
+        from .control import control_image
+
+        out["control_image"] = control_image(control, rec["image"], c)
+    return out
 
 
 class BucketBatcher:

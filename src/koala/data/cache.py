@@ -278,6 +278,12 @@ def build_cache(
     cfg = normalize_data_cfg({**data_cfg, "shuffle": False, "repeat": False})
     if cfg["type"] == "cache":
         raise KoalaError("cannot build a cache from a cache; give the raw source")
+    if cfg["control"]:
+        raise KoalaError(
+            f"data.control: {cfg['control']!r}: the cache stores latents and text conditioning only, not control "
+            "images; remove data.control to build the cache, and train with control images from the raw source",
+            option="data.control",
+        )
     source = make_source(cfg)
     units = _units(source, shard_size)
     buckets = parse_buckets(cfg["buckets"], resolution)

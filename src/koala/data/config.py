@@ -34,6 +34,7 @@ DEFAULTS = {
     "shuffle_buffer": 64,  # webdataset / cache: samples mixed across the stream
     "num_samples": 8,  # synthetic: how many generated images (smooth random colour fields, no files)
     "captions": None,  # synthetic: captions cycled over the images (None: a few built-in ones)
+    "control": None,  # control images in batches (control_image): canny | NAME (<image stem>.NAME.png files)
     "size": 64,  # synthetic: side of the generated images in pixels (then resized/cropped as usual)
 }
 
@@ -42,7 +43,7 @@ INT_MAX = 2**63 - 1
 FLAGS = ("center_crop", "random_flip", "shuffle", "repeat", "drop_last")  # true / false
 COUNTS = {"min_size": 0, "shuffle_buffer": 0, "num_samples": 1, "size": 8}  # whole numbers, with their lowest value
 NUMBERS = {"nsfw_threshold": (0, 1), "max_aspect": (1, None)}  # numbers (max_aspect may be null)
-NAMES = ("type", "syncap", "syncap_file", "nsfw_model", "nsfw_label", "image_column", "image_root", "split")
+NAMES = ("type", "control", "syncap", "syncap_file", "nsfw_model", "nsfw_label", "image_column", "image_root", "split")
 NAME_LISTS = ("path", "caption_column", "syncap_column", "captions")  # a string or a list of strings
 
 
@@ -100,4 +101,7 @@ def normalize_data_cfg(cfg: dict) -> dict:
     if out["syncap_file"] and not out["syncap_column"]:
         out["syncap_column"] = "syncap"  # where the joined caption goes in each sample's row
     out["min_size"] = int(out["min_size"] or 0)
+    from .control import check_control
+
+    check_control(out)
     return out

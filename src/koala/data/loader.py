@@ -1,7 +1,8 @@
 """``make_dataloader``: one batch interface for raw sources and the latent/text cache.
 
 Raw batch: ``pixel_values`` [B,3,H,W] in [-1,1], ``captions``, ``original_size`` [B,2] (h,w),
-``crop_top_left`` [B,2] (top,left), ``target_size`` [B,2] (h,w), ``keys``, ``skipped`` ({reason: count} of the
+``crop_top_left`` [B,2] (top,left), ``target_size`` [B,2] (h,w), ``keys``, with ``data.control`` also
+``control_image`` [B,3,H,W] in [0,1] (:mod:`koala.data.control`), ``skipped`` ({reason: count} of the
 samples skipped since the worker's previous batch: unreadable or vanished files, a shard cut short while it is read).
 Cached batch: ``latents`` [B,4,h,w] (scaled), the family's conditioning (SDXL: ``prompt_embeds`` [B,77,D],
 ``pooled_prompt_embeds`` [B,P], ``add_time_ids`` [B,6]; SD-1.x: ``prompt_embeds``), ``captions``, ``keys``
@@ -78,7 +79,7 @@ class RawBatches(EpochBatches):
     def load_stand_in(self, item):
         rec, epoch = item
         try:
-            return prepare_sample(self.preparer, self.transform, rec, self.seed, epoch)
+            return prepare_sample(self.preparer, self.transform, rec, self.seed, epoch, self.cfg.get("control"))
         except SkipSample as err:  # also a stand-in whose header was fine but pixels not (see module doc)
             self.skips[err.reason] += 1
             return None

@@ -93,6 +93,11 @@ def _wanted_columns(cfg: dict, image_column: str | None) -> list[str]:
     return cols
 
 
+def _is_control_file(name: str, control: str | None) -> bool:
+    """``x.NAME.png``: the control image of ``x.*`` under ``data.control: NAME``, not an image to train on."""
+    return bool(control) and control != "canny" and name.lower().endswith(f".{control.lower()}.png")
+
+
 class FolderSource(IndexedSource):
     """An image folder: captions from ``metadata.jsonl``/``.csv``/``.parquet`` (``file_name`` column, HF
     imagefolder convention, at the folder root) or from sidecar files (``x.jpg`` + ``x.txt`` -> field ``text``,
@@ -114,7 +119,7 @@ class FolderSource(IndexedSource):
                 files += [
                     os.path.relpath(os.path.join(dirpath, f), path)
                     for f in sorted(filenames)
-                    if f.lower().endswith(IMAGE_EXTS)
+                    if f.lower().endswith(IMAGE_EXTS) and not _is_control_file(f, cfg.get("control"))
                 ]
             rows = [{"file_name": f} for f in files]
         if not rows:

@@ -34,6 +34,7 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "orange": (245, 130, 20),
 }
 BACKGROUND = (255, 255, 255)
+LAYOUT_BACKGROUND = (0, 0, 0)  # layout (control) images: the masks on black (koala.lab.layout)
 SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": 0.13, "large": 0.20}  # radius as a fraction of the image side
 DEFAULT_COLORS = ("red", "green", "blue", "yellow")
@@ -102,10 +103,12 @@ def shape_mask(shape: str, cx: float, cy: float, r: float, size: int) -> np.ndar
     raise KoalaError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
 
 
-def render(objects: Sequence[ShapeObject], size: int = 64) -> np.ndarray:
+def render(
+    objects: Sequence[ShapeObject], size: int = 64, background: tuple[int, int, int] = BACKGROUND
+) -> np.ndarray:
     """``uint8 [size, size, 3]`` image of the objects (no anti-aliasing, so colours are exact)."""
     img = np.empty((size, size, 3), np.uint8)
-    img[:] = BACKGROUND
+    img[:] = background
     for o in objects:
         img[shape_mask(o.shape, o.cx, o.cy, o.r, size)] = PALETTE[o.color]
     return img
@@ -213,7 +216,8 @@ def generate_scenes(
 
 
 def write_image_folder(scenes: Sequence[Scene], out_dir: str, size: int = 64, progress: bool = True) -> str:
-    """Write PNGs + ``metadata.jsonl`` (``file_name``, ``text``, ``objects``, ``relations``) to ``out_dir``."""
+    """Write PNGs + ``metadata.jsonl`` (``file_name``, ``text``, ``objects``, ``relations``) to ``out_dir``, and
+    each image's layout ``<stem>.layout.png`` (:mod:`koala.lab.layout`)."""
     from PIL import Image
 
     from ..utils.console import progress_bar
@@ -225,6 +229,8 @@ def write_image_folder(scenes: Sequence[Scene], out_dir: str, size: int = 64, pr
         ):
             name = f"{i:06d}.png"
             Image.fromarray(render(sc.objects, size)).save(os.path.join(out_dir, name))
+            layout = render(sc.objects, size, LAYOUT_BACKGROUND)  # the ControlNet's control (koala.lab.layout)
+            Image.fromarray(layout).save(os.path.join(out_dir, f"{i:06d}.layout.png"))
             f.write(json.dumps({"file_name": name, **sc.to_json()}) + "\n")
     return out_dir
 
