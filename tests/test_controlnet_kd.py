@@ -21,23 +21,11 @@ def teacher_cn(tiny_pipe_dir, tmp_path_factory):
     return save_tiny_controlnet(tiny_pipe_dir, str(tmp_path_factory.mktemp("cnkd") / "teacher_cn"))
 
 
-@pytest.fixture
-def with_control(monkeypatch):
-    """Batches of the synthetic source with a control image: the image itself, in [0, 1] (a stand-in for
-    data.control, which derives it from each image)."""
-    from koala.distill import trainer
-
-    make = trainer.make_dataloader
-
-    def add_control(batches):
-        for b in batches:
-            yield {**b, "control_image": (b["pixel_values"].flip(1) + 1) / 2}
-
-    monkeypatch.setattr(trainer, "make_dataloader", lambda *a, **kw: add_control(make(*a, **kw)))
-
-
 def _cfg(pipe, teacher_cn, out, *extra):
-    return tiny_run_config("tiny-controlnet", pipe, out, f"controlnet.teacher={teacher_cn}", *extra)
+    """tiny-controlnet on the synthetic source with Canny edges of each image as its control image."""
+    return tiny_run_config(
+        "tiny-controlnet", pipe, out, f"controlnet.teacher={teacher_cn}", "data.control=canny", *extra
+    )
 
 
 def _metrics(out):
@@ -45,12 +33,16 @@ def _metrics(out):
         return [json.loads(line) for line in f]
 
 
-def test_controlnet_kd_trains_the_controlnet_and_its_losses_fall(tiny_pipe_dir, teacher_cn, tmp_path, with_control):
+def test_controlnet_kd_trains_the_controlnet_and_its_losses_fall(tiny_pipe_dir, teacher_cn, tmp_path):
     from koala.distill.trainer import train
     from koala.inference.controlnet import load_controlnet
+    from koala.lab.shapes import write_shapes_dataset
 
+    data = write_shapes_dataset(str(tmp_path / "shapes"), num_train=8, num_val=0, size=32, progress=False)
+    assert os.path.isfile(os.path.join(data, "train", "000000.layout.png"))
+    shapes = [f"data.path={data}/train", "data.type=folder", "data.control=layout"]
     out = tmp_path / "run"
-    summary = train(_cfg(tiny_pipe_dir, teacher_cn, out, "train.max_steps=8", "train.lr=1e-3"))
+    summary = train(_cfg(tiny_pipe_dir, teacher_cn, out, *shapes, "train.max_steps=8", "train.lr=1e-3"))
     rows = _metrics(out)
     kd = [r["loss/out"] + r["loss/feat"] + r["loss/cn_res"] for r in rows]
     assert all(math.isfinite(r["loss/total"]) for r in rows)
@@ -80,7 +72,7 @@ def test_controlnet_kd_trains_the_controlnet_and_its_losses_fall(tiny_pipe_dir, 
     assert not torch.allclose(torch.from_numpy(outs[0]), torch.from_numpy(outs[1]))
 
 
-def test_resume_is_bit_exact(tiny_pipe_dir, teacher_cn, tmp_path, with_control):
+def test_resume_is_bit_exact(tiny_pipe_dir, teacher_cn, tmp_path):
     """4 steps = 2 + resume 2, training the U-Net too: the student U-Net, the student ControlNet and the optimizer's
     moments are equal bit for bit."""
     from koala.distill.trainer import train
@@ -103,10 +95,11 @@ def test_resume_is_bit_exact(tiny_pipe_dir, teacher_cn, tmp_path, with_control):
     assert moments and all(torch.equal(a["exp_avg"], b["exp_avg"]) for a, b in moments)
 
 
-def test_no_control_images_refused_naming_the_key(tiny_pipe_dir, teacher_cn, tmp_path, capsys):
-    """koala distill with controlnet.teacher on data without control images: exit 2, data.control named, no
-    traceback, nothing written."""
+def test_no_control_images_refused_naming_the_key(tiny_pipe_dir, teacher_cn, tmp_path, capsys, monkeypatch):
+    """koala distill with controlnet.teacher and no data.control: exit 2, data.control named, no traceback, nothing
+    written; a loader whose batches carry no control image anyway is refused before anything is written too."""
     from koala.cli import main
+    from koala.distill import trainer
 
     out = tmp_path / "run"
     args = ["distill", "--config", "tiny-controlnet", f"teacher.pipeline={tiny_pipe_dir}", f"train.output_dir={out}"]
@@ -114,6 +107,11 @@ def test_no_control_images_refused_naming_the_key(tiny_pipe_dir, teacher_cn, tmp
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "data.control" in err and "Traceback" not in err
+    make = trainer.make_dataloader
+    strip = lambda batches: ({k: v for k, v in b.items() if k != "control_image"} for b in batches)  # noqa: E731
+    monkeypatch.setattr(trainer, "make_dataloader", lambda *a, **kw: strip(make(*a, **kw)))
+    with pytest.raises(KoalaError, match=r"data\.control"):
+        trainer.train(_cfg(tiny_pipe_dir, teacher_cn, out, "train.max_steps=1"))
     assert not out.exists()
 
 
@@ -132,7 +130,7 @@ def test_bad_config_refused_with_the_key(tiny_pipe_dir, teacher_cn, tmp_path, ov
     assert not (tmp_path / "run").exists()
 
 
-def test_controlnet_of_another_model_refused(tiny_pipe_dir, tiny_sd_pipe_dir, teacher_cn, tmp_path, with_control):
+def test_controlnet_of_another_model_refused(tiny_pipe_dir, tiny_sd_pipe_dir, teacher_cn, tmp_path):
     """A teacher ControlNet of another family, and a student ControlNet whose encoder is not the student's, are
     refused naming the folder, before anything is written."""
     from koala.distill.trainer import train

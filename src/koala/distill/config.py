@@ -586,6 +586,13 @@ def _check_controlnet(cfg: DistillConfig) -> None:
                 + (" (koala controlnet transfer writes one)" if key.endswith("student") else ""),
                 option=key,
             )
+    if cfg.data.get("control") is None:
+        raise KoalaError(
+            "controlnet.teacher is set but data.control is not: ControlNet KD needs a control image with each "
+            "training image; set data.control=canny (Canny edges of each image) or data.control=NAME (a file "
+            "<image stem>.NAME.png next to each image, e.g. layout for koala lab's shapes data)",
+            option="data.control",
+        )
     _num(cfg, "controlnet.conditioning_scale", 0)
     _num(cfg, "controlnet.residual_kd", 0)
     for key, on, why in (
