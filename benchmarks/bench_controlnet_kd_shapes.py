@@ -71,18 +71,22 @@ def transferred(work: str, controlnet: str, student: str) -> str:
     return out
 
 
-def controlnet_kd(work: str, controlnet: str, student: str, train_dir: str, a) -> str:
-    """The student ControlNet after ControlNet KD (``controlnet/`` of the run's last checkpoint)."""
+def controlnet_kd(work: str, controlnet: str, student: str, train_dir: str, a, train_unet: bool) -> str:
+    """The student ControlNet after ControlNet KD (``controlnet/`` of the run's last checkpoint); reused when the
+    run is there."""
     from koala.distill import load_config, train
     from koala.lab.models import IMAGE_SIZE, shapes_teacher_dir
 
-    run = os.path.join(work, "kd-unet" if a.train_unet else "kd")
+    run = os.path.join(work, "kd-unet" if train_unet else "kd")
+    done = os.path.join(run, "checkpoints", f"step-{a.cn_steps:07d}", "controlnet")
+    if os.path.isdir(done):
+        return done
     overrides = [
         f"teacher.pipeline={shapes_teacher_dir()}",
         "teacher.dtype=fp32",
         f"student.path={os.path.join(student, 'unet')}",
         f"controlnet.teacher={controlnet}",
-        f"controlnet.train_unet={str(a.train_unet).lower()}",
+        f"controlnet.train_unet={str(train_unet).lower()}",
         "data.type=folder",
         f"data.path={train_dir}",
         "data.random_flip=false",
@@ -93,6 +97,9 @@ def controlnet_kd(work: str, controlnet: str, student: str, train_dir: str, a) -
         "train.grad_accum=1",
         f"train.max_steps={a.cn_steps}",
         f"train.lr={a.lr}",
+        "train.lr_schedule=cosine",
+        f"train.lr_warmup_steps={min(20, a.cn_steps // 10)}",
+        "loss.task=1.0",
         "train.caption_dropout=0.1",
         f"train.checkpoint_every={a.cn_steps}",
         "train.keep_checkpoints=1",
@@ -112,10 +119,16 @@ def main(argv=None) -> None:
     p.add_argument("--student", default=None, help="a student pipeline dir (default: KD as koala demo, --kd-steps)")
     p.add_argument("--kd-steps", type=int, default=400, help="KD steps of the default student")
     p.add_argument("--num-train", type=int, default=2000, help="shapes training images for ControlNet KD")
-    p.add_argument("--cn-steps", type=int, default=300, help="ControlNet KD steps")
+    p.add_argument("--cn-steps", type=int, default=200, help="ControlNet KD steps")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--train-unet", action="store_true", help="train the student U-Net with the ControlNet")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine, warmup)")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        choices=("controlnet", "unet"),
+        default=["controlnet", "unet"],
+        help="row 4 per variant: controlnet = only the ControlNet trains; unet = the student U-Net trains with it",
+    )
     p.add_argument("--override", nargs="*", default=[], help="more key=value for the ControlNet KD run")
     p.add_argument("--num", type=int, default=64, help="val scenes scored per row")
     p.add_argument("--seed", type=int, default=0)
@@ -134,23 +147,42 @@ def main(argv=None) -> None:
         return
     train_dir = shapes_data(a.work, a.num_train, a.seed)
     row3 = transferred(a.work, a.controlnet, student)
-    t1 = time.time()
-    row4 = controlnet_kd(a.work, a.controlnet, student, train_dir, a)
-    print(f"ControlNet KD: {row4} ({time.time() - t1:.0f} s)", flush=True)
+    kd = {}
+    for v in a.variants:
+        t1 = time.time()
+        kd[v] = controlnet_kd(a.work, a.controlnet, student, train_dir, a, train_unet=v == "unet")
+        print(f"ControlNet KD ({v}): {kd[v]} ({time.time() - t1:.0f} s)", flush=True)
     if a.stop_after == "kd":
         return
-    sys.path.insert(0, HERE)
-    import bench_controlnet_shapes
+    table(a, student, row3, kd, time.time() - t0)
 
-    args = ["--controlnet", a.controlnet, "--student", student, "--student-controlnet", row3]
-    args += ["--kd-controlnet", row4, "--num", str(a.num), "--seed", str(a.seed), "--out", a.out]
-    if a.train_unet:
-        args += ["--kd-student", _kd_pipeline(a.work, student, os.path.dirname(row4))]
-    bench_controlnet_shapes.main(args)
+
+def table(a, student: str, row3: str, kd: dict[str, str], t_prep: float) -> None:
+    """Rows 1-4 scored as bench_controlnet_shapes.py scores them (same scenes, seeds and sampler)."""
+    sys.path.insert(0, HERE)
+    import bench_controlnet_shapes as b
+    from koala.lab.models import shapes_teacher_dir
+
+    t0 = time.time()
+    teacher, cn = b.load_pipe(shapes_teacher_dir()), b.load_controlnet(a.controlnet)
+    rows = [b.measure("teacher + ControlNet", teacher, cn, a.num, a.seed)]
+    rows.append(b.measure("teacher without ControlNet (context)", teacher, None, a.num, a.seed))
+    pipe = b.load_pipe(student)
+    rows.append(b.measure("student without ControlNet", pipe, None, a.num, a.seed))
+    rows.append(
+        b.measure("student + transferred ControlNet, no training", pipe, b.load_controlnet(row3), a.num, a.seed)
+    )
+    names = {"controlnet": "ControlNet trained", "unet": "ControlNet and U-Net trained"}
+    for v, cn_dir in kd.items():
+        kd_pipe = b.load_pipe(_kd_pipeline(a.work, student, os.path.dirname(cn_dir))) if v == "unet" else pipe
+        name = f"student + ControlNet after ControlNet KD ({names[v]}, {a.cn_steps} steps)"
+        rows.append(b.measure(name, kd_pipe, b.load_controlnet(cn_dir), a.num, a.seed))
+    b.write(rows, argparse.Namespace(**{**vars(a), "student": student}), t_prep + time.time() - t0, a.out)
 
 
 def _kd_pipeline(work: str, student: str, checkpoint: str) -> str:
-    out = os.path.join(work, "kd-student")
+    """The student pipeline with the U-Net ControlNet KD trained (``controlnet.train_unet=true``)."""
+    out = os.path.join(work, "kd-unet-student")
     if not os.path.isdir(out):
         _pipeline_with_unet(student, os.path.join(checkpoint, "unet"), out)
     return out
