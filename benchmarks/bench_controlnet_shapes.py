@@ -38,12 +38,13 @@ def load_pipe(path: str):
 
 
 def load_controlnet(path: str | None):
-    """A ControlNet directory (``ControlNetModel.from_pretrained``), or None."""
+    """A ControlNet directory (diffusers' ``ControlNetModel``, or koala's ``KoalaControlNetModel`` for a student
+    without a mid block: :func:`koala.inference.load_controlnet`), or None."""
     if not path:
         return None
-    from diffusers import ControlNetModel
+    from koala.inference.controlnet import load_controlnet as load
 
-    return ControlNetModel.from_pretrained(path, dtype=torch.float32)
+    return load(path, dtype=torch.float32)
 
 
 def measure(name: str, pipe, controlnet, num: int, seed: int = 0) -> dict:

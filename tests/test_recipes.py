@@ -190,6 +190,7 @@ def test_shipped_recipes_resolve_by_name_and_match_paper():
         "tiny-dit",
         "tiny-fewstep",
         "tiny-dmd",
+        "tiny-controlnet",
         "koala-700m-lcm",
         "koala-1b-lcm",
         "koala-700m-dmd",

@@ -137,9 +137,10 @@ def run(args) -> int:
         return PREEMPTED_EXIT
     skipped = summary.get("data_skipped") or {}
     data = f"; data: {SkipCounter(skipped).summary()}" if skipped else ""
+    cn = f"; student ControlNet {summary['controlnet']}" if summary.get("controlnet") else ""
     print(
         f"koala distill [rank {summary['rank']}/{summary['world_size']}]: finished at step {summary['step']}; "
-        f"checkpoint {summary['checkpoint']}{data}",
+        f"checkpoint {summary['checkpoint']}{cn}{data}",
         flush=True,
     )
     return 0

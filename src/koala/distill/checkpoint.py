@@ -7,6 +7,7 @@ Layout::
     trainer_state.pt optimizer / EMA / grad-scaler state (tensors and numbers only; loaded with weights_only=True)
     state.json       step, the batch layout (world size, accumulation, global batch) and the config as written
     README.md        the model card (koala.card): student, layer map per stage, sampling defaults, training so far
+    controlnet/      ControlNet KD (controlnet.teacher): the student ControlNet (diffusers folder, with its card)
 """
 
 from __future__ import annotations
@@ -76,13 +77,16 @@ def save_checkpoint(
     keep: int = 0,
     states: dict | None = None,
     objective=None,
+    controlnet=None,
 ) -> str:
     """Write ``step-NNNNNNN`` under ``layout.output_dir`` (a :class:`~koala.distill.config.RunLayout`) for the run
     of ``cfg`` (a :class:`~koala.distill.config.DistillConfig`); keep the newest ``keep`` (0: all). ``states``: the
     full student / optimizer / EMA states gathered from a sharded (FSDP) run
     (:func:`koala.distill.sharding.gather_states`); written in the same layout as an unsharded run's. ``objective``:
     the run's step objective (:mod:`koala.distill.fewstep`), when it has one: its state goes into
-    ``trainer_state.pt`` and, in LoRA mode, it writes the student (merged) and the LoRA file."""
+    ``trainer_state.pt`` and, in LoRA mode, it writes the student (merged) and the LoRA file. ``controlnet``: the
+    run's :class:`~koala.distill.controlnet.ControlNetKD` (ControlNet KD): it writes the student ControlNet into
+    ``controlnet/`` (its optimizer state is in the optimizer's)."""
     final = os.path.join(checkpoint_root(layout.output_dir), f"step-{step:07d}")
     with atomic_output_dir(final, overwrite=True) as tmp:
         sub = model_folder(lmap)
@@ -90,6 +94,8 @@ def save_checkpoint(
             _save_gathered(tmp, sub, student, lmap, states, scaler)
         else:
             _save_plain(tmp, sub, student, lmap, ema, optimizer, scaler, objective)
+        if controlnet is not None:
+            controlnet.save(os.path.join(tmp, "controlnet"))
         n_params = sum(p.numel() for p in student.parameters())
         write_model_card(tmp, lmap, n_params, training=training_summary(cfg, step, layout), layout="checkpoint")
         _write_state(tmp, step, layout, cfg, "names" if states is not None else "indices")
@@ -161,11 +167,12 @@ def _save_plain(tmp: str, sub: str, student, lmap, ema, optimizer, scaler, objec
     save_tensor_file(state, os.path.join(tmp, "trainer_state.pt"))
 
 
-def load_checkpoint(path: str, student, ema, optimizer, scaler, objective=None) -> int:
+def load_checkpoint(path: str, student, ema, optimizer, scaler, objective=None, controlnet=None) -> int:
     """Restore weights and trainer state in place; return the step the checkpoint was taken at. A sharded (FSDP)
     student takes the full states back through :func:`koala.distill.sharding.load_states` (every process calls).
     ``objective``: the run's step objective; it takes its state back (in LoRA mode the adapters: the checkpoint's
-    model folder then holds merged weights, which are not loaded)."""
+    model folder then holds merged weights, which are not loaded); ``controlnet``: ControlNet KD's student ControlNet
+    takes its weights back from ``controlnet/``."""
     from .sharding import is_fsdp, load_states
 
     with open(os.path.join(path, "state.json")) as f:
@@ -203,6 +210,8 @@ def load_checkpoint(path: str, student, ema, optimizer, scaler, objective=None) 
         raise KoalaError(
             f"{path}: checkpoint does not fit this student (different preset?): {str(err)[:300]}"
         ) from err
+    if controlnet is not None:
+        controlnet.load(path)
     if layout != "names":
         optimizer.load_state_dict(state["optimizer"])
         if ema is not None and state.get("ema") is not None:

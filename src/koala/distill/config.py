@@ -186,6 +186,21 @@ class FewStepConfig:
 
 
 @dataclass
+class ControlNetConfig:
+    """ControlNet KD (``koala.distill.controlnet``): train the student's ControlNet so that student + ControlNet
+    matches teacher + teacher ControlNet on the same noisy latents and control images (``batch["control_image"]``,
+    from ``data.control``)."""
+
+    teacher: Optional[str] = None  # the teacher's ControlNet folder (diffusers); null: no ControlNet KD
+    student: Optional[str] = None  # the student's ControlNet folder (`koala controlnet transfer`); null: transfer
+    # the teacher's through the student's layer map at the start of the run
+    train_unet: bool = False  # also train the student U-Net (false: only the ControlNet trains)
+    conditioning_scale: float = 1.0  # the ControlNets' residual scale in training (the pipelines' default)
+    residual_kd: float = 1.0  # weight of the residual KD term: each student ControlNet residual (zero-convolution
+    # output) vs the teacher ControlNet's residual at the slot the layer map maps it to, with kd.feature_loss
+
+
+@dataclass
 class DistillConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
@@ -197,6 +212,7 @@ class DistillConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     fewstep: FewStepConfig = field(default_factory=FewStepConfig)
+    controlnet: ControlNetConfig = field(default_factory=ControlNetConfig)
 
     def to_dict(self) -> dict:
         """The config as plain nested containers (what ``config.yaml``, checkpoints and trackers store)."""
@@ -443,6 +459,7 @@ def _check(cfg: DistillConfig) -> None:
     _check_sharding(cfg.train)
     _check_optimizer(cfg.train)
     _check_fewstep(cfg)
+    _check_controlnet(cfg)
     if not isinstance(cfg.student.preset, (str, dict)):
         raise KoalaError(
             f"student.preset must be a preset name or a spec mapping, got {cfg.student.preset!r}",
@@ -548,3 +565,41 @@ def _check_fewstep(cfg: DistillConfig) -> None:
             "set train.ema.enabled=false (LCM's target network is fewstep.target_decay)",
             option="train.ema.enabled",
         )
+
+
+def _check_controlnet(cfg: DistillConfig) -> None:
+    """``controlnet.*``: the folders exist, the weights are sane, and the training modes ControlNet KD runs with."""
+    c, t = cfg.controlnet, cfg.train
+    if c.teacher is None:
+        if c.student is not None:
+            raise KoalaError(
+                "controlnet.student is set but controlnet.teacher is not: ControlNet KD needs the teacher ControlNet "
+                "(controlnet.teacher=DIR)",
+                option="controlnet.teacher",
+            )
+        return
+    for key in ("controlnet.teacher", "controlnet.student"):
+        path = _value(cfg, key)
+        if path is not None and not os.path.isfile(os.path.join(str(path), "config.json")):
+            raise KoalaError(
+                f"{key} {path}: not a ControlNet folder (no config.json); give a diffusers ControlNet folder"
+                + (" (koala controlnet transfer writes one)" if key.endswith("student") else ""),
+                option=key,
+            )
+    if cfg.data.get("control") is None:
+        raise KoalaError(
+            "controlnet.teacher is set but data.control is not: ControlNet KD needs a control image with each "
+            "training image; set data.control=canny (Canny edges of each image) or data.control=NAME (a file "
+            "<image stem>.NAME.png next to each image, e.g. layout for koala lab's shapes data)",
+            option="data.control",
+        )
+    _num(cfg, "controlnet.conditioning_scale", 0)
+    _num(cfg, "controlnet.residual_kd", 0)
+    for key, on, why in (
+        ("fewstep.method", cfg.fewstep.method != "none", "ControlNet KD trains with the KD objective alone"),
+        ("train.teacher_worker", t.teacher_worker, "the teacher ControlNet runs in the training process"),
+        ("train.fsdp", t.fsdp != "none", "ControlNet KD trains unsharded in one process for now"),
+        ("train.ema.enabled", t.ema.enabled, "the EMA would not cover the ControlNet"),
+    ):
+        if on:
+            raise KoalaError(f"controlnet.teacher with {key}: {why}; turn {key} off", option=key)

@@ -19,6 +19,7 @@ class Prepared:
     target: torch.Tensor
     latents: torch.Tensor | None = None  # the clean latents (step objectives noise them their own way)
     gens: list | None = None  # the samples' generators, drawn on by step objectives after the noise and timestep
+    control: torch.Tensor | None = None  # the control images [B, 3, H, W] in [0, 1] (ControlNet KD)
 
 
 @dataclass

@@ -24,12 +24,15 @@ from ..utils.compile import compile_module
 from ..utils.extras import require
 from .checkpoint import list_checkpoints
 from .config import DistillConfig, RunLayout, TrainConfig
+from .controlnet import ControlNetKD, check_control
 from .fewstep import make_objective
 from .hooks import FeatureRecorder, feature_pairs, unwrap
 from .items import KDItem, Prepared
-from .losses import Losses, kd_losses, prediction_target
+from .losses import FEATURE_LOSSES, Losses, kd_losses, prediction_target
 from .models import encode_batch, load_models
 from .sharding import shard_student
+
+RESIDUALS = "controlnet/residuals"  # the teacher ControlNet's residuals among an item's teacher features
 
 
 def sample_generators(
@@ -149,6 +152,11 @@ class Distiller:
         if not (w.feat > 0):
             self.pairs = []
         self.attention = t.attention
+        # controlnet.teacher: ControlNet KD (the two ControlNets; the student U-Net frozen unless train_unet)
+        self.control = ControlNetKD(self, student) if cfg.controlnet.teacher else None
+        if self.control is not None:
+            self.pairs = self.control.pairs(self.pairs)
+            self.need_teacher = True
         self.objective = make_objective(self)  # fewstep.method: a step objective, or None (KD alone)
         if self.objective is not None:  # the step teacher, LoRA adapters; what the student records for sampling
             self.objective.setup_student(student)
@@ -156,6 +164,8 @@ class Distiller:
             self.lmap.meta["fewstep"] = {"method": cfg.fewstep.method, "lora_rank": cfg.fewstep.lora_rank}
         self._place_student(student)
         trainable = [p for p in student.parameters() if p.requires_grad]
+        if self.control is not None:
+            trainable += self.control.parameters()
         optimizer = make_optimizer(trainable, t, accelerator.num_processes)
         self.worker = self._start_worker()
         try:  # a failure from here on stops the worker again
@@ -244,11 +254,16 @@ class Distiller:
         :func:`sample_generators`) are drawn in the order VAE sample, caption dropout, noise, timestep."""
         dev, fz = self.acc.device, self.frozen
         latents, cond = encode_batch(batch, fz, dev, gens, self.caption_dropout, self.uncond)
+        control = batch.get("control_image")
+        if self.control is not None:
+            check_control(batch, "the micro-batch")
+            control = control.to(dev, torch.float32)
         sched = fz.noise_scheduler
         noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens]).to(dev)
         t = torch.stack([torch.randint(0, sched.config.num_train_timesteps, (), generator=g) for g in gens]).to(dev)
         noisy = sched.add_noise(latents, noise, t).contiguous(memory_format=self.memory_format)
-        return Prepared(noisy, t, cond, prediction_target(sched, latents, noise, t), latents, gens)
+        target = prediction_target(sched, latents, noise, t)
+        return Prepared(noisy, t, cond, target, latents, gens, control if self.control is not None else None)
 
     def teacher_forward(self, p: Prepared) -> torch.Tensor | None:
         """The frozen teacher (``teacher.dtype``, no grad) under feature capture, in this process; None when no
@@ -257,7 +272,11 @@ class Distiller:
             return None
         td = self.frozen.weight_dtype
         with torch.no_grad(), self.t_rec.capture(), attention_context(self.attention):
-            return self.family.forward(self.teacher, p.noisy, p.t, p.cond, dtype=td)
+            if self.control is None:
+                return self.family.forward(self.teacher, p.noisy, p.t, p.cond, dtype=td)
+            res = self.control.teacher_residuals(p)
+            self._teacher_res = res  # teacher_targets hands it on with the features (residual KD)
+            return self.family.forward(self.teacher, p.noisy, p.t, p.cond, dtype=td, extra=res)
 
     def teacher_targets(self, p: Prepared) -> tuple[torch.Tensor | None, dict]:
         """``(output, features)`` of the teacher for ``p``: from the teacher worker when there is one (waiting for
@@ -265,7 +284,10 @@ class Distiller:
         if self.worker is not None:
             self._submit(p)
             return self.worker.result()
-        return self.teacher_forward(p), self.t_rec.pop()
+        out, feats = self.teacher_forward(p), self.t_rec.pop()
+        if self.control is not None:
+            feats[RESIDUALS] = self._teacher_res
+        return out, feats
 
     def kd_item(self, batch: dict, gens: list[torch.Generator]) -> KDItem:
         """One micro-batch prepared, with its teacher targets."""
@@ -296,7 +318,11 @@ class Distiller:
     def student_forward(self, p: Prepared) -> torch.Tensor:
         """The student (autocast per ``train.mixed_precision``) under feature capture."""
         with self.acc.autocast(), self.s_rec.capture(), attention_context(self.attention):
-            return self.family.forward(self.student, p.noisy, p.t, p.cond)
+            if self.control is None:
+                return self.family.forward(self.student, p.noisy, p.t, p.cond)
+            res = self.control.residuals(self.control.student, p)
+            self._student_res = res
+            return self.family.forward(self.student, p.noisy, p.t, p.cond, extra=res)
 
     def losses(self, p: Prepared, s_out: torch.Tensor, t_out: torch.Tensor | None, t_feats: dict) -> Losses:
         """:class:`Losses` (fp32) from the two outputs, the student's captured features and the teacher's."""
@@ -305,7 +331,7 @@ class Distiller:
             dead = [n for n, f in s_feats.items() if not f.requires_grad]
             if dead:
                 raise RuntimeError(f"student features {dead[:3]} carry no gradient; featKD would be silently ignored")
-        return kd_losses(
+        losses = kd_losses(
             s_out,
             p.target,
             t_out if self.cfg.loss.out > 0 else None,
@@ -316,6 +342,13 @@ class Distiller:
             self.cfg.kd.feature_loss,
             prediction=self.family.prediction(s_out, p.target.shape[1]),
         )
+        if self.control is not None:  # residual KD: the student ControlNet's residuals vs the teacher's, slot by slot
+            res = self.control.residual_loss(
+                self._student_res, t_feats[RESIDUALS], FEATURE_LOSSES[self.cfg.kd.feature_loss]
+            )
+            losses.total = losses.total + self.cfg.controlnet.residual_kd * res
+            losses.extra["cn_res"] = res.detach()
+        return losses
 
     def micro_step(self, item: KDItem, step: int = 0, accum: int = 1, mark: Callable[[], None] = _no_mark) -> Losses:
         """The KD micro-step, the one place it is assembled: the student's forward and the losses, the finite check
@@ -364,10 +397,15 @@ class Distiller:
                 norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), max_norm)
                 logs["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
             else:
-                logs["grad_norm"] = float(self.acc.clip_grad_norm_(self.student.parameters(), max_norm))
+                logs["grad_norm"] = float(self.acc.clip_grad_norm_(self.trained_parameters(), max_norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return logs
+
+    def trained_parameters(self) -> list[torch.nn.Parameter]:
+        """The student's parameters, and the student ControlNet's with ControlNet KD (clipped together)."""
+        params = list(self.student.parameters())
+        return params + self.control.parameters() if self.control is not None else params
 
     def ema_step(self) -> None:
         if self.ema is not None:

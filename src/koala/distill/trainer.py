@@ -31,6 +31,7 @@ from ..utils.weights import ENTRY_BYTES, tensor_bytes
 from ..utils.writes import writing
 from .checkpoint import checkpoint_root, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from .config import DistillConfig, RunLayout, resolve_cpu_threads
+from .controlnet import check_control
 from .hang import Heartbeat, hang_message, heartbeat_interval, is_collective_failure
 from .models import teacher_pipeline
 from .sharding import gather_states
@@ -159,7 +160,10 @@ class TrainingRun:
             self.step = self._resume(resume)
             self.data = infinite(loader)
             if self.step < t.max_steps:  # a source with nothing usable fails here, before anything is written
-                self.data = itertools.chain([next(self.data)], self.data)
+                first = next(self.data)
+                if self.d.control is not None:  # ControlNet KD without control images: refused, nothing written
+                    check_control(first)
+                self.data = itertools.chain([first], self.data)
             self._start_outputs()
         except BaseException:
             self.d.close()
@@ -188,7 +192,7 @@ class TrainingRun:
         if not resume:
             return 0
         d = self.d
-        step = load_checkpoint(resume, d.plain_student, d.ema, d.optimizer, self.scaler, d.objective)
+        step = load_checkpoint(resume, d.plain_student, d.ema, d.optimizer, self.scaler, d.objective, d.control)
         if d.ema is not None:
             d.ema.to(self.acc.device)
         self.acc.print(f"resumed from {resume} at step {step}")
@@ -338,12 +342,18 @@ class TrainingRun:
             "step": self.step,
             "output_dir": self.layout.output_dir,
             "checkpoint": self.last_ckpt or (ckpts[-1][1] if ckpts else None),
+            "controlnet": self._controlnet_dir(ckpts),
             "feature_pairs": len(self.d.pairs),
             "rank": self.layout.rank,
             "world_size": self.layout.world_size,
             "preempted": self.preempted,
             "data_skipped": dict(self.skipped),
         }
+
+    def _controlnet_dir(self, ckpts) -> str | None:
+        """ControlNet KD: the trained student ControlNet, ``controlnet/`` of the last checkpoint."""
+        last = self.last_ckpt or (ckpts[-1][1] if ckpts else None)
+        return os.path.join(last, "controlnet") if self.d.control is not None and last else None
 
 
 def checkpoint_bytes(d: Distiller) -> int:
@@ -359,6 +369,8 @@ def checkpoint_bytes(d: Distiller) -> int:
         state = sum(2 * p.numel() * 4 + 3 * ENTRY_BYTES + 4 for p in params if p.requires_grad)
     ema = 2 * tensor_bytes(d.ema.shadow_params, ENTRY_BYTES) if d.ema is not None else 0  # unet_ema/ + its state
     objective = d.objective.state_bytes() if d.objective is not None else 0
+    if d.control is not None:  # the student ControlNet's weights (controlnet/) and its two AdamW moments
+        objective += 3 * d.control.state_bytes()
     maps = (2 if d.ema is not None else 1) * len(json.dumps(d.lmap.to_dict(), indent=1))  # koala_layer_map.json
     return weights + ema + state + objective + maps
 
@@ -436,6 +448,7 @@ def write_checkpoint(
             cfg.train.keep_checkpoints,
             states=states,
             objective=d.objective,
+            controlnet=d.control,
         )
 
 

@@ -269,13 +269,15 @@ class Family:
         timestep: torch.Tensor,
         cond: dict[str, torch.Tensor],
         dtype: torch.dtype | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> torch.Tensor:
         """The denoiser's raw output for conditioning ``cond`` (the family's cond keys); inputs cast to ``dtype``
-        when given (a frozen fp16 teacher)."""
+        when given (a frozen fp16 teacher). ``extra``: more keyword arguments of the call, passed as they are (a
+        ControlNet's ``down_block_additional_residuals`` / ``mid_block_additional_residual``)."""
         kw = self.model_inputs(cond)
         if dtype is not None:
             sample, kw = sample.to(dtype), tree_to(kw, dtype=dtype)
-        return model(**{self.sample_arg: sample}, timestep=timestep, **kw, return_dict=False)[0]
+        return model(**{self.sample_arg: sample}, timestep=timestep, **kw, **(extra or {}), return_dict=False)[0]
 
     def prediction(self, output: torch.Tensor, latent_channels: int) -> torch.Tensor:
         """The part of a raw output that is the prediction the sampler uses (and the task loss trains): all of it,
