@@ -76,6 +76,11 @@ def test_run_scores_resume_and_table(models, clip_dir, tmp_path, monkeypatch):
         agg, _ = score_folder(folder)
         for k in ("color", "shape", "binding", "spatial"):
             assert row["scores"]["shapes"][k] == pytest.approx(agg[k])
+        # GenEval's tags, as koala eval shapes reports them for the same images
+        tags = {k: v for k, v in agg["geneval"].items() if not k.startswith("n_") and v is not None}
+        assert tags and {f"geneval_{k}": v for k, v in tags.items()} == pytest.approx(
+            {k: v for k, v in row["scores"]["shapes"].items() if k.startswith("geneval_")}
+        )
         files = sorted(f for f in os.listdir(folder) if f.endswith(".png"))
         imgs = [Image.open(os.path.join(folder, f)).convert("RGB") for f in files]
         texts = [Image.open(os.path.join(folder, f)).info["prompt"] for f in files]

@@ -141,11 +141,11 @@ class ControlNetKD:
     # ------------------------------------------------------------------ checkpoints
     def save(self, folder: str) -> None:
         """The student ControlNet as a diffusers folder (with koala's class file when it has no mid block)."""
-        from ..formats.controlnet import _add_remote_code
+        from ..formats.controlnet import add_remote_code
 
         self.student.save_pretrained(folder, safe_serialization=True)
         if type(self.student).__name__ == "KoalaControlNetModel":
-            _add_remote_code(folder)
+            add_remote_code(folder)
         atomic_write_json(
             os.path.join(folder, "koala_controlnet_kd.json"),
             {

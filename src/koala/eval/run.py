@@ -294,18 +294,28 @@ class ShapesScorer(_Scorer):
     name = "shapes"
 
     def per_image(self, paths, prompts):
-        from ..lab.score import load_rgb, score_image
+        from ..lab.geneval_tags import geneval_tags
+        from ..lab.score import load_rgb, parse_prompt, score_image
 
-        return [
-            {k: v for k, v in score_image(load_rgb(p), t).items() if k in SHAPES_KEYS + ("all",)}
-            for p, t in zip(paths, prompts)
-        ]
+        rows = []
+        for p, t in zip(paths, prompts):
+            full = score_image(load_rgb(p), t)
+            row = {k: v for k, v in full.items() if k in SHAPES_KEYS + ("all",)}
+            row["geneval"] = geneval_tags(parse_prompt(t), full["detected"])
+            rows.append(row)
+        return rows
 
     def aggregate(self, rows, styles):
+        """The shapes categories, then GenEval's tags where they apply (``geneval_TAG``, ``geneval_overall``; rows
+        scored before the tags existed are left out of them)."""
+        from ..lab.geneval_tags import TAGS
         from ..lab.score import aggregate
 
         agg = aggregate(rows)
-        return {k: agg.get(k) for k in SHAPES_KEYS + ("all",)}
+        out = {k: agg.get(k) for k in SHAPES_KEYS + ("all",)}
+        tags = agg.get("geneval") or {}
+        out.update({f"geneval_{t}": tags[t] for t in TAGS + ("overall",) if tags.get(t) is not None})
+        return out
 
 
 class _ImageScorer(_Scorer):

@@ -185,13 +185,13 @@ def transfer_controlnet(
     with atomic_output_dir(out, overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if result.class_name == "KoalaControlNetModel":
-            _add_remote_code(tmp)
+            add_remote_code(tmp)
         atomic_write_json(os.path.join(tmp, RECORD), record)
         atomic_write_text(os.path.join(tmp, "README.md"), controlnet_card(result, record, fam))
     return result
 
 
-def _add_remote_code(folder: str) -> None:
+def add_remote_code(folder: str) -> None:
     """Copy the subclass's source beside the weights and name it in ``auto_map`` (diffusers' AutoModel)."""
     from ..arch import controlnet_model
 
