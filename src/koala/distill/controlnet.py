@@ -188,14 +188,9 @@ def load_student_weights(model: torch.nn.Module, folder: str, option: str) -> to
 
 
 def _card(class_name: str) -> str:
-    if class_name == "KoalaControlNetModel":
-        load = (
-            "from diffusers import AutoModel\n"
-            "controlnet = AutoModel.from_pretrained(FOLDER, trust_remote_code=True)  # koala_controlnet.py\n"
-            "# or, with koala installed: koala.inference.load_controlnet(FOLDER)"
-        )
-    else:
-        load = "from diffusers import ControlNetModel\ncontrolnet = ControlNetModel.from_pretrained(FOLDER)"
+    from ..formats.controlnet import load_snippet
+
+    load = load_snippet(class_name)
     return "\n".join(
         [
             "# Student ControlNet after ControlNet KD (koala distill)",

@@ -215,14 +215,7 @@ def controlnet_card(result: ControlNetTransfer, record: dict, fam) -> str:
         "tags": ["koala", "controlnet", f"family-{fam.name}"],
         **teacher_card_fields(record["teacher_controlnet"]),
     }
-    if result.class_name == "KoalaControlNetModel":
-        load = (
-            "from diffusers import AutoModel\n"
-            "controlnet = AutoModel.from_pretrained(FOLDER, trust_remote_code=True)  # koala_controlnet.py\n"
-            "# or, with koala installed: koala.inference.load_controlnet(FOLDER)"
-        )
-    else:
-        load = "from diffusers import ControlNetModel\ncontrolnet = ControlNetModel.from_pretrained(FOLDER)"
+    load = load_snippet(result.class_name)
     body = [
         "# Student ControlNet (koala)",
         "",
@@ -254,3 +247,14 @@ def controlnet_card(result: ControlNetTransfer, record: dict, fam) -> str:
         "",
     ]
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n\n" + "\n".join(body)
+
+
+def load_snippet(class_name: str) -> str:
+    """The model card's Python lines that load a student ControlNet of ``class_name`` from ``FOLDER``."""
+    if class_name == "KoalaControlNetModel":
+        return (
+            "from diffusers import AutoModel\n"
+            "controlnet = AutoModel.from_pretrained(FOLDER, trust_remote_code=True)  # koala_controlnet.py\n"
+            "# or, with koala installed: koala.inference.load_controlnet(FOLDER)"
+        )
+    return "from diffusers import ControlNetModel\ncontrolnet = ControlNetModel.from_pretrained(FOLDER)"
