@@ -6,8 +6,14 @@ import argparse
 import os
 
 from ..errors import KoalaError
-from ..utils.parts import env_rank, env_world_size
-from .options import STDOUT, add_choice_argument, add_dtype_argument, add_json_argument, emit_json
+from .options import (
+    STDOUT,
+    add_choice_argument,
+    add_dtype_argument,
+    add_json_argument,
+    add_rank_arguments,
+    emit_json,
+)
 
 SOURCE_HELP = (
     "data source: an image folder (sidecar .txt or metadata.jsonl/.csv with file_name), a .parquet/.csv "
@@ -164,21 +170,13 @@ def _add_syncap_parser(dsub) -> None:
     y.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     add_dtype_argument(y, help="default: fp16 on cuda, fp32 on cpu")
     y.add_argument("--no-progress", action="store_true")
-    y.add_argument(
-        "--rank",
-        type=int,
-        default=env_rank(),
-        help="this process (env RANK): it captions samples k with k %% world-size == rank into its own part "
-        "beside --out. Under accelerate launch / torchrun the processes wait for each other and rank 0 merges the "
-        "parts into --out; started on their own, each writes its part and a --merge run (or a one-process run) "
-        "merges",
-    )
-    y.add_argument("--world-size", type=int, default=env_world_size(), help="number of processes (env WORLD_SIZE)")
-    y.add_argument(
-        "--merge",
-        action="store_true",
-        help="only merge every rank's part into --out (the captions in source order, as one process writes them); "
-        "loads no model; a sample no part has is refused, naming it",
+    add_rank_arguments(
+        y,
+        ": it captions samples k with k %% world-size == rank into its own part beside --out. Under accelerate "
+        "launch / torchrun the processes wait for each other and rank 0 merges the parts into --out; started on "
+        "their own, each writes its part and a --merge run (or a one-process run) merges",
+        merge_help="only merge every rank's part into --out (the captions in source order, as one process writes "
+        "them); loads no model; a sample no part has is refused, naming it",
     )
     y.set_defaults(func=run_syncap)
 
@@ -230,13 +228,7 @@ def _add_cache_parser(sub) -> None:
     c.add_argument(
         "--seed", type=int, default=0, help="crop/flip/latent-sampling seed (same as the trainer's data seed)"
     )
-    c.add_argument("--rank", type=int, default=int(os.environ.get("RANK", 0)), help="this process (env RANK)")
-    c.add_argument(
-        "--world-size",
-        type=int,
-        default=int(os.environ.get("WORLD_SIZE", 1)),
-        help="number of processes (env WORLD_SIZE)",
-    )
+    add_rank_arguments(c, ": it writes shards k with k %% world-size == rank")
     c.set_defaults(func=run_cache)
 
 

@@ -6,7 +6,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from .options import STDOUT, add_choice_argument, add_dtype_argument, add_json_argument, emit_json
+from .options import (
+    STDOUT,
+    add_choice_argument,
+    add_dtype_argument,
+    add_json_argument,
+    add_rank_arguments,
+    emit_json,
+)
 
 
 def _scorer_args(
@@ -274,22 +281,13 @@ def _add_run_parser(ev) -> None:
 
 def _add_run_parallel_args(r) -> None:
     """Several processes: the split and the merge."""
-    from ..utils.parts import env_rank, env_world_size
-
-    r.add_argument(
-        "--rank",
-        type=int,
-        default=env_rank(),
-        help="this process (env RANK): it generates and scores images k with k %% world-size == rank of every "
-        "model's prompts x seeds, into its own part files in OUT. Under accelerate launch / torchrun the "
-        "processes wait for each other and rank 0 writes the results; started on their own, each writes its part "
-        "and stops, and a --merge run writes the results",
-    )
-    r.add_argument("--world-size", type=int, default=env_world_size(), help="number of processes (env WORLD_SIZE)")
-    r.add_argument(
-        "--merge",
-        action="store_true",
-        help="write OUT/results.* from the parts every rank wrote (the same arguments otherwise); generates "
+    add_rank_arguments(
+        r,
+        ": it generates and scores images k with k %% world-size == rank of every model's prompts x seeds, into "
+        "its own part files in OUT. Under accelerate launch / torchrun the processes wait for each other and rank "
+        "0 writes the results; started on their own, each writes its part and stops, and a --merge run writes the "
+        "results",
+        merge_help="write OUT/results.* from the parts every rank wrote (the same arguments otherwise); generates "
         "nothing: a missing image is refused, naming it",
     )
 

@@ -49,6 +49,20 @@ def add_dtype_argument(parser, flag: str = "--dtype", **kwargs):
     return add_choice_argument(parser, flag, choices="koala.utils.devices.DTYPE_NAMES", **kwargs)
 
 
+def add_rank_arguments(parser, rank_help: str, merge_help: str | None = None) -> None:
+    """``--rank`` / ``--world-size`` (defaults: the launcher's ``RANK`` / ``WORLD_SIZE``) and, given
+    ``merge_help``, ``--merge``: the work split that ``koala cache``, ``koala data syncap`` and ``koala eval run``
+    share. ``rank_help`` follows "this process (env RANK)"."""
+    from ..utils.parts import env_rank, env_world_size
+
+    parser.add_argument("--rank", type=int, default=env_rank(), help="this process (env RANK)" + rank_help)
+    parser.add_argument(
+        "--world-size", type=int, default=env_world_size(), help="number of processes (env WORLD_SIZE)"
+    )
+    if merge_help:
+        parser.add_argument("--merge", action="store_true", help=merge_help)
+
+
 def add_json_argument(parser, what: str):
     """``--json [FILE]``: ``what`` as JSON to FILE, or to stdout (instead of the table) for a bare --json or '-'."""
     return parser.add_argument(
