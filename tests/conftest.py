@@ -105,6 +105,14 @@ def clip_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory):
+    """A tiny random LLaVA saved once per test session (koala data syncap's tests)."""
+    from koala.testing.tiny import save_tiny_vlm
+
+    return save_tiny_vlm(str(tmp_path_factory.mktemp("vlm") / "tiny-llava"))
+
+
+@pytest.fixture(scope="session")
 def nsfw_dir(tmp_path_factory):
     """Tiny random ViT classifier whose bias makes 'nsfw' score ~0.99 on any image."""
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor

@@ -5,7 +5,6 @@ counts what a local classifier flags."""
 import json
 import os
 
-import numpy as np
 import pytest
 
 from koala.cli import main
@@ -13,46 +12,29 @@ from koala.data.records import SamplePreparer
 from koala.data.sources import make_source
 from koala.data.syncap import DEFAULT_PROMPT, caption_source, chat_prompt, load_vlm, read_syncap_file
 from koala.errors import KoalaError
-from koala.testing.tiny import save_tiny_vlm
-
-
-@pytest.fixture(scope="module")
-def vlm(tmp_path_factory):
-    return save_tiny_vlm(str(tmp_path_factory.mktemp("vlm") / "tiny-llava"))
+from koala.testing.images import write_noise_pngs
 
 
 @pytest.fixture()
 def folder(tmp_path):
-    from PIL import Image
-
-    d = tmp_path / "imgs"
-    d.mkdir()
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(5):
-        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(d / f"{i}.png")
-        rows.append({"file_name": f"{i}.png", "text": f"photo {i}"})
-    (d / "5.png").write_bytes(b"broken")
-    rows.append({"file_name": "5.png", "text": "broken"})
-    (d / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(d)
+    return write_noise_pngs(str(tmp_path / "imgs"), 5, captions=True)
 
 
-def test_captions_resume_and_equal_direct_generation(vlm, folder, tmp_path):
+def test_captions_resume_and_equal_direct_generation(tiny_vlm, folder, tmp_path):
     import torch
     from PIL import Image
 
     out = str(tmp_path / "syncap.jsonl")
-    first = caption_source({"path": folder}, vlm, out, batch_size=2, max_new_tokens=6, limit=3, progress=False)
+    first = caption_source({"path": folder}, tiny_vlm, out, batch_size=2, max_new_tokens=6, limit=3, progress=False)
     assert first["captioned"] == 3 and len(read_syncap_file(out)) == 3
-    again = caption_source({"path": folder}, vlm, out, batch_size=2, max_new_tokens=6, progress=False)
+    again = caption_source({"path": folder}, tiny_vlm, out, batch_size=2, max_new_tokens=6, progress=False)
     assert (again["already"], again["captioned"], again["skipped"]) == (3, 2, 1)  # the broken PNG: skipped, counted
     assert sum(again["skip_reasons"].values()) == 1
     caps = read_syncap_file(out)
     assert sorted(caps) == [f"{i}.png" for i in range(5)] and all(caps.values())
     assert len(open(out).readlines()) == 5  # nothing captioned twice
     # a caption is what the model says greedily to the instruction, decoded after the prompt
-    model, proc = load_vlm(vlm)
+    model, proc = load_vlm(tiny_vlm)
     inputs = proc(
         images=[Image.open(os.path.join(folder, "4.png")).convert("RGB")],
         text=[chat_prompt(proc, DEFAULT_PROMPT)],
@@ -64,9 +46,12 @@ def test_captions_resume_and_equal_direct_generation(vlm, folder, tmp_path):
     assert caps["4.png"] == " ".join(direct.split())
 
 
-def test_syncap_file_joins_by_key_in_every_mode(vlm, folder, tmp_path, capsys):
+def test_syncap_file_joins_by_key_in_every_mode(tiny_vlm, folder, tmp_path, capsys):
     out = str(tmp_path / "syncap.jsonl")
-    assert main(["data", "syncap", folder, "--vlm", vlm, "--out", out, "--max-new-tokens", "4", "--no-progress"]) == 0
+    assert (
+        main(["data", "syncap", folder, "--vlm", tiny_vlm, "--out", out, "--max-new-tokens", "4", "--no-progress"])
+        == 0
+    )
     assert "5 captioned now" in capsys.readouterr().out
     caps = read_syncap_file(out)
     source = make_source({"path": folder, "type": "folder"})
@@ -112,12 +97,12 @@ def test_nsfw_data_filter_is_counted_in_stats(folder, nsfw_dir, capsys):
     assert "id2label" in capsys.readouterr().err
 
 
-def test_a_full_disk_stops_syncap_and_the_rerun_resumes(vlm, folder, small_disk, capsys):
+def test_a_full_disk_stops_syncap_and_the_rerun_resumes(tiny_vlm, folder, small_disk, capsys):
     disk = small_disk(4096)  # one tmpfs page
     out = os.path.join(disk, "syncap.jsonl")
     with open(os.path.join(disk, "ballast"), "wb") as f:  # another writer has taken the disk
         f.write(b"x" * 4096)
-    argv = ["data", "syncap", folder, "--vlm", vlm, "--out", out, "--batch-size", "2", "--max-new-tokens", "6"]
+    argv = ["data", "syncap", folder, "--vlm", tiny_vlm, "--out", out, "--batch-size", "2", "--max-new-tokens", "6"]
     assert main([*argv, "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert f"disk full: writing captions to {out} under {disk} failed (No space left on device)" in err

@@ -6,7 +6,6 @@ what is missing. tests/test_parts_launch.py runs the same under accelerate launc
 import json
 import os
 
-import numpy as np
 import pytest
 
 from koala.cli import main
@@ -14,7 +13,7 @@ from koala.compress import compress
 from koala.data.syncap import caption_source, merge_captions
 from koala.errors import KoalaError
 from koala.eval import run as ev
-from koala.testing.tiny import save_tiny_vlm
+from koala.testing.images import write_noise_pngs
 from koala.utils.parts import part_path, part_paths, share
 
 PROMPTS = ["a red circle", "a blue square", "a red circle left of a blue square"]
@@ -106,30 +105,17 @@ def test_eval_ranks_resume_and_merge_to_the_one_process_result(models, tmp_path,
     assert [m["scores"] for m in again["models"]] == [m["scores"] for m in res["models"]]
 
 
-@pytest.fixture(scope="module")
-def vlm(tmp_path_factory):
-    return save_tiny_vlm(str(tmp_path_factory.mktemp("vlm") / "tiny-llava"))
-
-
 @pytest.fixture()
 def folder(tmp_path):
-    from PIL import Image
-
-    d = tmp_path / "imgs"
-    d.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(7):
-        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(d / f"{i}.png")
-    (d / "7.png").write_bytes(b"broken")
-    return str(d)
+    return write_noise_pngs(str(tmp_path / "imgs"), 7)
 
 
-def test_syncap_ranks_resume_and_merge_to_the_one_process_file(vlm, folder, tmp_path, monkeypatch, capsys):
+def test_syncap_ranks_resume_and_merge_to_the_one_process_file(tiny_vlm, folder, tmp_path, monkeypatch, capsys):
     import koala.data.syncap as sy
 
     kw = dict(batch_size=1, max_new_tokens=5, progress=False)
     one, out = str(tmp_path / "one.jsonl"), str(tmp_path / "caps.jsonl")
-    caption_source({"path": folder}, vlm, one, **kw)
+    caption_source({"path": folder}, tiny_vlm, one, **kw)
     assert len(open(one).readlines()) == 7  # 8 samples, the broken one skipped
 
     real = sy.load_vlm
@@ -150,15 +136,15 @@ def test_syncap_ranks_resume_and_merge_to_the_one_process_file(vlm, folder, tmp_
 
         return load
 
-    r0 = caption_source({"path": folder}, vlm, out, rank=0, world_size=2, **kw)
+    r0 = caption_source({"path": folder}, tiny_vlm, out, rank=0, world_size=2, **kw)
     assert (r0["captioned"], r0["skipped"]) == (4, 0) and "merged" not in r0  # samples 0, 2, 4, 6
     monkeypatch.setattr(sy, "load_vlm", killed_after(2))
     with pytest.raises(KeyboardInterrupt):
-        caption_source({"path": folder}, vlm, out, rank=1, world_size=2, **kw)
+        caption_source({"path": folder}, tiny_vlm, out, rank=1, world_size=2, **kw)
     with pytest.raises(KoalaError, match="2 sample.*the first: 5.png"):  # 1 and 3 captioned, 5 killed; 7 not reached
         merge_captions({"path": folder}, out)
     monkeypatch.setattr(sy, "load_vlm", real)
-    r1 = caption_source({"path": folder}, vlm, out, rank=1, world_size=2, **kw)
+    r1 = caption_source({"path": folder}, tiny_vlm, out, rank=1, world_size=2, **kw)
     assert (r1["already"], r1["captioned"], r1["skipped"]) == (2, 1, 1)
     assert main(["data", "syncap", folder, "--out", out, "--merge"]) == 0
     assert "merged 2 part(s)" in capsys.readouterr().out
@@ -166,7 +152,7 @@ def test_syncap_ranks_resume_and_merge_to_the_one_process_file(vlm, folder, tmp_
     assert part_paths(out) == [out]
     # parts left by a second split, finished by one process: it resumes them and merges
     out2 = str(tmp_path / "caps2.jsonl")
-    caption_source({"path": folder}, vlm, out2, rank=2, world_size=3, **kw)
-    res = caption_source({"path": folder}, vlm, out2, **kw)
+    caption_source({"path": folder}, tiny_vlm, out2, rank=2, world_size=3, **kw)
+    res = caption_source({"path": folder}, tiny_vlm, out2, **kw)
     assert (res["already"], res["captioned"]) == (2, 5) and res["merged"]["parts"] == 1
     assert open(out2, "rb").read() == open(one, "rb").read()

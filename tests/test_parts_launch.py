@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from koala.cli import main
@@ -62,19 +61,11 @@ def test_eval_run_on_two_processes_is_the_one_process_run(tiny_pipe_dir, tmp_pat
 
 
 @pytest.mark.slow
-def test_syncap_on_two_processes_is_the_one_process_file(tmp_path):
-    from PIL import Image
-
+def test_syncap_on_two_processes_is_the_one_process_file(tiny_vlm, tmp_path):
     from koala.data.syncap import caption_source
-    from koala.testing.tiny import save_tiny_vlm
+    from koala.testing.images import write_noise_pngs
 
-    vlm = save_tiny_vlm(str(tmp_path / "vlm"))
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(7):
-        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    (folder / "7.png").write_bytes(b"broken")
+    vlm, folder = tiny_vlm, write_noise_pngs(str(tmp_path / "imgs"), 7, seed=1)
     one, two = str(tmp_path / "one.jsonl"), str(tmp_path / "two.jsonl")
     kw = dict(batch_size=2, max_new_tokens=5, progress=False)
     _one_thread(lambda: caption_source({"path": str(folder)}, vlm, one, **kw))
@@ -82,4 +73,4 @@ def test_syncap_on_two_processes_is_the_one_process_file(tmp_path):
     _launch(29573, *args, "--no-progress", "--device", "cpu", log=tmp_path / "log.txt")
     assert "merged 2 part(s)" in (tmp_path / "log.txt").read_text()
     assert open(two, "rb").read() == open(one, "rb").read() and len(open(one).readlines()) == 7
-    assert sorted(os.listdir(tmp_path)) == sorted(["imgs", "log.txt", "one.jsonl", "two.jsonl", "vlm"])  # no parts
+    assert sorted(os.listdir(tmp_path)) == sorted(["imgs", "log.txt", "one.jsonl", "two.jsonl"])  # no parts

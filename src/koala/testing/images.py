@@ -51,6 +51,28 @@ def write_folder(
     return rows
 
 
+def write_noise_pngs(path: str, n: int, broken: bool = True, captions: bool = False, seed: int = 0) -> str:
+    """``0.png`` .. ``{n-1}.png`` of uniform noise (40x48) in ``path`` and, with ``broken``, ``{n}.png`` that is
+    not an image; with ``captions``, a ``metadata.jsonl`` row ``{"file_name", "text": "photo i"}`` for each
+    (``"broken"`` for the broken one). Returns ``path``."""
+    import json
+
+    os.makedirs(path, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(os.path.join(path, f"{i}.png"))
+        rows.append({"file_name": f"{i}.png", "text": f"photo {i}"})
+    if broken:
+        with open(os.path.join(path, f"{n}.png"), "wb") as f:
+            f.write(b"broken")
+        rows.append({"file_name": f"{n}.png", "text": "broken"})
+    if captions:
+        with open(os.path.join(path, "metadata.jsonl"), "w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def odd_images(h: int = 40, w: int = 48) -> dict[str, bytes]:
     """Name -> encoded bytes for each awkward case (the ``truncated_*`` one must be skipped, others decode)."""
     rgb = random_image(h, w, 123)
