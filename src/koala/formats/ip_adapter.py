@@ -60,16 +60,9 @@ def read_ip_adapter(path: str) -> IPAdapterFile:
     """Parse an IP-Adapter ``.safetensors`` file; a KoalaError naming the file for anything not in :data:`LAYOUT`."""
     from safetensors import safe_open
 
-    from ..utils.weights import check_safetensors
+    from ..utils.weights import check_user_safetensors
 
-    if not path.endswith(".safetensors"):
-        raise KoalaError(
-            f"{path}: koala reads IP-Adapter files as .safetensors only (a .bin would be unpickled); convert it "
-            "with safetensors first"
-        )
-    if not os.path.isfile(path):
-        raise KoalaError(f"{path}: no such file")
-    check_safetensors(path)
+    check_user_safetensors(path, "IP-Adapter files")
     with safe_open(path, "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     proj = {k[len("image_proj.") :]: v for k, v in tensors.items() if k.startswith("image_proj.")}

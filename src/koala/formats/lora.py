@@ -88,13 +88,9 @@ def _read_lora_tensors(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     variant koala does not transfer."""
     from safetensors import safe_open
 
-    from ..utils.weights import check_safetensors
+    from ..utils.weights import check_user_safetensors
 
-    if not path.endswith(".safetensors"):
-        raise KoalaError(f"{path}: koala reads LoRA files as .safetensors only (other formats would be unpickled)")
-    if not os.path.isfile(path):
-        raise KoalaError(f"{path}: no such file")
-    check_safetensors(path)
+    check_user_safetensors(path, "LoRA files")
     with safe_open(path, "pt") as f:
         meta = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}

@@ -26,7 +26,7 @@ from ..arch.config import public_config
 from ..errors import KoalaError
 from ..utils.devices import parse_dtype
 from ..utils.files import read_json, refuse_existing
-from ..utils.weights import check_safetensors, materialize_meta_buffers, safetensors_header
+from ..utils.weights import check_user_safetensors, materialize_meta_buffers, safetensors_header
 from .ldm import (
     SD_CLIP_PREFIX,
     SDXL_CLIP_PREFIX,
@@ -261,14 +261,7 @@ def read_header(path: str) -> tuple[dict[str, tuple], dict[str, str]]:
     """(key -> shape, metadata) of a safetensors file, from its header only."""
     from safetensors import safe_open
 
-    if not path.endswith(".safetensors"):
-        raise KoalaError(
-            f"{path}: koala reads single-file checkpoints as .safetensors only (a .ckpt / .pt file would "
-            "have to be unpickled, which can run code); convert it to safetensors first"
-        )
-    if not os.path.isfile(path):
-        raise KoalaError(f"{path}: no such file")
-    check_safetensors(path)
+    check_user_safetensors(path, "single-file checkpoints")
     with safe_open(path, "pt") as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         meta = f.metadata() or {}

@@ -19,6 +19,19 @@ def safetensors_header(path: str) -> dict:
         return json.loads(f.read(n))
 
 
+def check_user_safetensors(path: str, what: str) -> None:
+    """Refuse, naming the file, a file a user names as ``what`` (e.g. "LoRA files") unless it is an existing,
+    intact ``.safetensors`` file: other formats would have to be unpickled, which can run code."""
+    if not path.endswith(".safetensors"):
+        raise KoalaError(
+            f"{path}: koala reads {what} as .safetensors only (other formats, such as .bin / .ckpt / .pt, would "
+            "have to be unpickled, which can run code); convert it to safetensors first"
+        )
+    if not os.path.isfile(path):
+        raise KoalaError(f"{path}: no such file")
+    check_safetensors(path)
+
+
 def check_safetensors(path: str) -> None:
     """Refuse a truncated or corrupt ``.safetensors`` file before any library loads it, naming the file.
 
