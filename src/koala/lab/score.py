@@ -143,7 +143,7 @@ def detect_objects(image: np.ndarray, min_area_frac: float = 0.006, colors: Sequ
 
 
 # ----------------------------------------------------------------------------------------------- scoring
-def _holds(a: dict, rel: str, b: dict) -> bool:
+def relation_holds(a: dict, rel: str, b: dict) -> bool:
     dx, dy = a["cx"] - b["cx"], a["cy"] - b["cy"]
     return {"left of": dx < 0, "right of": dx > 0, "above": dy < 0, "below": dy > 0}[rel]
 
@@ -167,7 +167,7 @@ def score_image(image: np.ndarray, prompt: str | Expected) -> dict:
         ok = []
         for r in exp.relations:
             a, b = exp.objects[r["a"]]["color"], exp.objects[r["b"]]["color"]
-            ok.append(a in by_color and b in by_color and _holds(by_color[a], r["relation"], by_color[b]))
+            ok.append(a in by_color and b in by_color and relation_holds(by_color[a], r["relation"], by_color[b]))
         out["spatial"] = float(np.mean(ok))
     facts = [v for k, v in out.items() if k != "all" and v is not None]
     out["all"] = float(all(v == 1.0 for v in facts)) if facts else None
