@@ -9,6 +9,7 @@ from collections import Counter
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from koala.errors import KoalaError
@@ -66,10 +67,11 @@ def _tensors(folder):
     return out
 
 
-@pytest.mark.slow  # three tiny training runs with checkpoints: ~30 s on 2 shared cores
+@pytest.mark.slow  # four tiny training runs with checkpoints: ~35 s on 2 shared cores
 def test_teacher_run_stopped_and_resumed_equals_an_uninterrupted_one(tmp_path):
-    _train(tmp_path / "a")
-    _train(tmp_path / "b", stop_after=2)
+    rel = dict(relation_weight=0.5, relation_t_min=0)  # the image-side order loss draws from the recipe's generator
+    _train(tmp_path / "a", **rel)
+    _train(tmp_path / "b", stop_after=2, **rel)
     state = json.load(open(tmp_path / "b" / "train_state" / "state.json"))
     assert state["step"] == 2
     with pytest.raises(KoalaError, match="--resume") as err:  # a stopped run is not silently restarted
@@ -90,6 +92,60 @@ def test_teacher_run_stopped_and_resumed_equals_an_uninterrupted_one(tmp_path):
     with pytest.raises(KoalaError, match="no train_state"):
         shutil.rmtree(tmp_path / "b" / "train_state")
         _train(tmp_path / "b", resume=True)
+
+    # --init-from: a fine-tune starts from every weight of the given pipeline (lr 0: nothing moves)
+    _train(tmp_path / "c", init_from=str(tmp_path / "a"), lr=0.0, steps=1, save_every=0)
+    c = _tensors(tmp_path / "c")
+    for k in [k for k in a if not k.startswith("train_state")]:
+        assert torch.equal(a[k], c[k]), k
+    with pytest.raises(KoalaError, match="--init-from brings its own VAE"):
+        _train(tmp_path / "d", init_from=str(tmp_path / "a"), vae_from=str(tmp_path / "a"))
+    with pytest.raises(KoalaError, match="init-from pipeline"):
+        _train(tmp_path / "d", init_from=str(tmp_path / "nowhere"))
+
+
+class _TextOnly:
+    """A stand-in family whose 'denoiser' predicts a constant per caption: the caption's conditioning value."""
+
+    def encode_prompts(self, captions, tokenizers, encoders):
+        return {"prompt_embeds": torch.tensor([[[float(len(c.split(" above ")[0]))]] for c in captions])}
+
+    def forward(self, denoiser, xt, t, cond):
+        return denoiser(cond["prompt_embeds"].reshape(-1, 1, 1, 1).expand_as(xt))
+
+    def prediction(self, out, channels):
+        return out
+
+
+def test_image_order_loss_is_the_relative_margin_hinge():
+    from koala.lab.order_loss import image_order_loss
+
+    caps = ["a red circle above a blue square", "a red circle", "a blue square above a red circle"]
+    noise = torch.zeros(3, 1, 2, 2)
+    batch = {"xt": torch.zeros(3, 1, 2, 2), "t": torch.tensor([900, 900, 100]), "noise": noise, "micro": {}}
+    scale = torch.nn.Parameter(torch.ones(()))
+
+    def denoiser(x):
+        return scale * x
+
+    fam = _TextOnly()
+    err = F.mse_loss(
+        fam.forward(denoiser, batch["xt"], batch["t"], fam.encode_prompts(caps, [], [])), noise, reduction="none"
+    ).mean(dim=(1, 2, 3))
+    g = torch.Generator().manual_seed(0)
+    # sample 0 is the only eligible one with a negative; either negative of it has a longer first phrase or the same
+    loss = image_order_loss(fam, denoiser, [], [], batch, err, caps, [True, True, False], 0.1, g)
+    neg = [n for i, n in hard_negatives(caps) if i == 0]
+    e_pos = float(len(caps[0].split(" above ")[0])) ** 2
+    expected = []
+    for n in neg:
+        e_neg = float(len(n.split(" above ")[0])) ** 2
+        expected.append(max(0.0, 0.1 - (e_neg - e_pos) / (e_neg + e_pos)))
+    assert any(abs(float(loss.detach()) - e) < 1e-6 for e in expected)
+    loss.backward()
+    assert scale.grad is not None
+    # nothing eligible: exactly zero
+    assert float(image_order_loss(fam, denoiser, [], [], batch, err, caps, [False, True, False], 0.1, g)) == 0.0
 
 
 def test_packaged_teacher_files_are_checked_before_loading(tmp_path, monkeypatch):

@@ -91,8 +91,23 @@ def _add_train_teacher_parser(lab) -> None:
         "swapped-order negatives; default 0.1, 0: off)",
     )
     t.add_argument("--order-margin", type=float, default=0.8, help="cosine margin of the word-order loss (0.8)")
+    t.add_argument(
+        "--relation-weight",
+        type=float,
+        default=0.0,
+        help="weight of the U-Net's word-order loss: at high noise its error with the caption must be lower than "
+        "with a swapped-order negative, by --relation-margin relative to the two (default 0: off)",
+    )
+    t.add_argument("--relation-margin", type=float, default=0.1, help="relative margin of that loss (0.1)")
+    t.add_argument(
+        "--relation-t-min",
+        type=int,
+        default=600,
+        help="that loss applies to samples noised at timestep >= this, where the caption decides the layout (600)",
+    )
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--warmup", type=int, default=200, help="linear LR warmup steps before the cosine decay (200)")
     t.add_argument("--save-every", type=int, default=500, help="checkpoint + score every N steps (0: only at the end)")
     t.add_argument("--max-minutes", type=float, default=None, help="stop training after this many minutes, then save")
     t.add_argument(
@@ -113,6 +128,13 @@ def _add_train_teacher_parser(lab) -> None:
         default=None,
         metavar="DIR",
         help="take the VAE of this trained shapes pipeline (e.g. the packaged teacher) and skip VAE training",
+    )
+    t.add_argument(
+        "--init-from",
+        default=None,
+        metavar="DIR",
+        help="fine-tune: start every component (U-Net, text encoders, VAE) from this trained shapes pipeline of "
+        "the same family, e.g. the packaged teacher; VAE training is skipped",
     )
     t.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     t.set_defaults(func=run_train_teacher)
@@ -228,6 +250,11 @@ def run_train_teacher(args) -> int:
         balanced=not args.unbalanced,
         order_weight=args.order_weight,
         order_margin=args.order_margin,
+        relation_weight=args.relation_weight,
+        relation_margin=args.relation_margin,
+        relation_t_min=args.relation_t_min,
+        warmup=args.warmup,
+        init_from=args.init_from,
         threads=args.threads,
         half=not args.fp32,
         overwrite=args.overwrite,

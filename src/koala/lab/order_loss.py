@@ -16,6 +16,11 @@ similarity of the caption's and the negative's conditioning, as the U-Net sees i
 token embeddings (order-free unless the encoder puts order into them) and the pooled embedding. Pairs already less
 similar than ``margin`` cost nothing, so the loss does not fight the diffusion loss once the encoders separate
 them.
+
+Separating the embeddings is necessary, not sufficient: the U-Net must also draw the layout the words say.
+:func:`image_order_loss` asks that directly, as a diffusion classifier would: at high noise (where the caption, not
+the noisy image, decides the layout) the denoiser's error with the true caption must be lower than with a hard
+negative, by a relative margin.
 """
 
 from __future__ import annotations
@@ -77,3 +82,31 @@ def order_loss(family, tokenizers, encoders, cond: dict, captions: list[str], ma
             pos_v, neg_v = pos_v.mean(1), neg_v.mean(1)
         losses.append(F.relu(F.cosine_similarity(pos_v, neg_v, dim=-1) - margin).mean())
     return torch.stack(losses).mean()
+
+
+def image_order_loss(
+    family, denoiser, tokenizers, encoders, batch: dict, err: torch.Tensor, captions: list[str], eligible, margin, g
+) -> torch.Tensor:
+    """Hinge ``relu(margin - (err_neg - err_pos) / (err_neg + err_pos))`` over the eligible samples that have a
+    hard negative (one, drawn from ``g``, per sample): ``err_pos`` is the sample's per-sample epsilon MSE with its
+    caption (``err``, with gradients), ``err_neg`` the denoiser's with the negative caption on the same noisy input
+    (``batch``: ``xt``, ``t``, ``noise``, ``micro``); the relative difference makes the margin independent of the
+    noise level. 0 when no sample qualifies."""
+    by_caption: dict[int, list[str]] = {}
+    for i, neg in hard_negatives(captions):
+        if eligible[i]:
+            by_caption.setdefault(i, []).append(neg)
+    if not by_caption:
+        return torch.zeros(())
+    idx = sorted(by_caption)
+    picks = torch.randint(2, (len(idx),), generator=g).tolist()
+    negs = [by_caption[i][p % len(by_caption[i])] for i, p in zip(idx, picks)]
+    rows = torch.tensor(idx)
+    cond = family.encode_prompts(negs, tokenizers, encoders)
+    micro = {k: v[rows] for k, v in batch["micro"].items()}
+    out = family.forward(denoiser, batch["xt"][rows], batch["t"][rows], {**cond, **micro})
+    pred = family.prediction(out, batch["noise"].shape[1])
+    err_neg = F.mse_loss(pred, batch["noise"][rows], reduction="none").mean(dim=(1, 2, 3))
+    err_pos = err[rows]
+    rel = (err_neg - err_pos) / (err_neg + err_pos).detach().clamp_min(1e-8)
+    return F.relu(margin - rel).mean()

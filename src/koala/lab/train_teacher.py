@@ -44,7 +44,7 @@ from ..errors import KoalaError
 from ..families import denoiser_of, family_of, family_of_pipeline, get_family
 from ..utils.files import atomic_output_dir
 from .models import IMAGE_SIZE, build_shapes_pipeline, default_sampling
-from .order_loss import order_loss
+from .order_loss import image_order_loss, order_loss
 from .score import score_pairs
 from .shapes import DEFAULT_HELD_OUT, generate_scenes, write_image_folder
 from .teacher_state import has_state, read_state, restore_state, write_state
@@ -71,6 +71,10 @@ class TeacherConfig:
     snr_gamma: float = 5.0
     order_weight: float = 0.1  # weight of the word-order loss on the text encoders (order_loss); 0: off
     order_margin: float = 0.8  # its cosine margin
+    relation_weight: float = 0.0  # weight of the image-side word-order loss (order_loss.image_order_loss); 0: off
+    relation_margin: float = 0.1  # its relative margin
+    relation_t_min: int = 600  # it applies to samples noised at t >= this (where the caption decides the layout)
+    init_from: str | None = None  # start from this trained shapes pipeline's weights (fine-tune; its VAE is kept)
     save_every: int = 500
     max_minutes: float | None = None  # stop the denoiser phase (2) after this long (then save)
     stop_after: int | None = None  # stop after this many steps in this run (then save); resume continues
@@ -193,7 +197,13 @@ def save_pipeline(pipe, out_dir: str, half: bool, extra: dict, write_more=None) 
 
 
 def check_out_dir(cfg: TeacherConfig) -> None:
-    """Refuse an ``--out`` that is a file, or a directory that is not a koala teacher (unless ``overwrite``)."""
+    """Refuse an ``--out`` that is a file, or a directory that is not a koala teacher (unless ``overwrite``); and
+    ``--init-from`` with ``--vae-from`` (the first brings its own VAE)."""
+    if cfg.init_from and cfg.vae_from:
+        raise KoalaError(
+            "--init-from brings its own VAE; leave out --vae-from (or use --vae-from alone to train from scratch)",
+            option="vae_from",
+        )
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise KoalaError(f"{cfg.out} exists and is not a directory; choose another output directory", option="out")
     if (
@@ -216,7 +226,9 @@ def check_out_dir(cfg: TeacherConfig) -> None:
 
 def vae_phase(pipe, images: torch.Tensor, cfg: TeacherConfig, log) -> None:
     """Phase 1: train ``pipe``'s VAE on ``images``, or take it from ``cfg.vae_from``; it is frozen afterwards."""
-    if cfg.vae_from:
+    if cfg.init_from:
+        log(f"VAE: kept from {cfg.init_from} (scaling_factor {pipe.vae.config.scaling_factor:.4f})")
+    elif cfg.vae_from:
         from diffusers import AutoencoderKL
 
         pipe.vae = AutoencoderKL.from_pretrained(cfg.vae_from, subfolder="vae", dtype=torch.float32)
@@ -266,9 +278,11 @@ class TeacherModels:
 
 
 def task_loss(m: TeacherModels, latents, captions, noise_scheduler, micro: dict, g, cfg: TeacherConfig):
-    """One batch's ``(diffusion loss, word-order loss)``: epsilon MSE, min-SNR weighted, with ``cfg.cond_dropout``
-    of the captions dropped to the pipeline's unconditional input (every random draw from ``g``); the order loss
-    (:func:`koala.lab.order_loss.order_loss`, on the undropped conditioning) is 0 when ``cfg.order_weight`` is."""
+    """One batch's ``(diffusion loss, word-order loss, image word-order loss)``: epsilon MSE, min-SNR weighted, with
+    ``cfg.cond_dropout`` of the captions dropped to the pipeline's unconditional input (every random draw from
+    ``g``); the order loss (:func:`koala.lab.order_loss.order_loss`, on the undropped conditioning) is 0 when
+    ``cfg.order_weight`` is, the image one (:func:`koala.lab.order_loss.image_order_loss`, on undropped samples
+    noised at ``t >= cfg.relation_t_min``) when ``cfg.relation_weight`` is."""
     fam = m.family
     idx = torch.randint(len(latents), (cfg.batch_size,), generator=g)
     x0 = latents[idx]
@@ -289,12 +303,19 @@ def task_loss(m: TeacherModels, latents, captions, noise_scheduler, micro: dict,
     )
     cond = fam.drop_captions(cond, drop, uncond)
     pred = fam.prediction(fam.forward(m.denoiser, xt, t, {**cond, **micro}), x0.shape[1])
+    err = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+    relation = torch.zeros(())
+    if cfg.relation_weight:
+        eligible = (~drop & (t >= cfg.relation_t_min)).tolist()
+        batch = {"xt": xt, "t": t, "noise": noise, "micro": micro}
+        args = (fam, m.denoiser, m.tokenizers, m.encoders, batch, err, caps, eligible, cfg.relation_margin, g)
+        relation = image_order_loss(*args)
     if cfg.snr_gamma:  # min-SNR weighting for epsilon prediction
         snr = compute_snr(noise_scheduler, t)
         w = torch.clamp(snr, max=cfg.snr_gamma) / snr
     else:
         w = torch.ones(cfg.batch_size)
-    return (w * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean(), order
+    return (w * err).mean(), order, relation
 
 
 @dataclass
@@ -345,6 +366,10 @@ def start_run(cfg: TeacherConfig, log) -> TeacherRun:
     training state saved in ``cfg.out`` (``cfg.resume``)."""
     fam = get_family(cfg.family)
     pipe = build_shapes_pipeline(cfg.seed, fam.name)
+    if cfg.init_from and not cfg.resume:  # fine-tune: every component from the trained pipeline
+        fam.check_pipeline_dir(cfg.init_from, "--init-from pipeline")
+        pipe = type(pipe).from_pretrained(cfg.init_from, dtype=torch.float32)
+        log(f"weights: taken from {cfg.init_from}")
     if cfg.resume:
         meta, tensors = read_state(cfg.out)
         pipe.vae = type(pipe.vae).from_pretrained(cfg.out, subfolder="vae", dtype=torch.float32)
@@ -408,18 +433,18 @@ class EmaCheckpoints:
         return row
 
 
-def train_step(run: TeacherRun, noise_scheduler, micro: dict, cfg: TeacherConfig) -> tuple[float, float]:
-    """One optimizer step (diffusion loss + ``order_weight`` x word-order loss), then the EMAs."""
-    loss, order = task_loss(run.models, run.latents, run.captions, noise_scheduler, micro, run.g, cfg)
+def train_step(run: TeacherRun, noise_scheduler, micro: dict, cfg: TeacherConfig) -> dict[str, float]:
+    """One optimizer step (diffusion loss + the weighted word-order losses), then the EMAs; the loss values."""
+    loss, order, relation = task_loss(run.models, run.latents, run.captions, noise_scheduler, micro, run.g, cfg)
     run.opt.zero_grad(set_to_none=True)
-    (loss + cfg.order_weight * order).backward()
+    (loss + cfg.order_weight * order + cfg.relation_weight * relation).backward()
     params = run.params
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     run.opt.step()
     run.sched.step()
     for m, ema in zip(run.models.modules, run.emas):
         ema.step(m.parameters())
-    return float(loss.detach()), float(order.detach())
+    return {"loss": float(loss.detach()), "order": float(order.detach()), "relation": float(relation.detach())}
 
 
 def train_teacher(cfg: TeacherConfig, log=print) -> dict:
@@ -446,10 +471,13 @@ def train_teacher(cfg: TeacherConfig, log=print) -> dict:
         checkpoint.save(checkpoint.ema_pipeline(), 0)
     bar = progress_bar(range(start, cfg.steps), desc="U-Net", dynamic_ncols=True)
     for step in bar:
-        loss, order = train_step(run, noise_scheduler, micro, cfg)
+        losses = train_step(run, noise_scheduler, micro, cfg)
         done = step + 1
         if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss:.4f}", order=f"{order:.3f}", lr=f"{run.sched.get_last_lr()[0]:.1e}")
+            shown = {k: f"{v:.4f}" if k == "loss" else f"{v:.3f}" for k, v in losses.items()}
+            if not cfg.relation_weight:
+                shown.pop("relation")
+            bar.set_postfix(**shown, lr=f"{run.sched.get_last_lr()[0]:.1e}")
         if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
             checkpoint(done)
             saved = done
