@@ -136,6 +136,7 @@ def cmd_run(args) -> None:
             os.fsync(f.fileno())
 
     settings = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "num_eval", "num_train", "preset")}
+    settings["teacher"] = args.teacher or "the packaged shapes teacher"
     for name, unet in (("teacher", None), ("student before KD", model_dir(student_init))):
         if args.reference and (name, None, None) not in done:
             scores, _ = score_model(base, teacher_dir, unet, prompts)
@@ -232,7 +233,8 @@ def cmd_report(args) -> None:
     out: dict = {"settings": settings, "steps": steps, "reference": ref, "tables": {}}
     md = ["# Shapes-world study of the paper's KD ablations (benchmarks/bench_shapes_study.py)", ""]
     md += [
-        f"KOALA-1B-topology student ({settings.get('preset')}) compressed from the packaged shapes teacher, distilled "
+        f"KOALA-1B-topology student ({settings.get('preset')}) compressed from "
+        f"{settings.get('teacher', 'the packaged shapes teacher')}, distilled "
         f"{final} steps at batch {settings.get('batch_size')}, lr {settings.get('lr')} (AdamW, constant, no clipping, "
         f"no weight decay, no EMA: the paper's settings), on {settings.get('num_train')} shapes images. Scored on "
         f"{settings.get('num_eval')} held-out prompts (Euler 20 steps, cfg 5; the same prompts and noise for every "
