@@ -69,7 +69,8 @@ def _tensors(folder):
 
 @pytest.mark.slow  # four tiny training runs with checkpoints: ~35 s on 2 shared cores
 def test_teacher_run_stopped_and_resumed_equals_an_uninterrupted_one(tmp_path):
-    rel = dict(relation_weight=0.5, relation_t_min=0)  # the image-side order loss draws from the recipe's generator
+    # the image-side order loss draws from the recipe's generator; a changed noise schedule must survive the resume
+    rel = dict(relation_weight=0.5, relation_t_min=0, beta_end=0.03, timestep_spacing="trailing")
     _train(tmp_path / "a", **rel)
     _train(tmp_path / "b", stop_after=2, **rel)
     state = json.load(open(tmp_path / "b" / "train_state" / "state.json"))
@@ -80,6 +81,8 @@ def test_teacher_run_stopped_and_resumed_equals_an_uninterrupted_one(tmp_path):
     _train(tmp_path / "b", resume=True, steps=999, lr=5.0)  # the saved recipe wins over these
     a, b = _tensors(tmp_path / "a"), _tensors(tmp_path / "b")
     assert a.keys() == b.keys() and any(k.startswith("train_state") for k in a)
+    sched = json.load(open(tmp_path / "b" / "scheduler" / "scheduler_config.json"))
+    assert (sched["beta_end"], sched["timestep_spacing"]) == (0.03, "trailing")
     assert any("opt.state" in k for k in a) and any("ema0.shadow_params" in k for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k

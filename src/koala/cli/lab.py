@@ -108,6 +108,20 @@ def _add_train_teacher_parser(lab) -> None:
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--warmup", type=int, default=200, help="linear LR warmup steps before the cosine decay (200)")
+    t.add_argument(
+        "--beta-end",
+        type=float,
+        default=None,
+        help="the noise schedule's last beta (default: the pipeline's, SDXL's 0.012); larger leaves less of the "
+        "image at the last timestep",
+    )
+    t.add_argument(
+        "--timestep-spacing",
+        choices=("leading", "trailing", "linspace"),
+        default=None,
+        help="sampling timestep spacing saved with the pipeline (default: the pipeline's, leading); trailing "
+        "starts sampling at the last timestep",
+    )
     t.add_argument("--save-every", type=int, default=500, help="checkpoint + score every N steps (0: only at the end)")
     t.add_argument("--max-minutes", type=float, default=None, help="stop training after this many minutes, then save")
     t.add_argument(
@@ -255,6 +269,8 @@ def run_train_teacher(args) -> int:
         relation_t_min=args.relation_t_min,
         warmup=args.warmup,
         init_from=args.init_from,
+        beta_end=args.beta_end,
+        timestep_spacing=args.timestep_spacing,
         threads=args.threads,
         half=not args.fp32,
         overwrite=args.overwrite,

@@ -75,6 +75,8 @@ class TeacherConfig:
     relation_margin: float = 0.1  # its relative margin
     relation_t_min: int = 600  # it applies to samples noised at t >= this (where the caption decides the layout)
     init_from: str | None = None  # start from this trained shapes pipeline's weights (fine-tune; its VAE is kept)
+    beta_end: float | None = None  # the noise schedule's last beta (None: the pipeline's, SDXL's 0.012)
+    timestep_spacing: str | None = None  # the sampler's spacing saved with the pipeline (None: the pipeline's)
     save_every: int = 500
     max_minutes: float | None = None  # stop the denoiser phase (2) after this long (then save)
     stop_after: int | None = None  # stop after this many steps in this run (then save); resume continues
@@ -381,6 +383,7 @@ def start_run(cfg: TeacherConfig, log) -> TeacherRun:
         log(f"data: {len(captions)} training images {IMAGE_SIZE}x{IMAGE_SIZE}; e.g. {captions[0]!r}")
         vae_phase(pipe, images, cfg, log)
         latents = encode_latents(pipe.vae, images).contiguous()  # the layout a resumed run loads (bit-exact)
+    set_noise_schedule(pipe, cfg, log)
     models = TeacherModels.of(pipe, fam)
     for m in models.modules:
         m.train()
@@ -392,6 +395,19 @@ def start_run(cfg: TeacherConfig, log) -> TeacherRun:
         run.step = restore_state(meta, tensors, **kw)
         log(f"resumed at step {run.step} of {cfg.steps} from {cfg.out}")
     return run
+
+
+def set_noise_schedule(pipe, cfg: TeacherConfig, log) -> None:
+    """``cfg.beta_end`` / ``cfg.timestep_spacing`` into the pipeline's scheduler (what training noises with and what
+    the saved pipeline samples with). SDXL's schedule leaves a 32x32 scene's layout visible at the last timestep
+    (alpha_bar 0.0047): a larger ``beta_end`` and ``trailing`` spacing make the first sampling step pure noise, so
+    the caption, not the noise, has to place the objects."""
+    changes = {k: getattr(cfg, k) for k in ("beta_end", "timestep_spacing") if getattr(cfg, k) is not None}
+    if changes:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **changes)
+        pipe.register_modules(scheduler=pipe.scheduler)
+        ab = float(pipe.scheduler.alphas_cumprod[-1])
+        log(f"noise schedule: {changes}, alpha_bar at the last timestep {ab:.2e}")
 
 
 @dataclass
