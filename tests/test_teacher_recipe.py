@@ -70,7 +70,8 @@ def _tensors(folder):
 @pytest.mark.slow  # four tiny training runs with checkpoints: ~35 s on 2 shared cores
 def test_teacher_run_stopped_and_resumed_equals_an_uninterrupted_one(tmp_path):
     # the image-side order loss draws from the recipe's generator; a changed noise schedule must survive the resume
-    rel = dict(relation_weight=0.5, relation_t_min=0, beta_end=0.03, timestep_spacing="trailing")
+    rel = dict(relation_weight=0.5, relation_t_min=0, timestep_spacing="trailing", prediction_type="v_prediction")
+    rel.update(zero_snr=True)
     _train(tmp_path / "a", **rel)
     _train(tmp_path / "b", stop_after=2, **rel)
     state = json.load(open(tmp_path / "b" / "train_state" / "state.json"))
@@ -82,7 +83,11 @@ def test_teacher_run_stopped_and_resumed_equals_an_uninterrupted_one(tmp_path):
     a, b = _tensors(tmp_path / "a"), _tensors(tmp_path / "b")
     assert a.keys() == b.keys() and any(k.startswith("train_state") for k in a)
     sched = json.load(open(tmp_path / "b" / "scheduler" / "scheduler_config.json"))
-    assert (sched["beta_end"], sched["timestep_spacing"]) == (0.03, "trailing")
+    assert (sched["timestep_spacing"], sched["prediction_type"], sched["rescale_betas_zero_snr"]) == (
+        "trailing",
+        "v_prediction",
+        True,
+    )
     assert any("opt.state" in k for k in a) and any("ema0.shadow_params" in k for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -103,6 +108,8 @@ def test_teacher_run_stopped_and_resumed_equals_an_uninterrupted_one(tmp_path):
         assert torch.equal(a[k], c[k]), k
     with pytest.raises(KoalaError, match="--init-from brings its own VAE"):
         _train(tmp_path / "d", init_from=str(tmp_path / "a"), vae_from=str(tmp_path / "a"))
+    with pytest.raises(KoalaError, match="needs v-prediction"):
+        _train(tmp_path / "d", zero_snr=True)
     with pytest.raises(KoalaError, match="init-from pipeline"):
         _train(tmp_path / "d", init_from=str(tmp_path / "nowhere"))
 
@@ -125,7 +132,7 @@ def test_image_order_loss_is_the_relative_margin_hinge():
 
     caps = ["a red circle above a blue square", "a red circle", "a blue square above a red circle"]
     noise = torch.zeros(3, 1, 2, 2)
-    batch = {"xt": torch.zeros(3, 1, 2, 2), "t": torch.tensor([900, 900, 100]), "noise": noise, "micro": {}}
+    batch = {"xt": torch.zeros(3, 1, 2, 2), "t": torch.tensor([900, 900, 100]), "target": noise, "micro": {}}
     scale = torch.nn.Parameter(torch.ones(()))
 
     def denoiser(x):

@@ -116,6 +116,18 @@ def _add_train_teacher_parser(lab) -> None:
         "image at the last timestep",
     )
     t.add_argument(
+        "--prediction-type",
+        choices=("epsilon", "v_prediction"),
+        default=None,
+        help="what the denoiser predicts (default: the pipeline's, epsilon)",
+    )
+    t.add_argument(
+        "--zero-snr",
+        action="store_true",
+        help="rescale the betas to zero terminal SNR, so the last timestep is pure noise (needs --prediction-type "
+        "v_prediction; use with --timestep-spacing trailing)",
+    )
+    t.add_argument(
         "--timestep-spacing",
         choices=("leading", "trailing", "linspace"),
         default=None,
@@ -271,6 +283,8 @@ def run_train_teacher(args) -> int:
         init_from=args.init_from,
         beta_end=args.beta_end,
         timestep_spacing=args.timestep_spacing,
+        prediction_type=args.prediction_type,
+        zero_snr=args.zero_snr,
         threads=args.threads,
         half=not args.fp32,
         overwrite=args.overwrite,

@@ -88,10 +88,10 @@ def image_order_loss(
     family, denoiser, tokenizers, encoders, batch: dict, err: torch.Tensor, captions: list[str], eligible, margin, g
 ) -> torch.Tensor:
     """Hinge ``relu(margin - (err_neg - err_pos) / (err_neg + err_pos))`` over the eligible samples that have a
-    hard negative (one, drawn from ``g``, per sample): ``err_pos`` is the sample's per-sample epsilon MSE with its
-    caption (``err``, with gradients), ``err_neg`` the denoiser's with the negative caption on the same noisy input
-    (``batch``: ``xt``, ``t``, ``noise``, ``micro``); the relative difference makes the margin independent of the
-    noise level. 0 when no sample qualifies."""
+    hard negative (one, drawn from ``g``, per sample): ``err_pos`` is the sample's per-sample MSE to the prediction
+    target with its caption (``err``, with gradients), ``err_neg`` the denoiser's with the negative caption on the
+    same noisy input (``batch``: ``xt``, ``t``, ``target``, ``micro``); the relative difference makes the margin
+    independent of the noise level. 0 when no sample qualifies."""
     by_caption: dict[int, list[str]] = {}
     for i, neg in hard_negatives(captions):
         if eligible[i]:
@@ -105,8 +105,8 @@ def image_order_loss(
     cond = family.encode_prompts(negs, tokenizers, encoders)
     micro = {k: v[rows] for k, v in batch["micro"].items()}
     out = family.forward(denoiser, batch["xt"][rows], batch["t"][rows], {**cond, **micro})
-    pred = family.prediction(out, batch["noise"].shape[1])
-    err_neg = F.mse_loss(pred, batch["noise"][rows], reduction="none").mean(dim=(1, 2, 3))
+    pred = family.prediction(out, batch["target"].shape[1])
+    err_neg = F.mse_loss(pred, batch["target"][rows], reduction="none").mean(dim=(1, 2, 3))
     err_pos = err[rows]
     rel = (err_neg - err_pos) / (err_neg + err_pos).detach().clamp_min(1e-8)
     return F.relu(margin - rel).mean()

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel, compute_snr
 
+from ..distill.losses import prediction_target
 from ..errors import KoalaError
 from ..families import denoiser_of, family_of, family_of_pipeline, get_family
 from ..utils.files import atomic_output_dir
@@ -77,6 +78,8 @@ class TeacherConfig:
     init_from: str | None = None  # start from this trained shapes pipeline's weights (fine-tune; its VAE is kept)
     beta_end: float | None = None  # the noise schedule's last beta (None: the pipeline's, SDXL's 0.012)
     timestep_spacing: str | None = None  # the sampler's spacing saved with the pipeline (None: the pipeline's)
+    prediction_type: str | None = None  # "epsilon" / "v_prediction" (None: the pipeline's, epsilon)
+    zero_snr: bool = False  # rescale the betas to zero terminal SNR (Lin et al. 2024); needs v_prediction
     save_every: int = 500
     max_minutes: float | None = None  # stop the denoiser phase (2) after this long (then save)
     stop_after: int | None = None  # stop after this many steps in this run (then save); resume continues
@@ -199,8 +202,10 @@ def save_pipeline(pipe, out_dir: str, half: bool, extra: dict, write_more=None) 
 
 
 def check_out_dir(cfg: TeacherConfig) -> None:
-    """Refuse an ``--out`` that is a file, or a directory that is not a koala teacher (unless ``overwrite``); and
-    ``--init-from`` with ``--vae-from`` (the first brings its own VAE)."""
+    """Refuse an ``--out`` that is a file, or a directory that is not a koala teacher (unless ``overwrite``);
+    ``--init-from`` with ``--vae-from`` (the first brings its own VAE); ``--zero-snr`` without v-prediction."""
+    if cfg.zero_snr and cfg.prediction_type != "v_prediction":  # epsilon is undefined at zero SNR
+        raise KoalaError("zero terminal SNR needs v-prediction: add --prediction-type v_prediction", option="zero_snr")
     if cfg.init_from and cfg.vae_from:
         raise KoalaError(
             "--init-from brings its own VAE; leave out --vae-from (or use --vae-from alone to train from scratch)",
@@ -280,7 +285,8 @@ class TeacherModels:
 
 
 def task_loss(m: TeacherModels, latents, captions, noise_scheduler, micro: dict, g, cfg: TeacherConfig):
-    """One batch's ``(diffusion loss, word-order loss, image word-order loss)``: epsilon MSE, min-SNR weighted, with
+    """One batch's ``(diffusion loss, word-order loss, image word-order loss)``: the MSE to the scheduler's
+    prediction target (epsilon or v), min-SNR weighted, with
     ``cfg.cond_dropout`` of the captions dropped to the pipeline's unconditional input (every random draw from
     ``g``); the order loss (:func:`koala.lab.order_loss.order_loss`, on the undropped conditioning) is 0 when
     ``cfg.order_weight`` is, the image one (:func:`koala.lab.order_loss.image_order_loss`, on undropped samples
@@ -291,6 +297,7 @@ def task_loss(m: TeacherModels, latents, captions, noise_scheduler, micro: dict,
     noise = torch.randn(x0.shape, generator=g)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=g)
     xt = noise_scheduler.add_noise(x0, noise, t)
+    target = prediction_target(noise_scheduler, x0, noise, t)
     caps = [captions[i] for i in idx.tolist()]
     cond = fam.encode_prompts(caps, m.tokenizers, m.encoders)  # with gradients
     order = torch.zeros(())
@@ -305,16 +312,16 @@ def task_loss(m: TeacherModels, latents, captions, noise_scheduler, micro: dict,
     )
     cond = fam.drop_captions(cond, drop, uncond)
     pred = fam.prediction(fam.forward(m.denoiser, xt, t, {**cond, **micro}), x0.shape[1])
-    err = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+    err = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
     relation = torch.zeros(())
     if cfg.relation_weight:
         eligible = (~drop & (t >= cfg.relation_t_min)).tolist()
-        batch = {"xt": xt, "t": t, "noise": noise, "micro": micro}
+        batch = {"xt": xt, "t": t, "target": target, "micro": micro}
         args = (fam, m.denoiser, m.tokenizers, m.encoders, batch, err, caps, eligible, cfg.relation_margin, g)
         relation = image_order_loss(*args)
-    if cfg.snr_gamma:  # min-SNR weighting for epsilon prediction
+    if cfg.snr_gamma:  # min-SNR weighting (in x0 terms: min(SNR, gamma) for epsilon, ~1 at high noise for v)
         snr = compute_snr(noise_scheduler, t)
-        w = torch.clamp(snr, max=cfg.snr_gamma) / snr
+        w = torch.where(snr > 0, torch.clamp(snr, max=cfg.snr_gamma) / snr.clamp_min(1e-12), torch.ones_like(snr))
     else:
         w = torch.ones(cfg.batch_size)
     return (w * err).mean(), order, relation
@@ -398,11 +405,16 @@ def start_run(cfg: TeacherConfig, log) -> TeacherRun:
 
 
 def set_noise_schedule(pipe, cfg: TeacherConfig, log) -> None:
-    """``cfg.beta_end`` / ``cfg.timestep_spacing`` into the pipeline's scheduler (what training noises with and what
-    the saved pipeline samples with). SDXL's schedule leaves a 32x32 scene's layout visible at the last timestep
-    (alpha_bar 0.0047): a larger ``beta_end`` and ``trailing`` spacing make the first sampling step pure noise, so
-    the caption, not the noise, has to place the objects."""
-    changes = {k: getattr(cfg, k) for k in ("beta_end", "timestep_spacing") if getattr(cfg, k) is not None}
+    """``cfg.beta_end`` / ``timestep_spacing`` / ``prediction_type`` / ``zero_snr`` into the pipeline's scheduler
+    (what training noises with and what the saved pipeline samples with). SDXL's schedule leaves a 32x32 scene's
+    colours and layout visible at the last timestep (alpha_bar 0.0047), and epsilon prediction gives the layout
+    almost no loss at high noise; zero terminal SNR with v-prediction and ``trailing`` spacing make the caption,
+    not the starting noise, place the objects."""
+    changes = {
+        k: getattr(cfg, k) for k in ("beta_end", "timestep_spacing", "prediction_type") if getattr(cfg, k) is not None
+    }
+    if cfg.zero_snr:
+        changes["rescale_betas_zero_snr"] = True
     if changes:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **changes)
         pipe.register_modules(scheduler=pipe.scheduler)
