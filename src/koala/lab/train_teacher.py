@@ -286,10 +286,10 @@ class TeacherModels:
 
 def task_loss(m: TeacherModels, latents, captions, noise_scheduler, micro: dict, g, cfg: TeacherConfig):
     """One batch's ``(diffusion loss, word-order loss, image word-order loss)``: the MSE to the scheduler's
-    prediction target (epsilon or v), min-SNR weighted, with
-    ``cfg.cond_dropout`` of the captions dropped to the pipeline's unconditional input (every random draw from
-    ``g``); the order loss (:func:`koala.lab.order_loss.order_loss`, on the undropped conditioning) is 0 when
-    ``cfg.order_weight`` is, the image one (:func:`koala.lab.order_loss.image_order_loss`, on undropped samples
+    prediction target (epsilon or v), min-SNR weighted, with ``cfg.cond_dropout`` of the captions dropped to the
+    pipeline's unconditional input (every random draw from ``g``); the order loss
+    (:func:`koala.lab.order_loss.order_loss`, on the undropped conditioning) is 0 when ``cfg.order_weight`` is, the
+    image one (:func:`koala.lab.order_loss.image_order_loss`, on undropped samples
     noised at ``t >= cfg.relation_t_min``) when ``cfg.relation_weight`` is."""
     fam = m.family
     idx = torch.randint(len(latents), (cfg.batch_size,), generator=g)
@@ -408,8 +408,8 @@ def set_noise_schedule(pipe, cfg: TeacherConfig, log) -> None:
     """``cfg.beta_end`` / ``timestep_spacing`` / ``prediction_type`` / ``zero_snr`` into the pipeline's scheduler
     (what training noises with and what the saved pipeline samples with). SDXL's schedule leaves a 32x32 scene's
     colours and layout visible at the last timestep (alpha_bar 0.0047), and epsilon prediction gives the layout
-    almost no loss at high noise; zero terminal SNR with v-prediction and ``trailing`` spacing make the caption,
-    not the starting noise, place the objects."""
+    almost no loss at high noise; zero terminal SNR with v-prediction and ``trailing`` spacing are meant to make the
+    caption, not the starting noise, place the objects (benchmarks/results/shapes-teacher-v2.md measures it)."""
     changes = {
         k: getattr(cfg, k) for k in ("beta_end", "timestep_spacing", "prediction_type") if getattr(cfg, k) is not None
     }
