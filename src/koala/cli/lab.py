@@ -50,6 +50,62 @@ def _add_make_data_parser(lab) -> None:
     m.set_defaults(func=run_make_data)
 
 
+def _add_teacher_loss_args(t) -> None:
+    """The word-order losses of the teacher recipe."""
+    t.add_argument(
+        "--order-weight",
+        type=float,
+        default=0.1,
+        help="weight of the text encoders' word-order loss (hinge on the cosine similarity of a caption and its "
+        "swapped-order negatives; default 0.1, 0: off)",
+    )
+    t.add_argument("--order-margin", type=float, default=0.8, help="cosine margin of the word-order loss (0.8)")
+    t.add_argument(
+        "--relation-weight",
+        type=float,
+        default=0.0,
+        help="weight of the U-Net's word-order loss: at high noise its error with the caption must be lower than "
+        "with a swapped-order negative, by --relation-margin relative to the two (default 0: off)",
+    )
+    t.add_argument("--relation-margin", type=float, default=0.1, help="relative margin of that loss (0.1)")
+    t.add_argument(
+        "--relation-t-min",
+        type=int,
+        default=600,
+        help="that loss applies to samples noised at timestep >= this, where the caption decides the layout (600)",
+    )
+
+
+def _add_teacher_schedule_args(t) -> None:
+    """The noise schedule the teacher trains and samples with."""
+    t.add_argument(
+        "--beta-end",
+        type=float,
+        default=None,
+        help="the noise schedule's last beta (default: the pipeline's, SDXL's 0.012); larger leaves less of the "
+        "image at the last timestep",
+    )
+    t.add_argument(
+        "--prediction-type",
+        choices=("epsilon", "v_prediction"),
+        default=None,
+        help="what the denoiser predicts (default: the pipeline's, epsilon)",
+    )
+    t.add_argument(
+        "--zero-snr",
+        action="store_true",
+        help="rescale the betas to zero terminal SNR, so the last timestep is pure noise (needs --prediction-type "
+        "v_prediction; use with --timestep-spacing trailing)",
+    )
+    t.add_argument(
+        "--timestep-spacing",
+        choices=("leading", "trailing", "linspace"),
+        default=None,
+        help="sampling timestep spacing saved with the pipeline (default: the pipeline's, leading); trailing "
+        "starts sampling at the last timestep",
+    )
+
+
 def _add_train_teacher_parser(lab) -> None:
     t = lab.add_parser(
         "train-teacher",
@@ -83,57 +139,11 @@ def _add_train_teacher_parser(lab) -> None:
     t.add_argument("--num-val", type=int, default=64, help="val prompts scored at each checkpoint (default 64)")
     t.add_argument("--vae-steps", type=int, default=600)
     t.add_argument("--steps", type=int, default=16000, help="U-Net training steps (default 16000)")
-    t.add_argument(
-        "--order-weight",
-        type=float,
-        default=0.1,
-        help="weight of the text encoders' word-order loss (hinge on the cosine similarity of a caption and its "
-        "swapped-order negatives; default 0.1, 0: off)",
-    )
-    t.add_argument("--order-margin", type=float, default=0.8, help="cosine margin of the word-order loss (0.8)")
-    t.add_argument(
-        "--relation-weight",
-        type=float,
-        default=0.0,
-        help="weight of the U-Net's word-order loss: at high noise its error with the caption must be lower than "
-        "with a swapped-order negative, by --relation-margin relative to the two (default 0: off)",
-    )
-    t.add_argument("--relation-margin", type=float, default=0.1, help="relative margin of that loss (0.1)")
-    t.add_argument(
-        "--relation-t-min",
-        type=int,
-        default=600,
-        help="that loss applies to samples noised at timestep >= this, where the caption decides the layout (600)",
-    )
+    _add_teacher_loss_args(t)
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--warmup", type=int, default=200, help="linear LR warmup steps before the cosine decay (200)")
-    t.add_argument(
-        "--beta-end",
-        type=float,
-        default=None,
-        help="the noise schedule's last beta (default: the pipeline's, SDXL's 0.012); larger leaves less of the "
-        "image at the last timestep",
-    )
-    t.add_argument(
-        "--prediction-type",
-        choices=("epsilon", "v_prediction"),
-        default=None,
-        help="what the denoiser predicts (default: the pipeline's, epsilon)",
-    )
-    t.add_argument(
-        "--zero-snr",
-        action="store_true",
-        help="rescale the betas to zero terminal SNR, so the last timestep is pure noise (needs --prediction-type "
-        "v_prediction; use with --timestep-spacing trailing)",
-    )
-    t.add_argument(
-        "--timestep-spacing",
-        choices=("leading", "trailing", "linspace"),
-        default=None,
-        help="sampling timestep spacing saved with the pipeline (default: the pipeline's, leading); trailing "
-        "starts sampling at the last timestep",
-    )
+    _add_teacher_schedule_args(t)
     t.add_argument("--save-every", type=int, default=500, help="checkpoint + score every N steps (0: only at the end)")
     t.add_argument("--max-minutes", type=float, default=None, help="stop training after this many minutes, then save")
     t.add_argument(
