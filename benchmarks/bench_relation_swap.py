@@ -8,7 +8,11 @@ relation-swapped twin ("B REL A, ...", :func:`koala.lab.order_loss.relation_swap
 - ``layout unchanged``: A is on the same side of B in both images although the captions say opposite things: the
   noise, not the caption, placed the objects (a model that follows the caption scores 0 %, one that ignores the
   relation 100 %);
-- ``both hold``: both images follow their captions.
+- ``both hold``: both images follow their captions;
+- ``order sensitivity``: at the first sampling timestep, from the same noise, how much the denoiser's output moves
+  when the caption is swapped, relative to how much it moves when the caption is replaced by the next pair's
+  caption (other colours and shapes): mean |out(c) - out(swap c)| / mean |out(c) - out(c')|. A denoiser that reads
+  the caption as a bag of words gives ~0.
 
     python benchmarks/bench_relation_swap.py src/koala/assets/shapes-teacher /work/teacher34/pipe --num 80
 """
@@ -39,6 +43,25 @@ def _largest_by_colour(image: np.ndarray) -> dict:
     return by_color
 
 
+@torch.no_grad()
+def order_sensitivity(pipe, pairs: list[tuple[str, str]]) -> float:
+    from koala.families import get_family
+
+    fam = get_family("sdxl")
+    texts = [c for c, _ in pairs] + [s for _, s in pairs] + [c for c, _ in pairs[1:] + pairs[:1]]
+    cond = fam.encode_prompts(texts, [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2])
+    size = torch.tensor([[32, 32]] * len(texts))
+    micro = fam.micro_conditions({"original_size": size, "crop_top_left": torch.zeros_like(size), "target_size": size})
+    pipe.scheduler.set_timesteps(20)  # the default sampler's first timestep
+    t = pipe.scheduler.timesteps[0]
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(len(pairs), pipe.unet.config.in_channels, 16, 16, generator=g).repeat(3, 1, 1, 1)
+    x = pipe.scheduler.scale_model_input(noise * pipe.scheduler.init_noise_sigma, t)
+    out = fam.forward(pipe.unet, x, t.expand(len(texts)), {**cond, **micro})
+    orig, swapped, other = out.split(len(pairs))
+    return float((orig - swapped).abs().mean() / (orig - other).abs().mean())
+
+
 def relation_swap_test(pipeline: str, num: int) -> dict:
     from diffusers import StableDiffusionXLPipeline
 
@@ -65,6 +88,7 @@ def relation_swap_test(pipeline: str, num: int) -> dict:
                 )
             )
     h = np.array(rows, dtype=bool).reshape(-1, 2)
+    sensitivity = order_sensitivity(pipe, pairs)
     return {
         "pipeline": pipeline,
         "pairs": len(pairs),
@@ -73,6 +97,7 @@ def relation_swap_test(pipeline: str, num: int) -> dict:
         "holds_swapped": float(h[:, 1].mean()) if len(h) else None,
         "layout_unchanged": float((h[:, 0] != h[:, 1]).mean()) if len(h) else None,
         "both_hold": float((h[:, 0] & h[:, 1]).mean()) if len(h) else None,
+        "order_sensitivity": sensitivity,
     }
 
 
@@ -83,16 +108,19 @@ def main() -> None:
     ap.add_argument("--json", help="also write the rows to this JSON file")
     args = ap.parse_args()
     rows = [relation_swap_test(p, args.num) for p in args.pipelines]
-    print("| pipeline | pairs (both found) | holds: original | holds: swapped | layout unchanged | both hold |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| pipeline | pairs (both found) | holds: original | holds: swapped | layout unchanged | both hold "
+        "| order sensitivity |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         if not r["found_in_both"]:
-            print(f"| {r['pipeline']} | {r['pairs']} (0) | - | - | - | - |")
+            print(f"| {r['pipeline']} | {r['pairs']} (0) | - | - | - | - | {r['order_sensitivity']:.3f} |")
             continue
         print(
             f"| {r['pipeline']} | {r['pairs']} ({r['found_in_both']}) | {100 * r['holds_original']:.0f} % "
             f"| {100 * r['holds_swapped']:.0f} % | {100 * r['layout_unchanged']:.0f} % "
-            f"| {100 * r['both_hold']:.0f} % |"
+            f"| {100 * r['both_hold']:.0f} % | {r['order_sensitivity']:.3f} |"
         )
     if args.json:
         with open(args.json, "w") as f:
