@@ -37,7 +37,13 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 def relation_placement(folder: str) -> dict:
     from PIL import Image
 
-    from koala.lab.score import detect_objects, image_prompt_pairs, parse_prompt, relation_holds
+    from koala.lab.score import (
+        detect_objects,
+        image_prompt_pairs,
+        largest_by_colour,
+        parse_prompt,
+        relation_holds,
+    )
 
     total, found, holds = 0, 0, 0
     per: dict[str, list[int]] = {}
@@ -45,9 +51,7 @@ def relation_placement(folder: str) -> dict:
         exp = parse_prompt(prompt)
         if not exp.relations:
             continue
-        by_color: dict[str, dict] = {}
-        for o in detect_objects(np.asarray(Image.open(path).convert("RGB"))):
-            by_color.setdefault(o["color"], o)  # the largest object of each colour, as the scorer takes it
+        by_color = largest_by_colour(detect_objects(np.asarray(Image.open(path).convert("RGB"))))
         for r in exp.relations:
             a, b = exp.objects[r["a"]]["color"], exp.objects[r["b"]]["color"]
             total += 1

@@ -34,15 +34,6 @@ def _images(pipe, texts: list[str]) -> list[np.ndarray]:
     return [(np.clip(im, 0, 1) * 255).round().astype(np.uint8) for im in out]
 
 
-def _largest_by_colour(image: np.ndarray) -> dict:
-    from koala.lab.score import detect_objects
-
-    by_color: dict = {}
-    for o in detect_objects(image):
-        by_color.setdefault(o["color"], o)
-    return by_color
-
-
 @torch.no_grad()
 def order_sensitivity(pipe, pairs: list[tuple[str, str]]) -> float:
     from koala.families import get_family
@@ -66,7 +57,7 @@ def relation_swap_test(pipeline: str, num: int) -> dict:
     from diffusers import StableDiffusionXLPipeline
 
     from koala.lab.order_loss import relation_swap
-    from koala.lab.score import parse_prompt, relation_holds
+    from koala.lab.score import detect_objects, largest_by_colour, parse_prompt, relation_holds
     from koala.lab.shapes import generate_scenes
 
     pipe = StableDiffusionXLPipeline.from_pretrained(pipeline)
@@ -79,7 +70,7 @@ def relation_swap_test(pipeline: str, num: int) -> dict:
         exp = parse_prompt(caption)
         rel = exp.relations[0]
         a, b = exp.objects[rel["a"]]["color"], exp.objects[rel["b"]]["color"]
-        found_o, found_s = _largest_by_colour(im_o), _largest_by_colour(im_s)
+        found_o, found_s = (largest_by_colour(detect_objects(im)) for im in (im_o, im_s))
         if all(c in f for c in (a, b) for f in (found_o, found_s)):
             rows.append(
                 (

@@ -148,13 +148,20 @@ def relation_holds(a: dict, rel: str, b: dict) -> bool:
     return {"left of": dx < 0, "right of": dx > 0, "above": dy < 0, "below": dy > 0}[rel]
 
 
+def largest_by_colour(detected: list[dict]) -> dict[str, dict]:
+    """Colour -> the largest detected object of that colour (``detect_objects`` lists them largest first): the
+    object every relation and binding check reads."""
+    by_color: dict[str, dict] = {}
+    for o in detected:
+        by_color.setdefault(o["color"], o)
+    return by_color
+
+
 def score_image(image: np.ndarray, prompt: str | Expected) -> dict:
     """Per-category scores in [0, 1] for one image (``None`` where the prompt has no fact of that kind)."""
     exp = parse_prompt(prompt) if isinstance(prompt, str) else prompt
     det = detect_objects(image)
-    by_color: dict[str, dict] = {}
-    for o in det:  # largest object of each colour
-        by_color.setdefault(o["color"], o)
+    by_color = largest_by_colour(det)
     out: dict = dict.fromkeys(CATEGORIES)
     if exp.objects:
         out["color"] = float(np.mean([o["color"] in by_color for o in exp.objects]))
